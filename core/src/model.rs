@@ -1,0 +1,1 @@
+//! The transformer step (Gemma 3, Llama), generic over a backend.

@@ -1,0 +1,3 @@
+//! HF safetensors checkpoints: single file or sharded (`model.safetensors.index.json`).
+//!
+//! CONTRACT (implementation pending).

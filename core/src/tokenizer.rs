@@ -1,0 +1,3 @@
+//! Tokenizers: HF tokenizer.json through the `tokenizers` crate, or built from a GGUF vocabulary.
+//!
+//! CONTRACT (implementation pending).

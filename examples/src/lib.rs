@@ -1,0 +1,1 @@
+//! See `examples/` (implementation pending).

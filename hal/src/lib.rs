@@ -1,0 +1,80 @@
+//! The hardware abstraction: one small trait a backend implements.
+//!
+//! Shaped like wgpu-hal / embedded-hal: associated types for the backend's objects, an
+//! [`ErrorType`] whose errors report a coarse [`ErrorKind`], [`Backend::supports`] so `core` can
+//! route an op elsewhere, and ops as data ([`Op`]) submitted a whole step at a time
+//! ([`Backend::submit`]) so a backend may fuse and need not sync between ops.
+//!
+//! Buffers and weights are small `Copy` handles; an op names regions of buffers by
+//! [`View`] (handle + element offset). Per-token host data of a step (token ids, positions,
+//! sequence spans) travels once in [`Step`], so the op list itself has no lifetime and can be
+//! rebuilt into the same `Vec` every step without allocating.
+#![no_std]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
+mod op;
+#[cfg(feature = "alloc")]
+mod weight;
+
+pub use op::*;
+pub use purehw_kernels::Format;
+#[cfg(feature = "alloc")]
+pub use weight::*;
+
+/// What went wrong, coarsely, so generic code can react (retry, fall back, give up).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Device or host memory ran out.
+    OutOfMemory,
+    /// The device was lost or reset; its state is gone.
+    DeviceLost,
+    /// The backend cannot run this op or format.
+    Unsupported,
+    /// The device did not answer in time.
+    Timeout,
+    /// Anything else.
+    Other,
+}
+
+/// A backend error: rich for humans (`Display`), coarse for code (`kind`).
+pub trait Error: core::fmt::Debug + core::fmt::Display {
+    fn kind(&self) -> ErrorKind;
+}
+
+/// The backend's error type.
+pub trait ErrorType {
+    type Error: Error + Send + Sync + 'static;
+}
+
+/// A compute backend. `core` drives every model through this trait only.
+#[cfg(feature = "alloc")]
+pub trait Backend: ErrorType {
+    /// A device buffer of `f32` elements.
+    type Buffer: Copy + core::fmt::Debug;
+    /// A weight tensor as the backend keeps it (a view of host memory, or a device copy).
+    type Weight: Copy + core::fmt::Debug;
+
+    /// Short name, e.g. `"cpu-ref"`.
+    fn name(&self) -> &str;
+
+    /// Whether [`submit`](Backend::submit) can run this kind of op.
+    fn supports(&self, op: OpKind) -> bool;
+
+    /// A zeroed buffer of `len` f32 elements.
+    fn alloc(&mut self, len: usize) -> Result<Self::Buffer, Self::Error>;
+
+    /// Make a weight tensor available to ops. The host bytes stay alive while the backend holds them.
+    fn load_weight(&mut self, w: &HostWeight) -> Result<Self::Weight, Self::Error>;
+
+    /// Copy host data into `dst[0..src.len()]`.
+    fn write(&mut self, dst: View<Self::Buffer>, src: &[f32]) -> Result<(), Self::Error>;
+
+    /// Copy `src[0..dst.len()]` to the host. Waits for submitted work that writes it.
+    fn read(&mut self, src: View<Self::Buffer>, dst: &mut [f32]) -> Result<(), Self::Error>;
+
+    /// Run a whole step's ops in order. Must not allocate in steady state.
+    fn submit(&mut self, step: &Step<'_>, ops: &[Op<Self::Buffer, Self::Weight>]) -> Result<(), Self::Error>;
+}

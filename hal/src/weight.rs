@@ -1,0 +1,75 @@
+//! Weights as they sit in host memory (usually a view into a memory-mapped file).
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::ops::Range;
+
+use crate::Format;
+
+/// Bytes owned elsewhere (an mmap, a `Vec`), kept alive by reference counting.
+#[derive(Clone)]
+pub struct HostBytes {
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    range: Range<usize>,
+}
+
+impl HostBytes {
+    /// `range` of `owner`, or `None` when it does not lie inside.
+    pub fn new(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Option<Self> {
+        let len = (*owner).as_ref().len();
+        (range.start <= range.end && range.end <= len).then_some(HostBytes { owner, range })
+    }
+
+    /// Owned bytes (small tensors converted at load time, tests).
+    pub fn from_vec(v: Vec<u8>) -> Self {
+        let range = 0..v.len();
+        HostBytes { owner: Arc::new(v), range }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &(*self.owner).as_ref()[self.range.clone()]
+    }
+
+    pub fn len(&self) -> usize {
+        self.range.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.range.is_empty()
+    }
+}
+
+impl core::fmt::Debug for HostBytes {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "HostBytes({:?})", self.range)
+    }
+}
+
+/// A weight matrix `[rows, cols]` in `format`, row-major; a vector is `rows == 1`.
+#[derive(Clone, Debug)]
+pub struct HostWeight {
+    pub format: Format,
+    pub rows: usize,
+    pub cols: usize,
+    /// Exactly `rows * format.bytes_for(cols)` bytes.
+    pub data: HostBytes,
+}
+
+impl HostWeight {
+    /// Checks the byte length against the shape; `None` if they disagree.
+    pub fn new(format: Format, rows: usize, cols: usize, data: HostBytes) -> Option<Self> {
+        let row = format.bytes_for(cols)?;
+        (row.checked_mul(rows)? == data.len()).then_some(HostWeight { format, rows, cols, data })
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.format.bytes_for(self.cols).unwrap_or(0)
+    }
+
+    /// The stored bytes of row `r`.
+    pub fn row(&self, r: usize) -> &[u8] {
+        let n = self.row_bytes();
+        &self.data.as_slice()[r * n..(r + 1) * n]
+    }
+}

@@ -1,0 +1,1 @@
+//! Activation ops (implementation pending).
