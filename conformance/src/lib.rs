@@ -87,3 +87,5 @@ pub fn read_json(path: &std::path::Path) -> serde_json::Value {
     let s = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&s).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
+
+pub mod golden;

@@ -1,1 +1,301 @@
-//! Activation ops (implementation pending).
+//! Activation ops: the scalar definition of every op in hal's `Op` enum except the weight ops
+//! (`Embed` and `MatMul` are `quant::dequantize_row` / `quant::dot_f32` applied row by row).
+//!
+//! Everything is f32, in a fixed order, so results are deterministic and a SIMD or shader twin can
+//! be tested against these bit for bit. Output comes first; `*_inplace` variants exist for the
+//! ops hal allows in place (`out == input`). Nothing here allocates.
+
+use core::ops::Range;
+
+use crate::quant::dot_f32;
+
+/// How RoPE pairs the dimensions of a head (mirrors hal's `RopeMode`; kernels sit below hal).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum RopeMode {
+    /// Pairs `(i, i + d/2)`: HF's `rotate_half`.
+    Neox,
+    /// Pairs `(2i, 2i + 1)`: ggml's default mode.
+    Interleaved,
+}
+
+/// `sqrt(2/π)` rounded once to f32, as torch's `kBeta` (computed in double, stored as float).
+const SQRT_2_OVER_PI: f32 = (core::f64::consts::SQRT_2 * core::f64::consts::FRAC_2_SQRT_PI * 0.5) as f32;
+const GELU_COEF: f32 = 0.044715;
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+/// `1 / sqrt(mean(x²) + eps)`; the sum of squares uses the canonical `dot_f32` order.
+#[inline]
+pub fn rms_inv(x: &[f32], eps: f32) -> f32 {
+    let ms = dot_f32(x, x) / x.len() as f32;
+    1.0 / libm::sqrtf(ms + eps)
+}
+
+/// One row: `out[i] = x[i] * inv * w[i]`, `inv = 1/sqrt(mean(x²) + eps)` (HF's f32 order).
+pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    debug_assert!(out.len() == x.len() && w.len() == x.len());
+    let inv = rms_inv(x, eps);
+    for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
+        *o = xi * inv * wi;
+    }
+}
+
+/// [`rmsnorm`] with `out == x`.
+pub fn rmsnorm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+    debug_assert_eq!(w.len(), x.len());
+    let inv = rms_inv(x, eps);
+    for (xi, &wi) in x.iter_mut().zip(w) {
+        *xi = *xi * inv * wi;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE
+
+/// Frequency `i` of a head of `head_dim`: `(1 / theta^(2i/d)) / scale`, in f32 as HF computes
+/// `inv_freq` (then divides by the linear scaling factor).
+#[inline]
+pub fn rope_inv_freq(i: usize, head_dim: usize, theta: f32, scale: f32) -> f32 {
+    let e = (2 * i) as f32 / head_dim as f32;
+    (1.0 / libm::powf(theta, e)) / scale
+}
+
+/// `(cos, sin)` of frequency `i` at position `pos`; the angle is `pos as f32 * inv_freq` in f32.
+#[inline]
+pub fn rope_cos_sin(i: usize, pos: u32, head_dim: usize, theta: f32, scale: f32) -> (f32, f32) {
+    let angle = pos as f32 * rope_inv_freq(i, head_dim, theta, scale);
+    (libm::cosf(angle), libm::sinf(angle))
+}
+
+/// Rotate one rotation pair: `(a·cos − b·sin, b·cos + a·sin)`.
+#[inline]
+fn rotate(a: f32, b: f32, cos: f32, sin: f32) -> (f32, f32) {
+    (a * cos - b * sin, b * cos + a * sin)
+}
+
+/// Rotary embedding in place on every head of one row: `x` is `(heads, head_dim)` at position
+/// `pos`. Each frequency's cos/sin is computed once and applied to all heads (same values as
+/// computing them per head). `head_dim` must be even and divide `x.len()`.
+pub fn rope(x: &mut [f32], head_dim: usize, pos: u32, theta: f32, scale: f32, mode: RopeMode) {
+    debug_assert!(head_dim % 2 == 0 && head_dim > 0 && x.len() % head_dim == 0);
+    let half = head_dim / 2;
+    for i in 0..half {
+        let (cos, sin) = rope_cos_sin(i, pos, head_dim, theta, scale);
+        for head in x.chunks_exact_mut(head_dim) {
+            let (ia, ib) = match mode {
+                RopeMode::Neox => (i, i + half),
+                RopeMode::Interleaved => (2 * i, 2 * i + 1),
+            };
+            let (a, b) = rotate(head[ia], head[ib], cos, sin);
+            head[ia] = a;
+            head[ib] = b;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise
+
+/// `0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))` in f32 (torch's `gelu(approximate='tanh')`).
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    let x3 = x * x * x;
+    let inner = SQRT_2_OVER_PI * (x + GELU_COEF * x3);
+    0.5 * x * (1.0 + libm::tanhf(inner))
+}
+
+/// `x / (1 + exp(-x))`.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + libm::expf(-x))
+}
+
+/// `cap · tanh(x / cap)`; `cap > 0`.
+#[inline]
+pub fn softcap(x: f32, cap: f32) -> f32 {
+    cap * libm::tanhf(x / cap)
+}
+
+/// `out = a + b`.
+pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
+    debug_assert!(out.len() == a.len() && out.len() == b.len());
+    for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+        *o = x + y;
+    }
+}
+
+/// `a += b` (also `out == b`: f32 addition commutes exactly).
+pub fn add_inplace(a: &mut [f32], b: &[f32]) {
+    debug_assert_eq!(a.len(), b.len());
+    for (x, &y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+}
+
+/// `out = gelu_tanh(gate) * up`.
+pub fn gelu_tanh_mul(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    debug_assert!(out.len() == gate.len() && out.len() == up.len());
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = gelu_tanh(g) * u;
+    }
+}
+
+/// [`gelu_tanh_mul`] with `out == gate`.
+pub fn gelu_tanh_mul_inplace(gate: &mut [f32], up: &[f32]) {
+    debug_assert_eq!(gate.len(), up.len());
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = gelu_tanh(*g) * u;
+    }
+}
+
+/// `out = silu(gate) * up`.
+pub fn silu_mul(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    debug_assert!(out.len() == gate.len() && out.len() == up.len());
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu(g) * u;
+    }
+}
+
+/// [`silu_mul`] with `out == gate`.
+pub fn silu_mul_inplace(gate: &mut [f32], up: &[f32]) {
+    debug_assert_eq!(gate.len(), up.len());
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = silu(*g) * u;
+    }
+}
+
+/// `x = cap · tanh(x / cap)` in place; `cap > 0`.
+pub fn softcap_inplace(x: &mut [f32], cap: f32) {
+    for v in x {
+        *v = softcap(*v, cap);
+    }
+}
+
+/// `x *= s` in place (the embedding scale).
+pub fn scale_inplace(x: &mut [f32], s: f32) {
+    for v in x {
+        *v *= s;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+/// Score of one key: `q·k · scale`, then `softcap·tanh(s/softcap)` when `softcap > 0`.
+#[inline]
+pub fn attn_score(q: &[f32], k: &[f32], scale: f32, softcap_: f32) -> f32 {
+    let s = dot_f32(q, k) * scale;
+    if softcap_ > 0.0 { softcap(s, softcap_) } else { s }
+}
+
+/// Attention of one query head over the keys `keys` (indices, not positions).
+///
+/// Key `j` is `k[j*stride ..][..d]` and its value `v[j*stride ..][..d]`, `d = q.len() = out.len()`
+/// (so `k`, `v` start at the head's first element of key 0 and `stride` is the cache row width).
+/// Plain two-pass softmax without scratch: pass 1 finds the max score; pass 2 recomputes each
+/// score (identically), accumulates `Σ exp(s − max)` and `Σ exp(s − max)·v` in f32 in key order,
+/// then divides. An empty `keys` gives zeros.
+pub fn attend(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    keys: Range<usize>,
+    scale: f32,
+    softcap_: f32,
+) {
+    let d = q.len();
+    debug_assert_eq!(out.len(), d);
+    out.fill(0.0);
+    if keys.is_empty() {
+        return;
+    }
+    let key = |j: usize| &k[j * stride..j * stride + d];
+
+    let mut max = f32::NEG_INFINITY;
+    for j in keys.clone() {
+        max = max.max(attn_score(q, key(j), scale, softcap_));
+    }
+
+    let mut sum = 0.0f32;
+    for j in keys {
+        let e = libm::expf(attn_score(q, key(j), scale, softcap_) - max);
+        sum += e;
+        for (o, &vi) in out.iter_mut().zip(&v[j * stride..j * stride + d]) {
+            *o += e * vi;
+        }
+    }
+    for o in out {
+        *o /= sum;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_silu_softcap_values() {
+        // Reference values from the f64 formulas.
+        for &x in &[-6.0f32, -1.5, -0.1, 0.0, 0.3, 1.0, 2.5, 8.0] {
+            let xd = x as f64;
+            let g = 0.5 * xd * (1.0 + ((2.0 / core::f64::consts::PI).sqrt() * (xd + 0.044715 * xd * xd * xd)).tanh());
+            assert!((gelu_tanh(x) as f64 - g).abs() <= 1e-6 * (1.0 + g.abs()), "gelu {x}");
+            let s = xd / (1.0 + (-xd).exp());
+            assert!((silu(x) as f64 - s).abs() <= 1e-6 * (1.0 + s.abs()), "silu {x}");
+            let c = 5.0 * (xd / 5.0).tanh();
+            assert!((softcap(x, 5.0) as f64 - c).abs() <= 1e-6 * (1.0 + c.abs()), "softcap {x}");
+        }
+        assert_eq!(gelu_tanh(0.0), 0.0);
+        assert_eq!(silu(0.0), 0.0);
+    }
+
+    #[test]
+    fn rmsnorm_inplace_matches() {
+        let x: [f32; 11] = core::array::from_fn(|i| (i as f32 - 4.0) * 0.37);
+        let w: [f32; 11] = core::array::from_fn(|i| 1.0 + i as f32 * 0.1);
+        let mut a = [0f32; 11];
+        rmsnorm(&mut a, &x, &w, 1e-6);
+        let mut b = x;
+        rmsnorm_inplace(&mut b, &w, 1e-6);
+        assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits));
+        let ms: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / 11.0;
+        for i in 0..11 {
+            let r = x[i] as f64 / (ms + 1e-6).sqrt() * w[i] as f64;
+            assert!((a[i] as f64 - r).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn rope_pos0_is_identity_and_modes_rotate_pairs() {
+        let x: [f32; 16] = core::array::from_fn(|i| i as f32 + 1.0);
+        for mode in [RopeMode::Neox, RopeMode::Interleaved] {
+            let mut y = x;
+            rope(&mut y, 8, 0, 10000.0, 1.0, mode);
+            assert_eq!(x, y);
+        }
+        // Frequency 0 rotates by exactly `pos` radians.
+        let mut y = [1.0f32, 0.0, 0.0, 0.0];
+        rope(&mut y, 4, 1, 10000.0, 1.0, RopeMode::Interleaved);
+        assert_eq!(y[0], libm::cosf(1.0));
+        assert_eq!(y[1], libm::sinf(1.0));
+        let mut y = [1.0f32, 0.0, 0.0, 0.0];
+        rope(&mut y, 4, 1, 10000.0, 1.0, RopeMode::Neox);
+        assert_eq!(y[0], libm::cosf(1.0));
+        assert_eq!(y[2], libm::sinf(1.0));
+    }
+
+    #[test]
+    fn attend_single_key_returns_value() {
+        let q = [1.0f32, 2.0];
+        let k = [0.5f32, 0.5, 9.0, 9.0];
+        let v = [3.0f32, 4.0, 7.0, 7.0];
+        let mut out = [0f32; 2];
+        attend(&mut out, &q, &k, &v, 2, 0..1, 0.7, 0.0);
+        assert_eq!(out, [3.0, 4.0]);
+        attend(&mut out, &q, &k, &v, 2, 1..1, 0.7, 0.0);
+        assert_eq!(out, [0.0, 0.0]);
+    }
+}

@@ -1,0 +1,99 @@
+//! Golden-output checks written once, generic over the backend (instantiated per backend in
+//! `tests/golden.rs`).
+
+use purehw_core::model::{Model, ModelOptions};
+use purehw_core::source::ModelSource;
+use purehw_hal::Backend;
+
+use crate::{argmax, fixture, nmse, read_f32, read_json, top2_gap};
+
+/// Open a model folder/file, panicking with the error's message (tests only).
+pub fn open(path: &std::path::Path) -> ModelSource {
+    ModelSource::open(path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Load `src` on `backend`, panicking with the error's message.
+pub fn load<B: Backend>(backend: B, src: &ModelSource, opts: ModelOptions) -> Model<B> {
+    Model::load(backend, src, opts).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().expect("id list").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+/// Greedy decode `n` tokens after `prompt` (slot 0), never stopping early unless `eos` is given.
+/// Returns the ids and, per step, the top-2 logit gap (for divergence messages).
+pub fn greedy<B: Backend>(m: &mut Model<B>, prompt: &[u32], n: usize, eos: &[u32]) -> (Vec<u32>, Vec<f32>) {
+    let mut out = Vec::new();
+    let mut gaps = Vec::new();
+    let mut logits = m.forward(0, 0, prompt).unwrap_or_else(|e| panic!("{e}")).to_vec();
+    for i in 0..n {
+        let id = argmax(&logits) as u32;
+        out.push(id);
+        gaps.push(top2_gap(&logits));
+        if eos.contains(&id) || i + 1 == n {
+            break;
+        }
+        logits = m.forward(0, prompt.len() + i, &[id]).unwrap_or_else(|e| panic!("{e}")).to_vec();
+    }
+    (out, gaps)
+}
+
+/// Panic with where two greedy runs diverge and how close the decision was.
+pub fn assert_greedy(case: &str, ours: &[u32], gaps: &[f32], golden: &[u32]) {
+    if let Some(i) = ours.iter().zip(golden).position(|(a, b)| a != b) {
+        panic!(
+            "{case}: greedy diverges at step {i}: ours {} golden {} (our top-2 gap there {:.6})\n ours   {ours:?}\n golden {golden:?}",
+            ours[i], golden[i], gaps[i]
+        );
+    }
+    assert_eq!(ours.len(), golden.len(), "{case}: greedy length differs\n ours   {ours:?}\n golden {golden:?}");
+}
+
+/// An HF-layout checkpoint with `golden.json`: every position's logits (NMSE ≤ `tol`, argmax
+/// equal) and 16 greedy tokens (never stopping at EOS).
+pub fn check_hf_golden<B: Backend>(dir: &str, tol: f64, mut make: impl FnMut() -> B) {
+    let dir = fixture(dir);
+    let src = open(&dir);
+    let golden = read_json(&dir.join("golden.json"));
+    let opts = ModelOptions { ctx: 512, slots: 1, max_batch: 48, logit_rows: 48 };
+    let mut m = load(make(), &src, opts);
+    let vocab = m.config().vocab;
+    for case in golden["cases"].as_array().expect("cases") {
+        let name = case["name"].as_str().expect("name");
+        let input = ids(&case["input_ids"]);
+        let want = read_f32(&dir.join(case["logits_file"].as_str().expect("logits_file")));
+        assert_eq!(want.len(), input.len() * vocab, "{name}: golden logits shape");
+        let mut got = Vec::new();
+        m.forward_all(0, 0, &input, &mut got).unwrap_or_else(|e| panic!("{e}"));
+        for (p, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
+            let e = nmse(g, w);
+            assert!(e <= tol, "{name}: position {p}: NMSE {e:e} > {tol:e}");
+            assert_eq!(argmax(g), argmax(w), "{name}: position {p}: argmax differs (NMSE {e:e})");
+        }
+        let (ours, gaps) = greedy(&mut m, &input, 16, &[]);
+        assert_greedy(name, &ours, &gaps, &ids(&case["greedy_ids"]));
+    }
+}
+
+/// A real GGUF with `cases.json`: last-position logits (NMSE ≤ `tol`), per-position argmax over
+/// the prompt, and the greedy ids (stopping at EOS as HF `generate` does).
+pub fn check_gguf_golden<B: Backend>(fixture_dir: &str, model: &std::path::Path, tol: f64, mut make: impl FnMut() -> B) {
+    let dir = fixture(fixture_dir);
+    let cases = read_json(&dir.join("cases.json"));
+    let src = open(model);
+    let opts = ModelOptions { ctx: 2048, slots: 1, max_batch: 128, logit_rows: 1 };
+    let mut m = load(make(), &src, opts);
+    let eos = m.config().eos.clone();
+    for case in cases["cases"].as_array().expect("cases") {
+        let name = case["name"].as_str().expect("name");
+        let input = ids(&case["input_ids"]);
+        let want = read_f32(&dir.join(format!("{name}.last_logits.f32")));
+        let got = m.forward(0, 0, &input).unwrap_or_else(|e| panic!("{e}")).to_vec();
+        let e = nmse(&got, &want);
+        assert!(e <= tol, "{name}: last-position NMSE {e:e} > {tol:e}");
+        let golden = ids(&case["greedy_ids"]);
+        let (ours, gaps) = greedy(&mut m, &input, golden.len(), &eos);
+        assert_greedy(name, &ours, &gaps, &golden);
+    }
+}

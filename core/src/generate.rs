@@ -1,0 +1,54 @@
+//! Generation: prefill a prompt, then sample and decode one token at a time.
+
+use alloc::vec::Vec;
+use purehw_hal::Backend;
+
+use crate::model::Model;
+use crate::sampling::Sampler;
+use crate::{Error, Result};
+
+/// Generate up to `max_new` tokens after `prompt` in slot 0 (which is overwritten).
+///
+/// `on_token` sees each new id as it is chosen and returns `false` to stop. With `stop_at_eos`,
+/// generation stops after the model's end-of-sequence token, which the result then ends with (as
+/// HF `generate` does). Returns the new ids.
+pub fn generate<B: Backend>(
+    model: &mut Model<B>,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    stop_at_eos: bool,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        return Err(Error::Invalid("empty prompt: nothing to condition on".into()));
+    }
+    let ctx = model.options().ctx;
+    if prompt.len() > ctx {
+        return Err(Error::Invalid(alloc::format!(
+            "prompt of {} tokens exceeds the context of {ctx} tokens",
+            prompt.len()
+        )));
+    }
+    // Never run past the context.
+    let max_new = max_new.min(ctx - prompt.len() + 1);
+    let eos = model.config().eos.clone();
+    let mut history = Vec::with_capacity(prompt.len() + max_new);
+    history.extend_from_slice(prompt);
+    let mut out = Vec::with_capacity(max_new);
+    if max_new == 0 {
+        return Ok(out);
+    }
+    let mut pos = prompt.len();
+    let mut id = sampler.sample(model.forward(0, 0, prompt)?, &history);
+    loop {
+        out.push(id);
+        history.push(id);
+        if !on_token(id) || (stop_at_eos && eos.contains(&id)) || out.len() == max_new {
+            return Ok(out);
+        }
+        let logits = model.forward(0, pos, &[id])?;
+        pos += 1;
+        id = sampler.sample(logits, &history);
+    }
+}
