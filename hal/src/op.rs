@@ -71,7 +71,8 @@ pub enum Op<B, W> {
     /// `out[t, r] = Σ_c w[r, c] · x[t, c]` — x: (n, w.cols); out: (n, w.rows).
     MatMul { out: View<B>, x: View<B>, w: W, n: usize },
     /// Rotary embedding in place on x: (rows, heads, head_dim), row t at `step.positions[t]`.
-    /// Frequency i is `1 / (theta^(2i/head_dim) * scale)` (`scale` = linear RoPE scaling factor).
+    /// Frequency i is `(1 / theta^(2i/head_dim)) / scale` in f32, as HF computes it (`scale` = linear
+    /// RoPE scaling factor).
     Rope { x: View<B>, rows: usize, heads: usize, head_dim: usize, theta: f32, scale: f32, mode: RopeMode },
     /// Write each sequence's new rows of `src` (rows, width) into the cache at
     /// `cache_row + pos0 + i` (rows of `width` elements).

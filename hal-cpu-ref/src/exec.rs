@@ -1,0 +1,315 @@
+//! Running one op: resolve its views against the arena (with aliasing checked), then call the
+//! kernel from `purehw_kernels`.
+
+use core::ops::Range;
+
+use purehw_hal::{HostWeight, Op, RopeMode, Step, View};
+use purehw_kernels::ops as k;
+use purehw_kernels::quant::{dequantize_row, dot_f32};
+
+use crate::error::invalid;
+use crate::{BufId, CpuRef, CpuRefError, WeightId, format_supported, view_range};
+
+type Result<T> = core::result::Result<T, CpuRefError>;
+
+/// An input region as seen while the output buffer is taken out of the arena.
+enum Src<'a> {
+    /// A region that does not overlap the output.
+    Slice(&'a [f32]),
+    /// Exactly the output region (in place).
+    Out,
+}
+
+/// The arena while one buffer's output region is borrowed mutably: inputs come from the other
+/// buffers, or from the parts of the output buffer before (`head`) and after (`tail`) the region.
+struct Inputs<'a> {
+    bufs: &'a [Vec<f32>],
+    out_idx: usize,
+    out: Range<usize>,
+    head: &'a [f32],
+    tail: &'a [f32],
+}
+
+impl<'a> Inputs<'a> {
+    fn src(&self, v: View<BufId>, len: usize, what: &'static str) -> Result<Src<'a>> {
+        let idx = v.buf.0 as usize;
+        if idx != self.out_idx {
+            let (idx, r) = view_range(self.bufs, v, len, what)?;
+            return Ok(Src::Slice(&self.bufs[idx][r]));
+        }
+        let buf_len = self.out.end + self.tail.len();
+        let r = match v.offset.checked_add(len) {
+            Some(end) if end <= buf_len => v.offset..end,
+            end => {
+                let end = end.unwrap_or(usize::MAX);
+                return Err(CpuRefError::OutOfRange { what, buf: v.buf, start: v.offset, end, len: buf_len });
+            }
+        };
+        if r == self.out {
+            Ok(Src::Out)
+        } else if r.end <= self.out.start {
+            Ok(Src::Slice(&self.head[r]))
+        } else if r.start >= self.out.end {
+            Ok(Src::Slice(&self.tail[r.start - self.out.end..r.end - self.out.end]))
+        } else {
+            Err(CpuRefError::Overlap { what, buf: v.buf })
+        }
+    }
+
+    /// An input that must not alias the output at all.
+    fn slice(&self, v: View<BufId>, len: usize, what: &'static str) -> Result<&'a [f32]> {
+        match self.src(v, len, what)? {
+            Src::Slice(s) => Ok(s),
+            Src::Out => Err(CpuRefError::Overlap { what, buf: v.buf }),
+        }
+    }
+}
+
+fn weight(weights: &[HostWeight], w: WeightId) -> Result<&HostWeight> {
+    weights.get(w.0 as usize).ok_or(CpuRefError::UnknownWeight(w))
+}
+
+fn mul(a: usize, b: usize, op: &'static str) -> Result<usize> {
+    a.checked_mul(b).ok_or(invalid(op, "size overflows usize"))
+}
+
+fn kernel_mode(m: RopeMode) -> k::RopeMode {
+    match m {
+        RopeMode::Neox => k::RopeMode::Neox,
+        RopeMode::Interleaved => k::RopeMode::Interleaved,
+    }
+}
+
+/// Rows of the KV cache the step's sequences reach (`max(cache_row + pos0 + len)`), after
+/// checking that every sequence's rows lie inside the step.
+fn cache_rows_needed(step: &Step<'_>, op: &'static str) -> Result<usize> {
+    let mut n = 0usize;
+    for s in step.seqs {
+        if s.row as usize + s.len as usize > step.rows() {
+            return Err(invalid(op, "a sequence's rows run past the step's rows"));
+        }
+        n = n.max(s.cache_row as usize + s.pos0 as usize + s.len as usize);
+    }
+    Ok(n)
+}
+
+impl CpuRef {
+    /// Take the output buffer out of the arena, run `f` on its region and the remaining arena,
+    /// and put it back (also on error). `mem::take` leaves an empty `Vec`: no allocation.
+    fn with_out<R>(
+        &mut self,
+        out: View<BufId>,
+        len: usize,
+        what: &'static str,
+        f: impl FnOnce(&mut [f32], &Inputs<'_>, &mut [f32], &[HostWeight]) -> Result<R>,
+    ) -> Result<R> {
+        let (idx, range) = view_range(&self.bufs, out, len, what)?;
+        let mut ob = core::mem::take(&mut self.bufs[idx]);
+        let result = {
+            let (head, rest) = ob.split_at_mut(range.start);
+            let (o, tail) = rest.split_at_mut(range.len());
+            let inputs = Inputs { bufs: &self.bufs, out_idx: idx, out: range, head, tail };
+            f(o, &inputs, &mut self.row, &self.weights)
+        };
+        self.bufs[idx] = ob;
+        result
+    }
+
+    pub(crate) fn run(&mut self, step: &Step<'_>, op: &Op<BufId, WeightId>) -> Result<()> {
+        match *op {
+            Op::Embed { out, table, scale } => {
+                const OP: &str = "Embed";
+                let t = weight(&self.weights, table)?;
+                if !format_supported(t.format) {
+                    return Err(CpuRefError::UnsupportedFormat(t.format));
+                }
+                let cols = t.cols;
+                let len = mul(step.rows(), cols, OP)?;
+                self.with_out(out, len, OP, |o, _, _, weights| {
+                    let t = weight(weights, table)?;
+                    for (row, &token) in step.tokens.iter().enumerate() {
+                        if token as usize >= t.rows {
+                            return Err(CpuRefError::TokenOutOfRange { token, row, rows: t.rows });
+                        }
+                        // Dequantize straight into the output row: no scratch needed.
+                        let dst = &mut o[row * cols..(row + 1) * cols];
+                        dequantize_row(t.format, t.row(token as usize), dst);
+                        k::scale_inplace(dst, scale);
+                    }
+                    Ok(())
+                })
+            }
+
+            Op::RmsNorm { out, x, w, rows, dim, eps } => {
+                const OP: &str = "RmsNorm";
+                let wt = weight(&self.weights, w)?;
+                if wt.rows != 1 || wt.cols != dim {
+                    return Err(invalid(OP, "weight must be (1, dim)"));
+                }
+                if !format_supported(wt.format) {
+                    return Err(CpuRefError::UnsupportedFormat(wt.format));
+                }
+                if dim == 0 {
+                    return Err(invalid(OP, "dim must be > 0"));
+                }
+                let len = mul(rows, dim, OP)?;
+                self.with_out(out, len, OP, |o, inputs, scratch, weights| {
+                    let wt = weight(weights, w)?;
+                    let wv = &mut scratch[..dim];
+                    dequantize_row(wt.format, wt.row(0), wv);
+                    let wv = &*wv;
+                    match inputs.src(x, len, "RmsNorm x")? {
+                        Src::Out => o.chunks_exact_mut(dim).for_each(|r| k::rmsnorm_inplace(r, wv, eps)),
+                        Src::Slice(xs) => o
+                            .chunks_exact_mut(dim)
+                            .zip(xs.chunks_exact(dim))
+                            .for_each(|(or, xr)| k::rmsnorm(or, xr, wv, eps)),
+                    }
+                    Ok(())
+                })
+            }
+
+            Op::MatMul { out, x, w, n } => {
+                const OP: &str = "MatMul";
+                let wt = weight(&self.weights, w)?;
+                if !format_supported(wt.format) {
+                    return Err(CpuRefError::UnsupportedFormat(wt.format));
+                }
+                let (rows, cols) = (wt.rows, wt.cols);
+                let out_len = mul(n, rows, OP)?;
+                let x_len = mul(n, cols, OP)?;
+                self.with_out(out, out_len, OP, |o, inputs, scratch, weights| {
+                    let wt = weight(weights, w)?;
+                    let xs = inputs.slice(x, x_len, "MatMul x")?;
+                    let wrow = &mut scratch[..cols];
+                    // Each weight row is dequantized once and reused for all n tokens;
+                    // dot_f32 on the dequantized row is dot_row by definition.
+                    for r in 0..rows {
+                        dequantize_row(wt.format, wt.row(r), wrow);
+                        for t in 0..n {
+                            o[t * rows + r] = dot_f32(wrow, &xs[t * cols..(t + 1) * cols]);
+                        }
+                    }
+                    Ok(())
+                })
+            }
+
+            Op::Rope { x, rows, heads, head_dim, theta, scale, mode } => {
+                const OP: &str = "Rope";
+                if head_dim == 0 || !head_dim.is_multiple_of(2) {
+                    return Err(invalid(OP, "head_dim must be even and > 0"));
+                }
+                if rows > step.positions.len() {
+                    return Err(invalid(OP, "more rows than step.positions"));
+                }
+                let width = mul(heads, head_dim, OP)?;
+                let len = mul(rows, width, OP)?;
+                if len == 0 {
+                    return Ok(());
+                }
+                let mode = kernel_mode(mode);
+                self.with_out(x, len, OP, |o, _, _, _| {
+                    for (row, &pos) in o.chunks_exact_mut(width).zip(step.positions) {
+                        k::rope(row, head_dim, pos, theta, scale, mode);
+                    }
+                    Ok(())
+                })
+            }
+
+            Op::StoreKv { cache, src, width } => {
+                const OP: &str = "StoreKv";
+                let cache_len = mul(cache_rows_needed(step, OP)?, width, OP)?;
+                let src_len = mul(step.rows(), width, OP)?;
+                self.with_out(cache, cache_len, OP, |o, inputs, _, _| {
+                    let s = inputs.slice(src, src_len, "StoreKv src")?;
+                    for seq in step.seqs {
+                        let (row, dst) = (seq.row as usize, seq.cache_row as usize + seq.pos0 as usize);
+                        let n = seq.len as usize * width;
+                        o[dst * width..dst * width + n].copy_from_slice(&s[row * width..row * width + n]);
+                    }
+                    Ok(())
+                })
+            }
+
+            Op::Attention { out, q, k: kc, v: vc, heads, kv_heads, head_dim, scale, window, softcap } => {
+                const OP: &str = "Attention";
+                if heads == 0 || kv_heads == 0 || head_dim == 0 || !heads.is_multiple_of(kv_heads) {
+                    return Err(invalid(OP, "need heads, kv_heads, head_dim > 0 and kv_heads dividing heads"));
+                }
+                let group = heads / kv_heads;
+                let qw = mul(heads, head_dim, OP)?;
+                let kvw = mul(kv_heads, head_dim, OP)?;
+                let q_len = mul(step.rows(), qw, OP)?;
+                let kv_len = mul(cache_rows_needed(step, OP)?, kvw, OP)?;
+                self.with_out(out, q_len, OP, |o, inputs, _, _| {
+                    let qs = inputs.slice(q, q_len, "Attention q")?;
+                    let ks = inputs.slice(kc, kv_len, "Attention k")?;
+                    let vs = inputs.slice(vc, kv_len, "Attention v")?;
+                    for seq in step.seqs {
+                        let cache_base = seq.cache_row as usize * kvw;
+                        for i in 0..seq.len as usize {
+                            let t = seq.row as usize + i;
+                            let p = seq.pos0 as usize + i;
+                            let first = if window > 0 { (p + 1).saturating_sub(window) } else { 0 };
+                            for h in 0..heads {
+                                let base = cache_base + (h / group) * head_dim;
+                                let qo = t * qw + h * head_dim;
+                                k::attend(
+                                    &mut o[qo..qo + head_dim],
+                                    &qs[qo..qo + head_dim],
+                                    &ks[base..],
+                                    &vs[base..],
+                                    kvw,
+                                    first..p + 1,
+                                    scale,
+                                    softcap,
+                                );
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+            }
+
+            Op::Add { out, a, b, len } => self.with_out(out, len, "Add", |o, inputs, _, _| {
+                match (inputs.src(a, len, "Add a")?, inputs.src(b, len, "Add b")?) {
+                    (Src::Slice(a), Src::Slice(b)) => k::add(o, a, b),
+                    (Src::Out, Src::Slice(other)) | (Src::Slice(other), Src::Out) => k::add_inplace(o, other),
+                    // out == a == b: x + x, elementwise.
+                    (Src::Out, Src::Out) => o.iter_mut().for_each(|x| *x += *x),
+                }
+                Ok(())
+            }),
+
+            Op::GeluTanhMul { out, gate, up, len } => self.with_out(out, len, "GeluTanhMul", |o, inputs, _, _| {
+                let up = inputs.slice(up, len, "GeluTanhMul up")?;
+                match inputs.src(gate, len, "GeluTanhMul gate")? {
+                    Src::Out => k::gelu_tanh_mul_inplace(o, up),
+                    Src::Slice(g) => k::gelu_tanh_mul(o, g, up),
+                }
+                Ok(())
+            }),
+
+            Op::SiluMul { out, gate, up, len } => self.with_out(out, len, "SiluMul", |o, inputs, _, _| {
+                let up = inputs.slice(up, len, "SiluMul up")?;
+                match inputs.src(gate, len, "SiluMul gate")? {
+                    Src::Out => k::silu_mul_inplace(o, up),
+                    Src::Slice(g) => k::silu_mul(o, g, up),
+                }
+                Ok(())
+            }),
+
+            Op::Softcap { x, len, cap } => {
+                if cap.is_nan() || cap <= 0.0 {
+                    return Err(invalid("Softcap", "cap must be > 0"));
+                }
+                self.with_out(x, len, "Softcap", |o, _, _, _| {
+                    k::softcap_inplace(o, cap);
+                    Ok(())
+                })
+            }
+
+            _ => Err(CpuRefError::UnsupportedOp),
+        }
+    }
+}
