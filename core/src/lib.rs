@@ -16,6 +16,7 @@ extern crate std;
 
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod gguf;
 pub mod model;
 pub mod sampling;

@@ -14,6 +14,7 @@ use alloc::vec::Vec;
 
 use purehw_hal::{Backend, Format, HostBytes, HostWeight, Op, OpKind, SeqSpan, Step, View};
 
+pub use crate::generate::generate;
 use crate::config::{Arch, LayerKind, ModelConfig};
 use crate::source::{ModelSource, Role};
 use crate::{Error, Result};

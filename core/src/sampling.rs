@@ -144,7 +144,10 @@ enum Last {
     None,
     /// Greedy: computed lazily from the scratch logits (saves a pass over the vocabulary when
     /// nobody asks).
-    Greedy { id: u32, n: usize },
+    Greedy {
+        id: u32,
+        n: usize,
+    },
     /// Stochastic: log-probability under the distribution drawn from.
     Drawn(f32),
 }

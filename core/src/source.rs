@@ -1,14 +1,24 @@
 //! A model's files, opened: its [`ModelConfig`], its tensors by [`Role`], and what the tokenizer
 //! and chat template need.
 //!
-//! CONTRACT (implementation pending).
+//! Sources are built from bytes ([`ModelSource::from_gguf_bytes`], [`ModelSource::from_safetensors`])
+//! so that `no_std` targets can hand in flash or RAM; under `std`, [`ModelSource::open`] maps the
+//! files. Tensor data is never copied: a [`HostWeight`] is a range of the shared bytes.
 
-use alloc::string::String;
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::sync::Arc;
 use alloc::vec::Vec;
-use purehw_hal::HostWeight;
+use purehw_hal::{HostBytes, HostWeight};
 
-use crate::config::ModelConfig;
-use crate::Result;
+use crate::config::{Arch, ModelConfig};
+use crate::gguf::{self, GgufFile};
+use crate::safetensors::{self as st, Header};
+use crate::{Error, Result};
+
+/// Bytes of one file, shared with every weight cut from it.
+pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
 
 /// What a tensor is for, independent of the file's naming scheme.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -47,6 +57,41 @@ pub enum Role {
     PostFfnNorm,
 }
 
+impl Role {
+    /// Every role, model-wide ones first.
+    pub const ALL: [Role; 16] = [
+        Role::TokenEmbd,
+        Role::Output,
+        Role::OutputNorm,
+        Role::AttnNorm,
+        Role::AttnQ,
+        Role::AttnK,
+        Role::AttnV,
+        Role::AttnOut,
+        Role::AttnQNorm,
+        Role::AttnKNorm,
+        Role::PostAttnNorm,
+        Role::FfnNorm,
+        Role::FfnGate,
+        Role::FfnUp,
+        Role::FfnDown,
+        Role::PostFfnNorm,
+    ];
+
+    /// Whether the role exists once per layer (and so needs `layer`).
+    pub const fn per_layer(self) -> bool {
+        !matches!(self, Role::TokenEmbd | Role::Output | Role::OutputNorm)
+    }
+
+    /// Whether models of `arch` have this tensor at all.
+    pub const fn used_by(self, arch: Arch) -> bool {
+        match arch {
+            Arch::Gemma3 => true,
+            Arch::Llama => !matches!(self, Role::AttnQNorm | Role::AttnKNorm | Role::PostAttnNorm | Role::PostFfnNorm),
+        }
+    }
+}
+
 /// Which kind of files a model came from.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum SourceKind {
@@ -65,25 +110,502 @@ pub struct TensorSummary {
     pub bytes: usize,
 }
 
+struct Shard {
+    /// File name as in the index (`model-00001-of-00002.safetensors`).
+    name: String,
+    /// What errors call it (`<label>/<name>`).
+    display: String,
+    bytes: SharedBytes,
+    header: Header,
+}
+
+enum Store {
+    Gguf { file: GgufFile, bytes: SharedBytes },
+    Safetensors {
+        shards: Vec<Shard>,
+        /// Tensor name → shard index.
+        index: BTreeMap<String, usize>,
+        /// Where the decoder's tensors live: `model.`, or `model.language_model.` /
+        /// `language_model.model.` in multimodal checkpoints.
+        prefix: &'static str,
+        /// `lm_head.weight` or `language_model.lm_head.weight`, when present.
+        lm_head: Option<&'static str>,
+    },
+}
+
 /// An opened model.
 pub struct ModelSource {
     pub config: ModelConfig,
     pub kind: SourceKind,
     /// Path or label used in error messages.
     pub label: String,
+    store: Store,
+    chat_template: Option<String>,
+    #[cfg(feature = "std")]
+    dir: Option<std::path::PathBuf>,
 }
 
+const HF_PREFIXES: [&str; 4] = ["model.", "model.language_model.", "language_model.model.", "language_model."];
+const HF_LM_HEADS: [&str; 2] = ["lm_head.weight", "language_model.lm_head.weight"];
+
 impl ModelSource {
+    /// A GGUF file's bytes. `label` names it in errors.
+    pub fn from_gguf_bytes(label: &str, bytes: SharedBytes) -> Result<ModelSource> {
+        let file = gguf::parse((*bytes).as_ref()).map_err(|m| Error::format(label, m))?;
+        let config = ModelConfig::from_gguf(label, &file)?;
+        let chat_template = file.get_str("tokenizer.chat_template").map(String::from);
+        Ok(ModelSource {
+            config,
+            kind: SourceKind::Gguf,
+            label: label.to_string(),
+            store: Store::Gguf { file, bytes },
+            chat_template,
+            #[cfg(feature = "std")]
+            dir: None,
+        })
+    }
+
+    /// An HF checkpoint: `config.json`'s text and every safetensors file as (file name, bytes).
+    /// `label` is the model's folder (or any name); errors call files `<label>/<name>`.
+    pub fn from_safetensors(label: &str, config_json: &str, shards: Vec<(String, SharedBytes)>) -> Result<ModelSource> {
+        Self::from_safetensors_indexed(label, config_json, None, shards)
+    }
+
+    /// As [`from_safetensors`](Self::from_safetensors), checking the shards against
+    /// `model.safetensors.index.json`'s text: every shard it names must be given, and every tensor
+    /// it lists must be in the shard it names.
+    pub fn from_safetensors_indexed(
+        label: &str,
+        config_json: &str,
+        index_json: Option<&str>,
+        shards: Vec<(String, SharedBytes)>,
+    ) -> Result<ModelSource> {
+        let cfg_file = format!("{label}/config.json");
+        let config = ModelConfig::from_hf_json(&cfg_file, config_json)?;
+        reject_quantized(&cfg_file, config_json)?;
+        if shards.is_empty() {
+            return Err(Error::format(label, "no safetensors files"));
+        }
+
+        let mut parsed = Vec::with_capacity(shards.len());
+        let mut index = BTreeMap::new();
+        for (name, bytes) in shards {
+            let display = format!("{label}/{name}");
+            let header = st::parse((*bytes).as_ref()).map_err(|m| Error::format(&display, m))?;
+            let si = parsed.len();
+            for t in &header.tensors {
+                if let Some(&other) = index.get(&t.name) {
+                    let other: &Shard = &parsed[other];
+                    return Err(Error::format(&display, format!("tensor `{}` is also in {}", t.name, other.name)));
+                }
+                index.insert(t.name.clone(), si);
+            }
+            parsed.push(Shard { name, display, bytes, header });
+        }
+
+        if let Some(json) = index_json {
+            let idx_file = format!("{label}/model.safetensors.index.json");
+            let map = st::parse_index(json.as_bytes()).map_err(|m| Error::format(&idx_file, m))?;
+            for (tensor, shard) in &map {
+                let Some(si) = parsed.iter().position(|s| &s.name == shard) else {
+                    return Err(Error::format(&idx_file, format!("shard `{shard}` (holding `{tensor}`) is missing")));
+                };
+                if index.get(tensor) != Some(&si) {
+                    return Err(Error::format(
+                        &parsed[si].display,
+                        format!("tensor `{tensor}` is listed in the index for this shard but is not in it"),
+                    ));
+                }
+            }
+        }
+
+        let Some(prefix) = HF_PREFIXES.into_iter().find(|p| index.contains_key(&format!("{p}embed_tokens.weight"))) else {
+            return Err(Error::format(label, "no token embedding tensor (model.embed_tokens.weight) in the checkpoint"));
+        };
+        let lm_head = HF_LM_HEADS.into_iter().find(|n| index.contains_key(*n));
+        Ok(ModelSource {
+            config,
+            kind: SourceKind::Safetensors,
+            label: label.to_string(),
+            store: Store::Safetensors { shards: parsed, index, prefix, lm_head },
+            chat_template: None,
+            #[cfg(feature = "std")]
+            dir: None,
+        })
+    }
+
+    /// The parsed GGUF file (metadata for the tokenizer, chat template, `inspect`).
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        match &self.store {
+            Store::Gguf { file, .. } => Some(file),
+            Store::Safetensors { .. } => None,
+        }
+    }
+
+    /// The chat template: GGUF `tokenizer.chat_template`, or for an HF folder `chat_template.jinja`
+    /// or `tokenizer_config.json`'s `chat_template`.
+    pub fn chat_template(&self) -> Option<String> {
+        self.chat_template.clone()
+    }
+
+    /// The file name `role` maps to in this model's naming scheme.
+    pub fn tensor_name(&self, role: Role, layer: usize) -> String {
+        match &self.store {
+            Store::Gguf { .. } => gguf_name(role, layer),
+            Store::Safetensors { prefix, lm_head, .. } => match role {
+                Role::Output => lm_head.unwrap_or(HF_LM_HEADS[0]).to_string(),
+                _ => format!("{prefix}{}", hf_name(role, layer, self.config.arch)),
+            },
+        }
+    }
+
     /// The tensor for `role` (of `layer`, for per-layer roles) as a 2-D weight (`rows, cols`; a
     /// vector is `1, n`), or `Ok(None)` when the model does not have it (e.g. `Output` when tied).
     /// Shape and byte size are checked; a mismatch is an error naming the tensor and the file.
     pub fn weight(&self, role: Role, layer: Option<usize>) -> Result<Option<HostWeight>> {
-        let _ = (role, layer);
-        unimplemented!()
+        let c = &self.config;
+        let layer = match (role.per_layer(), layer) {
+            (true, Some(l)) if l < c.layers => l,
+            (true, Some(l)) => {
+                return Err(Error::Invalid(format!("{role:?}: layer {l} out of range ({} layers)", c.layers)));
+            }
+            (true, None) => return Err(Error::Invalid(format!("{role:?} is per layer; a layer index is needed"))),
+            (false, Some(_)) => return Err(Error::Invalid(format!("{role:?} is model-wide; pass no layer"))),
+            (false, None) => 0,
+        };
+        if !role.used_by(c.arch) || (role == Role::Output && c.tied_embeddings) {
+            return Ok(None);
+        }
+        let (rows, cols) = expected_shape(c, role);
+        let name = self.tensor_name(role, layer);
+        let w = match &self.store {
+            Store::Gguf { file, bytes } => {
+                let t = file.tensor(&name).ok_or_else(|| missing(&self.label, &name))?;
+                let dim = |d: u64| usize::try_from(d).unwrap_or(usize::MAX);
+                let found = match t.dims.as_slice() {
+                    [n] => (1, dim(*n)),
+                    [c, r] => (dim(*r), dim(*c)),
+                    d => return Err(Error::format(&self.label, format!("tensor `{name}` has {} dims, expected 1 or 2", d.len()))),
+                };
+                check_found(&self.label, &name, (rows, cols), found)?;
+                let data = HostBytes::new(bytes.clone(), t.start..t.start.saturating_add(t.len))
+                    .ok_or_else(|| Error::format(&self.label, format!("tensor `{name}`: data lies outside the file")))?;
+                HostWeight::new(t.format, rows, cols, data).ok_or_else(|| {
+                    Error::format(
+                        &self.label,
+                        format!("tensor `{name}`: {} bytes do not hold {rows}x{cols} {}", t.len, t.format.name()),
+                    )
+                })?
+            }
+            Store::Safetensors { shards, index, .. } => {
+                let shard = index.get(&name).and_then(|&i| shards.get(i)).ok_or_else(|| missing(&self.label, &name))?;
+                let t = shard.header.tensor(&name).ok_or_else(|| missing(&shard.display, &name))?;
+                let found = match t.shape.as_slice() {
+                    [n] => (1, *n),
+                    [r, c] => (*r, *c),
+                    s => {
+                        return Err(Error::format(&shard.display, format!("tensor `{name}` has shape {s:?}, expected 1 or 2 dims")));
+                    }
+                };
+                check_found(&shard.display, &name, (rows, cols), found)?;
+                let format = t.dtype.format().ok_or_else(|| {
+                    Error::format(
+                        &shard.display,
+                        format!("tensor `{name}` has dtype {}, which cannot be loaded as a weight (F32, F16, BF16 only)", t.dtype),
+                    )
+                })?;
+                let data = HostBytes::new(shard.bytes.clone(), t.range.clone())
+                    .ok_or_else(|| Error::format(&shard.display, format!("tensor `{name}`: data lies outside the file")))?;
+                HostWeight::new(format, rows, cols, data).ok_or_else(|| {
+                    Error::format(&shard.display, format!("tensor `{name}`: byte size does not match {rows}x{cols} {format:?}"))
+                })?
+            }
+        };
+        Ok(Some(w))
     }
 
-    /// Every tensor, for `inspect`.
+    /// Every tensor, for `inspect` (file order for GGUF; shard then offset order for safetensors).
     pub fn tensors(&self) -> Vec<TensorSummary> {
-        unimplemented!()
+        match &self.store {
+            Store::Gguf { file, .. } => file
+                .tensors
+                .iter()
+                .map(|t| TensorSummary {
+                    name: t.name.clone(),
+                    dtype: t.format.name().to_string(),
+                    shape: t.dims.iter().rev().map(|&d| usize::try_from(d).unwrap_or(usize::MAX)).collect(),
+                    bytes: t.len,
+                })
+                .collect(),
+            Store::Safetensors { shards, .. } => shards
+                .iter()
+                .flat_map(|s| &s.header.tensors)
+                .map(|t| TensorSummary {
+                    name: t.name.clone(),
+                    dtype: t.dtype.name().to_string(),
+                    shape: t.shape.clone(),
+                    bytes: t.range.len(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn missing(file: &str, name: &str) -> Error {
+    Error::format(file, format!("missing tensor `{name}`"))
+}
+
+fn check_found(file: &str, name: &str, want: (usize, usize), found: (usize, usize)) -> Result<()> {
+    if want == found {
+        return Ok(());
+    }
+    Err(Error::format(
+        file,
+        format!("tensor `{name}` has shape [{}, {}], expected [{}, {}] (rows, cols)", found.0, found.1, want.0, want.1),
+    ))
+}
+
+/// `(rows, cols)` the config implies for `role`.
+fn expected_shape(c: &ModelConfig, role: Role) -> (usize, usize) {
+    let q = c.heads * c.head_dim;
+    let kv = c.kv_heads * c.head_dim;
+    match role {
+        Role::TokenEmbd | Role::Output => (c.vocab, c.hidden),
+        Role::OutputNorm | Role::AttnNorm | Role::PostAttnNorm | Role::FfnNorm | Role::PostFfnNorm => (1, c.hidden),
+        Role::AttnQ => (q, c.hidden),
+        Role::AttnK | Role::AttnV => (kv, c.hidden),
+        Role::AttnOut => (c.hidden, q),
+        Role::AttnQNorm | Role::AttnKNorm => (1, c.head_dim),
+        Role::FfnGate | Role::FfnUp => (c.ffn, c.hidden),
+        Role::FfnDown => (c.hidden, c.ffn),
+    }
+}
+
+fn gguf_name(role: Role, l: usize) -> String {
+    let per = |s: &str| format!("blk.{l}.{s}.weight");
+    match role {
+        Role::TokenEmbd => "token_embd.weight".into(),
+        Role::Output => "output.weight".into(),
+        Role::OutputNorm => "output_norm.weight".into(),
+        Role::AttnNorm => per("attn_norm"),
+        Role::AttnQ => per("attn_q"),
+        Role::AttnK => per("attn_k"),
+        Role::AttnV => per("attn_v"),
+        Role::AttnOut => per("attn_output"),
+        Role::AttnQNorm => per("attn_q_norm"),
+        Role::AttnKNorm => per("attn_k_norm"),
+        Role::PostAttnNorm => per("post_attention_norm"),
+        Role::FfnNorm => per("ffn_norm"),
+        Role::FfnGate => per("ffn_gate"),
+        Role::FfnUp => per("ffn_up"),
+        Role::FfnDown => per("ffn_down"),
+        Role::PostFfnNorm => per("post_ffw_norm"),
+    }
+}
+
+/// HF name without the decoder prefix (`model.`).
+fn hf_name(role: Role, l: usize, arch: Arch) -> String {
+    let per = |s: &str| format!("layers.{l}.{s}.weight");
+    match role {
+        Role::TokenEmbd => "embed_tokens.weight".into(),
+        Role::Output => "lm_head.weight".into(),
+        Role::OutputNorm => "norm.weight".into(),
+        Role::AttnNorm => per("input_layernorm"),
+        Role::AttnQ => per("self_attn.q_proj"),
+        Role::AttnK => per("self_attn.k_proj"),
+        Role::AttnV => per("self_attn.v_proj"),
+        Role::AttnOut => per("self_attn.o_proj"),
+        Role::AttnQNorm => per("self_attn.q_norm"),
+        Role::AttnKNorm => per("self_attn.k_norm"),
+        // Same HF name, different place in the block: Gemma normalises the attention output with
+        // it, Llama the MLP input.
+        Role::PostAttnNorm => per("post_attention_layernorm"),
+        Role::FfnNorm => match arch {
+            Arch::Gemma3 => per("pre_feedforward_layernorm"),
+            Arch::Llama => per("post_attention_layernorm"),
+        },
+        Role::FfnGate => per("mlp.gate_proj"),
+        Role::FfnUp => per("mlp.up_proj"),
+        Role::FfnDown => per("mlp.down_proj"),
+        Role::PostFfnNorm => per("post_feedforward_layernorm"),
+    }
+}
+
+/// Quantized HF checkpoints (compressed-tensors, GPTQ, AWQ, …) store packed integer tensors under
+/// other names; refuse them up front rather than failing on a "missing" weight later.
+fn reject_quantized(cfg_file: &str, config_json: &str) -> Result<()> {
+    let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(config_json) else {
+        return Ok(()); // from_hf_json already accepted it; cannot happen
+    };
+    let q = m
+        .get("quantization_config")
+        .or_else(|| m.get("text_config").and_then(|t| t.get("quantization_config")))
+        .filter(|v| !v.is_null());
+    let Some(q) = q else { return Ok(()) };
+    let method = q.get("quant_method").and_then(|v| v.as_str()).unwrap_or("unknown");
+    let fmt = q.get("format").and_then(|v| v.as_str()).map(|f| format!(", format {f}")).unwrap_or_default();
+    Err(Error::format(cfg_file, format!("unsupported quantization `{method}`{fmt}: quantized safetensors checkpoints are not supported yet")))
+}
+
+#[cfg(feature = "std")]
+mod open {
+    use super::*;
+    use alloc::vec;
+    use std::fs;
+    use std::path::{Path, PathBuf};
+
+    fn io(path: &Path, e: std::io::Error) -> Error {
+        Error::Io { file: path.display().to_string(), source: e }
+    }
+
+    fn read_text(path: &Path) -> Result<String> {
+        fs::read_to_string(path).map_err(|e| io(path, e))
+    }
+
+    /// The file's bytes, memory-mapped where that is safe.
+    ///
+    /// `memmap2::Mmap::map` is `unsafe` (another process may change the file under the mapping) and
+    /// the workspace forbids `unsafe`, so only files the kernel guarantees immutable (sealed memfd,
+    /// fs-verity) are mapped; others are read into memory. Swap this one function for a real
+    /// mapping once the project settles on an audited safe wrapper.
+    fn map_file(path: &Path) -> Result<SharedBytes> {
+        let f = fs::File::open(path).map_err(|e| io(path, e))?;
+        if let Ok(m) = memmap2::Mmap::map_if_safe(&f) {
+            return Ok(Arc::new(m));
+        }
+        let v = fs::read(path).map_err(|e| io(path, e))?;
+        Ok(Arc::new(v))
+    }
+
+    fn is_gguf(path: &Path) -> bool {
+        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            return true;
+        }
+        let mut magic = [0u8; 4];
+        fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok() && &magic == b"GGUF"
+    }
+
+    impl ModelSource {
+        /// Open a `.gguf` file, a `.safetensors` file (its folder's `config.json` alongside), or a
+        /// folder holding `config.json` with `model.safetensors` or `model.safetensors.index.json`
+        /// and its shards (or else exactly one `.gguf`).
+        pub fn open(path: &Path) -> Result<ModelSource> {
+            let meta = fs::metadata(path).map_err(|e| io(path, e))?;
+            if meta.is_file() {
+                if is_gguf(path) {
+                    return open_gguf(path);
+                }
+                if path.extension().is_some_and(|e| e == "safetensors") {
+                    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    return open_hf(&dir, None, vec![name]);
+                }
+                return Err(Error::format(path.display().to_string(), "not a .gguf or .safetensors file"));
+            }
+            let index = path.join("model.safetensors.index.json");
+            if path.join("config.json").is_file() {
+                if index.is_file() {
+                    let json = read_text(&index)?;
+                    let label = path.display().to_string();
+                    let map = st::parse_index(json.as_bytes())
+                        .map_err(|m| Error::format(format!("{label}/model.safetensors.index.json"), m))?;
+                    let mut names: Vec<String> = map.into_iter().map(|(_, s)| s).collect();
+                    names.sort();
+                    names.dedup();
+                    return open_hf(path, Some(json), names);
+                }
+                if path.join("model.safetensors").is_file() {
+                    return open_hf(path, None, vec!["model.safetensors".into()]);
+                }
+            }
+            let ggufs: Vec<PathBuf> = fs::read_dir(path)
+                .map_err(|e| io(path, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")))
+                .collect();
+            match ggufs.as_slice() {
+                [one] => open_gguf(one),
+                [] => Err(Error::format(
+                    path.display().to_string(),
+                    "no model here: expected config.json with model.safetensors or model.safetensors.index.json, or a .gguf file",
+                )),
+                _ => Err(Error::format(path.display().to_string(), "several .gguf files here; name one")),
+            }
+        }
+
+        /// The model's folder (to find `tokenizer.json`, `tokenizer_config.json`); `None` for
+        /// sources built from bytes.
+        pub fn dir(&self) -> Option<&Path> {
+            self.dir.as_deref()
+        }
+    }
+
+    fn open_gguf(path: &Path) -> Result<ModelSource> {
+        let mut s = ModelSource::from_gguf_bytes(&path.display().to_string(), map_file(path)?)?;
+        s.dir = path.parent().map(Path::to_path_buf);
+        Ok(s)
+    }
+
+    fn open_hf(dir: &Path, index_json: Option<String>, shard_names: Vec<String>) -> Result<ModelSource> {
+        let config_json = read_text(&dir.join("config.json"))?;
+        let label = dir.display().to_string();
+        let mut shards = Vec::with_capacity(shard_names.len());
+        for name in shard_names {
+            let p = dir.join(&name);
+            if !p.is_file() {
+                let what = if index_json.is_some() { "shard named in model.safetensors.index.json" } else { "file" };
+                return Err(Error::format(p.display().to_string(), format!("{what} is missing")));
+            }
+            shards.push((name, map_file(&p)?));
+        }
+        let mut s = ModelSource::from_safetensors_indexed(&label, &config_json, index_json.as_deref(), shards)?;
+        s.dir = Some(dir.to_path_buf());
+        apply_hf_side_files(&mut s, dir)?;
+        Ok(s)
+    }
+
+    /// What `config.json` does not say but transformers' `generate` and tokenizer use:
+    /// `generation_config.json`'s `eos_token_id` (the ids `generate` stops at) and
+    /// `tokenizer_config.json`'s `add_bos_token` and `chat_template`.
+    fn apply_hf_side_files(s: &mut ModelSource, dir: &Path) -> Result<()> {
+        let read_json = |name: &str| -> Result<Option<serde_json::Value>> {
+            let p = dir.join(name);
+            if !p.is_file() {
+                return Ok(None);
+            }
+            let text = read_text(&p)?;
+            serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| Error::format(p.display().to_string(), format!("invalid JSON: {e}")))
+        };
+        if let Some(g) = read_json("generation_config.json")? {
+            let file = dir.join("generation_config.json").display().to_string();
+            let id = |v: &serde_json::Value| v.as_u64().and_then(|x| u32::try_from(x).ok());
+            let eos = match g.get("eos_token_id") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::Array(a)) => Some(a.iter().map(id).collect::<Option<Vec<_>>>()),
+                Some(v) => Some(id(v).map(|x| vec![x])),
+            };
+            if let Some(eos) = eos {
+                let eos = eos.ok_or_else(|| Error::format(&file, "`eos_token_id` is not a token id or list of ids"))?;
+                if let Some(bad) = eos.iter().find(|&&e| e as usize >= s.config.vocab) {
+                    return Err(Error::format(&file, format!("eos_token_id {bad} is outside the vocabulary")));
+                }
+                s.config.eos = eos;
+            }
+        }
+        if let Some(t) = read_json("tokenizer_config.json")? {
+            if let Some(b) = t.get("add_bos_token").and_then(|v| v.as_bool()) {
+                s.config.add_bos = b;
+            }
+            if let Some(ct) = t.get("chat_template").and_then(|v| v.as_str()) {
+                s.chat_template = Some(ct.to_string());
+            }
+        }
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            s.chat_template = Some(read_text(&jinja)?);
+        }
+        Ok(())
     }
 }

@@ -1,1 +1,166 @@
-fn main() {}
+//! `purehw`: pull, inspect and run models from the command line.
+
+mod commands;
+mod error;
+mod models;
+mod out;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::error::CliResult;
+
+#[derive(Parser, Debug)]
+#[command(name = "purehw", version, about = "LLM inference in Rust: pull, inspect and run models")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Download a known model into the cache and verify its sha256.
+    Pull {
+        /// gemma3-270m or smollm2-135m.
+        #[arg(default_value = "gemma3-270m")]
+        model: String,
+    },
+    /// Show a model's architecture, hyper-parameters and tensors.
+    Inspect {
+        /// A known model name, a .gguf file or a checkpoint folder.
+        model: String,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate text from a prompt.
+    Run(RunArgs),
+    /// Write the logits of a token sequence to a file of little-endian f32.
+    Logits(LogitsArgs),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// The plain single-threaded reference backend.
+    CpuRef,
+}
+
+/// Options shared by the commands that load a model.
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    /// A known model name (gemma3-270m, smollm2-135m: pulled if absent), a .gguf file or a
+    /// checkpoint folder.
+    #[arg(short = 'm', long)]
+    pub model: String,
+    /// tokenizer.json to use (default: the one beside the model, else the GGUF's vocabulary).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "cpu-ref")]
+    pub backend: BackendKind,
+    /// KV-cache length in tokens (0 = just what the command needs, up to the model's limit).
+    #[arg(short = 'c', long, default_value_t = 0)]
+    pub ctx_size: usize,
+}
+
+#[derive(Args, Debug)]
+// So that `--presence-penalty -0.5` parses as a value, not a flag.
+#[command(allow_negative_numbers = true)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt.
+    #[arg(short = 'p', long)]
+    pub prompt: String,
+    /// Most tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 64)]
+    pub n_predict: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// HF repetition penalty over the prompt and the generated tokens; 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// OpenAI presence penalty; 0 = off.
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// OpenAI frequency penalty; 0 = off.
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// RNG seed (default: from the clock, so sampled runs differ).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Keep generating past the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object `{"prompt_ids", "ids", "text"}` instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Token ids, comma-separated (e.g. 2,818,5279).
+    #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt")]
+    pub ids: Option<String>,
+    /// Text to tokenize instead of --ids (BOS added as the model wants).
+    #[arg(short = 'p', long)]
+    pub prompt: Option<String>,
+    /// Every position's logits, `[positions, vocab]`, instead of the last one's.
+    #[arg(long)]
+    pub all_positions: bool,
+    /// Output file.
+    #[arg(short = 'o', long)]
+    pub output: PathBuf,
+}
+
+fn main() -> ExitCode {
+    // A bug must still end in one line, not a backtrace; exit code 101 tells it from a user error.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("purehw: internal error{at}: {msg} (please report this)");
+    }));
+    // Usage errors exit 1 like every other error (clap's own default is 2); --help is not one.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(1) } else { ExitCode::SUCCESS };
+        }
+    };
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("purehw: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> CliResult {
+    match cli.cmd {
+        Cmd::Pull { model } => commands::pull(&model),
+        Cmd::Inspect { model, json } => commands::inspect(&model, json),
+        Cmd::Run(a) => commands::run(&a),
+        Cmd::Logits(a) => commands::logits(&a),
+    }
+}

@@ -1,3 +1,0 @@
-//! Tokenizers: HF tokenizer.json through the `tokenizers` crate, or built from a GGUF vocabulary.
-//!
-//! CONTRACT (implementation pending).

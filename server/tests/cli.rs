@@ -1,0 +1,249 @@
+//! The `purehw` binary end to end: inspect, run, logits, pull, and clean errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use purehw_conformance::{argmax, fixture, model_file, read_f32, read_json};
+
+const GEMMA: (&str, &str) = ("gemma3-270m", "gemma-3-270m-q4_k_m.gguf");
+const SMOL: (&str, &str) = ("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf");
+
+fn purehw(args: &[&str]) -> Output {
+    purehw_env(args, &[])
+}
+
+fn purehw_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_purehw"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("running purehw")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[track_caller]
+fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "exit {:?}\nstderr:\n{}", o.status.code(), stderr(o));
+    stdout(o)
+}
+
+/// A user error: exit code 1, one `purehw: ...` line on stderr containing `needle`, no panic.
+#[track_caller]
+fn user_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "stderr:\n{err}");
+    assert!(!err.contains("panicked") && !err.contains("internal error"), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in:\n{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("purehw: ") || last.starts_with("error: ") || last.contains("--help"), "{err}");
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
+}
+
+#[test]
+fn help_and_version() {
+    let out = ok(&purehw(&["--help"]));
+    for cmd in ["pull", "inspect", "run", "logits"] {
+        assert!(out.contains(cmd), "{out}");
+    }
+    assert!(ok(&purehw(&["--version"])).contains("purehw"));
+}
+
+#[test]
+fn inspect_gemma3_gguf() {
+    let m = model_file(GEMMA.0, GEMMA.1);
+    let text = ok(&purehw(&["inspect", path_str(&m)]));
+    assert!(text.contains("Gemma3"), "{text}");
+    assert!(text.contains("token_embd.weight"), "{text}");
+    let v = json(&ok(&purehw(&["inspect", "--json", path_str(&m)])));
+    assert_eq!(v["kind"], "gguf");
+    assert_eq!(v["config"]["arch"], "Gemma3");
+    assert_eq!(v["config"]["layers"], 18);
+    let tensors = v["tensors"].as_array().unwrap();
+    let embd = tensors.iter().find(|t| t["name"] == "token_embd.weight").expect("token_embd.weight");
+    // Outermost first: (vocab, hidden).
+    assert_eq!(embd["shape"][0], v["config"]["vocab"]);
+    assert_eq!(embd["shape"][1], v["config"]["hidden"]);
+    let sum: u64 = tensors.iter().map(|t| t["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(sum, v["tensor_bytes"].as_u64().unwrap());
+    // Tensor data is most of the file.
+    let file_len = std::fs::metadata(&m).unwrap().len();
+    assert!(sum <= file_len && sum > file_len / 2, "{sum} of {file_len}");
+}
+
+#[test]
+fn inspect_smollm2_gguf() {
+    let m = model_file(SMOL.0, SMOL.1);
+    let v = json(&ok(&purehw(&["inspect", "--json", path_str(&m)])));
+    assert_eq!(v["config"]["arch"], "Llama");
+    assert_eq!(v["config"]["layers"], 30);
+    assert!(v["tensors"].as_array().unwrap().iter().any(|t| t["dtype"] == "Q4_1"));
+}
+
+#[test]
+fn inspect_hf_folder() {
+    let dir = fixture("tiny-gemma3");
+    let cfg = read_json(&dir.join("config.json"));
+    let v = json(&ok(&purehw(&["inspect", "--json", path_str(&dir)])));
+    assert_eq!(v["kind"], "safetensors");
+    assert_eq!(v["config"]["arch"], "Gemma3");
+    assert_eq!(v["config"]["vocab"], cfg["vocab_size"]);
+    assert_eq!(v["config"]["hidden"], cfg["hidden_size"]);
+    assert_eq!(v["config"]["layers"], cfg["num_hidden_layers"]);
+    assert!(v["tensors"].as_array().unwrap().iter().all(|t| t["dtype"] == "BF16"));
+    assert!(ok(&purehw(&["inspect", path_str(&dir)])).contains("sliding"));
+}
+
+#[test]
+fn missing_model_is_a_clear_error() {
+    user_error(&purehw(&["inspect", "/nonexistent/model.gguf"]), "/nonexistent/model.gguf");
+    user_error(&purehw(&["run", "-m", "/nonexistent/model.gguf", "-p", "hi"]), "no such file");
+    user_error(&purehw(&["logits", "-m", "/nonexistent", "--ids", "1", "-o", "/dev/null"]), "no such file");
+    user_error(&purehw(&["pull", "llama-7b"]), "unknown model");
+}
+
+#[test]
+fn corrupt_files_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Not GGUF at all.
+    let junk = tmp.path().join("junk.gguf");
+    std::fs::write(&junk, b"this is not a model file, just some text long enough to parse").unwrap();
+    user_error(&purehw(&["inspect", path_str(&junk)]), "junk.gguf");
+    user_error(&purehw(&["run", "-m", path_str(&junk), "-p", "hi", "-n", "1"]), "junk.gguf");
+    // A real GGUF cut short: the header parses, the tensor data is missing.
+    let real = std::fs::read(model_file(SMOL.0, SMOL.1)).unwrap();
+    for len in [0, 3, 100, 4096, 1 << 20] {
+        let cut = tmp.path().join(format!("cut{len}.gguf"));
+        std::fs::write(&cut, &real[..len]).unwrap();
+        user_error(&purehw(&["inspect", path_str(&cut)]), &format!("cut{len}.gguf"));
+    }
+    // An empty folder is no checkpoint.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    user_error(&purehw(&["inspect", path_str(&empty)]), "empty");
+}
+
+#[test]
+fn bad_arguments_are_clear_errors() {
+    let m = model_file(SMOL.0, SMOL.1);
+    let m = path_str(&m);
+    user_error(&purehw(&["run", "-m", m]), "--prompt");
+    user_error(&purehw(&["run", "-m", m, "-p", "hi", "--top-p", "0"]), "top_p");
+    user_error(&purehw(&["run", "-m", m, "-p", "hi", "--temperature", "-1"]), "temperature");
+    user_error(&purehw(&["run", "-m", m, "-p", "hi", "-n", "many"]), "many");
+    user_error(&purehw(&["run", "-m", m, "-p", "hi", "--backend", "cuda"]), "cuda");
+    user_error(&purehw(&["logits", "-m", m, "--ids", "1,x", "-o", "/dev/null"]), "\"x\"");
+    user_error(&purehw(&["logits", "-m", m, "--ids", "1,99999999", "-o", "/dev/null"]), "99999999");
+    user_error(&purehw(&["logits", "-m", m, "-o", "/dev/null"]), "--ids");
+    user_error(&purehw(&["inspect"]), "MODEL");
+}
+
+fn france_case(model: &str) -> serde_json::Value {
+    let cases = read_json(&fixture(&format!("{model}/cases.json")));
+    cases["cases"].as_array().unwrap().iter().find(|c| c["name"] == "france").expect("france case").clone()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+}
+
+/// `-m gemma3-270m` resolves to the cached GGUF and the tokenizer.json beside it.
+#[test]
+fn run_json_greedy_gemma3() {
+    model_file(GEMMA.0, GEMMA.1);
+    let case = france_case("gemma3-270m");
+    let prompt = case["prompt"].as_str().unwrap();
+    let o = purehw(&["run", "-m", "gemma3-270m", "-p", prompt, "-n", "8", "--json"]);
+    let v = json(&ok(&o));
+    assert_eq!(ids(&v["prompt_ids"]), ids(&case["input_ids"]));
+    assert_eq!(ids(&v["ids"]), ids(&case["greedy_ids"])[..8]);
+    let text = v["text"].as_str().unwrap();
+    let golden_text = case["greedy_text"].as_str().unwrap_or_default();
+    assert!(golden_text.is_empty() || golden_text.starts_with(text.trim_end()), "{text:?} vs {golden_text:?}");
+}
+
+/// Streaming prints the same text as --json; the SmolLM2 tokenizer comes from the GGUF.
+#[test]
+fn run_streams_text_smollm2() {
+    let m = model_file(SMOL.0, SMOL.1);
+    let case = france_case("smollm2-135m");
+    let prompt = case["prompt"].as_str().unwrap();
+    let args = ["run", "-m", path_str(&m), "-p", prompt, "-n", "6"];
+    let v = json(&ok(&purehw(&[&args[..], &["--json"]].concat())));
+    assert_eq!(ids(&v["prompt_ids"]), ids(&case["input_ids"]));
+    let golden = ids(&case["greedy_ids"]);
+    let n = golden.len().min(6);
+    assert_eq!(ids(&v["ids"])[..n], golden[..n]);
+    let streamed = ok(&purehw(&args));
+    assert_eq!(streamed.trim_end_matches('\n'), v["text"].as_str().unwrap());
+}
+
+#[test]
+fn logits_file() {
+    let m = model_file(GEMMA.0, GEMMA.1);
+    let case = france_case("gemma3-270m");
+    let input: Vec<String> = ids(&case["input_ids"]).iter().map(|i| i.to_string()).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("last.f32");
+    ok(&purehw(&["logits", "-m", path_str(&m), "--ids", &input.join(","), "-o", path_str(&out)]));
+    let ours = read_f32(&out);
+    let golden = read_f32(&fixture("gemma3-270m/france.last_logits.f32"));
+    assert_eq!(ours.len(), golden.len(), "one row of vocab f32s");
+    assert_eq!(argmax(&ours), argmax(&golden));
+    assert!(purehw_conformance::nmse(&ours, &golden) < 1e-4);
+
+    let all = tmp.path().join("all.f32");
+    ok(&purehw(&["logits", "-m", path_str(&m), "--ids", &input.join(","), "--all-positions", "-o", path_str(&all)]));
+    let rows = read_f32(&all);
+    assert_eq!(rows.len(), input.len() * golden.len());
+    let vocab = golden.len();
+    for (p, want) in ids(&case["prompt_argmax"]).iter().enumerate() {
+        assert_eq!(argmax(&rows[p * vocab..(p + 1) * vocab]) as u64, *want, "position {p}");
+    }
+    // The last row is the last-position logits.
+    assert_eq!(&rows[(input.len() - 1) * vocab..], &ours[..]);
+}
+
+/// A fresh cache holding a verified copy: `pull` does nothing (no pip, no network: PATH is
+/// empty), and a damaged copy is noticed (then fetching fails clearly without python3).
+#[test]
+fn pull_verifies_the_cache() {
+    let src = model_file(SMOL.0, SMOL.1);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(SMOL.0);
+    std::fs::create_dir_all(&dir).unwrap();
+    let dest: PathBuf = dir.join(SMOL.1);
+    std::fs::copy(&src, &dest).unwrap();
+    let env = [("PUREHW_MODELS", path_str(tmp.path())), ("PATH", "/nonexistent")];
+    let o = purehw_env(&["pull", SMOL.0], &env);
+    assert!(ok(&o).contains("up to date"), "{}", stderr(&o));
+    assert!(dir.join(".sha256-ok").is_file());
+    // Again, from the stamp.
+    assert!(ok(&purehw_env(&["pull", SMOL.0], &env)).contains("up to date"));
+
+    let mut bytes = std::fs::read(&dest).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&dest, bytes).unwrap();
+    let o = purehw_env(&["pull", SMOL.0], &env);
+    user_error(&o, "python3");
+    assert!(stderr(&o).contains("sha256"), "{}", stderr(&o));
+    // Nothing half-written left behind.
+    let names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| !n.ends_with(".tmp") && !n.starts_with(".pull-")), "{names:?}");
+}
