@@ -180,7 +180,8 @@ impl Obj<'_> {
             Value::Array(a) => a.iter().map(one).collect(),
             v => one(v).map(|x| vec![x]),
         };
-        ids.map(Some).ok_or_else(|| self.err(format!("field `{}{key}` is not a token id or list of ids: {v}", self.path)))
+        ids.map(Some)
+            .ok_or_else(|| self.err(format!("field `{}{key}` is not a token id or list of ids: {v}", self.path)))
     }
 }
 
@@ -265,8 +266,7 @@ fn check_shape(file: &str, c: &ModelConfig) -> Result<()> {
 impl ModelConfig {
     /// Parse an HF `config.json`. `label` names the file in errors.
     pub fn from_hf_json(label: &str, json: &str) -> Result<ModelConfig> {
-        let root: Value =
-            serde_json::from_str(json).map_err(|e| Error::format(label, format!("invalid JSON: {e}")))?;
+        let root: Value = serde_json::from_str(json).map_err(|e| Error::format(label, format!("invalid JSON: {e}")))?;
         let map = root.as_object().ok_or_else(|| Error::format(label, "config is not a JSON object"))?;
         let top = Obj { file: label, map, path: "" };
 
@@ -314,7 +314,8 @@ impl ModelConfig {
     /// Build from GGUF metadata (`gemma3` or `llama` architecture). `label` names the file in errors.
     pub fn from_gguf(label: &str, g: &GgufFile) -> Result<ModelConfig> {
         let err = |m: String| Error::format(label, m);
-        let arch_name = g.get_str("general.architecture").ok_or_else(|| err("missing GGUF key `general.architecture`".into()))?;
+        let arch_name =
+            g.get_str("general.architecture").ok_or_else(|| err("missing GGUF key `general.architecture`".into()))?;
         let arch = match arch_name {
             "gemma3" => Arch::Gemma3,
             "llama" => Arch::Llama,
@@ -413,7 +414,9 @@ impl ModelConfig {
             }
         }
         let add_bos = match g.get("tokenizer.ggml.add_bos_token") {
-            Some(_) => g.get_bool("tokenizer.ggml.add_bos_token").ok_or_else(|| err("`tokenizer.ggml.add_bos_token` is not a boolean".into()))?,
+            Some(_) => g
+                .get_bool("tokenizer.ggml.add_bos_token")
+                .ok_or_else(|| err("`tokenizer.ggml.add_bos_token` is not a boolean".into()))?,
             // llama.cpp's defaults: SentencePiece-style vocabularies add BOS, BPE ones do not.
             None => matches!(g.get_str("tokenizer.ggml.model"), Some("llama" | "gemma")),
         };
@@ -505,9 +508,7 @@ impl ModelConfig {
 
 /// Every `pattern`-th layer is global: layer `i` is Full iff `(i + 1) % pattern == 0`.
 fn pattern_kinds(layers: usize, pattern: usize) -> Vec<LayerKind> {
-    (0..layers)
-        .map(|i| if (i + 1) % pattern == 0 { LayerKind::Full } else { LayerKind::Sliding })
-        .collect()
+    (0..layers).map(|i| if (i + 1) % pattern == 0 { LayerKind::Full } else { LayerKind::Sliding }).collect()
 }
 
 /// Gemma 3 text fields from `t` (the top level, or `text_config` when `nested`); token ids may sit
@@ -578,7 +579,11 @@ fn gemma3_from_hf(t: &Obj<'_>, top: &Obj<'_>, nested: bool) -> Result<ModelConfi
         Some(rp) => {
             let per_type = rp.contains_key("full_attention") || rp.contains_key("sliding_attention");
             let entry = |ty: &str, fallback_key: &str, default: f64| -> Result<Rope> {
-                let what = if per_type { format!("{}rope_parameters.{ty}", t.path) } else { format!("{}rope_parameters", t.path) };
+                let what = if per_type {
+                    format!("{}rope_parameters.{ty}", t.path)
+                } else {
+                    format!("{}rope_parameters", t.path)
+                };
                 let m = if per_type {
                     match rp.get(ty) {
                         Some(Value::Object(m)) => m,
@@ -592,7 +597,10 @@ fn gemma3_from_hf(t: &Obj<'_>, top: &Obj<'_>, nested: bool) -> Result<ModelConfi
                     Some(v) => v.as_f64().ok_or_else(|| t.err(format!("`{what}.rope_theta` is not a number")))?,
                     None => t.f64(fallback_key)?.unwrap_or(default),
                 };
-                Ok(Rope { theta: check_theta(t, theta, &format!("{what}.rope_theta"))?, scale: rope_scale(t, m, &what)? })
+                Ok(Rope {
+                    theta: check_theta(t, theta, &format!("{what}.rope_theta"))?,
+                    scale: rope_scale(t, m, &what)?,
+                })
             };
             let needs = |k: LayerKind| layer_kinds.contains(&k);
             let full = if needs(LayerKind::Full) || !per_type || rp.contains_key("full_attention") {
@@ -680,7 +688,11 @@ fn llama_from_hf(t: &Obj<'_>, mistral: bool) -> Result<ModelConfig> {
     let head_dim = match t.usize("head_dim")? {
         Some(d) => d,
         None if hidden.is_multiple_of(heads) => hidden / heads,
-        None => return Err(t.err(format!("hidden_size {hidden} is not a multiple of {heads} heads and head_dim is missing"))),
+        None => {
+            return Err(
+                t.err(format!("hidden_size {hidden} is not a multiple of {heads} heads and head_dim is missing"))
+            );
+        }
     };
     let max_ctx = t.usize("max_position_embeddings")?.unwrap_or(if mistral { 131_072 } else { 2048 });
     let eps = t.f64("rms_norm_eps")?.unwrap_or(1e-6) as f32;
@@ -702,7 +714,10 @@ fn llama_from_hf(t: &Obj<'_>, mistral: bool) -> Result<ModelConfig> {
                 Some(v) => v.as_f64().ok_or_else(|| t.err("`rope_parameters.rope_theta` is not a number"))?,
                 None => t.f64("rope_theta")?.unwrap_or(default_theta),
             };
-            Rope { theta: check_theta(t, theta, "rope_parameters.rope_theta")?, scale: rope_scale(t, m, "rope_parameters")? }
+            Rope {
+                theta: check_theta(t, theta, "rope_parameters.rope_theta")?,
+                scale: rope_scale(t, m, "rope_parameters")?,
+            }
         }
         None => {
             let theta = t.f64("rope_theta")?.unwrap_or(default_theta);

@@ -8,6 +8,12 @@
 //! * [`model`]: Gemma 3 and Llama, prefill and decode with a KV cache.
 //! * [`sampling`]: greedy, temperature, top-k/p, min-p, penalties, seeded RNG.
 //! * [`tokenizer`] (`std`): tokenizer.json, or built from a GGUF's vocabulary.
+//!
+//! Dependencies beyond the kept list: `serde`/`serde_json` read `config.json` and safetensors
+//! headers without `std`; `libm` gives f32 math without `std`. The `safetensors` crate is not
+//! used for parsing: it accepts duplicate header keys and its errors do not always name the
+//! tensor, and every malformed header must be an error naming the tensor and the file.
+//! `memmap2` maps weight files (one `unsafe` call, in `source.rs`).
 #![no_std]
 
 extern crate alloc;

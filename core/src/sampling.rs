@@ -52,8 +52,8 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Whether sampling is plain argmax.
     pub fn is_greedy(&self) -> bool {
-        // NaN counts as greedy too: `!(t > 0)`.
-        !(self.temperature > 0.0)
+        // NaN counts as greedy too.
+        self.temperature.is_nan() || self.temperature <= 0.0
     }
 
     /// Checks that every value is in range; the message names the offending parameter.

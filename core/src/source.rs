@@ -120,7 +120,10 @@ struct Shard {
 }
 
 enum Store {
-    Gguf { file: GgufFile, bytes: SharedBytes },
+    Gguf {
+        file: GgufFile,
+        bytes: SharedBytes,
+    },
     Safetensors {
         shards: Vec<Shard>,
         /// Tensor name → shard index.
@@ -181,8 +184,8 @@ impl ModelSource {
         shards: Vec<(String, SharedBytes)>,
     ) -> Result<ModelSource> {
         let cfg_file = format!("{label}/config.json");
-        let config = ModelConfig::from_hf_json(&cfg_file, config_json)?;
         reject_quantized(&cfg_file, config_json)?;
+        let config = ModelConfig::from_hf_json(&cfg_file, config_json)?;
         if shards.is_empty() {
             return Err(Error::format(label, "no safetensors files"));
         }
@@ -219,8 +222,12 @@ impl ModelSource {
             }
         }
 
-        let Some(prefix) = HF_PREFIXES.into_iter().find(|p| index.contains_key(&format!("{p}embed_tokens.weight"))) else {
-            return Err(Error::format(label, "no token embedding tensor (model.embed_tokens.weight) in the checkpoint"));
+        let Some(prefix) = HF_PREFIXES.into_iter().find(|p| index.contains_key(&format!("{p}embed_tokens.weight")))
+        else {
+            return Err(Error::format(
+                label,
+                "no token embedding tensor (model.embed_tokens.weight) in the checkpoint",
+            ));
         };
         let lm_head = HF_LM_HEADS.into_iter().find(|n| index.contains_key(*n));
         Ok(ModelSource {
@@ -285,11 +292,17 @@ impl ModelSource {
                 let found = match t.dims.as_slice() {
                     [n] => (1, dim(*n)),
                     [c, r] => (dim(*r), dim(*c)),
-                    d => return Err(Error::format(&self.label, format!("tensor `{name}` has {} dims, expected 1 or 2", d.len()))),
+                    d => {
+                        return Err(Error::format(
+                            &self.label,
+                            format!("tensor `{name}` has {} dims, expected 1 or 2", d.len()),
+                        ));
+                    }
                 };
                 check_found(&self.label, &name, (rows, cols), found)?;
-                let data = HostBytes::new(bytes.clone(), t.start..t.start.saturating_add(t.len))
-                    .ok_or_else(|| Error::format(&self.label, format!("tensor `{name}`: data lies outside the file")))?;
+                let data = HostBytes::new(bytes.clone(), t.start..t.start.saturating_add(t.len)).ok_or_else(|| {
+                    Error::format(&self.label, format!("tensor `{name}`: data lies outside the file"))
+                })?;
                 HostWeight::new(t.format, rows, cols, data).ok_or_else(|| {
                     Error::format(
                         &self.label,
@@ -304,20 +317,30 @@ impl ModelSource {
                     [n] => (1, *n),
                     [r, c] => (*r, *c),
                     s => {
-                        return Err(Error::format(&shard.display, format!("tensor `{name}` has shape {s:?}, expected 1 or 2 dims")));
+                        return Err(Error::format(
+                            &shard.display,
+                            format!("tensor `{name}` has shape {s:?}, expected 1 or 2 dims"),
+                        ));
                     }
                 };
                 check_found(&shard.display, &name, (rows, cols), found)?;
                 let format = t.dtype.format().ok_or_else(|| {
                     Error::format(
                         &shard.display,
-                        format!("tensor `{name}` has dtype {}, which cannot be loaded as a weight (F32, F16, BF16 only)", t.dtype),
+                        format!(
+                            "tensor `{name}` has dtype {}, which cannot be loaded as a weight (F32, F16, BF16 only)",
+                            t.dtype
+                        ),
                     )
                 })?;
-                let data = HostBytes::new(shard.bytes.clone(), t.range.clone())
-                    .ok_or_else(|| Error::format(&shard.display, format!("tensor `{name}`: data lies outside the file")))?;
+                let data = HostBytes::new(shard.bytes.clone(), t.range.clone()).ok_or_else(|| {
+                    Error::format(&shard.display, format!("tensor `{name}`: data lies outside the file"))
+                })?;
                 HostWeight::new(format, rows, cols, data).ok_or_else(|| {
-                    Error::format(&shard.display, format!("tensor `{name}`: byte size does not match {rows}x{cols} {format:?}"))
+                    Error::format(
+                        &shard.display,
+                        format!("tensor `{name}`: byte size does not match {rows}x{cols} {format:?}"),
+                    )
                 })?
             }
         };
@@ -435,7 +458,7 @@ fn hf_name(role: Role, l: usize, arch: Arch) -> String {
 /// other names; refuse them up front rather than failing on a "missing" weight later.
 fn reject_quantized(cfg_file: &str, config_json: &str) -> Result<()> {
     let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(config_json) else {
-        return Ok(()); // from_hf_json already accepted it; cannot happen
+        return Ok(()); // from_hf_json reports what is wrong with it
     };
     let q = m
         .get("quantization_config")
@@ -444,7 +467,10 @@ fn reject_quantized(cfg_file: &str, config_json: &str) -> Result<()> {
     let Some(q) = q else { return Ok(()) };
     let method = q.get("quant_method").and_then(|v| v.as_str()).unwrap_or("unknown");
     let fmt = q.get("format").and_then(|v| v.as_str()).map(|f| format!(", format {f}")).unwrap_or_default();
-    Err(Error::format(cfg_file, format!("unsupported quantization `{method}`{fmt}: quantized safetensors checkpoints are not supported yet")))
+    Err(Error::format(
+        cfg_file,
+        format!("unsupported quantization `{method}`{fmt}: quantized safetensors checkpoints are not supported yet"),
+    ))
 }
 
 #[cfg(feature = "std")]
@@ -468,13 +494,16 @@ mod open {
     /// the workspace forbids `unsafe`, so only files the kernel guarantees immutable (sealed memfd,
     /// fs-verity) are mapped; others are read into memory. Swap this one function for a real
     /// mapping once the project settles on an audited safe wrapper.
+    /// Memory-map a weight file read-only; weights are never copied wholesale.
+    #[allow(unsafe_code)]
     fn map_file(path: &Path) -> Result<SharedBytes> {
         let f = fs::File::open(path).map_err(|e| io(path, e))?;
-        if let Ok(m) = memmap2::Mmap::map_if_safe(&f) {
-            return Ok(Arc::new(m));
-        }
-        let v = fs::read(path).map_err(|e| io(path, e))?;
-        Ok(Arc::new(v))
+        // SAFETY: the mapping is read-only and private to this process. The one hazard is another
+        // process truncating or rewriting the file while it is mapped (as with every mmap-based
+        // engine); model files are treated as immutable, and `purehw pull` replaces files by
+        // atomic rename, which leaves existing mappings intact.
+        let m = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| io(path, e))?;
+        Ok(Arc::new(m))
     }
 
     fn is_gguf(path: &Path) -> bool {
@@ -482,7 +511,8 @@ mod open {
             return true;
         }
         let mut magic = [0u8; 4];
-        fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok() && &magic == b"GGUF"
+        fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
+            && &magic == b"GGUF"
     }
 
     impl ModelSource {

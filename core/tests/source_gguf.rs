@@ -176,7 +176,9 @@ fn from_gguf_llama_metadata() {
         (with("llama.embedding_length", Value::String("x".into())), "embedding_length"),
     ];
     for (m, want) in cases {
-        let e = ModelConfig::from_gguf("l.gguf", &gguf(m, vec![tensor("token_embd.weight", &[256, 100])])).unwrap_err().to_string();
+        let e = ModelConfig::from_gguf("l.gguf", &gguf(m, vec![tensor("token_embd.weight", &[256, 100])]))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("l.gguf: ") && e.contains(want), "{want}: {e}");
     }
 }

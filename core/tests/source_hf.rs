@@ -3,11 +3,11 @@
 
 mod source_common;
 
+use purehw_core::Error;
 use purehw_core::config::{Arch, LayerKind, ModelConfig, Rope};
 use purehw_core::hal::{Format, RopeMode};
 use purehw_core::source::{ModelSource, Role, SourceKind};
-use purehw_core::Error;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use source_common::*;
 
 fn tiny_json() -> Value {
@@ -336,7 +336,15 @@ fn llama_config() {
 
 #[test]
 fn missing_fields_name_field_and_file() {
-    for key in ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size", "head_dim", "num_key_value_heads"] {
+    for key in [
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+        "intermediate_size",
+        "head_dim",
+        "num_key_value_heads",
+    ] {
         let mut j = tiny_json();
         j.as_object_mut().unwrap().remove(key);
         let e = ModelConfig::from_hf_json("tiny/config.json", &j.to_string()).unwrap_err();
@@ -366,7 +374,12 @@ fn renamed(prefix: &str, lm_head: Option<&str>) -> Vec<u8> {
     for r in &mut raw {
         r.name = format!("{prefix}{}", r.name.strip_prefix("model.").unwrap());
     }
-    raw.push(Raw { name: "model.vision_tower.patch.weight".into(), dtype: "F32".into(), shape: vec![2, 2], data: vec![0; 16] });
+    raw.push(Raw {
+        name: "model.vision_tower.patch.weight".into(),
+        dtype: "F32".into(),
+        shape: vec![2, 2],
+        data: vec![0; 16],
+    });
     if let Some(h) = lm_head {
         let e = raw.iter().find(|r| r.name.ends_with("embed_tokens.weight")).unwrap().clone();
         raw.push(Raw { name: h.into(), ..e });
@@ -381,11 +394,20 @@ fn multimodal_prefixes() {
     text["model_type"] = json!("gemma3_text");
     let mm_cfg = as_multimodal(text, None).to_string();
     for prefix in ["model.language_model.", "language_model.model."] {
-        let s = ModelSource::from_safetensors("mm", &mm_cfg, vec![("model.safetensors".into(), shared(renamed(prefix, None)))]).unwrap();
+        let s = ModelSource::from_safetensors(
+            "mm",
+            &mm_cfg,
+            vec![("model.safetensors".into(), shared(renamed(prefix, None)))],
+        )
+        .unwrap();
         for role in Role::ALL {
             let l = role.per_layer().then_some(3);
             let (a, b) = (base.weight(role, l).unwrap(), s.weight(role, l).unwrap());
-            assert_eq!(a.map(|w| w.data.as_slice().to_vec()), b.map(|w| w.data.as_slice().to_vec()), "{prefix} {role:?}");
+            assert_eq!(
+                a.map(|w| w.data.as_slice().to_vec()),
+                b.map(|w| w.data.as_slice().to_vec()),
+                "{prefix} {role:?}"
+            );
         }
         assert!(s.tensors().iter().any(|t| t.name.contains("vision_tower")));
     }
@@ -396,13 +418,21 @@ fn multimodal_prefixes() {
     let s = ModelSource::from_safetensors(
         "mm",
         &cfg,
-        vec![("model.safetensors".into(), shared(renamed("language_model.model.", Some("language_model.lm_head.weight"))))],
+        vec![(
+            "model.safetensors".into(),
+            shared(renamed("language_model.model.", Some("language_model.lm_head.weight"))),
+        )],
     )
     .unwrap();
     let out = s.weight(Role::Output, None).unwrap().unwrap();
     assert_eq!(out.data.as_slice(), base.weight(Role::TokenEmbd, None).unwrap().unwrap().data.as_slice());
     // Untied but no lm_head: an error naming it.
-    let s = ModelSource::from_safetensors("mm", &cfg, vec![("model.safetensors".into(), shared(renamed("model.language_model.", None)))]).unwrap();
+    let s = ModelSource::from_safetensors(
+        "mm",
+        &cfg,
+        vec![("model.safetensors".into(), shared(renamed("model.language_model.", None)))],
+    )
+    .unwrap();
     let e = s.weight(Role::Output, None).unwrap_err().to_string();
     assert!(e.contains("lm_head.weight") && e.contains("missing"), "{e}");
 }
@@ -436,7 +466,8 @@ fn llama_layout_role_mapping() {
         t("model.layers.0.mlp.up_proj.weight", &[12, 8]),
         t("model.layers.0.mlp.down_proj.weight", &[8, 12]),
     ];
-    let s = ModelSource::from_safetensors("ll", &cfg, vec![("model.safetensors".into(), shared(write_raw(&raw)))]).unwrap();
+    let s =
+        ModelSource::from_safetensors("ll", &cfg, vec![("model.safetensors".into(), shared(write_raw(&raw)))]).unwrap();
     let byte = |role: Role| {
         let l = role.per_layer().then_some(0);
         s.weight(role, l).unwrap().map(|w| {
@@ -457,7 +488,10 @@ fn sharded_checkpoint_matches_single_file() {
     let single = ModelSource::open(&tiny_dir()).unwrap();
     let raw = read_raw(&tiny_bytes());
     let (a, b): (Vec<Raw>, Vec<Raw>) = raw.iter().cloned().partition(|r| {
-        r.name.starts_with("model.embed") || r.name.contains("layers.0.") || r.name.contains("layers.1.") || r.name.contains("layers.2.")
+        r.name.starts_with("model.embed")
+            || r.name.contains("layers.0.")
+            || r.name.contains("layers.1.")
+            || r.name.contains("layers.2.")
     });
     assert!(!a.is_empty() && !b.is_empty());
     let dir = TempDir::new("sharded");
@@ -506,7 +540,8 @@ fn hf_side_files() {
     std::fs::write(dir.path().join("config.json"), tiny_config_json()).unwrap();
     std::fs::copy(tiny_dir().join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
     std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": [1, 7]}"#).unwrap();
-    std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"add_bos_token": false, "chat_template": "{{ x }}"}"#).unwrap();
+    std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"add_bos_token": false, "chat_template": "{{ x }}"}"#)
+        .unwrap();
     let s = ModelSource::open(dir.path()).unwrap();
     assert_eq!(s.config.eos, vec![1, 7]);
     assert!(!s.config.add_bos);

@@ -3,9 +3,9 @@
 
 mod source_common;
 
+use purehw_core::Error;
 use purehw_core::safetensors;
 use purehw_core::source::{ModelSource, Role};
-use purehw_core::Error;
 use serde_json::json;
 use source_common::*;
 

@@ -108,8 +108,8 @@ pub(super) fn build(label: &str, g: &GgufFile) -> Result<Tokenizer> {
                 _ => scores[i],
             };
             let spm = Spm::new(SpmVocab {
+                label,
                 tokens,
-                scores,
                 rank_score: &rank_score,
                 added: &is_added,
                 unk,
@@ -158,17 +158,14 @@ fn byte_level_bpe(label: &str, g: &GgufFile, tokens: &[String], pre: &str) -> Re
         Some(Array::String(m)) => m,
         _ => return Err(bad("tokenizer.ggml.merges is missing or not a list of strings".into())),
     };
+    // Of duplicates the last wins, as in llama.cpp and HF.
     let mut vocab = Vocab::with_capacity(tokens.len());
     let mut duplicates = 0usize;
     for (i, t) in tokens.iter().enumerate() {
-        if vocab.contains_key(t.as_str()) {
-            duplicates += 1;
-        } else {
-            vocab.insert(t.clone(), i as u32);
-        }
+        duplicates += usize::from(vocab.insert(t.clone(), i as u32).is_some());
     }
     if duplicates > 0 {
-        log::warn!("{label}: {duplicates} duplicate vocabulary entries; only the first of each is encodable");
+        log::warn!("{label}: {duplicates} duplicate vocabulary entries; only the last of each is encodable");
     }
     let pairs = merges
         .iter()

@@ -40,8 +40,9 @@ pub(super) struct Spm {
 
 /// What [`Spm::new`] needs per token.
 pub(super) struct SpmVocab<'a> {
+    /// Names the file in warnings.
+    pub label: &'a str,
     pub tokens: &'a [String],
-    pub scores: &'a [f32],
     /// Score used for ranking merges (USER_DEFINED pieces rank as 0, see `gguf.rs`).
     pub rank_score: &'a dyn Fn(usize) -> f32,
     pub added: &'a dyn Fn(usize) -> bool,
@@ -52,10 +53,8 @@ pub(super) struct SpmVocab<'a> {
 impl Spm {
     pub(super) fn new(v: SpmVocab<'_>) -> Result<Spm, String> {
         let n = v.tokens.len();
-        if v.scores.len() != n {
-            return Err(format!("{} scores for {n} tokens", v.scores.len()));
-        }
-        let total: usize = v.tokens.iter().map(|t| t.len() + 2).sum();
+        // Respelling ' ' as '▁' at most triples a piece; the arena is indexed with u32.
+        let total = v.tokens.iter().fold(0usize, |acc, t| acc.saturating_add(t.len().saturating_mul(3)));
         if total > u32::MAX as usize || n >= NONE as usize {
             return Err("vocabulary too large".into());
         }
@@ -73,56 +72,67 @@ impl Spm {
         };
 
         // Pieces, with Gemma's runs of real spaces spelled as '▁' (the text side's spelling).
-        // `owner[id]`: this id is the one its spelling looks up to (first of duplicates).
+        // `owner[id]`: this id is the one its spelling looks up to. Of duplicates the last wins,
+        // as in llama.cpp and HF.
         let mut owner = vec![false; n];
         let mut duplicates = 0usize;
         for (id, token) in v.tokens.iter().enumerate() {
             let spelled = spell_spaces(token);
             let start = spm.arena.len();
-            let taken = |spm: &Spm, s: &str| spm.table.get(s, &spm.arena, &spm.spans).is_some();
             let text: &str = match &spelled {
-                Some(s) if !taken(&spm, s) => s,
+                Some(s) if spm.lookup(s).is_none() => s,
                 // Respelling must not merge two entries: keep the stored form then.
                 _ => token,
             };
-            let is_new = !taken(&spm, text);
             spm.arena.push_str(text);
-            spm.spans.push((start as u32, spm.arena.len() as u32));
-            if is_new {
-                spm.table.insert(id as u32, &spm.arena, &spm.spans);
-                owner[id] = true;
-            } else {
+            let span = (start as u32, spm.arena.len() as u32);
+            spm.spans.push(span);
+            if let Some(old) = spm.table.insert(id as u32, span, &spm.arena) {
+                owner[old as usize] = false;
                 duplicates += 1;
             }
+            owner[id] = true;
         }
+        spm.arena.shrink_to_fit();
         if duplicates > 0 {
-            log::warn!("{duplicates} duplicate vocabulary entries; only the first of each is encodable");
+            log::warn!("{}: {duplicates} duplicate vocabulary entries; only the last of each is encodable", v.label);
         }
 
         // Merges: every split of a piece into two pieces, ranked by the merged piece's score,
         // then the longer left part, then the longer right part, then the id (HF's conversion).
-        struct Cand {
-            score: f32,
-            left_chars: u32,
-            right_chars: u32,
-            id: u32,
-            left: u32,
-            right: u32,
-        }
-        let mut cands = Vec::with_capacity(n * 2);
-        for id in (0..n).filter(|&id| owner[id]) {
-            let piece = spm.piece(id as u32);
-            let score = (v.rank_score)(id);
-            // NaN ranks last; -0.0 ties with 0.0 as in HF's Python sort.
-            let score = if score.is_nan() { f32::NEG_INFINITY } else { score + 0.0 };
-            let total_chars = piece.chars().count() as u32;
-            for (k, (b, _)) in piece.char_indices().enumerate().skip(1) {
-                let Some(left) = spm.lookup(&piece[..b]) else { continue };
-                let Some(right) = spm.lookup(&piece[b..]) else { continue };
-                let k = k as u32;
-                cands.push(Cand { score, left_chars: k, right_chars: total_chars - k, id: id as u32, left, right });
+        // Finding them is 1.2M hash lookups for Gemma, bound by memory latency: spread over threads.
+        let scores: Vec<f32> = (0..n)
+            .map(|id| {
+                let score = (v.rank_score)(id);
+                // NaN ranks last; -0.0 ties with 0.0 as in HF's Python sort.
+                if score.is_nan() { f32::NEG_INFINITY } else { score + 0.0 }
+            })
+            .collect();
+        let threads =
+            if n < 1 << 14 { 1 } else { std::thread::available_parallelism().map_or(1, |t| t.get()).clamp(1, 8) };
+        let chunk = n.div_ceil(threads).max(1);
+        let (spm_ref, owner, scores) = (&spm, &owner, &scores);
+        let mut cands: Vec<Cand> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (1..threads)
+                .map(|t| {
+                    let range = (t * chunk).min(n)..((t + 1) * chunk).min(n);
+                    let job = move || spm_ref.splits(range, owner, scores);
+                    // If a thread cannot be had, that chunk is done here.
+                    std::thread::Builder::new().spawn_scoped(scope, job.clone()).map_err(|_| job)
+                })
+                .collect();
+            let mut all = spm_ref.splits(0..chunk.min(n), owner, scores);
+            for w in workers {
+                match w {
+                    Ok(handle) => match handle.join() {
+                        Ok(part) => all.extend(part),
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    },
+                    Err(job) => all.extend(job()),
+                }
             }
-        }
+            all
+        });
         cands.sort_unstable_by(|a, b| {
             b.score
                 .total_cmp(&a.score)
@@ -155,6 +165,29 @@ impl Spm {
         Ok(spm)
     }
 
+    /// Every split of the pieces `ids` into two vocabulary pieces.
+    fn splits(&self, ids: core::ops::Range<usize>, owner: &[bool], scores: &[f32]) -> Vec<Cand> {
+        let mut out = Vec::with_capacity(ids.len() * 2);
+        for id in ids.filter(|&id| owner[id]) {
+            let piece = self.piece(id as u32);
+            let total_chars = piece.chars().count() as u32;
+            for (k, (b, _)) in piece.char_indices().enumerate().skip(1) {
+                let Some(left) = self.lookup(&piece[..b]) else { continue };
+                let Some(right) = self.lookup(&piece[b..]) else { continue };
+                let k = k as u32;
+                out.push(Cand {
+                    score: scores[id],
+                    left_chars: k,
+                    right_chars: total_chars - k,
+                    id: id as u32,
+                    left,
+                    right,
+                });
+            }
+        }
+        out
+    }
+
     pub(super) fn len(&self) -> usize {
         self.spans.len()
     }
@@ -166,7 +199,7 @@ impl Spm {
     }
 
     pub(super) fn lookup(&self, piece: &str) -> Option<u32> {
-        self.table.get(piece, &self.arena, &self.spans)
+        self.table.get(piece, &self.arena)
     }
 
     pub(super) fn is_added(&self, id: u32) -> bool {
@@ -313,6 +346,16 @@ impl Spm {
     }
 }
 
+/// A merge candidate: `left` + `right` spell piece `id`.
+struct Cand {
+    score: f32,
+    left_chars: u32,
+    right_chars: u32,
+    id: u32,
+    left: u32,
+    right: u32,
+}
+
 #[derive(Clone, Copy)]
 struct Sym {
     id: u32,
@@ -398,13 +441,20 @@ impl Hasher for MixHasher {
 }
 
 /// Open-addressing map from piece text (in the arena) to id, without a second copy of the text.
-/// A slot holds `hash tag << 32 | id`, so most misses never touch the arena.
+/// A slot holds `hash tag << 32 | id` and the piece's byte range, so a lookup touches the arena
+/// only on a tag match, and nothing else.
 struct PieceTable {
-    slots: Vec<u64>,
+    slots: Vec<Slot>,
     mask: usize,
 }
 
-const EMPTY: u64 = u64::MAX;
+#[derive(Clone, Copy)]
+struct Slot {
+    key: u64,
+    span: (u32, u32),
+}
+
+const EMPTY: Slot = Slot { key: u64::MAX, span: (0, 0) };
 
 impl PieceTable {
     fn with_capacity(n: usize) -> Self {
@@ -412,36 +462,35 @@ impl PieceTable {
         PieceTable { slots: vec![EMPTY; cap], mask: cap - 1 }
     }
 
-    fn get(&self, s: &str, arena: &str, spans: &[(u32, u32)]) -> Option<u32> {
-        let h = hash_bytes(s.as_bytes());
-        let tag = h >> 32;
+    /// The slot holding `text` (hash `h`), or the empty slot where it would go.
+    fn find(&self, text: &[u8], h: u64, arena: &str) -> usize {
         let mut i = h as usize & self.mask;
         loop {
             let slot = self.slots[i];
-            if slot == EMPTY {
-                return None;
+            if slot.key == EMPTY.key {
+                return i;
             }
-            if slot >> 32 == tag {
-                let id = slot as u32;
-                let (a, b) = spans[id as usize];
-                if &arena.as_bytes()[a as usize..b as usize] == s.as_bytes() {
-                    return Some(id);
-                }
+            if slot.key >> 32 == h >> 32 && &arena.as_bytes()[slot.span.0 as usize..slot.span.1 as usize] == text {
+                return i;
             }
             i = (i + 1) & self.mask;
         }
     }
 
-    /// Insert `id` (its text already in the arena and absent from the table). The table holds at
-    /// most half its slots, so probing always ends.
-    fn insert(&mut self, id: u32, arena: &str, spans: &[(u32, u32)]) {
-        let (a, b) = spans[id as usize];
-        let h = hash_bytes(&arena.as_bytes()[a as usize..b as usize]);
-        let mut i = h as usize & self.mask;
-        while self.slots[i] != EMPTY {
-            i = (i + 1) & self.mask;
-        }
+    fn get(&self, s: &str, arena: &str) -> Option<u32> {
+        let slot = self.slots[self.find(s.as_bytes(), hash_bytes(s.as_bytes()), arena)];
+        (slot.key != EMPTY.key).then_some(slot.key as u32)
+    }
+
+    /// Map `id`'s text (already in the arena at `span`) to `id`; returns the id it replaces, if
+    /// any. The table holds at most half its slots, so probing always ends.
+    fn insert(&mut self, id: u32, span: (u32, u32), arena: &str) -> Option<u32> {
+        let text = &arena.as_bytes()[span.0 as usize..span.1 as usize];
+        let h = hash_bytes(text);
+        let i = self.find(text, h, arena);
+        let old = self.slots[i];
         // A tag of all ones with id u32::MAX would read as EMPTY; ids stay below u32::MAX.
-        self.slots[i] = (h >> 32) << 32 | id as u64;
+        self.slots[i] = Slot { key: (h >> 32) << 32 | id as u64, span };
+        (old.key != EMPTY.key).then_some(old.key as u32)
     }
 }

@@ -117,7 +117,7 @@ pub fn write_raw(tensors: &[Raw]) -> Vec<u8> {
         off += t.data.len();
     }
     let mut json = serde_json::to_vec(&Value::Object(hdr)).unwrap();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     with_header(&json, tensors.iter().flat_map(|t| t.data.iter().copied()).collect())
