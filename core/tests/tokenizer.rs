@@ -1,8 +1,8 @@
 //! Tokenizer against the reference ids in shared/fixtures, from tokenizer.json and from GGUF.
 //!
 //! Fixtures: `$PUREHW_FIXTURES`, else `<repo>/../shared/fixtures`. Models: `$PUREHW_MODELS`, else
-//! `$XDG_CACHE_HOME` (or `~/.cache`) + `/purehw/models`. A test whose model file is absent prints
-//! SKIP and passes, unless `PUREHW_REQUIRE_MODELS=1`.
+//! `$XDG_CACHE_HOME` (or `~/.cache`) + `/purehw/models`. A test whose model file is absent
+//! fails with the command that fetches it.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -29,17 +29,14 @@ fn models_dir() -> PathBuf {
     cache.join("purehw/models")
 }
 
-/// The model file, or None (test skipped) when it is absent and not required.
+/// The model file; panics when it is absent.
 fn model_file(rel: &str) -> Option<PathBuf> {
     let path = models_dir().join(rel);
     if path.exists() {
         return Some(path);
     }
-    if std::env::var("PUREHW_REQUIRE_MODELS").is_ok_and(|v| v == "1") {
-        panic!("{} is missing (PUREHW_REQUIRE_MODELS=1)", path.display());
-    }
-    eprintln!("SKIP: {} not found", path.display());
-    None
+    // A missing model is a failure, never a silent skip: CI pulls the models first.
+    panic!("{} is missing: run `purehw pull` first", path.display())
 }
 
 struct Case {

@@ -1,5 +1,5 @@
-//! A tokenizer from a GGUF's `tokenizer.ggml.*` metadata, assembled as the `tokenizers` pipeline
-//! HF uses for the same model, so both give the same ids.
+//! A tokenizer from a GGUF's `tokenizer.ggml.*` metadata that gives the ids HF gives for the same
+//! model (HF's own GGUF conversion, and the model's published `tokenizer.json`).
 //!
 //! * `llama` (SentencePiece vocabulary + scores): [`super::spm`], a BPE whose merges are every
 //!   split of a piece into two pieces, ranked as HF's SentencePiece conversion ranks them (score of

@@ -29,17 +29,14 @@ pub fn models_dir() -> PathBuf {
     cache.join("purehw/models")
 }
 
-/// The model file, or None (test skipped) when it is absent and not required.
+/// The model file; panics when it is absent.
 pub fn model_file(rel: &str) -> Option<PathBuf> {
     let path = models_dir().join(rel);
     if path.exists() {
         return Some(path);
     }
-    if std::env::var("PUREHW_REQUIRE_MODELS").is_ok_and(|v| v == "1") {
-        panic!("{} is missing (PUREHW_REQUIRE_MODELS=1)", path.display());
-    }
-    eprintln!("SKIP: {} not found", path.display());
-    None
+    // A missing model is a failure, never a silent skip: CI pulls the models first.
+    panic!("{} is missing: run `purehw pull` first", path.display())
 }
 
 pub fn shared(v: Vec<u8>) -> Arc<dyn AsRef<[u8]> + Send + Sync> {
