@@ -52,9 +52,20 @@ pub fn assert_greedy(case: &str, ours: &[u32], gaps: &[f32], golden: &[u32]) {
 
 /// An HF-layout checkpoint with `golden.json`: every position's logits (NMSE ≤ `tol`, argmax
 /// equal) and 16 greedy tokens (never stopping at EOS).
-pub fn check_hf_golden<B: Backend>(dir: &str, tol: f64, mut make: impl FnMut() -> B) {
+pub fn check_hf_golden<B: Backend>(dir: &str, tol: f64, make: impl FnMut() -> B) {
     let dir = fixture(dir);
-    let src = open(&dir);
+    check_hf_golden_at(&dir, &dir, tol, make)
+}
+
+/// [`check_hf_golden`] for a checkpoint at `model` (e.g. the fixture rewritten in another
+/// layout) against the goldens in `golden_dir`.
+pub fn check_hf_golden_at<B: Backend>(
+    model: &std::path::Path,
+    dir: &std::path::Path,
+    tol: f64,
+    mut make: impl FnMut() -> B,
+) {
+    let src = open(model);
     let golden = read_json(&dir.join("golden.json"));
     let opts = ModelOptions { ctx: 512, slots: 1, max_batch: 48, logit_rows: 48 };
     let mut m = load(make(), &src, opts);
