@@ -1,15 +1,10 @@
 //! Sampler behaviour: greedy, filters, penalties, reproducibility, distribution, no allocation.
 
-use std::alloc::System;
 use std::sync::Mutex;
 
 use purehw_core::sampling::{Sampler, SamplingParams};
-use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
-// The allocation counter is process-wide, so every test here runs under one lock to keep other
-// tests' allocations out of the no-allocation check.
-#[global_allocator]
-static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+// Tests here run one at a time so their timing-sensitive checks don't compete.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
@@ -300,23 +295,17 @@ fn sample_does_not_allocate() {
         SamplingParams { temperature: 1.0, min_p: 0.1, frequency_penalty: 0.3, seed: 4, ..Default::default() },
     ];
     for params in configs {
-        // The counter is process-wide; the test harness's own thread may allocate at any moment
-        // (reporting another test), so allow a few tries. A sampler that allocates does so on
-        // every try, since each try starts from a fresh one.
-        let mut last = 0;
-        let ok = (0..5).any(|_| {
-            let mut s = Sampler::new(params, n);
-            let region = Region::new(GLOBAL);
+        // `allocation_counter` counts this thread's allocations only.
+        let mut s = Sampler::new(params, n);
+        let info = allocation_counter::measure(|| {
             for _ in 0..8 {
                 std::hint::black_box(s.sample(&l, &history));
                 std::hint::black_box(s.last_logprob());
             }
             s.reset(7);
             std::hint::black_box(s.sample(&l, &history));
-            let c = region.change();
-            last = c.allocations + c.reallocations;
-            last == 0
         });
+        let (ok, last) = (info.count_total == 0, info.count_total);
         assert!(ok, "{params:?}: {last} allocations in sample()");
     }
 }

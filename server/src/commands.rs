@@ -206,8 +206,10 @@ pub fn run(a: &RunArgs) -> CliResult {
     let mut decoder = tok.decode_stream();
     let mut stream_err = None;
     let mut closed = false;
+    let eos = model.config().eos.clone();
     let ids = purehw_core::model::generate(&mut model, &prompt_ids, a.n_predict, &mut sampler, !a.ignore_eos, |id| {
-        if a.json {
+        // The end-of-sequence token ends the stream; its text is not part of the answer.
+        if a.json || (!a.ignore_eos && eos.contains(&id)) {
             return true;
         }
         let piece = match decoder.push(id) {
@@ -237,7 +239,15 @@ pub fn run(a: &RunArgs) -> CliResult {
     }
     if a.json {
         let text = tok.decode(&ids)?;
-        let v = json!({ "prompt_ids": prompt_ids, "ids": ids, "text": text });
+        // A struct keeps the documented key order: prompt_ids, ids, text.
+        #[derive(serde::Serialize)]
+        struct RunJson<'a> {
+            prompt_ids: &'a [u32],
+            ids: &'a [u32],
+            text: &'a str,
+        }
+        let v = serde_json::to_string(&RunJson { prompt_ids: &prompt_ids, ids: &ids, text: &text })
+            .map_err(|e| crate::error::CliError(e.to_string()))?;
         return out::print_all(&format!("{v}\n"));
     }
     let rest = decoder.finish()?;
