@@ -4,40 +4,14 @@
 //! `$XDG_CACHE_HOME` (or `~/.cache`) + `/purehw/models`. A test whose model file is absent
 //! fails with the command that fetches it.
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::time::Instant;
 
 use purehw_core::gguf::{self, Array, GgufFile, Value};
 use purehw_core::tokenizer::Tokenizer;
 use serde_json::Value as Json;
 
-fn fixtures_dir() -> PathBuf {
-    std::env::var_os("PUREHW_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures")))
-}
-
-fn models_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("PUREHW_MODELS") {
-        return PathBuf::from(dir);
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .expect("neither XDG_CACHE_HOME nor HOME is set");
-    cache.join("purehw/models")
-}
-
-/// The model file; panics when it is absent.
-fn model_file(rel: &str) -> Option<PathBuf> {
-    let path = models_dir().join(rel);
-    if path.exists() {
-        return Some(path);
-    }
-    // A missing model is a failure, never a silent skip: CI pulls the models first.
-    panic!("{} is missing: run `purehw pull` first", path.display())
-}
+mod source_common;
+use source_common::{fixtures_dir, model_file};
 
 struct Case {
     name: String,
@@ -73,27 +47,15 @@ fn cases(model: &str) -> Vec<Case> {
 fn load_gguf(rel: &str) -> Option<Tokenizer> {
     let path = model_file(rel)?;
     let bytes = std::fs::read(&path).unwrap();
-    let t0 = Instant::now();
     let file = gguf::parse(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let t1 = Instant::now();
-    let tok = Tokenizer::from_gguf(&path.display().to_string(), &file).unwrap();
-    let t2 = Instant::now();
-    eprintln!(
-        "{rel}: gguf::parse {:.0} ms, Tokenizer::from_gguf {:.0} ms",
-        (t1 - t0).as_secs_f64() * 1e3,
-        (t2 - t1).as_secs_f64() * 1e3
-    );
-    Some(tok)
+    Some(Tokenizer::from_gguf(&path.display().to_string(), &file).unwrap())
 }
 
 fn gemma_json() -> Option<&'static Tokenizer> {
     static TOK: OnceLock<Option<Tokenizer>> = OnceLock::new();
     TOK.get_or_init(|| {
         let path = model_file("gemma3-270m/tokenizer.json")?;
-        let t0 = Instant::now();
-        let tok = Tokenizer::from_file(&path).unwrap();
-        eprintln!("gemma3 tokenizer.json: from_file {:.0} ms", t0.elapsed().as_secs_f64() * 1e3);
-        Some(tok)
+        Some(Tokenizer::from_file(&path).unwrap())
     })
     .as_ref()
 }
@@ -493,41 +455,4 @@ fn malformed_inputs_are_errors() {
     let tok = Tokenizer::from_gguf("no bos", &f).unwrap();
     assert!(tok.encode("hello", true).is_err());
     assert!(tok.encode("hello", false).is_ok());
-}
-
-/// Load times, best of 5: `cargo test -p purehw-core --test tokenizer -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn load_times() {
-    // Wall time, and this thread's time on a CPU where Linux reports it (the machine is shared).
-    let cpu_ns = || -> Option<u64> {
-        std::fs::read_to_string("/proc/thread-self/schedstat").ok()?.split_whitespace().next()?.parse().ok()
-    };
-    let best = |f: &dyn Fn()| -> String {
-        let (mut wall, mut cpu) = (f64::INFINITY, f64::INFINITY);
-        for _ in 0..5 {
-            let (t, c) = (Instant::now(), cpu_ns());
-            f();
-            wall = wall.min(t.elapsed().as_secs_f64() * 1e3);
-            if let (Some(a), Some(b)) = (c, cpu_ns()) {
-                cpu = cpu.min((b - a) as f64 / 1e6);
-            }
-        }
-        format!("{wall:.1} ms wall, {cpu:.1} ms on CPU")
-    };
-    for rel in ["gemma3-270m/gemma-3-270m-q4_k_m.gguf", "smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf"] {
-        let Some(path) = model_file(rel) else { continue };
-        let bytes = std::fs::read(&path).unwrap();
-        let file = gguf::parse(&bytes).unwrap();
-        eprintln!("{rel}: Tokenizer::from_gguf best {}", best(&|| drop(Tokenizer::from_gguf(rel, &file).unwrap())));
-        let tok = Tokenizer::from_gguf(rel, &file).unwrap();
-        let text = cases("gemma3-270m").iter().map(|c| c.prompt.as_str()).collect::<String>().repeat(100);
-        eprintln!("{rel}: encode {} KB: {}", text.len() / 1024, best(&|| drop(tok.encode(&text, false).unwrap())));
-    }
-    if let Some(path) = model_file("gemma3-270m/tokenizer.json") {
-        eprintln!(
-            "gemma3 tokenizer.json: Tokenizer::from_file best {}",
-            best(&|| drop(Tokenizer::from_file(&path).unwrap()))
-        );
-    }
 }
