@@ -89,7 +89,12 @@ pub fn check_hf_golden_at<B: Backend>(
 
 /// A real GGUF with `cases.json`: last-position logits (NMSE ≤ `tol`), per-position argmax over
 /// the prompt, and the greedy ids (stopping at EOS as HF `generate` does).
-pub fn check_gguf_golden<B: Backend>(fixture_dir: &str, model: &std::path::Path, tol: f64, mut make: impl FnMut() -> B) {
+pub fn check_gguf_golden<B: Backend>(
+    fixture_dir: &str,
+    model: &std::path::Path,
+    tol: f64,
+    mut make: impl FnMut() -> B,
+) {
     let dir = fixture(fixture_dir);
     let cases = read_json(&dir.join("cases.json"));
     let src = open(model);

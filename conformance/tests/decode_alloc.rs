@@ -22,7 +22,8 @@ fn decode_step_allocates_nothing() {
     // A batched decode step over two slots, too.
     m.forward(1, 0, &[2, 7]).unwrap();
     use purehw_core::model::SeqInput;
-    let batch = |p: usize| [SeqInput { slot: 0, pos: p, tokens: &[3] }, SeqInput { slot: 1, pos: p - 10, tokens: &[4] }];
+    let batch =
+        |p: usize| [SeqInput { slot: 0, pos: p, tokens: &[3] }, SeqInput { slot: 1, pos: p - 10, tokens: &[4] }];
     m.forward_batch(&batch(12)).unwrap();
     let info = allocation_counter::measure(|| {
         for p in 13..20 {

@@ -34,7 +34,11 @@ fn tiny_tensors() -> Vec<Tensor> {
 
 /// bf16 → f32 is exact.
 fn to_f32(t: &mut Tensor) {
-    t.data = t.data.chunks_exact(2).flat_map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16).to_le_bytes()).collect();
+    t.data = t
+        .data
+        .chunks_exact(2)
+        .flat_map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16).to_le_bytes())
+        .collect();
     t.dtype = "F32";
 }
 
@@ -42,11 +46,14 @@ fn write_safetensors(path: &Path, tensors: &[&Tensor]) {
     let mut header = serde_json::Map::new();
     let mut off = 0;
     for t in tensors {
-        header.insert(t.name.clone(), json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [off, off + t.data.len()]}));
+        header.insert(
+            t.name.clone(),
+            json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [off, off + t.data.len()]}),
+        );
         off += t.data.len();
     }
     let mut h = serde_json::to_vec(&Value::Object(header)).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

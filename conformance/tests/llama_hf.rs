@@ -69,7 +69,8 @@ fn smollm2_as_hf_checkpoint() {
     let mut header = serde_json::Map::new();
     let mut off = 0;
     for (name, shape, data) in &tensors {
-        header.insert(name.clone(), json!({"dtype": "F32", "shape": shape, "data_offsets": [off, off + 4 * data.len()]}));
+        header
+            .insert(name.clone(), json!({"dtype": "F32", "shape": shape, "data_offsets": [off, off + 4 * data.len()]}));
         off += 4 * data.len();
     }
     let h = serde_json::to_vec(&Value::Object(header)).unwrap();

@@ -41,6 +41,9 @@ fn main() {
     }
     let json = dir.join("gemma3-270m/tokenizer.json");
     if json.exists() {
-        println!("gemma3 tokenizer.json: Tokenizer::from_file {}", best(&|| drop(Tokenizer::from_file(&json).unwrap())));
+        println!(
+            "gemma3 tokenizer.json: Tokenizer::from_file {}",
+            best(&|| drop(Tokenizer::from_file(&json).unwrap()))
+        );
     }
 }

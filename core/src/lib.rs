@@ -25,8 +25,8 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod model;
-pub mod sampling;
 pub mod safetensors;
+pub mod sampling;
 pub mod source;
 #[cfg(feature = "std")]
 pub mod tokenizer;

@@ -14,8 +14,8 @@ use alloc::vec::Vec;
 
 use purehw_hal::{Backend, Format, HostBytes, HostWeight, Op, OpKind, SeqSpan, Step, View};
 
-pub use crate::generate::generate;
 use crate::config::{Arch, LayerKind, ModelConfig};
+pub use crate::generate::generate;
 use crate::source::{ModelSource, Role};
 use crate::{Error, Result};
 
@@ -41,51 +41,51 @@ impl Default for ModelOptions {
 /// One layer's weights as backend handles.
 struct Layer<W> {
     kind: LayerKind,
-    attn_norm: W,      // (hidden)
-    wq: W,             // (heads·head_dim, hidden)
-    wk: W,             // (kv_heads·head_dim, hidden)
-    wv: W,             // (kv_heads·head_dim, hidden)
-    wo: W,             // (hidden, heads·head_dim)
-    q_norm: Option<W>, // (head_dim), Gemma
-    k_norm: Option<W>, // (head_dim), Gemma
+    attn_norm: W,              // (hidden)
+    wq: W,                     // (heads·head_dim, hidden)
+    wk: W,                     // (kv_heads·head_dim, hidden)
+    wv: W,                     // (kv_heads·head_dim, hidden)
+    wo: W,                     // (hidden, heads·head_dim)
+    q_norm: Option<W>,         // (head_dim), Gemma
+    k_norm: Option<W>,         // (head_dim), Gemma
     post_attn_norm: Option<W>, // (hidden), Gemma
-    ffn_norm: W,       // (hidden)
-    gate: W,           // (ffn, hidden)
-    up: W,             // (ffn, hidden)
-    down: W,           // (hidden, ffn)
-    post_ffn_norm: Option<W>, // (hidden), Gemma
+    ffn_norm: W,               // (hidden)
+    gate: W,                   // (ffn, hidden)
+    up: W,                     // (ffn, hidden)
+    down: W,                   // (hidden, ffn)
+    post_ffn_norm: Option<W>,  // (hidden), Gemma
 }
 
 /// Every weight of the model, as backend handles.
 pub struct Weights<W> {
-    embed: W,       // (vocab, hidden)
+    embed: W, // (vocab, hidden)
     layers: Vec<Layer<W>>,
-    out_norm: W,    // (hidden)
-    output: W,      // (vocab, hidden); the embedding table when tied
+    out_norm: W, // (hidden)
+    output: W,   // (vocab, hidden); the embedding table when tied
 }
 
 /// Activations and caches, allocated once per model.
 pub struct RunState<Buf> {
-    x: Buf,      // (max_batch, hidden) residual stream
-    xb: Buf,     // (max_batch, hidden) branch input / output
-    q: Buf,      // (max_batch, heads·head_dim)
-    k: Buf,      // (max_batch, kv_heads·head_dim) this step's keys
-    v: Buf,      // (max_batch, kv_heads·head_dim) this step's values
-    att: Buf,    // (max_batch, heads·head_dim) attention output
-    gate: Buf,   // (max_batch, ffn)
-    up: Buf,     // (max_batch, ffn)
-    logits: Buf, // (logit_rows, vocab)
+    x: Buf,            // (max_batch, hidden) residual stream
+    xb: Buf,           // (max_batch, hidden) branch input / output
+    q: Buf,            // (max_batch, heads·head_dim)
+    k: Buf,            // (max_batch, kv_heads·head_dim) this step's keys
+    v: Buf,            // (max_batch, kv_heads·head_dim) this step's values
+    att: Buf,          // (max_batch, heads·head_dim) attention output
+    gate: Buf,         // (max_batch, ffn)
+    up: Buf,           // (max_batch, ffn)
+    logits: Buf,       // (logit_rows, vocab)
     k_cache: Vec<Buf>, // per layer: (slots·ctx, kv_heads·head_dim)
     v_cache: Vec<Buf>, // per layer: (slots·ctx, kv_heads·head_dim)
 }
 
 /// Host-side arrays of one step, reused so a step does not allocate.
 struct StepHost<Buf, W> {
-    tokens: Vec<u32>,      // (rows)
-    positions: Vec<u32>,   // (rows)
-    seqs: Vec<SeqSpan>,    // (sequences)
+    tokens: Vec<u32>,    // (rows)
+    positions: Vec<u32>, // (rows)
+    seqs: Vec<SeqSpan>,  // (sequences)
     ops: Vec<Op<Buf, W>>,
-    logits: Vec<f32>,      // (logit_rows, vocab)
+    logits: Vec<f32>, // (logit_rows, vocab)
 }
 
 /// A sequence's share of a batched step: its slot, the position of its first new token, and
@@ -383,7 +383,13 @@ fn required(src: &ModelSource, role: Role, layer: Option<usize>) -> Result<HostW
     })
 }
 
-fn upload<B: Backend>(b: &mut B, src: &ModelSource, role: Role, layer: Option<usize>, hw: &HostWeight) -> Result<B::Weight> {
+fn upload<B: Backend>(
+    b: &mut B,
+    src: &ModelSource,
+    role: Role,
+    layer: Option<usize>,
+    hw: &HostWeight,
+) -> Result<B::Weight> {
     let kind = if role == Role::TokenEmbd { OpKind::Embed(hw.format) } else { OpKind::MatMul(hw.format) };
     if !b.supports(kind) || (role == Role::TokenEmbd && !b.supports(OpKind::MatMul(hw.format))) {
         let at = layer.map(|l| format!(" (layer {l})")).unwrap_or_default();
@@ -397,7 +403,13 @@ fn upload<B: Backend>(b: &mut B, src: &ModelSource, role: Role, layer: Option<us
 
 /// A norm vector as f32 on the host, with Gemma's `1 + w` applied for HF checkpoints (as HF does,
 /// in f32).
-fn norm<B: Backend>(b: &mut B, src: &ModelSource, c: &ModelConfig, role: Role, layer: Option<usize>) -> Result<B::Weight> {
+fn norm<B: Backend>(
+    b: &mut B,
+    src: &ModelSource,
+    c: &ModelConfig,
+    role: Role,
+    layer: Option<usize>,
+) -> Result<B::Weight> {
     let hw = required(src, role, layer)?;
     if hw.rows != 1 {
         return Err(Error::format(src.label.clone(), format!("{role:?}: norm weight must be a vector")));

@@ -30,8 +30,14 @@ fn second_submit_allocates_nothing() {
     let down = b.load_weight(&weight_random_quant(&mut rng, Format::Q4_0, hidden, ffn)).unwrap();
 
     let mut a = |len: usize| b.alloc(len).unwrap();
-    let (x, xb, q, k, v, att) =
-        (a(max_rows * hidden), a(max_rows * hidden), a(max_rows * qw), a(max_rows * kvw), a(max_rows * kvw), a(max_rows * qw));
+    let (x, xb, q, k, v, att) = (
+        a(max_rows * hidden),
+        a(max_rows * hidden),
+        a(max_rows * qw),
+        a(max_rows * kvw),
+        a(max_rows * kvw),
+        a(max_rows * qw),
+    );
     let (g, u, kc, vc) = (a(max_rows * ffn), a(max_rows * ffn), a(2 * ctx * kvw), a(2 * ctx * kvw));
     let view = |b: BufId| View::new(b, 0);
 
@@ -43,7 +49,15 @@ fn second_submit_allocates_nothing() {
             Op::MatMul { out: view(k), x: view(xb), w: wk, n },
             Op::MatMul { out: view(v), x: view(xb), w: wv, n },
             Op::Rope { x: view(q), rows: n, heads, head_dim: hd, theta: 1e4, scale: 1.0, mode: RopeMode::Neox },
-            Op::Rope { x: view(k), rows: n, heads: kv_heads, head_dim: hd, theta: 1e4, scale: 1.0, mode: RopeMode::Interleaved },
+            Op::Rope {
+                x: view(k),
+                rows: n,
+                heads: kv_heads,
+                head_dim: hd,
+                theta: 1e4,
+                scale: 1.0,
+                mode: RopeMode::Interleaved,
+            },
             Op::StoreKv { cache: view(kc), src: view(k), width: kvw },
             Op::StoreKv { cache: view(vc), src: view(v), width: kvw },
             Op::Attention {
@@ -72,7 +86,8 @@ fn second_submit_allocates_nothing() {
     };
 
     // Prefill: two sequences of 2 rows each.
-    let seqs = [SeqSpan { row: 0, len: 2, cache_row: 0, pos0: 0 }, SeqSpan { row: 2, len: 2, cache_row: ctx as u32, pos0: 0 }];
+    let seqs =
+        [SeqSpan { row: 0, len: 2, cache_row: 0, pos0: 0 }, SeqSpan { row: 2, len: 2, cache_row: ctx as u32, pos0: 0 }];
     let prefill = Step { tokens: &[1, 2, 3, 4], positions: &[0, 1, 0, 1], seqs: &seqs };
     let ops = ops_for(4);
     b.submit(&prefill, &ops).unwrap();

@@ -75,8 +75,10 @@ fn embed_f32_and_f16() {
         let want: Vec<f32> =
             tokens.iter().flat_map(|&tok| t[tok as usize * cols..][..cols].iter().map(|x| x * 1.5)).collect();
         assert_eq!(bits(&got), bits(&want));
-        let want64: Vec<f64> =
-            tokens.iter().flat_map(|&tok| table[tok as usize * cols..][..cols].iter().map(|&x| x as f64 * 1.5)).collect();
+        let want64: Vec<f64> = tokens
+            .iter()
+            .flat_map(|&tok| table[tok as usize * cols..][..cols].iter().map(|&x| x as f64 * 1.5))
+            .collect();
         let e = nmse(&got, &want64);
         assert!(e < if w == w32 { 1e-14 } else { 1e-6 }, "{e:e}");
     }
@@ -334,10 +336,8 @@ fn store_kv_and_attention_gqa_window_softcap_two_seqs() {
     let ctx = 16;
     // Seq A: a 3-token prefill in slot 0. Seq B: 2 tokens at positions 6, 7 in slot 1, whose
     // positions 0..6 are already cached.
-    let seqs = [
-        SeqSpan { row: 0, len: 3, cache_row: 0, pos0: 0 },
-        SeqSpan { row: 3, len: 2, cache_row: ctx as u32, pos0: 6 },
-    ];
+    let seqs =
+        [SeqSpan { row: 0, len: 3, cache_row: 0, pos0: 0 }, SeqSpan { row: 3, len: 2, cache_row: ctx as u32, pos0: 6 }];
     let tokens = [0u32; 5];
     let positions = [0u32, 1, 2, 6, 7];
     let step = Step { tokens: &tokens, positions: &positions, seqs: &seqs };
@@ -360,10 +360,7 @@ fn store_kv_and_attention_gqa_window_softcap_two_seqs() {
     let out = b.alloc(rows * qw).unwrap();
     b.submit(
         &step,
-        &[
-            Op::StoreKv { cache: v(kcb), src: v(kb), width: kvw },
-            Op::StoreKv { cache: v(vcb), src: v(vb), width: kvw },
-        ],
+        &[Op::StoreKv { cache: v(kcb), src: v(kb), width: kvw }, Op::StoreKv { cache: v(vcb), src: v(vb), width: kvw }],
     )
     .unwrap();
     // The expected cache: each seq's new rows at cache_row + pos0 + i.
@@ -378,7 +375,8 @@ fn store_kv_and_attention_gqa_window_softcap_two_seqs() {
     assert_eq!(bits(&read_all(&mut b, vcb, vc.len())), bits(&vc));
 
     let scale = 1.0 / (hd as f32).sqrt();
-    for (window, softcap, sc) in [(0usize, 0.0f32, scale), (3, 0.0, scale), (2, 0.0, 4.0), (0, 2.0, 4.0), (4, 1.5, 3.0)] {
+    for (window, softcap, sc) in [(0usize, 0.0f32, scale), (3, 0.0, scale), (2, 0.0, 4.0), (0, 2.0, 4.0), (4, 1.5, 3.0)]
+    {
         let op = Op::Attention {
             out: v(out),
             q: v(qb),

@@ -242,7 +242,8 @@ mod tests {
         // Reference values from the f64 formulas.
         for &x in &[-6.0f32, -1.5, -0.1, 0.0, 0.3, 1.0, 2.5, 8.0] {
             let xd = x as f64;
-            let g = 0.5 * xd * (1.0 + libm::tanh(libm::sqrt(2.0 / core::f64::consts::PI) * (xd + 0.044715 * xd * xd * xd)));
+            let g =
+                0.5 * xd * (1.0 + libm::tanh(libm::sqrt(2.0 / core::f64::consts::PI) * (xd + 0.044715 * xd * xd * xd)));
             assert!((gelu_tanh(x) as f64 - g).abs() <= 1e-6 * (1.0 + g.abs()), "gelu {x}");
             let s = xd / (1.0 + libm::exp(-xd));
             assert!((silu(x) as f64 - s).abs() <= 1e-6 * (1.0 + s.abs()), "silu {x}");

@@ -75,7 +75,7 @@ impl Format {
 
     /// Bytes of `n` elements, or `None` when `n` is not a whole number of blocks (or overflows).
     pub const fn bytes_for(self, n: usize) -> Option<usize> {
-        if n % self.block_elems() != 0 {
+        if !n.is_multiple_of(self.block_elems()) {
             return None;
         }
         (n / self.block_elems()).checked_mul(self.block_bytes())
