@@ -116,15 +116,24 @@ impl<B: Backend> Model<B> {
             return Err(Error::Invalid("ctx, slots, max_batch and logit_rows must be at least 1".into()));
         }
         let opts = ModelOptions { ctx: opts.ctx.min(c.max_ctx.max(1)), ..opts };
+        // Cache rows are addressed with u32 in `SeqSpan`.
+        if opts.slots.checked_mul(opts.ctx).is_none_or(|rows| rows > u32::MAX as usize) {
+            return Err(Error::Invalid(format!("{} slots of {} positions is too many", opts.slots, opts.ctx)));
+        }
         let weights = load_weights(&mut backend, source, &c)?;
         let state = alloc_state(&mut backend, &c, &opts)?;
         let ops_per_step = 8 + c.layers * 24 + 4 * opts.logit_rows;
+        let mut logits = Vec::new();
+        logits
+            .try_reserve_exact(opts.logit_rows * c.vocab)
+            .map_err(|_| Error::Invalid(format!("no memory for {} rows of {} logits", opts.logit_rows, c.vocab)))?;
+        logits.resize(opts.logit_rows * c.vocab, 0.0);
         let host = StepHost {
             tokens: Vec::with_capacity(opts.max_batch),
             positions: Vec::with_capacity(opts.max_batch),
             seqs: Vec::with_capacity(opts.max_batch),
             ops: Vec::with_capacity(ops_per_step),
-            logits: alloc::vec![0.0; opts.logit_rows * c.vocab],
+            logits,
         };
         let backend_name = String::from(backend.name());
         Ok(Model { config: c, opts, backend, backend_name, weights, state, host })
@@ -190,7 +199,7 @@ impl<B: Backend> Model<B> {
             if s.tokens.is_empty() {
                 return Err(Error::Invalid("a sequence in the step has no tokens".into()));
             }
-            if s.pos + s.tokens.len() > o.ctx {
+            if s.pos.saturating_add(s.tokens.len()) > o.ctx {
                 return Err(Error::Invalid(format!(
                     "context length {} exceeded: position {} + {} tokens",
                     o.ctx,
@@ -337,40 +346,31 @@ impl<B: Backend> Model<B> {
 /// Load every weight the architecture needs, checking shapes, formats and backend support.
 fn load_weights<B: Backend>(backend: &mut B, src: &ModelSource, c: &ModelConfig) -> Result<Weights<B::Weight>> {
     let gemma = c.arch == Arch::Gemma3;
-    let embed_hw = required(src, Role::TokenEmbd, None)?;
-    let embed = upload(backend, src, Role::TokenEmbd, None, &embed_hw)?;
-    let output = match src.weight(Role::Output, None)? {
-        Some(hw) if !c.tied_embeddings => upload(backend, src, Role::Output, None, &hw)?,
-        _ => embed,
-    };
+    let embed = matrix(backend, src, Role::TokenEmbd, None)?;
+    let output = if c.tied_embeddings { embed } else { matrix(backend, src, Role::Output, None)? };
     let out_norm = norm(backend, src, c, Role::OutputNorm, None)?;
     let mut layers = Vec::with_capacity(c.layers);
     for l in 0..c.layers {
         let li = Some(l);
-        let mut m = |role: Role| -> Result<B::Weight> {
-            let hw = required(src, role, li)?;
-            upload(backend, src, role, li, &hw)
-        };
-        let (wq, wk, wv, wo) = (m(Role::AttnQ)?, m(Role::AttnK)?, m(Role::AttnV)?, m(Role::AttnOut)?);
-        let (gate, up, down) = (m(Role::FfnGate)?, m(Role::FfnUp)?, m(Role::FfnDown)?);
-        let opt_norm = |b: &mut B, role: Role| -> Result<Option<B::Weight>> {
+        // Gemma's extra norms (QK-norm, post-attention, post-MLP); Llama has none.
+        let gemma_norm = |b: &mut B, role: Role| -> Result<Option<B::Weight>> {
             if gemma { norm(b, src, c, role, li).map(Some) } else { Ok(None) }
         };
         layers.push(Layer {
             kind: c.layer_kinds.get(l).copied().unwrap_or(LayerKind::Full),
             attn_norm: norm(backend, src, c, Role::AttnNorm, li)?,
-            wq,
-            wk,
-            wv,
-            wo,
-            q_norm: opt_norm(backend, Role::AttnQNorm)?,
-            k_norm: opt_norm(backend, Role::AttnKNorm)?,
-            post_attn_norm: opt_norm(backend, Role::PostAttnNorm)?,
+            wq: matrix(backend, src, Role::AttnQ, li)?,
+            wk: matrix(backend, src, Role::AttnK, li)?,
+            wv: matrix(backend, src, Role::AttnV, li)?,
+            wo: matrix(backend, src, Role::AttnOut, li)?,
+            q_norm: gemma_norm(backend, Role::AttnQNorm)?,
+            k_norm: gemma_norm(backend, Role::AttnKNorm)?,
+            post_attn_norm: gemma_norm(backend, Role::PostAttnNorm)?,
             ffn_norm: norm(backend, src, c, Role::FfnNorm, li)?,
-            gate,
-            up,
-            down,
-            post_ffn_norm: opt_norm(backend, Role::PostFfnNorm)?,
+            gate: matrix(backend, src, Role::FfnGate, li)?,
+            up: matrix(backend, src, Role::FfnUp, li)?,
+            down: matrix(backend, src, Role::FfnDown, li)?,
+            post_ffn_norm: gemma_norm(backend, Role::PostFfnNorm)?,
         });
     }
     Ok(Weights { embed, layers, out_norm, output })
@@ -383,22 +383,19 @@ fn required(src: &ModelSource, role: Role, layer: Option<usize>) -> Result<HostW
     })
 }
 
-fn upload<B: Backend>(
-    b: &mut B,
-    src: &ModelSource,
-    role: Role,
-    layer: Option<usize>,
-    hw: &HostWeight,
-) -> Result<B::Weight> {
-    let kind = if role == Role::TokenEmbd { OpKind::Embed(hw.format) } else { OpKind::MatMul(hw.format) };
-    if !b.supports(kind) || (role == Role::TokenEmbd && !b.supports(OpKind::MatMul(hw.format))) {
+/// A weight matrix handed to the backend as stored (no conversion), after asking whether the
+/// backend can compute with its format. The embedding table also serves as a tied LM head.
+fn matrix<B: Backend>(b: &mut B, src: &ModelSource, role: Role, layer: Option<usize>) -> Result<B::Weight> {
+    let hw = required(src, role, layer)?;
+    let embed_ok = role != Role::TokenEmbd || b.supports(OpKind::Embed(hw.format));
+    if !embed_ok || !b.supports(OpKind::MatMul(hw.format)) {
         let at = layer.map(|l| format!(" (layer {l})")).unwrap_or_default();
         return Err(Error::format(
             src.label.clone(),
             format!("backend {} cannot compute {:?}{at} stored as {}", b.name(), role, hw.format.name()),
         ));
     }
-    b.load_weight(hw).map_err(|e| Error::backend(b.name(), e))
+    b.load_weight(&hw).map_err(|e| Error::backend(b.name(), e))
 }
 
 /// A norm vector as f32 on the host, with Gemma's `1 + w` applied for HF checkpoints (as HF does,
@@ -428,26 +425,30 @@ fn norm<B: Backend>(
 }
 
 fn alloc_state<B: Backend>(b: &mut B, c: &ModelConfig, o: &ModelOptions) -> Result<RunState<B::Buffer>> {
-    let (qd, kvd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
-    let mb = o.max_batch;
     let name = String::from(b.name());
-    let mut a = |len: usize| b.alloc(len).map_err(|e| Error::backend(&name, e));
-    let x = a(mb * c.hidden)?;
+    // Sizes come from files and options: overflow is an error, not a wrap.
+    let mul = |dims: &[usize]| {
+        dims.iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| Error::Invalid(format!("buffer of {dims:?} elements is too large")))
+    };
+    let mut a = |dims: &[usize]| -> Result<B::Buffer> { b.alloc(mul(dims)?).map_err(|e| Error::backend(&name, e)) };
+    let (qd, kvd, mb) = (mul(&[c.heads, c.head_dim])?, mul(&[c.kv_heads, c.head_dim])?, o.max_batch);
+    let x = a(&[mb, c.hidden])?;
     // xb also holds the final-norm rows of every sequence
-    let xb = a(mb.max(o.logit_rows) * c.hidden)?;
-    let q = a(mb * qd)?;
-    let k = a(mb * kvd)?;
-    let v = a(mb * kvd)?;
-    let att = a(mb * qd)?;
-    let gate = a(mb * c.ffn)?;
-    let up = a(mb * c.ffn)?;
-    let logits = a(o.logit_rows * c.vocab)?;
-    let cache = o.slots * o.ctx * kvd;
+    let xb = a(&[mb.max(o.logit_rows), c.hidden])?;
+    let q = a(&[mb, qd])?;
+    let k = a(&[mb, kvd])?;
+    let v = a(&[mb, kvd])?;
+    let att = a(&[mb, qd])?;
+    let gate = a(&[mb, c.ffn])?;
+    let up = a(&[mb, c.ffn])?;
+    let logits = a(&[o.logit_rows, c.vocab])?;
     let mut k_cache = Vec::with_capacity(c.layers);
     let mut v_cache = Vec::with_capacity(c.layers);
     for _ in 0..c.layers {
-        k_cache.push(a(cache)?);
-        v_cache.push(a(cache)?);
+        k_cache.push(a(&[o.slots, o.ctx, kvd])?);
+        v_cache.push(a(&[o.slots, o.ctx, kvd])?);
     }
     Ok(RunState { x, xb, q, k, v, att, gate, up, logits, k_cache, v_cache })
 }
