@@ -77,11 +77,14 @@ pub fn check_hf_golden_at<B: Backend>(
         assert_eq!(want.len(), input.len() * vocab, "{name}: golden logits shape");
         let mut got = Vec::new();
         m.forward_all(0, 0, &input, &mut got).unwrap_or_else(|e| panic!("{e}"));
+        let mut worst = 0f64;
         for (p, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
             let e = nmse(g, w);
+            worst = worst.max(e);
             assert!(e <= tol, "{name}: position {p}: NMSE {e:e} > {tol:e}");
             assert_eq!(argmax(g), argmax(w), "{name}: position {p}: argmax differs (NMSE {e:e})");
         }
+        eprintln!("{name}: {} positions, worst per-position NMSE {worst:.3e}", input.len());
         let (ours, gaps) = greedy(&mut m, &input, 16, &[]);
         assert_greedy(name, &ours, &gaps, &ids(&case["greedy_ids"]));
     }
@@ -107,6 +110,7 @@ pub fn check_gguf_golden<B: Backend>(
         let want = read_f32(&dir.join(format!("{name}.last_logits.f32")));
         let got = m.forward(0, 0, &input).unwrap_or_else(|e| panic!("{e}")).to_vec();
         let e = nmse(&got, &want);
+        eprintln!("{fixture_dir}/{name}: {} prompt tokens, last-position NMSE {e:.3e}", input.len());
         assert!(e <= tol, "{name}: last-position NMSE {e:e} > {tol:e}");
         let golden = ids(&case["greedy_ids"]);
         let (ours, gaps) = greedy(&mut m, &input, golden.len(), &eos);

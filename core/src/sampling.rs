@@ -156,9 +156,8 @@ enum Last {
 #[derive(Clone, Debug)]
 pub struct Sampler {
     params: SamplingParams,
-    vocab: usize,
     rng: Rng,
-    /// Penalised copy of the logits.
+    /// Penalised copy of the logits, `(vocab)`.
     logits: Vec<f32>,
     cands: Vec<Cand>,
     /// Per-token occurrence counts, all zero between calls.
@@ -171,7 +170,6 @@ impl Sampler {
     pub fn new(params: SamplingParams, vocab: usize) -> Self {
         Sampler {
             params,
-            vocab,
             rng: Rng::new(params.seed),
             logits: vec![0.0; vocab],
             cands: Vec::with_capacity(vocab),
@@ -185,7 +183,7 @@ impl Sampler {
     }
 
     pub fn vocab(&self) -> usize {
-        self.vocab
+        self.logits.len()
     }
 
     /// Restart the RNG from `seed` (for a new request reusing this sampler).
@@ -218,7 +216,7 @@ impl Sampler {
     /// is what the penalties look at (ids outside the vocabulary are ignored). Never allocates.
     /// NaN logits count as `-inf`; empty logits give token 0.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        let n = logits.len().min(self.vocab);
+        let n = logits.len().min(self.logits.len());
         if n == 0 {
             self.last = Last::None;
             return 0;

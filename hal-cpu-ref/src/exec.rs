@@ -3,12 +3,12 @@
 
 use core::ops::Range;
 
-use purehw_hal::{HostWeight, Op, RopeMode, Step, View};
+use purehw_hal::{HostWeight, Op, Step, View};
 use purehw_kernels::ops as k;
 use purehw_kernels::quant::{dequantize_row, dot_f32};
 
 use crate::error::invalid;
-use crate::{BufId, CpuRef, CpuRefError, WeightId, format_supported, view_range};
+use crate::{BufId, CpuRef, CpuRefError, WeightId, checked_range, view_range};
 
 type Result<T> = core::result::Result<T, CpuRefError>;
 
@@ -37,14 +37,7 @@ impl<'a> Inputs<'a> {
             let (idx, r) = view_range(self.bufs, v, len, what)?;
             return Ok(Src::Slice(&self.bufs[idx][r]));
         }
-        let buf_len = self.out.end + self.tail.len();
-        let r = match v.offset.checked_add(len) {
-            Some(end) if end <= buf_len => v.offset..end,
-            end => {
-                let end = end.unwrap_or(usize::MAX);
-                return Err(CpuRefError::OutOfRange { what, buf: v.buf, start: v.offset, end, len: buf_len });
-            }
-        };
+        let r = checked_range(v, len, self.out.end + self.tail.len(), what)?;
         if r == self.out {
             Ok(Src::Out)
         } else if r.end <= self.out.start {
@@ -73,13 +66,6 @@ fn mul(a: usize, b: usize, op: &'static str) -> Result<usize> {
     a.checked_mul(b).ok_or(invalid(op, "size overflows usize"))
 }
 
-fn kernel_mode(m: RopeMode) -> k::RopeMode {
-    match m {
-        RopeMode::Neox => k::RopeMode::Neox,
-        RopeMode::Interleaved => k::RopeMode::Interleaved,
-    }
-}
-
 /// Rows of the KV cache the step's sequences reach (`max(cache_row + pos0 + len)`), after
 /// checking that every sequence's rows lie inside the step.
 fn cache_rows_needed(step: &Step<'_>, op: &'static str) -> Result<usize> {
@@ -93,40 +79,39 @@ fn cache_rows_needed(step: &Step<'_>, op: &'static str) -> Result<usize> {
     Ok(n)
 }
 
-impl CpuRef {
-    /// Take the output buffer out of the arena, run `f` on its region and the remaining arena,
-    /// and put it back (also on error). `mem::take` leaves an empty `Vec`: no allocation.
-    fn with_out<R>(
-        &mut self,
-        out: View<BufId>,
-        len: usize,
-        what: &'static str,
-        f: impl FnOnce(&mut [f32], &Inputs<'_>, &mut [f32], &[HostWeight]) -> Result<R>,
-    ) -> Result<R> {
-        let (idx, range) = view_range(&self.bufs, out, len, what)?;
-        let mut ob = core::mem::take(&mut self.bufs[idx]);
-        let result = {
-            let (head, rest) = ob.split_at_mut(range.start);
-            let (o, tail) = rest.split_at_mut(range.len());
-            let inputs = Inputs { bufs: &self.bufs, out_idx: idx, out: range, head, tail };
-            f(o, &inputs, &mut self.row, &self.weights)
-        };
-        self.bufs[idx] = ob;
-        result
-    }
+/// Take the output buffer out of the arena, run `f` on its region and the rest of the arena, and
+/// put it back (also on error). `mem::take` leaves an empty `Vec`: no allocation.
+fn with_out<R>(
+    bufs: &mut [Vec<f32>],
+    out: View<BufId>,
+    len: usize,
+    what: &'static str,
+    f: impl FnOnce(&mut [f32], &Inputs<'_>) -> Result<R>,
+) -> Result<R> {
+    let (idx, range) = view_range(bufs, out, len, what)?;
+    let mut ob = core::mem::take(&mut bufs[idx]);
+    let result = {
+        let (head, rest) = ob.split_at_mut(range.start);
+        let (o, tail) = rest.split_at_mut(range.len());
+        f(o, &Inputs { bufs, out_idx: idx, out: range, head, tail })
+    };
+    bufs[idx] = ob;
+    result
+}
 
+impl CpuRef {
+    /// Run one op. Every weight passed `load_weight`: its format is supported and its bytes match
+    /// its shape, so `HostWeight::row` cannot panic for `r < rows`.
     pub(crate) fn run(&mut self, step: &Step<'_>, op: &Op<BufId, WeightId>) -> Result<()> {
+        let CpuRef { bufs, weights, row: scratch } = self;
+        let weights: &[HostWeight] = weights;
         match *op {
             Op::Embed { out, table, scale } => {
                 const OP: &str = "Embed";
-                let t = weight(&self.weights, table)?;
-                if !format_supported(t.format) {
-                    return Err(CpuRefError::UnsupportedFormat(t.format));
-                }
+                let t = weight(weights, table)?;
                 let cols = t.cols;
                 let len = mul(step.rows(), cols, OP)?;
-                self.with_out(out, len, OP, |o, _, _, weights| {
-                    let t = weight(weights, table)?;
+                with_out(bufs, out, len, OP, |o, _| {
                     for (row, &token) in step.tokens.iter().enumerate() {
                         if token as usize >= t.rows {
                             return Err(CpuRefError::TokenOutOfRange { token, row, rows: t.rows });
@@ -142,22 +127,19 @@ impl CpuRef {
 
             Op::RmsNorm { out, x, w, rows, dim, eps } => {
                 const OP: &str = "RmsNorm";
-                let wt = weight(&self.weights, w)?;
+                let wt = weight(weights, w)?;
                 if wt.rows != 1 || wt.cols != dim {
                     return Err(invalid(OP, "weight must be (1, dim)"));
-                }
-                if !format_supported(wt.format) {
-                    return Err(CpuRefError::UnsupportedFormat(wt.format));
                 }
                 if dim == 0 {
                     return Err(invalid(OP, "dim must be > 0"));
                 }
                 let len = mul(rows, dim, OP)?;
-                self.with_out(out, len, OP, |o, inputs, scratch, weights| {
-                    let wt = weight(weights, w)?;
-                    let wv = &mut scratch[..dim];
-                    dequantize_row(wt.format, wt.row(0), wv);
-                    let wv = &*wv;
+                // The scratch row is at least as wide as every loaded weight.
+                let wv = &mut scratch[..dim];
+                dequantize_row(wt.format, wt.row(0), wv);
+                let wv = &*wv;
+                with_out(bufs, out, len, OP, |o, inputs| {
                     match inputs.src(x, len, "RmsNorm x")? {
                         Src::Out => o.chunks_exact_mut(dim).for_each(|r| k::rmsnorm_inplace(r, wv, eps)),
                         Src::Slice(xs) => o
@@ -171,15 +153,11 @@ impl CpuRef {
 
             Op::MatMul { out, x, w, n } => {
                 const OP: &str = "MatMul";
-                let wt = weight(&self.weights, w)?;
-                if !format_supported(wt.format) {
-                    return Err(CpuRefError::UnsupportedFormat(wt.format));
-                }
+                let wt = weight(weights, w)?;
                 let (rows, cols) = (wt.rows, wt.cols);
                 let out_len = mul(n, rows, OP)?;
                 let x_len = mul(n, cols, OP)?;
-                self.with_out(out, out_len, OP, |o, inputs, scratch, weights| {
-                    let wt = weight(weights, w)?;
+                with_out(bufs, out, out_len, OP, |o, inputs| {
                     let xs = inputs.slice(x, x_len, "MatMul x")?;
                     let wrow = &mut scratch[..cols];
                     // Each weight row is dequantized once and reused for all n tokens;
@@ -207,8 +185,7 @@ impl CpuRef {
                 if len == 0 {
                     return Ok(());
                 }
-                let mode = kernel_mode(mode);
-                self.with_out(x, len, OP, |o, _, _, _| {
+                with_out(bufs, x, len, OP, |o, _| {
                     for (row, &pos) in o.chunks_exact_mut(width).zip(step.positions) {
                         k::rope(row, head_dim, pos, theta, scale, mode);
                     }
@@ -220,7 +197,7 @@ impl CpuRef {
                 const OP: &str = "StoreKv";
                 let cache_len = mul(cache_rows_needed(step, OP)?, width, OP)?;
                 let src_len = mul(step.rows(), width, OP)?;
-                self.with_out(cache, cache_len, OP, |o, inputs, _, _| {
+                with_out(bufs, cache, cache_len, OP, |o, inputs| {
                     let s = inputs.slice(src, src_len, "StoreKv src")?;
                     for seq in step.seqs {
                         let (row, dst) = (seq.row as usize, seq.cache_row as usize + seq.pos0 as usize);
@@ -241,7 +218,7 @@ impl CpuRef {
                 let kvw = mul(kv_heads, head_dim, OP)?;
                 let q_len = mul(step.rows(), qw, OP)?;
                 let kv_len = mul(cache_rows_needed(step, OP)?, kvw, OP)?;
-                self.with_out(out, q_len, OP, |o, inputs, _, _| {
+                with_out(bufs, out, q_len, OP, |o, inputs| {
                     let qs = inputs.slice(q, q_len, "Attention q")?;
                     let ks = inputs.slice(kc, kv_len, "Attention k")?;
                     let vs = inputs.slice(vc, kv_len, "Attention v")?;
@@ -271,7 +248,7 @@ impl CpuRef {
                 })
             }
 
-            Op::Add { out, a, b, len } => self.with_out(out, len, "Add", |o, inputs, _, _| {
+            Op::Add { out, a, b, len } => with_out(bufs, out, len, "Add", |o, inputs| {
                 match (inputs.src(a, len, "Add a")?, inputs.src(b, len, "Add b")?) {
                     (Src::Slice(a), Src::Slice(b)) => k::add(o, a, b),
                     (Src::Out, Src::Slice(other)) | (Src::Slice(other), Src::Out) => k::add_inplace(o, other),
@@ -281,7 +258,7 @@ impl CpuRef {
                 Ok(())
             }),
 
-            Op::GeluTanhMul { out, gate, up, len } => self.with_out(out, len, "GeluTanhMul", |o, inputs, _, _| {
+            Op::GeluTanhMul { out, gate, up, len } => with_out(bufs, out, len, "GeluTanhMul", |o, inputs| {
                 let up = inputs.slice(up, len, "GeluTanhMul up")?;
                 match inputs.src(gate, len, "GeluTanhMul gate")? {
                     Src::Out => k::gelu_tanh_mul_inplace(o, up),
@@ -290,7 +267,7 @@ impl CpuRef {
                 Ok(())
             }),
 
-            Op::SiluMul { out, gate, up, len } => self.with_out(out, len, "SiluMul", |o, inputs, _, _| {
+            Op::SiluMul { out, gate, up, len } => with_out(bufs, out, len, "SiluMul", |o, inputs| {
                 let up = inputs.slice(up, len, "SiluMul up")?;
                 match inputs.src(gate, len, "SiluMul gate")? {
                     Src::Out => k::silu_mul_inplace(o, up),
@@ -303,7 +280,7 @@ impl CpuRef {
                 if cap.is_nan() || cap <= 0.0 {
                     return Err(invalid("Softcap", "cap must be > 0"));
                 }
-                self.with_out(x, len, "Softcap", |o, _, _, _| {
+                with_out(bufs, x, len, "Softcap", |o, _| {
                     k::softcap_inplace(o, cap);
                     Ok(())
                 })

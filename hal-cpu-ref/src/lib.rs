@@ -9,6 +9,7 @@ mod error;
 mod exec;
 
 use core::fmt;
+use core::ops::Range;
 
 use purehw_hal::{Backend, ErrorType, Format, HostWeight, Op, OpKind, Step, View};
 
@@ -63,7 +64,8 @@ impl CpuRef {
 }
 
 /// The weight formats this backend computes with (all of `Format` as of writing; a format added
-/// later stays unsupported until it is checked here).
+/// later stays unsupported until it is checked here). `load_weight` refuses the others, so every
+/// loaded weight is in one of these.
 pub(crate) fn format_supported(f: Format) -> bool {
     matches!(
         f,
@@ -81,26 +83,35 @@ pub(crate) fn format_supported(f: Format) -> bool {
     )
 }
 
-/// `v.offset .. v.offset + len` of buffer `v.buf`, checked against the arena.
+/// `v.offset .. v.offset + len`, checked against a buffer of `buf_len` elements.
+pub(crate) fn checked_range(
+    v: View<BufId>,
+    len: usize,
+    buf_len: usize,
+    what: &'static str,
+) -> Result<Range<usize>, CpuRefError> {
+    match v.offset.checked_add(len) {
+        Some(end) if end <= buf_len => Ok(v.offset..end),
+        end => Err(CpuRefError::OutOfRange {
+            what,
+            buf: v.buf,
+            start: v.offset,
+            end: end.unwrap_or(usize::MAX),
+            len: buf_len,
+        }),
+    }
+}
+
+/// The arena index of `v.buf` and `v.offset .. v.offset + len`, checked against the arena.
 pub(crate) fn view_range(
     bufs: &[Vec<f32>],
     v: View<BufId>,
     len: usize,
     what: &'static str,
-) -> Result<(usize, core::ops::Range<usize>), CpuRefError> {
+) -> Result<(usize, Range<usize>), CpuRefError> {
     let idx = v.buf.0 as usize;
     let buf = bufs.get(idx).ok_or(CpuRefError::UnknownBuffer(v.buf))?;
-    let end = v.offset.checked_add(len);
-    match end {
-        Some(end) if end <= buf.len() => Ok((idx, v.offset..end)),
-        _ => Err(CpuRefError::OutOfRange {
-            what,
-            buf: v.buf,
-            start: v.offset,
-            end: end.unwrap_or(usize::MAX),
-            len: buf.len(),
-        }),
-    }
+    Ok((idx, checked_range(v, len, buf.len(), what)?))
 }
 
 impl ErrorType for CpuRef {
@@ -144,10 +155,8 @@ impl Backend for CpuRef {
         if !format_supported(w.format) {
             return Err(CpuRefError::UnsupportedFormat(w.format));
         }
-        let bad = || CpuRefError::BadWeight { format: w.format, rows: w.rows, cols: w.cols, bytes: w.data.len() };
-        let row_bytes = w.format.bytes_for(w.cols).ok_or_else(bad)?;
-        if row_bytes.checked_mul(w.rows) != Some(w.data.len()) {
-            return Err(bad());
+        if !w.is_consistent() {
+            return Err(CpuRefError::BadWeight { format: w.format, rows: w.rows, cols: w.cols, bytes: w.data.len() });
         }
         let id = u32::try_from(self.weights.len()).map_err(|_| CpuRefError::OutOfMemory { elems: 0 })?;
         // Size the scratch row now so that submit never has to grow it.

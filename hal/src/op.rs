@@ -1,6 +1,8 @@
 //! Ops as data. Shapes are in elements; every activation is f32, row-major.
 
 use crate::Format;
+/// How RoPE pairs the dimensions of a head; the kernels' own type, so backends pass it straight on.
+pub use purehw_kernels::ops::RopeMode;
 
 /// A region of a buffer: the handle and an element offset. The op's shape gives its length.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -48,37 +50,29 @@ impl Step<'_> {
     }
 }
 
-/// How RoPE pairs the dimensions of a head.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub enum RopeMode {
-    /// Pairs `(i, i + d/2)`: HF's `rotate_half` (Gemma, Llama in HF layout, GGUF gemma3).
-    Neox,
-    /// Pairs `(2i, 2i + 1)`: ggml's default mode, matching the Q/K rows llama.cpp permutes in llama GGUFs.
-    Interleaved,
-}
-
 /// One op. `out` first; `out` may equal an input exactly (in place) where noted, otherwise
 /// regions must not overlap.
 #[derive(Copy, Clone, Debug)]
 #[non_exhaustive]
 pub enum Op<B, W> {
     /// `out[t, :] = table[step.tokens[t], :] * scale` for every row of the step.
-    /// out: (rows, table.cols)
+    /// table: (vocab, cols); out: (step rows, cols).
     Embed { out: View<B>, table: W, scale: f32 },
     /// `out[r, :] = x[r, :] / sqrt(mean(x[r, :]²) + eps) * w` — x, out: (rows, dim); w: (1, dim).
     /// In place allowed.
     RmsNorm { out: View<B>, x: View<B>, w: W, rows: usize, dim: usize, eps: f32 },
     /// `out[t, r] = Σ_c w[r, c] · x[t, c]` — x: (n, w.cols); out: (n, w.rows).
     MatMul { out: View<B>, x: View<B>, w: W, n: usize },
-    /// Rotary embedding in place on x: (rows, heads, head_dim), row t at `step.positions[t]`.
+    /// Rotary embedding in place on x: (rows, heads, head_dim), row t at `step.positions[t]`
+    /// (`rows <= step.positions.len()`, head_dim even).
     /// Frequency i is `(1 / theta^(2i/head_dim)) / scale` in f32, as HF computes it (`scale` = linear
     /// RoPE scaling factor).
     Rope { x: View<B>, rows: usize, heads: usize, head_dim: usize, theta: f32, scale: f32, mode: RopeMode },
-    /// Write each sequence's new rows of `src` (rows, width) into the cache at
-    /// `cache_row + pos0 + i` (rows of `width` elements).
+    /// Write each sequence's new rows of `src` into the cache at row `cache_row + pos0 + i`.
+    /// src: (step rows, width); cache: (cache rows, width).
     StoreKv { cache: View<B>, src: View<B>, width: usize },
     /// Causal attention per sequence over its cache rows `0..pos0+len`.
-    /// q, out: (rows, heads·head_dim); k, v: cache (cache rows, kv_heads·head_dim).
+    /// q, out: (step rows, heads·head_dim); k, v: cache (cache rows, kv_heads·head_dim).
     /// Query head h reads kv head `h / (heads / kv_heads)`. Scores are `q·k · scale`, then
     /// `softcap·tanh(s/softcap)` when `softcap > 0`; key position j is visible from query position
     /// i when `j <= i` and (`window == 0` or `i - j < window`).

@@ -58,8 +58,14 @@ pub struct HostWeight {
 impl HostWeight {
     /// Checks the byte length against the shape; `None` if they disagree.
     pub fn new(format: Format, rows: usize, cols: usize, data: HostBytes) -> Option<Self> {
-        let row = format.bytes_for(cols)?;
-        (row.checked_mul(rows)? == data.len()).then_some(HostWeight { format, rows, cols, data })
+        let w = HostWeight { format, rows, cols, data };
+        w.is_consistent().then_some(w)
+    }
+
+    /// Whether `data` is exactly `rows` whole rows of `cols` elements in `format` (what
+    /// [`new`](Self::new) checks; the fields are public, so a weight built directly may not be).
+    pub fn is_consistent(&self) -> bool {
+        self.format.bytes_for(self.cols).and_then(|row| row.checked_mul(self.rows)) == Some(self.data.len())
     }
 
     /// Bytes of one row.
@@ -67,7 +73,8 @@ impl HostWeight {
         self.format.bytes_for(self.cols).unwrap_or(0)
     }
 
-    /// The stored bytes of row `r`.
+    /// The stored bytes of row `r`, for `r < rows` of a weight that
+    /// [`is_consistent`](Self::is_consistent); panics when the row lies past `data`.
     pub fn row(&self, r: usize) -> &[u8] {
         let n = self.row_bytes();
         &self.data.as_slice()[r * n..(r + 1) * n]

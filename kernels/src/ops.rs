@@ -9,12 +9,12 @@ use core::ops::Range;
 
 use crate::quant::dot_f32;
 
-/// How RoPE pairs the dimensions of a head (mirrors hal's `RopeMode`; kernels sit below hal).
+/// How RoPE pairs the dimensions of a head (hal re-exports it for `Op::Rope`).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum RopeMode {
-    /// Pairs `(i, i + d/2)`: HF's `rotate_half`.
+    /// Pairs `(i, i + d/2)`: HF's `rotate_half` (Gemma, Llama in HF layout, GGUF gemma3).
     Neox,
-    /// Pairs `(2i, 2i + 1)`: ggml's default mode.
+    /// Pairs `(2i, 2i + 1)`: ggml's default mode, matching the Q/K rows llama.cpp permutes in llama GGUFs.
     Interleaved,
 }
 
@@ -82,11 +82,11 @@ pub fn rope(x: &mut [f32], head_dim: usize, pos: u32, theta: f32, scale: f32, mo
     let half = head_dim / 2;
     for i in 0..half {
         let (cos, sin) = rope_cos_sin(i, pos, head_dim, theta, scale);
+        let (ia, ib) = match mode {
+            RopeMode::Neox => (i, i + half),
+            RopeMode::Interleaved => (2 * i, 2 * i + 1),
+        };
         for head in x.chunks_exact_mut(head_dim) {
-            let (ia, ib) = match mode {
-                RopeMode::Neox => (i, i + half),
-                RopeMode::Interleaved => (2 * i, 2 * i + 1),
-            };
             let (a, b) = rotate(head[ia], head[ib], cos, sin);
             head[ia] = a;
             head[ib] = b;
@@ -192,7 +192,8 @@ pub fn attn_score(q: &[f32], k: &[f32], scale: f32, softcap_: f32) -> f32 {
 /// Attention of one query head over the keys `keys` (indices, not positions).
 ///
 /// Key `j` is `k[j*stride ..][..d]` and its value `v[j*stride ..][..d]`, `d = q.len() = out.len()`
-/// (so `k`, `v` start at the head's first element of key 0 and `stride` is the cache row width).
+/// (so `k`, `v` start at the head's first element of key 0 and `stride` is the cache row width);
+/// both must reach key `keys.end - 1`.
 /// Plain two-pass softmax without scratch: pass 1 finds the max score; pass 2 recomputes each
 /// score (identically), accumulates `Σ exp(s − max)` and `Σ exp(s − max)·v` in f32 in key order,
 /// then divides. An empty `keys` gives zeros.
@@ -213,6 +214,7 @@ pub fn attend(
     if keys.is_empty() {
         return;
     }
+    debug_assert!((keys.end - 1) * stride + d <= k.len().min(v.len()), "keys {keys:?} past the cache");
     let key = |j: usize| &k[j * stride..j * stride + d];
 
     let mut max = f32::NEG_INFINITY;

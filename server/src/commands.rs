@@ -1,7 +1,6 @@
 //! The subcommands.
 
 use std::fmt::Write as _;
-use std::path::Path;
 
 use purehw_core::config::{LayerKind, ModelConfig};
 use purehw_core::model::{Model, ModelOptions};
@@ -11,7 +10,7 @@ use purehw_core::tokenizer::Tokenizer;
 use purehw_hal_cpu_ref::CpuRef;
 use serde_json::json;
 
-use crate::error::{CliResult, Context, err};
+use crate::error::{CliError, CliResult, Context, err};
 use crate::models::{self, Resolved};
 use crate::out;
 use crate::{BackendKind, LogitsArgs, ModelArgs, RunArgs};
@@ -23,13 +22,9 @@ pub fn pull(name: &str) -> CliResult {
     models::pull(m, &models::cache_dir()?)
 }
 
-fn open(path: &Path) -> CliResult<ModelSource> {
-    Ok(ModelSource::open(path)?)
-}
-
 pub fn inspect(spec: &str, as_json: bool) -> CliResult {
     let r = models::resolve(spec)?;
-    let src = open(&r.path)?;
+    let src = ModelSource::open(&r.path)?;
     let c = &src.config;
     let tensors = src.tensors();
     let total: usize = tensors.iter().map(|t| t.bytes).sum();
@@ -130,23 +125,11 @@ fn config_json(c: &ModelConfig) -> serde_json::Value {
     })
 }
 
-/// A model opened with its tokenizer, ready to load on a backend.
-struct Opened {
-    src: ModelSource,
-    tok: Tokenizer,
-}
-
-fn open_with_tokenizer(a: &ModelArgs) -> CliResult<Opened> {
-    let r: Resolved = models::resolve(&a.model)?;
-    let src = open(&r.path)?;
-    let tok = match a.tokenizer.as_ref().or(r.tokenizer.as_ref()) {
-        Some(p) => Tokenizer::from_file(p)?,
-        None => tokenizer_from_source(&src)?,
-    };
-    Ok(Opened { src, tok })
-}
-
-fn tokenizer_from_source(src: &ModelSource) -> CliResult<Tokenizer> {
+/// `--tokenizer`, else the tokenizer.json beside the model, else the GGUF's own vocabulary.
+fn tokenizer_for(a: &ModelArgs, r: &Resolved, src: &ModelSource) -> CliResult<Tokenizer> {
+    if let Some(p) = a.tokenizer.as_ref().or(r.tokenizer.as_ref()) {
+        return Ok(Tokenizer::from_file(p)?);
+    }
     match src.gguf() {
         Some(g) => Ok(Tokenizer::from_gguf(&src.label, g)?),
         None => err(format!("{}: no tokenizer.json beside the model; pass --tokenizer FILE", src.label)),
@@ -187,9 +170,11 @@ pub fn run(a: &RunArgs) -> CliResult {
         frequency_penalty: a.frequency_penalty,
         seed: a.seed.unwrap_or_else(seed_from_clock),
     };
-    params.validate().map_err(|m| crate::error::CliError(format!("sampling: {m}")))?;
+    params.validate().context(|| "sampling".into())?;
 
-    let Opened { src, tok } = open_with_tokenizer(&a.model)?;
+    let r = models::resolve(&a.model.model)?;
+    let src = ModelSource::open(&r.path)?;
+    let tok = tokenizer_for(&a.model, &r, &src)?;
     let c = &src.config;
     let prompt_ids = tok.encode(&a.prompt, c.add_bos)?;
     if prompt_ids.is_empty() {
@@ -204,7 +189,7 @@ pub fn run(a: &RunArgs) -> CliResult {
     let mut sampler = Sampler::new(params, model.config().vocab);
 
     let mut decoder = tok.decode_stream();
-    let mut stream_err = None;
+    let mut stream_err: Option<CliError> = None;
     let mut closed = false;
     let eos = model.config().eos.clone();
     let ids = purehw_core::model::generate(&mut model, &prompt_ids, a.n_predict, &mut sampler, !a.ignore_eos, |id| {
@@ -215,7 +200,7 @@ pub fn run(a: &RunArgs) -> CliResult {
         let piece = match decoder.push(id) {
             Ok(p) => p,
             Err(e) => {
-                stream_err = Some(e);
+                stream_err = Some(e.into());
                 return false;
             }
         };
@@ -226,13 +211,13 @@ pub fn run(a: &RunArgs) -> CliResult {
                 false
             }
             Err(e) => {
-                stream_err = Some(purehw_core::Error::Invalid(e.0));
+                stream_err = Some(e);
                 false
             }
         }
     })?;
     if let Some(e) = stream_err {
-        return Err(e.into());
+        return Err(e);
     }
     if closed {
         return Ok(());
@@ -247,7 +232,7 @@ pub fn run(a: &RunArgs) -> CliResult {
             text: &'a str,
         }
         let v = serde_json::to_string(&RunJson { prompt_ids: &prompt_ids, ids: &ids, text: &text })
-            .map_err(|e| crate::error::CliError(e.to_string()))?;
+            .context(|| "encoding the --json output".into())?;
         return out::print_all(&format!("{v}\n"));
     }
     let rest = decoder.finish()?;
@@ -270,14 +255,12 @@ pub fn logits(a: &LogitsArgs) -> CliResult {
     // Check the cheap argument before loading anything.
     let given = a.ids.as_deref().map(parse_ids).transpose()?;
     let r = models::resolve(&a.model.model)?;
-    let src = open(&r.path)?;
+    let src = ModelSource::open(&r.path)?;
+    let from = if given.is_some() { "--ids" } else { "the tokenizer" };
     let ids = match given {
         Some(ids) => ids,
         None => {
-            let tok = match a.model.tokenizer.as_ref().or(r.tokenizer.as_ref()) {
-                Some(p) => Tokenizer::from_file(p)?,
-                None => tokenizer_from_source(&src)?,
-            };
+            let tok = tokenizer_for(&a.model, &r, &src)?;
             tok.encode(a.prompt.as_deref().unwrap_or_default(), src.config.add_bos)?
         }
     };
@@ -286,7 +269,7 @@ pub fn logits(a: &LogitsArgs) -> CliResult {
     }
     let vocab = src.config.vocab;
     if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-        return err(format!("--ids: token id {bad} out of range (vocab {vocab})"));
+        return err(format!("{from}: token id {bad} out of range (vocab {vocab})"));
     }
     let ctx = ctx_for(&a.model, &src.config, ids.len())?;
     if ids.len() > ctx {

@@ -7,6 +7,7 @@ mod out;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Mutex;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -127,6 +128,10 @@ pub struct LogitsArgs {
     pub output: PathBuf,
 }
 
+/// The last panic's message. `main` prints it only if the panic reaches `main`: one the engine
+/// catches itself (the `tokenizers` crate panics on some malformed files) is a clear error instead.
+static PANIC: Mutex<Option<String>> = Mutex::new(None);
+
 fn main() -> ExitCode {
     // A bug must still end in one line, not a backtrace; exit code 101 tells it from a user error.
     std::panic::set_hook(Box::new(|info| {
@@ -137,7 +142,7 @@ fn main() -> ExitCode {
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_default();
         let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
-        eprintln!("purehw: internal error{at}: {msg} (please report this)");
+        *PANIC.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("internal error{at}: {msg}"));
     }));
     // Usage errors exit 1 like every other error (clap's own default is 2); --help is not one.
     let cli = match Cli::try_parse() {
@@ -147,11 +152,16 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(1) } else { ExitCode::SUCCESS };
         }
     };
-    match dispatch(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+    match std::panic::catch_unwind(|| dispatch(cli)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             eprintln!("purehw: {e}");
             ExitCode::from(1)
+        }
+        Err(_) => {
+            let msg = PANIC.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
+            eprintln!("purehw: {msg} (please report this)");
+            ExitCode::from(101)
         }
     }
 }

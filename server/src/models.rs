@@ -8,7 +8,7 @@
 //! Every file is checked against a pinned sha256 before it is moved into place.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -226,17 +226,9 @@ fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub fn sha256_file(path: &Path) -> CliResult<String> {
-    let mut f = fs::File::open(path).context(|| path.display().to_string())?;
+fn sha256_file(path: &Path) -> CliResult<String> {
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).context(|| path.display().to_string())?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
+    fs::File::open(path).and_then(|mut f| io::copy(&mut f, &mut h)).context(|| path.display().to_string())?;
     Ok(hex(&h.finalize()))
 }
 
@@ -403,12 +395,12 @@ fn install_joined(parts: &[PathBuf], a: &Artifact, dir: &Path, from: &str) -> Cl
 /// Run a helper tool; its output goes to our stderr so stdout stays clean.
 fn run(mut cmd: Command, what: &str, hint: &str) -> CliResult {
     cmd.stdin(Stdio::null());
-    if let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() {
+    if let Ok(fd) = io::stderr().as_fd().try_clone_to_owned() {
         cmd.stdout(Stdio::from(fd));
     }
     let status = match cmd.status() {
         Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return err(format!("{what}: {} not found; {hint}", cmd.get_program().to_string_lossy()));
         }
         Err(e) => return err(format!("{what}: {e}")),

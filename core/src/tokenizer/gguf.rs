@@ -51,7 +51,10 @@ pub(super) fn build(label: &str, g: &GgufFile) -> Result<Tokenizer> {
         _ => return Err(bad("tokenizer.ggml.tokens is missing or not a list of strings".into())),
     };
     let n = tokens.len();
-    let n_u32 = u32::try_from(n).map_err(|_| bad(format!("{n} tokens: too many")))?;
+    // Ids are u32.
+    if u32::try_from(n).is_err() {
+        return Err(bad(format!("{n} tokens: too many")));
+    }
     let types = match g.get_array("tokenizer.ggml.token_type") {
         None => None,
         Some(a) => {
@@ -148,7 +151,7 @@ pub(super) fn build(label: &str, g: &GgufFile) -> Result<Tokenizer> {
     }
     let add_bos = g.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama");
 
-    Ok(Tokenizer { engine, label: label.to_owned(), bos, eos: eos_ids, add_bos, vocab_size: n_u32 as usize })
+    Ok(Tokenizer { engine, label: label.to_owned(), bos, eos: eos_ids, add_bos, vocab_size: n })
 }
 
 /// Byte-level BPE with the file's merges.

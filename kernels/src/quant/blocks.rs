@@ -32,6 +32,15 @@ fn f16le(b: [u8; 2]) -> f32 {
     f16::from_le_bytes(b).to_f32()
 }
 
+/// Elements `j` and `j + 16` of a 5-bit block: the low and high nibble of `b` with bits `j` and
+/// `j + 16` of `qh` on top.
+#[inline]
+fn q5_pair(b: u8, qh: u32, j: usize) -> (u32, u32) {
+    let lo = (b & 0x0F) as u32 | ((qh >> j) & 1) << 4;
+    let hi = (b >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
+    (lo, hi)
+}
+
 /// `block_q4_0` (ggml-common.h): 32 weights `d·(q − 8)`, q 4-bit. Byte `j` of `qs` holds
 /// element `j` (low nibble) and element `j + 16` (high nibble).
 #[derive(Copy, Clone, Debug, Pod, Zeroable)]
@@ -92,8 +101,7 @@ impl BlockQ5_0 {
         let d = f16le(self.d);
         let qh = u32::from_le_bytes(self.qh);
         for (j, &b) in self.qs.iter().enumerate() {
-            let lo = (b & 0x0F) as u32 | ((qh >> j) & 1) << 4;
-            let hi = (b >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
+            let (lo, hi) = q5_pair(b, qh, j);
             out[j] = d * (lo as i32 - 16) as f32;
             out[j + 16] = d * (hi as i32 - 16) as f32;
         }
@@ -118,8 +126,7 @@ impl BlockQ5_1 {
         let (d, m) = (f16le(self.d), f16le(self.m));
         let qh = u32::from_le_bytes(self.qh);
         for (j, &b) in self.qs.iter().enumerate() {
-            let lo = (b & 0x0F) as u32 | ((qh >> j) & 1) << 4;
-            let hi = (b >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
+            let (lo, hi) = q5_pair(b, qh, j);
             out[j] = d * lo as f32 + m;
             out[j + 16] = d * hi as f32 + m;
         }
@@ -161,6 +168,29 @@ fn scale_min_k4(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
     (sc, mn)
 }
 
+/// The Q4_K/Q5_K expansion: element `i` of sub-block `g` is `(d·sc[g])·q − dmin·m[g]`, with `q`
+/// the nibble of `qs` described at [`BlockQ4K`] plus `high(g, i)` (bit 4; always 0 for Q4_K).
+#[inline]
+fn dequantize_k4(
+    (d, dmin): (f32, f32),
+    scales: &[u8; 12],
+    qs: &[u8; 128],
+    out: &mut [f32; 256],
+    high: impl Fn(usize, usize) -> u8,
+) {
+    let (sc, mn) = scale_min_k4(scales);
+    for (g, o) in out.chunks_exact_mut(32).enumerate() {
+        let dl = d * sc[g] as f32;
+        let ml = dmin * mn[g] as f32;
+        let shift = 4 * (g % 2);
+        let qs = &qs[32 * (g / 2)..32 * (g / 2) + 32];
+        for (i, (o, &b)) in o.iter_mut().zip(qs).enumerate() {
+            let q = ((b >> shift) & 0x0F) | high(g, i);
+            *o = dl * q as f32 - ml;
+        }
+    }
+}
+
 /// `block_q4_K` (ggml-common.h): 256 weights in 8 sub-blocks of 32, `(d·sc)·q − dmin·m` with
 /// 6-bit `sc`, `m` per sub-block and q 4-bit. `qs` is 4 chunks of 32 bytes; chunk `c` holds
 /// sub-block `2c` in its low nibbles and `2c + 1` in its high nibbles.
@@ -178,17 +208,7 @@ const _: () = assert!(core::mem::size_of::<BlockQ4K>() == 144);
 
 impl BlockQ4K {
     pub fn dequantize(&self, out: &mut [f32; 256]) {
-        let (d, dmin) = (f16le(self.d), f16le(self.dmin));
-        let (sc, mn) = scale_min_k4(&self.scales);
-        for (g, o) in out.chunks_exact_mut(32).enumerate() {
-            let dl = d * sc[g] as f32;
-            let ml = dmin * mn[g] as f32;
-            let shift = 4 * (g % 2);
-            let qs = &self.qs[32 * (g / 2)..32 * (g / 2) + 32];
-            for (o, &b) in o.iter_mut().zip(qs) {
-                *o = dl * ((b >> shift) & 0x0F) as f32 - ml;
-            }
-        }
+        dequantize_k4((f16le(self.d), f16le(self.dmin)), &self.scales, &self.qs, out, |_, _| 0);
     }
 }
 
@@ -209,18 +229,8 @@ const _: () = assert!(core::mem::size_of::<BlockQ5K>() == 176);
 
 impl BlockQ5K {
     pub fn dequantize(&self, out: &mut [f32; 256]) {
-        let (d, dmin) = (f16le(self.d), f16le(self.dmin));
-        let (sc, mn) = scale_min_k4(&self.scales);
-        for (g, o) in out.chunks_exact_mut(32).enumerate() {
-            let dl = d * sc[g] as f32;
-            let ml = dmin * mn[g] as f32;
-            let shift = 4 * (g % 2);
-            let qs = &self.qs[32 * (g / 2)..32 * (g / 2) + 32];
-            for ((o, &b), &h) in o.iter_mut().zip(qs).zip(&self.qh) {
-                let q = ((b >> shift) & 0x0F) | (((h >> g) & 1) << 4);
-                *o = dl * q as f32 - ml;
-            }
-        }
+        let high = |g: usize, i: usize| ((self.qh[i] >> g) & 1) << 4;
+        dequantize_k4((f16le(self.d), f16le(self.dmin)), &self.scales, &self.qs, out, high);
     }
 }
 
@@ -242,13 +252,17 @@ const _: () = assert!(core::mem::size_of::<BlockQ6K>() == 210);
 impl BlockQ6K {
     pub fn dequantize(&self, out: &mut [f32; 256]) {
         let d = f16le(self.d);
-        for (e, o) in out.iter_mut().enumerate() {
-            let (c, r) = (e / 128, e % 128);
-            let lo = (self.ql[64 * c + r % 64] >> (4 * (r / 64))) & 0x0F;
-            let hi = (self.qh[32 * c + r % 32] >> (2 * (r / 32))) & 0x03;
-            let q = (lo | (hi << 4)) as i32 - 32;
-            let dl = d * self.scales[e / 16] as f32;
-            *o = dl * q as f32;
+        // One scale per 16 weights: `dl` is computed once per group.
+        for (s, o) in out.chunks_exact_mut(16).enumerate() {
+            let dl = d * self.scales[s] as f32;
+            for (k, o) in o.iter_mut().enumerate() {
+                let e = 16 * s + k;
+                let (c, r) = (e / 128, e % 128);
+                let lo = (self.ql[64 * c + r % 64] >> (4 * (r / 64))) & 0x0F;
+                let hi = (self.qh[32 * c + r % 32] >> (2 * (r / 32))) & 0x03;
+                let q = (lo | (hi << 4)) as i32 - 32;
+                *o = dl * q as f32;
+            }
         }
     }
 }
@@ -279,22 +293,27 @@ impl_block! {
 /// The whole blocks at the start of `row` (a trailing partial block is ignored).
 #[inline]
 fn blocks_of<B: Pod>(row: &[u8]) -> &[B] {
-    let size = core::mem::size_of::<B>();
-    let whole = row.len() - row.len() % size;
-    bytemuck::try_cast_slice(row.get(..whole).unwrap_or(&[])).unwrap_or(&[])
+    let whole = row.len() - row.len() % core::mem::size_of::<B>();
+    // Blocks have alignment 1 and `whole` is a multiple of their size: the cast cannot fail.
+    bytemuck::try_cast_slice(&row[..whole]).unwrap_or(&[])
 }
 
-fn dequantize_blocks<B: Block<N>, const N: usize>(row: &[u8], out: &mut [f32]) {
-    let (chunks, _) = out.as_chunks_mut::<N>();
-    let mut done = 0;
-    for (b, o) in blocks_of::<B>(row).iter().zip(chunks) {
-        b.dequantize(o);
-        done += N;
-    }
-    // Elements without a stored block (caller error) are defined as zero.
+/// Elements of `out` from `done` on had no stored data (a caller error): they are defined as zero.
+#[inline]
+fn zero_from(out: &mut [f32], done: usize) {
     if let Some(rest) = out.get_mut(done..) {
         rest.fill(0.0);
     }
+}
+
+fn dequantize_blocks<B: Block<N>, const N: usize>(row: &[u8], out: &mut [f32]) {
+    let blocks = blocks_of::<B>(row);
+    let (chunks, _) = out.as_chunks_mut::<N>();
+    let done = N * blocks.len().min(chunks.len());
+    for (b, o) in blocks.iter().zip(chunks) {
+        b.dequantize(o);
+    }
+    zero_from(out, done);
 }
 
 fn dot_blocks<B: Block<N>, const N: usize>(row: &[u8], x: &[f32]) -> f32 {
@@ -306,30 +325,18 @@ fn dot_blocks<B: Block<N>, const N: usize>(row: &[u8], x: &[f32]) -> f32 {
     reduce_lanes(&acc)
 }
 
-#[inline]
-fn f32_of(b: [u8; 4]) -> f32 {
-    f32::from_le_bytes(b)
-}
-#[inline]
-fn f16_of(b: [u8; 2]) -> f32 {
-    f16le(b)
-}
 /// bf16 is the top half of an f32: widening is a shift, NaN payloads included (as gguf-py does).
 #[inline]
-fn bf16_of(b: [u8; 2]) -> f32 {
+fn bf16le(b: [u8; 2]) -> f32 {
     f32::from_bits((u16::from_le_bytes(b) as u32) << 16)
 }
 
 fn dequantize_plain<const S: usize>(row: &[u8], out: &mut [f32], conv: fn([u8; S]) -> f32) {
     let (elems, _) = row.as_chunks::<S>();
-    let mut done = 0;
     for (o, &e) in out.iter_mut().zip(elems) {
         *o = conv(e);
-        done += 1;
     }
-    if let Some(rest) = out.get_mut(done..) {
-        rest.fill(0.0);
-    }
+    zero_from(out, elems.len());
 }
 
 /// Plain floats are widened 256 at a time into a stack buffer; 256 is a multiple of [`LANES`],
@@ -352,9 +359,9 @@ fn dot_plain<const S: usize>(row: &[u8], x: &[f32], conv: fn([u8; S]) -> f32) ->
 
 pub(super) fn dequantize_row(fmt: Format, row: &[u8], out: &mut [f32]) {
     match fmt {
-        Format::F32 => dequantize_plain(row, out, f32_of),
-        Format::F16 => dequantize_plain(row, out, f16_of),
-        Format::BF16 => dequantize_plain(row, out, bf16_of),
+        Format::F32 => dequantize_plain(row, out, f32::from_le_bytes),
+        Format::F16 => dequantize_plain(row, out, f16le),
+        Format::BF16 => dequantize_plain(row, out, bf16le),
         Format::Q4_0 => dequantize_blocks::<BlockQ4_0, 32>(row, out),
         Format::Q4_1 => dequantize_blocks::<BlockQ4_1, 32>(row, out),
         Format::Q5_0 => dequantize_blocks::<BlockQ5_0, 32>(row, out),
@@ -368,9 +375,9 @@ pub(super) fn dequantize_row(fmt: Format, row: &[u8], out: &mut [f32]) {
 
 pub(super) fn dot_row(fmt: Format, row: &[u8], x: &[f32]) -> f32 {
     match fmt {
-        Format::F32 => dot_plain(row, x, f32_of),
-        Format::F16 => dot_plain(row, x, f16_of),
-        Format::BF16 => dot_plain(row, x, bf16_of),
+        Format::F32 => dot_plain(row, x, f32::from_le_bytes),
+        Format::F16 => dot_plain(row, x, f16le),
+        Format::BF16 => dot_plain(row, x, bf16le),
         Format::Q4_0 => dot_blocks::<BlockQ4_0, 32>(row, x),
         Format::Q4_1 => dot_blocks::<BlockQ4_1, 32>(row, x),
         Format::Q5_0 => dot_blocks::<BlockQ5_0, 32>(row, x),
