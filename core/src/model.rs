@@ -115,7 +115,9 @@ impl<B: Backend> Model<B> {
         if opts.slots == 0 || opts.max_batch == 0 || opts.logit_rows == 0 || opts.ctx == 0 {
             return Err(Error::Invalid("ctx, slots, max_batch and logit_rows must be at least 1".into()));
         }
-        let opts = ModelOptions { ctx: opts.ctx.min(c.max_ctx.max(1)), ..opts };
+        // A model that declares no context length (0) takes the caller's.
+        let trained = if c.max_ctx > 0 { c.max_ctx } else { usize::MAX };
+        let opts = ModelOptions { ctx: opts.ctx.min(trained), ..opts };
         // Cache rows are addressed with u32 in `SeqSpan`.
         if opts.slots.checked_mul(opts.ctx).is_none_or(|rows| rows > u32::MAX as usize) {
             return Err(Error::Invalid(format!("{} slots of {} positions is too many", opts.slots, opts.ctx)));
