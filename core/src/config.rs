@@ -1,6 +1,6 @@
 //! Model hyper-parameters, from HF `config.json` or GGUF metadata.
 //!
-//! HF configs come in three shapes we accept:
+//! HF configs come in four shapes we accept:
 //! * transformers 5.x Gemma 3 (`gemma3_text`): `rope_parameters` per layer type and `layer_types`;
 //! * transformers 4.x Gemma 3: `rope_theta`, `rope_local_base_freq`, `rope_scaling` (global layers
 //!   only) and `sliding_window_pattern` (layer `i` is global iff `(i + 1) % pattern == 0`);
@@ -11,7 +11,8 @@
 //!   `rope_scaling`.
 //!
 //! A top-level config must name its shape fields (sizes, layer and head counts); only numerics with
-//! a well-known transformers default (eps, RoPE bases, window, …) may be omitted.
+//! a well-known transformers default (eps, RoPE bases, window, …) may be omitted. Quantized
+//! checkpoints (a `quantization_config`) are refused.
 
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -20,7 +21,7 @@ use alloc::vec::Vec;
 use purehw_hal::RopeMode;
 use serde_json::{Map, Value};
 
-use crate::gguf::{Array, GgufFile};
+use crate::gguf::{Array, GgufFile, Value as GgufValue};
 use crate::{Error, Result};
 
 /// The architectures the step implements.
@@ -128,61 +129,86 @@ struct Obj<'a> {
     path: &'static str,
 }
 
-impl Obj<'_> {
+impl<'a> Obj<'a> {
     fn err(&self, msg: impl Into<String>) -> Error {
         Error::format(self.file, msg)
     }
     /// The value, `None` when absent or null.
-    fn get(&self, key: &str) -> Option<&Value> {
+    fn get(&self, key: &str) -> Option<&'a Value> {
         self.map.get(key).filter(|v| !v.is_null())
     }
     fn missing(&self, key: &str) -> Error {
         self.err(format!("missing field `{}{key}`", self.path))
     }
-    fn usize(&self, key: &str) -> Result<Option<usize>> {
+    /// The value read by `conv`; `None` when absent or null, an error when `conv` refuses it.
+    fn typed<T>(&self, key: &str, what: &str, conv: impl FnOnce(&'a Value) -> Option<T>) -> Result<Option<T>> {
         self.get(key)
-            .map(|v| {
-                v.as_u64()
-                    .and_then(|x| usize::try_from(x).ok())
-                    .ok_or_else(|| self.err(format!("field `{}{key}` is not a non-negative integer: {v}", self.path)))
-            })
+            .map(|v| conv(v).ok_or_else(|| self.err(format!("field `{}{key}` is not {what}: {v}", self.path))))
             .transpose()
+    }
+    fn usize(&self, key: &str) -> Result<Option<usize>> {
+        self.typed(key, "a non-negative integer", |v| v.as_u64().and_then(|x| usize::try_from(x).ok()))
     }
     fn req_usize(&self, key: &str) -> Result<usize> {
         self.usize(key)?.ok_or_else(|| self.missing(key))
     }
     fn f64(&self, key: &str) -> Result<Option<f64>> {
-        self.get(key)
-            .map(|v| v.as_f64().ok_or_else(|| self.err(format!("field `{}{key}` is not a number: {v}", self.path))))
-            .transpose()
+        self.typed(key, "a number", Value::as_f64)
     }
     fn bool(&self, key: &str) -> Result<Option<bool>> {
-        self.get(key)
-            .map(|v| v.as_bool().ok_or_else(|| self.err(format!("field `{}{key}` is not a boolean: {v}", self.path))))
-            .transpose()
+        self.typed(key, "a boolean", Value::as_bool)
     }
-    fn str(&self, key: &str) -> Result<Option<&str>> {
-        self.get(key)
-            .map(|v| v.as_str().ok_or_else(|| self.err(format!("field `{}{key}` is not a string: {v}", self.path))))
-            .transpose()
+    fn str(&self, key: &str) -> Result<Option<&'a str>> {
+        self.typed(key, "a string", Value::as_str)
     }
-    fn obj(&self, key: &str) -> Result<Option<&Map<String, Value>>> {
-        self.get(key)
-            .map(|v| v.as_object().ok_or_else(|| self.err(format!("field `{}{key}` is not an object", self.path))))
-            .transpose()
+    fn obj(&self, key: &str) -> Result<Option<&'a Map<String, Value>>> {
+        self.typed(key, "an object", Value::as_object)
     }
     /// A token id or list of ids (`eos_token_id` may be either). `None` when absent; `Some([])` for null.
     fn ids(&self, key: &str) -> Result<Option<Vec<u32>>> {
         let Some(v) = self.map.get(key) else { return Ok(None) };
-        let one = |v: &Value| v.as_u64().and_then(|x| u32::try_from(x).ok());
-        let ids = match v {
-            Value::Null => Some(Vec::new()),
-            Value::Array(a) => a.iter().map(one).collect(),
-            v => one(v).map(|x| vec![x]),
-        };
+        let ids = if v.is_null() { Some(Vec::new()) } else { token_ids(v) };
         ids.map(Some)
             .ok_or_else(|| self.err(format!("field `{}{key}` is not a token id or list of ids: {v}", self.path)))
     }
+}
+
+/// A token id or a list of ids, as HF configs write `eos_token_id`; `None` for anything else.
+pub(crate) fn token_ids(v: &Value) -> Option<Vec<u32>> {
+    let one = |v: &Value| v.as_u64().and_then(|x| u32::try_from(x).ok());
+    match v {
+        Value::Array(a) => a.iter().map(one).collect(),
+        v => one(v).map(|x| vec![x]),
+    }
+}
+
+/// Quantized HF checkpoints (compressed-tensors, GPTQ, AWQ, …) store packed integer tensors under
+/// other names; refuse them up front rather than failing on a "missing" weight later.
+fn reject_quantized(top: &Obj<'_>) -> Result<()> {
+    let m = top.map;
+    let q = m
+        .get("quantization_config")
+        .or_else(|| m.get("text_config").and_then(|t| t.get("quantization_config")))
+        .filter(|v| !v.is_null());
+    let Some(q) = q else { return Ok(()) };
+    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("unknown");
+    let fmt = q.get("format").and_then(Value::as_str).map(|f| format!(", format {f}")).unwrap_or_default();
+    Err(top.err(format!(
+        "unsupported quantization `{method}`{fmt}: quantized safetensors checkpoints are not supported yet"
+    )))
+}
+
+/// `Ok(None)` when GGUF `key` is absent, the value `read` takes from it, or an error saying it is
+/// not `what`.
+fn gguf_opt<'g, T>(
+    label: &str,
+    g: &'g GgufFile,
+    key: &str,
+    what: &str,
+    read: impl FnOnce(&'g GgufValue) -> Option<T>,
+) -> Result<Option<T>> {
+    let Some(v) = g.get(key) else { return Ok(None) };
+    read(v).map(Some).ok_or_else(|| Error::format(label, format!("GGUF key `{key}` is not {what}")))
 }
 
 fn pow_neg_half(x: f64) -> f32 {
@@ -204,21 +230,41 @@ fn rope_scale(o: &Obj<'_>, m: &Map<String, Value>, what: &str) -> Result<f32> {
                 .get("factor")
                 .and_then(Value::as_f64)
                 .ok_or_else(|| o.err(format!("`{what}`: linear RoPE scaling needs a numeric `factor`")))?;
-            if !(f.is_finite() && f > 0.0) {
+            // Checked as f32, the type it is used in (1e39 would be infinite, 1e-50 zero).
+            let f32 = f as f32;
+            if !(f32.is_finite() && f32 > 0.0) {
                 return Err(o.err(format!("`{what}.factor` must be positive, got {f}")));
             }
-            Ok(f as f32)
+            Ok(f32)
         }
         other => Err(o.err(format!("`{what}`: unsupported RoPE type `{other}` (only default and linear)"))),
     }
 }
 
+/// A RoPE base, checked as the f32 it is used as.
 fn check_theta(o: &Obj<'_>, theta: f64, what: &str) -> Result<f32> {
-    if theta.is_finite() && theta > 1.0 {
-        Ok(theta as f32)
-    } else {
-        Err(o.err(format!("`{what}` must be a number > 1, got {theta}")))
-    }
+    let t = theta as f32;
+    if t.is_finite() && t > 1.0 { Ok(t) } else { Err(o.err(format!("`{what}` must be a number > 1, got {theta}"))) }
+}
+
+/// One 5.x `rope_parameters` entry `m` (`what` names it in errors): its `rope_theta`, else the
+/// top-level `fallback_key`, else `default`; and its scaling.
+fn rope_entry(t: &Obj<'_>, m: &Map<String, Value>, what: &str, fallback_key: &str, default: f64) -> Result<Rope> {
+    let theta = match m.get("rope_theta").filter(|v| !v.is_null()) {
+        Some(v) => v.as_f64().ok_or_else(|| t.err(format!("`{what}.rope_theta` is not a number")))?,
+        None => t.f64(fallback_key)?.unwrap_or(default),
+    };
+    Ok(Rope { theta: check_theta(t, theta, &format!("{what}.rope_theta"))?, scale: rope_scale(t, m, what)? })
+}
+
+/// 4.x RoPE: `rope_theta` (else `default`) and an optional `rope_scaling`.
+fn rope_legacy(t: &Obj<'_>, default: f64) -> Result<Rope> {
+    let theta = t.f64("rope_theta")?.unwrap_or(default);
+    let scale = match t.obj("rope_scaling")? {
+        Some(m) => rope_scale(t, m, &format!("{}rope_scaling", t.path))?,
+        None => 1.0,
+    };
+    Ok(Rope { theta: check_theta(t, theta, &format!("{}rope_theta", t.path))?, scale })
 }
 
 /// Shape checks shared by every source.
@@ -249,6 +295,9 @@ fn check_shape(file: &str, c: &ModelConfig) -> Result<()> {
     if !(c.eps.is_finite() && c.eps > 0.0) {
         return err(format!("rms_norm_eps must be positive, got {}", c.eps));
     }
+    if !(c.attn_scale.is_finite() && c.attn_scale > 0.0) {
+        return err(format!("attention scale {} is not a positive number", c.attn_scale));
+    }
     if c.layer_kinds.len() != c.layers {
         return err(format!("{} layer types for {} layers", c.layer_kinds.len(), c.layers));
     }
@@ -269,11 +318,9 @@ impl ModelConfig {
         let root: Value = serde_json::from_str(json).map_err(|e| Error::format(label, format!("invalid JSON: {e}")))?;
         let map = root.as_object().ok_or_else(|| Error::format(label, "config is not a JSON object"))?;
         let top = Obj { file: label, map, path: "" };
+        reject_quantized(&top)?;
 
-        let arch0 = match top.get("architectures").and_then(Value::as_array).and_then(|a| a.first()) {
-            Some(v) => v.as_str(),
-            None => None,
-        };
+        let arch0 = top.get("architectures").and_then(Value::as_array).and_then(|a| a.first()).and_then(Value::as_str);
         let model_type = match top.str("model_type")? {
             Some(t) => t,
             // Old exports sometimes lack model_type; the architecture class says the same.
@@ -323,25 +370,13 @@ impl ModelConfig {
         };
         let key = |k: &str| format!("{arch_name}.{k}");
         // Absent → None; present but not an unsigned integer (e.g. a per-layer array) → error.
-        let opt_u = |k: &str| -> Result<Option<usize>> {
-            let k = key(k);
-            match g.get(&k) {
-                None => Ok(None),
-                Some(_) => g
-                    .get_u64(&k)
-                    .and_then(|v| usize::try_from(v).ok())
-                    .map(Some)
-                    .ok_or_else(|| err(format!("GGUF key `{k}` is not a single unsigned integer"))),
-            }
+        let opt_u = |k: &str| {
+            gguf_opt(label, g, &key(k), "a single unsigned integer", |v| {
+                v.as_u64().and_then(|v| usize::try_from(v).ok())
+            })
         };
         let req_u = |k: &str| opt_u(k)?.ok_or_else(|| err(format!("missing GGUF key `{}`", key(k))));
-        let opt_f = |k: &str| -> Result<Option<f32>> {
-            let k = key(k);
-            match g.get(&k) {
-                None => Ok(None),
-                Some(_) => g.get_f32(&k).map(Some).ok_or_else(|| err(format!("GGUF key `{k}` is not a number"))),
-            }
-        };
+        let opt_f = |k: &str| gguf_opt(label, g, &key(k), "a number", GgufValue::as_f32);
 
         let hidden = req_u("embedding_length")?;
         let layers = req_u("block_count")?;
@@ -393,16 +428,7 @@ impl ModelConfig {
             },
         };
 
-        let tok_id = |k: &str| -> Result<Option<u32>> {
-            match g.get(k) {
-                None => Ok(None),
-                Some(_) => g
-                    .get_u64(k)
-                    .and_then(|v| u32::try_from(v).ok())
-                    .map(Some)
-                    .ok_or_else(|| err(format!("GGUF key `{k}` is not a token id"))),
-            }
-        };
+        let tok_id = |k: &str| gguf_opt(label, g, k, "a token id", |v| v.as_u64().and_then(|v| u32::try_from(v).ok()));
         let bos = tok_id("tokenizer.ggml.bos_token_id")?;
         let mut eos = Vec::new();
         // Stop at the file's EOS and, when declared, its end-of-turn token (chat models).
@@ -413,10 +439,8 @@ impl ModelConfig {
                 eos.push(id);
             }
         }
-        let add_bos = match g.get("tokenizer.ggml.add_bos_token") {
-            Some(_) => g
-                .get_bool("tokenizer.ggml.add_bos_token")
-                .ok_or_else(|| err("`tokenizer.ggml.add_bos_token` is not a boolean".into()))?,
+        let add_bos = match gguf_opt(label, g, "tokenizer.ggml.add_bos_token", "a boolean", GgufValue::as_bool)? {
+            Some(b) => b,
             // llama.cpp's defaults: SentencePiece-style vocabularies add BOS, BPE ones do not.
             None => matches!(g.get_str("tokenizer.ggml.model"), Some("llama" | "gemma")),
         };
@@ -579,28 +603,15 @@ fn gemma3_from_hf(t: &Obj<'_>, top: &Obj<'_>, nested: bool) -> Result<ModelConfi
         Some(rp) => {
             let per_type = rp.contains_key("full_attention") || rp.contains_key("sliding_attention");
             let entry = |ty: &str, fallback_key: &str, default: f64| -> Result<Rope> {
-                let what = if per_type {
-                    format!("{}rope_parameters.{ty}", t.path)
-                } else {
-                    format!("{}rope_parameters", t.path)
-                };
-                let m = if per_type {
-                    match rp.get(ty) {
-                        Some(Value::Object(m)) => m,
-                        Some(_) => return Err(t.err(format!("`{what}` is not an object"))),
-                        None => return Err(t.missing(&format!("rope_parameters.{ty}"))),
-                    }
-                } else {
-                    rp
-                };
-                let theta = match m.get("rope_theta").filter(|v| !v.is_null()) {
-                    Some(v) => v.as_f64().ok_or_else(|| t.err(format!("`{what}.rope_theta` is not a number")))?,
-                    None => t.f64(fallback_key)?.unwrap_or(default),
-                };
-                Ok(Rope {
-                    theta: check_theta(t, theta, &format!("{what}.rope_theta"))?,
-                    scale: rope_scale(t, m, &what)?,
-                })
+                if !per_type {
+                    return rope_entry(t, rp, &format!("{}rope_parameters", t.path), fallback_key, default);
+                }
+                let what = format!("{}rope_parameters.{ty}", t.path);
+                match rp.get(ty) {
+                    Some(Value::Object(m)) => rope_entry(t, m, &what, fallback_key, default),
+                    Some(_) => Err(t.err(format!("`{what}` is not an object"))),
+                    None => Err(t.missing(&format!("rope_parameters.{ty}"))),
+                }
             };
             let needs = |k: LayerKind| layer_kinds.contains(&k);
             let full = if needs(LayerKind::Full) || !per_type || rp.contains_key("full_attention") {
@@ -617,17 +628,9 @@ fn gemma3_from_hf(t: &Obj<'_>, top: &Obj<'_>, nested: bool) -> Result<ModelConfi
         }
         // transformers 4.x: rope_scaling applies to the global layers only.
         None => {
-            let theta = t.f64("rope_theta")?.unwrap_or(d::ROPE_THETA);
+            let full = rope_legacy(t, d::ROPE_THETA)?;
             let local = t.f64("rope_local_base_freq")?.unwrap_or(d::ROPE_LOCAL_BASE_FREQ);
-            let what = format!("{}rope_scaling", t.path);
-            let scale = match t.obj("rope_scaling")? {
-                Some(m) => rope_scale(t, m, &what)?,
-                None => 1.0,
-            };
-            (
-                Rope { theta: check_theta(t, theta, &format!("{}rope_theta", t.path))?, scale },
-                Rope { theta: check_theta(t, local, &format!("{}rope_local_base_freq", t.path))?, scale: 1.0 },
-            )
+            (full, Rope { theta: check_theta(t, local, &format!("{}rope_local_base_freq", t.path))?, scale: 1.0 })
         }
     };
 
@@ -709,24 +712,8 @@ fn llama_from_hf(t: &Obj<'_>, mistral: bool) -> Result<ModelConfig> {
     let default_theta = 10_000.0;
     let rope = match t.obj("rope_parameters")? {
         // transformers 5.x folds theta and scaling into one object.
-        Some(m) => {
-            let theta = match m.get("rope_theta").filter(|v| !v.is_null()) {
-                Some(v) => v.as_f64().ok_or_else(|| t.err("`rope_parameters.rope_theta` is not a number"))?,
-                None => t.f64("rope_theta")?.unwrap_or(default_theta),
-            };
-            Rope {
-                theta: check_theta(t, theta, "rope_parameters.rope_theta")?,
-                scale: rope_scale(t, m, "rope_parameters")?,
-            }
-        }
-        None => {
-            let theta = t.f64("rope_theta")?.unwrap_or(default_theta);
-            let scale = match t.obj("rope_scaling")? {
-                Some(m) => rope_scale(t, m, "rope_scaling")?,
-                None => 1.0,
-            };
-            Rope { theta: check_theta(t, theta, "rope_theta")?, scale }
-        }
+        Some(m) => rope_entry(t, m, "rope_parameters", "rope_theta", default_theta)?,
+        None => rope_legacy(t, default_theta)?,
     };
     // Mistral v0.1 attends within a window on every layer (MistralConfig defaults to 4096);
     // later releases set it to null.

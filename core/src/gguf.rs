@@ -139,40 +139,29 @@ pub fn ggml_type_name(id: u32) -> Option<&'static str> {
     })
 }
 
+/// The ggml type ids purehw supports, with their [`Format`]s.
+const GGML_FORMATS: [(u32, Format); 11] = [
+    (0, Format::F32),
+    (1, Format::F16),
+    (2, Format::Q4_0),
+    (3, Format::Q4_1),
+    (6, Format::Q5_0),
+    (7, Format::Q5_1),
+    (8, Format::Q8_0),
+    (12, Format::Q4_K),
+    (13, Format::Q5_K),
+    (14, Format::Q6_K),
+    (30, Format::BF16),
+];
+
 /// The [`Format`] of a ggml type id, when purehw supports it.
 pub fn format_from_ggml(id: u32) -> Option<Format> {
-    Some(match id {
-        0 => Format::F32,
-        1 => Format::F16,
-        2 => Format::Q4_0,
-        3 => Format::Q4_1,
-        6 => Format::Q5_0,
-        7 => Format::Q5_1,
-        8 => Format::Q8_0,
-        12 => Format::Q4_K,
-        13 => Format::Q5_K,
-        14 => Format::Q6_K,
-        30 => Format::BF16,
-        _ => return None,
-    })
+    GGML_FORMATS.iter().find(|&&(i, _)| i == id).map(|&(_, f)| f)
 }
 
 /// The ggml type id of a [`Format`] (for writers and tests).
 pub fn ggml_type_of(format: Format) -> Option<u32> {
-    Some(match format {
-        Format::F32 => 0,
-        Format::F16 => 1,
-        Format::Q4_0 => 2,
-        Format::Q4_1 => 3,
-        Format::Q5_0 => 6,
-        Format::Q5_1 => 7,
-        Format::Q8_0 => 8,
-        Format::Q4_K => 12,
-        Format::Q5_K => 13,
-        Format::Q6_K => 14,
-        Format::BF16 => 30,
-        _ => return None,
-    })
+    GGML_FORMATS.iter().find(|&&(_, f)| f == format).map(|&(i, _)| i)
 }
 
 /// A bounds-checked cursor. Errors say what was short and where; callers add which key or tensor.
@@ -187,12 +176,10 @@ impl<'a> Reader<'a> {
     }
 
     fn bytes(&mut self, n: u64) -> Result<&'a [u8], String> {
-        let rem = self.remaining();
-        let Some(end) = usize::try_from(n).ok().filter(|&n| n <= rem).map(|n| self.pos + n) else {
-            return Err(format!("truncated: {n} bytes needed at offset {} but only {rem} remain", self.pos));
-        };
-        let s = self.b.get(self.pos..end).ok_or_else(|| String::from("truncated"))?;
-        self.pos = end;
+        let s = usize::try_from(n).ok().and_then(|n| self.b.get(self.pos..)?.get(..n)).ok_or_else(|| {
+            format!("truncated: {n} bytes needed at offset {} but only {} remain", self.pos, self.remaining())
+        })?;
+        self.pos += s.len();
         Ok(s)
     }
 
@@ -216,12 +203,9 @@ impl<'a> Reader<'a> {
         let at = self.pos;
         let len = self.u64().map_err(|e| format!("string length: {e}"))?;
         let rem = self.remaining();
-        if len > rem as u64 {
-            return Err(format!(
-                "string of {len} bytes at offset {at} runs past the end of the file ({rem} bytes remain)"
-            ));
-        }
-        let s = self.bytes(len)?;
+        let s = self.bytes(len).map_err(|_| {
+            format!("string of {len} bytes at offset {at} runs past the end of the file ({rem} bytes remain)")
+        })?;
         core::str::from_utf8(s).map(String::from).map_err(|e| format!("invalid UTF-8 in string at offset {at}: {e}"))
     }
 
@@ -461,15 +445,58 @@ fn tensor_entry(r: &mut Reader<'_>, alignment: usize) -> Result<(Format, Vec<u64
             format.name()
         ));
     }
-    let mut len = (row / block).checked_mul(format.block_bytes() as u64);
-    for &d in &dims[1..] {
-        len = len.and_then(|l| l.checked_mul(d));
-    }
-    let len = len.and_then(|l| usize::try_from(l).ok()).ok_or_else(|| format!("dims {dims:?}: byte size overflows"))?;
+    let len = usize::try_from(row)
+        .ok()
+        .and_then(|r| format.bytes_for(r))
+        .and_then(|row_bytes| dims[1..].iter().try_fold(row_bytes, |l, &d| l.checked_mul(usize::try_from(d).ok()?)))
+        .ok_or_else(|| format!("dims {dims:?}: byte size overflows"))?;
     if offset % alignment as u64 != 0 {
         return Err(format!("data offset {offset} is not a multiple of the alignment {alignment}"));
     }
     Ok((format, dims, offset, len))
+}
+
+impl Value {
+    /// Any integer type that fits.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v as u64),
+            Value::U16(v) => Some(v as u64),
+            Value::U32(v) => Some(v as u64),
+            Value::U64(v) => Some(v),
+            Value::I8(v) => u64::try_from(v).ok(),
+            Value::I16(v) => u64::try_from(v).ok(),
+            Value::I32(v) => u64::try_from(v).ok(),
+            Value::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+    /// A float, or a non-negative integer as one.
+    pub fn as_f32(&self) -> Option<f32> {
+        match *self {
+            Value::F32(v) => Some(v),
+            Value::F64(v) => Some(v as f32),
+            _ => self.as_u64().map(|v| v as f32),
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Value::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+    pub fn as_array(&self) -> Option<&Array> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
 }
 
 impl GgufFile {
@@ -478,42 +505,20 @@ impl GgufFile {
     }
     /// Any integer type that fits.
     pub fn get_u64(&self, key: &str) -> Option<u64> {
-        match self.get(key)? {
-            Value::U8(v) => Some(*v as u64),
-            Value::U16(v) => Some(*v as u64),
-            Value::U32(v) => Some(*v as u64),
-            Value::U64(v) => Some(*v),
-            Value::I8(v) => u64::try_from(*v).ok(),
-            Value::I16(v) => u64::try_from(*v).ok(),
-            Value::I32(v) => u64::try_from(*v).ok(),
-            Value::I64(v) => u64::try_from(*v).ok(),
-            _ => None,
-        }
+        self.get(key)?.as_u64()
     }
+    /// A float, or a non-negative integer as one.
     pub fn get_f32(&self, key: &str) -> Option<f32> {
-        match self.get(key)? {
-            Value::F32(v) => Some(*v),
-            Value::F64(v) => Some(*v as f32),
-            _ => self.get_u64(key).map(|v| v as f32),
-        }
+        self.get(key)?.as_f32()
     }
     pub fn get_str(&self, key: &str) -> Option<&str> {
-        match self.get(key)? {
-            Value::String(s) => Some(s),
-            _ => None,
-        }
+        self.get(key)?.as_str()
     }
     pub fn get_bool(&self, key: &str) -> Option<bool> {
-        match self.get(key)? {
-            Value::Bool(b) => Some(*b),
-            _ => None,
-        }
+        self.get(key)?.as_bool()
     }
     pub fn get_array(&self, key: &str) -> Option<&Array> {
-        match self.get(key)? {
-            Value::Array(a) => Some(a),
-            _ => None,
-        }
+        self.get(key)?.as_array()
     }
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.iter().find(|t| t.name == name)

@@ -9,7 +9,7 @@
 //! [`parse`] and [`parse_index`] never panic and never read out of bounds; their errors are plain
 //! messages and callers prefix the file name (as with [`crate::gguf::parse`]).
 
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -163,7 +163,7 @@ pub struct TensorEntry {
 /// A parsed safetensors header. Tensor data stays in the caller's bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
-    /// `__metadata__`, in file order.
+    /// `__metadata__`, sorted by key (serde_json's map order).
     pub metadata: Vec<(String, String)>,
     /// Sorted by data offset.
     pub tensors: Vec<TensorEntry>,
@@ -203,9 +203,9 @@ impl<'de> Deserialize<'de> for Entries {
 }
 
 fn no_duplicates<'a>(names: impl Iterator<Item = &'a str>, what: &str) -> Result<(), String> {
-    let mut seen = BTreeMap::new();
+    let mut seen = BTreeSet::new();
     for n in names {
-        if seen.insert(n, ()).is_some() {
+        if !seen.insert(n) {
             return Err(format!("{what} `{n}` appears twice"));
         }
     }

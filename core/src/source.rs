@@ -183,9 +183,18 @@ impl ModelSource {
         index_json: Option<&str>,
         shards: Vec<(String, SharedBytes)>,
     ) -> Result<ModelSource> {
-        let cfg_file = format!("{label}/config.json");
-        reject_quantized(&cfg_file, config_json)?;
-        let config = ModelConfig::from_hf_json(&cfg_file, config_json)?;
+        let weight_map = index_json.map(|json| parse_index(label, json)).transpose()?;
+        Self::from_hf_parts(label, config_json, weight_map.as_deref(), shards)
+    }
+
+    /// [`from_safetensors_indexed`](Self::from_safetensors_indexed) with the index already parsed.
+    fn from_hf_parts(
+        label: &str,
+        config_json: &str,
+        weight_map: Option<&[(String, String)]>,
+        shards: Vec<(String, SharedBytes)>,
+    ) -> Result<ModelSource> {
+        let config = ModelConfig::from_hf_json(&format!("{label}/config.json"), config_json)?;
         if shards.is_empty() {
             return Err(Error::format(label, "no safetensors files"));
         }
@@ -206,19 +215,18 @@ impl ModelSource {
             parsed.push(Shard { name, display, bytes, header });
         }
 
-        if let Some(json) = index_json {
-            let idx_file = format!("{label}/model.safetensors.index.json");
-            let map = st::parse_index(json.as_bytes()).map_err(|m| Error::format(&idx_file, m))?;
-            for (tensor, shard) in &map {
-                let Some(si) = parsed.iter().position(|s| &s.name == shard) else {
-                    return Err(Error::format(&idx_file, format!("shard `{shard}` (holding `{tensor}`) is missing")));
-                };
-                if index.get(tensor) != Some(&si) {
-                    return Err(Error::format(
-                        &parsed[si].display,
-                        format!("tensor `{tensor}` is listed in the index for this shard but is not in it"),
-                    ));
-                }
+        for (tensor, shard) in weight_map.unwrap_or_default() {
+            let Some(si) = parsed.iter().position(|s| &s.name == shard) else {
+                return Err(Error::format(
+                    index_file(label),
+                    format!("shard `{shard}` (holding `{tensor}`) is missing"),
+                ));
+            };
+            if index.get(tensor) != Some(&si) {
+                return Err(Error::format(
+                    &parsed[si].display,
+                    format!("tensor `{tensor}` is listed in the index for this shard but is not in it"),
+                ));
             }
         }
 
@@ -374,6 +382,16 @@ impl ModelSource {
     }
 }
 
+/// What errors call a checkpoint's `model.safetensors.index.json`.
+fn index_file(label: &str) -> String {
+    format!("{label}/model.safetensors.index.json")
+}
+
+/// `model.safetensors.index.json`'s weight map as (tensor, shard file) pairs.
+fn parse_index(label: &str, json: &str) -> Result<Vec<(String, String)>> {
+    st::parse_index(json.as_bytes()).map_err(|m| Error::format(index_file(label), m))
+}
+
 fn missing(file: &str, name: &str) -> Error {
     Error::format(file, format!("missing tensor `{name}`"))
 }
@@ -454,28 +472,10 @@ fn hf_name(role: Role, l: usize, arch: Arch) -> String {
     }
 }
 
-/// Quantized HF checkpoints (compressed-tensors, GPTQ, AWQ, …) store packed integer tensors under
-/// other names; refuse them up front rather than failing on a "missing" weight later.
-fn reject_quantized(cfg_file: &str, config_json: &str) -> Result<()> {
-    let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(config_json) else {
-        return Ok(()); // from_hf_json reports what is wrong with it
-    };
-    let q = m
-        .get("quantization_config")
-        .or_else(|| m.get("text_config").and_then(|t| t.get("quantization_config")))
-        .filter(|v| !v.is_null());
-    let Some(q) = q else { return Ok(()) };
-    let method = q.get("quant_method").and_then(|v| v.as_str()).unwrap_or("unknown");
-    let fmt = q.get("format").and_then(|v| v.as_str()).map(|f| format!(", format {f}")).unwrap_or_default();
-    Err(Error::format(
-        cfg_file,
-        format!("unsupported quantization `{method}`{fmt}: quantized safetensors checkpoints are not supported yet"),
-    ))
-}
-
 #[cfg(feature = "std")]
 mod open {
     use super::*;
+    use crate::config::token_ids;
     use alloc::vec;
     use std::fs;
     use std::path::{Path, PathBuf};
@@ -488,13 +488,8 @@ mod open {
         fs::read_to_string(path).map_err(|e| io(path, e))
     }
 
-    /// The file's bytes, memory-mapped where that is safe.
-    ///
-    /// `memmap2::Mmap::map` is `unsafe` (another process may change the file under the mapping) and
-    /// the workspace forbids `unsafe`, so only files the kernel guarantees immutable (sealed memfd,
-    /// fs-verity) are mapped; others are read into memory. Swap this one function for a real
-    /// mapping once the project settles on an audited safe wrapper.
-    /// Memory-map a weight file read-only; weights are never copied wholesale.
+    /// Memory-map a weight file read-only; weights are never copied wholesale. This is the
+    /// workspace's one `unsafe` call (`memmap2::Mmap::map`).
     #[allow(unsafe_code)]
     fn map_file(path: &Path) -> Result<SharedBytes> {
         let f = fs::File::open(path).map_err(|e| io(path, e))?;
@@ -535,14 +530,11 @@ mod open {
             let index = path.join("model.safetensors.index.json");
             if path.join("config.json").is_file() {
                 if index.is_file() {
-                    let json = read_text(&index)?;
-                    let label = path.display().to_string();
-                    let map = st::parse_index(json.as_bytes())
-                        .map_err(|m| Error::format(format!("{label}/model.safetensors.index.json"), m))?;
-                    let mut names: Vec<String> = map.into_iter().map(|(_, s)| s).collect();
+                    let map = parse_index(&path.display().to_string(), &read_text(&index)?)?;
+                    let mut names: Vec<String> = map.iter().map(|(_, s)| s.clone()).collect();
                     names.sort();
                     names.dedup();
-                    return open_hf(path, Some(json), names);
+                    return open_hf(path, Some(map), names);
                 }
                 if path.join("model.safetensors").is_file() {
                     return open_hf(path, None, vec!["model.safetensors".into()]);
@@ -576,19 +568,19 @@ mod open {
         Ok(s)
     }
 
-    fn open_hf(dir: &Path, index_json: Option<String>, shard_names: Vec<String>) -> Result<ModelSource> {
+    fn open_hf(dir: &Path, weight_map: Option<Vec<(String, String)>>, shard_names: Vec<String>) -> Result<ModelSource> {
         let config_json = read_text(&dir.join("config.json"))?;
         let label = dir.display().to_string();
         let mut shards = Vec::with_capacity(shard_names.len());
         for name in shard_names {
             let p = dir.join(&name);
             if !p.is_file() {
-                let what = if index_json.is_some() { "shard named in model.safetensors.index.json" } else { "file" };
+                let what = if weight_map.is_some() { "shard named in model.safetensors.index.json" } else { "file" };
                 return Err(Error::format(p.display().to_string(), format!("{what} is missing")));
             }
             shards.push((name, map_file(&p)?));
         }
-        let mut s = ModelSource::from_safetensors_indexed(&label, &config_json, index_json.as_deref(), shards)?;
+        let mut s = ModelSource::from_hf_parts(&label, &config_json, weight_map.as_deref(), shards)?;
         s.dir = Some(dir.to_path_buf());
         apply_hf_side_files(&mut s, dir)?;
         Ok(s)
@@ -610,14 +602,9 @@ mod open {
         };
         if let Some(g) = read_json("generation_config.json")? {
             let file = dir.join("generation_config.json").display().to_string();
-            let id = |v: &serde_json::Value| v.as_u64().and_then(|x| u32::try_from(x).ok());
-            let eos = match g.get("eos_token_id") {
-                None | Some(serde_json::Value::Null) => None,
-                Some(serde_json::Value::Array(a)) => Some(a.iter().map(id).collect::<Option<Vec<_>>>()),
-                Some(v) => Some(id(v).map(|x| vec![x])),
-            };
-            if let Some(eos) = eos {
-                let eos = eos.ok_or_else(|| Error::format(&file, "`eos_token_id` is not a token id or list of ids"))?;
+            if let Some(v) = g.get("eos_token_id").filter(|v| !v.is_null()) {
+                let eos = token_ids(v)
+                    .ok_or_else(|| Error::format(&file, "`eos_token_id` is not a token id or list of ids"))?;
                 if let Some(bad) = eos.iter().find(|&&e| e as usize >= s.config.vocab) {
                     return Err(Error::format(&file, format!("eos_token_id {bad} is outside the vocabulary")));
                 }

@@ -1,4 +1,4 @@
-//! GGUF sources: the real Gemma 3 270M and SmolLM2-135M files (skipped when absent), and
+//! GGUF sources: the real Gemma 3 270M and SmolLM2-135M files (a missing one fails the test), and
 //! `ModelConfig::from_gguf` on hand-built metadata.
 
 mod source_common;
