@@ -67,7 +67,7 @@ pub fn check_hf_golden_at<B: Backend>(
 ) {
     let src = open(model);
     let golden = read_json(&dir.join("golden.json"));
-    let opts = ModelOptions { ctx: 512, slots: 1, max_batch: 48, logit_rows: 48 };
+    let opts = ModelOptions { ctx: 512, slots: 1, max_batch: 48, logit_rows: 48, ..Default::default() };
     let mut m = load(make(), &src, opts);
     let vocab = m.config().vocab;
     for case in golden["cases"].as_array().expect("cases") {
@@ -101,7 +101,7 @@ pub fn check_gguf_golden<B: Backend>(
     let dir = fixture(fixture_dir);
     let cases = read_json(&dir.join("cases.json"));
     let src = open(model);
-    let opts = ModelOptions { ctx: 2048, slots: 1, max_batch: 128, logit_rows: 1 };
+    let opts = ModelOptions { ctx: 2048, slots: 1, max_batch: 128, logit_rows: 1, ..Default::default() };
     let mut m = load(make(), &src, opts);
     let eos = m.config().eos.clone();
     for case in cases["cases"].as_array().expect("cases") {
@@ -115,5 +115,47 @@ pub fn check_gguf_golden<B: Backend>(
         let golden = ids(&case["greedy_ids"]);
         let (ours, gaps) = greedy(&mut m, &input, golden.len(), &eos);
         assert_greedy(name, &ours, &gaps, &golden);
+    }
+}
+
+/// Greedy `n` tokens (never stopping at EOS) on every prompt of a GGUF fixture, on a twin `b` and
+/// the reference `a` in the same activation mode: the ids and the final logits must be equal bit
+/// for bit.
+pub fn check_greedy_twins<A: Backend, B: Backend>(
+    fixture_dir: &str,
+    model: &std::path::Path,
+    n: usize,
+    act: purehw_hal::ActQuant,
+    make_a: impl FnOnce() -> A,
+    make_b: impl FnOnce() -> B,
+) {
+    let cases = read_json(&fixture(fixture_dir).join("cases.json"));
+    let src = open(model);
+    let opts = ModelOptions { ctx: 2048, slots: 1, max_batch: 128, logit_rows: 1, act };
+    let mut a = load(make_a(), &src, opts);
+    let mut b = load(make_b(), &src, opts);
+    for case in cases["cases"].as_array().expect("cases") {
+        let name = case["name"].as_str().expect("name");
+        let input = ids(&case["input_ids"]);
+        let t = std::time::Instant::now();
+        let (ia, _) = greedy(&mut a, &input, n, &[]);
+        let ta = t.elapsed();
+        let t = std::time::Instant::now();
+        let (ib, gaps) = greedy(&mut b, &input, n, &[]);
+        let tb = t.elapsed();
+        eprintln!(
+            "{fixture_dir}/{name} ({act:?}): {} prompt + {n} greedy tokens; {}: {ta:.2?}, {}: {tb:.2?}",
+            input.len(),
+            a.backend().name(),
+            b.backend().name()
+        );
+        assert_greedy(name, &ib, &gaps, &ia);
+        let last = *ia.last().expect("tokens");
+        let pos = input.len() + n - 1;
+        let la = a.forward(0, pos, &[last]).unwrap_or_else(|e| panic!("{e}")).to_vec();
+        let lb = b.forward(0, pos, &[last]).unwrap_or_else(|e| panic!("{e}")).to_vec();
+        if let Some(i) = (0..la.len()).find(|&i| la[i].to_bits() != lb[i].to_bits()) {
+            panic!("{name}: logits after {n} tokens differ first at {i}: {} vs {}", la[i], lb[i]);
+        }
     }
 }

@@ -89,3 +89,4 @@ pub fn read_json(path: &std::path::Path) -> serde_json::Value {
 }
 
 pub mod golden;
+pub mod ops;

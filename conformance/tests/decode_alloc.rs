@@ -1,14 +1,28 @@
 //! A decode step allocates nothing once the model is loaded and warmed up.
 
-use purehw_conformance::{fixture, golden};
+use purehw_conformance::{fixture, golden, model_file};
 use purehw_core::model::ModelOptions;
+use purehw_hal::{ActQuant, Backend};
 use purehw_hal_cpu_ref::CpuRef;
 
 #[test]
 fn decode_step_allocates_nothing() {
-    let src = golden::open(&fixture("tiny-gemma3"));
-    let opts = ModelOptions { ctx: 64, slots: 2, max_batch: 8, logit_rows: 2 };
-    let mut m = golden::load(CpuRef::new(), &src, opts);
+    check(&fixture("tiny-gemma3"), ActQuant::F32, CpuRef::new);
+}
+
+#[test]
+fn cpu_decode_step_allocates_nothing() {
+    let cpu = || purehw_hal_cpu::Cpu::new(2).unwrap();
+    check(&fixture("tiny-gemma3"), ActQuant::F32, cpu);
+    // A real quantized model on the integer path (quantized activations, integer kernels).
+    check(&model_file("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf"), ActQuant::Int8, cpu);
+}
+
+/// Load, warm up (prefill and one decode step), then count allocations over decode steps.
+fn check<B: Backend>(path: &std::path::Path, act: ActQuant, make: impl FnOnce() -> B) {
+    let src = golden::open(path);
+    let opts = ModelOptions { ctx: 64, slots: 2, max_batch: 8, logit_rows: 2, act };
+    let mut m = golden::load(make(), &src, opts);
     m.forward(0, 0, &[2, 10, 20, 30]).unwrap();
     m.forward(0, 4, &[40]).unwrap(); // warm-up: first decode-shaped step
     let info = allocation_counter::measure(|| {

@@ -29,3 +29,4 @@ macro_rules! golden_tests {
 }
 
 golden_tests!(cpu_ref, purehw_hal_cpu_ref::CpuRef::new);
+golden_tests!(cpu, || purehw_hal_cpu::Cpu::new(2).unwrap_or_else(|e| panic!("{e}")));

@@ -12,7 +12,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use purehw_hal::{Backend, Format, HostBytes, HostWeight, Op, OpKind, SeqSpan, Step, View};
+use purehw_hal::{ActQuant, Backend, Format, HostBytes, HostWeight, Op, OpKind, SeqSpan, Step, View};
 
 use crate::config::{Arch, LayerKind, ModelConfig};
 pub use crate::generate::generate;
@@ -30,11 +30,13 @@ pub struct ModelOptions {
     pub max_batch: usize,
     /// Most rows of logits one step returns (1 for generation; more for `forward_all` and batches).
     pub logit_rows: usize,
+    /// How every matmul treats its activations (`Int8`: quantized per block, integer dots).
+    pub act: ActQuant,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        ModelOptions { ctx: 4096, slots: 1, max_batch: 128, logit_rows: 1 }
+        ModelOptions { ctx: 4096, slots: 1, max_batch: 128, logit_rows: 1, act: ActQuant::F32 }
     }
 }
 
@@ -238,6 +240,7 @@ impl<B: Backend> Model<B> {
         let n = h.tokens.len();
         let (hd, heads, kvh) = (c.head_dim, c.heads, c.kv_heads);
         let kvd = kvh * hd;
+        let act = self.opts.act;
         let v = |b| View::new(b, 0);
         let ops = &mut h.ops;
         ops.clear();
@@ -253,9 +256,9 @@ impl<B: Backend> Model<B> {
             // Attention pre-norm: xb = norm(x)
             ops.push(Op::RmsNorm { out: v(s.xb), x: v(s.x), w: lw.attn_norm, rows: n, dim: c.hidden, eps: c.eps });
             // Projections: q, k, v = xb·Wqᵀ, xb·Wkᵀ, xb·Wvᵀ
-            ops.push(Op::MatMul { out: v(s.q), x: v(s.xb), w: lw.wq, n });
-            ops.push(Op::MatMul { out: v(s.k), x: v(s.xb), w: lw.wk, n });
-            ops.push(Op::MatMul { out: v(s.v), x: v(s.xb), w: lw.wv, n });
+            ops.push(Op::MatMul { out: v(s.q), x: v(s.xb), w: lw.wq, n, act });
+            ops.push(Op::MatMul { out: v(s.k), x: v(s.xb), w: lw.wk, n, act });
+            ops.push(Op::MatMul { out: v(s.v), x: v(s.xb), w: lw.wv, n, act });
             // QK-norm (Gemma): per head, over head_dim
             if let Some(qn) = lw.q_norm {
                 ops.push(Op::RmsNorm { out: v(s.q), x: v(s.q), w: qn, rows: n * heads, dim: hd, eps: c.eps });
@@ -292,20 +295,20 @@ impl<B: Backend> Model<B> {
                 softcap: c.attn_softcap,
             });
             // Output projection, (Gemma) post-attention norm, residual
-            ops.push(Op::MatMul { out: v(s.xb), x: v(s.att), w: lw.wo, n });
+            ops.push(Op::MatMul { out: v(s.xb), x: v(s.att), w: lw.wo, n, act });
             if let Some(pn) = lw.post_attn_norm {
                 ops.push(Op::RmsNorm { out: v(s.xb), x: v(s.xb), w: pn, rows: n, dim: c.hidden, eps: c.eps });
             }
             ops.push(Op::Add { out: v(s.x), a: v(s.x), b: v(s.xb), len: n * c.hidden });
             // MLP pre-norm, gated activation, down projection
             ops.push(Op::RmsNorm { out: v(s.xb), x: v(s.x), w: lw.ffn_norm, rows: n, dim: c.hidden, eps: c.eps });
-            ops.push(Op::MatMul { out: v(s.gate), x: v(s.xb), w: lw.gate, n });
-            ops.push(Op::MatMul { out: v(s.up), x: v(s.xb), w: lw.up, n });
+            ops.push(Op::MatMul { out: v(s.gate), x: v(s.xb), w: lw.gate, n, act });
+            ops.push(Op::MatMul { out: v(s.up), x: v(s.xb), w: lw.up, n, act });
             ops.push(match c.arch {
                 Arch::Gemma3 => Op::GeluTanhMul { out: v(s.gate), gate: v(s.gate), up: v(s.up), len: n * c.ffn },
                 Arch::Llama => Op::SiluMul { out: v(s.gate), gate: v(s.gate), up: v(s.up), len: n * c.ffn },
             });
-            ops.push(Op::MatMul { out: v(s.xb), x: v(s.gate), w: lw.down, n });
+            ops.push(Op::MatMul { out: v(s.xb), x: v(s.gate), w: lw.down, n, act });
             // (Gemma) post-MLP norm, residual
             if let Some(pn) = lw.post_ffn_norm {
                 ops.push(Op::RmsNorm { out: v(s.xb), x: v(s.xb), w: pn, rows: n, dim: c.hidden, eps: c.eps });
@@ -316,7 +319,7 @@ impl<B: Backend> Model<B> {
         // Final norm and LM head on the rows that need logits: every row, or each sequence's last
         if all_logits {
             ops.push(Op::RmsNorm { out: v(s.xb), x: v(s.x), w: w.out_norm, rows: n, dim: c.hidden, eps: c.eps });
-            ops.push(Op::MatMul { out: v(s.logits), x: v(s.xb), w: w.output, n });
+            ops.push(Op::MatMul { out: v(s.logits), x: v(s.xb), w: w.output, n, act });
         } else {
             for (i, sq) in h.seqs.iter().enumerate() {
                 let last = (sq.row + sq.len - 1) as usize;
@@ -330,7 +333,7 @@ impl<B: Backend> Model<B> {
                     eps: c.eps,
                 });
             }
-            ops.push(Op::MatMul { out: v(s.logits), x: v(s.xb), w: w.output, n: logit_rows });
+            ops.push(Op::MatMul { out: v(s.logits), x: v(s.xb), w: w.output, n: logit_rows, act });
         }
         if c.final_softcap > 0.0 {
             ops.push(Op::Softcap { x: v(s.logits), len: logit_rows * c.vocab, cap: c.final_softcap });

@@ -51,6 +51,7 @@ impl purehw_hal::Error for CpuRefError {
     }
 }
 
-pub(crate) fn invalid(op: &'static str, msg: &'static str) -> CpuRefError {
+/// An [`CpuRefError::Invalid`].
+pub fn invalid(op: &'static str, msg: &'static str) -> CpuRefError {
     CpuRefError::Invalid { op, msg }
 }

@@ -3,9 +3,13 @@
 
 use core::ops::Range;
 
+use purehw_hal::ActQuant;
 use purehw_hal::{HostWeight, Op, Step, View};
 use purehw_kernels::ops as k;
-use purehw_kernels::quant::{dequantize_row, dot_f32};
+use purehw_kernels::quant::{
+    ActLayout, decode_q8a_row, decode_q8k_row, dequantize_row, dot_codes_q8a, dot_codes_q8k, dot_f32, quantize_q8a,
+    quantize_q8k,
+};
 
 use crate::error::invalid;
 use crate::{BufId, CpuRef, CpuRefError, WeightId, checked_range, view_range};
@@ -13,7 +17,7 @@ use crate::{BufId, CpuRef, CpuRefError, WeightId, checked_range, view_range};
 type Result<T> = core::result::Result<T, CpuRefError>;
 
 /// An input region as seen while the output buffer is taken out of the arena.
-enum Src<'a> {
+pub enum Src<'a> {
     /// A region that does not overlap the output.
     Slice(&'a [f32]),
     /// Exactly the output region (in place).
@@ -22,7 +26,7 @@ enum Src<'a> {
 
 /// The arena while one buffer's output region is borrowed mutably: inputs come from the other
 /// buffers, or from the parts of the output buffer before (`head`) and after (`tail`) the region.
-struct Inputs<'a> {
+pub struct Inputs<'a> {
     bufs: &'a [Vec<f32>],
     out_idx: usize,
     out: Range<usize>,
@@ -31,7 +35,7 @@ struct Inputs<'a> {
 }
 
 impl<'a> Inputs<'a> {
-    fn src(&self, v: View<BufId>, len: usize, what: &'static str) -> Result<Src<'a>> {
+    pub fn src(&self, v: View<BufId>, len: usize, what: &'static str) -> Result<Src<'a>> {
         let idx = v.buf.0 as usize;
         if idx != self.out_idx {
             let (idx, r) = view_range(self.bufs, v, len, what)?;
@@ -50,7 +54,7 @@ impl<'a> Inputs<'a> {
     }
 
     /// An input that must not alias the output at all.
-    fn slice(&self, v: View<BufId>, len: usize, what: &'static str) -> Result<&'a [f32]> {
+    pub fn slice(&self, v: View<BufId>, len: usize, what: &'static str) -> Result<&'a [f32]> {
         match self.src(v, len, what)? {
             Src::Slice(s) => Ok(s),
             Src::Out => Err(CpuRefError::Overlap { what, buf: v.buf }),
@@ -58,17 +62,27 @@ impl<'a> Inputs<'a> {
     }
 }
 
-fn weight(weights: &[HostWeight], w: WeightId) -> Result<&HostWeight> {
+/// Grow `v` to `n` elements: the quantized activations of the largest step seen (first use
+/// only; a step of that size or smaller never allocates again).
+fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> Result<()> {
+    if v.len() < n {
+        v.try_reserve_exact(n - v.len()).map_err(|_| CpuRefError::OutOfMemory { elems: n })?;
+        v.resize(n, T::default());
+    }
+    Ok(())
+}
+
+pub fn weight(weights: &[HostWeight], w: WeightId) -> Result<&HostWeight> {
     weights.get(w.0 as usize).ok_or(CpuRefError::UnknownWeight(w))
 }
 
-fn mul(a: usize, b: usize, op: &'static str) -> Result<usize> {
+pub fn mul(a: usize, b: usize, op: &'static str) -> Result<usize> {
     a.checked_mul(b).ok_or(invalid(op, "size overflows usize"))
 }
 
 /// Rows of the KV cache the step's sequences reach (`max(cache_row + pos0 + len)`), after
 /// checking that every sequence's rows lie inside the step.
-fn cache_rows_needed(step: &Step<'_>, op: &'static str) -> Result<usize> {
+pub fn cache_rows_needed(step: &Step<'_>, op: &'static str) -> Result<usize> {
     let mut n = 0usize;
     for s in step.seqs {
         if s.row as usize + s.len as usize > step.rows() {
@@ -81,7 +95,7 @@ fn cache_rows_needed(step: &Step<'_>, op: &'static str) -> Result<usize> {
 
 /// Take the output buffer out of the arena, run `f` on its region and the rest of the arena, and
 /// put it back (also on error). `mem::take` leaves an empty `Vec`: no allocation.
-fn with_out<R>(
+pub fn with_out<R>(
     bufs: &mut [Vec<f32>],
     out: View<BufId>,
     len: usize,
@@ -102,8 +116,8 @@ fn with_out<R>(
 impl CpuRef {
     /// Run one op. Every weight passed `load_weight`: its format is supported and its bytes match
     /// its shape, so `HostWeight::row` cannot panic for `r < rows`.
-    pub(crate) fn run(&mut self, step: &Step<'_>, op: &Op<BufId, WeightId>) -> Result<()> {
-        let CpuRef { bufs, weights, row: scratch } = self;
+    pub fn run(&mut self, step: &Step<'_>, op: &Op<BufId, WeightId>) -> Result<()> {
+        let CpuRef { bufs, weights, row: scratch, act: qact } = self;
         let weights: &[HostWeight] = weights;
         match *op {
             Op::Embed { out, table, scale } => {
@@ -151,7 +165,7 @@ impl CpuRef {
                 })
             }
 
-            Op::MatMul { out, x, w, n } => {
+            Op::MatMul { out, x, w, n, act } => {
                 const OP: &str = "MatMul";
                 let wt = weight(weights, w)?;
                 let (rows, cols) = (wt.rows, wt.cols);
@@ -159,6 +173,43 @@ impl CpuRef {
                 let x_len = mul(n, cols, OP)?;
                 with_out(bufs, out, out_len, OP, |o, inputs| {
                     let xs = inputs.slice(x, x_len, "MatMul x")?;
+                    // Int8: quantize every token once (the explicit activation op), decode each weight
+                    // row once, then integer dots.
+                    if act == ActQuant::Int8 {
+                        match wt.format.act_layout() {
+                            Some(ActLayout::Q8A) => {
+                                let per = cols / 32;
+                                grow(&mut qact.a, n * per)?;
+                                for t in 0..n {
+                                    quantize_q8a(&xs[t * cols..(t + 1) * cols], &mut qact.a[t * per..(t + 1) * per]);
+                                }
+                                let codes = &mut qact.codes_a[..per];
+                                for r in 0..rows {
+                                    decode_q8a_row(wt.format, wt.row(r), codes);
+                                    for t in 0..n {
+                                        o[t * rows + r] = dot_codes_q8a(codes, &qact.a[t * per..(t + 1) * per]);
+                                    }
+                                }
+                                return Ok(());
+                            }
+                            Some(ActLayout::Q8K) => {
+                                let per = cols / 256;
+                                grow(&mut qact.k, n * per)?;
+                                for t in 0..n {
+                                    quantize_q8k(&xs[t * cols..(t + 1) * cols], &mut qact.k[t * per..(t + 1) * per]);
+                                }
+                                let codes = &mut qact.codes_k[..per];
+                                for r in 0..rows {
+                                    decode_q8k_row(wt.format, wt.row(r), codes);
+                                    for t in 0..n {
+                                        o[t * rows + r] = dot_codes_q8k(codes, &qact.k[t * per..(t + 1) * per]);
+                                    }
+                                }
+                                return Ok(());
+                            }
+                            None => {}
+                        }
+                    }
                     let wrow = &mut scratch[..cols];
                     // Each weight row is dequantized once and reused for all n tokens;
                     // dot_f32 on the dequantized row is dot_row by definition.

@@ -8,10 +8,19 @@
 mod error;
 mod exec;
 
+/// The arena plumbing, for backends that build on this one (`hal-cpu` runs its cold ops here and
+/// resolves its hot ops' views with the same aliasing rules).
+pub mod arena {
+    pub use crate::error::invalid;
+    pub use crate::exec::{Inputs, Src, cache_rows_needed, mul, weight, with_out};
+    pub use crate::{checked_range, view_range};
+}
+
 use core::fmt;
 use core::ops::Range;
 
 use purehw_hal::{Backend, ErrorType, Format, HostWeight, Op, OpKind, Step, View};
+use purehw_kernels::quant::{BlockQ8A, BlockQ8K, Codes32, CodesK};
 
 pub use error::CpuRefError;
 
@@ -30,6 +39,18 @@ pub struct CpuRef {
     weights: Vec<HostWeight>,
     /// One dequantized weight row; at least as long as the widest loaded weight.
     row: Vec<f32>,
+    /// One token's int8 activations (`ActQuant::Int8`), as wide as the widest loaded weight.
+    act: ActScratch,
+}
+
+/// `ActQuant::Int8` scratch: quantized activations of a step's tokens (grown to the largest step
+/// on first use) and one decoded weight row (sized at load).
+#[derive(Default)]
+pub(crate) struct ActScratch {
+    pub(crate) a: Vec<BlockQ8A>,
+    pub(crate) k: Vec<BlockQ8K>,
+    pub(crate) codes_a: Vec<Codes32>,
+    pub(crate) codes_k: Vec<CodesK>,
 }
 
 impl fmt::Debug for CpuRef {
@@ -55,6 +76,11 @@ impl CpuRef {
     /// The format of a loaded weight.
     pub fn format_of(&self, w: WeightId) -> Option<Format> {
         self.weight(w).map(|w| w.format)
+    }
+
+    /// The arena and the weights, for a backend built on this one.
+    pub fn parts_mut(&mut self) -> (&mut [Vec<f32>], &[HostWeight]) {
+        (&mut self.bufs, &self.weights)
     }
 
     /// A buffer's contents (for inspection and tests).
@@ -84,7 +110,7 @@ pub(crate) fn format_supported(f: Format) -> bool {
 }
 
 /// `v.offset .. v.offset + len`, checked against a buffer of `buf_len` elements.
-pub(crate) fn checked_range(
+pub fn checked_range(
     v: View<BufId>,
     len: usize,
     buf_len: usize,
@@ -103,7 +129,7 @@ pub(crate) fn checked_range(
 }
 
 /// The arena index of `v.buf` and `v.offset .. v.offset + len`, checked against the arena.
-pub(crate) fn view_range(
+pub fn view_range(
     bufs: &[Vec<f32>],
     v: View<BufId>,
     len: usize,
@@ -165,6 +191,12 @@ impl Backend for CpuRef {
                 .try_reserve_exact(w.cols - self.row.len())
                 .map_err(|_| CpuRefError::OutOfMemory { elems: w.cols })?;
             self.row.resize(w.cols, 0.0);
+            let (a, k) = (w.cols.div_ceil(32), w.cols.div_ceil(256));
+            let oom = |_| CpuRefError::OutOfMemory { elems: w.cols };
+            self.act.codes_a.try_reserve_exact(a.saturating_sub(self.act.codes_a.len())).map_err(oom)?;
+            self.act.codes_k.try_reserve_exact(k.saturating_sub(self.act.codes_k.len())).map_err(oom)?;
+            self.act.codes_a.resize(a, Codes32::default());
+            self.act.codes_k.resize(k, CodesK::default());
         }
         self.weights.try_reserve(1).map_err(|_| CpuRefError::OutOfMemory { elems: 0 })?;
         self.weights.push(w.clone());

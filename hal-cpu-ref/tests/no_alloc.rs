@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use purehw_hal::{Backend, Format, Op, RopeMode, SeqSpan, Step, View};
+use purehw_hal::{ActQuant, Backend, Format, Op, RopeMode, SeqSpan, Step, View};
 use purehw_hal_cpu_ref::{BufId, CpuRef};
 
 #[test]
@@ -45,9 +45,9 @@ fn second_submit_allocates_nothing() {
         vec![
             Op::Embed { out: view(x), table: embed, scale: 16.0 },
             Op::RmsNorm { out: view(xb), x: view(x), w: norm, rows: n, dim: hidden, eps: 1e-6 },
-            Op::MatMul { out: view(q), x: view(xb), w: wq, n },
-            Op::MatMul { out: view(k), x: view(xb), w: wk, n },
-            Op::MatMul { out: view(v), x: view(xb), w: wv, n },
+            Op::MatMul { out: view(q), x: view(xb), w: wq, n, act: ActQuant::F32 },
+            Op::MatMul { out: view(k), x: view(xb), w: wk, n, act: ActQuant::F32 },
+            Op::MatMul { out: view(v), x: view(xb), w: wv, n, act: ActQuant::F32 },
             Op::Rope { x: view(q), rows: n, heads, head_dim: hd, theta: 1e4, scale: 1.0, mode: RopeMode::Neox },
             Op::Rope {
                 x: view(k),
@@ -72,14 +72,14 @@ fn second_submit_allocates_nothing() {
                 window: 3,
                 softcap: 50.0,
             },
-            Op::MatMul { out: view(xb), x: view(att), w: wo, n },
+            Op::MatMul { out: view(xb), x: view(att), w: wo, n, act: ActQuant::F32 },
             Op::RmsNorm { out: view(xb), x: view(xb), w: norm, rows: n, dim: hidden, eps: 1e-6 },
             Op::Add { out: view(x), a: view(x), b: view(xb), len: n * hidden },
-            Op::MatMul { out: view(g), x: view(x), w: gate, n },
-            Op::MatMul { out: view(u), x: view(x), w: up, n },
+            Op::MatMul { out: view(g), x: view(x), w: gate, n, act: ActQuant::F32 },
+            Op::MatMul { out: view(u), x: view(x), w: up, n, act: ActQuant::F32 },
             Op::GeluTanhMul { out: view(g), gate: view(g), up: view(u), len: n * ffn },
             Op::SiluMul { out: view(u), gate: view(u), up: view(g), len: n * ffn },
-            Op::MatMul { out: view(xb), x: view(g), w: down, n },
+            Op::MatMul { out: view(xb), x: view(g), w: down, n, act: ActQuant::F32 },
             Op::Add { out: view(x), a: view(x), b: view(xb), len: n * hidden },
             Op::Softcap { x: view(x), len: n * hidden, cap: 30.0 },
         ]

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use purehw_hal::{Backend, Error as _, ErrorKind, Format, Op, OpKind, RopeMode, SeqSpan, Step, View};
+use purehw_hal::{ActQuant, Backend, Error as _, ErrorKind, Format, Op, OpKind, RopeMode, SeqSpan, Step, View};
 use purehw_hal_cpu_ref::{BufId, CpuRef, CpuRefError, WeightId};
 use purehw_kernels::quant::{dequantize_row, dot_row};
 
@@ -131,24 +131,34 @@ fn matmul_f32_against_f64_and_aliasing_in_one_buffer() {
     let wid = b.load_weight(&weight_f32(rows, cols, &w)).unwrap();
     let xb = buf_with(&mut b, &x);
     let out = b.alloc(n * rows).unwrap();
-    b.submit(&NO_STEP, &[Op::MatMul { out: v(out), x: v(xb), w: wid, n }]).unwrap();
+    b.submit(&NO_STEP, &[Op::MatMul { out: v(out), x: v(xb), w: wid, n, act: ActQuant::F32 }]).unwrap();
     let got = read_all(&mut b, out, n * rows);
     assert_close(&got, &want, "matmul");
 
     // x and out in one buffer, out after x and out before x.
     let one = b.alloc(n * cols + n * rows).unwrap();
     b.write(View::new(one, 0), &x).unwrap();
-    b.submit(&NO_STEP, &[Op::MatMul { out: View::new(one, n * cols), x: View::new(one, 0), w: wid, n }]).unwrap();
+    b.submit(
+        &NO_STEP,
+        &[Op::MatMul { out: View::new(one, n * cols), x: View::new(one, 0), w: wid, n, act: ActQuant::F32 }],
+    )
+    .unwrap();
     let mut r = vec![0f32; n * rows];
     b.read(View::new(one, n * cols), &mut r).unwrap();
     assert_eq!(bits(&r), bits(&got));
     b.write(View::new(one, n * rows), &x).unwrap();
-    b.submit(&NO_STEP, &[Op::MatMul { out: View::new(one, 0), x: View::new(one, n * rows), w: wid, n }]).unwrap();
+    b.submit(
+        &NO_STEP,
+        &[Op::MatMul { out: View::new(one, 0), x: View::new(one, n * rows), w: wid, n, act: ActQuant::F32 }],
+    )
+    .unwrap();
     b.read(View::new(one, 0), &mut r).unwrap();
     assert_eq!(bits(&r), bits(&got));
 
     // Overlapping x and out is refused.
-    let e = b.submit(&NO_STEP, &[Op::MatMul { out: View::new(one, 5), x: View::new(one, 0), w: wid, n }]).unwrap_err();
+    let e = b
+        .submit(&NO_STEP, &[Op::MatMul { out: View::new(one, 5), x: View::new(one, 0), w: wid, n, act: ActQuant::F32 }])
+        .unwrap_err();
     assert!(matches!(e, CpuRefError::Overlap { .. }), "{e}");
 }
 
@@ -169,7 +179,7 @@ fn matmul_equals_dot_row_bitwise_for_every_format() {
         let w = b.load_weight(&hw).unwrap();
         let xb = buf_with(&mut b, &x);
         let out = b.alloc(n * rows).unwrap();
-        b.submit(&NO_STEP, &[Op::MatMul { out: v(out), x: v(xb), w, n }]).unwrap();
+        b.submit(&NO_STEP, &[Op::MatMul { out: v(out), x: v(xb), w, n, act: ActQuant::F32 }]).unwrap();
         let got = read_all(&mut b, out, n * rows);
         for t in 0..n {
             for r in 0..rows {

@@ -3,6 +3,8 @@
 use crate::Format;
 /// How RoPE pairs the dimensions of a head; the kernels' own type, so backends pass it straight on.
 pub use purehw_kernels::ops::RopeMode;
+/// How a matmul treats its activations; the kernels' own type.
+pub use purehw_kernels::quant::ActQuant;
 
 /// A region of a buffer: the handle and an element offset. The op's shape gives its length.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -62,7 +64,10 @@ pub enum Op<B, W> {
     /// In place allowed.
     RmsNorm { out: View<B>, x: View<B>, w: W, rows: usize, dim: usize, eps: f32 },
     /// `out[t, r] = Σ_c w[r, c] · x[t, c]` — x: (n, w.cols); out: (n, w.rows).
-    MatMul { out: View<B>, x: View<B>, w: W, n: usize },
+    /// With `act: Int8` and a quantized `w`, each row of x is first quantized to int8
+    /// (`purehw_kernels::quant::quantize_q8a`/`q8k`, the explicit activation-quantization op) and the
+    /// dot is integer (`dot_row_q8a`/`q8k`); float formats ignore `act`.
+    MatMul { out: View<B>, x: View<B>, w: W, n: usize, act: ActQuant },
     /// Rotary embedding in place on x: (rows, heads, head_dim), row t at `step.positions[t]`
     /// (`rows <= step.positions.len()`, head_dim even).
     /// Frequency i is `(1 / theta^(2i/head_dim)) / scale` in f32, as HF computes it (`scale` = linear

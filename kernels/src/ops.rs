@@ -19,8 +19,8 @@ pub enum RopeMode {
 }
 
 /// `sqrt(2/π)` rounded once to f32, as torch's `kBeta` (computed in double, stored as float).
-const SQRT_2_OVER_PI: f32 = (core::f64::consts::SQRT_2 * core::f64::consts::FRAC_2_SQRT_PI * 0.5) as f32;
-const GELU_COEF: f32 = 0.044715;
+pub const SQRT_2_OVER_PI: f32 = (core::f64::consts::SQRT_2 * core::f64::consts::FRAC_2_SQRT_PI * 0.5) as f32;
+pub const GELU_COEF: f32 = 0.044715;
 
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
@@ -95,6 +95,54 @@ pub fn rope(x: &mut [f32], head_dim: usize, pos: u32, theta: f32, scale: f32, mo
 }
 
 // ---------------------------------------------------------------------------------------------
+// exp and tanh, defined as fixed sequences of f32 operations
+
+// Cephes `expf`: e^x = 2^n · e^r with n = round(x·log2 e), r = x − n·ln 2 (ln 2 split in two so
+// n·LN2_HI is exact), e^r by a degree-7 polynomial.
+pub const EXP_LO: f32 = -87.3; // e^x is normal down to here (n ≥ −126)
+pub const EXP_HI: f32 = 88.3; // n ≤ 127, so 2^n is finite
+pub const LN2_HI: f32 = 0.693_359_4;
+pub const LN2_LO: f32 = -2.121_944_4e-4;
+pub const EXP_P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+
+/// `e^x` (≤ 2 ulp from the true value; tested), as this exact sequence of f32 operations — no
+/// fused multiply-add — so SIMD twins reproduce it bit for bit:
+/// `x = min(max(x, −87.3), 88.3)`, `n = round_ties_even(x·log2e)`, `r = (x − n·LN2_HI) − n·LN2_LO`,
+/// `p = (((((P0·r + P1)·r + P2)·r + P3)·r + P4)·r + P5)`, `y = ((p·(r·r)) + r) + 1`, `y · 2^n`.
+/// A NaN becomes `e^−87.3` (the max/min order of x86 `maxps`), never a panic.
+#[inline]
+pub fn exp(x: f32) -> f32 {
+    // Not `clamp`: max-then-min maps NaN to EXP_LO, as x86 `maxps` does.
+    #[allow(clippy::manual_clamp)]
+    let x = x.max(EXP_LO).min(EXP_HI);
+    let n = (x * core::f32::consts::LOG2_E).round_ties_even();
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = EXP_P[0];
+    for c in &EXP_P[1..] {
+        p = p * r + c;
+    }
+    let y = (p * (r * r) + r) + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Below this magnitude [`tanh`] uses its odd polynomial (no cancellation).
+pub const TANH_SMALL: f32 = 0.0625;
+
+/// `tanh(x)` from [`exp`]: for `|x| < 1/16`, `x + x·((C5·x² + C3)·x²)` (Taylor, error < 1e-9
+/// relative); otherwise `(1 − e)/(1 + e)` with `e = exp(−2|x|)`, sign copied from x.
+#[inline]
+pub fn tanh(x: f32) -> f32 {
+    let a = x.abs();
+    if a < TANH_SMALL {
+        let x2 = x * x;
+        x + x * ((2.0 / 15.0 * x2 + (-1.0 / 3.0)) * x2)
+    } else {
+        let e = exp(-2.0 * a);
+        ((1.0 - e) / (1.0 + e)).copysign(x)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Elementwise
 
 /// `0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))` in f32 (torch's `gelu(approximate='tanh')`).
@@ -102,19 +150,19 @@ pub fn rope(x: &mut [f32], head_dim: usize, pos: u32, theta: f32, scale: f32, mo
 pub fn gelu_tanh(x: f32) -> f32 {
     let x3 = x * x * x;
     let inner = SQRT_2_OVER_PI * (x + GELU_COEF * x3);
-    0.5 * x * (1.0 + libm::tanhf(inner))
+    0.5 * x * (1.0 + tanh(inner))
 }
 
 /// `x / (1 + exp(-x))`.
 #[inline]
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + libm::expf(-x))
+    x / (1.0 + exp(-x))
 }
 
 /// `cap · tanh(x / cap)`; `cap > 0`.
 #[inline]
 pub fn softcap(x: f32, cap: f32) -> f32 {
-    cap * libm::tanhf(x / cap)
+    cap * tanh(x / cap)
 }
 
 /// `out = a + b`.
@@ -224,7 +272,7 @@ pub fn attend(
 
     let mut sum = 0.0f32;
     for j in keys {
-        let e = libm::expf(attn_score(q, key(j), scale, softcap_) - max);
+        let e = exp(attn_score(q, key(j), scale, softcap_) - max);
         sum += e;
         for (o, &vi) in out.iter_mut().zip(&v[j * stride..j * stride + d]) {
             *o += e * vi;
@@ -238,6 +286,34 @@ pub fn attend(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp_and_tanh_are_accurate() {
+        let mut worst_exp = 0f64;
+        let mut worst_tanh = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = libm::exp(x as f64);
+            let got = exp(x) as f64;
+            worst_exp = worst_exp.max(((got - want) / want).abs());
+            x += 0.000_731;
+        }
+        let mut x = -12.0f32;
+        while x < 12.0 {
+            let want = libm::tanh(x as f64);
+            let got = tanh(x) as f64;
+            let err = (got - want).abs() / want.abs().max(1e-30);
+            worst_tanh = worst_tanh.max(err);
+            x += 0.000_091_7;
+        }
+        assert!(worst_exp < 2.5e-7, "exp worst relative error {worst_exp:e}");
+        assert!(worst_tanh < 1e-6, "tanh worst relative error {worst_tanh:e}");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(tanh(0.0), 0.0);
+        assert_eq!(exp(-1000.0), exp(-87.3));
+        assert!(exp(1000.0).is_finite() && tanh(1000.0) == 1.0 && tanh(-1000.0) == -1.0);
+        assert!(exp(f32::NAN).is_finite());
+    }
 
     #[test]
     fn gelu_silu_softcap_values() {

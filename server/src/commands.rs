@@ -7,13 +7,15 @@ use purehw_core::model::{Model, ModelOptions};
 use purehw_core::sampling::{Sampler, SamplingParams};
 use purehw_core::source::{ModelSource, SourceKind};
 use purehw_core::tokenizer::Tokenizer;
+use purehw_hal::{ActQuant, Backend};
+use purehw_hal_cpu::Cpu;
 use purehw_hal_cpu_ref::CpuRef;
 use serde_json::json;
 
 use crate::error::{CliError, CliResult, Context, err};
 use crate::models::{self, Resolved};
 use crate::out;
-use crate::{BackendKind, LogitsArgs, ModelArgs, RunArgs};
+use crate::{ActArg, BackendArgs, BackendKind, LogitsArgs, ModelArgs, RunArgs};
 
 pub fn pull(name: &str) -> CliResult {
     let Some(m) = models::known(name) else {
@@ -136,11 +138,19 @@ fn tokenizer_for(a: &ModelArgs, r: &Resolved, src: &ModelSource) -> CliResult<To
     }
 }
 
-/// The only backend for now; the flag is there for the ones to come.
-fn backend(kind: BackendKind) -> CpuRef {
-    match kind {
-        BackendKind::CpuRef => CpuRef::new(),
+/// `--act`, else the backend's fast default: int8 on `cpu`, f32 on the reference.
+pub fn act_of(b: &BackendArgs) -> ActQuant {
+    match (b.act, b.kind) {
+        (Some(ActArg::F32), _) => ActQuant::F32,
+        (Some(ActArg::Int8), _) => ActQuant::Int8,
+        (None, BackendKind::Cpu) => ActQuant::Int8,
+        (None, BackendKind::CpuRef) => ActQuant::F32,
     }
+}
+
+/// The `cpu` backend on `-t` threads (0: one per core).
+pub fn cpu(b: &BackendArgs) -> CliResult<Cpu> {
+    Cpu::new(b.threads).context(|| "starting the cpu backend".into())
 }
 
 /// `--ctx-size`, or just what `need` tokens take, clamped to the model's limit.
@@ -184,15 +194,31 @@ pub fn run(a: &RunArgs) -> CliResult {
     if prompt_ids.len() > ctx {
         return err(format!("the prompt is {} tokens, more than the context of {ctx}", prompt_ids.len()));
     }
-    let opts = ModelOptions { ctx, slots: 1, ..ModelOptions::default() };
-    let mut model = Model::load(backend(a.model.backend), &src, opts)?;
+    let opts = ModelOptions { ctx, slots: 1, act: act_of(&a.model.backend), ..ModelOptions::default() };
+    match a.model.backend.kind {
+        BackendKind::Cpu => run_on(cpu(&a.model.backend)?, a, &src, &tok, &prompt_ids, opts, params),
+        BackendKind::CpuRef => run_on(CpuRef::new(), a, &src, &tok, &prompt_ids, opts, params),
+    }
+}
+
+/// Generate on `backend` and print the answer.
+fn run_on<B: Backend>(
+    backend: B,
+    a: &RunArgs,
+    src: &ModelSource,
+    tok: &Tokenizer,
+    prompt_ids: &[u32],
+    opts: ModelOptions,
+    params: SamplingParams,
+) -> CliResult {
+    let mut model = Model::load(backend, src, opts)?;
     let mut sampler = Sampler::new(params, model.config().vocab);
 
     let mut decoder = tok.decode_stream();
     let mut stream_err: Option<CliError> = None;
     let mut closed = false;
     let eos = model.config().eos.clone();
-    let ids = purehw_core::model::generate(&mut model, &prompt_ids, a.n_predict, &mut sampler, !a.ignore_eos, |id| {
+    let ids = purehw_core::model::generate(&mut model, prompt_ids, a.n_predict, &mut sampler, !a.ignore_eos, |id| {
         // The end-of-sequence token ends the stream; its text is not part of the answer.
         if a.json || (!a.ignore_eos && eos.contains(&id)) {
             return true;
@@ -231,7 +257,7 @@ pub fn run(a: &RunArgs) -> CliResult {
             ids: &'a [u32],
             text: &'a str,
         }
-        let v = serde_json::to_string(&RunJson { prompt_ids: &prompt_ids, ids: &ids, text: &text })
+        let v = serde_json::to_string(&RunJson { prompt_ids, ids: &ids, text: &text })
             .context(|| "encoding the --json output".into())?;
         return out::print_all(&format!("{v}\n"));
     }
@@ -277,18 +303,32 @@ pub fn logits(a: &LogitsArgs) -> CliResult {
     }
     let defaults = ModelOptions::default();
     let rows = if a.all_positions { ids.len().min(defaults.max_batch) } else { 1 };
-    let opts = ModelOptions { ctx, slots: 1, logit_rows: rows, ..defaults };
-    let mut model = Model::load(backend(a.model.backend), &src, opts)?;
-    let values: Vec<f32> = if a.all_positions {
-        let mut v = Vec::with_capacity(ids.len() * vocab);
-        model.forward_all(0, 0, &ids, &mut v)?;
-        v
-    } else {
-        model.forward(0, 0, &ids)?.to_vec()
+    let opts = ModelOptions { ctx, slots: 1, logit_rows: rows, act: act_of(&a.model.backend), ..defaults };
+    let values = match a.model.backend.kind {
+        BackendKind::Cpu => logits_on(cpu(&a.model.backend)?, &src, opts, &ids, a.all_positions)?,
+        BackendKind::CpuRef => logits_on(CpuRef::new(), &src, opts, &ids, a.all_positions)?,
     };
     let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
     std::fs::write(&a.output, bytes).context(|| format!("writing {}", a.output.display()))?;
     let rows = values.len() / vocab.max(1);
     eprintln!("purehw: wrote {rows}x{vocab} f32 (little-endian) to {}", a.output.display());
     Ok(())
+}
+
+/// The last position's logits, or with `all` every position's, on `backend`.
+fn logits_on<B: Backend>(
+    backend: B,
+    src: &ModelSource,
+    opts: ModelOptions,
+    ids: &[u32],
+    all: bool,
+) -> CliResult<Vec<f32>> {
+    let mut model = Model::load(backend, src, opts)?;
+    if all {
+        let mut v = Vec::with_capacity(ids.len() * src.config.vocab);
+        model.forward_all(0, 0, ids, &mut v)?;
+        Ok(v)
+    } else {
+        Ok(model.forward(0, 0, ids)?.to_vec())
+    }
 }

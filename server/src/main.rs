@@ -1,5 +1,6 @@
-//! `purehw`: pull, inspect and run models from the command line.
+//! `purehw`: pull, inspect, run and benchmark models from the command line.
 
+mod bench;
 mod commands;
 mod error;
 mod models;
@@ -40,12 +41,38 @@ enum Cmd {
     Run(RunArgs),
     /// Write the logits of a token sequence to a file of little-endian f32.
     Logits(LogitsArgs),
+    /// Measure prompt processing and generation speed, as llama.cpp's llama-bench does.
+    Bench(BenchArgs),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
+    /// The fast CPU backend: a thread pool and SIMD kernels.
+    Cpu,
     /// The plain single-threaded reference backend.
     CpuRef,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ActArg {
+    /// f32 activations against dequantized weights.
+    F32,
+    /// Activations quantized to int8 per block, integer dot products.
+    Int8,
+}
+
+/// Which backend computes, and how.
+#[derive(Args, Debug, Clone)]
+pub struct BackendArgs {
+    /// Compute backend.
+    #[arg(long = "backend", value_name = "NAME", value_enum, default_value = "cpu")]
+    pub kind: BackendKind,
+    /// Worker threads for `cpu` (0 = one per core; `cpu-ref` is single-threaded).
+    #[arg(short = 't', long, value_name = "N", default_value_t = 0)]
+    pub threads: usize,
+    /// Matmul activations (default: int8 on `cpu`, f32 on `cpu-ref`).
+    #[arg(long, value_enum)]
+    pub act: Option<ActArg>,
 }
 
 /// Options shared by the commands that load a model.
@@ -58,9 +85,8 @@ pub struct ModelArgs {
     /// tokenizer.json to use (default: the one beside the model, else the GGUF's vocabulary).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Compute backend.
-    #[arg(long, value_enum, default_value = "cpu-ref")]
-    pub backend: BackendKind,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// KV-cache length in tokens (0 = just what the command needs, up to the model's limit).
     #[arg(short = 'c', long, default_value_t = 0)]
     pub ctx_size: usize,
@@ -128,6 +154,28 @@ pub struct LogitsArgs {
     pub output: PathBuf,
 }
 
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// A known model name (gemma3-270m, smollm2-135m: pulled if absent), a .gguf file or a
+    /// checkpoint folder.
+    #[arg(short = 'm', long)]
+    pub model: String,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Prompt tokens processed in one step (the `ppN` test; 0 = skip it).
+    #[arg(short = 'p', long = "n-prompt", value_name = "N", default_value_t = 512)]
+    pub n_prompt: usize,
+    /// Tokens generated one at a time (the `tgN` test; 0 = skip it).
+    #[arg(short = 'n', long = "n-gen", value_name = "N", default_value_t = 128)]
+    pub n_gen: usize,
+    /// Timed repetitions of each test, after one untimed warm-up.
+    #[arg(short = 'r', long, value_name = "N", default_value_t = 5)]
+    pub repetitions: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// The last panic's message. `main` prints it only if the panic reaches `main`: one the engine
 /// catches itself (the `tokenizers` crate panics on some malformed files) is a clear error instead.
 static PANIC: Mutex<Option<String>> = Mutex::new(None);
@@ -172,5 +220,6 @@ fn dispatch(cli: Cli) -> CliResult {
         Cmd::Inspect { model, json } => commands::inspect(&model, json),
         Cmd::Run(a) => commands::run(&a),
         Cmd::Logits(a) => commands::logits(&a),
+        Cmd::Bench(a) => bench::bench(&a),
     }
 }

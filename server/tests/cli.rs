@@ -1,4 +1,4 @@
-//! The `purehw` binary end to end: inspect, run, logits, pull, and clean errors.
+//! The `purehw` binary end to end: inspect, run, logits, bench, pull, and clean errors.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -57,7 +57,7 @@ fn json(s: &str) -> serde_json::Value {
 #[test]
 fn help_and_version() {
     let out = ok(&purehw(&["--help"]));
-    for cmd in ["pull", "inspect", "run", "logits"] {
+    for cmd in ["pull", "inspect", "run", "logits", "bench"] {
         assert!(out.contains(cmd), "{out}");
     }
     assert!(ok(&purehw(&["--version"])).contains("purehw"));
@@ -146,6 +146,12 @@ fn bad_arguments_are_clear_errors() {
     user_error(&purehw(&["run", "-m", m, "-p", "hi", "--temperature", "-1"]), "temperature");
     user_error(&purehw(&["run", "-m", m, "-p", "hi", "-n", "many"]), "many");
     user_error(&purehw(&["run", "-m", m, "-p", "hi", "--backend", "cuda"]), "cuda");
+    user_error(&purehw(&["run", "-m", m, "-p", "hi", "--backend", "cuda"]), "cpu-ref");
+    user_error(&purehw(&["run", "-m", m, "-p", "hi", "--act", "int4"]), "int4");
+    user_error(&purehw(&["bench", "-m", m, "-p", "100000"]), "context");
+    user_error(&purehw(&["bench", "-m", m, "-r", "0"]), "repetitions");
+    user_error(&purehw(&["bench", "-m", m, "-p", "0", "-n", "0"]), "nothing to measure");
+    user_error(&purehw(&["bench", "-m", "/nonexistent/model.gguf"]), "no such file");
     user_error(&purehw(&["logits", "-m", m, "--ids", "1,x", "-o", "/dev/null"]), "\"x\"");
     user_error(&purehw(&["logits", "-m", m, "--ids", "1,99999999", "-o", "/dev/null"]), "99999999");
     user_error(&purehw(&["logits", "-m", m, "-o", "/dev/null"]), "--ids");
@@ -167,7 +173,8 @@ fn run_json_greedy_gemma3() {
     model_file(GEMMA.0, GEMMA.1);
     let case = france_case("gemma3-270m");
     let prompt = case["prompt"].as_str().unwrap();
-    let o = purehw(&["run", "-m", "gemma3-270m", "-p", prompt, "-n", "8", "--json"]);
+    // f32 activations: the golden ids come from HF in float.
+    let o = purehw(&["run", "-m", "gemma3-270m", "-p", prompt, "-n", "8", "--json", "--act", "f32"]);
     let v = json(&ok(&o));
     assert_eq!(ids(&v["prompt_ids"]), ids(&case["input_ids"]));
     assert_eq!(ids(&v["ids"]), ids(&case["greedy_ids"])[..8]);
@@ -182,7 +189,7 @@ fn run_streams_text_smollm2() {
     let m = model_file(SMOL.0, SMOL.1);
     let case = france_case("smollm2-135m");
     let prompt = case["prompt"].as_str().unwrap();
-    let args = ["run", "-m", path_str(&m), "-p", prompt, "-n", "6"];
+    let args = ["run", "-m", path_str(&m), "-p", prompt, "-n", "6", "--act", "f32"];
     let v = json(&ok(&purehw(&[&args[..], &["--json"]].concat())));
     assert_eq!(ids(&v["prompt_ids"]), ids(&case["input_ids"]));
     let golden = ids(&case["greedy_ids"]);
@@ -199,7 +206,7 @@ fn logits_file() {
     let input: Vec<String> = ids(&case["input_ids"]).iter().map(|i| i.to_string()).collect();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("last.f32");
-    ok(&purehw(&["logits", "-m", path_str(&m), "--ids", &input.join(","), "-o", path_str(&out)]));
+    ok(&purehw(&["logits", "-m", path_str(&m), "--act", "f32", "--ids", &input.join(","), "-o", path_str(&out)]));
     let ours = read_f32(&out);
     let golden = read_f32(&fixture("gemma3-270m/france.last_logits.f32"));
     assert_eq!(ours.len(), golden.len(), "one row of vocab f32s");
@@ -207,7 +214,18 @@ fn logits_file() {
     assert!(purehw_conformance::nmse(&ours, &golden) < 1e-4);
 
     let all = tmp.path().join("all.f32");
-    ok(&purehw(&["logits", "-m", path_str(&m), "--ids", &input.join(","), "--all-positions", "-o", path_str(&all)]));
+    ok(&purehw(&[
+        "logits",
+        "-m",
+        path_str(&m),
+        "--act",
+        "f32",
+        "--ids",
+        &input.join(","),
+        "--all-positions",
+        "-o",
+        path_str(&all),
+    ]));
     let rows = read_f32(&all);
     assert_eq!(rows.len(), input.len() * golden.len());
     let vocab = golden.len();
@@ -216,6 +234,73 @@ fn logits_file() {
     }
     // The last row is the last-position logits.
     assert_eq!(&rows[(input.len() - 1) * vocab..], &ours[..]);
+}
+
+/// The fast backend and the reference are twins in the same activation mode: same greedy ids.
+#[test]
+fn run_backends_agree_smollm2() {
+    let m = model_file(SMOL.0, SMOL.1);
+    let case = france_case("smollm2-135m");
+    let prompt = case["prompt"].as_str().unwrap();
+    let base = ["run", "-m", path_str(&m), "-p", prompt, "-n", "8", "--json"];
+    let run = |extra: &[&str]| json(&ok(&purehw(&[&base[..], extra].concat())));
+    let cpu = run(&["--backend", "cpu"]);
+    let reference = run(&["--backend", "cpu-ref", "--act", "int8"]);
+    assert_eq!(cpu["prompt_ids"], reference["prompt_ids"]);
+    assert_eq!(ids(&cpu["ids"]).len(), 8);
+    assert_eq!(ids(&cpu["ids"]), ids(&reference["ids"]));
+    // And in f32, on one thread.
+    let cpu = run(&["--backend", "cpu", "--act", "f32", "-t", "1"]);
+    assert_eq!(ids(&cpu["ids"]), ids(&run(&["--backend", "cpu-ref"])["ids"]));
+}
+
+/// `bench --json`: one object, every key, sane values.
+#[track_caller]
+fn check_bench(args: &[&str], backend: &str, pp: u64, tg: u64) -> serde_json::Value {
+    let v = json(ok(&purehw(args)).trim());
+    assert_eq!(v["backend"], backend, "{v}");
+    assert!(v["model"].as_str().unwrap().ends_with(SMOL.1), "{v}");
+    let threads = v["threads"].as_u64().unwrap();
+    assert!(threads >= 1, "{v}");
+    if backend == "cpu-ref" {
+        assert_eq!(threads, 1);
+    }
+    for (test, n) in [("pp", pp), ("tg", tg)] {
+        assert_eq!(v[test]["n"].as_u64(), Some(n), "{v}");
+        let mean = v[test]["tps_mean"].as_f64().unwrap();
+        let std = v[test]["tps_std"].as_f64().unwrap();
+        assert!(mean > 0.0 && mean.is_finite(), "{v}");
+        assert!(std >= 0.0 && std.is_finite(), "{v}");
+    }
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{v}");
+    v
+}
+
+#[test]
+fn bench_json_cpu() {
+    let m = model_file(SMOL.0, SMOL.1);
+    let v = check_bench(&["bench", "-m", path_str(&m), "-p", "16", "-n", "4", "-r", "2", "--json"], "cpu", 16, 4);
+    assert_eq!(v["act"], "int8");
+    assert!(v["simd"].is_string(), "{v}");
+    // A skipped test is n 0 with zero rates; the text table has a row per test run.
+    let o = ok(&purehw(&["bench", "-m", path_str(&m), "-p", "0", "-n", "2", "-r", "1", "--json", "-t", "1"]));
+    let v = json(o.trim());
+    assert_eq!(v["threads"], 1);
+    assert_eq!(v["pp"]["n"], 0);
+    assert_eq!(v["pp"]["tps_mean"], 0.0);
+    let text = ok(&purehw(&["bench", "-m", path_str(&m), "-p", "4", "-n", "2", "-r", "1"]));
+    assert!(text.contains(" pp4 "), "{text}");
+    assert!(text.contains(" tg2 "), "{text}");
+    assert!(text.contains("t/s") && text.contains("peak RSS"), "{text}");
+}
+
+#[test]
+fn bench_json_cpu_ref() {
+    let m = model_file(SMOL.0, SMOL.1);
+    let args = ["bench", "-m", path_str(&m), "--backend", "cpu-ref", "-p", "8", "-n", "2", "-r", "1", "--json"];
+    let v = check_bench(&args, "cpu-ref", 8, 2);
+    assert_eq!(v["act"], "f32");
+    assert_eq!(v["pp"]["tps_std"], 0.0, "one repetition has no spread");
 }
 
 /// A fresh cache holding a verified copy: `pull` does nothing (no pip, no network: PATH is

@@ -157,7 +157,7 @@ impl BlockQ8_0 {
 /// bytes 8..12 (scale: low nibble, min: high nibble) and their top 2 bits from the spare top bits
 /// of bytes 0..4 / 4..8.
 #[inline]
-fn scale_min_k4(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
+pub(crate) fn scale_min_k4(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
     let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
     for j in 0..4 {
         sc[j] = s[j] & 0x3F;

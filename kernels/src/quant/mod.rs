@@ -11,7 +11,9 @@
 //! `dot_f32` fixes the accumulation order (8 lanes, `i % 8`, combined pairwise) so that results are
 //! reproducible and a SIMD twin can match them exactly.
 
+mod act;
 mod blocks;
+pub use act::*;
 pub use blocks::*;
 
 /// How a weight tensor is stored. Block sizes and byte sizes follow ggml (`ggml-common.h`).

@@ -1,0 +1,223 @@
+//! The fast CPU backend: the reference backend's buffers and semantics, with the heavy ops run by
+//! a persistent thread pool on SIMD twins of the `purehw-kernels` math.
+//!
+//! * Buffers, weights and the cheap per-token ops (embedding, norms, RoPE, KV stores, elementwise)
+//!   are `hal-cpu-ref`'s own: this backend wraps a [`CpuRef`] and runs those ops through it, so
+//!   they are the reference by construction.
+//! * `MatMul` and `Attention` run here: weights stay the stored blocks (the memory map), rows are
+//!   split across the [`pool`] threads, and each thread calls the [`simd::Kernels`] chosen at start
+//!   (AVX2+FMA, NEON, scalar). With `ActQuant::Int8` a matmul first quantizes its activations once
+//!   (reused by the next matmuls that read the same rows), then runs integer dots.
+//!
+//! Every kernel is bit-exact with its reference, so this backend's results equal `cpu-ref`'s bit
+//! for bit in both activation modes (checked in `conformance`).
+
+mod exec;
+pub mod pool;
+pub mod simd;
+
+use std::sync::Mutex;
+
+use purehw_hal::{Backend, ErrorKind, ErrorType, HostWeight, Op, OpKind, Step, View};
+use purehw_hal_cpu_ref::CpuRef;
+pub use purehw_hal_cpu_ref::{BufId, CpuRefError, WeightId};
+use purehw_kernels::quant::{BlockQ8A, BlockQ8K};
+
+use crate::pool::Pool;
+use crate::simd::Kernels;
+
+/// Everything [`Cpu`] can fail with.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CpuError {
+    /// An error of the underlying reference machinery (bad view, unknown handle, …).
+    #[error(transparent)]
+    Ref(#[from] CpuRefError),
+    /// The worker threads could not be started.
+    #[error("could not start {threads} worker threads")]
+    Threads { threads: usize },
+}
+
+impl purehw_hal::Error for CpuError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            CpuError::Ref(e) => purehw_hal::Error::kind(e),
+            CpuError::Threads { .. } => ErrorKind::Other,
+        }
+    }
+}
+
+/// What the quantized-activation scratch holds: `n` rows of `cols` from `x`, in one layout.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ActKey {
+    pub x: View<BufId>,
+    pub n: usize,
+    pub cols: usize,
+    pub k: bool,
+}
+
+/// Per-thread scratch: a matmul output tile and attention scores. Grown on first use only.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    pub tile: Vec<f32>,
+    pub scores: Vec<f32>,
+}
+
+/// `cos_sin[(t·half + i)·2 ..]` = `rope_cos_sin(i, positions[t], …)` for the step's rows.
+#[derive(Default)]
+pub(crate) struct RopeTable {
+    pub key: (u32, u32, usize),
+    pub valid: bool,
+    pub cos_sin: Vec<f32>,
+}
+
+/// The fast CPU backend.
+pub struct Cpu {
+    pub(crate) inner: CpuRef,
+    pub(crate) pool: Pool,
+    pub(crate) k: Kernels,
+    /// Quantized activations, `(n, cols/32)` or `(n, cols/256)` blocks, and what they hold.
+    pub(crate) qa: Vec<BlockQ8A>,
+    pub(crate) qk: Vec<BlockQ8K>,
+    pub(crate) held: Option<ActKey>,
+    /// One per pool thread.
+    pub(crate) scratch: Vec<Mutex<Scratch>>,
+    /// RoPE `(cos, sin)` tables of the current step, one per `(theta, scale, head_dim)`: every
+    /// layer of a step rotates the same positions, so each table is computed once per step.
+    pub(crate) rope: Vec<RopeTable>,
+    /// `PUREHW_PROFILE=1`: seconds and calls per op kind (and matmul format), printed on drop.
+    profile: Option<Vec<(String, f64, usize)>>,
+}
+
+impl Drop for Cpu {
+    fn drop(&mut self) {
+        if let Some(p) = &mut self.profile {
+            p.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let total: f64 = p.iter().map(|e| e.1).sum();
+            eprintln!("purehw cpu profile: {total:.3} s in ops");
+            for (k, t, n) in p.iter() {
+                eprintln!("  {k:<24} {t:>9.4} s {:>5.1}% {n:>8} calls", 100.0 * t / total);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Cpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cpu").field("threads", &self.threads()).field("simd", &self.k.name).finish()
+    }
+}
+
+impl Cpu {
+    /// A backend on `threads` threads (0: one per available core) with the best SIMD kernels.
+    pub fn new(threads: usize) -> Result<Cpu, CpuError> {
+        Cpu::with_kernels(threads, Kernels::detect())
+    }
+
+    /// As [`new`](Self::new) with a given kernel set (tests compare sets).
+    pub fn with_kernels(threads: usize, k: Kernels) -> Result<Cpu, CpuError> {
+        let threads = if threads == 0 { default_threads() } else { threads };
+        let pool = Pool::new(threads).map_err(|_| CpuError::Threads { threads })?;
+        let scratch = (0..threads).map(|_| Mutex::new(Scratch::default())).collect();
+        let profile = std::env::var("PUREHW_PROFILE").is_ok_and(|v| v == "1").then(Vec::new);
+        Ok(Cpu {
+            inner: CpuRef::new(),
+            pool,
+            k,
+            qa: Vec::new(),
+            qk: Vec::new(),
+            held: None,
+            scratch,
+            profile,
+            rope: Vec::new(),
+        })
+    }
+
+    /// Threads in the pool.
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// The SIMD kernel set in use (`"avx2"`, `"neon"`, `"scalar"`).
+    pub fn simd(&self) -> &'static str {
+        self.k.name
+    }
+
+    /// A buffer's contents (for inspection and tests).
+    pub fn buffer(&self, b: BufId) -> Option<&[f32]> {
+        self.inner.buffer(b)
+    }
+
+    /// The weight behind a handle.
+    pub fn weight(&self, w: WeightId) -> Option<&HostWeight> {
+        self.inner.weight(w)
+    }
+}
+
+/// One thread per available core.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl ErrorType for Cpu {
+    type Error = CpuError;
+}
+
+impl Backend for Cpu {
+    type Buffer = BufId;
+    type Weight = WeightId;
+
+    fn name(&self) -> &str {
+        "cpu"
+    }
+
+    fn supports(&self, op: OpKind) -> bool {
+        self.inner.supports(op)
+    }
+
+    fn alloc(&mut self, len: usize) -> Result<BufId, CpuError> {
+        Ok(self.inner.alloc(len)?)
+    }
+
+    fn load_weight(&mut self, w: &HostWeight) -> Result<WeightId, CpuError> {
+        Ok(self.inner.load_weight(w)?)
+    }
+
+    fn write(&mut self, dst: View<BufId>, src: &[f32]) -> Result<(), CpuError> {
+        self.held = None;
+        Ok(self.inner.write(dst, src)?)
+    }
+
+    fn read(&mut self, src: View<BufId>, dst: &mut [f32]) -> Result<(), CpuError> {
+        Ok(self.inner.read(src, dst)?)
+    }
+
+    fn submit(&mut self, step: &Step<'_>, ops: &[Op<BufId, WeightId>]) -> Result<(), CpuError> {
+        self.held = None;
+        self.rope.iter_mut().for_each(|t| t.valid = false);
+        if self.profile.is_none() {
+            for op in ops {
+                self.run(step, op)?;
+            }
+            return Ok(());
+        }
+        for op in ops {
+            let t = std::time::Instant::now();
+            self.run(step, op)?;
+            let dt = t.elapsed().as_secs_f64();
+            let key = match op.kind(|w| self.inner.format_of(w).unwrap_or(purehw_hal::Format::F32)) {
+                OpKind::MatMul(f) if step.rows() > 1 => format!("MatMul {f:?} n>1"),
+                k => format!("{k:?}"),
+            };
+            let p = self.profile.as_mut().expect("profiling");
+            match p.iter_mut().find(|e| e.0 == key) {
+                Some(e) => {
+                    e.1 += dt;
+                    e.2 += 1;
+                }
+                None => p.push((key, dt, 1)),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,275 @@
+//! A persistent pool of worker threads, one per core, that runs one borrowed job at a time.
+//!
+//! [`Pool::run`] hands every thread (the caller is thread 0) the same `&dyn Fn(usize)` and returns
+//! when all of them are done, so the job may borrow the caller's stack. Workers spin briefly
+//! between jobs (a decode step submits a few hundred small ops back to back) and then sleep on a
+//! condition variable, so an idle pool costs nothing.
+//!
+//! The job's lifetime is erased to hand it to the workers: that, and [`Disjoint`] (threads writing
+//! disjoint parts of one output), are the module's only `unsafe`.
+#![allow(unsafe_code)]
+
+use std::marker::PhantomData;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+type Job = dyn Fn(usize) + Sync;
+
+/// How long a worker spins for the next job before it sleeps: long enough to stay hot between the
+/// ops of a step, short enough not to steal a core from other work between steps.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+
+struct Shared {
+    /// The current job: set before `generation` is bumped, cleared after every worker is done.
+    job: Mutex<Option<JobPtr>>,
+    generation: AtomicU64,
+    done: AtomicUsize,
+    panicked: AtomicBool,
+    quit: AtomicBool,
+    sleepers: AtomicUsize,
+    sleep: Mutex<()>,
+    wake: Condvar,
+}
+
+/// A job pointer with its lifetime erased.
+#[derive(Copy, Clone)]
+struct JobPtr(*const Job);
+// SAFETY: the pointee is `Sync` (`Job: Sync`) and outlives every use (see `Pool::run`).
+unsafe impl Send for JobPtr {}
+
+/// The pool. Dropping it stops and joins the workers.
+pub struct Pool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pool({} threads)", self.threads())
+    }
+}
+
+impl Pool {
+    /// A pool of `threads` threads in all (the caller counts as one; `threads >= 1`).
+    pub fn new(threads: usize) -> std::io::Result<Pool> {
+        let shared = Arc::new(Shared {
+            job: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            quit: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            sleep: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let mut workers = Vec::new();
+        for id in 1..threads.max(1) {
+            let s = Arc::clone(&shared);
+            let h = std::thread::Builder::new().name(format!("purehw-cpu-{id}")).spawn(move || worker(&s, id))?;
+            workers.push(h);
+        }
+        Ok(Pool { shared, workers })
+    }
+
+    /// Threads in the pool, the caller included.
+    pub fn threads(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// Run `job(i)` on every thread `i` in `0..threads()` and wait for all of them.
+    /// A panic in any thread is re-raised here after all threads have finished.
+    pub fn run(&self, job: &(dyn Fn(usize) + Sync)) {
+        if self.workers.is_empty() {
+            job(0);
+            return;
+        }
+        let s = &*self.shared;
+        // SAFETY: the erased pointer is only dereferenced by workers between the generation bump
+        // below and their `done` increment, and this function does not return (normally or by
+        // unwinding: the caller's own part runs under catch_unwind) before every worker has
+        // incremented `done`; so `job` outlives every use.
+        let ptr = JobPtr(unsafe { std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const Job>(job) });
+        *lock(&s.job) = Some(ptr);
+        s.done.store(0, SeqCst);
+        s.generation.fetch_add(1, SeqCst);
+        if s.sleepers.load(SeqCst) > 0 {
+            let _g = lock(&s.sleep);
+            s.wake.notify_all();
+        }
+        let mine = catch_unwind(AssertUnwindSafe(|| job(0)));
+        let mut spins = 0u32;
+        while s.done.load(SeqCst) < self.workers.len() {
+            spins += 1;
+            if spins < 4096 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        *lock(&s.job) = None;
+        if let Err(p) = mine {
+            std::panic::resume_unwind(p);
+        }
+        if s.panicked.swap(false, SeqCst) {
+            panic!("a purehw-cpu worker thread panicked");
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.quit.store(true, SeqCst);
+        self.shared.generation.fetch_add(1, SeqCst);
+        {
+            let _g = lock(&self.shared.sleep);
+            self.shared.wake.notify_all();
+        }
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A poisoned lock only means another thread panicked while holding it; the data is `()` or a
+/// pointer slot, still valid.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn worker(s: &Shared, id: usize) {
+    let mut seen = 0u64;
+    loop {
+        // Wait for a new generation: spin, then sleep.
+        let mut spins = 0u32;
+        let mut since: Option<std::time::Instant> = None;
+        while s.generation.load(SeqCst) == seen {
+            spins = spins.wrapping_add(1);
+            if !spins.is_multiple_of(64) || since.get_or_insert_with(std::time::Instant::now).elapsed() < SPIN {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut g = lock(&s.sleep);
+            s.sleepers.fetch_add(1, SeqCst);
+            while s.generation.load(SeqCst) == seen {
+                g = s.wake.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            s.sleepers.fetch_sub(1, SeqCst);
+        }
+        seen = s.generation.load(SeqCst);
+        if s.quit.load(SeqCst) {
+            return;
+        }
+        let job = *lock(&s.job);
+        if let Some(JobPtr(p)) = job {
+            // SAFETY: `run` keeps the job alive until this thread increments `done` below.
+            let f = unsafe { &*p };
+            if catch_unwind(AssertUnwindSafe(|| f(id))).is_err() {
+                s.panicked.store(true, SeqCst);
+            }
+        }
+        s.done.fetch_add(1, SeqCst);
+    }
+}
+
+/// An output slice that several threads write in disjoint parts.
+pub struct Disjoint<'a, T = f32> {
+    ptr: *mut T,
+    len: usize,
+    _borrow: PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: it is a `&mut [T]` split by contract: callers of `part` guarantee disjointness.
+unsafe impl<T: Send> Send for Disjoint<'_, T> {}
+// SAFETY: as above; parts are only handed out as `&mut`, so `T: Send` suffices.
+unsafe impl<T: Send> Sync for Disjoint<'_, T> {}
+
+impl<'a, T> Disjoint<'a, T> {
+    pub fn new(s: &'a mut [T]) -> Self {
+        Disjoint { ptr: s.as_mut_ptr(), len: s.len(), _borrow: PhantomData }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `start..start + len` of the output.
+    ///
+    /// # Safety
+    /// No two live parts (from any thread) may overlap.
+    #[allow(clippy::mut_from_ref)] // the point of the type: disjoint parts of one &mut
+    pub unsafe fn part(&self, start: usize, len: usize) -> &mut [T] {
+        assert!(start <= self.len && len <= self.len - start, "part {start}+{len} of {}", self.len);
+        // SAFETY: in bounds (checked above); exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}
+
+/// Hands out `0..n` in chunks of `chunk` to whichever thread asks next.
+pub struct Chunks {
+    next: AtomicUsize,
+    n: usize,
+    chunk: usize,
+}
+
+impl Chunks {
+    pub fn new(n: usize, chunk: usize) -> Self {
+        Chunks { next: AtomicUsize::new(0), n, chunk: chunk.max(1) }
+    }
+}
+
+impl Iterator for &Chunks {
+    type Item = std::ops::Range<usize>;
+    fn next(&mut self) -> Option<Self::Item> {
+        let s = self.next.fetch_add(self.chunk, SeqCst);
+        (s < self.n).then(|| s..(s + self.chunk).min(self.n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_thread_runs_each_job_and_borrows_work() {
+        let pool = Pool::new(3).unwrap();
+        for round in 0..200 {
+            let hits = AtomicUsize::new(0);
+            let mut out = vec![0f32; 1000];
+            let d = Disjoint::new(&mut out);
+            let chunks = Chunks::new(1000, 7);
+            pool.run(&|_| {
+                hits.fetch_add(1, SeqCst);
+                for r in &chunks {
+                    // SAFETY: chunks are disjoint.
+                    let p = unsafe { d.part(r.start, r.len()) };
+                    for (i, o) in r.zip(p) {
+                        *o = (i + round) as f32;
+                    }
+                }
+            });
+            assert_eq!(hits.load(SeqCst), 3);
+            assert!(out.iter().enumerate().all(|(i, &v)| v == (i + round) as f32));
+            if round % 50 == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(30)); // let workers fall asleep
+            }
+        }
+    }
+
+    #[test]
+    fn a_panicking_job_is_reported_and_the_pool_survives() {
+        let pool = Pool::new(2).unwrap();
+        let r = catch_unwind(AssertUnwindSafe(|| pool.run(&|i| assert_ne!(i, 1))));
+        assert!(r.is_err());
+        let hits = AtomicUsize::new(0);
+        pool.run(&|_| {
+            hits.fetch_add(1, SeqCst);
+        });
+        assert_eq!(hits.load(SeqCst), 2);
+    }
+}

@@ -1,0 +1,95 @@
+//! The SIMD twins of the `purehw-kernels` math, chosen once at run time.
+//!
+//! [`Kernels::detect`] picks the best set the CPU has (AVX2+FMA on x86-64, NEON on aarch64) and
+//! falls back to [`scalar`], which calls the reference functions themselves. Every twin is
+//! bit-exact with its reference (tests in each module compare them on random data):
+//!
+//! * `quantize_q8a` / `quantize_q8k` = `purehw_kernels::quant::quantize_q8a` / `quantize_q8k`;
+//! * `gemm_q8a` / `gemm_q8k`: `out[t·rows + r] = dot_row_q8a/q8k(fmt, row r, act of token t)`;
+//! * `gemm_f32`: `out[t·rows + r] = dot_row(fmt, row r, x[t·cols..][..cols])`;
+//! * `dot_f32`, `axpy` (`y[i] += a·x[i]`, no fused multiply-add): the canonical float order;
+//! * `gelu_mul`, `silu_mul`, `exp_sub`: `purehw_kernels::ops` elementwise, through its own `exp`.
+
+use purehw_kernels::Format;
+use purehw_kernels::quant::{BlockQ8A, BlockQ8K};
+
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+mod neon;
+pub(crate) mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_512;
+#[cfg(target_arch = "x86_64")]
+mod x86_act;
+#[cfg(target_arch = "x86_64")]
+mod x86_f32;
+
+/// Quantize a row of activations (`x.len() == block · out.len()`).
+pub type QuantizeA = fn(x: &[f32], out: &mut [BlockQ8A]);
+pub type QuantizeK = fn(x: &[f32], out: &mut [BlockQ8K]);
+/// Integer GEMM over `rows` consecutive stored rows of `w` (each `fmt.bytes_for(cols)` bytes) and
+/// `n` tokens of quantized activations (token `t` is `act[t·cols/B ..][..cols/B]`):
+/// `out[t·rows + r] = dot_row_q8a(fmt, row r, token t)`. `fmt.act_layout()` is `Q8A` (resp. `Q8K`).
+pub type GemmA = fn(fmt: Format, w: &[u8], rows: usize, cols: usize, act: &[BlockQ8A], n: usize, out: &mut [f32]);
+pub type GemmK = fn(fmt: Format, w: &[u8], rows: usize, cols: usize, act: &[BlockQ8K], n: usize, out: &mut [f32]);
+/// Float GEMM: `out[t·rows + r] = dot_row(fmt, row r, x[t·cols..][..cols])`, any format.
+pub type GemmF = fn(fmt: Format, w: &[u8], rows: usize, cols: usize, x: &[f32], n: usize, out: &mut [f32]);
+
+/// One set of kernels, all from the same instruction set.
+#[derive(Copy, Clone)]
+pub struct Kernels {
+    /// `"avx2"`, `"neon"` or `"scalar"`.
+    pub name: &'static str,
+    pub quantize_q8a: QuantizeA,
+    pub quantize_q8k: QuantizeK,
+    pub gemm_q8a: GemmA,
+    pub gemm_q8k: GemmK,
+    pub gemm_f32: GemmF,
+    /// `purehw_kernels::quant::dot_f32`, bit for bit.
+    pub dot_f32: fn(&[f32], &[f32]) -> f32,
+    /// `y[i] += a · x[i]` (a product then a sum, as the reference attention does).
+    pub axpy: fn(y: &mut [f32], a: f32, x: &[f32]),
+    /// `out[i] = gelu_tanh(gate[i]) · up[i]` (`gate` `None`: `out` holds the gate).
+    pub gelu_mul: Gated,
+    /// `out[i] = silu(gate[i]) · up[i]` (`gate` `None`: in place).
+    pub silu_mul: Gated,
+    /// `x[i] = exp(x[i] − m)` (`purehw_kernels::ops::exp`).
+    pub exp_sub: fn(x: &mut [f32], m: f32),
+}
+
+/// A gated activation; see [`Kernels::gelu_mul`].
+pub type Gated = fn(out: &mut [f32], gate: Option<&[f32]>, up: &[f32]);
+
+impl core::fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+/// The scalar fallback (the reference functions), whatever the CPU has.
+pub fn scalar_kernels() -> Kernels {
+    scalar::KERNELS
+}
+
+impl Kernels {
+    /// The best kernels this CPU runs. `PUREHW_SIMD=scalar` forces the fallback.
+    pub fn detect() -> Kernels {
+        if std::env::var("PUREHW_SIMD").is_ok_and(|v| v == "scalar") {
+            return scalar::KERNELS;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(k) = x86_512::kernels() {
+            return k;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(k) = x86::kernels() {
+            return k;
+        }
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        if let Some(k) = neon::kernels() {
+            return k;
+        }
+        scalar::KERNELS
+    }
+}

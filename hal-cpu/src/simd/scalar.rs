@@ -1,0 +1,77 @@
+//! The fallback: the reference functions themselves, so it is exact by definition.
+
+use purehw_kernels::Format;
+use purehw_kernels::ops;
+use purehw_kernels::quant::{self as q, BlockQ8A, BlockQ8K};
+
+use super::Kernels;
+
+pub(crate) const KERNELS: Kernels = Kernels {
+    name: "scalar",
+    quantize_q8a: q::quantize_q8a,
+    quantize_q8k: q::quantize_q8k,
+    gemm_q8a,
+    gemm_q8k,
+    gemm_f32,
+    dot_f32: q::dot_f32,
+    axpy,
+    gelu_mul,
+    silu_mul,
+    exp_sub,
+};
+
+pub(crate) fn gelu_mul(out: &mut [f32], gate: Option<&[f32]>, up: &[f32]) {
+    match gate {
+        Some(g) => ops::gelu_tanh_mul(out, g, up),
+        None => ops::gelu_tanh_mul_inplace(out, up),
+    }
+}
+
+pub(crate) fn silu_mul(out: &mut [f32], gate: Option<&[f32]>, up: &[f32]) {
+    match gate {
+        Some(g) => ops::silu_mul(out, g, up),
+        None => ops::silu_mul_inplace(out, up),
+    }
+}
+
+pub(crate) fn exp_sub(x: &mut [f32], m: f32) {
+    for v in x {
+        *v = ops::exp(*v - m);
+    }
+}
+
+pub(crate) fn gemm_q8a(fmt: Format, w: &[u8], rows: usize, cols: usize, act: &[BlockQ8A], n: usize, out: &mut [f32]) {
+    let (rb, ab) = (fmt.bytes_for(cols).unwrap_or(0), cols / 32);
+    for t in 0..n {
+        let a = &act[t * ab..(t + 1) * ab];
+        for r in 0..rows {
+            out[t * rows + r] = q::dot_row_q8a(fmt, &w[r * rb..(r + 1) * rb], a);
+        }
+    }
+}
+
+pub(crate) fn gemm_q8k(fmt: Format, w: &[u8], rows: usize, cols: usize, act: &[BlockQ8K], n: usize, out: &mut [f32]) {
+    let (rb, ab) = (fmt.bytes_for(cols).unwrap_or(0), cols / 256);
+    for t in 0..n {
+        let a = &act[t * ab..(t + 1) * ab];
+        for r in 0..rows {
+            out[t * rows + r] = q::dot_row_q8k(fmt, &w[r * rb..(r + 1) * rb], a);
+        }
+    }
+}
+
+pub(crate) fn gemm_f32(fmt: Format, w: &[u8], rows: usize, cols: usize, x: &[f32], n: usize, out: &mut [f32]) {
+    let rb = fmt.bytes_for(cols).unwrap_or(0);
+    for t in 0..n {
+        let xt = &x[t * cols..(t + 1) * cols];
+        for r in 0..rows {
+            out[t * rows + r] = q::dot_row(fmt, &w[r * rb..(r + 1) * rb], xt);
+        }
+    }
+}
+
+pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}

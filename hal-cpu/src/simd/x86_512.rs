@@ -1,0 +1,931 @@
+//! AVX-512 (F+BW+VL) + VNNI twins of the integer GEMMs (x86-64), bit-exact with
+//! `purehw_kernels::quant::{dot_row_q8a, dot_row_q8k}`. Everything else (quantization, the float
+//! kernels) is the AVX2 set of [`super::x86`].
+//!
+//! This module needs `unsafe` for two things only: calling the `#[target_feature]` functions
+//! (sound because they are reachable only through [`kernels`], which checked the CPU features
+//! first) and raw SIMD loads/stores (each one's bounds are argued at the site).
+//!
+//! How the reference maps onto AVX-512: a 512-bit register holds two 32-byte chunks; its i32
+//! lanes 0..8 are the reference lanes of the first chunk and 8..16 those of the second.
+//!
+//! * 32-element formats (one block = one chunk): a register holds two consecutive blocks. Weight
+//!   codes are made unsigned (`u = w + off`: Q4_0 `off = 8`, Q5_0 16, Q8_0 128 by flipping the sign
+//!   bit, 0 for Q4_1/Q5_1) and `vpdpbusd(base, u, a)` with `base = −off·Σ_{4 lane bytes} a` (itself
+//!   a `vpdpbusd`) gives lane `k` = `Σ_{i in 4k..4k+4} w[i]·a[i]` exactly in i32. The float steps
+//!   stay per block: `d = d_w·d_a` and `d·lane` are lane-wise (16 lanes, both blocks), then the
+//!   accumulator takes the first block's 8 products and, after that, the second block's — two
+//!   separate adds, in the reference's block order. The minimum term is the AVX2 one.
+//! * k-quants: register `j` holds chunks (sub-blocks) `2j`, `2j + 1`; `pmaddubsw` (exact: codes
+//!   are at most 31, or `|w| ≤ 32` with the activation's sign flipped for Q6_K) then `vpdpwssd`
+//!   with each lane's sub-block scale accumulates `sc·lane` in i32. The reference sums these
+//!   integers over the super-block, so the two halves are added as integers, then one
+//!   `acc += d·lane` per super-block. The minimum term is the AVX2 one.
+//!
+//! No fused multiply-add anywhere; the final lane reduction is `reduce_lanes`'s order.
+#![allow(unsafe_code)]
+
+use core::arch::x86_64::*;
+use core::mem::MaybeUninit;
+
+use purehw_kernels::Format;
+use purehw_kernels::quant::{BlockQ8A, BlockQ8K};
+
+use super::Kernels;
+
+/// The AVX-512 VNNI kernels when the CPU has AVX-512 F, BW, VL and VNNI (plus the AVX2 set's
+/// AVX2, FMA and F16C, whose kernels fill the other fields).
+pub(super) fn kernels() -> Option<Kernels> {
+    let have = is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c");
+    if !have {
+        return None;
+    }
+    let base = super::x86::kernels()?;
+    Some(Kernels { name: "avx512vnni", gemm_q8a, gemm_q8k, ..base })
+}
+
+/// Tokens per tile (one f32 lane each in the per-tile scale vectors).
+const TT: usize = 8;
+/// How far ahead (bytes) the weight stream is prefetched.
+const PREFETCH: usize = 2048;
+/// Most 32-element blocks per row the per-tile scratch holds (larger rows use the scalar path).
+const MAXB: usize = 1024;
+/// Most 256-element super-blocks per row the per-tile scratch holds.
+const MAXSB: usize = 128;
+
+// ---------------------------------------------------------------------------------------------
+// Safe entry points (the `Kernels` fn pointers).
+
+fn gemm_q8a(fmt: Format, w: &[u8], rows: usize, cols: usize, act: &[BlockQ8A], n: usize, out: &mut [f32]) {
+    let ab = cols / 32;
+    let (Some(rb), true) = (fmt.bytes_for(cols), ab <= MAXB) else {
+        return super::scalar::gemm_q8a(fmt, w, rows, cols, act, n, out);
+    };
+    // The same panics as the scalar fallback's slicing, checked once up front.
+    assert!(w.len() >= rows * rb, "gemm_q8a: weights too short");
+    assert!(act.len() >= n * ab, "gemm_q8a: activations too short");
+    assert!(out.len() >= n * rows, "gemm_q8a: output too short");
+    if rows == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: only reachable through `kernels()`, which checked avx512f/bw/vl/vnni+avx2+fma+f16c;
+    // the slice lengths the kernels rely on were asserted above.
+    unsafe {
+        match fmt {
+            Format::Q4_0 => gemm_a::<Q4_0>(w, rows, ab, act, n, out),
+            Format::Q4_1 => gemm_a::<Q4_1>(w, rows, ab, act, n, out),
+            Format::Q5_0 => gemm_a::<Q5_0>(w, rows, ab, act, n, out),
+            Format::Q5_1 => gemm_a::<Q5_1>(w, rows, ab, act, n, out),
+            Format::Q8_0 => gemm_a::<Q8_0>(w, rows, ab, act, n, out),
+            _ => super::scalar::gemm_q8a(fmt, w, rows, cols, act, n, out),
+        }
+    }
+}
+
+fn gemm_q8k(fmt: Format, w: &[u8], rows: usize, cols: usize, act: &[BlockQ8K], n: usize, out: &mut [f32]) {
+    let nsb = cols / 256;
+    let (Some(rb), true) = (fmt.bytes_for(cols), nsb <= MAXSB) else {
+        return super::scalar::gemm_q8k(fmt, w, rows, cols, act, n, out);
+    };
+    assert!(w.len() >= rows * rb, "gemm_q8k: weights too short");
+    assert!(act.len() >= n * nsb, "gemm_q8k: activations too short");
+    assert!(out.len() >= n * rows, "gemm_q8k: output too short");
+    if rows == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: only reachable through `kernels()`, which checked avx512f/bw/vl/vnni+avx2+fma+f16c;
+    // the slice lengths the kernels rely on were asserted above.
+    unsafe {
+        match fmt {
+            Format::Q4_K => gemm_k::<Q4_K>(w, rows, nsb, act, n, out),
+            Format::Q5_K => gemm_k::<Q5_K>(w, rows, nsb, act, n, out),
+            Format::Q6_K => gemm_k::<Q6_K>(w, rows, nsb, act, n, out),
+            _ => super::scalar::gemm_q8k(fmt, w, rows, cols, act, n, out),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers.
+
+/// `((l0+l4)+(l2+l6))+((l1+l5)+(l3+l7))`, as `purehw_kernels::quant::reduce_lanes`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn reduce_lanes(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v)); // l0+l4, l1+l5, l2+l6, l3+l7
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s)); // (l0+l4)+(l2+l6), (l1+l5)+(l3+l7)
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// The raw f16 bits at `p` (little-endian).
+#[inline]
+unsafe fn f16_bits(p: *const u8) -> u16 {
+    // SAFETY: the caller guarantees two readable bytes at `p`.
+    unsafe { p.cast::<u16>().read_unaligned() }
+}
+
+/// The f16 at `p`, widened exactly (`vcvtph2ps`, as `half` does) and broadcast to 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn f16x8_at(p: *const u8) -> __m256 {
+    // SAFETY: the caller guarantees two readable bytes at `p`.
+    let h = unsafe { f16_bits(p) };
+    _mm256_cvtph_ps(_mm_set1_epi16(h as i16))
+}
+
+/// Two f16 values widened exactly: `h0` in lanes 0..8, `h1` in lanes 8..16.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn f16x16_pair(h0: u16, h1: u16) -> __m512 {
+    _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16(h1 as i16), _mm_set1_epi16(h0 as i16)))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn load64(p: *const u8) -> __m512i {
+    // SAFETY: the caller guarantees 64 readable bytes at `p`.
+    unsafe { _mm512_loadu_si512(p.cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn load32(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 32 readable bytes at `p`.
+    unsafe { _mm256_loadu_si256(p.cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn load16(p: *const u8) -> __m128i {
+    // SAFETY: the caller guarantees 16 readable bytes at `p`.
+    unsafe { _mm_loadu_si128(p.cast()) }
+}
+
+/// Lanes 0..8 of a 16-lane float vector.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn lo8(v: __m512) -> __m256 {
+    _mm512_castps512_ps256(v)
+}
+
+/// Lanes 8..16 of a 16-lane float vector.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn hi8(v: __m512) -> __m256 {
+    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+}
+
+/// `lo ‖ hi` (lanes 0..8 from `lo`, 8..16 from `hi`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn join(lo: __m256i, hi: __m256i) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 32-element formats.
+
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q5_0: u8 = 2;
+const Q5_1: u8 = 3;
+const Q8_0: u8 = 4;
+
+const fn block_bytes_a(f: u8) -> usize {
+    match f {
+        Q4_0 => 18,
+        Q4_1 => 20,
+        Q5_0 => 22,
+        Q5_1 => 24,
+        _ => 34,
+    }
+}
+
+/// The offset `off` with `w = u − off`, `u` the unsigned code [`codes_a`] returns.
+const fn offset_a(f: u8) -> u8 {
+    match f {
+        Q4_0 => 8,
+        Q5_0 => 16,
+        Q8_0 => 128,
+        _ => 0,
+    }
+}
+
+/// Formats with a minimum (`d·q + m`).
+const fn has_min_a(f: u8) -> bool {
+    matches!(f, Q4_1 | Q5_1)
+}
+
+/// 32 bytes, `0xFF` where bit `i` of `qh` is set (byte `i` ↔ element `i`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn bits_to_bytes(qh: u32) -> __m256i {
+    let v = _mm256_set1_epi32(qh as i32);
+    let shuf = _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303);
+    let v = _mm256_shuffle_epi8(v, shuf);
+    let v = _mm256_or_si256(v, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64));
+    _mm256_cmpeq_epi8(v, _mm256_set1_epi8(-1))
+}
+
+/// 16 bytes of nibbles → 32 codes: element `j` the low nibble of byte `j`, `j + 16` the high one.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn nibbles(x: __m128i) -> __m256i {
+    let v = _mm256_srlv_epi64(_mm256_broadcastsi128_si256(x), _mm256_setr_epi64x(0, 0, 4, 4));
+    _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
+}
+
+/// The 32 unsigned codes `u = w + offset_a(F)` of the block at `p`, in element order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn codes_a<const F: u8>(p: *const u8) -> __m256i {
+    // SAFETY (all reads below): the caller guarantees a whole block of format `F` at `p`; each
+    // read lies inside that block's layout (d, m, qh, qs offsets of ggml's block_*).
+    unsafe {
+        match F {
+            Q4_0 => nibbles(load16(p.add(2))),
+            Q4_1 => nibbles(load16(p.add(4))),
+            Q5_0 | Q5_1 => {
+                let (qh_at, qs_at) = if F == Q5_0 { (2, 6) } else { (4, 8) };
+                let qh = p.add(qh_at).cast::<u32>().read_unaligned();
+                let hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
+                _mm256_or_si256(nibbles(load16(p.add(qs_at))), hi)
+            }
+            // Q8_0: `w + 128` is `w` with its sign bit flipped, read as unsigned.
+            _ => _mm256_xor_si256(load32(p.add(2)), _mm256_set1_epi8(0x80u8 as i8)),
+        }
+    }
+}
+
+/// `out[t·rows + r] = dot_row_q8a(F, row r, token t)` for `ab` blocks per row.
+///
+/// Safety: avx512f/bw/vl/vnni+avx2+fma+f16c present; `w.len() >= rows·ab·block_bytes(F)`,
+/// `act.len() >= n·ab`, `out.len() >= n·rows`, `ab <= MAXB`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn gemm_a<const F: u8>(w: &[u8], rows: usize, ab: usize, act: &[BlockQ8A], n: usize, out: &mut [f32]) {
+    // Per token tile, for the minimum formats: `sa[b]` = `d·Σq` of block `b` (the reference's
+    // `a.d * a.sum as f32`), lane = token.
+    let mut sa: MaybeUninit<[[f32; TT]; MAXB]> = MaybeUninit::uninit();
+    let sa = sa.as_mut_ptr().cast::<[f32; TT]>();
+    let c = CtxA { w: w.as_ptr(), rb: ab * block_bytes_a(F), ab, act: act.as_ptr(), sa, out: out.as_mut_ptr(), rows };
+    for t0 in (0..n).step_by(TT) {
+        let tt = TT.min(n - t0);
+        if has_min_a(F) {
+            for b in 0..ab {
+                let mut sv = [0f32; TT];
+                for (t, sv) in sv.iter_mut().enumerate().take(tt) {
+                    let a = &act[(t0 + t) * ab + b];
+                    *sv = a.d * a.sum as f32;
+                }
+                // SAFETY: in bounds: `b < ab <= MAXB` entries.
+                unsafe { sa.add(b).write(sv) };
+            }
+        }
+        // Sub-tiles of 4, 2, 1 tokens (lane offset `l0` in the tile's scale vectors).
+        let mut l0 = 0;
+        while l0 < tt {
+            let left = tt - l0;
+            // SAFETY: the tile's tokens `t0 + l0 ..` are `< n`; `c` describes the checked slices.
+            unsafe {
+                if left >= 4 {
+                    rows_a::<F, 2, 4>(&c, t0 + l0, l0);
+                    l0 += 4;
+                } else if left >= 2 {
+                    rows_a::<F, 4, 2>(&c, t0 + l0, l0);
+                    l0 += 2;
+                } else {
+                    rows_a::<F, 4, 1>(&c, t0 + l0, l0);
+                    l0 += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The operands of one 32-element-format GEMM call, as raw pointers (checked by the caller).
+struct CtxA {
+    w: *const u8,
+    /// Bytes per row.
+    rb: usize,
+    /// Blocks per row.
+    ab: usize,
+    act: *const BlockQ8A,
+    sa: *const [f32; TT],
+    out: *mut f32,
+    rows: usize,
+}
+
+/// All rows (in tiles of `R`, the rest one by one) for tokens `t0..t0 + T`, lanes `l0..l0 + T`.
+///
+/// Safety: as [`gemm_a`], with `sa` filled for this tile (minimum formats) and `t0 + T <= n`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn rows_a<const F: u8, const R: usize, const T: usize>(c: &CtxA, t0: usize, l0: usize) {
+    let mut r = 0;
+    while r + R <= c.rows {
+        // SAFETY: rows `r..r + R` exist.
+        unsafe { tile_a::<F, R, T>(c, r, t0, l0) };
+        r += R;
+    }
+    while r < c.rows {
+        // SAFETY: row `r` exists.
+        unsafe { tile_a::<F, 1, T>(c, r, t0, l0) };
+        r += 1;
+    }
+}
+
+/// Rows `r0..r0 + R` × tokens `t0..t0 + T`, accumulators in registers.
+///
+/// Safety: as [`rows_a`], with `r0 + R <= rows`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile_a<const F: u8, const R: usize, const T: usize>(c: &CtxA, r0: usize, t0: usize, l0: usize) {
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut offv = [_mm256_setzero_ps(); R];
+    let mut b = 0;
+    while b + 2 <= c.ab {
+        // SAFETY: blocks `b, b + 1 < ab`; the rest as this function's contract.
+        unsafe { step_a::<F, R, T, true>(c, r0, t0, b, &mut acc, &mut offv) };
+        b += 2;
+    }
+    if b < c.ab {
+        // SAFETY: block `b < ab`; the rest as this function's contract.
+        unsafe { step_a::<F, R, T, false>(c, r0, t0, b, &mut acc, &mut offv) };
+    }
+    for r in 0..R {
+        let mut offs = [0f32; 8];
+        // SAFETY: in bounds: `offs` is 8 floats.
+        unsafe { _mm256_storeu_ps(offs.as_mut_ptr(), offv[r]) };
+        for t in 0..T {
+            // SAFETY: in bounds: `(t0 + t)·rows + r0 + r < n·rows <= out.len()`.
+            unsafe { *c.out.add((t0 + t) * c.rows + r0 + r) = reduce_lanes(acc[r][t]) + offs[l0 + t] };
+        }
+    }
+}
+
+/// Blocks `b` and (when `TWO`) `b + 1` of rows `r0..r0 + R` against tokens `t0..t0 + T`: block `b`
+/// in 512-bit lanes 0..8, block `b + 1` in lanes 8..16 (zero codes when not `TWO`).
+///
+/// Safety: as [`tile_a`], with `b + TWO < ab`.
+#[inline]
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn step_a<const F: u8, const R: usize, const T: usize, const TWO: bool>(
+    c: &CtxA,
+    r0: usize,
+    t0: usize,
+    b: usize,
+    acc: &mut [[__m256; T]; R],
+    offv: &mut [__m256; R],
+) {
+    let bsz = block_bytes_a(F);
+    let nb = if TWO { 2 } else { 1 };
+    // The tile's rows are consecutive in memory: prefetch the stream `PREFETCH` bytes ahead (a
+    // hint; it may point past `w` and never faults).
+    let pf = c.w.wrapping_add(r0 * c.rb + b * bsz * R + PREFETCH);
+    for k in 0..(R * nb * bsz).div_ceil(64) {
+        _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * k).cast());
+    }
+    let mut wu = [_mm512_setzero_si512(); R];
+    let mut dw = [_mm512_setzero_ps(); R];
+    for r in 0..R {
+        // SAFETY: in bounds: blocks `b` (and `b + 1` when `TWO`) `< ab` of row `r0 + r < rows`
+        // lie inside `w`; `sa` entries `< ab` were written for this tile (minimum formats).
+        unsafe {
+            let p0 = c.w.add((r0 + r) * c.rb + b * bsz);
+            let u0 = codes_a::<F>(p0);
+            if TWO {
+                let p1 = p0.add(bsz);
+                wu[r] = join(u0, codes_a::<F>(p1));
+                dw[r] = f16x16_pair(f16_bits(p0), f16_bits(p1));
+            } else {
+                wu[r] = _mm512_zextsi256_si512(u0);
+                dw[r] = f16x16_pair(f16_bits(p0), 0);
+            }
+            if has_min_a(F) {
+                // The reference's `offset += m·(d_a·Σq)`, block `b` then block `b + 1`.
+                offv[r] =
+                    _mm256_add_ps(offv[r], _mm256_mul_ps(f16x8_at(p0.add(2)), _mm256_loadu_ps(c.sa.add(b).cast())));
+                if TWO {
+                    let m1 = f16x8_at(p0.add(bsz + 2));
+                    offv[r] = _mm256_add_ps(offv[r], _mm256_mul_ps(m1, _mm256_loadu_ps(c.sa.add(b + 1).cast())));
+                }
+            }
+        }
+    }
+    let off = _mm512_set1_epi8(offset_a(F) as i8);
+    for t in 0..T {
+        // SAFETY: in bounds: token `t0 + t < n`, blocks `b` (and `b + 1`) `< ab`.
+        let (av, da) = unsafe {
+            let a0 = &*c.act.add((t0 + t) * c.ab + b);
+            let v0 = load32(a0.qs.as_ptr().cast());
+            if TWO {
+                let a1 = &*c.act.add((t0 + t) * c.ab + b + 1);
+                let v1 = load32(a1.qs.as_ptr().cast());
+                (join(v0, v1), _mm512_mask_mov_ps(_mm512_set1_ps(a0.d), 0xFF00, _mm512_set1_ps(a1.d)))
+            } else {
+                (_mm512_zextsi256_si512(v0), _mm512_set1_ps(a0.d))
+            }
+        };
+        // `−off·Σ a` over each lane's four bytes, exact: `off·|Σ a| ≤ 128·508`.
+        let base = if offset_a(F) != 0 {
+            _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, av))
+        } else {
+            _mm512_setzero_si512()
+        };
+        for r in 0..R {
+            // Lane k (of either block) = Σ (u − off)·a = Σ w·a over its four elements, exactly.
+            let l = _mm512_dpbusd_epi32(base, wu[r], av);
+            // `d = d_w·d_a` per block, then `d·lane`, lane-wise.
+            let p = _mm512_mul_ps(_mm512_mul_ps(dw[r], da), _mm512_cvtepi32_ps(l));
+            acc[r][t] = _mm256_add_ps(acc[r][t], lo8(p));
+            if TWO {
+                acc[r][t] = _mm256_add_ps(acc[r][t], hi8(p));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// k-quants.
+
+#[allow(non_upper_case_globals)]
+const Q4_K: u8 = 0;
+#[allow(non_upper_case_globals)]
+const Q5_K: u8 = 1;
+#[allow(non_upper_case_globals)]
+const Q6_K: u8 = 2;
+
+const fn block_bytes_k(f: u8) -> usize {
+    match f {
+        Q4_K => 144,
+        Q5_K => 176,
+        _ => 210,
+    }
+}
+
+/// The 8 (scale, min) pairs of a Q4_K/Q5_K block as two u64 (bytes = scales 0..8, mins 0..8),
+/// as `scale_min_k4`.
+#[inline]
+fn scale_min_k4(s: &[u8; 12]) -> (u64, u64) {
+    const K1: u32 = 0x3f3f_3f3f;
+    const K2: u32 = 0x0f0f_0f0f;
+    const K3: u32 = 0x0303_0303;
+    let u0 = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+    let u1 = u32::from_le_bytes([s[4], s[5], s[6], s[7]]);
+    let u2 = u32::from_le_bytes([s[8], s[9], s[10], s[11]]);
+    let sc_lo = u0 & K1;
+    let sc_hi = (u2 & K2) | (((u0 >> 6) & K3) << 4);
+    let mn_lo = u1 & K1;
+    let mn_hi = ((u2 >> 4) & K2) | (((u1 >> 6) & K3) << 4);
+    (sc_lo as u64 | (sc_hi as u64) << 32, mn_lo as u64 | (mn_hi as u64) << 32)
+}
+
+/// `vpermw` indices: for register `j` of a Q4_K/Q5_K super-block, word `i` takes scale `2j + i/16`
+/// (the scale of sub-block `2j` in the low 256 bits, `2j + 1` in the high ones).
+const K4_IDX: [[i16; 32]; 4] = {
+    let mut t = [[0i16; 32]; 4];
+    let mut j = 0;
+    while j < 4 {
+        let mut i = 0;
+        while i < 32 {
+            t[j][i] = (2 * j + i / 16) as i16;
+            i += 1;
+        }
+        j += 1;
+    }
+    t
+};
+
+/// `vpermw` indices: for register `j` of a Q6_K super-block (chunks `2j`, `2j + 1`), word `i`
+/// (half of i32 lane `i/2`) takes scale `4j + i/8`: lanes 0..4 of chunk `c` use `scales[2c]`,
+/// lanes 4..8 `scales[2c + 1]`.
+const Q6_IDX: [[i16; 32]; 4] = {
+    let mut t = [[0i16; 32]; 4];
+    let mut j = 0;
+    while j < 4 {
+        let mut i = 0;
+        while i < 32 {
+            t[j][i] = (4 * j + i / 8) as i16;
+            i += 1;
+        }
+        j += 1;
+    }
+    t
+};
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn idx(t: &[i16; 32]) -> __m512i {
+    // SAFETY: in bounds: `t` is 64 bytes.
+    unsafe { _mm512_loadu_si512(t.as_ptr().cast()) }
+}
+
+/// `shuffle_epi8` pattern repeating 16-bit word `g` over the whole vector.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn word_bcast(v: __m256i, g: usize) -> __m256i {
+    let g = g as i16;
+    _mm256_shuffle_epi8(v, _mm256_set1_epi16((2 * g) | ((2 * g + 1) << 8)))
+}
+
+/// `out[t·rows + r] = dot_row_q8k(F, row r, token t)` for `nsb` super-blocks per row.
+///
+/// Safety: avx512f/bw/vl/vnni+avx2+fma+f16c present; `w.len() >= rows·nsb·block_bytes(F)`,
+/// `act.len() >= n·nsb`, `out.len() >= n·rows`, `nsb <= MAXSB`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn gemm_k<const F: u8>(w: &[u8], rows: usize, nsb: usize, act: &[BlockQ8K], n: usize, out: &mut [f32]) {
+    // Per token tile: activation scales (lane = token) and, for the minimums, the bsum pairs
+    // `(bsums[2g], bsums[2g+1])` of sub-block `g` as one u32 per token.
+    let mut da: MaybeUninit<[[f32; TT]; MAXSB]> = MaybeUninit::uninit();
+    let mut bs: MaybeUninit<[[[u32; TT]; 8]; MAXSB]> = MaybeUninit::uninit();
+    let da = da.as_mut_ptr().cast::<[f32; TT]>();
+    let bs = bs.as_mut_ptr().cast::<[[u32; TT]; 8]>();
+    let c =
+        CtxK { w: w.as_ptr(), rb: nsb * block_bytes_k(F), nsb, act: act.as_ptr(), da, bs, out: out.as_mut_ptr(), rows };
+    for t0 in (0..n).step_by(TT) {
+        let tt = TT.min(n - t0);
+        for s in 0..nsb {
+            let mut dv = [0f32; TT];
+            let mut bv = [[0u32; TT]; 8];
+            for t in 0..tt {
+                let a = &act[(t0 + t) * nsb + s];
+                dv[t] = a.d;
+                for (g, bv) in bv.iter_mut().enumerate() {
+                    bv[t] = (a.bsums[2 * g] as u16 as u32) | ((a.bsums[2 * g + 1] as u16 as u32) << 16);
+                }
+            }
+            // SAFETY: in bounds: `s < nsb <= MAXSB` entries.
+            unsafe {
+                da.add(s).write(dv);
+                if F != Q6_K {
+                    bs.add(s).write(bv);
+                }
+            }
+        }
+        let mut l0 = 0;
+        while l0 < tt {
+            let left = tt - l0;
+            // SAFETY: the tile's tokens `t0 + l0 ..` are `< n`; `c` describes the checked slices.
+            unsafe {
+                if left >= 8 {
+                    rows_k::<F, 8>(&c, t0 + l0, l0);
+                    l0 += 8;
+                } else if left >= 4 {
+                    rows_k::<F, 4>(&c, t0 + l0, l0);
+                    l0 += 4;
+                } else if left >= 2 {
+                    rows_k::<F, 2>(&c, t0 + l0, l0);
+                    l0 += 2;
+                } else {
+                    rows_k::<F, 1>(&c, t0 + l0, l0);
+                    l0 += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The operands of one k-quant GEMM call, as raw pointers (checked by the caller).
+struct CtxK {
+    w: *const u8,
+    rb: usize,
+    nsb: usize,
+    act: *const BlockQ8K,
+    da: *const [f32; TT],
+    bs: *const [[u32; TT]; 8],
+    out: *mut f32,
+    rows: usize,
+}
+
+/// Every row for tokens `t0..t0 + T` (lanes `l0..l0 + T` of the tile's vectors).
+///
+/// Safety: as [`gemm_k`], with `da`/`bs` filled for this tile and `t0 + T <= n`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn rows_k<const F: u8, const T: usize>(c: &CtxK, t0: usize, l0: usize) {
+    let bsz = block_bytes_k(F);
+    // One unpacked super-block, register `j` = chunks `2j` (low 256 bits) and `2j + 1`: codes
+    // (unsigned; |w| for Q6_K), the negative-weight masks (Q6_K) and the i16 scale of each lane.
+    let mut wq = [_mm512_setzero_si512(); 4];
+    let mut neg: [__mmask64; 4] = [0; 4];
+    let mut sc = [_mm512_setzero_si512(); 4];
+    for r in 0..c.rows {
+        let mut acc = [_mm256_setzero_ps(); T];
+        let mut minsv = _mm256_setzero_ps();
+        for s in 0..c.nsb {
+            // SAFETY: in bounds: super-block `s < nsb` of row `r < rows` is inside `w`; every
+            // read below is inside that block's layout (ggml's block_q*_K).
+            let p = unsafe { c.w.add(r * c.rb + s * bsz) };
+            for k in 0..bsz.div_ceil(64) {
+                // A hint: it may point past `w` and never faults.
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 64 * k).cast());
+            }
+            // SAFETY: in bounds: entry `s < nsb` was written for this tile.
+            let dav = unsafe { _mm256_loadu_ps(c.da.add(s).cast()) };
+            let dvec;
+            if F == Q6_K {
+                // SAFETY: see `p`.
+                let (d, scales) = unsafe { (f16x8_at(p.add(208)), load16(p.add(192))) };
+                let s16 = _mm512_zextsi256_si512(_mm256_cvtepi8_epi16(scales));
+                let m4 = _mm512_set1_epi8(0x0F);
+                let m2 = _mm512_set1_epi8(0x03);
+                for h in 0..2 {
+                    // ql[64h..64h+64]: chunks 4h+0/4h+1 (low nibbles), 4h+2/4h+3 (high nibbles);
+                    // qh[32h..32h+32]: bits 2k..2k+2 for chunk 4h+k.
+                    // SAFETY: see `p`.
+                    let (ql, qh) =
+                        unsafe { (load64(p.add(64 * h)), _mm512_broadcast_i64x4(load32(p.add(128 + 32 * h)))) };
+                    let lo = [_mm512_and_si512(ql, m4), _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4)];
+                    let hi = [
+                        _mm512_and_si512(_mm512_srlv_epi64(qh, _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2)), m2),
+                        _mm512_and_si512(_mm512_srlv_epi64(qh, _mm512_setr_epi64(4, 4, 4, 4, 6, 6, 6, 6)), m2),
+                    ];
+                    for k in 0..2 {
+                        let j = 2 * h + k;
+                        let q = _mm512_or_si512(lo[k], _mm512_slli_epi16::<4>(hi[k]));
+                        let q = _mm512_sub_epi8(q, _mm512_set1_epi8(32));
+                        wq[j] = _mm512_abs_epi8(q);
+                        neg[j] = _mm512_movepi8_mask(q);
+                        sc[j] = _mm512_permutexvar_epi16(idx(&Q6_IDX[j]), s16);
+                    }
+                }
+                dvec = _mm256_mul_ps(d, dav);
+            } else {
+                // SAFETY: see `p`.
+                let (d, dmin, scales) = unsafe { (f16x8_at(p), f16x8_at(p.add(2)), &*p.add(4).cast::<[u8; 12]>()) };
+                let (scs, mns) = scale_min_k4(scales);
+                let sc16 = _mm512_zextsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scs as i64)));
+                let mn16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(mns as i64)));
+                let qs = if F == Q5_K { 48 } else { 16 };
+                let m4 = _mm512_set1_epi8(0x0F);
+                // SAFETY: see `p` (Q5_K's qh at 16..48).
+                let hb = if F == Q5_K { unsafe { _mm512_broadcast_i64x4(load32(p.add(16))) } } else { m4 };
+                for j in 0..4 {
+                    // qs[32j..32j+32]: sub-block 2j in the low nibbles, 2j + 1 in the high ones.
+                    // SAFETY: see `p`.
+                    let x = unsafe { _mm512_broadcast_i64x4(load32(p.add(qs + 32 * j))) };
+                    let x = _mm512_srlv_epi64(x, _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4));
+                    let mut q = _mm512_and_si512(x, m4);
+                    if F == Q5_K {
+                        // Bit 4 of sub-block g's element i is bit g of qh[i].
+                        let lo = _mm512_set1_epi8((1u8 << (2 * j)) as i8);
+                        let hi = _mm512_set1_epi8((1u8 << (2 * j + 1)) as i8);
+                        let sel = _mm512_mask_mov_epi8(lo, 0xFFFF_FFFF_0000_0000, hi);
+                        let k = _mm512_test_epi8_mask(hb, sel);
+                        q = _mm512_mask_add_epi8(q, k, q, _mm512_set1_epi8(0x10));
+                    }
+                    wq[j] = q;
+                    sc[j] = _mm512_permutexvar_epi16(idx(&K4_IDX[j]), sc16);
+                }
+                dvec = _mm256_mul_ps(d, dav);
+                // The minimum term of every token of the tile at once (lane = token).
+                let mut isum = _mm256_setzero_si256();
+                for g in 0..8 {
+                    // SAFETY: in bounds: entry `s < nsb` was written for this tile.
+                    let b = unsafe { _mm256_loadu_si256(c.bs.add(s).cast::<[u32; TT]>().add(g).cast()) };
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(b, word_bcast(mn16, g)));
+                }
+                let dm = _mm256_mul_ps(dmin, dav);
+                minsv = _mm256_add_ps(minsv, _mm256_mul_ps(dm, _mm256_cvtepi32_ps(isum)));
+            }
+            let mut dd = [0f32; TT];
+            // SAFETY: in bounds: `dd` is 8 floats.
+            unsafe { _mm256_storeu_ps(dd.as_mut_ptr(), dvec) };
+            for t in 0..T {
+                let mut isum = _mm512_setzero_si512();
+                // SAFETY: in bounds: token `t0 + t < n`, super-block `s < nsb`.
+                let qs = unsafe { (*c.act.add((t0 + t) * c.nsb + s)).qs.as_ptr().cast::<u8>() };
+                for j in 0..4 {
+                    // SAFETY: in bounds: bytes `64j..64j+64` of the 256 codes.
+                    let av = unsafe { load64(qs.add(64 * j)) };
+                    let pr = if F == Q6_K {
+                        // |w|·(a with w's sign): `a` ∈ [−127, 127], so negating is exact.
+                        let sa = _mm512_mask_sub_epi8(av, neg[j], _mm512_setzero_si512(), av);
+                        _mm512_maddubs_epi16(wq[j], sa)
+                    } else {
+                        _mm512_maddubs_epi16(wq[j], av)
+                    };
+                    // Pairs of i16 (elements 4k..4k+2, 4k+2..4k+4) times the lane's scale.
+                    isum = _mm512_dpwssd_epi32(isum, pr, sc[j]);
+                }
+                // The two chunks of each register summed as integers, as the reference does.
+                let lane = _mm256_add_epi32(_mm512_castsi512_si256(isum), _mm512_extracti64x4_epi64::<1>(isum));
+                let l = _mm256_cvtepi32_ps(lane);
+                acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(_mm256_set1_ps(dd[l0 + t]), l));
+            }
+        }
+        let mut mins = [0f32; 8];
+        // SAFETY: in bounds: `mins` is 8 floats.
+        unsafe { _mm256_storeu_ps(mins.as_mut_ptr(), minsv) };
+        for t in 0..T {
+            // SAFETY: in bounds: `(t0 + t)·rows + r < n·rows <= out.len()`.
+            unsafe { *c.out.add((t0 + t) * c.rows + r) = reduce_lanes(acc[t]) - mins[l0 + t] };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use purehw_kernels::quant as q;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn unit(&mut self) -> f32 {
+            ((self.next() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        }
+    }
+
+    /// The kernels, saying on stderr whether AVX-512 VNNI is really exercised.
+    fn have(test: &str) -> Option<Kernels> {
+        let k = kernels();
+        match k {
+            Some(k) => eprintln!("x86_512::{test}: AVX-512 VNNI present, kernels {:?} exercised", k),
+            None => eprintln!("x86_512::{test}: no AVX-512 F/BW/VL/VNNI on this CPU, NOT exercised (skipped)"),
+        }
+        k
+    }
+
+    fn f16(v: f32) -> [u8; 2] {
+        half::f16::from_f32(v).to_le_bytes()
+    }
+
+    fn weights(rng: &mut Rng, fmt: Format, rows: usize, cols: usize) -> Vec<u8> {
+        let mut w: Vec<u8> = (0..fmt.bytes_for(cols).unwrap() * rows).map(|_| (rng.next() >> 56) as u8).collect();
+        for (i, c) in w.chunks_exact_mut(fmt.block_bytes()).enumerate() {
+            let s = 0.01 + 0.1 * (i % 7) as f32;
+            match fmt {
+                Format::Q6_K => c[208..210].copy_from_slice(&f16(s)),
+                Format::Q4_1 | Format::Q5_1 | Format::Q4_K | Format::Q5_K => {
+                    c[0..2].copy_from_slice(&f16(s));
+                    c[2..4].copy_from_slice(&f16(if i % 3 == 0 { -0.02 } else { 0.05 }));
+                }
+                Format::Q8_0 => {
+                    c[0..2].copy_from_slice(&f16(s));
+                    if i % 2 == 0 {
+                        c[2 + i % 32] = 0x80; // a -128 weight
+                    }
+                    if i % 5 == 0 {
+                        c[2..34].fill(0x80);
+                    }
+                }
+                _ => c[0..2].copy_from_slice(&f16(s)),
+            }
+        }
+        w
+    }
+
+    /// `n` activation rows of `cols` values, with a zero block, huge and tiny magnitudes.
+    fn activations(rng: &mut Rng, n: usize, cols: usize) -> Vec<f32> {
+        let mut x: Vec<f32> = (0..n * cols).map(|_| rng.unit() * 2.0).collect();
+        for (t, row) in x.chunks_exact_mut(cols).enumerate() {
+            let blk = 32 * (t % (cols / 32));
+            match t % 4 {
+                0 => row[blk..blk + 32].fill(0.0),
+                1 => row.iter_mut().for_each(|v| *v *= 1e20),
+                2 => row[blk..blk + 32].iter_mut().for_each(|v| *v *= 1e-30),
+                _ => row[blk] = 3.0e3,
+            }
+        }
+        x
+    }
+
+    fn check(k: &Kernels, fmt: Format, rows: usize, n: usize, cols: usize, rng: &mut Rng) {
+        let w = weights(rng, fmt, rows, cols);
+        let x = activations(rng, n, cols);
+        let rb = fmt.bytes_for(cols).unwrap();
+        let mut got = vec![f32::NAN; n * rows];
+        match fmt.act_layout().unwrap() {
+            q::ActLayout::Q8A => {
+                let ab = cols / 32;
+                let mut a = vec![BlockQ8A::default(); n * ab];
+                for (x, a) in x.chunks_exact(cols).zip(a.chunks_exact_mut(ab)) {
+                    q::quantize_q8a(x, a);
+                }
+                (k.gemm_q8a)(fmt, &w, rows, cols, &a, n, &mut got);
+                for t in 0..n {
+                    for r in 0..rows {
+                        let want = q::dot_row_q8a(fmt, &w[r * rb..][..rb], &a[t * ab..][..ab]);
+                        let g = got[t * rows + r];
+                        assert_eq!(
+                            g.to_bits(),
+                            want.to_bits(),
+                            "{fmt:?} rows {rows} n {n} cols {cols} t {t} r {r}: {g} vs {want}"
+                        );
+                    }
+                }
+            }
+            q::ActLayout::Q8K => {
+                let ab = cols / 256;
+                let mut a = vec![BlockQ8K::default(); n * ab];
+                for (x, a) in x.chunks_exact(cols).zip(a.chunks_exact_mut(ab)) {
+                    q::quantize_q8k(x, a);
+                }
+                (k.gemm_q8k)(fmt, &w, rows, cols, &a, n, &mut got);
+                for t in 0..n {
+                    for r in 0..rows {
+                        let want = q::dot_row_q8k(fmt, &w[r * rb..][..rb], &a[t * ab..][..ab]);
+                        let g = got[t * rows + r];
+                        assert_eq!(
+                            g.to_bits(),
+                            want.to_bits(),
+                            "{fmt:?} rows {rows} n {n} cols {cols} t {t} r {r}: {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_is_bit_exact() {
+        let Some(k) = have("gemm_is_bit_exact") else { return };
+        assert_eq!(k.name, "avx512vnni");
+        let mut rng = Rng(0x5EED_0512);
+        for fmt in Format::ALL {
+            let Some(layout) = fmt.act_layout() else { continue };
+            let blocks: &[usize] = match layout {
+                q::ActLayout::Q8A => &[1, 2, 3, 20],
+                q::ActLayout::Q8K => &[1, 2, 3, 8],
+            };
+            for &nb in blocks {
+                let cols = nb * fmt.block_elems();
+                for rows in [1, 2, 3, 5, 17] {
+                    for n in [1, 2, 3, 4, 5, 6, 7, 8, 9, 17] {
+                        check(&k, fmt, rows, n, cols, &mut rng);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Extreme codes: every weight at its most negative / most positive code, activations at ±127,
+    /// so the offset trick's and `pmaddubsw`'s ranges are hit at their ends.
+    #[test]
+    fn gemm_extreme_codes_are_bit_exact() {
+        let Some(k) = have("gemm_extreme_codes_are_bit_exact") else { return };
+        for fmt in Format::ALL {
+            let Some(layout) = fmt.act_layout() else { continue };
+            let nb = if layout == q::ActLayout::Q8A { 5 } else { 2 };
+            let cols = nb * fmt.block_elems();
+            let rb = fmt.bytes_for(cols).unwrap();
+            for fill in [0x00u8, 0xFF, 0x80, 0x7F, 0x88] {
+                let rows = 3;
+                let mut w = vec![fill; rb * rows];
+                for c in w.chunks_exact_mut(fmt.block_bytes()) {
+                    match fmt {
+                        Format::Q6_K => c[208..210].copy_from_slice(&f16(0.5)),
+                        Format::Q4_K | Format::Q5_K => c[0..2].copy_from_slice(&f16(0.25)),
+                        _ => c[0..2].copy_from_slice(&f16(0.75)),
+                    }
+                }
+                let mut got = vec![f32::NAN; 2 * rows];
+                for sign in [1f32, -1.0] {
+                    let x: Vec<f32> =
+                        (0..2 * cols).map(|i| if i % 3 == 0 { sign } else { -sign * (i % 2) as f32 }).collect();
+                    match layout {
+                        q::ActLayout::Q8A => {
+                            let mut a = vec![BlockQ8A::default(); 2 * nb];
+                            for (x, a) in x.chunks_exact(cols).zip(a.chunks_exact_mut(nb)) {
+                                q::quantize_q8a(x, a);
+                            }
+                            (k.gemm_q8a)(fmt, &w, rows, cols, &a, 2, &mut got);
+                            for t in 0..2 {
+                                for r in 0..rows {
+                                    let want = q::dot_row_q8a(fmt, &w[r * rb..][..rb], &a[t * nb..][..nb]);
+                                    assert_eq!(got[t * rows + r].to_bits(), want.to_bits(), "{fmt:?} {fill:#x}");
+                                }
+                            }
+                        }
+                        q::ActLayout::Q8K => {
+                            let mut a = vec![BlockQ8K::default(); 2 * nb];
+                            for (x, a) in x.chunks_exact(cols).zip(a.chunks_exact_mut(nb)) {
+                                q::quantize_q8k(x, a);
+                            }
+                            (k.gemm_q8k)(fmt, &w, rows, cols, &a, 2, &mut got);
+                            for t in 0..2 {
+                                for r in 0..rows {
+                                    let want = q::dot_row_q8k(fmt, &w[r * rb..][..rb], &a[t * nb..][..nb]);
+                                    assert_eq!(got[t * rows + r].to_bits(), want.to_bits(), "{fmt:?} {fill:#x}");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! `purehw bench`: prompt processing and generation speed, defined as llama.cpp's llama-bench
+//! defines them.
+//!
+//! - `ppN`: one step over an N-token prompt from position 0 (logits of the last position only);
+//!   tokens/s = N / seconds.
+//! - `tgN`: N single-token steps from position 0, starting at BOS; tokens/s = N / seconds.
+//!
+//! Token ids are pseudo-random but fixed (llama-bench uses random tokens too); special tokens are
+//! left out. Each test runs once untimed to warm up, then `-r` times; the result is the mean and
+//! sample standard deviation of tokens/s over those runs. Every run starts again at position 0,
+//! which is all a reset takes: a step reads only the cache rows before its own positions.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Instant;
+
+use purehw_core::model::{Model, ModelOptions};
+use purehw_core::source::ModelSource;
+use purehw_hal::{ActQuant, Backend};
+use purehw_hal_cpu_ref::CpuRef;
+use serde::Serialize;
+
+use crate::commands::{act_of, cpu};
+use crate::error::{CliResult, Context, err};
+use crate::{BackendKind, BenchArgs, models, out};
+
+/// What the table and the JSON say about the backend.
+struct Hw {
+    name: &'static str,
+    simd: Option<&'static str>,
+    threads: usize,
+}
+
+/// One test's result; `n` 0 means it was skipped (`-p 0` / `-n 0`) and the rates are 0.
+#[derive(Serialize, Default, Copy, Clone)]
+struct Rate {
+    n: usize,
+    tps_mean: f64,
+    tps_std: f64,
+}
+
+#[derive(Serialize)]
+struct BenchJson<'a> {
+    model: &'a str,
+    backend: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    simd: Option<&'static str>,
+    threads: usize,
+    act: &'static str,
+    repetitions: usize,
+    model_bytes: usize,
+    params: usize,
+    pp: Rate,
+    tg: Rate,
+    /// `None` (JSON null) where the OS does not report it.
+    peak_rss_bytes: Option<u64>,
+    /// Measured memory read bandwidth with the same thread count (GB/s = 1e9 bytes/s).
+    mem_read_gbps: f64,
+    /// Weight bytes one decode step streams (every matmul weight, the LM head included).
+    decode_bytes_per_token: usize,
+    /// `mem_read_gbps / decode_bytes_per_token`: the memory-bound ceiling of tg.
+    tg_roofline_tps: f64,
+    /// `tg.tps_mean / tg_roofline_tps`.
+    tg_roofline_fraction: f64,
+}
+
+pub fn bench(a: &BenchArgs) -> CliResult {
+    if a.repetitions == 0 {
+        return err("-r/--repetitions must be at least 1");
+    }
+    if a.n_prompt == 0 && a.n_gen == 0 {
+        return err("-p and -n are both 0: nothing to measure");
+    }
+    let r = models::resolve(&a.model)?;
+    let src = ModelSource::open(&r.path)?;
+    let max_ctx = src.config.max_ctx;
+    for (flag, n) in [("-p", a.n_prompt), ("-n", a.n_gen)] {
+        if max_ctx > 0 && n > max_ctx {
+            return err(format!("{flag} {n} exceeds the model's context of {max_ctx} tokens"));
+        }
+    }
+    let opts = ModelOptions {
+        ctx: a.n_prompt.max(a.n_gen).max(1),
+        slots: 1,
+        // The whole prompt in one step, as llama-bench's default batch does.
+        max_batch: a.n_prompt.max(1),
+        logit_rows: 1,
+        act: act_of(&a.backend),
+    };
+    match a.backend.kind {
+        BackendKind::Cpu => {
+            let b = cpu(&a.backend)?;
+            let hw = Hw { name: "cpu", simd: Some(b.simd()), threads: b.threads() };
+            bench_on(b, &hw, a, &r.path, &src, opts)
+        }
+        BackendKind::CpuRef => {
+            let hw = Hw { name: "cpu-ref", simd: None, threads: 1 };
+            bench_on(CpuRef::new(), &hw, a, &r.path, &src, opts)
+        }
+    }
+}
+
+fn bench_on<B: Backend>(
+    backend: B,
+    hw: &Hw,
+    a: &BenchArgs,
+    path: &Path,
+    src: &ModelSource,
+    opts: ModelOptions,
+) -> CliResult {
+    let tensors = src.tensors();
+    let model_bytes: usize = tensors.iter().map(|t| t.bytes).sum();
+    let params: usize = tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+    let act = match opts.act {
+        ActQuant::F32 => "f32",
+        ActQuant::Int8 => "int8",
+    };
+    let file = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
+    let table = Table { file, size: fmt_size(model_bytes), params: fmt_params(params), hw, act };
+    if !a.json {
+        out::print_all(&table.header())?;
+    }
+
+    let mut model = Model::load(backend, src, opts)?;
+    let c = model.config();
+    // A decode step reads every matmul weight once; the embedding table only when it is also
+    // the LM head (otherwise one row of it).
+    let embed_bytes = tensors.iter().find(|t| t.name == "token_embd.weight" || t.name.ends_with("embed_tokens.weight"));
+    let decode_bytes = model_bytes - if c.tied_embeddings { 0 } else { embed_bytes.map_or(0, |t| t.bytes) };
+    let mut ids = TokenIds::new(c.vocab, c.bos, &c.eos);
+    let (bos, add_bos) = (c.bos, c.add_bos);
+    let mut pp = Rate::default();
+    if a.n_prompt > 0 {
+        // llama-bench: BOS first where the model adds one, then random tokens.
+        let mut prompt: Vec<u32> = (0..a.n_prompt).map(|_| ids.next()).collect();
+        if let (Some(b), true) = (bos, add_bos) {
+            prompt[0] = b;
+        }
+        pp = measure(a.n_prompt, a.repetitions, || {
+            let t = Instant::now();
+            model.forward(0, 0, &prompt)?;
+            Ok(t.elapsed().as_secs_f64())
+        })
+        .context(|| format!("pp{}", a.n_prompt))?;
+        if !a.json {
+            out::print_all(&table.row(&format!("pp{}", a.n_prompt), &pp))?;
+        }
+    }
+    let mut tg = Rate::default();
+    if a.n_gen > 0 {
+        // llama-bench: from an empty context, BOS first, then random tokens.
+        let mut steps: Vec<u32> = (0..a.n_gen).map(|_| ids.next()).collect();
+        if let Some(b) = bos {
+            steps[0] = b;
+        }
+        tg = measure(a.n_gen, a.repetitions, || {
+            let t = Instant::now();
+            for (pos, id) in steps.iter().enumerate() {
+                model.forward(0, pos, core::slice::from_ref(id))?;
+            }
+            Ok(t.elapsed().as_secs_f64())
+        })
+        .context(|| format!("tg{}", a.n_gen))?;
+        if !a.json {
+            out::print_all(&table.row(&format!("tg{}", a.n_gen), &tg))?;
+        }
+    }
+
+    let peak = peak_rss_bytes();
+    // After the peak RSS is read: the probe's buffer must not count.
+    let bw = read_bandwidth(hw.threads, 1 << 30, 5);
+    let roof = bw / decode_bytes.max(1) as f64;
+    let frac = tg.tps_mean / roof;
+    if a.json {
+        let model_path = path.display().to_string();
+        let v = BenchJson {
+            model: &model_path,
+            backend: hw.name,
+            simd: hw.simd,
+            threads: hw.threads,
+            act,
+            repetitions: a.repetitions,
+            model_bytes,
+            params,
+            pp,
+            tg,
+            peak_rss_bytes: peak,
+            mem_read_gbps: bw / 1e9,
+            decode_bytes_per_token: decode_bytes,
+            tg_roofline_tps: roof,
+            tg_roofline_fraction: frac,
+        };
+        let s = serde_json::to_string(&v).context(|| "encoding the --json output".into())?;
+        return out::print_all(&format!("{s}\n"));
+    }
+    let rss = peak.map_or_else(|| "unknown".into(), |b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64));
+    out::print_all(&format!(
+        "\npeak RSS: {rss}\nmemory read bandwidth ({} threads): {:.1} GB/s; decode reads {:.1} MB/token -> tg roofline {roof:.1} t/s{}\n",
+        hw.threads,
+        bw / 1e9,
+        decode_bytes as f64 / 1e6,
+        if tg.n > 0 { format!(", reached {:.0}%", 100.0 * frac) } else { String::new() }
+    ))
+}
+
+/// Memory read bandwidth in bytes/s: `threads` threads each stream their share of a `bytes`
+/// buffer (far larger than the caches), best of `reps` passes.
+fn read_bandwidth(threads: usize, bytes: usize, reps: usize) -> f64 {
+    let words = bytes / 8;
+    let buf: Vec<u64> = (0..words as u64).collect(); // written, so every page is really mapped
+    let per = words.div_ceil(threads.max(1));
+    let mut best = 0f64;
+    for _ in 0..reps {
+        let t = Instant::now();
+        let sum = std::thread::scope(|s| {
+            let hs: Vec<_> = buf
+                .chunks(per)
+                .map(|part| {
+                    s.spawn(move || {
+                        // Eight independent sums: load-bound, not add-latency-bound.
+                        let mut acc = [0u64; 8];
+                        for c in part.chunks_exact(8) {
+                            for (a, &w) in acc.iter_mut().zip(c) {
+                                *a = a.wrapping_add(w);
+                            }
+                        }
+                        acc.iter().fold(0u64, |x, &y| x.wrapping_add(y))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0)).fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(sum);
+        best = best.max(bytes as f64 / t.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// One untimed warm-up, then `reps` timed runs of `run` (which returns its seconds).
+fn measure(
+    n: usize,
+    reps: usize,
+    mut run: impl FnMut() -> purehw_core::Result<f64>,
+) -> Result<Rate, purehw_core::Error> {
+    run()?;
+    let mut tps = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let secs = run()?;
+        tps.push(n as f64 / secs.max(f64::MIN_POSITIVE));
+    }
+    let (tps_mean, tps_std) = mean_std(&tps);
+    Ok(Rate { n, tps_mean, tps_std })
+}
+
+/// Mean and sample standard deviation (0 for fewer than two samples, as llama-bench reports).
+fn mean_std(xs: &[f64]) -> (f64, f64) {
+    if xs.is_empty() {
+        return (0.0, 0.0);
+    }
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+/// Fixed pseudo-random token ids (splitmix64), skipping BOS and EOS.
+struct TokenIds {
+    state: u64,
+    vocab: u64,
+    special: Vec<u32>,
+}
+
+impl TokenIds {
+    fn new(vocab: usize, bos: Option<u32>, eos: &[u32]) -> TokenIds {
+        let mut special: Vec<u32> = eos.to_vec();
+        special.extend(bos);
+        TokenIds { state: 0x5eed_1234_abcd_0042, vocab: vocab.max(1) as u64, special }
+    }
+
+    fn next(&mut self) -> u32 {
+        // A vocabulary of nothing but special tokens still ends: take what comes after 64 tries.
+        let mut id = 0;
+        for _ in 0..64 {
+            self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            id = (z % self.vocab) as u32;
+            if !self.special.contains(&id) {
+                break;
+            }
+        }
+        id
+    }
+}
+
+/// The peak resident set (VmHWM) of this process, from /proc/self/status.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn fmt_size(bytes: usize) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.2} MiB", b / (1u64 << 20) as f64)
+    }
+}
+
+fn fmt_params(n: usize) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} B", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2} M", n / 1e6)
+    } else {
+        format!("{:.2} K", n / 1e3)
+    }
+}
+
+/// llama-bench's markdown table.
+struct Table<'a> {
+    file: String,
+    size: String,
+    params: String,
+    hw: &'a Hw,
+    act: &'static str,
+}
+
+impl Table<'_> {
+    fn model_width(&self) -> usize {
+        self.file.len().max(30)
+    }
+
+    fn backend(&self) -> String {
+        match self.hw.simd {
+            Some(simd) => format!("{} ({simd})", self.hw.name),
+            None => self.hw.name.to_string(),
+        }
+    }
+
+    fn header(&self) -> String {
+        let w = self.model_width();
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "| {:w$} | {:>10} | {:>10} | {:12} | {:>7} | {:4} | {:>8} | {:>20} |",
+            "model", "size", "params", "backend", "threads", "act", "test", "t/s"
+        );
+        let _ = writeln!(
+            s,
+            "| {} | ---------: | ---------: | ------------ | ------: | ---- | -------: | -------------------: |",
+            "-".repeat(w)
+        );
+        s
+    }
+
+    fn row(&self, test: &str, r: &Rate) -> String {
+        let w = self.model_width();
+        let tps = format!("{:.2} ± {:.2}", r.tps_mean, r.tps_std);
+        format!(
+            "| {:w$} | {:>10} | {:>10} | {:12} | {:>7} | {:4} | {:>8} | {:>20} |\n",
+            self.file,
+            self.size,
+            self.params,
+            self.backend(),
+            self.hw.threads,
+            self.act,
+            test,
+            tps
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_and_sample_std() {
+        assert_eq!(mean_std(&[]), (0.0, 0.0));
+        assert_eq!(mean_std(&[3.0]), (3.0, 0.0));
+        let (m, s) = mean_std(&[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]);
+        assert_eq!(m, 5.0);
+        assert!((s - (32.0f64 / 7.0).sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn token_ids_are_fixed_in_range_and_not_special() {
+        let mut a = TokenIds::new(50, Some(1), &[2, 3]);
+        let mut b = TokenIds::new(50, Some(1), &[2, 3]);
+        for _ in 0..1000 {
+            let id = a.next();
+            assert_eq!(id, b.next());
+            assert!(id < 50 && ![1, 2, 3].contains(&id), "{id}");
+        }
+    }
+}
