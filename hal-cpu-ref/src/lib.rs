@@ -169,9 +169,13 @@ impl Backend for CpuRef {
 
     fn alloc(&mut self, len: usize) -> Result<BufId, CpuRefError> {
         let id = u32::try_from(self.bufs.len()).map_err(|_| CpuRefError::OutOfMemory { elems: len })?;
-        let mut v = Vec::new();
-        v.try_reserve_exact(len).map_err(|_| CpuRefError::OutOfMemory { elems: len })?;
-        v.resize(len, 0.0);
+        // Probe that the memory can be had (an error, not an abort, when it cannot), then take it
+        // zeroed: `vec![0.0; n]` asks the allocator for zeroed pages, which the OS maps lazily, so a
+        // large KV cache costs nothing until it is used.
+        let mut probe: Vec<f32> = Vec::new();
+        probe.try_reserve_exact(len).map_err(|_| CpuRefError::OutOfMemory { elems: len })?;
+        drop(probe);
+        let v = vec![0.0f32; len];
         self.bufs.try_reserve(1).map_err(|_| CpuRefError::OutOfMemory { elems: len })?;
         self.bufs.push(v);
         Ok(BufId(id))

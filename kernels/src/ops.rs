@@ -115,7 +115,7 @@ pub fn exp(x: f32) -> f32 {
     // Not `clamp`: max-then-min maps NaN to EXP_LO, as x86 `maxps` does.
     #[allow(clippy::manual_clamp)]
     let x = x.max(EXP_LO).min(EXP_HI);
-    let n = (x * core::f32::consts::LOG2_E).round_ties_even();
+    let n = libm::rintf(x * core::f32::consts::LOG2_E); // ties to even
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let mut p = EXP_P[0];
     for c in &EXP_P[1..] {

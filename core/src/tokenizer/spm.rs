@@ -9,9 +9,8 @@
 //! the BPE merges lowest rank first, leftmost first among equal ranks. Decoding is `Replace('▁',
 //! ' ')`, `ByteFallback`, `Fuse` (and `Strip(' ', 1, 0)` with the prefix).
 
-use core::hash::{BuildHasherDefault, Hasher};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::format;
 use std::string::String;
 use std::vec;
@@ -20,8 +19,9 @@ use std::vec::Vec;
 const SPACE_MARK: char = '\u{2581}';
 const NONE: u32 = u32::MAX;
 
-/// Rank of a merge and the id it produces, keyed by `left << 32 | right`.
-type MergeMap = HashMap<u64, (u32, u32), BuildHasherDefault<MixHasher>>;
+/// Priority of a merge, smallest first: the merged piece's score (descending), then the longer
+/// left part, then the longer right part, then the smaller id — HF's merge order, as a key.
+type Rank = (u32, u32, u32, u32);
 
 pub(super) struct Spm {
     /// All pieces back to back; `spans[id]` is a piece's byte range.
@@ -32,7 +32,10 @@ pub(super) struct Spm {
     added: Vec<bool>,
     /// Byte lengths of added tokens by first byte, longest first.
     added_lens: Vec<Vec<u32>>,
-    merges: MergeMap,
+    /// Merge score per id (NaN as -inf, -0 as 0): the first key of a merge's rank.
+    scores: Vec<f32>,
+    /// Per id: it is the piece its spelling looks up to (of duplicates, the last).
+    owner: Vec<bool>,
     byte_ids: [Option<u32>; 256],
     unk: Option<u32>,
     add_space_prefix: bool,
@@ -65,7 +68,8 @@ impl Spm {
             table: PieceTable::with_capacity(n),
             added: vec![false; n],
             added_lens: vec![Vec::new(); 256],
-            merges: MergeMap::default(),
+            scores: Vec::new(),
+            owner: Vec::new(),
             byte_ids: [None; 256],
             unk: v.unk,
             add_space_prefix: v.add_space_prefix,
@@ -98,59 +102,23 @@ impl Spm {
             log::warn!("{}: {duplicates} duplicate vocabulary entries; only the last of each is encodable", v.label);
         }
 
-        // Merges: every split of a piece into two pieces, ranked by the merged piece's score,
+        // Merges are every split of a piece into two pieces, ranked by the merged piece's score,
         // then the longer left part, then the longer right part, then the id (HF's conversion).
-        // Finding them is 1.2M hash lookups for Gemma, bound by memory latency: spread over threads.
-        let scores: Vec<f32> = (0..n)
+        // Rather than listing Gemma's ~515k of them at load (1.2M lookups and a sort), a pair is
+        // ranked when the encoder meets it: its concatenation looked up, the same key computed.
+        spm.scores = (0..n)
             .map(|id| {
                 let score = (v.rank_score)(id);
                 // NaN ranks last; -0.0 ties with 0.0 as in HF's Python sort.
                 if score.is_nan() { f32::NEG_INFINITY } else { score + 0.0 }
             })
             .collect();
-        let threads =
-            if n < 1 << 14 { 1 } else { std::thread::available_parallelism().map_or(1, |t| t.get()).clamp(1, 8) };
-        let chunk = n.div_ceil(threads).max(1);
-        let (spm_ref, owner, scores) = (&spm, &owner, &scores);
-        let mut cands: Vec<Cand> = std::thread::scope(|scope| {
-            let workers: Vec<_> = (1..threads)
-                .map(|t| {
-                    let range = (t * chunk).min(n)..((t + 1) * chunk).min(n);
-                    let job = move || spm_ref.splits(range, owner, scores);
-                    // If a thread cannot be had, that chunk is done here.
-                    std::thread::Builder::new().spawn_scoped(scope, job.clone()).map_err(|_| job)
-                })
-                .collect();
-            let mut all = spm_ref.splits(0..chunk.min(n), owner, scores);
-            for w in workers {
-                match w {
-                    Ok(handle) => match handle.join() {
-                        Ok(part) => all.extend(part),
-                        Err(panic) => std::panic::resume_unwind(panic),
-                    },
-                    Err(job) => all.extend(job()),
-                }
-            }
-            all
-        });
-        cands.sort_unstable_by(|a, b| {
-            b.score
-                .total_cmp(&a.score)
-                .then(b.left_chars.cmp(&a.left_chars))
-                .then(b.right_chars.cmp(&a.right_chars))
-                .then(a.id.cmp(&b.id))
-        });
-        spm.merges.reserve(cands.len());
-        for (rank, c) in cands.iter().enumerate() {
-            let key = (c.left as u64) << 32 | c.right as u64;
-            spm.merges.entry(key).or_insert((rank as u32, c.id));
-        }
-        drop(cands);
+        spm.owner = owner;
 
         for b in 0..=255u8 {
             spm.byte_ids[b as usize] = spm.lookup(&format!("<0x{b:02X}>"));
         }
-        for id in (0..n).filter(|&id| owner[id] && (v.added)(id)) {
+        for id in (0..n).filter(|&id| spm.owner[id] && (v.added)(id)) {
             let piece = spm.piece(id as u32);
             if let Some(&first) = piece.as_bytes().first() {
                 let len = piece.len() as u32;
@@ -165,27 +133,22 @@ impl Spm {
         Ok(spm)
     }
 
-    /// Every split of the pieces `ids` into two vocabulary pieces.
-    fn splits(&self, ids: core::ops::Range<usize>, owner: &[bool], scores: &[f32]) -> Vec<Cand> {
-        let mut out = Vec::with_capacity(ids.len() * 2);
-        for id in ids.filter(|&id| owner[id]) {
-            let piece = self.piece(id as u32);
-            let total_chars = piece.chars().count() as u32;
-            for (k, (b, _)) in piece.char_indices().enumerate().skip(1) {
-                let Some(left) = self.lookup(&piece[..b]) else { continue };
-                let Some(right) = self.lookup(&piece[b..]) else { continue };
-                let k = k as u32;
-                out.push(Cand {
-                    score: scores[id],
-                    left_chars: k,
-                    right_chars: total_chars - k,
-                    id: id as u32,
-                    left,
-                    right,
-                });
-            }
+    /// The merge of `left` and `right`, if their concatenation is a vocabulary piece that is
+    /// the owner of its spelling and each part is the owner of its own: its rank and id.
+    fn pair(&self, left: u32, right: u32, buf: &mut String) -> Option<(Rank, u32)> {
+        let (l, r) = (self.piece(left), self.piece(right));
+        if !self.owner[left as usize] || !self.owner[right as usize] || l.is_empty() || r.is_empty() {
+            return None;
         }
-        out
+        buf.clear();
+        buf.push_str(l);
+        buf.push_str(r);
+        let id = self.lookup(buf)?;
+        // Descending score as an ascending key: order-preserving bits of -score.
+        let bits = (-self.scores[id as usize]).to_bits();
+        let score_key = if bits >> 31 == 1 { !bits } else { bits | 1 << 31 };
+        let (lc, rc) = (l.chars().count() as u32, r.chars().count() as u32);
+        Some(((score_key, u32::MAX - lc, u32::MAX - rc, id), id))
     }
 
     pub(super) fn len(&self) -> usize {
@@ -290,8 +253,9 @@ impl Spm {
 
     /// Apply merges lowest rank first, leftmost first on ties; stale queue entries are skipped.
     fn merge_all(&self, syms: &mut [Sym]) {
-        let pair = |l: u32, r: u32| self.merges.get(&((l as u64) << 32 | r as u64)).copied();
-        let mut queue: BinaryHeap<Reverse<(u32, u32, u32)>> = syms
+        let mut buf = String::new();
+        let mut pair = |l: u32, r: u32| self.pair(l, r, &mut buf);
+        let mut queue: BinaryHeap<Reverse<(Rank, u32, u32)>> = syms
             .windows(2)
             .enumerate()
             .filter_map(|(pos, w)| pair(w[0].id, w[1].id).map(|(rank, id)| Reverse((rank, pos as u32, id))))
@@ -344,16 +308,6 @@ impl Spm {
         }
         out
     }
-}
-
-/// A merge candidate: `left` + `right` spell piece `id`.
-struct Cand {
-    score: f32,
-    left_chars: u32,
-    right_chars: u32,
-    id: u32,
-    left: u32,
-    right: u32,
 }
 
 #[derive(Clone, Copy)]
@@ -422,22 +376,6 @@ fn hash_bytes(b: &[u8]) -> u64 {
         h = mix64(h ^ u64::from_le_bytes(w));
     }
     h
-}
-
-/// Hasher for the merge map's u64 keys (SipHash is needlessly slow for 515k inserts).
-#[derive(Default)]
-struct MixHasher(u64);
-
-impl Hasher for MixHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        self.0 = hash_bytes(bytes) ^ self.0.rotate_left(17);
-    }
-    fn write_u64(&mut self, x: u64) {
-        self.0 = mix64(x ^ self.0.rotate_left(17));
-    }
 }
 
 /// Open-addressing map from piece text (in the arena) to id, without a second copy of the text.

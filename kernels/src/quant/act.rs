@@ -100,7 +100,7 @@ pub fn act_scale(amax: f32) -> (f32, f32) {
 /// One code: `round_ties_even(x · id)`, saturated to ±127 (NaN gives 0).
 #[inline]
 pub fn act_code(x: f32, id: f32) -> i8 {
-    (x * id).round_ties_even().clamp(-127.0, 127.0) as i8
+    libm::rintf(x * id).clamp(-127.0, 127.0) as i8 // rintf: ties to even, as cvtps2dq
 }
 
 /// Quantize `xs` into `q` with one scale, returning `d`.
