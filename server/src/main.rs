@@ -1,10 +1,17 @@
-//! `purehw`: pull, inspect, run and benchmark models from the command line.
+//! `purehw`: pull, inspect, run, benchmark and serve models.
+//!
+//! Dependencies beyond the kept set (clap, serde, tokenizers, axum/tokio, minijinja, tracing):
+//! `tokio-stream` and `futures-util` turn the engine's token channel into the SSE response stream
+//! axum wants; `minijinja-contrib` (pycompat) supplies the Python string/dict methods that real
+//! HF chat templates call (`.strip()`, `.startswith()`, `.items()`); `sha2` verifies pulled
+//! models; dev-only: `tower` (calling the router without a socket), `tempfile`.
 
 mod bench;
 mod commands;
 mod error;
 mod models;
 mod out;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +50,8 @@ enum Cmd {
     Logits(LogitsArgs),
     /// Measure prompt processing and generation speed, as llama.cpp's llama-bench does.
     Bench(BenchArgs),
+    /// Serve models over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -221,5 +230,6 @@ fn dispatch(cli: Cli) -> CliResult {
         Cmd::Run(a) => commands::run(&a),
         Cmd::Logits(a) => commands::logits(&a),
         Cmd::Bench(a) => bench::bench(&a),
+        Cmd::Serve(a) => serve::serve(&a),
     }
 }

@@ -1,0 +1,265 @@
+//! `purehw serve`: the OpenAI-compatible HTTP server.
+//!
+//! `main` here only wires things: it starts one [`engine::Engine`] thread per model (each loads
+//! its model in the background, so `/health` answers at once and says `loading`), builds the
+//! axum app ([`api::app`]) and serves it until SIGINT/SIGTERM, then lets running streams finish.
+
+pub mod api;
+pub mod engine;
+pub mod json_guard;
+pub mod metrics;
+pub mod template;
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, ValueEnum};
+use purehw_core::model::{Model, ModelOptions};
+use purehw_core::source::ModelSource;
+use purehw_core::tokenizer::Tokenizer;
+use purehw_hal::{ActQuant, Backend};
+use purehw_hal_cpu::Cpu;
+use purehw_hal_cpu_ref::CpuRef;
+
+use crate::error::{CliResult, Context, err};
+use crate::{BackendArgs, BackendKind, commands, models};
+use engine::{Engine, EngineConfig, LoadedModel};
+use template::ChatTemplate;
+
+/// `purehw serve` options.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Model(s) to serve: a known name (pulled if absent), a .gguf file or a checkpoint folder.
+    /// Repeat to serve several. Default: gemma3-270m.
+    #[arg(short = 'm', long = "model")]
+    pub models: Vec<String>,
+    /// tokenizer.json to use (default: the GGUF's own vocabulary, else tokenizer.json beside the model).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// A Jinja chat template file overriding the model's own.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8006)]
+    pub port: u16,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Require `Authorization: Bearer KEY` on /v1 routes (also read from PUREHW_API_KEY).
+    #[arg(long, env = "PUREHW_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Sequences decoded together in one batch (KV-cache slots).
+    #[arg(long, default_value_t = 8)]
+    pub parallel: usize,
+    /// Context per sequence (0: the model's, capped at 4096).
+    #[arg(short = 'c', long, default_value_t = 0)]
+    pub ctx_size: usize,
+    /// Requests that may wait for a free slot before new ones get 429.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// Largest request body in bytes (413 above).
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_body: usize,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One served model.
+pub struct ServedModel {
+    /// The id clients send as `model`.
+    pub id: String,
+    /// The weights file or folder (shown in `/health`).
+    pub path: PathBuf,
+    pub engine: Engine,
+    /// `cpu` or `cpu-ref`.
+    pub backend: &'static str,
+    /// Unix seconds when serving started (OpenAI's `created`).
+    pub created: u64,
+    /// The compiled chat template (or why there is none), made on first use.
+    pub template: OnceLock<Result<ChatTemplate, String>>,
+}
+
+impl ServedModel {
+    /// The compiled chat template, once the model is loaded.
+    pub fn template(&self) -> Option<&Result<ChatTemplate, String>> {
+        let loaded = self.engine.loaded.get()?;
+        Some(self.template.get_or_init(|| {
+            let Some(src) = &loaded.chat_template else {
+                return Err(format!("model {} has no chat template (pass --chat-template FILE)", self.id));
+            };
+            let tok = &loaded.tokenizer;
+            let piece = |id: Option<u32>| id.and_then(|i| tok.token_to_piece(i)).unwrap_or_default();
+            let bos = piece(tok.bos_id());
+            let eos = piece(tok.eos_ids().first().copied());
+            ChatTemplate::new(&self.id, src, &bos, &eos).map_err(|e| e.to_string())
+        }))
+    }
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    pub models: Vec<ServedModel>,
+    pub api_key: Option<String>,
+    pub requests: metrics::Requests,
+    pub started: Instant,
+    pub max_body: usize,
+}
+
+impl AppState {
+    /// The model a request names.
+    pub fn model(&self, id: &str) -> Option<&ServedModel> {
+        self.models.iter().find(|m| m.id == id)
+    }
+}
+
+pub fn serve(a: &ServeArgs) -> CliResult {
+    init_tracing(a.log_format);
+    if a.parallel == 0 {
+        return err("--parallel must be at least 1");
+    }
+    let specs = if a.models.is_empty() { vec!["gemma3-270m".to_string()] } else { a.models.clone() };
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let template_override = match &a.chat_template {
+        Some(p) => Some(std::fs::read_to_string(p).context(|| format!("reading {}", p.display()))?),
+        None => None,
+    };
+    let mut served = Vec::new();
+    for spec in &specs {
+        let r = models::resolve(spec)?;
+        let id = if models::known(spec).is_some() {
+            spec.clone()
+        } else {
+            r.path.file_stem().map_or_else(|| spec.clone(), |s| s.to_string_lossy().into_owned())
+        };
+        if served.iter().any(|m: &ServedModel| m.id == id) {
+            return err(format!("model {id} is given twice"));
+        }
+        let tokenizer = a.tokenizer.clone().or(r.tokenizer.clone());
+        let cfg = EngineConfig { parallel: a.parallel, ctx: a.ctx_size, prefill_chunk: 256, queue: a.queue };
+        let job = LoadJob {
+            path: r.path.clone(),
+            tokenizer,
+            explicit_tokenizer: a.tokenizer.is_some(),
+            template: template_override.clone(),
+            cfg: cfg.clone(),
+            act: commands::act_of(&a.backend),
+        };
+        let (engine, backend) = match a.backend.kind {
+            BackendKind::Cpu => {
+                let threads = a.backend.threads;
+                (Engine::start(cfg, move || job.load(Cpu::new(threads).map_err(|e| e.to_string())?)), "cpu")
+            }
+            BackendKind::CpuRef => (Engine::start(cfg, move || job.load(CpuRef::new())), "cpu-ref"),
+        };
+        served.push(ServedModel { id, path: r.path, engine, backend, created, template: OnceLock::new() });
+    }
+    let state = Arc::new(AppState {
+        models: served,
+        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
+        requests: metrics::Requests::default(),
+        started: Instant::now(),
+        max_body: a.max_body,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context(|| "starting the async runtime".into())?;
+    rt.block_on(api::run(state, &a.host, a.port))
+}
+
+/// What an engine thread loads.
+struct LoadJob {
+    path: PathBuf,
+    tokenizer: Option<PathBuf>,
+    explicit_tokenizer: bool,
+    template: Option<String>,
+    cfg: EngineConfig,
+    act: ActQuant,
+}
+
+impl LoadJob {
+    fn load<B: Backend>(self, backend: B) -> Result<LoadedModel<B>, String> {
+        let t = Instant::now();
+        let src = ModelSource::open(&self.path).map_err(|e| e.to_string())?;
+        let t_open = t.elapsed().as_secs_f64();
+        // The GGUF's own vocabulary loads in a fraction of the time tokenizer.json takes (same ids).
+        let tok = match (&self.tokenizer, src.gguf()) {
+            (Some(p), _) if self.explicit_tokenizer => Tokenizer::from_file(p),
+            (_, Some(g)) => Tokenizer::from_gguf(&self.path.display().to_string(), g),
+            (Some(p), None) => Tokenizer::from_file(p),
+            (None, None) => {
+                return Err(format!("{}: no tokenizer (pass --tokenizer FILE)", self.path.display()));
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        let t_tok = t.elapsed().as_secs_f64();
+        let c = &src.config;
+        let ctx = match self.cfg.ctx {
+            0 => c.max_ctx.clamp(1, 4096),
+            n if c.max_ctx > 0 && n > c.max_ctx => {
+                return Err(format!("--ctx-size {n} exceeds the model's context of {} tokens", c.max_ctx));
+            }
+            n => n,
+        };
+        let opts = ModelOptions {
+            ctx,
+            slots: self.cfg.parallel,
+            max_batch: self.cfg.prefill_chunk + self.cfg.parallel,
+            logit_rows: self.cfg.parallel,
+            act: self.act,
+        };
+        let model = Model::load(backend, &src, opts).map_err(|e| e.to_string())?;
+        // End-of-turn markers stop a chat even where the model's EOS is something else.
+        let mut stop_ids = tok.eos_ids().to_vec();
+        for marker in ["<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>"] {
+            if let Some(id) = tok.id_of(marker).filter(|id| !stop_ids.contains(id)) {
+                stop_ids.push(id);
+            }
+        }
+        let chat_template = self.template.or_else(|| src.chat_template()).or_else(|| {
+            // tokenizer_config.json beside the model or beside --tokenizer.
+            let dirs = [
+                self.path.parent().map(PathBuf::from),
+                self.tokenizer.as_ref().and_then(|p| p.parent().map(PathBuf::from)),
+            ];
+            dirs.into_iter().flatten().find_map(|d| {
+                let text = std::fs::read_to_string(d.join("tokenizer_config.json")).ok()?;
+                let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+                v.get("chat_template")?.as_str().map(String::from)
+            })
+        });
+        tracing::info!(
+            model = %self.path.display(),
+            ctx,
+            slots = self.cfg.parallel,
+            secs = t.elapsed().as_secs_f64(),
+            open_s = t_open,
+            tokenizer_s = t_tok - t_open,
+            "model loaded"
+        );
+        Ok(LoadedModel { model, tokenizer: Arc::new(tok), stop_ids, chat_template })
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PUREHW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = match format {
+        LogFormat::Text => b.try_init(),
+        LogFormat::Json => b.json().try_init(),
+    };
+}

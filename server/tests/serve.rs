@@ -1,0 +1,244 @@
+//! `purehw serve` end to end: the real binary on a loopback port, driven by the official `openai`
+//! Python SDK (server/tests/openai_client.py; .ci/run installs the package).
+//!
+//! Each test starts its own server (killed on drop, even when the test fails) and runs a group of
+//! the client's cases against it. The tests take a lock so only one server runs at a time: they
+//! measure throughput, and the CI machine has few cores.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+const SMOL: &str = "smollm2-135m";
+const GEMMA: &str = "gemma3-270m";
+const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
+/// How long a server may take to load its model and answer `/health` with 200.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serialize() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running `purehw serve`; killed (and reaped) on drop.
+struct Server {
+    child: Child,
+    port: u16,
+    model: &'static str,
+    log: tempfile::NamedTempFile,
+    /// The flags it was started with (for the client: --api-key, --max-body, --ctx-size).
+    flags: Vec<String>,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("binding a free loopback port");
+    l.local_addr().expect("local_addr").port()
+}
+
+/// One GET over a fresh connection: (status, body). `None` if nothing answers.
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split(' ').nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Some((status, body))
+}
+
+impl Server {
+    /// `purehw serve -m MODEL --port P EXTRA...`, waited for until `/health` says ok.
+    fn start(model: &'static str, extra: &[&str]) -> Server {
+        let lock = serialize();
+        let port = free_port();
+        let log = tempfile::NamedTempFile::new().expect("temp file for the server log");
+        let err = log.reopen().expect("reopening the log");
+        let flags: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = Command::new(env!("CARGO_BIN_EXE_purehw"))
+            .args(["serve", "-m", model, "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(&flags)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(err.try_clone().expect("dup log")))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("starting purehw serve");
+        let mut srv = Server { child, port, model, log, flags, _lock: lock };
+        srv.wait_ready();
+        srv
+    }
+
+    fn log_text(&self) -> String {
+        let mut s = String::new();
+        let _ = File::open(self.log.path()).and_then(|mut f| f.read_to_string(&mut s));
+        // The text log format colours its fields; strip the escapes for readability.
+        let mut out = String::with_capacity(s.len());
+        let mut chars = s.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for d in chars.by_ref() {
+                    if d.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    fn wait_ready(&mut self) {
+        let t = Instant::now();
+        let mut last = None;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("purehw serve exited ({st}) before it was ready; its log:\n{}", self.log_text());
+            }
+            match get(self.port, "/health") {
+                Some((200, body)) if body.contains("\"ok\"") => {
+                    eprintln!("{} ready on port {} in {:.1}s", self.model, self.port, t.elapsed().as_secs_f64());
+                    return;
+                }
+                r => last = r.or(last),
+            }
+            if t.elapsed() > READY_TIMEOUT {
+                panic!(
+                    "purehw serve -m {} not ready after {} s (last /health: {last:?}); its log:\n{}",
+                    self.model,
+                    READY_TIMEOUT.as_secs(),
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn flag(&self, name: &str) -> Option<&str> {
+        self.flags.iter().position(|f| f == name).and_then(|i| self.flags.get(i + 1)).map(String::as_str)
+    }
+
+    /// Run the Python client's `cases` against this server; panics (with both outputs) unless it
+    /// exits 0.
+    #[track_caller]
+    fn run(&self, cases: &[&str]) {
+        self.run_env(cases, &[]);
+    }
+
+    #[track_caller]
+    fn run_env(&self, cases: &[&str], env: &[(&str, &str)]) {
+        assert!(Path::new(CLIENT).exists(), "{CLIENT} is missing");
+        let base = format!("http://127.0.0.1:{}/v1", self.port);
+        let mut cmd = Command::new("python3");
+        cmd.arg(CLIENT).args(["--base-url", &base, "--model", self.model]);
+        for (ours, theirs) in [("--api-key", "--api-key"), ("--max-body", "--max-body"), ("--ctx-size", "--ctx-size")] {
+            if let Some(v) = self.flag(ours) {
+                cmd.args([theirs, v]);
+            }
+        }
+        cmd.args(cases).env("PYTHONUNBUFFERED", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let t = Instant::now();
+        let out = cmd.output().expect("running python3 (is it installed?)");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // Always show what the client saw (cargo test prints it for failing tests, or with
+        // --nocapture).
+        println!("$ python3 openai_client.py --base-url {base} --model {} {}", self.model, cases.join(" "));
+        println!("{stdout}{stderr}");
+        println!("({:.1}s)", t.elapsed().as_secs_f64());
+        if !out.status.success() {
+            let log = self.log_text();
+            // Skip the client's /metrics polling.
+            let tail: Vec<&str> = log.lines().rev().filter(|l| !l.contains("route=\"/metrics\"")).take(60).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "openai_client.py {} failed (exit {:?}):\n{stdout}{stderr}\n--- last lines of the server log:\n{}",
+                cases.join(" "),
+                out.status.code(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+/// /health, /v1/models, /metrics and /tokenize + /detokenize.
+#[test]
+fn health_models_metrics_tokenize() {
+    Server::start(SMOL, &[]).run(&["health", "models", "tokenize", "metrics"]);
+}
+
+/// Chat (plain and streamed, equal under greedy), usage, completions (text and token ids),
+/// max_tokens.
+#[test]
+fn chat_stream_completions() {
+    Server::start(SMOL, &[]).run(&["chat", "stream", "completions", "length"]);
+}
+
+/// logprobs, stop sequences, seeded sampling, response_format json_object.
+#[test]
+fn sampling_controls() {
+    Server::start(SMOL, &[]).run(&["logprobs", "stop", "seed", "json"]);
+}
+
+/// What OpenWebUI sends: ~36 tools + stream, and a title request without max_tokens.
+#[test]
+fn openwebui_requests() {
+    Server::start(SMOL, &[]).run(&["openwebui"]);
+}
+
+/// OpenAI-shaped 4xx errors for bad requests, never a 500; then a client hanging up mid-stream
+/// frees its sequence and the server goes on.
+#[test]
+fn errors_and_disconnect() {
+    Server::start(SMOL, &[]).run(&["errors", "disconnect"]);
+}
+
+/// `--max-body`: 413.
+#[test]
+fn body_limit_413() {
+    Server::start(SMOL, &["--max-body", "4096"]).run(&["body_limit"]);
+}
+
+/// `--api-key`: 401 without or with a wrong key, 200 with it; /health stays open.
+#[test]
+fn api_key_401() {
+    Server::start(SMOL, &["--api-key", "secret"]).run(&["auth", "chat"]);
+}
+
+/// `--parallel 1 --queue 1` under a burst: 429 with Retry-After, the rest served.
+#[test]
+fn queue_full_429() {
+    Server::start(SMOL, &["--parallel", "1", "--queue", "1"]).run(&["queue"]);
+}
+
+/// `--ctx-size 256`: a longer prompt is a 400 naming the limit.
+#[test]
+fn context_limit_400() {
+    Server::start(SMOL, &["--ctx-size", "256"]).run(&["context"]);
+}
+
+/// 8 concurrent streams on gemma3-270m: all complete, greedy output is the same as alone, and the
+/// aggregate tokens/s vs one request (printed; asserted >= 3x with PUREHW_ASSERT_SPEEDUP=1).
+#[test]
+fn concurrency_gemma() {
+    let srv = Server::start(GEMMA, &["--parallel", "8"]);
+    let assert = std::env::var("PUREHW_ASSERT_SPEEDUP").unwrap_or_default();
+    srv.run_env(&["concurrency"], &[("PUREHW_ASSERT_SPEEDUP", assert.as_str())]);
+}
