@@ -125,7 +125,7 @@ fn gemm_q8k(fmt: Format, w: &[u8], rows: usize, cols: usize, act: &[BlockQ8K], n
 /// `((l0+l4)+(l2+l6))+((l1+l5)+(l3+l7))`, as `purehw_kernels::quant::reduce_lanes`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn reduce_lanes(v: __m256) -> f32 {
+pub(super) fn reduce_lanes(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v)); // l0+l4, l1+l5, l2+l6, l3+l7
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s)); // (l0+l4)+(l2+l6), (l1+l5)+(l3+l7)
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
@@ -143,14 +143,14 @@ unsafe fn f16x8_at(p: *const u8) -> __m256 {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load32(p: *const u8) -> __m256i {
+pub(super) unsafe fn load32(p: *const u8) -> __m256i {
     // SAFETY: the caller guarantees 32 readable bytes at `p`.
     unsafe { _mm256_loadu_si256(p.cast()) }
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load16(p: *const u8) -> __m128i {
+pub(super) unsafe fn load16(p: *const u8) -> __m128i {
     // SAFETY: the caller guarantees 16 readable bytes at `p`.
     unsafe { _mm_loadu_si128(p.cast()) }
 }
@@ -273,13 +273,13 @@ unsafe fn quantize_q8k_avx2(x: &[f32], out: &mut [BlockQ8K]) {
 // ---------------------------------------------------------------------------------------------
 // 32-element formats.
 
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q5_0: u8 = 2;
-const Q5_1: u8 = 3;
-const Q8_0: u8 = 4;
+pub(super) const Q4_0: u8 = 0;
+pub(super) const Q4_1: u8 = 1;
+pub(super) const Q5_0: u8 = 2;
+pub(super) const Q5_1: u8 = 3;
+pub(super) const Q8_0: u8 = 4;
 
-const fn block_bytes_a(f: u8) -> usize {
+pub(super) const fn block_bytes_a(f: u8) -> usize {
     match f {
         Q4_0 => 18,
         Q4_1 => 20,
@@ -295,14 +295,14 @@ const fn signed_a(f: u8) -> bool {
 }
 
 /// Formats with a minimum (`d·q + m`).
-const fn has_min_a(f: u8) -> bool {
+pub(super) const fn has_min_a(f: u8) -> bool {
     matches!(f, Q4_1 | Q5_1)
 }
 
 /// 32 bytes, `0xFF` where bit `i` of `qh` is set (byte `i` ↔ element `i`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn bits_to_bytes(qh: u32) -> __m256i {
+pub(super) fn bits_to_bytes(qh: u32) -> __m256i {
     let v = _mm256_set1_epi32(qh as i32);
     let shuf = _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303);
     let v = _mm256_shuffle_epi8(v, shuf);
@@ -313,7 +313,7 @@ fn bits_to_bytes(qh: u32) -> __m256i {
 /// 16 bytes of nibbles → 32 codes: element `j` the low nibble of byte `j`, `j + 16` the high one.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn nibbles(x: __m128i) -> __m256i {
+pub(super) fn nibbles(x: __m128i) -> __m256i {
     let v = _mm256_srlv_epi64(_mm256_broadcastsi128_si256(x), _mm256_setr_epi64x(0, 0, 4, 4));
     _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
 }
@@ -534,13 +534,13 @@ unsafe fn tile_a<const F: u8, const R: usize, const T: usize>(c: &CtxA, r0: usiz
 // k-quants.
 
 #[allow(non_upper_case_globals)]
-const Q4_K: u8 = 0;
+pub(super) const Q4_K: u8 = 0;
 #[allow(non_upper_case_globals)]
-const Q5_K: u8 = 1;
+pub(super) const Q5_K: u8 = 1;
 #[allow(non_upper_case_globals)]
-const Q6_K: u8 = 2;
+pub(super) const Q6_K: u8 = 2;
 
-const fn block_bytes_k(f: u8) -> usize {
+pub(super) const fn block_bytes_k(f: u8) -> usize {
     match f {
         Q4_K => 144,
         Q5_K => 176,
@@ -551,7 +551,7 @@ const fn block_bytes_k(f: u8) -> usize {
 /// The 8 (scale, min) pairs of a Q4_K/Q5_K block as two u64 (bytes = scales 0..8, mins 0..8),
 /// as `scale_min_k4`.
 #[inline]
-fn scale_min_k4(s: &[u8; 12]) -> (u64, u64) {
+pub(super) fn scale_min_k4(s: &[u8; 12]) -> (u64, u64) {
     const K1: u32 = 0x3f3f_3f3f;
     const K2: u32 = 0x0f0f_0f0f;
     const K3: u32 = 0x0303_0303;
@@ -568,7 +568,7 @@ fn scale_min_k4(s: &[u8; 12]) -> (u64, u64) {
 /// `shuffle_epi8` pattern repeating 16-bit word `g` over the whole vector.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn word_bcast(v: __m256i, g: usize) -> __m256i {
+pub(super) fn word_bcast(v: __m256i, g: usize) -> __m256i {
     let g = g as i16;
     _mm256_shuffle_epi8(v, _mm256_set1_epi16((2 * g) | ((2 * g + 1) << 8)))
 }

@@ -28,6 +28,12 @@
 use core::arch::x86_64::*;
 use core::mem::MaybeUninit;
 
+// Shared with the AVX2 kernels (called from here with a superset of their features).
+use super::x86::{
+    Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, bits_to_bytes, block_bytes_a, block_bytes_k, has_min_a, load16,
+    load32, nibbles, reduce_lanes, scale_min_k4, word_bcast,
+};
+
 use purehw_kernels::Format;
 use purehw_kernels::quant::{BlockQ8A, BlockQ8K};
 
@@ -114,15 +120,6 @@ fn gemm_q8k(fmt: Format, w: &[u8], rows: usize, cols: usize, act: &[BlockQ8K], n
 // ---------------------------------------------------------------------------------------------
 // Small helpers.
 
-/// `((l0+l4)+(l2+l6))+((l1+l5)+(l3+l7))`, as `purehw_kernels::quant::reduce_lanes`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn reduce_lanes(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v)); // l0+l4, l1+l5, l2+l6, l3+l7
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s)); // (l0+l4)+(l2+l6), (l1+l5)+(l3+l7)
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-}
-
 /// The raw f16 bits at `p` (little-endian).
 #[inline]
 unsafe fn f16_bits(p: *const u8) -> u16 {
@@ -153,20 +150,6 @@ unsafe fn load64(p: *const u8) -> __m512i {
     unsafe { _mm512_loadu_si512(p.cast()) }
 }
 
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn load32(p: *const u8) -> __m256i {
-    // SAFETY: the caller guarantees 32 readable bytes at `p`.
-    unsafe { _mm256_loadu_si256(p.cast()) }
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn load16(p: *const u8) -> __m128i {
-    // SAFETY: the caller guarantees 16 readable bytes at `p`.
-    unsafe { _mm_loadu_si128(p.cast()) }
-}
-
 /// Lanes 0..8 of a 16-lane float vector.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -191,22 +174,6 @@ fn join(lo: __m256i, hi: __m256i) -> __m512i {
 // ---------------------------------------------------------------------------------------------
 // 32-element formats.
 
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q5_0: u8 = 2;
-const Q5_1: u8 = 3;
-const Q8_0: u8 = 4;
-
-const fn block_bytes_a(f: u8) -> usize {
-    match f {
-        Q4_0 => 18,
-        Q4_1 => 20,
-        Q5_0 => 22,
-        Q5_1 => 24,
-        _ => 34,
-    }
-}
-
 /// The offset `off` with `w = u − off`, `u` the unsigned code [`codes_a`] returns.
 const fn offset_a(f: u8) -> u8 {
     match f {
@@ -215,30 +182,6 @@ const fn offset_a(f: u8) -> u8 {
         Q8_0 => 128,
         _ => 0,
     }
-}
-
-/// Formats with a minimum (`d·q + m`).
-const fn has_min_a(f: u8) -> bool {
-    matches!(f, Q4_1 | Q5_1)
-}
-
-/// 32 bytes, `0xFF` where bit `i` of `qh` is set (byte `i` ↔ element `i`).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn bits_to_bytes(qh: u32) -> __m256i {
-    let v = _mm256_set1_epi32(qh as i32);
-    let shuf = _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303);
-    let v = _mm256_shuffle_epi8(v, shuf);
-    let v = _mm256_or_si256(v, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64));
-    _mm256_cmpeq_epi8(v, _mm256_set1_epi8(-1))
-}
-
-/// 16 bytes of nibbles → 32 codes: element `j` the low nibble of byte `j`, `j + 16` the high one.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn nibbles(x: __m128i) -> __m256i {
-    let v = _mm256_srlv_epi64(_mm256_broadcastsi128_si256(x), _mm256_setr_epi64x(0, 0, 4, 4));
-    _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
 }
 
 /// The 32 unsigned codes `u = w + offset_a(F)` of the block at `p`, in element order.
@@ -455,38 +398,6 @@ unsafe fn step_a<const F: u8, const R: usize, const T: usize, const TWO: bool>(
 // ---------------------------------------------------------------------------------------------
 // k-quants.
 
-#[allow(non_upper_case_globals)]
-const Q4_K: u8 = 0;
-#[allow(non_upper_case_globals)]
-const Q5_K: u8 = 1;
-#[allow(non_upper_case_globals)]
-const Q6_K: u8 = 2;
-
-const fn block_bytes_k(f: u8) -> usize {
-    match f {
-        Q4_K => 144,
-        Q5_K => 176,
-        _ => 210,
-    }
-}
-
-/// The 8 (scale, min) pairs of a Q4_K/Q5_K block as two u64 (bytes = scales 0..8, mins 0..8),
-/// as `scale_min_k4`.
-#[inline]
-fn scale_min_k4(s: &[u8; 12]) -> (u64, u64) {
-    const K1: u32 = 0x3f3f_3f3f;
-    const K2: u32 = 0x0f0f_0f0f;
-    const K3: u32 = 0x0303_0303;
-    let u0 = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
-    let u1 = u32::from_le_bytes([s[4], s[5], s[6], s[7]]);
-    let u2 = u32::from_le_bytes([s[8], s[9], s[10], s[11]]);
-    let sc_lo = u0 & K1;
-    let sc_hi = (u2 & K2) | (((u0 >> 6) & K3) << 4);
-    let mn_lo = u1 & K1;
-    let mn_hi = ((u2 >> 4) & K2) | (((u1 >> 6) & K3) << 4);
-    (sc_lo as u64 | (sc_hi as u64) << 32, mn_lo as u64 | (mn_hi as u64) << 32)
-}
-
 /// `vpermw` indices: for register `j` of a Q4_K/Q5_K super-block, word `i` takes scale `2j + i/16`
 /// (the scale of sub-block `2j` in the low 256 bits, `2j + 1` in the high ones).
 const K4_IDX: [[i16; 32]; 4] = {
@@ -525,14 +436,6 @@ const Q6_IDX: [[i16; 32]; 4] = {
 fn idx(t: &[i16; 32]) -> __m512i {
     // SAFETY: in bounds: `t` is 64 bytes.
     unsafe { _mm512_loadu_si512(t.as_ptr().cast()) }
-}
-
-/// `shuffle_epi8` pattern repeating 16-bit word `g` over the whole vector.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn word_bcast(v: __m256i, g: usize) -> __m256i {
-    let g = g as i16;
-    _mm256_shuffle_epi8(v, _mm256_set1_epi16((2 * g) | ((2 * g + 1) << 8)))
 }
 
 /// `out[t·rows + r] = dot_row_q8k(F, row r, token t)` for `nsb` super-blocks per row.

@@ -216,13 +216,18 @@ pub fn decode_q8a_row(fmt: Format, row: &[u8], out: &mut [Codes32]) {
 /// The integer dot of decoded weight blocks with [`BlockQ8A`] activations (the semantics in
 /// the module doc). Blocks pair up to the shorter of the two.
 pub fn dot_codes_q8a(w: &[Codes32], act: &[BlockQ8A]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let mut offset = 0f32;
+    let (mut acc, mut offset) = ([0f32; LANES], 0f32);
     for (w, a) in w.iter().zip(act) {
-        add_lanes(&mut acc, w.d * a.d, &chunk_lanes(&w.q, &a.qs));
-        offset += w.m * (a.d * a.sum as f32);
+        block_q8a(&mut acc, &mut offset, w, a);
     }
     reduce_lanes(&acc) + offset
+}
+
+/// One block of [`dot_codes_q8a`]: `acc[k] += (d_w·d_a)·lane[k]`, `offset += m_w·(d_a·Σa)`.
+#[inline]
+fn block_q8a(acc: &mut [f32; LANES], offset: &mut f32, w: &Codes32, a: &BlockQ8A) {
+    add_lanes(acc, w.d * a.d, &chunk_lanes(&w.q, &a.qs));
+    *offset += w.m * (a.d * a.sum as f32);
 }
 
 /// Integer dot of a 32-element-block weight row with [`BlockQ8A`] activations
@@ -232,17 +237,13 @@ pub fn dot_row_q8a(fmt: Format, row: &[u8], act: &[BlockQ8A]) -> f32 {
     if fmt.act_layout() != Some(ActLayout::Q8A) {
         return 0.0;
     }
-    let mut acc = [0f32; LANES];
-    let mut offset = 0f32;
     // Block by block (no scratch): the same operations as dot_codes_q8a over the decoded row.
-    let mut c = [Codes32::default()];
-    let n = act.len().min(row.len() / fmt.block_bytes());
     let bb = fmt.block_bytes();
-    for (i, a) in act.iter().enumerate().take(n) {
+    let (mut acc, mut offset) = ([0f32; LANES], 0f32);
+    let mut c = [Codes32::default()];
+    for (i, a) in act.iter().enumerate().take(row.len() / bb) {
         decode_q8a_row(fmt, &row[i * bb..(i + 1) * bb], &mut c);
-        let w = &c[0];
-        add_lanes(&mut acc, w.d * a.d, &chunk_lanes(&w.q, &a.qs));
-        offset += w.m * (a.d * a.sum as f32);
+        block_q8a(&mut acc, &mut offset, &c[0], a);
     }
     reduce_lanes(&acc) + offset
 }
@@ -311,21 +312,26 @@ pub fn decode_q8k_row(fmt: Format, row: &[u8], out: &mut [CodesK]) {
 /// The integer dot of decoded super-blocks with [`BlockQ8K`] activations (module doc): lane `k`
 /// of chunk `c` is scaled by `sc[2c + k/4]`; minimums `Σ_g mn[g]·(bsum[2g] + bsum[2g+1])`.
 pub fn dot_codes_q8k(w: &[CodesK], act: &[BlockQ8K]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let mut mins = 0f32;
+    let (mut acc, mut mins) = ([0f32; LANES], 0f32);
     for (w, a) in w.iter().zip(act) {
-        let mut lane = [0i32; LANES];
-        for c in 0..8 {
-            let l = chunk_lanes(&w.q[32 * c..32 * c + 32], &a.qs[32 * c..32 * c + 32]);
-            for k in 0..LANES {
-                lane[k] += w.sc[2 * c + k / 4] as i32 * l[k];
-            }
-        }
-        add_lanes(&mut acc, w.d * a.d, &lane);
-        let m: i32 = (0..8).map(|g| w.mn[g] as i32 * (a.bsums[2 * g] as i32 + a.bsums[2 * g + 1] as i32)).sum();
-        mins += (w.dmin * a.d) * m as f32;
+        block_q8k(&mut acc, &mut mins, w, a);
     }
     reduce_lanes(&acc) - mins
+}
+
+/// One super-block of [`dot_codes_q8k`].
+#[inline]
+fn block_q8k(acc: &mut [f32; LANES], mins: &mut f32, w: &CodesK, a: &BlockQ8K) {
+    let mut lane = [0i32; LANES];
+    for c in 0..8 {
+        let l = chunk_lanes(&w.q[32 * c..32 * c + 32], &a.qs[32 * c..32 * c + 32]);
+        for k in 0..LANES {
+            lane[k] += w.sc[2 * c + k / 4] as i32 * l[k];
+        }
+    }
+    add_lanes(acc, w.d * a.d, &lane);
+    let m: i32 = (0..8).map(|g| w.mn[g] as i32 * (a.bsums[2 * g] as i32 + a.bsums[2 * g + 1] as i32)).sum();
+    *mins += (w.dmin * a.d) * m as f32;
 }
 
 /// Integer dot of a k-quant weight row with [`BlockQ8K`] activations: [`decode_q8k_row`] then
@@ -335,23 +341,11 @@ pub fn dot_row_q8k(fmt: Format, row: &[u8], act: &[BlockQ8K]) -> f32 {
         return 0.0;
     }
     let bb = fmt.block_bytes();
-    let n = act.len().min(row.len() / bb);
-    let mut acc = [0f32; LANES];
-    let mut mins = 0f32;
+    let (mut acc, mut mins) = ([0f32; LANES], 0f32);
     let mut c = [CodesK::default()];
-    for (i, a) in act.iter().enumerate().take(n) {
+    for (i, a) in act.iter().enumerate().take(row.len() / bb) {
         decode_q8k_row(fmt, &row[i * bb..(i + 1) * bb], &mut c);
-        let w = &c[0];
-        let mut lane = [0i32; LANES];
-        for ch in 0..8 {
-            let l = chunk_lanes(&w.q[32 * ch..32 * ch + 32], &a.qs[32 * ch..32 * ch + 32]);
-            for k in 0..LANES {
-                lane[k] += w.sc[2 * ch + k / 4] as i32 * l[k];
-            }
-        }
-        add_lanes(&mut acc, w.d * a.d, &lane);
-        let m: i32 = (0..8).map(|g| w.mn[g] as i32 * (a.bsums[2 * g] as i32 + a.bsums[2 * g + 1] as i32)).sum();
-        mins += (w.dmin * a.d) * m as f32;
+        block_q8k(&mut acc, &mut mins, &c[0], a);
     }
     reduce_lanes(&acc) - mins
 }
