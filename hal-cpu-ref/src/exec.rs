@@ -64,7 +64,7 @@ impl<'a> Inputs<'a> {
 
 /// Grow `v` to `n` elements: the quantized activations of the largest step seen (first use
 /// only; a step of that size or smaller never allocates again).
-fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> Result<()> {
+pub fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> Result<()> {
     if v.len() < n {
         v.try_reserve_exact(n - v.len()).map_err(|_| CpuRefError::OutOfMemory { elems: n })?;
         v.resize(n, T::default());

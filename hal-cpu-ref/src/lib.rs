@@ -12,7 +12,7 @@ mod exec;
 /// resolves its hot ops' views with the same aliasing rules).
 pub mod arena {
     pub use crate::error::invalid;
-    pub use crate::exec::{Inputs, Src, cache_rows_needed, mul, weight, with_out};
+    pub use crate::exec::{Inputs, Src, cache_rows_needed, grow, mul, weight, with_out};
     pub use crate::{checked_range, view_range};
 }
 

@@ -5,12 +5,12 @@
 use std::sync::Mutex;
 
 use purehw_hal::{ActQuant, Format, HostWeight, Op, RopeMode, Step, View};
-use purehw_hal_cpu_ref::arena::{Src, cache_rows_needed, invalid, mul, weight, with_out};
+use purehw_hal_cpu_ref::arena::{Src, cache_rows_needed, grow, invalid, mul, weight, with_out};
 use purehw_kernels::ops as k;
 use purehw_kernels::ops::softcap;
 use purehw_kernels::quant::ActLayout;
 
-use crate::pool::{Chunks, Disjoint, Pool};
+use crate::pool::{Chunks, Disjoint, Pool, lock};
 use crate::simd::Kernels;
 use crate::{ActKey, BufId, Cpu, CpuError, CpuRefError, RopeTable, Scratch, WeightId};
 
@@ -21,19 +21,6 @@ const PAR_ELEMS: usize = 4096;
 
 /// Work below this many weight bytes × tokens runs on the calling thread alone.
 const SERIAL_BYTES: usize = 64 << 10;
-
-/// Grow `v` to at least `n` elements (first use only; steady state never allocates).
-fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> core::result::Result<(), CpuRefError> {
-    if v.len() < n {
-        v.try_reserve_exact(n - v.len()).map_err(|_| CpuRefError::OutOfMemory { elems: n })?;
-        v.resize(n, T::default());
-    }
-    Ok(())
-}
-
-fn lock(m: &Mutex<Scratch>) -> std::sync::MutexGuard<'_, Scratch> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 impl Cpu {
     pub(crate) fn run(&mut self, step: &Step<'_>, op: &Op<BufId, WeightId>) -> Result<()> {

@@ -134,7 +134,7 @@ impl Drop for Pool {
 
 /// A poisoned lock only means another thread panicked while holding it; the data is `()` or a
 /// pointer slot, still valid.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -364,36 +364,8 @@ mod tests {
     use std::vec::Vec;
 
     use super::*;
+    use crate::quant::test_util::{Rng, random_row};
     use crate::quant::{dequantize_row, dot_row};
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn unit(&mut self) -> f32 {
-            ((self.next() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-        }
-    }
-
-    fn row_of(rng: &mut Rng, fmt: Format, n: usize) -> Vec<u8> {
-        let mut row: Vec<u8> = (0..fmt.bytes_for(n).unwrap()).map(|_| (rng.next() >> 56) as u8).collect();
-        let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
-        for c in row.chunks_exact_mut(fmt.block_bytes()) {
-            match fmt {
-                Format::Q6_K => c[208..210].copy_from_slice(&f16(0.01)),
-                Format::Q4_1 | Format::Q5_1 | Format::Q4_K | Format::Q5_K => {
-                    c[0..2].copy_from_slice(&f16(0.05));
-                    c[2..4].copy_from_slice(&f16(0.02));
-                }
-                _ => c[0..2].copy_from_slice(&f16(0.05)),
-            }
-        }
-        row
-    }
 
     #[test]
     fn quantization_round_trips_within_half_a_step() {
@@ -425,7 +397,7 @@ mod tests {
         for fmt in Format::ALL {
             let Some(layout) = fmt.act_layout() else { continue };
             let n = 768;
-            let row = row_of(&mut rng, fmt, n);
+            let row = random_row(&mut rng, fmt, n);
             let x: Vec<f32> = (0..n).map(|_| rng.unit() * 2.0).collect();
             match layout {
                 ActLayout::Q8A => {
@@ -454,7 +426,7 @@ mod tests {
         for fmt in Format::ALL {
             let Some(layout) = fmt.act_layout() else { continue };
             let n = 512;
-            let row = row_of(&mut rng, fmt, n);
+            let row = random_row(&mut rng, fmt, n);
             let x: Vec<f32> = (0..n).map(|_| rng.unit()).collect();
             let (got, xq) = match layout {
                 ActLayout::Q8A => {

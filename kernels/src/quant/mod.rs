@@ -13,6 +13,8 @@
 
 mod act;
 mod blocks;
+#[cfg(test)]
+mod test_util;
 pub use act::*;
 pub use blocks::*;
 

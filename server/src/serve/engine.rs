@@ -177,11 +177,8 @@ impl Engine {
                 let loaded = Arc::new(Loaded {
                     tokenizer,
                     chat_template,
-                    // `cfg.ctx` 0 means the model's own (the loader resolved it into the options).
-                    ctx: match cfg.ctx {
-                        0 => model.options().ctx,
-                        n => n.min(model.options().ctx),
-                    },
+                    // The loader resolved `--ctx-size` (0: the model's own) into the options.
+                    ctx: model.options().ctx,
                     vocab: model.config().vocab,
                     stop_ids,
                     texts: OnceLock::new(),
