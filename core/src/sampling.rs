@@ -12,6 +12,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::cmp::Ordering;
 
+use purehw_kernels::ops::{EXP_LO, exp};
+
 /// How to pick the next token. [`Default`] is greedy with every filter and penalty off.
 #[derive(Copy, Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -206,8 +208,11 @@ impl Sampler {
                 if max == f32::NEG_INFINITY {
                     return Some(-libm::logf(n as f32));
                 }
-                let sum: f32 = l.iter().map(|&x| libm::expf(x - max)).sum();
-                Some(-libm::logf(sum))
+                let mut sum = Lanes::default();
+                for c in l.chunks(8) {
+                    sum.add(c.iter().map(|&x| prob(x - max)));
+                }
+                Some(-libm::logf(sum.total()))
             }
         }
     }
@@ -224,13 +229,7 @@ impl Sampler {
         let l = &mut self.logits[..n];
         for (d, &s) in l.iter_mut().zip(&logits[..n]) {
             // +inf would make `l - max` NaN below; f32::MAX keeps it the clear winner.
-            *d = if s.is_nan() {
-                f32::NEG_INFINITY
-            } else if s == f32::INFINITY {
-                f32::MAX
-            } else {
-                s
-            };
+            *d = if s.is_nan() { f32::NEG_INFINITY } else { s.min(f32::MAX) };
         }
         if self.params.has_penalties() {
             self.apply_penalties(n, history);
@@ -275,21 +274,15 @@ impl Sampler {
         let p = self.params;
         let t = p.temperature;
         let min_p = if p.min_p > 0.0 { p.min_p.min(1.0) } else { 0.0 };
-        let l = &self.logits[..n];
+        let l = &mut self.logits[..n];
         let cands = &mut self.cands;
-        cands.clear();
 
         // Unnormalised probabilities `exp((l - max) / T)`: the most likely token gets exactly 1,
         // so min-p's threshold is simply `min_p`. Subtracting before dividing keeps a tiny T from
         // overflowing.
-        let e = |x: f32| {
-            let v = libm::expf((x - max) / t);
-            if v.is_nan() { 0.0 } else { v }
-        };
+        let e = |x: f32| prob((x - max) / t);
         let total = if p.top_k > 0 && p.top_k < n {
-            cands.extend(l.iter().enumerate().map(|(i, &v)| Cand { id: i as u32, v }));
-            cands.select_nth_unstable_by(p.top_k - 1, by_v_desc);
-            cands.truncate(p.top_k);
+            top_k(l, p.top_k, cands);
             let mut sum = 0.0f32;
             for c in cands.iter_mut() {
                 c.v = e(c.v);
@@ -297,51 +290,36 @@ impl Sampler {
             }
             sum
         } else {
-            // No top-k: min-p can be applied while building the list (it cuts a suffix of the
-            // sorted order, as top-p does, so doing it first keeps the same tokens) as long as
-            // top-p still sees the full softmax sum.
-            let mut sum = 0.0f32;
-            for (i, &v) in l.iter().enumerate() {
-                let pv = e(v);
-                sum += pv;
-                if pv > 0.0 && pv >= min_p {
-                    cands.push(Cand { id: i as u32, v: pv });
+            // Probabilities in place of the logits (nothing reads them after this draw).
+            let mut sum = Lanes::default();
+            for c in l.chunks_mut(8) {
+                for v in c.iter_mut() {
+                    *v = e(*v);
                 }
+                sum.add(c.iter().copied());
             }
-            sum
+            let total = sum.total();
+            if p.top_p >= 1.0 && min_p == 0.0 {
+                // Nothing filtered: draw straight from the vocabulary, in id order.
+                let r = (self.rng.next_f64() * total as f64) as f32;
+                let id = pick(l, r);
+                self.last = Last::Drawn(libm::logf(l[id] / total));
+                return id as u32;
+            }
+            // min-p and top-p each keep the tokens above some probability (a prefix of the sorted
+            // order): list only those. min-p can be applied here as long as top-p still sees the
+            // full softmax sum.
+            let floor = if p.top_p < 1.0 { nucleus_floor(l, p.top_p.max(0.0) * total) } else { 0.0 };
+            collect(l, floor.max(min_p), cands);
+            if p.top_p < 1.0 && !nucleus(cands, p.top_p.max(0.0) * total) && floor > min_p {
+                // Rounding left the listed tokens short of the target: list them all and redo.
+                collect(l, min_p, cands);
+                nucleus(cands, p.top_p.max(0.0) * total);
+            }
+            total
         };
-
-        if p.top_p < 1.0 && cands.len() > 1 {
-            // Sort only as much of the list as top-p needs: a few dozen tokens usually carry the
-            // mass, so grow the sorted prefix until its cumulative probability reaches `top_p`.
-            let target = p.top_p.max(0.0) * total;
-            let len = cands.len();
-            let mut m = len.min(64);
-            let mut done = 0;
-            loop {
-                if m < len {
-                    cands[done..].select_nth_unstable_by(m - 1 - done, by_v_desc);
-                }
-                cands[done..m].sort_unstable_by(by_v_desc);
-                let mut cum = 0.0f32;
-                let mut keep = None;
-                for (j, c) in cands[..m].iter().enumerate() {
-                    cum += c.v;
-                    if cum >= target {
-                        keep = Some(j + 1);
-                        break;
-                    }
-                }
-                if let Some(k) = keep {
-                    cands.truncate(k);
-                    break;
-                }
-                if m == len {
-                    break;
-                }
-                done = m;
-                m = m.saturating_mul(4).min(len);
-            }
+        if p.top_k > 0 && p.top_k < n && p.top_p < 1.0 {
+            nucleus(cands, p.top_p.max(0.0) * total);
         }
 
         if min_p > 0.0 {
@@ -351,11 +329,11 @@ impl Sampler {
         let kept: f32 = cands.iter().map(|c| c.v).sum();
         let r = (self.rng.next_f64() * kept as f64) as f32;
         let mut cum = 0.0f32;
-        // Rounding can leave `r` past the last cumulative sum: the last candidate then wins.
-        let mut chosen = cands[cands.len() - 1];
+        // Rounding can leave `r` past the last cumulative sum: the last possible candidate wins.
+        let mut chosen = cands.iter().rev().find(|c| c.v > 0.0).copied().unwrap_or(cands[cands.len() - 1]);
         for c in cands.iter() {
             cum += c.v;
-            if r < cum {
+            if c.v > 0.0 && r < cum {
                 chosen = *c;
                 break;
             }
@@ -365,15 +343,157 @@ impl Sampler {
     }
 }
 
-/// Index and value of the largest entry, first one on ties.
-fn argmax(l: &[f32]) -> (u32, f32) {
-    let mut best = 0;
-    let mut max = l[0];
-    for (i, &v) in l.iter().enumerate().skip(1) {
-        if v > max {
-            max = v;
-            best = i;
+/// The sampler's `e^x` for `x = (logit − max) / T ≤ 0`: [`purehw_kernels::ops::exp`], and
+/// exactly 0 below its range (so `-inf`, a masked token, stays impossible) or for NaN. Branch-free,
+/// so the passes over the vocabulary vectorise.
+#[inline]
+fn prob(x: f32) -> f32 {
+    let v = exp(x);
+    if x >= EXP_LO { v } else { 0.0 }
+}
+
+/// A sum in 8 interleaved lanes (vectorises; a fixed order, so results are reproducible).
+#[derive(Default)]
+struct Lanes([f32; 8]);
+
+impl Lanes {
+    /// Add up to 8 values, the `j`-th to lane `j`.
+    #[inline]
+    fn add(&mut self, x: impl Iterator<Item = f32>) {
+        for (s, v) in self.0.iter_mut().zip(x) {
+            *s += v;
         }
     }
+
+    fn total(&self) -> f32 {
+        let s = &self.0;
+        ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]))
+    }
+}
+
+/// The first token whose cumulative probability (in id order) exceeds `r`; the last possible
+/// token when rounding leaves `r` past the end. Blocks are skipped by their sums.
+fn pick(p: &[f32], r: f32) -> usize {
+    const BLOCK: usize = 256;
+    let mut cum = 0.0f32;
+    for (b, blk) in p.chunks(BLOCK).enumerate() {
+        let mut s = Lanes::default();
+        for c in blk.chunks(8) {
+            s.add(c.iter().copied());
+        }
+        let s = s.total();
+        if r < cum + s {
+            let mut c = cum;
+            for (j, &v) in blk.iter().enumerate() {
+                c += v;
+                if v > 0.0 && r < c {
+                    return b * BLOCK + j;
+                }
+            }
+        }
+        cum += s;
+    }
+    p.iter().rposition(|&v| v > 0.0).unwrap_or(0)
+}
+
+/// A probability below which no token of the top-p nucleus (the most likely tokens until their
+/// sum reaches `target`) can lie: the tokens at or above it carry `target`, found from the mass
+/// per binary exponent, with one exponent of margin for rounding.
+fn nucleus_floor(p: &[f32], target: f32) -> f32 {
+    let mut mass = [0f32; 128]; // p ≤ 1: exponent fields 0..=127
+    for &v in p {
+        mass[((v.to_bits() >> 23) as usize).min(127)] += v;
+    }
+    let mut cum = 0.0f32;
+    for e in (2..128).rev() {
+        cum += mass[e];
+        if cum >= target {
+            return f32::from_bits(((e - 1) as u32) << 23);
+        }
+    }
+    0.0
+}
+
+/// The tokens with probability `> 0` and `>= floor`, in id order.
+fn collect(p: &[f32], floor: f32, out: &mut Vec<Cand>) {
+    out.clear();
+    for (i, &v) in p.iter().enumerate() {
+        if v > 0.0 && v >= floor {
+            out.push(Cand { id: i as u32, v });
+        }
+    }
+}
+
+/// Top-p over `cands`: keep the smallest most-likely prefix whose sum reaches `target`, sorting
+/// only as much as needed (a few dozen tokens usually carry the mass). Returns whether the
+/// target was reached; if not, `cands` is left whole (sorted).
+fn nucleus(cands: &mut Vec<Cand>, target: f32) -> bool {
+    let len = cands.len();
+    if len <= 1 {
+        return cands.first().is_some_and(|c| c.v >= target);
+    }
+    let mut m = len.min(64);
+    let mut done = 0;
+    loop {
+        if m < len {
+            cands[done..].select_nth_unstable_by(m - 1 - done, by_v_desc);
+        }
+        cands[done..m].sort_unstable_by(by_v_desc);
+        let mut cum = 0.0f32;
+        for (j, c) in cands[..m].iter().enumerate() {
+            cum += c.v;
+            if cum >= target {
+                cands.truncate(j + 1);
+                return true;
+            }
+        }
+        if m == len {
+            return false;
+        }
+        done = m;
+        m = m.saturating_mul(4).min(len);
+    }
+}
+
+/// The `k` best tokens by (logit desc, id asc), the order [`by_v_desc`] sorts by, sorted so.
+/// Keeps a buffer of at most `2k` (≥ 64): past a full buffer a token enters only if it beats the
+/// k-th best so far, so most of the vocabulary costs one comparison.
+fn top_k(l: &[f32], k: usize, out: &mut Vec<Cand>) {
+    out.clear();
+    let cap = (2 * k).max(64).min(l.len());
+    let mut worst = f32::NEG_INFINITY;
+    let mut full = false;
+    for (i, &v) in l.iter().enumerate() {
+        // Later ids lose ties, so an equal logit cannot enter.
+        if !full || v > worst {
+            out.push(Cand { id: i as u32, v });
+            if out.len() == cap {
+                out.select_nth_unstable_by(k - 1, by_v_desc);
+                out.truncate(k);
+                worst = out[k - 1].v;
+                full = true;
+            }
+        }
+    }
+    if out.len() > k {
+        out.select_nth_unstable_by(k - 1, by_v_desc);
+        out.truncate(k);
+    }
+    out.sort_unstable_by(by_v_desc);
+}
+
+/// Index and value of the largest entry, first one on ties (`l` holds no NaN). Lane-wise
+/// maxima first (vectorises), then the first index holding the maximum.
+fn argmax(l: &[f32]) -> (u32, f32) {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let chunks = l.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in m.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let max = m.iter().chain(rest).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    let best = l.iter().position(|&v| v == max).unwrap_or(0);
     (best as u32, max)
 }

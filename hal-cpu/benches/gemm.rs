@@ -208,6 +208,49 @@ fn main() {
         println!("decode {fmt:?} {rows}x{cols} n=1 {:>6}: {:8.2} ms  {gbs:6.2} GB/s", k.name, s * 1e3);
     }
 
+    // Batched decode (the server's continuous batching): n = 2..16 tokens, 64-row chunks; the
+    // LM head shape from cache-sized slices and the layer shapes.
+    let batch = [
+        (Format::Q8_0, 512, 640),
+        (Format::Q8_0, 8192, 640),
+        (Format::Q8_0, 262144, 640),
+        (Format::Q5_0, 2048, 640),
+        (Format::Q4_K, 2048, 2048),
+        (Format::Q6_K, 640, 2048),
+    ];
+    for (fmt, rows, cols) in batch {
+        if !want("batch") {
+            break;
+        }
+        let w = weights(&mut rng, fmt, rows, cols);
+        for n in [2, 4, 8, 16] {
+            let act = act_for(&k, &mut rng, fmt, n, cols);
+            let mut out = vec![0f32; rows * n];
+            let s = time(0.3, || run(&k, true, fmt, &w, rows, cols, &act, n, 64, &mut out));
+            let gops = 2.0 * (rows * cols * n) as f64 / s / 1e9;
+            println!("batch {fmt:?} {rows}x{cols} n={n:<2} {:>6}: {:8.3} ms  {gops:7.2} GOPS", k.name, s * 1e3);
+        }
+    }
+
+    // The LM head at n = 8 on two threads (each half the rows): the machine's 2-core scaling.
+    if want("batch2") {
+        let (fmt, rows, cols, n) = (Format::Q8_0, 262_144, 640, 8);
+        let w = weights(&mut rng, fmt, rows, cols);
+        let act = act_for(&k, &mut rng, fmt, n, cols);
+        let rb = fmt.bytes_for(cols).unwrap();
+        let (w0, w1) = w.split_at(rows / 2 * rb);
+        let mut o0 = vec![0f32; rows / 2 * n];
+        let mut o1 = vec![0f32; rows / 2 * n];
+        let s = time(1.0, || {
+            std::thread::scope(|sc| {
+                sc.spawn(|| run(&k, true, fmt, w0, rows / 2, cols, &act, n, 64, &mut o0));
+                run(&k, true, fmt, w1, rows / 2, cols, &act, n, 64, &mut o1);
+            })
+        });
+        let gops = 2.0 * (rows * cols * n) as f64 / s / 1e9;
+        println!("batch2 {fmt:?} {rows}x{cols} n={n} 2 threads {:>6}: {:8.3} ms  {gops:7.2} GOPS", k.name, s * 1e3);
+    }
+
     // Prefill: n = 64 tokens, 64-row chunks.
     let prefill = [
         (Format::Q8_0, 2048, 640),

@@ -1,9 +1,12 @@
 //! A persistent pool of worker threads, one per core, that runs one borrowed job at a time.
 //!
-//! [`Pool::run`] hands every thread (the caller is thread 0) the same `&dyn Fn(usize)` and returns
-//! when all of them are done, so the job may borrow the caller's stack. Workers spin briefly
-//! between jobs (a decode step submits a few hundred small ops back to back) and then sleep on a
-//! condition variable, so an idle pool costs nothing.
+//! [`Pool::run`] offers every thread (the caller is thread 0) the same `&dyn Fn(usize)` and returns
+//! when every thread that took it is done, so the job may borrow the caller's stack. A worker
+//! that has not picked the job up by the time the caller finished its own part is shut out (the
+//! job's work is handed out in [`Chunks`], so the threads present did it all): a worker the OS
+//! has preempted costs its chunk in flight at most, never a wait for it to be scheduled again.
+//! Workers spin briefly between jobs (a decode step submits a few hundred small ops back to back)
+//! and then sleep on a condition variable, so an idle pool costs nothing.
 //!
 //! The job's lifetime is erased to hand it to the workers: that, and [`Disjoint`] (threads writing
 //! disjoint parts of one output), are the module's only `unsafe`.
@@ -17,6 +20,10 @@ use std::thread::JoinHandle;
 
 type Job = dyn Fn(usize) + Sync;
 
+/// Set in `gate` once the caller stops admitting workers to the current job.
+const CLOSED: u64 = 1 << 31;
+const ADMITTED: u64 = CLOSED - 1;
+
 /// How long a worker spins for the next job before it sleeps: long enough to stay hot between the
 /// ops of a step, short enough not to steal a core from other work between steps.
 const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
@@ -25,6 +32,9 @@ struct Shared {
     /// The current job: set before `generation` is bumped, cleared after every worker is done.
     job: Mutex<Option<JobPtr>>,
     generation: AtomicU64,
+    /// Admission to the current job: `generation << 32 | CLOSED | workers admitted`.
+    gate: AtomicU64,
+    /// Admitted workers that have finished the current job.
     done: AtomicUsize,
     panicked: AtomicBool,
     quit: AtomicBool,
@@ -57,6 +67,7 @@ impl Pool {
         let shared = Arc::new(Shared {
             job: Mutex::new(None),
             generation: AtomicU64::new(0),
+            gate: AtomicU64::new(CLOSED),
             done: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             quit: AtomicBool::new(false),
@@ -78,29 +89,35 @@ impl Pool {
         self.workers.len() + 1
     }
 
-    /// Run `job(i)` on every thread `i` in `0..threads()` and wait for all of them.
-    /// A panic in any thread is re-raised here after all threads have finished.
+    /// Run `job(i)` on the caller (`i = 0`) and on each worker `i` that picks it up before the caller
+    /// has finished its own part; wait for those. Jobs hand out their work in [`Chunks`], so every
+    /// chunk is done whichever threads took part (each at most once).
+    /// A panic in any thread is re-raised here after all admitted threads have finished.
     pub fn run(&self, job: &(dyn Fn(usize) + Sync)) {
         if self.workers.is_empty() {
             job(0);
             return;
         }
         let s = &*self.shared;
-        // SAFETY: the erased pointer is only dereferenced by workers between the generation bump
-        // below and their `done` increment, and this function does not return (normally or by
-        // unwinding: the caller's own part runs under catch_unwind) before every worker has
-        // incremented `done`; so `job` outlives every use.
+        // SAFETY: the erased pointer is only dereferenced by workers admitted through `gate`,
+        // between their admission and their `done` increment, and this function does not return
+        // (normally or by unwinding: the caller's own part runs under catch_unwind) before it has
+        // closed the gate and every admitted worker has incremented `done`; so `job` outlives
+        // every use.
         let ptr = JobPtr(unsafe { std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const Job>(job) });
         *lock(&s.job) = Some(ptr);
         s.done.store(0, SeqCst);
-        s.generation.fetch_add(1, SeqCst);
+        let generation = s.generation.load(SeqCst).wrapping_add(1);
+        s.gate.store((generation & 0xFFFF_FFFF) << 32, SeqCst);
+        s.generation.store(generation, SeqCst);
         if s.sleepers.load(SeqCst) > 0 {
             let _g = lock(&s.sleep);
             s.wake.notify_all();
         }
         let mine = catch_unwind(AssertUnwindSafe(|| job(0)));
+        let admitted = (s.gate.fetch_or(CLOSED, SeqCst) & ADMITTED) as usize;
         let mut spins = 0u32;
-        while s.done.load(SeqCst) < self.workers.len() {
+        while s.done.load(SeqCst) < admitted {
             spins += 1;
             if spins < 4096 {
                 std::hint::spin_loop();
@@ -161,6 +178,9 @@ fn worker(s: &Shared, id: usize) {
         if s.quit.load(SeqCst) {
             return;
         }
+        if !admit(&s.gate, seen) {
+            continue; // the caller finished without this thread
+        }
         let job = *lock(&s.job);
         if let Some(JobPtr(p)) = job {
             // SAFETY: `run` keeps the job alive until this thread increments `done` below.
@@ -170,6 +190,20 @@ fn worker(s: &Shared, id: usize) {
             }
         }
         s.done.fetch_add(1, SeqCst);
+    }
+}
+
+/// Join generation `seen`'s job if its gate is still open (and not already a later one's).
+fn admit(gate: &AtomicU64, seen: u64) -> bool {
+    let mut cur = gate.load(SeqCst);
+    loop {
+        if cur >> 32 != seen & 0xFFFF_FFFF || cur & CLOSED != 0 {
+            return false;
+        }
+        match gate.compare_exchange_weak(cur, cur + 1, SeqCst, SeqCst) {
+            Ok(_) => return true,
+            Err(now) => cur = now,
+        }
     }
 }
 
@@ -234,41 +268,81 @@ impl Iterator for &Chunks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
+    /// Each thread id at most once, the caller always; every chunk exactly once.
     #[test]
-    fn every_thread_runs_each_job_and_borrows_work() {
+    fn every_chunk_is_done_once_by_the_threads_that_take_part() {
         let pool = Pool::new(3).unwrap();
-        for round in 0..200 {
-            let hits = AtomicUsize::new(0);
+        for round in 0..300 {
+            let seen = [AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0)];
             let mut out = vec![0f32; 1000];
             let d = Disjoint::new(&mut out);
             let chunks = Chunks::new(1000, 7);
-            pool.run(&|_| {
-                hits.fetch_add(1, SeqCst);
+            pool.run(&|i| {
+                seen[i].fetch_add(1, SeqCst);
                 for r in &chunks {
                     // SAFETY: chunks are disjoint.
                     let p = unsafe { d.part(r.start, r.len()) };
                     for (i, o) in r.zip(p) {
-                        *o = (i + round) as f32;
+                        *o += (i + round) as f32;
                     }
                 }
             });
-            assert_eq!(hits.load(SeqCst), 3);
+            assert_eq!(seen[0].load(SeqCst), 1);
+            assert!(seen.iter().all(|s| s.load(SeqCst) <= 1));
             assert!(out.iter().enumerate().all(|(i, &v)| v == (i + round) as f32));
             if round % 50 == 0 {
-                std::thread::sleep(std::time::Duration::from_millis(30)); // let workers fall asleep
+                std::thread::sleep(Duration::from_millis(30)); // let workers fall asleep
             }
+        }
+    }
+
+    /// Wait (up to 10 s, for a loaded machine) until `n` threads have checked in.
+    fn wait_for(c: &AtomicUsize, n: usize) {
+        let t = std::time::Instant::now();
+        while c.load(SeqCst) < n && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A job long enough for the workers to wake is shared by all of them.
+    #[test]
+    fn workers_take_part_in_long_jobs() {
+        let pool = Pool::new(3).unwrap();
+        std::thread::sleep(Duration::from_millis(30)); // asleep: woken by the job
+        for _ in 0..3 {
+            let hits = AtomicUsize::new(0);
+            pool.run(&|i| {
+                hits.fetch_add(1, SeqCst);
+                if i == 0 {
+                    wait_for(&hits, 3);
+                }
+            });
+            assert_eq!(hits.load(SeqCst), 3);
         }
     }
 
     #[test]
     fn a_panicking_job_is_reported_and_the_pool_survives() {
         let pool = Pool::new(2).unwrap();
-        let r = catch_unwind(AssertUnwindSafe(|| pool.run(&|i| assert_ne!(i, 1))));
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            let started = AtomicUsize::new(0);
+            pool.run(&|i| {
+                started.fetch_add(1, SeqCst);
+                if i == 0 {
+                    wait_for(&started, 2); // let worker 1 take part
+                }
+                assert_ne!(i, 1)
+            })
+        }));
         assert!(r.is_err());
         let hits = AtomicUsize::new(0);
-        pool.run(&|_| {
+        pool.run(&|i| {
             hits.fetch_add(1, SeqCst);
+            if i == 0 {
+                wait_for(&hits, 2);
+            }
         });
         assert_eq!(hits.load(SeqCst), 2);
     }

@@ -403,6 +403,147 @@ def case_openwebui(c):
     check(title.strip(), "empty title", short(r))
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def tool_history():
+    """A conversation with a tool call and its result, as an OpenAI client sends it."""
+    return [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_abc", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_abc", "name": "get_weather", "content": "18 C, sunny"},
+        {"role": "assistant", "content": "It is 18 C and sunny in Paris."},
+        {"role": "user", "content": "And what is the weather in Rome?"},
+    ]
+
+
+def few_shot_calls():
+    """Three questions each answered by a tool call, then a fourth: SmolLM2-135M follows the
+    pattern (greedy, on every backend), so the reply is a tool call."""
+    msgs = []
+    for i, city in enumerate(["Paris", "Berlin", "Madrid"]):
+        msgs.append({"role": "user", "content": f"Weather in {city}?"})
+        msgs.append({"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{i}", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}},
+        ]})
+    msgs.append({"role": "user", "content": "Weather in Rome?"})
+    return msgs
+
+
+def tool_reply(msg, finish, where):
+    """(content, [(name, arguments)]) of a non-streamed reply, checked for OpenAI's shape."""
+    calls = []
+    if msg.tool_calls:
+        check(finish in ("tool_calls", "length"), f"{where}: tool_calls with finish_reason {finish!r}")
+        for tc in msg.tool_calls:
+            check(tc.type == "function", f"{where}: tool call type {tc.type!r}", tc)
+            check(re.fullmatch(r"call_[0-9a-f]{24}", tc.id or ""), f"{where}: tool call id {tc.id!r}", tc)
+            check(tc.function.name, f"{where}: tool call without a name", tc)
+            try:
+                json.loads(tc.function.arguments)
+            except ValueError:
+                raise Failure(f"{where}: arguments are not JSON: {tc.function.arguments!r}")
+            calls.append((tc.function.name, tc.function.arguments))
+        check(len({tc.id for tc in msg.tool_calls}) == len(msg.tool_calls), f"{where}: tool call ids repeat", msg)
+    else:
+        check(finish in ("stop", "length"), f"{where}: finish_reason {finish!r} without tool calls")
+        check(isinstance(msg.content, str), f"{where}: content is {msg.content!r}")
+    return msg.content or "", calls
+
+
+def stream_tool_reply(c, where, **kw):
+    """(content, [(name, arguments)], finish) of a streamed reply, with the tool-call deltas checked."""
+    content, calls, finish = "", {}, None
+    for x in c.client.chat.completions.create(stream=True, **kw):
+        for ch in x.choices:
+            check(finish is None, f"{where}: a chunk after the one with finish_reason", x)
+            content += ch.delta.content or ""
+            for tc in ch.delta.tool_calls or []:
+                check(tc.index is not None, f"{where}: tool call delta without index", tc)
+                cur = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+                if tc.id:
+                    check(re.fullmatch(r"call_[0-9a-f]{24}", tc.id), f"{where}: tool call id {tc.id!r}", tc)
+                    cur["id"] = tc.id
+                if tc.function:
+                    cur["name"] += tc.function.name or ""
+                    cur["arguments"] += tc.function.arguments or ""
+            finish = ch.finish_reason or finish
+    check(sorted(calls) == list(range(len(calls))), f"{where}: tool call indexes {sorted(calls)}")
+    check(all(v["id"] for v in calls.values()), f"{where}: a streamed tool call has no id", calls)
+    if calls:
+        check(finish in ("tool_calls", "length"), f"{where}: streamed tool_calls with finish_reason {finish!r}")
+    else:
+        check(finish in ("stop", "length"), f"{where}: streamed finish_reason {finish!r}")
+    return content, [(calls[i]["name"], calls[i]["arguments"]) for i in range(len(calls))], finish
+
+
+def case_tools(c):
+    """Against a chat template that takes tools: history with tool calls and results reaches it, and
+    replies come back in OpenAI's shape, the same streamed as not: whatever the model writes after
+    a tool result (text here), and a tool call after a few-shot history."""
+    kw = dict(model=c.model, messages=tool_history(), tools=[WEATHER_TOOL], temperature=0, max_tokens=32)
+    r = c.client.chat.completions.create(**kw)
+    ch = r.choices[0]
+    content, calls = tool_reply(ch.message, ch.finish_reason, "tools")
+    print(f"  tools: content {short(content, 200)!r}, tool_calls {calls} ({ch.finish_reason}, {r.usage})")
+    check_usage(r.usage, 32, "tools")
+    s_content, s_calls, s_finish = stream_tool_reply(c, "tools stream", **kw)
+    check((s_content, s_calls, s_finish) == (content, calls, ch.finish_reason),
+          "streamed reply != non-streamed reply (greedy)",
+          f"streamed: {(s_content, s_calls, s_finish)!r}", f"non-streamed: {(content, calls, ch.finish_reason)!r}")
+    # A reply that is a tool call: `<tool_call>` markup parsed into tool_calls, streamed or not.
+    kw_calls = dict(kw, messages=few_shot_calls(), max_tokens=48)
+    r3 = c.client.chat.completions.create(**kw_calls)
+    ch3 = r3.choices[0]
+    content3, calls3 = tool_reply(ch3.message, ch3.finish_reason, "tool call")
+    print(f"  tool call: content {content3!r}, tool_calls {calls3} ({ch3.finish_reason})")
+    check(ch3.finish_reason == "tool_calls" and len(calls3) == 1 and calls3[0][0] == "get_weather",
+          "the few-shot request did not give one get_weather tool call", r3)
+    check(ch3.message.content is None, f"tool call: content {ch3.message.content!r}, want null")
+    check("city" in json.loads(calls3[0][1]), f"tool call arguments {calls3[0][1]!r} have no city")
+    streamed3 = stream_tool_reply(c, "tool call stream", **kw_calls)
+    check(streamed3 == (content3, calls3, ch3.finish_reason), "streamed tool call != non-streamed",
+          f"streamed: {streamed3!r}", f"non-streamed: {(content3, calls3, ch3.finish_reason)!r}")
+    # tool_choice none: the template gets no tools (a shorter prompt) and nothing is parsed.
+    r2 = c.client.chat.completions.create(**kw, tool_choice="none")
+    check(not r2.choices[0].message.tool_calls, "tool_choice none: tool_calls returned", r2)
+    check(r2.usage.prompt_tokens < r.usage.prompt_tokens,
+          f"the tools did not reach the template: {r.usage.prompt_tokens} prompt tokens with them, "
+          f"{r2.usage.prompt_tokens} with tool_choice none")
+    # Legacy `functions` work the same way.
+    st, _, body = c.http("POST", "/v1/chat/completions", {
+        "model": c.model, "messages": tool_history(), "functions": [WEATHER_TOOL["function"]],
+        "temperature": 0, "max_tokens": 8})
+    check(st == 200, f"functions: {st}", short(body))
+    check(body["usage"]["prompt_tokens"] == r.usage.prompt_tokens,
+          f"functions: {body['usage']['prompt_tokens']} prompt tokens, tools: {r.usage.prompt_tokens}")
+
+
+def case_tool_history(c):
+    """Against a template that knows nothing of tools: tool history and tools still give a plain
+    200 reply (tools are ignored, nothing is parsed as a tool call), streamed or not."""
+    kw = dict(model=c.model, messages=tool_history(), tools=[WEATHER_TOOL], temperature=0, max_tokens=24)
+    r = c.client.chat.completions.create(**kw)
+    ch = r.choices[0]
+    print(f"  tool history: {short(ch.message.content, 200)!r} ({ch.finish_reason})")
+    check(not ch.message.tool_calls, "tool_calls from a template without tools", r)
+    check(ch.finish_reason in ("stop", "length"), f"finish_reason {ch.finish_reason!r}")
+    check(isinstance(ch.message.content, str), f"content is {ch.message.content!r}")
+    content, calls, finish = stream_tool_reply(c, "tool history stream", **kw)
+    check((content, calls, finish) == (ch.message.content, [], ch.finish_reason),
+          "streamed reply != non-streamed reply", (content, calls, finish), (ch.message.content, ch.finish_reason))
+
+
 def _stream_worker(c, content, max_tokens, out, i):
     t = time.time()
     try:
@@ -709,6 +850,8 @@ CASES = {
     "seed": case_seed,
     "json": case_json,
     "openwebui": case_openwebui,
+    "tools": case_tools,
+    "tool_history": case_tool_history,
     "concurrency": case_concurrency,
     "errors": case_errors,
     "disconnect": case_disconnect,

@@ -26,7 +26,8 @@ use purehw_core::tokenizer::Tokenizer;
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use super::engine::{Event, GenParams, Job, Loaded, SubmitError, TokenLogprob};
+use super::engine::{Event, Finish, GenParams, Job, Loaded, SubmitError, TokenLogprob};
+use super::tools::{self, ToolCall, ToolStream};
 use super::{AppState, ServedModel, metrics};
 use crate::error::{CliError, CliResult};
 
@@ -348,7 +349,7 @@ fn splitmix(mut x: u64) -> u64 {
 }
 
 /// Different on every call: the clock mixed with a counter.
-fn fresh_u64() -> u64 {
+pub(super) fn fresh_u64() -> u64 {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     splitmix(nanos ^ splitmix(COUNTER.fetch_add(1, Relaxed)))
 }
@@ -851,6 +852,9 @@ struct Meta {
     model: String,
     fingerprint: String,
     include_usage: bool,
+    /// The request's tool names when replies are parsed for tool calls (the request gave tools,
+    /// `tool_choice` is not `none` and the template takes tools).
+    tools: Option<Vec<String>>,
 }
 
 async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesRejection>, kind_: Kind) -> ApiResult {
@@ -867,6 +871,7 @@ async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesReject
     };
     let loaded = ready(model)?;
     let tok = &*loaded.tokenizer;
+    let mut tool_names = None;
     let prompt = match input {
         Input::Chat(messages, tools) => {
             let template = match model.template() {
@@ -875,6 +880,7 @@ async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesReject
                 None => return Err(ready(model).err().unwrap_or_else(|| ApiError::server("model not loaded"))),
             };
             let tools = tools.filter(|_| template.supports_tools());
+            tool_names = tools.as_deref().map(tools::tool_names);
             let text = template
                 .render_lenient(&messages, tools.as_deref(), true)
                 .map_err(|e| ApiError::param("messages", e.to_string()))?;
@@ -931,6 +937,7 @@ async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesReject
         model: model.id.clone(),
         fingerprint: format!("purehw-{}-{}", env!("CARGO_PKG_VERSION"), model.backend),
         include_usage,
+        tools: tool_names,
     };
     if stream { Ok(stream_response(rx, meta, rc, prompt_len)) } else { collect(rx, meta).await }
 }
@@ -978,6 +985,14 @@ fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
+/// `finish_reason` of a reply with tool calls: `tool_calls`, unless it ran out of tokens.
+fn tool_finish(f: Finish) -> &'static str {
+    match f {
+        Finish::Stop => "tool_calls",
+        Finish::Length => "length",
+    }
+}
+
 /// Wait for the whole generation and answer in one JSON object.
 async fn collect(mut rx: UnboundedReceiver<Event>, m: Meta) -> ApiResult {
     let mut text = String::new();
@@ -1004,20 +1019,33 @@ async fn collect(mut rx: UnboundedReceiver<Event>, m: Meta) -> ApiResult {
         }
     };
     let body = match m.kind {
-        Kind::Chat => json!({
-            "id": m.id,
-            "object": "chat.completion",
-            "created": m.created,
-            "model": m.model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": if any_lp { json!({"content": chat_lps}) } else { Value::Null },
-                "finish_reason": finish.as_str(),
-            }],
-            "usage": usage(prompt_tokens, completion_tokens),
-            "system_fingerprint": m.fingerprint,
-        }),
+        Kind::Chat => {
+            let (message, finish) = match m.tools.as_deref().and_then(|names| tools::parse(&text, names)) {
+                Some(p) => (
+                    json!({
+                        "role": "assistant",
+                        "content": p.content,
+                        "tool_calls": p.calls.iter().map(ToolCall::to_json).collect::<Vec<_>>(),
+                    }),
+                    tool_finish(finish),
+                ),
+                None => (json!({"role": "assistant", "content": text}), finish.as_str()),
+            };
+            json!({
+                "id": m.id,
+                "object": "chat.completion",
+                "created": m.created,
+                "model": m.model,
+                "choices": [{
+                    "index": 0,
+                    "message": message,
+                    "logprobs": if any_lp { json!({"content": chat_lps}) } else { Value::Null },
+                    "finish_reason": finish,
+                }],
+                "usage": usage(prompt_tokens, completion_tokens),
+                "system_fingerprint": m.fingerprint,
+            })
+        }
         Kind::Text => json!({
             "id": m.id,
             "object": "text_completion",
@@ -1073,6 +1101,8 @@ struct Streamer {
     /// Bytes of text sent so far (completions' `text_offset`).
     offset: usize,
     log: StreamLog,
+    /// Holds back text that may be a tool call (when tools are parsed).
+    tools: Option<ToolStream>,
 }
 
 impl Streamer {
@@ -1119,6 +1149,10 @@ impl Streamer {
                 // About one event per token (`Done` gives the exact count); for the log if the
                 // client goes away.
                 self.log.completion_tokens += 1;
+                let text = match &mut self.tools {
+                    Some(t) => t.feed(&text),
+                    None => text,
+                };
                 if text.is_empty() && logprob.is_none() {
                     return;
                 }
@@ -1135,12 +1169,28 @@ impl Streamer {
                 let c = self.chunk(Some(&text), lps, Value::Null);
                 self.push(&c);
             }
-            Some(Event::Done { finish, prompt_tokens, completion_tokens }) => {
+            Some(Event::Done { finish: fin, prompt_tokens, completion_tokens }) => {
                 self.log.prompt_tokens = prompt_tokens;
                 self.log.completion_tokens = completion_tokens;
                 self.log.outcome = "done";
+                let mut finish = fin.as_str();
+                if let Some(mut t) = self.tools.take() {
+                    let (rest, calls) = t.finish();
+                    if !rest.is_empty() {
+                        let c = self.chunk(Some(&rest), Value::Null, Value::Null);
+                        self.push(&c);
+                    }
+                    for (i, call) in calls.iter().enumerate() {
+                        let mut c = self.chunk(None, Value::Null, Value::Null);
+                        c["choices"][0]["delta"] = json!({"tool_calls": [call.to_delta(i)]});
+                        self.push(&c);
+                    }
+                    if !calls.is_empty() {
+                        finish = tool_finish(fin);
+                    }
+                }
                 let content = if self.m.kind == Kind::Chat { None } else { Some("") };
-                let c = self.chunk(content, Value::Null, finish.as_str().into());
+                let c = self.chunk(content, Value::Null, finish.into());
                 self.push(&c);
                 if self.m.include_usage {
                     let mut u = self.chunk(None, Value::Null, Value::Null);
@@ -1169,7 +1219,8 @@ impl Streamer {
 fn stream_response(rx: UnboundedReceiver<Event>, m: Meta, rc: ReqCtx, prompt_tokens: usize) -> Response {
     let log = StreamLog { rc, model: m.model.clone(), prompt_tokens, completion_tokens: 0, outcome: "cancelled" };
     let model = m.model.clone();
-    let mut s = Streamer { rx, m, queue: VecDeque::new(), ended: false, offset: 0, log };
+    let tools = m.tools.clone().map(ToolStream::new);
+    let mut s = Streamer { rx, m, queue: VecDeque::new(), ended: false, offset: 0, log, tools };
     if s.m.kind == Kind::Chat {
         let mut first = s.chunk(Some(""), Value::Null, Value::Null);
         first["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});

@@ -271,6 +271,8 @@ struct Seq<'t> {
     /// The token to feed next (after the prompt).
     next: Option<u32>,
     sampler: Sampler,
+    /// This step's token, drawn ahead by [`sample_rows`].
+    picked: Option<u32>,
     decoder: Decoder<'t>,
     stops: StopMatcher,
     json: Option<(JsonGuard, Arc<TokenTexts>)>,
@@ -355,6 +357,7 @@ fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx:
                 generated: Vec::new(),
                 next: None,
                 sampler,
+                picked: None,
                 decoder: tok.decode_stream(),
                 stops,
                 json,
@@ -409,6 +412,7 @@ fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx:
                 continue;
             }
         };
+        sample_rows(&mut slots, &inputs_meta, logits, vocab);
         for (row, &(slot, sample_now)) in inputs_meta.iter().enumerate() {
             let seq = slots[slot].as_mut().expect("active slot");
             let n = feed[slot].len();
@@ -427,11 +431,51 @@ fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx:
     }
 }
 
+/// A sampler with the logits and history it draws from, and where its token goes.
+type Draw<'a> = (&'a mut Sampler, &'a [u32], &'a [f32], &'a mut Option<u32>);
+
+/// Draw the next token of every row that samples this step (JSON-constrained rows excepted: their
+/// guard samples), two threads sharing the rows when there are several: each draw passes over the
+/// whole vocabulary (262k entries for Gemma 3), most of a step's host time.
+fn sample_rows(slots: &mut [Option<Seq<'_>>], meta: &[(usize, bool)], logits: &[f32], vocab: usize) {
+    let mut row_of = vec![None; slots.len()];
+    for (row, &(slot, now)) in meta.iter().enumerate() {
+        if now {
+            row_of[slot] = Some(row);
+        }
+    }
+    let mut work: Vec<Draw<'_>> = Vec::with_capacity(meta.len());
+    for (s, row) in slots.iter_mut().zip(row_of) {
+        let (Some(s), Some(row)) = (s.as_mut(), row) else { continue };
+        if s.json.is_none() {
+            let Seq { sampler, generated, picked, .. } = s;
+            work.push((sampler, generated, &logits[row * vocab..(row + 1) * vocab], picked));
+        }
+    }
+    let draw = |w: &mut [Draw<'_>]| {
+        for (s, history, l, out) in w.iter_mut() {
+            **out = Some(s.sample(l, history));
+        }
+    };
+    if work.len() < 2 {
+        return draw(&mut work);
+    }
+    let mid = work.len() / 2;
+    let (a, b) = work.split_at_mut(mid);
+    std::thread::scope(|sc| {
+        sc.spawn(|| draw(a));
+        draw(b);
+    });
+}
+
 /// Sample the next token of `seq` from `logits` and stream it; `Some` when generation ends.
 fn step_token(seq: &mut Seq<'_>, logits: &[f32], tok: &Tokenizer, ctx: usize, stats: &Stats) -> Option<Finish> {
     let p = &seq.job.params;
     let id = match &mut seq.json {
-        None => seq.sampler.sample(logits, &seq.generated),
+        None => match seq.picked.take() {
+            Some(id) => id,
+            None => seq.sampler.sample(logits, &seq.generated),
+        },
         Some((guard, texts)) => {
             seq.scratch.clear();
             seq.scratch.extend_from_slice(logits);

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod json_guard;
 pub mod metrics;
 pub mod template;
+pub mod tools;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -218,9 +219,10 @@ impl LoadJob {
             act: self.act,
         };
         let model = Model::load(backend, &src, opts).map_err(|e| e.to_string())?;
-        // End-of-turn markers stop a chat even where the model's EOS is something else.
+        // End-of-turn markers stop a chat even where the model's EOS is something else
+        // (`<|eom_id|>`: Llama 3.1 ends a tool call with it).
         let mut stop_ids = tok.eos_ids().to_vec();
-        for marker in ["<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>"] {
+        for marker in ["<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<|endoftext|>"] {
             if let Some(id) = tok.id_of(marker).filter(|id| !stop_ids.contains(id)) {
                 stop_ids.push(id);
             }

@@ -26,6 +26,8 @@ use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind, UndefinedBehavior, Value, context};
 use serde_json::Value as Json;
 
+use super::tools;
+
 /// Why a chat template could not be compiled or rendered.
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
@@ -132,7 +134,12 @@ impl ChatTemplate {
         template.render(ctx).map_err(|e| render_error(&e))
     }
 
-    /// Render, coping with templates that take only string content. The policy:
+    /// Render, coping with templates that take only string content or know nothing of tools.
+    ///
+    /// Tool history first: for a template that takes tools, `tool_calls` arguments given as JSON
+    /// strings become objects ([`tools::object_arguments`]); for one that does not, tool calls and
+    /// `tool` messages become text and `null` content `""` ([`tools::polyfill`]). Then content
+    /// parts:
     ///
     /// 1. No message has list content: render the messages as given; errors are returned as-is.
     /// 2. Some message has list content (`[{"type":"text","text":…}, …]`) and the template does not
@@ -148,6 +155,8 @@ impl ChatTemplate {
         tools: Option<&[Json]>,
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
+        let adapted = if self.supports_tools() { tools::object_arguments(messages) } else { tools::polyfill(messages) };
+        let messages = adapted.as_deref().unwrap_or(messages);
         let has_parts = messages.iter().any(|m| m.get("content").is_some_and(Json::is_array));
         if !has_parts {
             return self.render(messages, tools, add_generation_prompt);
@@ -714,6 +723,144 @@ mod tests {
         assert_eq!(out, "<|im_start|>user\nWeather in Paris?<|im_end|>\n");
         let out = t.render(&[json!({"role": "system", "content": "S"}), msgs[0].clone()], Some(&[]), false).unwrap();
         assert_eq!(out, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n");
+    }
+
+    /// Qwen2.5-Instruct's chat template (tool calls and tool results as Qwen renders them).
+    const QWEN25: &str = r#"{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"#;
+
+    /// A conversation with a tool call and its results, as an OpenAI client sends it (arguments
+    /// as a JSON string, `content: null`).
+    fn tool_history() -> Vec<Json> {
+        vec![
+            json!({"role": "user", "content": "Weather in Paris and Rome?"}),
+            json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+                {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}},
+            ]}),
+            json!({"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "18C"}),
+            json!({"role": "tool", "tool_call_id": "call_2", "name": "get_weather", "content": "25C"}),
+        ]
+    }
+
+    #[test]
+    fn qwen25_tool_calls_and_results() {
+        let t = ChatTemplate::new("qwen2.5", QWEN25, "", "<|im_end|>").unwrap();
+        assert!(t.supports_tools());
+        let tools =
+            [json!({"function": {"name": "get_weather", "parameters": {"type": "object"}}, "type": "function"})];
+        let mut msgs = tool_history();
+        msgs[1]["content"] = "Checking.".into();
+        let want = concat!(
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n# Tools\n\n",
+            "You may call one or more functions to assist with the user query.\n\n",
+            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n",
+            r#"{"function": {"name": "get_weather", "parameters": {"type": "object"}}, "type": "function"}"#,
+            "\n</tools>\n\nFor each function call, return a json object with function name and arguments within ",
+            "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n",
+            "</tool_call><|im_end|>\n",
+            "<|im_start|>user\nWeather in Paris and Rome?<|im_end|>\n",
+            "<|im_start|>assistant\nChecking.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+            "\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}\n</tool_call><|im_end|>\n",
+            "<|im_start|>user\n<tool_response>\n18C\n</tool_response>\n<tool_response>\n25C\n</tool_response><|im_end|>\n",
+            "<|im_start|>assistant\n",
+        );
+        assert_eq!(t.render_lenient(&msgs, Some(&tools), true).unwrap(), want);
+        // As given, the string arguments would print quoted: render_lenient makes them objects.
+        let raw = t.render(&msgs, Some(&tools), true).unwrap();
+        assert!(raw.contains(r#""arguments": "{\"city\": \"Paris\"}""#), "{raw}");
+        // `content: null` on the assistant turn; no tools in this request.
+        let out = t.render_lenient(&tool_history(), None, false).unwrap();
+        assert!(out.contains("<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\""), "{out}");
+        assert!(out.ends_with("</tool_response><|im_end|>\n"), "{out}");
+    }
+
+    #[test]
+    fn tool_history_on_templates_without_tools() {
+        // A template that concatenates string content and insists on alternating roles, like
+        // Gemma's: tool results become one user turn, tool calls text, `null` content "".
+        let src = "{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('roles must alternate') }}{% endif %}{{ m.role + ': ' + m.content + '\\n' }}{% endfor %}";
+        let t = ChatTemplate::new("alt", src, "", "").unwrap();
+        assert!(!t.supports_tools());
+        assert!(t.render(&tool_history(), None, false).is_err());
+        let out = t.render_lenient(&tool_history(), None, false).unwrap();
+        assert_eq!(
+            out,
+            concat!(
+                "user: Weather in Paris and Rome?\n",
+                r#"assistant: {"tool_calls":[{"arguments":{"city":"Paris"},"id":"call_1","name":"get_weather"},{"arguments":{"city":"Rome"},"id":"call_2","name":"get_weather"}]}"#,
+                "\n",
+                r#"user: {"tool_response":{"content":"18C","tool":"get_weather","tool_call_id":"call_1"}}"#,
+                "\n",
+                r#"{"tool_response":{"content":"25C","tool":"get_weather","tool_call_id":"call_2"}}"#,
+                "\n",
+            )
+        );
+        // An assistant turn with `content: null` and no tool calls.
+        let msgs = [json!({"role": "user", "content": "a"}), json!({"role": "assistant", "content": null})];
+        assert_eq!(t.render_lenient(&msgs, None, false).unwrap(), "user: a\nassistant: \n");
+        // The served models' own templates take it too.
+        if let Some(t) = smollm2() {
+            let out = t.render_lenient(&tool_history(), None, true).unwrap();
+            assert!(out.contains("<|im_start|>user\n{\"tool_response\""), "{out}");
+        }
+        if let Some(t) = gemma() {
+            let out = t.render_lenient(&tool_history(), None, true).unwrap();
+            assert!(out.ends_with("<start_of_turn>model\n"), "{out}");
+        }
     }
 
     #[test]
