@@ -226,17 +226,23 @@ impl Sampler {
             self.last = Last::None;
             return 0;
         }
+        // Copy, mapping NaN to -inf and +inf to f32::MAX (it would make `l - max` NaN below),
+        // with lane-wise maxima in the same pass (the common greedy case reads the logits once).
         let l = &mut self.logits[..n];
-        for (d, &s) in l.iter_mut().zip(&logits[..n]) {
-            // +inf would make `l - max` NaN below; f32::MAX keeps it the clear winner.
-            *d = if s.is_nan() { f32::NEG_INFINITY } else { s.min(f32::MAX) };
+        let mut m = [f32::NEG_INFINITY; 8];
+        for (d, s) in l.chunks_mut(8).zip(logits[..n].chunks(8)) {
+            for ((d, &s), m) in d.iter_mut().zip(s).zip(m.iter_mut()) {
+                let v = if s.is_nan() { f32::NEG_INFINITY } else { s.min(f32::MAX) };
+                *d = v;
+                *m = if v > *m { v } else { *m };
+            }
         }
-        if self.params.has_penalties() {
+        let (argmax, max) = if self.params.has_penalties() {
             self.apply_penalties(n, history);
-        }
-
-        let l = &self.logits[..n];
-        let (argmax, max) = argmax(l);
+            argmax(&self.logits[..n])
+        } else {
+            first_max(&self.logits[..n], max_of(&m))
+        };
         if self.params.is_greedy() || max == f32::NEG_INFINITY {
             self.last = Last::Greedy { id: argmax, n };
             return argmax;
@@ -486,14 +492,19 @@ fn top_k(l: &[f32], k: usize, out: &mut Vec<Cand>) {
 /// maxima first (vectorises), then the first index holding the maximum.
 fn argmax(l: &[f32]) -> (u32, f32) {
     let mut m = [f32::NEG_INFINITY; 8];
-    let chunks = l.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
+    for c in l.chunks(8) {
         for (m, &v) in m.iter_mut().zip(c) {
             *m = if v > *m { v } else { *m };
         }
     }
-    let max = m.iter().chain(rest).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-    let best = l.iter().position(|&v| v == max).unwrap_or(0);
-    (best as u32, max)
+    first_max(l, max_of(&m))
+}
+
+fn max_of(m: &[f32; 8]) -> f32 {
+    m.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// `(first index holding max, max)`.
+fn first_max(l: &[f32], max: f32) -> (u32, f32) {
+    (l.iter().position(|&v| v == max).unwrap_or(0) as u32, max)
 }
