@@ -306,20 +306,25 @@ mod tests {
         }
     }
 
+    /// Run a job whose caller part waits for every thread; how many took part.
+    fn run_all(pool: &Pool) -> usize {
+        let hits = AtomicUsize::new(0);
+        pool.run(&|i| {
+            hits.fetch_add(1, SeqCst);
+            if i == 0 {
+                wait_for(&hits, pool.threads());
+            }
+        });
+        hits.load(SeqCst)
+    }
+
     /// A job long enough for the workers to wake is shared by all of them.
     #[test]
     fn workers_take_part_in_long_jobs() {
         let pool = Pool::new(3).unwrap();
         std::thread::sleep(Duration::from_millis(30)); // asleep: woken by the job
         for _ in 0..3 {
-            let hits = AtomicUsize::new(0);
-            pool.run(&|i| {
-                hits.fetch_add(1, SeqCst);
-                if i == 0 {
-                    wait_for(&hits, 3);
-                }
-            });
-            assert_eq!(hits.load(SeqCst), 3);
+            assert_eq!(run_all(&pool), 3);
         }
     }
 
@@ -337,13 +342,6 @@ mod tests {
             })
         }));
         assert!(r.is_err());
-        let hits = AtomicUsize::new(0);
-        pool.run(&|i| {
-            hits.fetch_add(1, SeqCst);
-            if i == 0 {
-                wait_for(&hits, 2);
-            }
-        });
-        assert_eq!(hits.load(SeqCst), 2);
+        assert_eq!(run_all(&pool), 2);
     }
 }
