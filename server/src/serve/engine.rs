@@ -13,9 +13,9 @@
 //! the same whatever else is batched.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use purehw_core::model::{Model, SeqInput};
@@ -444,27 +444,30 @@ fn sample_rows(slots: &mut [Option<Seq<'_>>], meta: &[(usize, bool)], logits: &[
             row_of[slot] = Some(row);
         }
     }
-    let mut work: Vec<Draw<'_>> = Vec::with_capacity(meta.len());
+    let mut work: Vec<Mutex<Draw<'_>>> = Vec::with_capacity(meta.len());
     for (s, row) in slots.iter_mut().zip(row_of) {
         let (Some(s), Some(row)) = (s.as_mut(), row) else { continue };
         if s.json.is_none() {
             let Seq { sampler, generated, picked, .. } = s;
-            work.push((sampler, generated, &logits[row * vocab..(row + 1) * vocab], picked));
+            work.push(Mutex::new((sampler, generated, &logits[row * vocab..(row + 1) * vocab], picked)));
         }
     }
-    let draw = |w: &mut [Draw<'_>]| {
-        for (s, history, l, out) in w.iter_mut() {
+    // Each thread takes the next undrawn row until none is left.
+    let next = AtomicUsize::new(0);
+    let draw = || {
+        while let Some(w) = work.get(next.fetch_add(1, Relaxed)) {
+            let mut g = w.lock().unwrap_or_else(|e| e.into_inner());
+            let (s, history, l, out) = &mut *g;
             **out = Some(s.sample(l, history));
         }
     };
     if work.len() < 2 {
-        return draw(&mut work);
+        return draw();
     }
-    let mid = work.len() / 2;
-    let (a, b) = work.split_at_mut(mid);
     std::thread::scope(|sc| {
-        sc.spawn(|| draw(a));
-        draw(b);
+        // Without a second thread (resource limits) this one draws them all.
+        let _ = std::thread::Builder::new().spawn_scoped(sc, draw);
+        draw();
     });
 }
 
