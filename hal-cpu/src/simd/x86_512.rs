@@ -64,6 +64,9 @@ const PREFETCH: usize = 2048;
 const MAXB: usize = 1024;
 /// Most 256-element super-blocks per row the per-tile scratch holds.
 const MAXSB: usize = 128;
+/// Most block pairs per row whose per-token operands are prepared once per tile (larger rows
+/// prepare them per row pair, as small `n` does).
+const PREP: usize = 64;
 
 // ---------------------------------------------------------------------------------------------
 // Safe entry points (the `Kernels` fn pointers).
@@ -216,9 +219,40 @@ unsafe fn gemm_a<const F: u8>(w: &[u8], rows: usize, ab: usize, act: &[BlockQ8A]
     // `a.d * a.sum as f32`), lane = token.
     let mut sa: MaybeUninit<[[f32; TT]; MAXB]> = MaybeUninit::uninit();
     let sa = sa.as_mut_ptr().cast::<[f32; TT]>();
-    let c = CtxA { w: w.as_ptr(), rb: ab * block_bytes_a(F), ab, act: act.as_ptr(), sa, out: out.as_mut_ptr(), rows };
+    // Several tokens over many rows: each token's codes, scales and offset base are prepared once
+    // per tile instead of once per row pair.
+    let np = ab.div_ceil(2);
+    let mut prep: MaybeUninit<[(__m512i, __m512, __m512i); TT * PREP]> = MaybeUninit::uninit();
+    let prep = prep.as_mut_ptr().cast::<(__m512i, __m512, __m512i)>();
+    let prepared = n >= 2 && np <= PREP && rows >= 8;
+    let c = CtxA {
+        w: w.as_ptr(),
+        rb: ab * block_bytes_a(F),
+        ab,
+        act: act.as_ptr(),
+        sa,
+        out: out.as_mut_ptr(),
+        rows,
+        prep: if prepared { prep } else { core::ptr::null() },
+        np,
+    };
     for t0 in (0..n).step_by(TT) {
         let tt = TT.min(n - t0);
+        if prepared {
+            for t in 0..tt {
+                for p in 0..np {
+                    // SAFETY: token `t0 + t < n`, blocks `2p (+1) < ab`; entry `t·np + p < TT·PREP`.
+                    unsafe {
+                        let v = if 2 * p + 1 < ab {
+                            token_a::<F, true>(&c, t0 + t, 2 * p)
+                        } else {
+                            token_a::<F, false>(&c, t0 + t, 2 * p)
+                        };
+                        prep.add(t * np + p).write(v);
+                    }
+                }
+            }
+        }
         if has_min_a(F) {
             for b in 0..ab {
                 let mut sv = [0f32; TT];
@@ -262,6 +296,10 @@ struct CtxA {
     sa: *const [f32; TT],
     out: *mut f32,
     rows: usize,
+    /// Per (tile token, block pair) operands of [`token_a`], `np` pairs per token; null when not
+    /// prepared.
+    prep: *const (__m512i, __m512, __m512i),
+    np: usize,
 }
 
 /// All rows (in tiles of `R`, the rest one by one) for tokens `t0..t0 + T`, lanes `l0..l0 + T`.
@@ -294,12 +332,12 @@ unsafe fn tile_a<const F: u8, const R: usize, const T: usize>(c: &CtxA, r0: usiz
     let mut b = 0;
     while b + 2 <= c.ab {
         // SAFETY: blocks `b, b + 1 < ab`; the rest as this function's contract.
-        unsafe { step_a::<F, R, T, true>(c, r0, t0, b, &mut acc, &mut offv) };
+        unsafe { step_a::<F, R, T, true>(c, r0, t0, l0, b, &mut acc, &mut offv) };
         b += 2;
     }
     if b < c.ab {
         // SAFETY: block `b < ab`; the rest as this function's contract.
-        unsafe { step_a::<F, R, T, false>(c, r0, t0, b, &mut acc, &mut offv) };
+        unsafe { step_a::<F, R, T, false>(c, r0, t0, l0, b, &mut acc, &mut offv) };
     }
     for r in 0..R {
         let mut offs = [0f32; 8];
@@ -310,6 +348,35 @@ unsafe fn tile_a<const F: u8, const R: usize, const T: usize>(c: &CtxA, r0: usiz
             unsafe { *c.out.add((t0 + t) * c.rows + r0 + r) = reduce_lanes(acc[r][t]) + offs[l0 + t] };
         }
     }
+}
+
+/// Token `t`'s operands for blocks `b` and (when `TWO`) `b + 1`: its codes (block `b` in bytes
+/// 0..32, `b + 1` in 32..64, zeros when not `TWO`), `d_a` per lane, and `−off·Σ a` over each lane's
+/// four bytes (exact: `off·|Σ a| ≤ 128·508`).
+///
+/// Safety: features as [`gemm_a`]; token `t < n` and blocks `b (+ 1) < ab` of `c`'s activations.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn token_a<const F: u8, const TWO: bool>(c: &CtxA, t: usize, b: usize) -> (__m512i, __m512, __m512i) {
+    // SAFETY: in bounds by the caller's contract.
+    let (av, da) = unsafe {
+        let a0 = &*c.act.add(t * c.ab + b);
+        let v0 = load32(a0.qs.as_ptr().cast());
+        if TWO {
+            let a1 = &*c.act.add(t * c.ab + b + 1);
+            let v1 = load32(a1.qs.as_ptr().cast());
+            (join(v0, v1), _mm512_mask_mov_ps(_mm512_set1_ps(a0.d), 0xFF00, _mm512_set1_ps(a1.d)))
+        } else {
+            (_mm512_zextsi256_si512(v0), _mm512_set1_ps(a0.d))
+        }
+    };
+    let base = if offset_a(F) != 0 {
+        let off = _mm512_set1_epi8(offset_a(F) as i8);
+        _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, av))
+    } else {
+        _mm512_setzero_si512()
+    };
+    (av, da, base)
 }
 
 /// Blocks `b` and (when `TWO`) `b + 1` of rows `r0..r0 + R` against tokens `t0..t0 + T`: block `b`
@@ -323,6 +390,7 @@ unsafe fn step_a<const F: u8, const R: usize, const T: usize, const TWO: bool>(
     c: &CtxA,
     r0: usize,
     t0: usize,
+    l0: usize,
     b: usize,
     acc: &mut [[__m256; T]; R],
     offv: &mut [__m256; R],
@@ -362,25 +430,11 @@ unsafe fn step_a<const F: u8, const R: usize, const T: usize, const TWO: bool>(
             }
         }
     }
-    let off = _mm512_set1_epi8(offset_a(F) as i8);
     for t in 0..T {
-        // SAFETY: in bounds: token `t0 + t < n`, blocks `b` (and `b + 1`) `< ab`.
-        let (av, da) = unsafe {
-            let a0 = &*c.act.add((t0 + t) * c.ab + b);
-            let v0 = load32(a0.qs.as_ptr().cast());
-            if TWO {
-                let a1 = &*c.act.add((t0 + t) * c.ab + b + 1);
-                let v1 = load32(a1.qs.as_ptr().cast());
-                (join(v0, v1), _mm512_mask_mov_ps(_mm512_set1_ps(a0.d), 0xFF00, _mm512_set1_ps(a1.d)))
-            } else {
-                (_mm512_zextsi256_si512(v0), _mm512_set1_ps(a0.d))
-            }
-        };
-        // `−off·Σ a` over each lane's four bytes, exact: `off·|Σ a| ≤ 128·508`.
-        let base = if offset_a(F) != 0 {
-            _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, av))
-        } else {
-            _mm512_setzero_si512()
+        // SAFETY: in bounds: token `t0 + t < n`, blocks `b` (and `b + 1`) `< ab`; a prepared
+        // entry `(l0 + t)·np + b/2` was written for this tile.
+        let (av, da, base) = unsafe {
+            if c.prep.is_null() { token_a::<F, TWO>(c, t0 + t, b) } else { *c.prep.add((l0 + t) * c.np + b / 2) }
         };
         for r in 0..R {
             // Lane k (of either block) = Σ (u − off)·a = Σ w·a over its four elements, exactly.
