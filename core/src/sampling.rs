@@ -226,23 +226,14 @@ impl Sampler {
             self.last = Last::None;
             return 0;
         }
-        // Copy, mapping NaN to -inf and +inf to f32::MAX (it would make `l - max` NaN below),
-        // with lane-wise maxima in the same pass (the common greedy case reads the logits once).
-        let l = &mut self.logits[..n];
-        let mut m = [f32::NEG_INFINITY; 8];
-        for (d, s) in l.chunks_mut(8).zip(logits[..n].chunks(8)) {
-            for ((d, &s), m) in d.iter_mut().zip(s).zip(m.iter_mut()) {
-                let v = if s.is_nan() { f32::NEG_INFINITY } else { s.min(f32::MAX) };
-                *d = v;
-                *m = if v > *m { v } else { *m };
-            }
+        for (d, &s) in self.logits[..n].iter_mut().zip(&logits[..n]) {
+            // +inf would make `l - max` NaN below; f32::MAX keeps it the clear winner.
+            *d = if s.is_nan() { f32::NEG_INFINITY } else { s.min(f32::MAX) };
         }
-        let (argmax, max) = if self.params.has_penalties() {
+        if self.params.has_penalties() {
             self.apply_penalties(n, history);
-            argmax(&self.logits[..n])
-        } else {
-            first_max(&self.logits[..n], max_of(&m))
-        };
+        }
+        let (argmax, max) = argmax(&self.logits[..n]);
         if self.params.is_greedy() || max == f32::NEG_INFINITY {
             self.last = Last::Greedy { id: argmax, n };
             return argmax;
@@ -315,12 +306,13 @@ impl Sampler {
             // min-p and top-p each keep the tokens above some probability (a prefix of the sorted
             // order): list only those. min-p can be applied here as long as top-p still sees the
             // full softmax sum.
-            let floor = if p.top_p < 1.0 { nucleus_floor(l, p.top_p.max(0.0) * total) } else { 0.0 };
+            let target = p.top_p.max(0.0) * total;
+            let floor = if p.top_p < 1.0 { nucleus_floor(l, target) } else { 0.0 };
             collect(l, floor.max(min_p), cands);
-            if p.top_p < 1.0 && !nucleus(cands, p.top_p.max(0.0) * total) && floor > min_p {
+            if p.top_p < 1.0 && !nucleus(cands, target) && floor > min_p {
                 // Rounding left the listed tokens short of the target: list them all and redo.
                 collect(l, min_p, cands);
-                nucleus(cands, p.top_p.max(0.0) * total);
+                nucleus(cands, target);
             }
             total
         };
@@ -492,19 +484,13 @@ fn top_k(l: &[f32], k: usize, out: &mut Vec<Cand>) {
 /// maxima first (vectorises), then the first index holding the maximum.
 fn argmax(l: &[f32]) -> (u32, f32) {
     let mut m = [f32::NEG_INFINITY; 8];
-    for c in l.chunks(8) {
+    let chunks = l.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
         for (m, &v) in m.iter_mut().zip(c) {
             *m = if v > *m { v } else { *m };
         }
     }
-    first_max(l, max_of(&m))
-}
-
-fn max_of(m: &[f32; 8]) -> f32 {
-    m.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
-}
-
-/// `(first index holding max, max)`.
-fn first_max(l: &[f32], max: f32) -> (u32, f32) {
+    let max = m.iter().chain(rest).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
     (l.iter().position(|&v| v == max).unwrap_or(0) as u32, max)
 }

@@ -241,16 +241,7 @@ impl StopMatcher {
             self.held.clear();
             return (out, true);
         }
-        // Keep the longest tail that is a proper prefix of some stop string.
-        let mut keep = 0;
-        for s in &self.stops {
-            for (k, _) in s.char_indices().skip(1) {
-                if k > keep && self.held.ends_with(&s[..k]) {
-                    keep = k;
-                }
-            }
-        }
-        let cut = self.held.len() - keep;
+        let cut = self.held.len() - partial_tail(&self.held, self.stops.iter().map(String::as_str));
         let out = self.held[..cut].to_string();
         self.held.drain(..cut);
         (out, false)
@@ -259,6 +250,20 @@ impl StopMatcher {
     fn flush(&mut self) -> String {
         std::mem::take(&mut self.held)
     }
+}
+
+/// Length of the longest tail of `s` that is a proper prefix of one of `needles` (the next piece
+/// of text may complete it), cut at char boundaries.
+pub(super) fn partial_tail<'a>(s: &str, needles: impl IntoIterator<Item = &'a str>) -> usize {
+    let mut keep = 0;
+    for n in needles {
+        for (k, _) in n.char_indices().skip(1) {
+            if k > keep && s.ends_with(&n[..k]) {
+                keep = k;
+            }
+        }
+    }
+    keep
 }
 
 /// A sequence in a KV slot.

@@ -19,6 +19,7 @@
 use serde_json::{Deserializer, Map, Value, json};
 
 use super::api::fresh_u64;
+use super::engine::partial_tail;
 
 const HERMES_OPEN: &str = "<tool_call>";
 const HERMES_CLOSE: &str = "</tool_call>";
@@ -212,12 +213,6 @@ fn is_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 256 && !s.contains(|c: char| c.is_whitespace() || matches!(c, '[' | ']' | '<' | '>'))
 }
 
-/// Length of the longest tail of `s` that is a proper prefix of a marker (the next token may
-/// complete it).
-fn partial_marker(s: &str) -> usize {
-    MARKERS.iter().flat_map(|m| (1..m.len()).filter(move |&k| s.ends_with(&m[..k]))).max().unwrap_or(0)
-}
-
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 enum Phase {
     /// Only whitespace so far: the reply may still be a bare JSON call.
@@ -261,7 +256,7 @@ impl ToolStream {
                 self.phase = Phase::Held;
                 i
             }
-            None => self.held.len() - partial_marker(&self.held),
+            None => self.held.len() - partial_tail(&self.held, MARKERS),
         };
         self.held.drain(..cut).collect()
     }
