@@ -164,6 +164,8 @@ pub struct Sampler {
     cands: Vec<Cand>,
     /// Per-token occurrence counts, all zero between calls.
     counts: Vec<u32>,
+    /// `(token, bias)` added to the logits before anything else (OpenAI's `logit_bias`).
+    bias: Vec<(u32, f32)>,
     last: Last,
 }
 
@@ -176,8 +178,16 @@ impl Sampler {
             logits: vec![0.0; vocab],
             cands: Vec::with_capacity(vocab),
             counts: vec![0; vocab],
+            bias: Vec::new(),
             last: Last::None,
         }
+    }
+
+    /// Add `bias` to these tokens' logits before every draw (ids outside the vocabulary are
+    /// ignored; a later entry for the same id adds to an earlier one).
+    pub fn with_logit_bias(mut self, bias: Vec<(u32, f32)>) -> Self {
+        self.bias = bias;
+        self
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -229,6 +239,12 @@ impl Sampler {
         for (d, &s) in self.logits[..n].iter_mut().zip(&logits[..n]) {
             // +inf would make `l - max` NaN below; f32::MAX keeps it the clear winner.
             *d = if s.is_nan() { f32::NEG_INFINITY } else { s.min(f32::MAX) };
+        }
+        for &(t, b) in &self.bias {
+            if let Some(x) = self.logits[..n].get_mut(t as usize) {
+                let y = *x + b;
+                *x = if y.is_nan() { f32::NEG_INFINITY } else { y.min(f32::MAX) };
+            }
         }
         if self.params.has_penalties() {
             self.apply_penalties(n, history);

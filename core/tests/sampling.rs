@@ -309,3 +309,27 @@ fn sample_does_not_allocate() {
         assert!(ok, "{params:?}: {last} allocations in sample()");
     }
 }
+
+#[test]
+fn logit_bias_moves_and_bans_tokens() {
+    let _g = serial();
+    let l = logits(1000, 4);
+    let top = argmax(&l);
+    // -100 bans the argmax for greedy; +100 makes any token win.
+    let mut s = Sampler::new(SamplingParams::default(), 1000).with_logit_bias(vec![(top, -100.0), (5000, 3.0)]);
+    let next = s.sample(&l, &[]);
+    assert_ne!(next, top);
+    let mut rest = l.clone();
+    rest[top as usize] -= 100.0;
+    assert_eq!(next, argmax(&rest));
+    let mut s = Sampler::new(SamplingParams::default(), 1000).with_logit_bias(vec![(17, 100.0)]);
+    assert_eq!(s.sample(&l, &[]), 17);
+    // Drawn: a banned token never comes up.
+    let params = SamplingParams { temperature: 1.0, seed: 7, ..Default::default() };
+    let flat = vec![0.0f32; 8];
+    let mut s = Sampler::new(params, 8).with_logit_bias(vec![(3, -100.0), (5, -100.0)]);
+    for _ in 0..500 {
+        let t = s.sample(&flat, &[]);
+        assert!(t != 3 && t != 5, "banned token {t} drawn");
+    }
+}

@@ -221,6 +221,12 @@ def case_completions(c):
     s = c.client.completions.create(model=c.model, prompt=prompt, max_tokens=12, temperature=0, stream=True)
     text = "".join(x.choices[0].text for x in s if x.choices)
     check(text == ch.text, "streamed completion != non-streamed", f"{text!r} vs {ch.text!r}")
+    # echo: the prompt, then the same completion.
+    r3 = c.client.completions.create(model=c.model, prompt=prompt, max_tokens=12, temperature=0, echo=True)
+    check(r3.choices[0].text == prompt + ch.text, "echo: text is not prompt + completion", repr(r3.choices[0].text))
+    s = c.client.completions.create(model=c.model, prompt=prompt, max_tokens=12, temperature=0, echo=True, stream=True)
+    text = "".join(x.choices[0].text for x in s if x.choices)
+    check(text == prompt + ch.text, "streamed echo is not prompt + completion", repr(text))
 
 
 def case_logprobs(c):
@@ -257,6 +263,28 @@ def case_logprobs(c):
     l3 = r3.choices[0].logprobs
     check(l3 is not None and len(l3.tokens) == len(l3.token_logprobs) == len(l3.top_logprobs), "completions logprobs malformed", l3)
     check(all(len(t) <= 2 for t in l3.top_logprobs), "completions: more than 2 top_logprobs", l3)
+
+
+def case_logit_bias(c):
+    r = c.chat(PROMPT, max_tokens=6, logprobs=True)
+    lps = r.choices[0].logprobs.content
+    check(lps, "no logprobs to find the first token", r)
+    st, _, tk = c.http("POST", "/tokenize", {"model": c.model, "content": lps[0].token})
+    check(st == 200 and len(tk["tokens"]) == 1, f"first token {lps[0].token!r} is not one token", short(tk))
+    first = tk["tokens"][0]
+    # -100 bans the greedy first token.
+    r2 = c.chat(PROMPT, max_tokens=6, logprobs=True, logit_bias={str(first): -100})
+    t2 = r2.choices[0].logprobs.content[0].token
+    print(f"  greedy first token {lps[0].token!r} (id {first}); banned -> {t2!r}")
+    check(t2 != lps[0].token, "logit_bias -100 did not ban the greedy token", t2)
+    # +100 makes one token win every step.
+    st, _, tk = c.http("POST", "/tokenize", {"model": c.model, "content": " banana"})
+    forced = tk["tokens"][-1]
+    r3 = c.chat(PROMPT, max_tokens=4, logit_bias={str(forced): 100})
+    st, _, d = c.http("POST", "/detokenize", {"model": c.model, "tokens": [forced] * 4})
+    print(f"  +100 on {forced}: {r3.choices[0].message.content!r}")
+    check(r3.choices[0].message.content == d["content"], "logit_bias +100 did not force the token",
+          repr(r3.choices[0].message.content), repr(d["content"]))
 
 
 def case_stop(c):
@@ -612,6 +640,13 @@ def case_errors(c):
     expect("no messages", c.http("POST", "/v1/chat/completions", {"model": c.model}), 400, "messages")
     expect("bad role", c.http("POST", "/v1/chat/completions",
                                       {**chat_body, "messages": [{"role": "wizard", "content": "x"}]}), 400)
+    expect("logit_bias key", c.http("POST", "/v1/chat/completions", {**chat_body, "logit_bias": {"x": 1}}), 400, "logit_bias")
+    expect("logit_bias 101", c.http("POST", "/v1/chat/completions", {**chat_body, "logit_bias": {"5": 101}}), 400, "logit_bias")
+    expect("logit_bias id", c.http("POST", "/v1/chat/completions",
+                                   {**chat_body, "logit_bias": {"99999999": 1}}), 400, "logit_bias")
+    expect("best_of 2", c.http("POST", "/v1/completions", {"model": c.model, "prompt": "x", "best_of": 2}), 400, "best_of")
+    expect("echo + logprobs", c.http("POST", "/v1/completions",
+                                     {"model": c.model, "prompt": "x", "echo": True, "logprobs": 1}), 400, "echo")
     expect("no prompt", c.http("POST", "/v1/completions", {"model": c.model}), 400, "prompt")
     expect("token id out of range", c.http("POST", "/v1/completions",
                                                    {"model": c.model, "prompt": [1, 2, 99999999]}), 400, "prompt")
@@ -834,6 +869,13 @@ def case_tokenize(c):
     check(d["content"] == text, "tokenize/detokenize round trip differs", repr(d["content"]), repr(text))
     st, _, p = c.http("POST", "/tokenize", {"model": c.model, "content": "Hello", "with_pieces": True})
     check(st == 200 and all("id" in x and "piece" in x for x in p["tokens"]), "/tokenize with_pieces", short(p))
+    # Chat messages through the template: exactly the prompt a chat request is charged for.
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    st, _, m = c.http("POST", "/tokenize", {"model": c.model, "messages": msgs})
+    check(st == 200 and m.get("count") == len(m.get("tokens", [])), "/tokenize messages", short(m))
+    r = c.client.chat.completions.create(model=c.model, messages=msgs, max_tokens=1)
+    print(f"  messages: {m['count']} tokens; chat usage.prompt_tokens {r.usage.prompt_tokens}")
+    check(m["count"] == r.usage.prompt_tokens, "/tokenize messages != chat prompt_tokens", m["count"], r.usage)
 
 
 CASES = {
@@ -846,6 +888,7 @@ CASES = {
     "completions": case_completions,
     "length": case_length,
     "logprobs": case_logprobs,
+    "logit_bias": case_logit_bias,
     "stop": case_stop,
     "seed": case_seed,
     "json": case_json,

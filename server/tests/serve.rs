@@ -191,10 +191,10 @@ fn chat_stream_completions() {
     Server::start(SMOL, &[]).run(&["chat", "stream", "completions", "length"]);
 }
 
-/// logprobs, stop sequences, seeded sampling, response_format json_object.
+/// logprobs, logit_bias, stop sequences, seeded sampling, response_format json_object.
 #[test]
 fn sampling_controls() {
-    Server::start(SMOL, &[]).run(&["logprobs", "stop", "seed", "json"]);
+    Server::start(SMOL, &[]).run(&["logprobs", "logit_bias", "stop", "seed", "json"]);
 }
 
 /// What OpenWebUI sends: ~36 tools + stream, and a title request without max_tokens; tool-call

@@ -512,6 +512,8 @@ struct Options {
     params: GenParams,
     stream: bool,
     include_usage: bool,
+    /// Completions: the prompt's text comes before the generated text.
+    echo: bool,
 }
 
 fn parse_options(o: &Obj, kind_: Kind) -> ApiResult<Options> {
@@ -590,11 +592,37 @@ fn parse_options(o: &Obj, kind_: Kind) -> ApiResult<Options> {
     .into_iter()
     .filter(|s| !s.is_empty())
     .collect();
-    if let Some(n) = get_int(o, "n")?
-        && n != 1
-    {
-        return Err(ApiError::param("n", format!("only n = 1 is supported, got {n}")));
+    for k in ["n", "best_of"] {
+        if let Some(n) = get_int(o, k)?
+            && n != 1
+        {
+            return Err(ApiError::param(k, format!("only {k} = 1 is supported, got {n}")));
+        }
     }
+    let logit_bias = match field(o, "logit_bias") {
+        None => Vec::new(),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| {
+                let id = k.trim().parse::<u32>().map_err(|_| {
+                    ApiError::param("logit_bias", format!("logit_bias keys must be token ids, got '{k}'"))
+                })?;
+                let b = v.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(|| {
+                    ApiError::param(
+                        "logit_bias",
+                        format!("logit_bias[\"{k}\"] must be a number in [-100, 100], got {}", describe(v)),
+                    )
+                })?;
+                Ok((id, b as f32))
+            })
+            .collect::<ApiResult<Vec<_>>>()?,
+        Some(v) => {
+            return Err(ApiError::param(
+                "logit_bias",
+                format!("logit_bias must be an object of token id -> bias, got {}", kind(v)),
+            ));
+        }
+    };
     let logprobs = match kind_ {
         Kind::Chat => {
             let on = get_bool(o, "logprobs", "logprobs")?.unwrap_or(false);
@@ -663,10 +691,26 @@ fn parse_options(o: &Obj, kind_: Kind) -> ApiResult<Options> {
     {
         return Err(ApiError::param("user", format!("user must be a string, got {}", kind(v))));
     }
+    let echo = kind_ == Kind::Text && get_bool(o, "echo", "echo")?.unwrap_or(false);
+    if echo && logprobs.is_some() {
+        return Err(ApiError::param(
+            "echo",
+            "echo together with logprobs is not supported (prompt logprobs are not computed)",
+        ));
+    }
     Ok(Options {
-        params: GenParams { sampling: s, max_tokens, stop, stop_ids: Vec::new(), logprobs, json: json_mode },
+        params: GenParams {
+            sampling: s,
+            max_tokens,
+            stop,
+            stop_ids: Vec::new(),
+            logprobs,
+            json: json_mode,
+            logit_bias,
+        },
         stream,
         include_usage: stream && include_usage,
+        echo,
     })
 }
 
@@ -818,6 +862,28 @@ fn encode(tok: &Tokenizer, text: &str, want_bos: bool) -> ApiResult<Vec<u32>> {
     tok.encode(text, add_bos).map_err(|e| ApiError::invalid(format!("cannot tokenize the prompt: {e}")))
 }
 
+/// The prompt of a chat request: `messages` (and `tools`, when the template takes them) through
+/// the model's chat template, then tokenized. Also the tool names replies are parsed for.
+fn chat_prompt(
+    model: &ServedModel,
+    tok: &Tokenizer,
+    messages: &[Value],
+    tools: Option<Vec<Value>>,
+    add_generation_prompt: bool,
+) -> ApiResult<(Vec<u32>, Option<Vec<String>>)> {
+    let template = match model.template() {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => return Err(ApiError::invalid(e.clone()).code("no_chat_template")),
+        None => return Err(ready(model).err().unwrap_or_else(|| ApiError::server("model not loaded"))),
+    };
+    let tools = tools.filter(|_| template.supports_tools());
+    let text = template
+        .render_lenient(messages, tools.as_deref(), add_generation_prompt)
+        .map_err(|e| ApiError::param("messages", e.to_string()))?;
+    // Templates usually print `{{ bos_token }}` themselves.
+    Ok((encode(tok, &text, tok.add_bos_default())?, tools.as_deref().map(tools::tool_names)))
+}
+
 fn check_ids(ids: &[u32], vocab: usize, name: &str) -> ApiResult<()> {
     match ids.iter().find(|&&id| id as usize >= vocab) {
         Some(id) => Err(ApiError::param(name, format!("token id {id} is out of range (vocabulary of {vocab})"))),
@@ -855,12 +921,14 @@ struct Meta {
     /// The request's tool names when replies are parsed for tool calls (the request gave tools,
     /// `tool_choice` is not `none` and the template takes tools).
     tools: Option<Vec<String>>,
+    /// Completions with `echo`: the prompt's text, sent before the generated text.
+    echo: Option<String>,
 }
 
 async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesRejection>, kind_: Kind) -> ApiResult {
     let o = parse_body(&st, body)?;
     let model = resolve_model(&st, &o)?;
-    let Options { mut params, stream, include_usage } = parse_options(&o, kind_)?;
+    let Options { mut params, stream, include_usage, echo } = parse_options(&o, kind_)?;
     enum Input {
         Chat(Vec<Value>, Option<Vec<Value>>),
         Text(PromptIn),
@@ -872,20 +940,19 @@ async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesReject
     let loaded = ready(model)?;
     let tok = &*loaded.tokenizer;
     let mut tool_names = None;
+    let echo = match (&input, echo) {
+        (Input::Text(PromptIn::Text(s)), true) => Some(s.clone()),
+        (Input::Text(PromptIn::Ids(ids)), true) => Some(
+            tok.decode(ids)
+                .map_err(|e| ApiError::param("prompt", format!("cannot decode the prompt to echo it: {e}")))?,
+        ),
+        _ => None,
+    };
     let prompt = match input {
         Input::Chat(messages, tools) => {
-            let template = match model.template() {
-                Some(Ok(t)) => t,
-                Some(Err(e)) => return Err(ApiError::invalid(e.clone()).code("no_chat_template")),
-                None => return Err(ready(model).err().unwrap_or_else(|| ApiError::server("model not loaded"))),
-            };
-            let tools = tools.filter(|_| template.supports_tools());
-            tool_names = tools.as_deref().map(tools::tool_names);
-            let text = template
-                .render_lenient(&messages, tools.as_deref(), true)
-                .map_err(|e| ApiError::param("messages", e.to_string()))?;
-            // Templates usually print `{{ bos_token }}` themselves.
-            encode(tok, &text, tok.add_bos_default())?
+            let (ids, names) = chat_prompt(model, tok, &messages, tools, true)?;
+            tool_names = names;
+            ids
         }
         Input::Text(PromptIn::Text(s)) => encode(tok, &s, tok.add_bos_default())?,
         Input::Text(PromptIn::Ids(ids)) => {
@@ -906,6 +973,10 @@ async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesReject
             ),
         )
         .code("context_length_exceeded"));
+    }
+    let vocab = tok.vocab_size().min(loaded.vocab);
+    if let Some(&(id, _)) = params.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+        return Err(ApiError::param("logit_bias", format!("token id {id} is out of range (vocabulary of {vocab})")));
     }
     params.stop_ids = match kind_ {
         Kind::Chat => loaded.stop_ids.clone(),
@@ -938,6 +1009,7 @@ async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesReject
         fingerprint: format!("purehw-{}-{}", env!("CARGO_PKG_VERSION"), model.backend),
         include_usage,
         tools: tool_names,
+        echo,
     };
     if stream { Ok(stream_response(rx, meta, rc, prompt_len)) } else { collect(rx, meta).await }
 }
@@ -995,7 +1067,7 @@ fn tool_finish(f: Finish) -> &'static str {
 
 /// Wait for the whole generation and answer in one JSON object.
 async fn collect(mut rx: UnboundedReceiver<Event>, m: Meta) -> ApiResult {
-    let mut text = String::new();
+    let mut text = m.echo.clone().unwrap_or_default();
     let mut chat_lps: Vec<Value> = Vec::new();
     let mut text_lps = TextLogprobs::default();
     let mut any_lp = false;
@@ -1226,6 +1298,11 @@ fn stream_response(rx: UnboundedReceiver<Event>, m: Meta, rc: ReqCtx, prompt_tok
         first["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
         s.push(&first);
     }
+    if let Some(e) = s.m.echo.take() {
+        s.offset = e.len();
+        let c = s.chunk(Some(&e), Value::Null, Value::Null);
+        s.push(&c);
+    }
     let events = stream::unfold(s, |mut s| async move {
         loop {
             if let Some(e) = s.queue.pop_front() {
@@ -1325,28 +1402,42 @@ async fn get_model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> A
     }
 }
 
+/// `content` (or `prompt`) as text, or `messages` (with `tools`, `add_generation_prompt`) through
+/// the chat template exactly as a chat request would see them (vLLM's two forms).
 async fn tokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<Value>> {
     let o = parse_body(&st, body)?;
     let model = resolve_model(&st, &o)?;
-    let (key, text) = match (field(&o, "content"), field(&o, "prompt")) {
+    let with_pieces = get_bool(&o, "with_pieces", "with_pieces")?.unwrap_or(false);
+    let ids = if field(&o, "messages").is_some() {
+        let (messages, tools) = (parse_messages(&o)?, parse_tools(&o)?);
+        let add_gen = get_bool(&o, "add_generation_prompt", "add_generation_prompt")?.unwrap_or(true);
+        let loaded = ready(model)?;
+        chat_prompt(model, &loaded.tokenizer, &messages, tools, add_gen)?.0
+    } else {
+        tokenize_text(model, &o)?
+    };
+    let loaded = ready(model)?;
+    let tok = &*loaded.tokenizer;
+    let tokens: Vec<Value> = if with_pieces {
+        ids.iter().map(|&id| json!({"id": id, "piece": tok.decode(&[id]).unwrap_or_default()})).collect()
+    } else {
+        ids.iter().map(|&id| id.into()).collect()
+    };
+    Ok(Json(json!({"tokens": tokens, "count": ids.len(), "max_model_len": loaded.ctx})))
+}
+
+fn tokenize_text(model: &ServedModel, o: &Obj) -> ApiResult<Vec<u32>> {
+    let (key, text) = match (field(o, "content"), field(o, "prompt")) {
         (Some(Value::String(s)), _) => ("content", s),
         (Some(v), _) => return Err(ApiError::param("content", format!("content must be a string, got {}", kind(v)))),
         (None, Some(Value::String(s))) => ("prompt", s),
         (None, Some(v)) => return Err(ApiError::param("prompt", format!("prompt must be a string, got {}", kind(v)))),
         (None, None) => return Err(ApiError::param("content", "content is required")),
     };
-    let add_special = get_bool(&o, "add_special", "add_special")?.unwrap_or(false);
-    let with_pieces = get_bool(&o, "with_pieces", "with_pieces")?.unwrap_or(false);
+    let add_special = get_bool(o, "add_special", "add_special")?.unwrap_or(false);
     let loaded = ready(model)?;
     let tok = &*loaded.tokenizer;
-    let ids = encode(tok, text, add_special && tok.add_bos_default())
-        .map_err(|e| ApiError { param: Some(key.into()), ..e })?;
-    let tokens: Vec<Value> = if with_pieces {
-        ids.iter().map(|&id| json!({"id": id, "piece": tok.decode(&[id]).unwrap_or_default()})).collect()
-    } else {
-        ids.iter().map(|&id| id.into()).collect()
-    };
-    Ok(Json(json!({"tokens": tokens})))
+    encode(tok, text, add_special && tok.add_bos_default()).map_err(|e| ApiError { param: Some(key.into()), ..e })
 }
 
 async fn detokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<Value>> {

@@ -41,6 +41,8 @@ pub struct GenParams {
     pub logprobs: Option<usize>,
     /// Constrain the output to one JSON object.
     pub json: bool,
+    /// `(token, bias)` added to the logits before sampling.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 /// One generation request.
@@ -352,7 +354,7 @@ fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx:
                 continue;
             }
             let json = job.params.json.then(|| (JsonGuard::new(), loaded.texts()));
-            let sampler = Sampler::new(job.params.sampling, vocab);
+            let sampler = Sampler::new(job.params.sampling, vocab).with_logit_bias(job.params.logit_bias.clone());
             let stops = StopMatcher { stops: job.params.stop.clone(), held: String::new() };
             stats.prompt_tokens.fetch_add(job.prompt.len() as u64, Relaxed);
             *entry = Some(Seq {
