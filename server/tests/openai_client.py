@@ -348,6 +348,17 @@ def case_json(c):
         ("Describe a cat as a JSON object with the keys \"name\" (a string) and \"age\" (a number).", 200),
         ("Reply with only this JSON object and nothing else: {\"name\": \"Tom\", \"age\": 3}", 400),
     ]
+    # A small max_tokens: the guard closes the object within it, so even a cut reply parses.
+    for mt in (1, 3, 7, 12):
+        for seed in (1, 2):
+            r = c.chat(prompts[0][0], max_tokens=mt, temperature=1, seed=seed, response_format={"type": "json_object"})
+            out = r.choices[0].message.content
+            check(r.usage.completion_tokens <= mt, f"json_object max_tokens={mt}: {r.usage.completion_tokens} tokens")
+            try:
+                check(isinstance(json.loads(out), dict), f"json_object max_tokens={mt}: not an object", out)
+            except ValueError as e:
+                raise Failure(f"json_object max_tokens={mt} seed={seed} does not parse: {e}: {out!r}")
+        print(f"  json_object max_tokens={mt}: {out!r}")
     last = None
     for p, mt in prompts:
         r = c.chat(p, max_tokens=mt, response_format={"type": "json_object"})

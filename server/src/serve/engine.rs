@@ -353,7 +353,9 @@ fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx:
                 });
                 continue;
             }
-            let json = job.params.json.then(|| (JsonGuard::new(), loaded.texts()));
+            // The guard closes the object within the tokens this reply may have.
+            let budget = job.params.max_tokens.unwrap_or(usize::MAX).min(ctx - job.prompt.len());
+            let json = job.params.json.then(|| (JsonGuard::with_budget(budget), loaded.texts()));
             let sampler = Sampler::new(job.params.sampling, vocab).with_logit_bias(job.params.logit_bias.clone());
             let stops = StopMatcher { stops: job.params.stop.clone(), held: String::new() };
             stats.prompt_tokens.fetch_add(job.prompt.len() as u64, Relaxed);

@@ -153,7 +153,7 @@ impl TokenTexts {
     /// end-of-generation token once the object is complete. Other special tokens never.
     pub fn allowed(&self, guard: &JsonGuard, id: u32) -> bool {
         match self.get(id) {
-            Some(text) => guard.accepts(text),
+            Some(text) => guard.accepts_token(text),
             None => self.is_eos(id) && guard.is_complete(),
         }
     }
@@ -434,9 +434,14 @@ const LITERALS: [&[u8]; 3] = [b"true", b"false", b"null"];
 ///   `\u` surrogates only as a high-low pair (so `serde_json` and every strict parser take it);
 /// * after the closing `}` only whitespace (the caller stops generation there anyway).
 ///
-/// Strings are not length-limited: `max_tokens` bounds those.
+/// Strings are not length-limited: `max_tokens` bounds those. With a token budget
+/// ([`JsonGuard::with_budget`]) a token is allowed only if what it leaves can still be closed in
+/// the tokens left, one byte per token at worst ([`JsonGuard::to_close`]), so a reply cut by
+/// `max_tokens` or the context still parses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JsonGuard {
+    /// Tokens that may still be generated, the next one included (`u32::MAX`: no limit).
+    left: u32,
     mode: Mode,
     /// Bit `i`: the container at depth `i` (0 = top level) is an object.
     stack: u64,
@@ -455,7 +460,77 @@ impl Default for JsonGuard {
 
 impl JsonGuard {
     pub fn new() -> Self {
-        JsonGuard { mode: Mode::Start, stack: 0, depth: 0, ws: 0, breaks: 0 }
+        JsonGuard { left: u32::MAX, mode: Mode::Start, stack: 0, depth: 0, ws: 0, breaks: 0 }
+    }
+
+    /// A guard for a reply of at most `tokens` tokens.
+    pub fn with_budget(tokens: usize) -> Self {
+        JsonGuard { left: u32::try_from(tokens).unwrap_or(u32::MAX), ..Self::new() }
+    }
+
+    /// Whether a token that leaves the guard as `after` fits the budget: `after` can be closed in
+    /// the tokens left once it is taken.
+    fn fits(&self, after: &JsonGuard) -> bool {
+        self.left == u32::MAX || after.to_close() < self.left as usize
+    }
+
+    /// Take a token's text: false (and the state unchanged) if the guard rejects it or it does
+    /// not fit the budget.
+    pub fn push_token(&mut self, bytes: &[u8]) -> bool {
+        let mut g = *self;
+        if !(bytes.iter().all(|&b| g.step(b)) && self.fits(&g)) {
+            return false;
+        }
+        if g.left != u32::MAX {
+            g.left = g.left.saturating_sub(1);
+        }
+        *self = g;
+        true
+    }
+
+    /// Whether a token with this text is allowed next (see [`JsonGuard::push_token`]).
+    pub fn accepts_token(&self, bytes: &[u8]) -> bool {
+        let mut g = *self;
+        bytes.iter().all(|&b| g.step(b)) && self.fits(&g)
+    }
+
+    /// The fewest bytes that complete the object from here. Each state has a next byte that
+    /// lowers this by exactly one (`}` `]` `"` `0` `:` and the rest of an escape or literal), so
+    /// a budget of this many single-byte tokens always suffices.
+    pub fn to_close(&self) -> usize {
+        let local = match self.mode {
+            Mode::Done => return 0,
+            Mode::Start => return 2,
+            Mode::ObjOpen | Mode::ArrOpen | Mode::After => 0,
+            // `"":0`, `:0`, `0`.
+            Mode::ObjKey => 4,
+            Mode::Colon => 2,
+            Mode::Value => 1,
+            Mode::Num { n, .. } => usize::from(!n.terminal()),
+            Mode::Lit { lit, pos } => LITERALS[lit as usize].len() - pos as usize,
+            Mode::Str { key, s } => {
+                let end = match s {
+                    Str::Plain => 1,
+                    Str::Esc => 2,
+                    Str::Utf8 { need, .. } => need as usize + 1,
+                    // `\uDC00"`, `uDC00"`.
+                    Str::LowEsc => 7,
+                    Str::LowU => 6,
+                    Str::Hex { left, val, low } => {
+                        // A high surrogate, fixed by its first two digits, needs its low half.
+                        let high_byte = match left {
+                            2 => Some(val),
+                            1 => Some(val >> 4),
+                            _ => None,
+                        };
+                        let high = !low && high_byte.is_some_and(|h| (0xD8..=0xDB).contains(&h));
+                        left as usize + 1 + if high { 6 } else { 0 }
+                    }
+                };
+                end + if key { 2 } else { 0 }
+            }
+        };
+        local + self.depth as usize
     }
 
     /// Whether appending `bytes` keeps the output a valid prefix.
@@ -676,12 +751,14 @@ pub fn allowed_mask(guard: &JsonGuard, texts: &TokenTexts, out: &mut Vec<bool>) 
         }
     }
     if let Mode::Str { s: Str::Plain, .. } = guard.mode {
-        // Inside a string nearly every token is allowed: those that stay in it without a look.
+        // Inside a string nearly every token is allowed: those that stay in it without a look
+        // (and leave as much to close, so they fit the budget if staying put does).
+        let plain = guard.fits(guard);
         for (id, (ok, &f)) in out.iter_mut().zip(&texts.flags).enumerate() {
             if f & PLAIN != 0 {
-                *ok = true;
+                *ok = plain;
             } else if f & HAS_TEXT != 0 {
-                *ok = guard.accepts(texts.text(id as u32));
+                *ok = guard.accepts_token(texts.text(id as u32));
             }
         }
         return;
@@ -712,7 +789,7 @@ pub fn allowed_mask(guard: &JsonGuard, texts: &TokenTexts, out: &mut Vec<bool>) 
             states.push(g);
         }
         if dead == usize::MAX {
-            out[id as usize] = true;
+            out[id as usize] = guard.fits(&g);
         }
     }
 }
@@ -771,7 +848,7 @@ pub fn pick(
 
 fn advance(guard: &mut JsonGuard, texts: &TokenTexts, id: u32) {
     if let Some(text) = texts.get(id) {
-        let pushed = guard.push(text);
+        let pushed = guard.push_token(text);
         debug_assert!(pushed);
     }
 }
@@ -1066,6 +1143,68 @@ mod tests {
             assert!(v.is_object());
         }
         assert!(completed_early > 0);
+    }
+
+    /// `to_close` is exact: from random prefixes, a byte lowering it by one always exists and
+    /// the walk ends complete in exactly that many bytes; and a budgeted byte walk (one byte per
+    /// token) that samples at random always ends in an object within its budget.
+    #[test]
+    fn budget_closes_in_time() {
+        let mut rng = Rng(23);
+        let alphabet: Vec<u8> =
+            b"{}[]\":,0123456789-.eEtrufalsn \n\\/buDdC8\xC3\xA9\xE2\x82\xAC\xF0\x9D\x84\x9E".to_vec();
+        let closers: Vec<u8> = b"{\"}]0:\\nuDCtrufalsn0123456789abcdef".iter().copied().chain(0x80..=0xBF).collect();
+        for _ in 0..20000 {
+            let mut g = JsonGuard::new();
+            let mut out = Vec::new();
+            for _ in 0..rng.below(120) {
+                let allowed: Vec<u8> = alphabet.iter().copied().filter(|&b| g.accepts(&[b])).collect();
+                if g.is_complete() || allowed.is_empty() {
+                    break;
+                }
+                let b = allowed[rng.below(allowed.len())];
+                assert!(g.push(&[b]));
+                out.push(b);
+            }
+            let need = g.to_close();
+            for k in 0..need {
+                let want = need - k - 1;
+                let b = *closers
+                    .iter()
+                    .find(|&&b| {
+                        let mut h = g;
+                        h.push(&[b]) && h.to_close() == want
+                    })
+                    .unwrap_or_else(|| panic!("no closing byte after {:?} ({g:?})", String::from_utf8_lossy(&out)));
+                assert!(g.push(&[b]));
+                out.push(b);
+            }
+            assert!(g.is_complete(), "{:?}", String::from_utf8_lossy(&out));
+            assert!(serde_json::from_slice::<serde_json::Value>(&out).is_ok(), "{:?}", String::from_utf8_lossy(&out));
+        }
+        for budget in [2usize, 3, 5, 8, 13, 40] {
+            for _ in 0..2000 {
+                let mut g = JsonGuard::with_budget(budget);
+                let mut out = Vec::new();
+                for _ in 0..budget {
+                    let allowed: Vec<u8> = alphabet.iter().copied().filter(|&b| g.accepts_token(&[b])).collect();
+                    if g.is_complete() {
+                        break;
+                    }
+                    assert!(!allowed.is_empty(), "stuck at {:?} ({g:?})", String::from_utf8_lossy(&out));
+                    let b = allowed[rng.below(allowed.len())];
+                    assert!(g.push_token(&[b]));
+                    out.push(b);
+                }
+                assert!(g.is_complete(), "budget {budget}: {:?} not closed", String::from_utf8_lossy(&out));
+                assert!(out.len() <= budget);
+                assert!(
+                    serde_json::from_slice::<serde_json::Value>(&out).is_ok(),
+                    "{:?}",
+                    String::from_utf8_lossy(&out)
+                );
+            }
+        }
     }
 
     // ---- Real vocabularies ----
