@@ -436,7 +436,7 @@ const LITERALS: [&[u8]; 3] = [b"true", b"false", b"null"];
 ///
 /// Strings are not length-limited: `max_tokens` bounds those. With a token budget
 /// ([`JsonGuard::with_budget`]) a token is allowed only if what it leaves can still be closed in
-/// the tokens left, one byte per token at worst ([`JsonGuard::to_close`]), so a reply cut by
+/// the tokens left, one byte per token at worst ([`JsonGuard::bytes_to_close`]), so a reply cut by
 /// `max_tokens` or the context still parses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JsonGuard {
@@ -471,7 +471,7 @@ impl JsonGuard {
     /// Whether a token that leaves the guard as `after` fits the budget: `after` can be closed in
     /// the tokens left once it is taken.
     fn fits(&self, after: &JsonGuard) -> bool {
-        self.left == u32::MAX || after.to_close() < self.left as usize
+        self.left == u32::MAX || after.bytes_to_close() < self.left as usize
     }
 
     /// Take a token's text: false (and the state unchanged) if the guard rejects it or it does
@@ -497,7 +497,7 @@ impl JsonGuard {
     /// The fewest bytes that complete the object from here. Each state has a next byte that
     /// lowers this by exactly one (`}` `]` `"` `0` `:` and the rest of an escape or literal), so
     /// a budget of this many single-byte tokens always suffices.
-    pub fn to_close(&self) -> usize {
+    pub fn bytes_to_close(&self) -> usize {
         let local = match self.mode {
             Mode::Done => return 0,
             Mode::Start => return 2,
@@ -1166,14 +1166,14 @@ mod tests {
                 assert!(g.push(&[b]));
                 out.push(b);
             }
-            let need = g.to_close();
+            let need = g.bytes_to_close();
             for k in 0..need {
                 let want = need - k - 1;
                 let b = *closers
                     .iter()
                     .find(|&&b| {
                         let mut h = g;
-                        h.push(&[b]) && h.to_close() == want
+                        h.push(&[b]) && h.bytes_to_close() == want
                     })
                     .unwrap_or_else(|| panic!("no closing byte after {:?} ({g:?})", String::from_utf8_lossy(&out)));
                 assert!(g.push(&[b]));
