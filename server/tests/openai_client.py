@@ -253,6 +253,14 @@ def case_logprobs(c):
     if ch.message.content.isascii():
         check(joined == ch.message.content, "the logprob tokens do not spell the content",
               f"tokens: {joined!r}", f"content: {ch.message.content!r}")
+    # `bytes` are the tokens' real bytes, also for tokens that hold part of a character, so they
+    # spell the content exactly.
+    r4 = c.chat("Translate to Japanese: I love cherry blossoms.", max_tokens=16, logprobs=True, top_logprobs=1)
+    c4 = r4.choices[0]
+    spelled = b"".join(bytes(e.bytes) for e in c4.logprobs.content)
+    print(f"  non-ASCII: {c4.message.content!r} from {len(c4.logprobs.content)} tokens' bytes")
+    check(spelled == c4.message.content.encode(), "logprob bytes do not spell the content",
+          repr(spelled), repr(c4.message.content))
     # Streamed: one logprob per content chunk, same tokens.
     s = c.client.chat.completions.create(model=c.model, messages=[{"role": "user", "content": PROMPT}],
                                          temperature=0, max_tokens=12, logprobs=True, top_logprobs=3, stream=True)

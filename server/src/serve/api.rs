@@ -1020,9 +1020,8 @@ fn lp(x: f32) -> f64 {
 }
 
 fn chat_logprob(l: &TokenLogprob) -> Value {
-    let top: Vec<Value> =
-        l.top.iter().map(|(t, p)| json!({"token": t, "logprob": lp(*p), "bytes": t.as_bytes()})).collect();
-    json!({"token": l.token, "logprob": lp(l.logprob), "bytes": l.token.as_bytes(), "top_logprobs": top})
+    let top: Vec<Value> = l.top.iter().map(|(t, b, p)| json!({"token": t, "logprob": lp(*p), "bytes": b})).collect();
+    json!({"token": l.token, "logprob": lp(l.logprob), "bytes": l.bytes, "top_logprobs": top})
 }
 
 /// The legacy completions logprobs object, built token by token.
@@ -1038,7 +1037,7 @@ impl TextLogprobs {
     fn push(&mut self, l: &TokenLogprob, offset: usize) {
         self.tokens.push(l.token.clone().into());
         self.token_logprobs.push(lp(l.logprob).into());
-        let top: Obj = l.top.iter().map(|(t, p)| (t.clone(), lp(*p).into())).collect();
+        let top: Obj = l.top.iter().map(|(t, _, p)| (t.clone(), lp(*p).into())).collect();
         self.top_logprobs.push(Value::Object(top));
         self.text_offset.push(offset.into());
     }

@@ -57,8 +57,12 @@ pub struct Job {
 #[derive(Clone, Debug)]
 pub struct TokenLogprob {
     pub token: String,
+    /// The token's exact bytes: for a token holding part of a UTF-8 character, the real bytes
+    /// (its `token` text then shows U+FFFD), so clients can rebuild the text from them.
+    pub bytes: Vec<u8>,
     pub logprob: f32,
-    pub top: Vec<(String, f32)>,
+    /// `(token, bytes, logprob)`, most likely first.
+    pub top: Vec<(String, Vec<u8>, f32)>,
 }
 
 /// Why a generation ended.
@@ -432,7 +436,7 @@ fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx:
                 continue;
             }
             let row_logits = &logits[row * vocab..(row + 1) * vocab];
-            if let Some(fin) = step_token(seq, row_logits, tok, ctx, stats) {
+            if let Some(fin) = step_token(seq, row_logits, loaded, ctx, stats) {
                 let s = slots[slot].take().expect("active slot");
                 finish(s, fin, stats);
             }
@@ -481,7 +485,7 @@ fn sample_rows(slots: &mut [Option<Seq<'_>>], meta: &[(usize, bool)], logits: &[
 }
 
 /// Sample the next token of `seq` from `logits` and stream it; `Some` when generation ends.
-fn step_token(seq: &mut Seq<'_>, logits: &[f32], tok: &Tokenizer, ctx: usize, stats: &Stats) -> Option<Finish> {
+fn step_token(seq: &mut Seq<'_>, logits: &[f32], loaded: &Loaded, ctx: usize, stats: &Stats) -> Option<Finish> {
     let p = &seq.job.params;
     let id = match &mut seq.json {
         None => match seq.picked.take() {
@@ -508,7 +512,7 @@ fn step_token(seq: &mut Seq<'_>, logits: &[f32], tok: &Tokenizer, ctx: usize, st
     }
     seq.generated.push(id);
     stats.completion_tokens.fetch_add(1, Relaxed);
-    let logprob = p.logprobs.map(|k| logprob_of(logits, id, k, tok));
+    let logprob = p.logprobs.map(|k| logprob_of(logits, id, k, loaded));
     let piece = seq.decoder.push(id).unwrap_or_default();
     let (text, stopped) = seq.stops.feed(&piece);
     if !seq.send(Event::Token { text, logprob }) {
@@ -552,11 +556,21 @@ fn finish(mut seq: Seq<'_>, fin: Finish, stats: &Stats) {
 }
 
 /// Log-softmax of the raw logits at `id`, and the `k` most likely tokens.
-fn logprob_of(logits: &[f32], id: u32, k: usize, tok: &Tokenizer) -> TokenLogprob {
+fn logprob_of(logits: &[f32], id: u32, k: usize, loaded: &Loaded) -> TokenLogprob {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let lse = max + logits.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
-    let text = |i: u32| tok.decode(&[i]).unwrap_or_default();
-    let mut top: Vec<(String, f32)> = Vec::new();
+    let text = |i: u32| {
+        let s = loaded.tokenizer.decode(&[i]).unwrap_or_default();
+        // Part of a character decodes to U+FFFD; its real bytes come from the token texts.
+        if s.contains('\u{FFFD}')
+            && let Some(b) = loaded.texts().get(i)
+        {
+            return (String::from_utf8_lossy(b).into_owned(), b.to_vec());
+        }
+        let b = s.as_bytes().to_vec();
+        (s, b)
+    };
+    let mut top: Vec<(String, Vec<u8>, f32)> = Vec::new();
     if k > 0 {
         let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
         for (i, &x) in logits.iter().enumerate() {
@@ -566,9 +580,16 @@ fn logprob_of(logits: &[f32], id: u32, k: usize, tok: &Tokenizer) -> TokenLogpro
                 best.truncate(k);
             }
         }
-        top = best.into_iter().map(|(x, i)| (text(i), x - lse)).collect();
+        top = best
+            .into_iter()
+            .map(|(x, i)| {
+                let (t, b) = text(i);
+                (t, b, x - lse)
+            })
+            .collect();
     }
-    TokenLogprob { token: text(id), logprob: logits.get(id as usize).map_or(f32::NEG_INFINITY, |&x| x - lse), top }
+    let (token, bytes) = text(id);
+    TokenLogprob { token, bytes, logprob: logits.get(id as usize).map_or(f32::NEG_INFINITY, |&x| x - lse), top }
 }
 
 #[cfg(test)]
