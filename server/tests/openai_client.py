@@ -576,6 +576,44 @@ def case_tools(c):
           f"functions: {body['usage']['prompt_tokens']} prompt tokens, tools: {r.usage.prompt_tokens}")
 
 
+TIME_TOOL = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}},
+}
+
+
+def case_tool_choice(c):
+    """tool_choice "required" or a named function forces a call (any template: the reply is
+    constrained to `{"name", "arguments"}`), streamed the same as not; bad choices are 400s."""
+    msgs = [{"role": "user", "content": "What is the weather in Rome?"}]
+    for choice, want in [({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+                         ("required", {"get_weather", "get_time"})]:
+        kw = dict(model=c.model, messages=msgs, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice=choice,
+                  temperature=0, max_tokens=64)
+        r = c.client.chat.completions.create(**kw)
+        ch = r.choices[0]
+        content, calls = tool_reply(ch.message, ch.finish_reason, f"tool_choice {choice}")
+        print(f"  tool_choice {json.dumps(choice)}: {calls} ({ch.finish_reason}, {r.usage.completion_tokens} tokens)")
+        check(ch.finish_reason == "tool_calls" and len(calls) == 1 and calls[0][0] in want,
+              f"tool_choice {choice}: not one call to {want}", r)
+        check(ch.message.content is None, f"tool_choice {choice}: content {ch.message.content!r}, want null")
+        check(isinstance(json.loads(calls[0][1]), dict), f"arguments {calls[0][1]!r} are not an object")
+        streamed = stream_tool_reply(c, f"tool_choice {choice} stream", **kw)
+        check(streamed == (content, calls, ch.finish_reason), "streamed forced call != non-streamed",
+              f"streamed: {streamed!r}", f"non-streamed: {(content, calls, ch.finish_reason)!r}")
+    body = {"model": c.model, "messages": msgs, "tools": [WEATHER_TOOL], "max_tokens": 64}
+    for name, extra, param in [
+        ("unknown function", {"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ("required without tools", {"tool_choice": "required", "tools": []}, "tool_choice"),
+        ("bad tool_choice", {"tool_choice": 5}, "tool_choice"),
+        ("max_tokens too small", {"tool_choice": "required", "max_tokens": 5}, "max_tokens"),
+    ]:
+        st, _, b = c.http("POST", "/v1/chat/completions", {**body, **extra})
+        check_error_shape(st, b, name)
+        check(st == 400 and b["error"]["param"] == param, f"{name}: {st} {short(b)}, want 400 naming {param}")
+        print(f"  {name}: 400 {short(b['error']['message'], 100)!r}")
+
+
 def case_tool_history(c):
     """Against a template that knows nothing of tools: tool history and tools still give a plain
     200 reply (tools are ignored, nothing is parsed as a tool call), streamed or not."""
@@ -914,6 +952,7 @@ CASES = {
     "openwebui": case_openwebui,
     "tools": case_tools,
     "tool_history": case_tool_history,
+    "tool_choice": case_tool_choice,
     "concurrency": case_concurrency,
     "errors": case_errors,
     "disconnect": case_disconnect,

@@ -198,10 +198,10 @@ fn sampling_controls() {
 }
 
 /// What OpenWebUI sends: ~36 tools + stream, and a title request without max_tokens; tool-call
-/// history on a template without tools.
+/// history and a forced tool call on a template without tools.
 #[test]
 fn openwebui_requests() {
-    Server::start(SMOL, &[]).run(&["openwebui", "tool_history"]);
+    Server::start(SMOL, &[]).run(&["openwebui", "tool_history", "tool_choice"]);
 }
 
 /// Qwen2.5-Instruct's chat template: it takes tools, renders tool calls and tool results.
@@ -217,7 +217,7 @@ fn tool_calls_with_a_tools_template() {
     let path = dir.path().join("qwen25.jinja");
     std::fs::write(&path, QWEN25_TEMPLATE).expect("writing the template");
     let path = path.to_str().expect("a UTF-8 temp path").to_string();
-    Server::start(SMOL, &["--chat-template", &path]).run(&["tools"]);
+    Server::start(SMOL, &["--chat-template", &path]).run(&["tools", "tool_choice"]);
 }
 
 /// OpenAI-shaped 4xx errors for bad requests, never a 500; then a client hanging up mid-stream

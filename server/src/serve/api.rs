@@ -27,6 +27,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::engine::{Event, Finish, GenParams, Job, Loaded, SubmitError, TokenLogprob};
+use super::json_guard::JsonGuard;
 use super::tools::{self, ToolCall, ToolStream};
 use super::{AppState, ServedModel, metrics};
 use crate::error::{CliError, CliResult};
@@ -707,6 +708,7 @@ fn parse_options(o: &Obj, kind_: Kind) -> ApiResult<Options> {
             logprobs,
             json: json_mode,
             logit_bias,
+            call: Vec::new(),
         },
         stream,
         include_usage: stream && include_usage,
@@ -799,6 +801,62 @@ fn parse_messages(o: &Obj) -> ApiResult<Vec<Value>> {
 
 /// Tool definitions for the template: `tools` (or legacy `functions`), unless `tool_choice` is
 /// `none`.
+/// The functions a reply must call: `tool_choice` (or legacy `function_call`) `"required"` (any
+/// of the tools) or a named function; empty for `"auto"`, `"none"` or no choice.
+fn parse_tool_choice(o: &Obj, tools: Option<&[Value]>) -> ApiResult<Vec<String>> {
+    let (key, choice) = match (field(o, "tool_choice"), field(o, "function_call")) {
+        (Some(c), _) => ("tool_choice", c),
+        (None, Some(c)) => ("function_call", c),
+        (None, None) => return Ok(Vec::new()),
+    };
+    let names = tools.map(tools::tool_names).unwrap_or_default();
+    let wanted = match choice {
+        Value::String(s) if s == "auto" || s == "none" => return Ok(Vec::new()),
+        Value::String(s) if s == "required" || s == "any" => {
+            if names.is_empty() {
+                return Err(ApiError::param(key, format!("{key} \"required\" needs tools")));
+            }
+            names.clone()
+        }
+        Value::Object(c) => {
+            // `{"type": "function", "function": {"name": …}}`, or legacy `{"name": …}`.
+            let name = c.get("function").and_then(|f| f.get("name")).or_else(|| c.get("name")).and_then(Value::as_str);
+            let Some(name) = name else {
+                return Err(ApiError::param(
+                    key,
+                    format!("{key} must name a function: {{\"type\": \"function\", \"function\": {{\"name\": …}}}}"),
+                ));
+            };
+            if !names.iter().any(|n| n == name) {
+                return Err(ApiError::param(key, format!("{key} names '{name}', which is not one of the tools")));
+            }
+            vec![name.to_string()]
+        }
+        v => {
+            return Err(ApiError::param(
+                key,
+                format!("{key} must be \"none\", \"auto\", \"required\" or a named function, got {}", describe(v)),
+            ));
+        }
+    };
+    if wanted.len() > 64 {
+        return Err(ApiError::param(
+            key,
+            format!("a forced call can choose among at most 64 tools, got {}", wanted.len()),
+        ));
+    }
+    let plain = |n: &str| {
+        (1..=64).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    };
+    if let Some(bad) = wanted.iter().find(|n| !plain(n)) {
+        return Err(ApiError::param(
+            "tools",
+            format!("function name {bad:?} must be 1 to 64 letters, digits, '_', '-' or '.' to be forced"),
+        ));
+    }
+    Ok(wanted)
+}
+
 fn parse_tools(o: &Obj) -> ApiResult<Option<Vec<Value>>> {
     let choice_none = matches!(field(o, "tool_choice"), Some(Value::String(s)) if s == "none");
     let tools = match (field(o, "tools"), field(o, "functions")) {
@@ -934,7 +992,11 @@ async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesReject
         Text(PromptIn),
     }
     let input = match kind_ {
-        Kind::Chat => Input::Chat(parse_messages(&o)?, parse_tools(&o)?),
+        Kind::Chat => {
+            let tools = parse_tools(&o)?;
+            params.call = parse_tool_choice(&o, tools.as_deref())?;
+            Input::Chat(parse_messages(&o)?, tools)
+        }
         Kind::Text => Input::Text(parse_prompt(&o)?),
     };
     let loaded = ready(model)?;
@@ -951,7 +1013,8 @@ async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesReject
     let prompt = match input {
         Input::Chat(messages, tools) => {
             let (ids, names) = chat_prompt(model, tok, &messages, tools, true)?;
-            tool_names = names;
+            // A forced call is parsed whether or not the template showed the tools.
+            tool_names = if params.call.is_empty() { names } else { Some(params.call.clone()) };
             ids
         }
         Input::Text(PromptIn::Text(s)) => encode(tok, &s, tok.add_bos_default())?,
@@ -977,6 +1040,21 @@ async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesReject
     let vocab = tok.vocab_size().min(loaded.vocab);
     if let Some(&(id, _)) = params.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
         return Err(ApiError::param("logit_bias", format!("token id {id} is out of range (vocabulary of {vocab})")));
+    }
+    if !params.call.is_empty() {
+        let names: Vec<Vec<u8>> = params.call.iter().map(|n| n.as_bytes().to_vec()).collect();
+        let need = JsonGuard::call_min_tokens(&names);
+        let room = loaded.ctx - prompt.len();
+        if params.max_tokens.unwrap_or(usize::MAX).min(room) < need {
+            let (param, what) = match params.max_tokens {
+                Some(m) if m < room => ("max_tokens", format!("max_tokens {m}")),
+                _ => ("messages", format!("the context left after the prompt ({room} tokens)")),
+            };
+            return Err(ApiError::param(
+                param,
+                format!("{what} is too small for a forced tool call, which may need {need} tokens"),
+            ));
+        }
     }
     params.stop_ids = match kind_ {
         Kind::Chat => loaded.stop_ids.clone(),

@@ -43,6 +43,9 @@ pub struct GenParams {
     pub json: bool,
     /// `(token, bias)` added to the logits before sampling.
     pub logit_bias: Vec<(u32, f32)>,
+    /// A forced tool call (`tool_choice` "required" or a named function): the reply is
+    /// `{"name": N, "arguments": {…}}` with `N` one of these (at most 64). Empty: not forced.
+    pub call: Vec<String>,
 }
 
 /// One generation request.
@@ -287,6 +290,8 @@ struct Seq<'t> {
     decoder: Decoder<'t>,
     stops: StopMatcher,
     json: Option<(JsonGuard, Arc<TokenTexts>)>,
+    /// The forced call's function names, as the guard reads them.
+    call: Vec<Vec<u8>>,
     /// Logits copy for constrained sampling.
     scratch: Vec<f32>,
     last_token: Option<Instant>,
@@ -359,7 +364,12 @@ fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx:
             }
             // The guard closes the object within the tokens this reply may have.
             let budget = job.params.max_tokens.unwrap_or(usize::MAX).min(ctx - job.prompt.len());
-            let json = job.params.json.then(|| (JsonGuard::with_budget(budget), loaded.texts()));
+            let call: Vec<Vec<u8>> = job.params.call.iter().take(64).map(|n| n.as_bytes().to_vec()).collect();
+            let json = if !call.is_empty() {
+                Some((JsonGuard::for_call(call.len(), budget), loaded.texts()))
+            } else {
+                job.params.json.then(|| (JsonGuard::with_budget(budget), loaded.texts()))
+            };
             let sampler = Sampler::new(job.params.sampling, vocab).with_logit_bias(job.params.logit_bias.clone());
             let stops = StopMatcher { stops: job.params.stop.clone(), held: String::new() };
             stats.prompt_tokens.fetch_add(job.prompt.len() as u64, Relaxed);
@@ -374,6 +384,7 @@ fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx:
                 decoder: tok.decode_stream(),
                 stops,
                 json,
+                call,
                 scratch: Vec::new(),
                 last_token: None,
                 cut: false,
@@ -497,7 +508,7 @@ fn step_token(seq: &mut Seq<'_>, logits: &[f32], loaded: &Loaded, ctx: usize, st
             seq.scratch.extend_from_slice(logits);
             let (sampler, generated) = (&mut seq.sampler, &seq.generated);
             // `pick` advances the guard by the token's text itself.
-            super::json_guard::pick(guard, texts, &mut seq.scratch, |l| sampler.sample(l, generated))
+            super::json_guard::pick(guard, texts, &seq.call, &mut seq.scratch, |l| sampler.sample(l, generated))
         }
     };
     let now = Instant::now();

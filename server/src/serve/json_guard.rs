@@ -16,9 +16,6 @@
 //! U+FFFD. The one difference is harmless: a SentencePiece decoder drops a leading space at the
 //! very start of the output, and whitespace before the top-level `{` means nothing.
 
-// Wired into the server by the request handler; until then parts are unused in the binary.
-#![allow(dead_code)]
-
 use std::sync::OnceLock;
 
 use purehw_core::tokenizer::Tokenizer;
@@ -133,6 +130,8 @@ impl TokenTexts {
         self.flags.len()
     }
 
+    /// (Clippy pairs it with `len`.)
+    #[allow(dead_code)]
     pub fn is_empty(&self) -> bool {
         self.flags.is_empty()
     }
@@ -151,9 +150,9 @@ impl TokenTexts {
 
     /// Whether the guard allows token `id` next: a token with text the guard accepts, or an
     /// end-of-generation token once the object is complete. Other special tokens never.
-    pub fn allowed(&self, guard: &JsonGuard, id: u32) -> bool {
+    pub fn allowed(&self, guard: &JsonGuard, id: u32, names: &[Vec<u8>]) -> bool {
         match self.get(id) {
-            Some(text) => guard.accepts_token(text),
+            Some(text) => guard.accepts_token(text, names),
             None => self.is_eos(id) && guard.is_complete(),
         }
     }
@@ -421,6 +420,34 @@ impl Num {
 
 const LITERALS: [&[u8]; 3] = [b"true", b"false", b"null"];
 
+/// A forced tool call's text before the function name, and between the name and the arguments.
+const CALL_HEAD: &[u8] = b"{\"name\": \"";
+const CALL_MID: &[u8] = b"\", \"arguments\": ";
+
+/// Where a forced tool call is, outside its arguments object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Call {
+    /// Not a forced call, or the call is complete.
+    Off,
+    /// `pos` bytes of [`CALL_HEAD`] matched; `live`: the names allowed (bit `i` = `names[i]`).
+    Head {
+        pos: u8,
+        live: u64,
+    },
+    /// `pos` bytes of the name matched; `live`: the names that start with them.
+    Name {
+        pos: u16,
+        live: u64,
+    },
+    Mid {
+        pos: u8,
+    },
+    /// Inside the arguments object (the plain guard's state).
+    Args,
+    /// After the arguments: the closing `}`.
+    Tail,
+}
+
 /// Incremental validator: accepts exactly the byte prefixes of one JSON text whose top-level
 /// value is an object, within these limits (each keeps a model from producing output forever
 /// without progress, and none can strand it: whatever was accepted can still be completed):
@@ -442,6 +469,8 @@ const LITERALS: [&[u8]; 3] = [b"true", b"false", b"null"];
 pub struct JsonGuard {
     /// Tokens that may still be generated, the next one included (`u32::MAX`: no limit).
     left: u32,
+    /// A forced tool call's fixed text around its arguments object ([`JsonGuard::for_call`]).
+    call: Call,
     mode: Mode,
     /// Bit `i`: the container at depth `i` (0 = top level) is an object.
     stack: u64,
@@ -460,7 +489,16 @@ impl Default for JsonGuard {
 
 impl JsonGuard {
     pub fn new() -> Self {
-        JsonGuard { left: u32::MAX, mode: Mode::Start, stack: 0, depth: 0, ws: 0, breaks: 0 }
+        JsonGuard { left: u32::MAX, call: Call::Off, mode: Mode::Start, stack: 0, depth: 0, ws: 0, breaks: 0 }
+    }
+
+    /// A guard for a forced tool call of at most `tokens` tokens: `{"name": "N", "arguments": {…}}`
+    /// where `N` is one of the `names` later passed with each token (at most 64, each non-empty
+    /// and free of `"` and `\`), and `{…}` any object the plain guard allows.
+    pub fn for_call(names: usize, tokens: usize) -> Self {
+        debug_assert!((1..=64).contains(&names));
+        let live = if names >= 64 { u64::MAX } else { (1u64 << names) - 1 };
+        JsonGuard { call: Call::Head { pos: 0, live }, ..Self::with_budget(tokens) }
     }
 
     /// A guard for a reply of at most `tokens` tokens.
@@ -468,17 +506,23 @@ impl JsonGuard {
         JsonGuard { left: u32::try_from(tokens).unwrap_or(u32::MAX), ..Self::new() }
     }
 
+    /// The least budget a forced call among `names` is given: one token per byte of the shortest
+    /// complete call, `{"name": "N", "arguments": {}}`.
+    pub fn call_min_tokens(names: &[Vec<u8>]) -> usize {
+        Self::for_call(names.len().clamp(1, 64), usize::MAX).bytes_to_close(names)
+    }
+
     /// Whether a token that leaves the guard as `after` fits the budget: `after` can be closed in
     /// the tokens left once it is taken.
-    fn fits(&self, after: &JsonGuard) -> bool {
-        self.left == u32::MAX || after.bytes_to_close() < self.left as usize
+    fn fits(&self, after: &JsonGuard, names: &[Vec<u8>]) -> bool {
+        self.left == u32::MAX || after.bytes_to_close(names) < self.left as usize
     }
 
     /// Take a token's text: false (and the state unchanged) if the guard rejects it or it does
-    /// not fit the budget.
-    pub fn push_token(&mut self, bytes: &[u8]) -> bool {
+    /// not fit the budget. `names`: a forced call's function names (else empty).
+    pub fn push_token(&mut self, bytes: &[u8], names: &[Vec<u8>]) -> bool {
         let mut g = *self;
-        if !(bytes.iter().all(|&b| g.step(b)) && self.fits(&g)) {
+        if !(bytes.iter().all(|&b| g.step_in(b, names)) && self.fits(&g, names)) {
             return false;
         }
         if g.left != u32::MAX {
@@ -489,18 +533,93 @@ impl JsonGuard {
     }
 
     /// Whether a token with this text is allowed next (see [`JsonGuard::push_token`]).
-    pub fn accepts_token(&self, bytes: &[u8]) -> bool {
+    pub fn accepts_token(&self, bytes: &[u8], names: &[Vec<u8>]) -> bool {
         let mut g = *self;
-        bytes.iter().all(|&b| g.step(b)) && self.fits(&g)
+        bytes.iter().all(|&b| g.step_in(b, names)) && self.fits(&g, names)
+    }
+
+    /// One byte, the forced call's fixed text and name included.
+    #[inline]
+    fn step_in(&mut self, b: u8, names: &[Vec<u8>]) -> bool {
+        match self.call {
+            Call::Off | Call::Args => {}
+            Call::Head { pos, live } => {
+                if CALL_HEAD[pos as usize] != b {
+                    return false;
+                }
+                let pos = pos + 1;
+                self.call = if pos as usize == CALL_HEAD.len() {
+                    Call::Name { pos: 0, live }
+                } else {
+                    Call::Head { pos, live }
+                };
+                return true;
+            }
+            Call::Name { pos, live } => {
+                let (mut next, mut ends) = (0u64, false);
+                for (i, n) in names.iter().enumerate().take(64) {
+                    if live >> i & 1 == 1 {
+                        ends |= n.len() == pos as usize;
+                        if n.get(pos as usize) == Some(&b) {
+                            next |= 1 << i;
+                        }
+                    }
+                }
+                self.call = if b == CALL_MID[0] && ends {
+                    Call::Mid { pos: 1 }
+                } else if next != 0 {
+                    Call::Name { pos: pos.saturating_add(1), live: next }
+                } else {
+                    return false;
+                };
+                return true;
+            }
+            Call::Mid { pos } => {
+                if CALL_MID[pos as usize] != b {
+                    return false;
+                }
+                let pos = pos + 1;
+                self.call = if pos as usize == CALL_MID.len() { Call::Args } else { Call::Mid { pos } };
+                return true;
+            }
+            Call::Tail => {
+                if b != b'}' {
+                    return false;
+                }
+                self.call = Call::Off;
+                return true;
+            }
+        }
+        if !self.step(b) {
+            return false;
+        }
+        if self.call == Call::Args && self.mode == Mode::Done {
+            self.call = Call::Tail;
+        }
+        true
     }
 
     /// The fewest bytes that complete the object from here. Each state has a next byte that
     /// lowers this by exactly one (`}` `]` `"` `0` `:` and the rest of an escape or literal), so
     /// a budget of this many single-byte tokens always suffices.
-    pub fn bytes_to_close(&self) -> usize {
+    pub fn bytes_to_close(&self, names: &[Vec<u8>]) -> usize {
+        // After the name: the rest of `", "arguments": `, `{}` and the final `}`.
+        let after_name = CALL_MID.len() + 3;
+        let shortest = |pos: u16, live: u64| {
+            let lens = names.iter().enumerate().take(64).filter(|(i, _)| live >> i & 1 == 1).map(|(_, n)| n.len());
+            lens.min().unwrap_or(0).saturating_sub(pos as usize)
+        };
+        match self.call {
+            Call::Off | Call::Args => {}
+            Call::Head { pos, live } => return CALL_HEAD.len() - pos as usize + shortest(0, live) + after_name,
+            Call::Name { pos, live } => return shortest(pos, live) + after_name,
+            Call::Mid { pos } => return CALL_MID.len() - pos as usize + 3,
+            Call::Tail => return 1,
+        }
+        let tail = usize::from(self.call == Call::Args);
         let local = match self.mode {
-            Mode::Done => return 0,
-            Mode::Start => return 2,
+            Mode::Done => return tail,
+            Mode::Start => return 2 + tail,
             Mode::ObjOpen | Mode::ArrOpen | Mode::After => 0,
             // `"":0`, `:0`, `0`.
             Mode::ObjKey => 4,
@@ -530,16 +649,18 @@ impl JsonGuard {
                 end + if key { 2 } else { 0 }
             }
         };
-        local + self.depth as usize
+        local + self.depth as usize + tail
     }
 
-    /// Whether appending `bytes` keeps the output a valid prefix.
+    /// Whether appending `bytes` keeps the output a valid prefix (no budget, no call).
+    #[cfg(test)]
     pub fn accepts(&self, bytes: &[u8]) -> bool {
         let mut g = *self;
         bytes.iter().all(|&b| g.step(b))
     }
 
-    /// Append `bytes`; false (and the state unchanged) if they are rejected.
+    /// Append `bytes`; false (and the state unchanged) if they are rejected (no budget, no call).
+    #[cfg(test)]
     pub fn push(&mut self, bytes: &[u8]) -> bool {
         let mut g = *self;
         if bytes.iter().all(|&b| g.step(b)) {
@@ -552,12 +673,7 @@ impl JsonGuard {
 
     /// Whether the top-level object has been closed.
     pub fn is_complete(&self) -> bool {
-        self.mode == Mode::Done
-    }
-
-    /// Current nesting depth (0 before the top-level `{` and after its `}`).
-    pub fn depth(&self) -> usize {
-        self.depth as usize
+        self.mode == Mode::Done && self.call == Call::Off
     }
 
     /// One byte; may leave `self` half-updated when it returns false (callers work on copies).
@@ -742,7 +858,7 @@ impl JsonGuard {
 /// rejected prefix rejects every token that starts with it; inside a string, tokens known to stay
 /// in it are allowed without a look. Under a millisecond for Gemma's 262k tokens. The order is
 /// made on the first call (about 60 ms for Gemma) and kept.
-pub fn allowed_mask(guard: &JsonGuard, texts: &TokenTexts, out: &mut Vec<bool>) {
+pub fn allowed_mask(guard: &JsonGuard, texts: &TokenTexts, names: &[Vec<u8>], out: &mut Vec<bool>) {
     out.clear();
     out.resize(texts.len(), false);
     if guard.is_complete() {
@@ -753,12 +869,12 @@ pub fn allowed_mask(guard: &JsonGuard, texts: &TokenTexts, out: &mut Vec<bool>) 
     if let Mode::Str { s: Str::Plain, .. } = guard.mode {
         // Inside a string nearly every token is allowed: those that stay in it without a look
         // (and leave as much to close, so they fit the budget if staying put does).
-        let plain = guard.fits(guard);
+        let plain = guard.fits(guard, names);
         for (id, (ok, &f)) in out.iter_mut().zip(&texts.flags).enumerate() {
             if f & PLAIN != 0 {
                 *ok = plain;
             } else if f & HAS_TEXT != 0 {
-                *ok = guard.accepts_token(texts.text(id as u32));
+                *ok = guard.accepts_token(texts.text(id as u32), names);
             }
         }
         return;
@@ -782,14 +898,14 @@ pub fn allowed_mask(guard: &JsonGuard, texts: &TokenTexts, out: &mut Vec<bool>) 
         let mut g = states[lcp];
         dead = usize::MAX;
         for (i, &b) in text.iter().enumerate().skip(lcp) {
-            if !g.step(b) {
+            if !g.step_in(b, names) {
                 dead = i;
                 break;
             }
             states.push(g);
         }
         if dead == usize::MAX {
-            out[id as usize] = guard.fits(&g);
+            out[id as usize] = guard.fits(&g, names);
         }
     }
 }
@@ -809,6 +925,7 @@ pub fn allowed_mask(guard: &JsonGuard, texts: &TokenTexts, out: &mut Vec<bool>) 
 pub fn pick(
     guard: &mut JsonGuard,
     texts: &TokenTexts,
+    names: &[Vec<u8>],
     logits: &mut [f32],
     mut sample: impl FnMut(&[f32]) -> u32,
 ) -> u32 {
@@ -816,8 +933,8 @@ pub fn pick(
     for _ in 0..MAX_REJECTIONS {
         let id = sample(logits);
         first.get_or_insert(id);
-        if texts.allowed(guard, id) {
-            advance(guard, texts, id);
+        if texts.allowed(guard, id, names) {
+            advance(guard, texts, id, names);
             return id;
         }
         match logits.get_mut(id as usize) {
@@ -827,7 +944,7 @@ pub fn pick(
         }
     }
     let mut mask = Vec::new();
-    allowed_mask(guard, texts, &mut mask);
+    allowed_mask(guard, texts, names, &mut mask);
     let mut any = false;
     for (i, l) in logits.iter_mut().enumerate() {
         if mask.get(i).copied().unwrap_or(false) {
@@ -840,15 +957,15 @@ pub fn pick(
         return first.unwrap_or(0);
     }
     let id = sample(logits);
-    if texts.allowed(guard, id) {
-        advance(guard, texts, id);
+    if texts.allowed(guard, id, names) {
+        advance(guard, texts, id, names);
     }
     id
 }
 
-fn advance(guard: &mut JsonGuard, texts: &TokenTexts, id: u32) {
+fn advance(guard: &mut JsonGuard, texts: &TokenTexts, id: u32, names: &[Vec<u8>]) {
     if let Some(text) = texts.get(id) {
-        let pushed = guard.push_token(text);
+        let pushed = guard.push_token(text, names);
         debug_assert!(pushed);
     }
 }
@@ -1166,14 +1283,14 @@ mod tests {
                 assert!(g.push(&[b]));
                 out.push(b);
             }
-            let need = g.bytes_to_close();
+            let need = g.bytes_to_close(&[]);
             for k in 0..need {
                 let want = need - k - 1;
                 let b = *closers
                     .iter()
                     .find(|&&b| {
                         let mut h = g;
-                        h.push(&[b]) && h.bytes_to_close() == want
+                        h.push(&[b]) && h.bytes_to_close(&[]) == want
                     })
                     .unwrap_or_else(|| panic!("no closing byte after {:?} ({g:?})", String::from_utf8_lossy(&out)));
                 assert!(g.push(&[b]));
@@ -1187,13 +1304,13 @@ mod tests {
                 let mut g = JsonGuard::with_budget(budget);
                 let mut out = Vec::new();
                 for _ in 0..budget {
-                    let allowed: Vec<u8> = alphabet.iter().copied().filter(|&b| g.accepts_token(&[b])).collect();
+                    let allowed: Vec<u8> = alphabet.iter().copied().filter(|&b| g.accepts_token(&[b], &[])).collect();
                     if g.is_complete() {
                         break;
                     }
                     assert!(!allowed.is_empty(), "stuck at {:?} ({g:?})", String::from_utf8_lossy(&out));
                     let b = allowed[rng.below(allowed.len())];
-                    assert!(g.push_token(&[b]));
+                    assert!(g.push_token(&[b], &[]));
                     out.push(b);
                 }
                 assert!(g.is_complete(), "budget {budget}: {:?} not closed", String::from_utf8_lossy(&out));
@@ -1205,6 +1322,54 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A forced call: random byte walks (one byte per token, within a budget) always end in
+    /// `{"name": N, "arguments": {…}}` with `N` one of the names, and never leave it early.
+    #[test]
+    fn forced_call_shape() {
+        let names: Vec<Vec<u8>> =
+            ["get_weather", "get_time", "g", "lookup.v2"].iter().map(|n| n.as_bytes().to_vec()).collect();
+        let min = JsonGuard::call_min_tokens(&names);
+        assert_eq!(min, br#"{"name": "g", "arguments": {}}"#.len());
+        let mut alphabet: Vec<u8> = b"{}[]\":,0123456789-.etrufalsn \n\\/".to_vec();
+        alphabet.extend(names.iter().flatten());
+        let mut rng = Rng(31);
+        for budget in [min, min + 1, min + 5, min + 40, usize::MAX] {
+            for _ in 0..3000 {
+                let mut g = JsonGuard::for_call(names.len(), budget);
+                let mut out = Vec::new();
+                for _ in 0..budget.min(300) {
+                    if g.is_complete() {
+                        break;
+                    }
+                    let allowed: Vec<u8> =
+                        alphabet.iter().copied().filter(|&b| g.accepts_token(&[b], &names)).collect();
+                    assert!(!allowed.is_empty(), "stuck at {:?} ({g:?})", String::from_utf8_lossy(&out));
+                    let b = allowed[rng.below(allowed.len())];
+                    assert!(g.push_token(&[b], &names));
+                    out.push(b);
+                }
+                if budget == usize::MAX && !g.is_complete() {
+                    continue;
+                }
+                assert!(g.is_complete(), "budget {budget}: {:?} not closed", String::from_utf8_lossy(&out));
+                let v: serde_json::Value = serde_json::from_slice(&out)
+                    .unwrap_or_else(|e| panic!("{:?} does not parse: {e}", String::from_utf8_lossy(&out)));
+                let name = v["name"].as_str().expect("a name");
+                assert!(names.iter().any(|n| n == name.as_bytes()), "{name}");
+                assert!(v["arguments"].is_object(), "{v}");
+                assert_eq!(v.as_object().unwrap().len(), 2);
+            }
+        }
+        // A name must be finished before its closing quote, and no other text fits.
+        let g = JsonGuard::for_call(names.len(), usize::MAX);
+        assert!(g.accepts_token(br#"{"name": "get_time", "arguments": {"tz": "UTC"}}"#, &names));
+        assert!(!g.accepts_token(br#"{"name": "get_", "#, &names));
+        assert!(!g.accepts_token(br#"{"name": "other"#, &names));
+        assert!(!g.accepts_token(br#" {"name""#, &names));
+        assert!(!g.accepts_token(br#"{"name": "g", "arguments": {}, "x": 1"#, &names));
+        assert!(!g.accepts_token(br#"{"name": "g", "arguments": []"#, &names));
     }
 
     // ---- Real vocabularies ----
@@ -1368,7 +1533,7 @@ mod tests {
     }
 
     fn naive_mask(guard: &JsonGuard, texts: &TokenTexts) -> Vec<bool> {
-        (0..texts.len() as u32).map(|id| texts.allowed(guard, id)).collect()
+        (0..texts.len() as u32).map(|id| texts.allowed(guard, id, &[])).collect()
     }
 
     fn check_masks(name: &str, texts: &TokenTexts) {
@@ -1389,7 +1554,7 @@ mod tests {
         ];
         let mut mask = Vec::new();
         let t = Instant::now();
-        allowed_mask(&JsonGuard::new(), texts, &mut mask);
+        allowed_mask(&JsonGuard::new(), texts, &[], &mut mask);
         eprintln!("{name}: first allowed_mask (sorts the vocabulary): {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
         for p in prefixes {
             let mut g = JsonGuard::new();
@@ -1397,7 +1562,7 @@ mod tests {
             let mut best = f64::MAX;
             for _ in 0..5 {
                 let t = Instant::now();
-                allowed_mask(&g, texts, &mut mask);
+                allowed_mask(&g, texts, &[], &mut mask);
                 best = best.min(t.elapsed().as_secs_f64());
             }
             let t = Instant::now();
@@ -1412,6 +1577,28 @@ mod tests {
             );
             assert!(mask == naive, "{name}: mask differs after {:?}", String::from_utf8_lossy(p));
             assert!(allowed > 0);
+        }
+        // A forced call, in its fixed text, its name and its arguments, with a budget.
+        let names: Vec<Vec<u8>> = [&b"get_weather"[..], b"get_time"].iter().map(|n| n.to_vec()).collect();
+        let call: &[&[u8]] = &[
+            b"",
+            b"{\"na",
+            b"{\"name\": \"get_",
+            b"{\"name\": \"get_time",
+            b"{\"name\": \"get_time\", \"arg",
+            b"{\"name\": \"get_time\", \"arguments\": {\"tz\": \"U",
+            b"{\"name\": \"get_time\", \"arguments\": {}",
+        ];
+        for p in call {
+            for budget in [usize::MAX, 60] {
+                let mut g = JsonGuard::for_call(names.len(), budget);
+                assert!(g.push_token(p, &names));
+                allowed_mask(&g, texts, &names, &mut mask);
+                let naive: Vec<bool> = (0..texts.len() as u32).map(|id| texts.allowed(&g, id, &names)).collect();
+                let allowed = mask.iter().filter(|&&a| a).count();
+                assert!(mask == naive, "{name}: call mask differs after {:?}", String::from_utf8_lossy(p));
+                assert!(allowed > 0, "{name}: nothing allowed after {:?}", String::from_utf8_lossy(p));
+            }
         }
     }
 
@@ -1459,7 +1646,7 @@ mod tests {
                     *l = rng.f32() + if closing[i] { bias } else { 0.0 };
                 }
                 let mut samples = 0;
-                let id = pick(&mut g, texts, &mut logits, |l| {
+                let id = pick(&mut g, texts, &[], &mut logits, |l| {
                     samples += 1;
                     argmax(l)
                 });
