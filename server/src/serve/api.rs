@@ -28,7 +28,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::engine::{Event, Finish, GenParams, Job, Loaded, SubmitError, TokenLogprob};
 use super::json_guard::JsonGuard;
-use super::tools::{self, ToolCall, ToolStream};
+use super::tools::{self, ForcedStream, ToolCall, ToolStream};
 use super::{AppState, ServedModel, metrics};
 use crate::error::{CliError, CliResult};
 
@@ -981,6 +981,8 @@ struct Meta {
     tools: Option<Vec<String>>,
     /// Completions with `echo`: the prompt's text, sent before the generated text.
     echo: Option<String>,
+    /// A forced tool call (`tools` holds its names): the reply is parsed by `tools::parse_forced`.
+    forced: bool,
 }
 
 async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesRejection>, kind_: Kind) -> ApiResult {
@@ -1062,6 +1064,7 @@ async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesReject
     };
     let (tx, rx) = unbounded_channel();
     let prompt_len = prompt.len();
+    let forced = !params.call.is_empty();
     model.engine.submit(Job { prompt, params, events: tx, accepted: Instant::now() }).map_err(|e| match e {
         SubmitError::QueueFull => ApiError {
             code: Some("rate_limit_exceeded"),
@@ -1088,6 +1091,7 @@ async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesReject
         include_usage,
         tools: tool_names,
         echo,
+        forced,
     };
     if stream { Ok(stream_response(rx, meta, rc, prompt_len)) } else { collect(rx, meta).await }
 }
@@ -1169,7 +1173,13 @@ async fn collect(mut rx: UnboundedReceiver<Event>, m: Meta) -> ApiResult {
     };
     let body = match m.kind {
         Kind::Chat => {
-            let (message, finish) = match m.tools.as_deref().and_then(|names| tools::parse(&text, names)) {
+            let forced = m.forced.then(|| m.tools.as_deref().and_then(|names| tools::parse_forced(&text, names)));
+            let parsed = match forced {
+                Some(Some(call)) => Some(tools::Parsed { content: None, calls: vec![call] }),
+                Some(None) => None,
+                None => m.tools.as_deref().and_then(|names| tools::parse(&text, names)),
+            };
+            let (message, finish) = match parsed {
                 Some(p) => (
                     json!({
                         "role": "assistant",
@@ -1252,6 +1262,8 @@ struct Streamer {
     log: StreamLog,
     /// Holds back text that may be a tool call (when tools are parsed).
     tools: Option<ToolStream>,
+    /// A forced call, streamed as it is written.
+    forced: Option<ForcedStream>,
 }
 
 impl Streamer {
@@ -1298,6 +1310,14 @@ impl Streamer {
                 // About one event per token (`Done` gives the exact count); for the log if the
                 // client goes away.
                 self.log.completion_tokens += 1;
+                if let Some(f) = &mut self.forced {
+                    if let Some(d) = f.feed(&text) {
+                        let mut c = self.chunk(None, Value::Null, Value::Null);
+                        c["choices"][0]["delta"] = json!({"tool_calls": [d]});
+                        self.push(&c);
+                    }
+                    return;
+                }
                 let text = match &mut self.tools {
                     Some(t) => t.feed(&text),
                     None => text,
@@ -1323,7 +1343,22 @@ impl Streamer {
                 self.log.completion_tokens = completion_tokens;
                 self.log.outcome = "done";
                 let mut finish = fin.as_str();
-                if let Some(mut t) = self.tools.take() {
+                if let Some(mut f) = self.forced.take() {
+                    let (last, sent) = f.finish();
+                    if let Some(d) = last {
+                        let mut c = self.chunk(None, Value::Null, Value::Null);
+                        c["choices"][0]["delta"] = json!({"tool_calls": [d]});
+                        self.push(&c);
+                    }
+                    match sent {
+                        Ok(()) => finish = tool_finish(fin),
+                        Err(text) if !text.is_empty() => {
+                            let c = self.chunk(Some(&text), Value::Null, Value::Null);
+                            self.push(&c);
+                        }
+                        Err(_) => {}
+                    }
+                } else if let Some(mut t) = self.tools.take() {
                     let (rest, calls) = t.finish();
                     if !rest.is_empty() {
                         let c = self.chunk(Some(&rest), Value::Null, Value::Null);
@@ -1368,8 +1403,9 @@ impl Streamer {
 fn stream_response(rx: UnboundedReceiver<Event>, m: Meta, rc: ReqCtx, prompt_tokens: usize) -> Response {
     let log = StreamLog { rc, model: m.model.clone(), prompt_tokens, completion_tokens: 0, outcome: "cancelled" };
     let model = m.model.clone();
-    let tools = m.tools.clone().map(ToolStream::new);
-    let mut s = Streamer { rx, m, queue: VecDeque::new(), ended: false, offset: 0, log, tools };
+    let forced = m.forced.then(ForcedStream::new);
+    let tools = if m.forced { None } else { m.tools.clone().map(ToolStream::new) };
+    let mut s = Streamer { rx, m, queue: VecDeque::new(), ended: false, offset: 0, log, tools, forced };
     if s.m.kind == Kind::Chat {
         let mut first = s.chunk(Some(""), Value::Null, Value::Null);
         first["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});

@@ -421,8 +421,10 @@ impl Num {
 const LITERALS: [&[u8]; 3] = [b"true", b"false", b"null"];
 
 /// A forced tool call's text before the function name, and between the name and the arguments.
-const CALL_HEAD: &[u8] = b"{\"name\": \"";
-const CALL_MID: &[u8] = b"\", \"arguments\": ";
+pub const CALL_HEAD: &str = "{\"name\": \"";
+pub const CALL_MID: &str = "\", \"arguments\": ";
+const HEAD: &[u8] = CALL_HEAD.as_bytes();
+const MID: &[u8] = CALL_MID.as_bytes();
 
 /// Where a forced tool call is, outside its arguments object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -544,15 +546,12 @@ impl JsonGuard {
         match self.call {
             Call::Off | Call::Args => {}
             Call::Head { pos, live } => {
-                if CALL_HEAD[pos as usize] != b {
+                if HEAD[pos as usize] != b {
                     return false;
                 }
                 let pos = pos + 1;
-                self.call = if pos as usize == CALL_HEAD.len() {
-                    Call::Name { pos: 0, live }
-                } else {
-                    Call::Head { pos, live }
-                };
+                self.call =
+                    if pos as usize == HEAD.len() { Call::Name { pos: 0, live } } else { Call::Head { pos, live } };
                 return true;
             }
             Call::Name { pos, live } => {
@@ -565,7 +564,7 @@ impl JsonGuard {
                         }
                     }
                 }
-                self.call = if b == CALL_MID[0] && ends {
+                self.call = if b == MID[0] && ends {
                     Call::Mid { pos: 1 }
                 } else if next != 0 {
                     Call::Name { pos: pos.saturating_add(1), live: next }
@@ -575,11 +574,11 @@ impl JsonGuard {
                 return true;
             }
             Call::Mid { pos } => {
-                if CALL_MID[pos as usize] != b {
+                if MID[pos as usize] != b {
                     return false;
                 }
                 let pos = pos + 1;
-                self.call = if pos as usize == CALL_MID.len() { Call::Args } else { Call::Mid { pos } };
+                self.call = if pos as usize == MID.len() { Call::Args } else { Call::Mid { pos } };
                 return true;
             }
             Call::Tail => {
@@ -604,16 +603,16 @@ impl JsonGuard {
     /// a budget of this many single-byte tokens always suffices.
     pub fn bytes_to_close(&self, names: &[Vec<u8>]) -> usize {
         // After the name: the rest of `", "arguments": `, `{}` and the final `}`.
-        let after_name = CALL_MID.len() + 3;
+        let after_name = MID.len() + 3;
         let shortest = |pos: u16, live: u64| {
             let lens = names.iter().enumerate().take(64).filter(|(i, _)| live >> i & 1 == 1).map(|(_, n)| n.len());
             lens.min().unwrap_or(0).saturating_sub(pos as usize)
         };
         match self.call {
             Call::Off | Call::Args => {}
-            Call::Head { pos, live } => return CALL_HEAD.len() - pos as usize + shortest(0, live) + after_name,
+            Call::Head { pos, live } => return HEAD.len() - pos as usize + shortest(0, live) + after_name,
             Call::Name { pos, live } => return shortest(pos, live) + after_name,
-            Call::Mid { pos } => return CALL_MID.len() - pos as usize + 3,
+            Call::Mid { pos } => return MID.len() - pos as usize + 3,
             Call::Tail => return 1,
         }
         let tail = usize::from(self.call == Call::Args);

@@ -15,11 +15,16 @@
 //!
 //! [`ToolStream`] does the same for a streamed reply: text goes out as it comes until it may be
 //! the start of a tool call, then the rest is held back and parsed at the end.
+//!
+//! A forced call (`tool_choice` "required" or a named function) is shaped by the JSON guard as
+//! `{"name": …, "arguments": {…}}` whatever the template: [`parse_forced`] takes it whole, and
+//! [`ForcedStream`] streams it as OpenAI does, the name first, then the arguments in pieces.
 
 use serde_json::{Deserializer, Map, Value, json};
 
 use super::api::fresh_u64;
 use super::engine::partial_tail;
+use super::json_guard::{CALL_HEAD, CALL_MID};
 
 const HERMES_OPEN: &str = "<tool_call>";
 const HERMES_CLOSE: &str = "</tool_call>";
@@ -270,6 +275,63 @@ impl ToolStream {
             return (p.content.unwrap_or_default(), p.calls);
         }
         (held, Vec::new())
+    }
+}
+
+/// A forced call's reply (`tool_choice` "required" or named), shaped by the JSON guard as
+/// `{"name": "N", "arguments": A}`: the call, with `A` exactly as the model wrote it (valid JSON
+/// by construction, so streamed pieces and the whole agree). `None` if the text is not one.
+pub fn parse_forced(text: &str, names: &[String]) -> Option<ToolCall> {
+    let (name, rest) = text.strip_prefix(CALL_HEAD)?.split_once(CALL_MID)?;
+    let args = rest.strip_suffix('}')?;
+    let ok = names.iter().any(|n| n == name) && serde_json::from_str::<Value>(args).is_ok_and(|v| v.is_object());
+    ok.then(|| ToolCall::new(name.to_string(), args.to_string()))
+}
+
+/// [`parse_forced`] for a streamed reply: the call goes out as soon as its name is known, then its
+/// arguments piece by piece (the last byte held back: the reply's final `}` is not theirs).
+#[derive(Default)]
+pub struct ForcedStream {
+    held: String,
+    /// Set once the name is known (and sent).
+    call: Option<ToolCall>,
+}
+
+impl ForcedStream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add `text`; the `delta.tool_calls` entry to send now, if any.
+    pub fn feed(&mut self, text: &str) -> Option<Value> {
+        self.held.push_str(text);
+        let start = self.call.is_none();
+        if start {
+            let (name, rest) = self.held.strip_prefix(CALL_HEAD)?.split_once(CALL_MID)?;
+            let call = ToolCall::new(name.to_string(), String::new());
+            self.held = rest.to_string();
+            self.call = Some(call);
+        }
+        let keep = self.held.char_indices().next_back().map_or(0, |(i, _)| i);
+        let piece: String = self.held.drain(..keep).collect();
+        let call = self.call.as_ref()?;
+        if start {
+            let mut d = call.to_delta(0);
+            d["function"]["arguments"] = piece.into();
+            return Some(d);
+        }
+        (!piece.is_empty()).then(|| json!({"index": 0, "function": {"arguments": piece}}))
+    }
+
+    /// The end of the reply: the last arguments piece (or `None`), and whether a call was sent;
+    /// when none was, the text to send as content instead.
+    pub fn finish(&mut self) -> (Option<Value>, Result<(), String>) {
+        let held = std::mem::take(&mut self.held);
+        if self.call.is_none() {
+            return (None, Err(held));
+        }
+        let piece = held.strip_suffix('}').unwrap_or(&held);
+        ((!piece.is_empty()).then(|| json!({"index": 0, "function": {"arguments": piece}})), Ok(()))
     }
 }
 
@@ -646,5 +708,51 @@ mod tests {
         let out = polyfill(&odd).unwrap();
         assert_eq!(out[0], odd[0]);
         assert_eq!(out[1]["content"], "a\n{\"tool_calls\":[]}");
+    }
+
+    #[test]
+    fn forced_calls_whole_and_streamed() {
+        let names = vec!["get_time".to_string(), "get_weather".to_string()];
+        let text = r#"{"name": "get_weather", "arguments": {"city": "Rome", "days": [1, 2], "note": "a}b"}}"#;
+        let call = parse_forced(text, &names).expect("a forced call");
+        assert_eq!(
+            (call.name.as_str(), call.arguments.as_str()),
+            ("get_weather", r#"{"city": "Rome", "days": [1, 2], "note": "a}b"}"#)
+        );
+        assert!(parse_forced(text, &names[..1]).is_none(), "a name outside the tools");
+        assert!(parse_forced(&text[..text.len() - 1], &names).is_none(), "cut short");
+        assert!(parse_forced("plain text", &names).is_none());
+        // Streamed in pieces cut anywhere (including inside a multi-byte character's pieces of text):
+        // one start delta with id and name, then arguments that add up to the same text.
+        let text = r#"{"name": "get_time", "arguments": {"tz": "Europe/Zürich ✓"}}"#;
+        let whole = parse_forced(text, &names).unwrap();
+        for cut in 1..8 {
+            let mut f = ForcedStream::new();
+            let (mut args, mut starts) = (String::new(), 0);
+            let chars: Vec<char> = text.chars().collect();
+            let mut deltas = Vec::new();
+            for piece in chars.chunks(cut) {
+                deltas.extend(f.feed(&piece.iter().collect::<String>()));
+            }
+            let (last, sent) = f.finish();
+            deltas.extend(last);
+            assert_eq!(sent, Ok(()));
+            for d in &deltas {
+                assert_eq!(d["index"], 0);
+                if d.get("id").is_some() {
+                    starts += 1;
+                    assert_eq!(d["function"]["name"], "get_time");
+                    assert_eq!(d["type"], "function");
+                }
+                args.push_str(d["function"]["arguments"].as_str().unwrap());
+            }
+            assert_eq!(starts, 1, "cut {cut}: {deltas:?}");
+            assert!(deltas[0].get("id").is_some(), "the first delta names the call");
+            assert_eq!(args, whole.arguments, "cut {cut}");
+        }
+        // Not a call (the guard fell back): the text comes back as content.
+        let mut f = ForcedStream::new();
+        assert_eq!(f.feed("hello"), None);
+        assert_eq!(f.finish(), (None, Err("hello".to_string())));
     }
 }
