@@ -799,8 +799,6 @@ fn parse_messages(o: &Obj) -> ApiResult<Vec<Value>> {
     Ok(out)
 }
 
-/// Tool definitions for the template: `tools` (or legacy `functions`), unless `tool_choice` is
-/// `none`.
 /// The functions a reply must call: `tool_choice` (or legacy `function_call`) `"required"` (any
 /// of the tools) or a named function; empty for `"auto"`, `"none"` or no choice.
 fn parse_tool_choice(o: &Obj, tools: Option<&[Value]>) -> ApiResult<Vec<String>> {
@@ -857,6 +855,8 @@ fn parse_tool_choice(o: &Obj, tools: Option<&[Value]>) -> ApiResult<Vec<String>>
     Ok(wanted)
 }
 
+/// Tool definitions for the template: `tools` (or legacy `functions`), unless `tool_choice` is
+/// `none`.
 fn parse_tools(o: &Obj) -> ApiResult<Option<Vec<Value>>> {
     let choice_none = matches!(field(o, "tool_choice"), Some(Value::String(s)) if s == "none");
     let tools = match (field(o, "tools"), field(o, "functions")) {
