@@ -13,6 +13,7 @@ use alloc::vec::Vec;
 use core::cmp::Ordering;
 
 use purehw_kernels::ops::{EXP_LO, exp};
+use purehw_kernels::quant::{LANES, reduce_lanes};
 
 /// How to pick the next token. [`Default`] is greedy with every filter and penalty off.
 #[derive(Copy, Clone, Debug, PartialEq)]
@@ -237,13 +238,11 @@ impl Sampler {
             return 0;
         }
         for (d, &s) in self.logits[..n].iter_mut().zip(&logits[..n]) {
-            // +inf would make `l - max` NaN below; f32::MAX keeps it the clear winner.
-            *d = if s.is_nan() { f32::NEG_INFINITY } else { s.min(f32::MAX) };
+            *d = sane(s);
         }
         for &(t, b) in &self.bias {
             if let Some(x) = self.logits[..n].get_mut(t as usize) {
-                let y = *x + b;
-                *x = if y.is_nan() { f32::NEG_INFINITY } else { y.min(f32::MAX) };
+                *x = sane(*x + b);
             }
         }
         if self.params.has_penalties() {
@@ -357,6 +356,13 @@ impl Sampler {
     }
 }
 
+/// A logit as the sampler takes it: NaN counts as `-inf`, and `+inf` (which would make `l - max`
+/// NaN) as `f32::MAX`, still the clear winner.
+#[inline]
+fn sane(x: f32) -> f32 {
+    if x.is_nan() { f32::NEG_INFINITY } else { x.min(f32::MAX) }
+}
+
 /// The sampler's `e^x` for `x = (logit − max) / T ≤ 0`: [`purehw_kernels::ops::exp`], and
 /// exactly 0 below its range (so `-inf`, a masked token, stays impossible) or for NaN. Branch-free,
 /// so the passes over the vocabulary vectorise.
@@ -368,7 +374,7 @@ fn prob(x: f32) -> f32 {
 
 /// A sum in 8 interleaved lanes (vectorises; a fixed order, so results are reproducible).
 #[derive(Default)]
-struct Lanes([f32; 8]);
+struct Lanes([f32; LANES]);
 
 impl Lanes {
     /// Add up to 8 values, the `j`-th to lane `j`.
@@ -380,8 +386,7 @@ impl Lanes {
     }
 
     fn total(&self) -> f32 {
-        let s = &self.0;
-        ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]))
+        reduce_lanes(&self.0)
     }
 }
 

@@ -1044,8 +1044,7 @@ async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesReject
         return Err(ApiError::param("logit_bias", format!("token id {id} is out of range (vocabulary of {vocab})")));
     }
     if !params.call.is_empty() {
-        let names: Vec<Vec<u8>> = params.call.iter().map(|n| n.as_bytes().to_vec()).collect();
-        let need = JsonGuard::call_min_tokens(&names);
+        let need = JsonGuard::call_min_tokens(&params.call);
         let room = loaded.ctx - prompt.len();
         if params.max_tokens.unwrap_or(usize::MAX).min(room) < need {
             let (param, what) = match params.max_tokens {
@@ -1173,12 +1172,13 @@ async fn collect(mut rx: UnboundedReceiver<Event>, m: Meta) -> ApiResult {
     };
     let body = match m.kind {
         Kind::Chat => {
-            let forced = m.forced.then(|| m.tools.as_deref().and_then(|names| tools::parse_forced(&text, names)));
-            let parsed = match forced {
-                Some(Some(call)) => Some(tools::Parsed { content: None, calls: vec![call] }),
-                Some(None) => None,
-                None => m.tools.as_deref().and_then(|names| tools::parse(&text, names)),
-            };
+            let parsed = m.tools.as_deref().and_then(|names| {
+                if m.forced {
+                    tools::parse_forced(&text, names).map(|call| tools::Parsed { content: None, calls: vec![call] })
+                } else {
+                    tools::parse(&text, names)
+                }
+            });
             let (message, finish) = match parsed {
                 Some(p) => (
                     json!({
@@ -1271,6 +1271,13 @@ impl Streamer {
         self.queue.push_back(SseEvent::default().data(v.to_string()));
     }
 
+    /// A chunk whose delta is one `tool_calls` entry.
+    fn push_tool_delta(&mut self, d: Value) {
+        let mut c = self.chunk(None, Value::Null, Value::Null);
+        c["choices"][0]["delta"] = json!({"tool_calls": [d]});
+        self.push(&c);
+    }
+
     /// One chunk: `delta` (chat) or `text` (completions).
     fn chunk(&self, content: Option<&str>, logprobs: Value, finish: Value) -> Value {
         let m = &self.m;
@@ -1312,9 +1319,7 @@ impl Streamer {
                 self.log.completion_tokens += 1;
                 if let Some(f) = &mut self.forced {
                     if let Some(d) = f.feed(&text) {
-                        let mut c = self.chunk(None, Value::Null, Value::Null);
-                        c["choices"][0]["delta"] = json!({"tool_calls": [d]});
-                        self.push(&c);
+                        self.push_tool_delta(d);
                     }
                     return;
                 }
@@ -1346,9 +1351,7 @@ impl Streamer {
                 if let Some(mut f) = self.forced.take() {
                     let (last, sent) = f.finish();
                     if let Some(d) = last {
-                        let mut c = self.chunk(None, Value::Null, Value::Null);
-                        c["choices"][0]["delta"] = json!({"tool_calls": [d]});
-                        self.push(&c);
+                        self.push_tool_delta(d);
                     }
                     match sent {
                         Ok(()) => finish = tool_finish(fin),
@@ -1365,9 +1368,7 @@ impl Streamer {
                         self.push(&c);
                     }
                     for (i, call) in calls.iter().enumerate() {
-                        let mut c = self.chunk(None, Value::Null, Value::Null);
-                        c["choices"][0]["delta"] = json!({"tool_calls": [call.to_delta(i)]});
-                        self.push(&c);
+                        self.push_tool_delta(call.to_delta(i));
                     }
                     if !calls.is_empty() {
                         finish = tool_finish(fin);

@@ -290,8 +290,6 @@ struct Seq<'t> {
     decoder: Decoder<'t>,
     stops: StopMatcher,
     json: Option<(JsonGuard, Arc<TokenTexts>)>,
-    /// The forced call's function names, as the guard reads them.
-    call: Vec<Vec<u8>>,
     /// Logits copy for constrained sampling.
     scratch: Vec<f32>,
     last_token: Option<Instant>,
@@ -364,9 +362,8 @@ fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx:
             }
             // The guard closes the object within the tokens this reply may have.
             let budget = job.params.max_tokens.unwrap_or(usize::MAX).min(ctx - job.prompt.len());
-            let call: Vec<Vec<u8>> = job.params.call.iter().take(64).map(|n| n.as_bytes().to_vec()).collect();
-            let json = if !call.is_empty() {
-                Some((JsonGuard::for_call(call.len(), budget), loaded.texts()))
+            let json = if !job.params.call.is_empty() {
+                Some((JsonGuard::for_call(job.params.call.len(), budget), loaded.texts()))
             } else {
                 job.params.json.then(|| (JsonGuard::with_budget(budget), loaded.texts()))
             };
@@ -384,7 +381,6 @@ fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx:
                 decoder: tok.decode_stream(),
                 stops,
                 json,
-                call,
                 scratch: Vec::new(),
                 last_token: None,
                 cut: false,
@@ -508,7 +504,7 @@ fn step_token(seq: &mut Seq<'_>, logits: &[f32], loaded: &Loaded, ctx: usize, st
             seq.scratch.extend_from_slice(logits);
             let (sampler, generated) = (&mut seq.sampler, &seq.generated);
             // `pick` advances the guard by the token's text itself.
-            super::json_guard::pick(guard, texts, &seq.call, &mut seq.scratch, |l| sampler.sample(l, generated))
+            super::json_guard::pick(guard, texts, &p.call, &mut seq.scratch, |l| sampler.sample(l, generated))
         }
     };
     let now = Instant::now();

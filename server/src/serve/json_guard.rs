@@ -150,7 +150,7 @@ impl TokenTexts {
 
     /// Whether the guard allows token `id` next: a token with text the guard accepts, or an
     /// end-of-generation token once the object is complete. Other special tokens never.
-    pub fn allowed(&self, guard: &JsonGuard, id: u32, names: &[Vec<u8>]) -> bool {
+    pub fn allowed(&self, guard: &JsonGuard, id: u32, names: &[String]) -> bool {
         match self.get(id) {
             Some(text) => guard.accepts_token(text, names),
             None => self.is_eos(id) && guard.is_complete(),
@@ -510,19 +510,19 @@ impl JsonGuard {
 
     /// The least budget a forced call among `names` is given: one token per byte of the shortest
     /// complete call, `{"name": "N", "arguments": {}}`.
-    pub fn call_min_tokens(names: &[Vec<u8>]) -> usize {
+    pub fn call_min_tokens(names: &[String]) -> usize {
         Self::for_call(names.len().clamp(1, 64), usize::MAX).bytes_to_close(names)
     }
 
     /// Whether a token that leaves the guard as `after` fits the budget: `after` can be closed in
     /// the tokens left once it is taken.
-    fn fits(&self, after: &JsonGuard, names: &[Vec<u8>]) -> bool {
+    fn fits(&self, after: &JsonGuard, names: &[String]) -> bool {
         self.left == u32::MAX || after.bytes_to_close(names) < self.left as usize
     }
 
     /// Take a token's text: false (and the state unchanged) if the guard rejects it or it does
     /// not fit the budget. `names`: a forced call's function names (else empty).
-    pub fn push_token(&mut self, bytes: &[u8], names: &[Vec<u8>]) -> bool {
+    pub fn push_token(&mut self, bytes: &[u8], names: &[String]) -> bool {
         let mut g = *self;
         if !(bytes.iter().all(|&b| g.step_in(b, names)) && self.fits(&g, names)) {
             return false;
@@ -535,14 +535,14 @@ impl JsonGuard {
     }
 
     /// Whether a token with this text is allowed next (see [`JsonGuard::push_token`]).
-    pub fn accepts_token(&self, bytes: &[u8], names: &[Vec<u8>]) -> bool {
+    pub fn accepts_token(&self, bytes: &[u8], names: &[String]) -> bool {
         let mut g = *self;
         bytes.iter().all(|&b| g.step_in(b, names)) && self.fits(&g, names)
     }
 
     /// One byte, the forced call's fixed text and name included.
     #[inline]
-    fn step_in(&mut self, b: u8, names: &[Vec<u8>]) -> bool {
+    fn step_in(&mut self, b: u8, names: &[String]) -> bool {
         match self.call {
             Call::Off | Call::Args => {}
             Call::Head { pos, live } => {
@@ -559,7 +559,7 @@ impl JsonGuard {
                 for (i, n) in names.iter().enumerate().take(64) {
                     if live >> i & 1 == 1 {
                         ends |= n.len() == pos as usize;
-                        if n.get(pos as usize) == Some(&b) {
+                        if n.as_bytes().get(pos as usize) == Some(&b) {
                             next |= 1 << i;
                         }
                     }
@@ -601,7 +601,7 @@ impl JsonGuard {
     /// The fewest bytes that complete the object from here. Each state has a next byte that
     /// lowers this by exactly one (`}` `]` `"` `0` `:` and the rest of an escape or literal), so
     /// a budget of this many single-byte tokens always suffices.
-    pub fn bytes_to_close(&self, names: &[Vec<u8>]) -> usize {
+    pub fn bytes_to_close(&self, names: &[String]) -> usize {
         // After the name: the rest of `", "arguments": `, `{}` and the final `}`.
         let after_name = MID.len() + 3;
         let shortest = |pos: u16, live: u64| {
@@ -857,7 +857,7 @@ impl JsonGuard {
 /// rejected prefix rejects every token that starts with it; inside a string, tokens known to stay
 /// in it are allowed without a look. Under a millisecond for Gemma's 262k tokens. The order is
 /// made on the first call (about 60 ms for Gemma) and kept.
-pub fn allowed_mask(guard: &JsonGuard, texts: &TokenTexts, names: &[Vec<u8>], out: &mut Vec<bool>) {
+pub fn allowed_mask(guard: &JsonGuard, texts: &TokenTexts, names: &[String], out: &mut Vec<bool>) {
     out.clear();
     out.resize(texts.len(), false);
     if guard.is_complete() {
@@ -924,7 +924,7 @@ pub fn allowed_mask(guard: &JsonGuard, texts: &TokenTexts, names: &[Vec<u8>], ou
 pub fn pick(
     guard: &mut JsonGuard,
     texts: &TokenTexts,
-    names: &[Vec<u8>],
+    names: &[String],
     logits: &mut [f32],
     mut sample: impl FnMut(&[f32]) -> u32,
 ) -> u32 {
@@ -962,7 +962,7 @@ pub fn pick(
     id
 }
 
-fn advance(guard: &mut JsonGuard, texts: &TokenTexts, id: u32, names: &[Vec<u8>]) {
+fn advance(guard: &mut JsonGuard, texts: &TokenTexts, id: u32, names: &[String]) {
     if let Some(text) = texts.get(id) {
         let pushed = guard.push_token(text, names);
         debug_assert!(pushed);
@@ -1327,12 +1327,11 @@ mod tests {
     /// `{"name": N, "arguments": {…}}` with `N` one of the names, and never leave it early.
     #[test]
     fn forced_call_shape() {
-        let names: Vec<Vec<u8>> =
-            ["get_weather", "get_time", "g", "lookup.v2"].iter().map(|n| n.as_bytes().to_vec()).collect();
+        let names: Vec<String> = ["get_weather", "get_time", "g", "lookup.v2"].iter().map(|n| n.to_string()).collect();
         let min = JsonGuard::call_min_tokens(&names);
         assert_eq!(min, br#"{"name": "g", "arguments": {}}"#.len());
         let mut alphabet: Vec<u8> = b"{}[]\":,0123456789-.etrufalsn \n\\/".to_vec();
-        alphabet.extend(names.iter().flatten());
+        alphabet.extend(names.iter().flat_map(|n| n.bytes()));
         let mut rng = Rng(31);
         for budget in [min, min + 1, min + 5, min + 40, usize::MAX] {
             for _ in 0..3000 {
@@ -1356,7 +1355,7 @@ mod tests {
                 let v: serde_json::Value = serde_json::from_slice(&out)
                     .unwrap_or_else(|e| panic!("{:?} does not parse: {e}", String::from_utf8_lossy(&out)));
                 let name = v["name"].as_str().expect("a name");
-                assert!(names.iter().any(|n| n == name.as_bytes()), "{name}");
+                assert!(names.iter().any(|n| n == name), "{name}");
                 assert!(v["arguments"].is_object(), "{v}");
                 assert_eq!(v.as_object().unwrap().len(), 2);
             }
@@ -1578,7 +1577,7 @@ mod tests {
             assert!(allowed > 0);
         }
         // A forced call, in its fixed text, its name and its arguments, with a budget.
-        let names: Vec<Vec<u8>> = [&b"get_weather"[..], b"get_time"].iter().map(|n| n.to_vec()).collect();
+        let names: Vec<String> = ["get_weather".to_string(), "get_time".to_string()].into();
         let call: &[&[u8]] = &[
             b"",
             b"{\"na",

@@ -2,7 +2,7 @@
 //! shape chat templates expect.
 //!
 //! Replies are parsed only when the request gave tools, `tool_choice` is not `none` and the chat
-//! template takes tools. The formats of the common open models:
+//! template takes tools (a forced call, below, whatever the template). The formats of the common open models:
 //! - Hermes / Qwen2.5 / Qwen3: `<tool_call>{"name": …, "arguments": {…}}</tool_call>`, repeated;
 //! - Mistral: `[TOOL_CALLS][{"name": …, "arguments": {…}}, …]`, and the newer
 //!   `[TOOL_CALLS]name[ARGS]{…}` (one marker per call);
@@ -41,7 +41,7 @@ pub struct ToolCall {
     /// `call_` and 24 hex digits, unique per call.
     pub id: String,
     pub name: String,
-    /// Compact JSON text.
+    /// JSON text: compact, except a forced call's, kept as the model wrote it.
     pub arguments: String,
 }
 
