@@ -384,6 +384,98 @@ def case_json(c):
     raise Failure(f"json_object: every attempt hit the length limit; last: {last!r}")
 
 
+def case_json_schema(c):
+    """response_format json_schema: the SDK's own structured-output path (a pydantic model with
+    nested models, enums, optionals and lists; `parse` validates the reply) and a raw schema,
+    streamed; a forced tool call's arguments follow the tool's parameter schema; bad schemas and
+    a max_tokens too small for the schema are 400s."""
+    from typing import Literal, Optional
+
+    from pydantic import BaseModel
+
+    class Pet(BaseModel):
+        name: str
+        species: Literal["cat", "dog", "bird"]
+        age: int
+        vaccinated: bool
+        nickname: Optional[str]
+        toys: list[str]
+
+    class Household(BaseModel):
+        owner: str
+        city: str
+        pets: list[Pet]
+
+    parse = getattr(c.client.chat.completions, "parse", None) or c.client.beta.chat.completions.parse
+    for seed in (1, 2, 3):
+        r = parse(model=c.model, messages=[{"role": "user", "content": "Describe a household with two pets as JSON."}],
+                  response_format=Household, max_tokens=300, temperature=0.8, seed=seed)
+        ch = r.choices[0]
+        check(ch.finish_reason == "stop", f"finish_reason {ch.finish_reason!r}", ch.message.content)
+        h = ch.message.parsed
+        check(isinstance(h, Household), f"parsed is {type(h).__name__}", ch.message.content)
+        # Keys in the schema's order, as OpenAI's strict mode writes them.
+        check(list(json.loads(ch.message.content)) == ["owner", "city", "pets"], "key order", ch.message.content)
+        print(f"  parse(Household) seed={seed}: {short(ch.message.content, 200)!r}")
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string"},
+            "year": {"type": "integer"},
+            "rating": {"type": "number"},
+            "genre": {"enum": ["drama", "comedy", "horror", "sci-fi"]},
+            "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3},
+        },
+        "required": ["title", "year", "genre", "tags"],
+        "additionalProperties": False,
+    }
+    rf = {"type": "json_schema", "json_schema": {"name": "movie", "schema": schema, "strict": True}}
+    msgs = [{"role": "user", "content": "Recommend a movie."}]
+    st = c.client.chat.completions.create(model=c.model, messages=msgs, response_format=rf, max_tokens=120,
+                                          temperature=0, stream=True)
+    text = "".join(ch.choices[0].delta.content or "" for ch in st if ch.choices)
+    whole = c.client.chat.completions.create(model=c.model, messages=msgs, response_format=rf, max_tokens=120,
+                                             temperature=0).choices[0].message.content
+    check(text == whole, "streamed json_schema reply differs", text, whole)
+    v = json.loads(text)
+    check(set(v) - set(schema["properties"]) == set() and {"title", "year", "genre", "tags"} <= set(v), "keys", text)
+    check(isinstance(v["year"], int) and v["genre"] in schema["properties"]["genre"]["enum"], "types", text)
+    check(1 <= len(v["tags"]) <= 3 and all(isinstance(t, str) for t in v["tags"]), "tags", text)
+    print(f"  raw schema, streamed: {short(text, 200)!r}")
+
+    # A forced call: the arguments follow the tool's parameters.
+    tool = {"type": "function", "function": {"name": "set_alarm", "parameters": {
+        "type": "object",
+        "properties": {"hour": {"type": "integer"}, "minute": {"type": "integer"}, "days": {
+            "type": "array", "items": {"enum": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]}}},
+        "required": ["hour", "minute", "days"], "additionalProperties": False}}}
+    r = c.client.chat.completions.create(model=c.model, messages=[{"role": "user", "content": "Wake me at 7."}],
+                                         tools=[tool], tool_choice={"type": "function", "function": {"name": "set_alarm"}},
+                                         max_tokens=100, temperature=0)
+    call = r.choices[0].message.tool_calls[0]
+    a = json.loads(call.function.arguments)
+    check(list(a) == ["hour", "minute", "days"] and isinstance(a["hour"], int) and isinstance(a["minute"], int),
+          "forced call arguments", call.function.arguments)
+    check(all(d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun") for d in a["days"]), "days", call.function.arguments)
+    print(f"  forced call set_alarm({call.function.arguments})")
+
+    def expect_400(body, param):
+        st, _, b = c.http("POST", "/v1/chat/completions", body={"model": c.model, "messages": msgs, **body})
+        check_error_shape(st, b, param)
+        check(st == 400 and b["error"]["param"] == param, f"{param}: {st}", short(b))
+        print(f"  400 {param}: {short(b['error']['message'], 120)!r}")
+
+    expect_400({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string"}}}},
+               "response_format.json_schema.schema")
+    expect_400({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}}}}}, "response_format.json_schema.schema")
+    expect_400({"response_format": {"type": "json_schema", "json_schema": "movie"}}, "response_format.json_schema")
+    expect_400({"response_format": rf, "max_tokens": 5}, "max_tokens")
+    bad_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "text"}}}}}
+    expect_400({"tools": [bad_tool], "tool_choice": "required"}, "tools")
+
+
 def make_tools(n=36):
     """OpenWebUI-sized tool definitions (~25 KB of JSON)."""
     tools = []
@@ -949,6 +1041,7 @@ CASES = {
     "stop": case_stop,
     "seed": case_seed,
     "json": case_json,
+    "json_schema": case_json_schema,
     "openwebui": case_openwebui,
     "tools": case_tools,
     "tool_history": case_tool_history,

@@ -191,10 +191,11 @@ fn chat_stream_completions() {
     Server::start(SMOL, &[]).run(&["chat", "stream", "completions", "length"]);
 }
 
-/// logprobs, logit_bias, stop sequences, seeded sampling, response_format json_object.
+/// logprobs, logit_bias, stop sequences, seeded sampling, response_format json_object and
+/// json_schema (the SDK's `parse` with a pydantic model; forced-call arguments per schema).
 #[test]
 fn sampling_controls() {
-    Server::start(SMOL, &[]).run(&["logprobs", "logit_bias", "stop", "seed", "json"]);
+    Server::start(SMOL, &[]).run(&["logprobs", "logit_bias", "stop", "seed", "json", "json_schema"]);
 }
 
 /// What OpenWebUI sends: ~36 tools + stream, and a title request without max_tokens; tool-call

@@ -27,7 +27,8 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::engine::{Event, Finish, GenParams, Job, Loaded, SubmitError, TokenLogprob};
-use super::json_guard::JsonGuard;
+use super::json_guard::{JsonGuard, Rules};
+use super::json_schema::Schema;
 use super::tools::{self, ForcedStream, ToolCall, ToolStream};
 use super::{AppState, ServedModel, metrics};
 use crate::error::{CliError, CliResult};
@@ -656,11 +657,16 @@ fn parse_options(o: &Obj, kind_: Kind) -> ApiResult<Options> {
             },
         },
     };
+    let mut schema = None;
     let json_mode = match field(o, "response_format") {
         None => false,
         Some(Value::Object(rf)) => match rf.get("type") {
             Some(Value::String(t)) if t == "text" => false,
-            Some(Value::String(t)) if t == "json_object" || t == "json_schema" => true,
+            Some(Value::String(t)) if t == "json_object" => true,
+            Some(Value::String(t)) if t == "json_schema" => {
+                schema = parse_json_schema(rf)?;
+                true
+            }
             Some(Value::String(t)) => {
                 return Err(ApiError::param(
                     "response_format.type",
@@ -709,6 +715,7 @@ fn parse_options(o: &Obj, kind_: Kind) -> ApiResult<Options> {
             json: json_mode,
             logit_bias,
             call: Vec::new(),
+            schema,
         },
         stream,
         include_usage: stream && include_usage,
@@ -797,6 +804,40 @@ fn parse_messages(o: &Obj) -> ApiResult<Vec<Value>> {
         out.push(m);
     }
     Ok(out)
+}
+
+/// `response_format.json_schema.schema`, compiled (`None` without a schema: any object).
+fn parse_json_schema(rf: &Obj) -> ApiResult<Option<Arc<Schema>>> {
+    let js = match rf.get("json_schema") {
+        None => return Ok(None),
+        Some(Value::Object(js)) => js,
+        Some(v) => {
+            return Err(ApiError::param(
+                "response_format.json_schema",
+                format!("response_format.json_schema must be an object, got {}", kind(v)),
+            ));
+        }
+    };
+    let Some(schema) = js.get("schema") else { return Ok(None) };
+    Schema::compile(&[Some(schema)]).map(|s| Some(Arc::new(s))).map_err(|(_, e)| {
+        ApiError::param("response_format.json_schema.schema", format!("response_format.json_schema.schema: {e}"))
+    })
+}
+
+/// The argument schemas of a forced call's functions (`parameters` of each named tool), compiled
+/// with root `i` for `names[i]`.
+fn call_schemas(names: &[String], tools: Option<&[Value]>) -> ApiResult<Arc<Schema>> {
+    let params = |name: &str| {
+        let f = tools?
+            .iter()
+            .filter_map(|t| t.get("function"))
+            .find(|f| f.get("name").and_then(Value::as_str) == Some(name));
+        f?.get("parameters")
+    };
+    let schemas: Vec<Option<&Value>> = names.iter().map(|n| params(n)).collect();
+    Schema::compile(&schemas)
+        .map(Arc::new)
+        .map_err(|(i, e)| ApiError::param("tools", format!("the parameters of tool '{}': {e}", names[i])))
 }
 
 /// The functions a reply must call: `tool_choice` (or legacy `function_call`) `"required"` (any
@@ -997,6 +1038,9 @@ async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesReject
         Kind::Chat => {
             let tools = parse_tools(&o)?;
             params.call = parse_tool_choice(&o, tools.as_deref())?;
+            if !params.call.is_empty() {
+                params.schema = Some(call_schemas(&params.call, tools.as_deref())?);
+            }
             Input::Chat(parse_messages(&o)?, tools)
         }
         Kind::Text => Input::Text(parse_prompt(&o)?),
@@ -1043,17 +1087,21 @@ async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesReject
     if let Some(&(id, _)) = params.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
         return Err(ApiError::param("logit_bias", format!("token id {id} is out of range (vocabulary of {vocab})")));
     }
-    if !params.call.is_empty() {
-        let need = JsonGuard::call_min_tokens(&params.call);
+    if !params.call.is_empty() || params.schema.is_some() {
+        let need = JsonGuard::min_tokens(&Rules { names: params.call.clone(), schema: params.schema.clone() });
         let room = loaded.ctx - prompt.len();
         if params.max_tokens.unwrap_or(usize::MAX).min(room) < need {
             let (param, what) = match params.max_tokens {
                 Some(m) if m < room => ("max_tokens", format!("max_tokens {m}")),
-                _ => ("messages", format!("the context left after the prompt ({room} tokens)")),
+                _ => (
+                    if kind_ == Kind::Chat { "messages" } else { "prompt" },
+                    format!("the context left after the prompt ({room} tokens)"),
+                ),
             };
+            let reply = if params.call.is_empty() { "a reply matching the schema" } else { "a forced tool call" };
             return Err(ApiError::param(
                 param,
-                format!("{what} is too small for a forced tool call, which may need {need} tokens"),
+                format!("{what} is too small for {reply}, which may need {need} tokens"),
             ));
         }
     }

@@ -24,7 +24,8 @@ use purehw_core::tokenizer::{Decoder, Tokenizer};
 use purehw_hal::Backend;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::json_guard::{JsonGuard, TokenTexts};
+use super::json_guard::{JsonGuard, Rules, TokenTexts};
+use super::json_schema::Schema;
 use super::metrics::Stats;
 
 /// Per-request generation settings (already validated by the HTTP layer).
@@ -46,6 +47,9 @@ pub struct GenParams {
     /// A forced tool call (`tool_choice` "required" or a named function): the reply is
     /// `{"name": N, "arguments": {…}}` with `N` one of these (at most 64). Empty: not forced.
     pub call: Vec<String>,
+    /// The reply's JSON schema (root 0), or a forced call's argument schemas (root `i` for
+    /// `call[i]`).
+    pub schema: Option<Arc<Schema>>,
 }
 
 /// One generation request.
@@ -289,7 +293,7 @@ struct Seq<'t> {
     picked: Option<u32>,
     decoder: Decoder<'t>,
     stops: StopMatcher,
-    json: Option<(JsonGuard, Arc<TokenTexts>)>,
+    json: Option<(JsonGuard, Arc<TokenTexts>, Rules)>,
     /// Logits copy for constrained sampling.
     scratch: Vec<f32>,
     last_token: Option<Instant>,
@@ -362,10 +366,14 @@ fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx:
             }
             // The guard closes the object within the tokens this reply may have.
             let budget = job.params.max_tokens.unwrap_or(usize::MAX).min(ctx - job.prompt.len());
+            let rules = || Rules { names: job.params.call.clone(), schema: job.params.schema.clone() };
             let json = if !job.params.call.is_empty() {
-                Some((JsonGuard::for_call(job.params.call.len(), budget), loaded.texts()))
+                Some((JsonGuard::for_call(job.params.call.len(), budget), loaded.texts(), rules()))
             } else {
-                job.params.json.then(|| (JsonGuard::with_budget(budget), loaded.texts()))
+                job.params.json.then(|| {
+                    let rules = rules();
+                    (JsonGuard::with_budget(budget).with_schema(&rules), loaded.texts(), rules)
+                })
             };
             let sampler = Sampler::new(job.params.sampling, vocab).with_logit_bias(job.params.logit_bias.clone());
             let stops = StopMatcher { stops: job.params.stop.clone(), held: String::new() };
@@ -499,12 +507,12 @@ fn step_token(seq: &mut Seq<'_>, logits: &[f32], loaded: &Loaded, ctx: usize, st
             Some(id) => id,
             None => seq.sampler.sample(logits, &seq.generated),
         },
-        Some((guard, texts)) => {
+        Some((guard, texts, rules)) => {
             seq.scratch.clear();
             seq.scratch.extend_from_slice(logits);
             let (sampler, generated) = (&mut seq.sampler, &seq.generated);
             // `pick` advances the guard by the token's text itself.
-            super::json_guard::pick(guard, texts, &p.call, &mut seq.scratch, |l| sampler.sample(l, generated))
+            super::json_guard::pick(guard, texts, rules, &mut seq.scratch, |l| sampler.sample(l, generated))
         }
     };
     let now = Instant::now();
@@ -513,7 +521,7 @@ fn step_token(seq: &mut Seq<'_>, logits: &[f32], loaded: &Loaded, ctx: usize, st
         Some(t) => stats.itl.observe(now - t),
     }
     seq.last_token = Some(now);
-    let json_done = seq.json.as_ref().is_some_and(|(g, _)| g.is_complete());
+    let json_done = seq.json.as_ref().is_some_and(|(g, _, _)| g.is_complete());
     if p.stop_ids.contains(&id) && seq.json.is_none() {
         return Some(Finish::Stop);
     }

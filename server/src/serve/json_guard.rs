@@ -16,9 +16,14 @@
 //! U+FFFD. The one difference is harmless: a SentencePiece decoder drops a leading space at the
 //! very start of the output, and whitespace before the top-level `{` means nothing.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use purehw_core::tokenizer::Tokenizer;
+
+use super::json_schema::{ANY, INF, Schema, T_NUMBER, admits, start_kind};
+
+/// Nesting levels, as a count.
+const LEVELS: usize = MAX_DEPTH as usize;
 
 /// Deepest nesting of objects and arrays, the top-level object included.
 pub const MAX_DEPTH: u8 = 32;
@@ -150,9 +155,9 @@ impl TokenTexts {
 
     /// Whether the guard allows token `id` next: a token with text the guard accepts, or an
     /// end-of-generation token once the object is complete. Other special tokens never.
-    pub fn allowed(&self, guard: &JsonGuard, id: u32, names: &[String]) -> bool {
+    pub fn allowed(&self, guard: &JsonGuard, id: u32, rules: &Rules) -> bool {
         match self.get(id) {
-            Some(text) => guard.accepts_token(text, names),
+            Some(text) => guard.accepts_token(text, rules),
             None => self.is_eos(id) && guard.is_complete(),
         }
     }
@@ -322,6 +327,28 @@ fn byte_piece(piece: &str) -> Option<u8> {
 // The validator
 // ---------------------------------------------------------------------------------------------
 
+/// Fewest bytes that end a string from sub-state `s`, the closing quote included.
+fn str_end(s: Str) -> usize {
+    match s {
+        Str::Plain => 1,
+        Str::Esc => 2,
+        Str::Utf8 { need, .. } => need as usize + 1,
+        // `\uDC00"`, `uDC00"`.
+        Str::LowEsc => 7,
+        Str::LowU => 6,
+        Str::Hex { left, val, low } => {
+            // A high surrogate, fixed by its first two digits, needs its low half.
+            let high_byte = match left {
+                2 => Some(val),
+                1 => Some(val >> 4),
+                _ => None,
+            };
+            let high = !low && high_byte.is_some_and(|h| (0xD8..=0xDB).contains(&h));
+            left as usize + 1 + if high { 6 } else { 0 }
+        }
+    }
+}
+
 /// Where the validator is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -481,6 +508,34 @@ pub struct JsonGuard {
     ws: u8,
     /// Bit 0: the run holds a `\n`; bit 1: a `\r`.
     breaks: u8,
+    // Schema state (inert without one, [`Rules::schema`]).
+    /// Per open container (index = depth − 1): its node, and the next property's index (objects)
+    /// or the items begun (arrays).
+    frames: [(u16, u16); MAX_DEPTH as usize],
+    /// The node of the value that starts next, or is being written.
+    node: u16,
+    /// Matching a literal (an `enum` / `const` value) rather than a free value of a kind.
+    lit: bool,
+    /// The candidates of the key or literal being matched (bit `i`: literal `i`, or property
+    /// `idx + i` of the object's frame), and the bytes of it matched so far.
+    live: u64,
+    mpos: u32,
+}
+
+/// What a guard checks beyond JSON syntax; the same for every token of a reply.
+#[derive(Debug, Default)]
+pub struct Rules {
+    /// A forced call's function names (else empty).
+    pub names: Vec<String>,
+    /// The reply's schema (root 0), or, for a forced call, each name's arguments schema (root
+    /// `i` for `names[i]`).
+    pub schema: Option<Arc<Schema>>,
+}
+
+impl Rules {
+    /// No names, no schema: plain JSON.
+    #[cfg(test)]
+    pub const NONE: Rules = Rules { names: Vec::new(), schema: None };
 }
 
 impl Default for JsonGuard {
@@ -491,7 +546,29 @@ impl Default for JsonGuard {
 
 impl JsonGuard {
     pub fn new() -> Self {
-        JsonGuard { left: u32::MAX, call: Call::Off, mode: Mode::Start, stack: 0, depth: 0, ws: 0, breaks: 0 }
+        JsonGuard {
+            left: u32::MAX,
+            call: Call::Off,
+            mode: Mode::Start,
+            stack: 0,
+            depth: 0,
+            ws: 0,
+            breaks: 0,
+            frames: [(ANY, 0); MAX_DEPTH as usize],
+            node: ANY,
+            lit: false,
+            live: 0,
+            mpos: 0,
+        }
+    }
+
+    /// The same guard for a reply that must match `rules`' schema (root 0); a forced call picks
+    /// its arguments' root when its name is written.
+    pub fn with_schema(self, rules: &Rules) -> Self {
+        match &rules.schema {
+            Some(s) if self.call == Call::Off => JsonGuard { node: s.root(0), ..self },
+            _ => self,
+        }
     }
 
     /// A guard for a forced tool call of at most `tokens` tokens: `{"name": "N", "arguments": {…}}`
@@ -508,23 +585,39 @@ impl JsonGuard {
         JsonGuard { left: u32::try_from(tokens).unwrap_or(u32::MAX), ..Self::new() }
     }
 
-    /// The least budget a forced call among `names` is given: one token per byte of the shortest
-    /// complete call, `{"name": "N", "arguments": {}}`.
-    pub fn call_min_tokens(names: &[String]) -> usize {
-        Self::for_call(names.len().clamp(1, 64), usize::MAX).bytes_to_close(names)
+    /// The least budget a reply under `rules` is given: one token per byte of the shortest
+    /// complete one (a forced call's `{"name": "N", "arguments": {}}`, a schema's required keys).
+    pub fn min_tokens(rules: &Rules) -> usize {
+        let g = if rules.names.is_empty() {
+            Self::new().with_schema(rules)
+        } else {
+            Self::for_call(rules.names.len().clamp(1, 64), usize::MAX)
+        };
+        g.bytes_to_close(rules)
+    }
+
+    /// Whether `t` is a number the guard's grammar takes whole (for `enum` values).
+    pub fn is_number_text(t: &[u8]) -> bool {
+        let mut g = JsonGuard::new();
+        g.mode = Mode::Value;
+        g.depth = 1;
+        g.stack = 1;
+        t.first().is_some_and(|b| matches!(b, b'-' | b'0'..=b'9'))
+            && t.iter().chain(b"}").all(|&b| g.step(b))
+            && g.mode == Mode::Done
     }
 
     /// Whether a token that leaves the guard as `after` fits the budget: `after` can be closed in
     /// the tokens left once it is taken.
-    fn fits(&self, after: &JsonGuard, names: &[String]) -> bool {
-        self.left == u32::MAX || after.bytes_to_close(names) < self.left as usize
+    fn fits(&self, after: &JsonGuard, rules: &Rules) -> bool {
+        self.left == u32::MAX || after.bytes_to_close(rules) < self.left as usize
     }
 
     /// Take a token's text: false (and the state unchanged) if the guard rejects it or it does
     /// not fit the budget. `names`: a forced call's function names (else empty).
-    pub fn push_token(&mut self, bytes: &[u8], names: &[String]) -> bool {
+    pub fn push_token(&mut self, bytes: &[u8], rules: &Rules) -> bool {
         let mut g = *self;
-        if !(bytes.iter().all(|&b| g.step_in(b, names)) && self.fits(&g, names)) {
+        if !(bytes.iter().all(|&b| g.step_in(b, rules)) && self.fits(&g, rules)) {
             return false;
         }
         if g.left != u32::MAX {
@@ -535,14 +628,14 @@ impl JsonGuard {
     }
 
     /// Whether a token with this text is allowed next (see [`JsonGuard::push_token`]).
-    pub fn accepts_token(&self, bytes: &[u8], names: &[String]) -> bool {
+    pub fn accepts_token(&self, bytes: &[u8], rules: &Rules) -> bool {
         let mut g = *self;
-        bytes.iter().all(|&b| g.step_in(b, names)) && self.fits(&g, names)
+        bytes.iter().all(|&b| g.step_in(b, rules)) && self.fits(&g, rules)
     }
 
     /// One byte, the forced call's fixed text and name included.
     #[inline]
-    fn step_in(&mut self, b: u8, names: &[String]) -> bool {
+    fn step_in(&mut self, b: u8, rules: &Rules) -> bool {
         match self.call {
             Call::Off | Call::Args => {}
             Call::Head { pos, live } => {
@@ -555,16 +648,23 @@ impl JsonGuard {
                 return true;
             }
             Call::Name { pos, live } => {
-                let (mut next, mut ends) = (0u64, false);
-                for (i, n) in names.iter().enumerate().take(64) {
+                let (mut next, mut ends) = (0u64, None);
+                for (i, n) in rules.names.iter().enumerate().take(64) {
                     if live >> i & 1 == 1 {
-                        ends |= n.len() == pos as usize;
+                        if n.len() == pos as usize {
+                            ends = Some(i);
+                        }
                         if n.as_bytes().get(pos as usize) == Some(&b) {
                             next |= 1 << i;
                         }
                     }
                 }
-                self.call = if b == MID[0] && ends {
+                self.call = if b == MID[0]
+                    && let Some(i) = ends
+                {
+                    if let Some(s) = &rules.schema {
+                        self.node = s.root(i);
+                    }
                     Call::Mid { pos: 1 }
                 } else if next != 0 {
                     Call::Name { pos: pos.saturating_add(1), live: next }
@@ -589,6 +689,11 @@ impl JsonGuard {
                 return true;
             }
         }
+        if let Some(s) = &rules.schema
+            && !self.schema_byte(b, s)
+        {
+            return false;
+        }
         if !self.step(b) {
             return false;
         }
@@ -601,21 +706,30 @@ impl JsonGuard {
     /// The fewest bytes that complete the object from here. Each state has a next byte that
     /// lowers this by exactly one (`}` `]` `"` `0` `:` and the rest of an escape or literal), so
     /// a budget of this many single-byte tokens always suffices.
-    pub fn bytes_to_close(&self, names: &[String]) -> usize {
-        // After the name: the rest of `", "arguments": `, `{}` and the final `}`.
-        let after_name = MID.len() + 3;
+    pub fn bytes_to_close(&self, rules: &Rules) -> usize {
+        let schema = rules.schema.as_deref();
+        // Shortest arguments object of name `i`: `{}`, or its schema's required keys.
+        let args = |i: usize| schema.map_or(2, |s| s.object_min(s.root(i), LEVELS));
+        // After the name: the rest of `", "arguments": `, the arguments and the final `}`.
+        let after_name = |i: usize| MID.len() + args(i) + 1;
         let shortest = |pos: u16, live: u64| {
-            let lens = names.iter().enumerate().take(64).filter(|(i, _)| live >> i & 1 == 1).map(|(_, n)| n.len());
-            lens.min().unwrap_or(0).saturating_sub(pos as usize)
+            let names = rules.names.iter().enumerate().take(64).filter(|(i, _)| live >> i & 1 == 1);
+            names.map(|(i, n)| n.len().saturating_sub(pos as usize) + after_name(i)).min().unwrap_or(0)
         };
         match self.call {
             Call::Off | Call::Args => {}
-            Call::Head { pos, live } => return HEAD.len() - pos as usize + shortest(0, live) + after_name,
-            Call::Name { pos, live } => return shortest(pos, live) + after_name,
-            Call::Mid { pos } => return MID.len() - pos as usize + 3,
+            Call::Head { pos, live } => return HEAD.len() - pos as usize + shortest(0, live),
+            Call::Name { pos, live } => return shortest(pos, live),
+            Call::Mid { pos } => {
+                let a = schema.map_or(2, |s| s.object_min(self.node, LEVELS));
+                return MID.len() - pos as usize + a + 1;
+            }
             Call::Tail => return 1,
         }
         let tail = usize::from(self.call == Call::Args);
+        if let Some(s) = schema {
+            return self.schema_close(s) + tail;
+        }
         let local = match self.mode {
             Mode::Done => return tail,
             Mode::Start => return 2 + tail,
@@ -626,27 +740,7 @@ impl JsonGuard {
             Mode::Value => 1,
             Mode::Num { n, .. } => usize::from(!n.terminal()),
             Mode::Lit { lit, pos } => LITERALS[lit as usize].len() - pos as usize,
-            Mode::Str { key, s } => {
-                let end = match s {
-                    Str::Plain => 1,
-                    Str::Esc => 2,
-                    Str::Utf8 { need, .. } => need as usize + 1,
-                    // `\uDC00"`, `uDC00"`.
-                    Str::LowEsc => 7,
-                    Str::LowU => 6,
-                    Str::Hex { left, val, low } => {
-                        // A high surrogate, fixed by its first two digits, needs its low half.
-                        let high_byte = match left {
-                            2 => Some(val),
-                            1 => Some(val >> 4),
-                            _ => None,
-                        };
-                        let high = !low && high_byte.is_some_and(|h| (0xD8..=0xDB).contains(&h));
-                        left as usize + 1 + if high { 6 } else { 0 }
-                    }
-                };
-                end + if key { 2 } else { 0 }
-            }
+            Mode::Str { key, s } => str_end(s) + if key { 2 } else { 0 },
         };
         local + self.depth as usize + tail
     }
@@ -847,6 +941,275 @@ impl JsonGuard {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The schema layer: checked before the syntax for each byte (which may still reject it).
+// ---------------------------------------------------------------------------------------------
+
+/// The bits set in `live`, lowest first.
+fn bits(mut live: u64) -> impl Iterator<Item = usize> {
+    core::iter::from_fn(move || {
+        (live != 0).then(|| {
+            let i = live.trailing_zeros() as usize;
+            live &= live - 1;
+            i
+        })
+    })
+}
+
+/// Properties a key may name at `idx`: the next ones up to and including the first required one
+/// (keys go in the schema's order), at most 64.
+fn key_window(props: &[super::json_schema::Prop], idx: usize) -> u64 {
+    let mut live = 0u64;
+    for (i, p) in props.iter().enumerate().skip(idx).take(64) {
+        live |= 1 << (i - idx);
+        if p.required {
+            break;
+        }
+    }
+    live
+}
+
+impl JsonGuard {
+    /// The schema's verdict on byte `b` (whitespace and syntax are the syntax's business).
+    fn schema_byte(&mut self, b: u8, s: &Schema) -> bool {
+        let mut mode = self.mode;
+        match mode {
+            Mode::Str { key: true, s: st } => return self.key_byte(b, st, s),
+            Mode::Str { key: false, s: st } => {
+                return !self.lit || self.lit_byte(b, st == Str::Plain && b == b'"', s);
+            }
+            Mode::Lit { lit, pos } => {
+                return !self.lit || self.lit_byte(b, pos as usize + 1 == LITERALS[lit as usize].len(), s);
+            }
+            Mode::Num { n, .. } => {
+                if n.next(b).is_some() {
+                    if self.lit {
+                        return self.lit_byte(b, false, s);
+                    }
+                    // Integers: no fraction, no exponent.
+                    return !matches!(b, b'.' | b'e' | b'E') || s.node(self.node).types & T_NUMBER != 0;
+                }
+                // The number ends before `b`, which follows it.
+                if self.lit && !self.lit_done(s) {
+                    return false;
+                }
+                self.lit = false;
+                mode = Mode::After;
+            }
+            _ => {}
+        }
+        if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            return true;
+        }
+        let d = self.depth as usize;
+        match (mode, b) {
+            (Mode::Start, b'{') => self.schema_value(b, s),
+            (Mode::ObjOpen | Mode::After, b'}') | (Mode::ArrOpen | Mode::After, b']') => self.may_close(s),
+            (Mode::ObjOpen | Mode::ObjKey, b'"') => self.key_start(s),
+            (Mode::After, b',') if d > 0 => {
+                let (node, idx) = self.frames[d - 1];
+                let n = s.node(node);
+                if self.top_is_object() {
+                    n.props.as_ref().is_none_or(|p| (idx as usize) < p.len())
+                } else {
+                    u32::from(idx) < n.max_items
+                }
+            }
+            (Mode::Value | Mode::ArrOpen, _) => {
+                if d > 0 && !self.top_is_object() {
+                    // An array item: its node, and one more begun.
+                    let (node, count) = self.frames[d - 1];
+                    let n = s.node(node);
+                    if u32::from(count) >= n.max_items {
+                        return false;
+                    }
+                    self.frames[d - 1].1 = count.saturating_add(1);
+                    self.node = n.items;
+                }
+                self.schema_value(b, s)
+            }
+            _ => true,
+        }
+    }
+
+    /// A value of `self.node` starting with `b`: a kind it allows, or the first byte of one of its
+    /// literals. A container gets its frame.
+    fn schema_value(&mut self, b: u8, s: &Schema) -> bool {
+        let n = s.node(self.node);
+        let k = start_kind(b);
+        if admits(n.types, k) {
+            if b == b'{' || b == b'[' {
+                let Some(f) = self.frames.get_mut(self.depth as usize) else { return false };
+                *f = (self.node, 0);
+            }
+            return true;
+        }
+        let live = n.lits.iter().enumerate().filter(|(_, l)| l[0] == b).fold(0u64, |m, (i, _)| m | 1 << i);
+        self.lit = live != 0;
+        self.live = live;
+        self.mpos = 1;
+        live != 0
+    }
+
+    /// The next byte of a literal; `end`: it closes the value, so a literal must end with it.
+    fn lit_byte(&mut self, b: u8, end: bool, s: &Schema) -> bool {
+        let lits = &s.node(self.node).lits;
+        let p = self.mpos as usize;
+        let live = bits(self.live)
+            .filter(|&i| lits[i].get(p) == Some(&b) && (!end || lits[i].len() == p + 1))
+            .fold(0u64, |m, i| m | 1 << i);
+        self.live = live;
+        self.mpos += 1;
+        if end {
+            self.lit = false;
+        }
+        live != 0
+    }
+
+    /// Whether a literal ends where the value (a number) just did.
+    fn lit_done(&self, s: &Schema) -> bool {
+        let lits = &s.node(self.node).lits;
+        bits(self.live).any(|i| lits[i].len() == self.mpos as usize)
+    }
+
+    /// The opening quote of a key: the properties it may name.
+    fn key_start(&mut self, s: &Schema) -> bool {
+        let Some(&(node, idx)) = self.frames.get((self.depth as usize).wrapping_sub(1)) else { return true };
+        let Some(props) = &s.node(node).props else { return true };
+        self.live = key_window(props, idx as usize);
+        self.mpos = 0;
+        self.live != 0
+    }
+
+    /// A byte of a key: it must go on spelling a candidate, or close one (which then gives the
+    /// value's node and moves the object past that property).
+    fn key_byte(&mut self, b: u8, st: Str, s: &Schema) -> bool {
+        let d = self.depth as usize;
+        let Some(&(node, idx)) = self.frames.get(d.wrapping_sub(1)) else { return true };
+        let n = s.node(node);
+        let closing = st == Str::Plain && b == b'"';
+        let Some(props) = &n.props else {
+            if closing {
+                self.node = n.values;
+            }
+            return true;
+        };
+        let (idx, p) = (idx as usize, self.mpos as usize);
+        if closing {
+            let Some(i) = bits(self.live).find(|&i| props[idx + i].key.len() == p) else { return false };
+            self.frames[d - 1].1 = (idx + i + 1) as u16;
+            self.node = props[idx + i].node;
+            return true;
+        }
+        self.live = bits(self.live).filter(|&i| props[idx + i].key.get(p) == Some(&b)).fold(0, |m, i| m | 1 << i);
+        self.mpos += 1;
+        self.live != 0
+    }
+
+    /// Whether the top container may close: no required property left, enough items.
+    fn may_close(&self, s: &Schema) -> bool {
+        let Some(&(node, idx)) = self.frames.get((self.depth as usize).wrapping_sub(1)) else { return true };
+        if self.top_is_object() {
+            s.rest(node, LEVELS - 1, idx as usize) == 0
+        } else {
+            u32::from(idx) >= s.node(node).min_items
+        }
+    }
+
+    /// Bytes after frame `i`'s current value, or (`first`) in it before any: the required
+    /// properties or items left, with their commas, and the close.
+    fn frame_rest(&self, i: usize, s: &Schema, first: bool) -> usize {
+        let (node, idx) = self.frames[i];
+        // Levels left for the frame's values.
+        let c = LEVELS - (i + 1);
+        let rest = if (self.stack >> i) & 1 == 1 {
+            s.rest(node, c, idx as usize)
+        } else {
+            let n = s.node(node);
+            let need = n.min_items.saturating_sub(u32::from(idx)) as usize;
+            need.saturating_mul(s.min_len(n.items, c).saturating_add(1))
+        };
+        // The first property or item has no comma.
+        (1 + if first && rest > 0 { rest - 1 } else { rest }).min(INF)
+    }
+
+    /// `bytes_to_close` under a schema: the shortest completion the schema allows within the
+    /// nesting limit ([`INF`] if there is none).
+    fn schema_close(&self, s: &Schema) -> usize {
+        let d = self.depth as usize;
+        let outer = (0..d.saturating_sub(1)).fold(0usize, |a, i| a.saturating_add(self.frame_rest(i, s, false)));
+        let top = |first| if d == 0 { 0 } else { self.frame_rest(d - 1, s, first) };
+        // Levels left for a value inside the top container.
+        let c = LEVELS - d;
+        let free_values = || s.min_len(s.node(self.frames[d - 1].0).values, c);
+        let value_rest = |own: usize| -> usize {
+            let own = if self.lit {
+                let lits = &s.node(self.node).lits;
+                bits(self.live).map(|i| lits[i].len().saturating_sub(self.mpos as usize)).min().unwrap_or(INF)
+            } else {
+                own
+            };
+            own.saturating_add(top(false))
+        };
+        let local = match self.mode {
+            Mode::Done => 0,
+            Mode::Start => s.object_min(self.node, LEVELS),
+            Mode::ObjOpen | Mode::ArrOpen => top(true),
+            Mode::After => top(false),
+            Mode::ObjKey => {
+                let (node, idx) = self.frames[d - 1];
+                match &s.node(node).props {
+                    // `"":` + a value + `}`.
+                    None => (3 + free_values()).saturating_add(1),
+                    Some(props) => {
+                        let mut g = *self;
+                        g.live = key_window(props, idx as usize);
+                        1 + g.schema_key(s, 0)
+                    }
+                }
+            }
+            Mode::Str { key: true, s: st } => match &s.node(self.frames[d - 1].0).props {
+                None => (str_end(st) + 1 + free_values()).saturating_add(1),
+                Some(_) => self.schema_key(s, self.mpos as usize),
+            },
+            Mode::Colon => (1 + s.min_len(self.node, c)).saturating_add(top(false)),
+            Mode::Value if d > 0 && !self.top_is_object() => {
+                // The next item, not begun yet.
+                let (node, count) = self.frames[d - 1];
+                let n = s.node(node);
+                let need = n.min_items.saturating_sub(u32::from(count) + 1) as usize;
+                let m = s.min_len(n.items, c);
+                m.saturating_add(need.saturating_mul(m.saturating_add(1))).saturating_add(1)
+            }
+            Mode::Value => s.min_len(self.node, c).saturating_add(top(false)),
+            Mode::Str { key: false, s: st } => value_rest(str_end(st)),
+            Mode::Num { n, .. } => value_rest(usize::from(!n.terminal())),
+            Mode::Lit { lit, pos } => value_rest(LITERALS[lit as usize].len() - pos as usize),
+        };
+        local.saturating_add(outer).min(INF)
+    }
+
+    /// The shortest close from inside a key of the top object, `from` bytes of it written: the
+    /// rest of the key, `":`, its value, the required properties after it and `}`.
+    fn schema_key(&self, s: &Schema, from: usize) -> usize {
+        let d = self.depth as usize;
+        let (node, idx) = self.frames[d - 1];
+        let Some(props) = &s.node(node).props else { return INF };
+        let c = LEVELS - d;
+        bits(self.live)
+            .map(|i| {
+                let j = idx as usize + i;
+                (props[j].key.len().saturating_sub(from) + 2)
+                    .saturating_add(s.min_len(props[j].node, c))
+                    .saturating_add(s.rest(node, c, j + 1))
+                    .saturating_add(1)
+            })
+            .min()
+            .unwrap_or(INF)
+            .min(INF)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Masks and sampling
 // ---------------------------------------------------------------------------------------------
 
@@ -857,7 +1220,7 @@ impl JsonGuard {
 /// rejected prefix rejects every token that starts with it; inside a string, tokens known to stay
 /// in it are allowed without a look. Under a millisecond for Gemma's 262k tokens. The order is
 /// made on the first call (about 60 ms for Gemma) and kept.
-pub fn allowed_mask(guard: &JsonGuard, texts: &TokenTexts, names: &[String], out: &mut Vec<bool>) {
+pub fn allowed_mask(guard: &JsonGuard, texts: &TokenTexts, rules: &Rules, out: &mut Vec<bool>) {
     out.clear();
     out.resize(texts.len(), false);
     if guard.is_complete() {
@@ -865,15 +1228,22 @@ pub fn allowed_mask(guard: &JsonGuard, texts: &TokenTexts, names: &[String], out
             *ok = texts.is_eos(id as u32);
         }
     }
-    if let Mode::Str { s: Str::Plain, .. } = guard.mode {
+    // (Under a schema, only inside a free string: declared keys and literals are spelled out.)
+    let free = |key: bool, s: &Schema| {
+        let top = (guard.depth as usize).wrapping_sub(1);
+        !guard.lit && (!key || guard.frames.get(top).is_none_or(|f| s.node(f.0).props.is_none()))
+    };
+    if let Mode::Str { s: Str::Plain, key } = guard.mode
+        && rules.schema.as_deref().is_none_or(|s| free(key, s))
+    {
         // Inside a string nearly every token is allowed: those that stay in it without a look
         // (and leave as much to close, so they fit the budget if staying put does).
-        let plain = guard.fits(guard, names);
+        let plain = guard.fits(guard, rules);
         for (id, (ok, &f)) in out.iter_mut().zip(&texts.flags).enumerate() {
             if f & PLAIN != 0 {
                 *ok = plain;
             } else if f & HAS_TEXT != 0 {
-                *ok = guard.accepts_token(texts.text(id as u32), names);
+                *ok = guard.accepts_token(texts.text(id as u32), rules);
             }
         }
         return;
@@ -897,14 +1267,14 @@ pub fn allowed_mask(guard: &JsonGuard, texts: &TokenTexts, names: &[String], out
         let mut g = states[lcp];
         dead = usize::MAX;
         for (i, &b) in text.iter().enumerate().skip(lcp) {
-            if !g.step_in(b, names) {
+            if !g.step_in(b, rules) {
                 dead = i;
                 break;
             }
             states.push(g);
         }
         if dead == usize::MAX {
-            out[id as usize] = guard.fits(&g, names);
+            out[id as usize] = guard.fits(&g, rules);
         }
     }
 }
@@ -924,7 +1294,7 @@ pub fn allowed_mask(guard: &JsonGuard, texts: &TokenTexts, names: &[String], out
 pub fn pick(
     guard: &mut JsonGuard,
     texts: &TokenTexts,
-    names: &[String],
+    rules: &Rules,
     logits: &mut [f32],
     mut sample: impl FnMut(&[f32]) -> u32,
 ) -> u32 {
@@ -932,8 +1302,8 @@ pub fn pick(
     for _ in 0..MAX_REJECTIONS {
         let id = sample(logits);
         first.get_or_insert(id);
-        if texts.allowed(guard, id, names) {
-            advance(guard, texts, id, names);
+        if texts.allowed(guard, id, rules) {
+            advance(guard, texts, id, rules);
             return id;
         }
         match logits.get_mut(id as usize) {
@@ -943,7 +1313,7 @@ pub fn pick(
         }
     }
     let mut mask = Vec::new();
-    allowed_mask(guard, texts, names, &mut mask);
+    allowed_mask(guard, texts, rules, &mut mask);
     let mut any = false;
     for (i, l) in logits.iter_mut().enumerate() {
         if mask.get(i).copied().unwrap_or(false) {
@@ -956,15 +1326,15 @@ pub fn pick(
         return first.unwrap_or(0);
     }
     let id = sample(logits);
-    if texts.allowed(guard, id, names) {
-        advance(guard, texts, id, names);
+    if texts.allowed(guard, id, rules) {
+        advance(guard, texts, id, rules);
     }
     id
 }
 
-fn advance(guard: &mut JsonGuard, texts: &TokenTexts, id: u32, names: &[String]) {
+fn advance(guard: &mut JsonGuard, texts: &TokenTexts, id: u32, rules: &Rules) {
     if let Some(text) = texts.get(id) {
-        let pushed = guard.push_token(text, names);
+        let pushed = guard.push_token(text, rules);
         debug_assert!(pushed);
     }
 }
@@ -1282,14 +1652,14 @@ mod tests {
                 assert!(g.push(&[b]));
                 out.push(b);
             }
-            let need = g.bytes_to_close(&[]);
+            let need = g.bytes_to_close(&Rules::NONE);
             for k in 0..need {
                 let want = need - k - 1;
                 let b = *closers
                     .iter()
                     .find(|&&b| {
                         let mut h = g;
-                        h.push(&[b]) && h.bytes_to_close(&[]) == want
+                        h.push(&[b]) && h.bytes_to_close(&Rules::NONE) == want
                     })
                     .unwrap_or_else(|| panic!("no closing byte after {:?} ({g:?})", String::from_utf8_lossy(&out)));
                 assert!(g.push(&[b]));
@@ -1303,13 +1673,14 @@ mod tests {
                 let mut g = JsonGuard::with_budget(budget);
                 let mut out = Vec::new();
                 for _ in 0..budget {
-                    let allowed: Vec<u8> = alphabet.iter().copied().filter(|&b| g.accepts_token(&[b], &[])).collect();
+                    let allowed: Vec<u8> =
+                        alphabet.iter().copied().filter(|&b| g.accepts_token(&[b], &Rules::NONE)).collect();
                     if g.is_complete() {
                         break;
                     }
                     assert!(!allowed.is_empty(), "stuck at {:?} ({g:?})", String::from_utf8_lossy(&out));
                     let b = allowed[rng.below(allowed.len())];
-                    assert!(g.push_token(&[b], &[]));
+                    assert!(g.push_token(&[b], &Rules::NONE));
                     out.push(b);
                 }
                 assert!(g.is_complete(), "budget {budget}: {:?} not closed", String::from_utf8_lossy(&out));
@@ -1328,7 +1699,8 @@ mod tests {
     #[test]
     fn forced_call_shape() {
         let names: Vec<String> = ["get_weather", "get_time", "g", "lookup.v2"].iter().map(|n| n.to_string()).collect();
-        let min = JsonGuard::call_min_tokens(&names);
+        let rules = Rules { names: names.clone(), schema: None };
+        let min = JsonGuard::min_tokens(&rules);
         assert_eq!(min, br#"{"name": "g", "arguments": {}}"#.len());
         let mut alphabet: Vec<u8> = b"{}[]\":,0123456789-.etrufalsn \n\\/".to_vec();
         alphabet.extend(names.iter().flat_map(|n| n.bytes()));
@@ -1342,10 +1714,10 @@ mod tests {
                         break;
                     }
                     let allowed: Vec<u8> =
-                        alphabet.iter().copied().filter(|&b| g.accepts_token(&[b], &names)).collect();
+                        alphabet.iter().copied().filter(|&b| g.accepts_token(&[b], &rules)).collect();
                     assert!(!allowed.is_empty(), "stuck at {:?} ({g:?})", String::from_utf8_lossy(&out));
                     let b = allowed[rng.below(allowed.len())];
-                    assert!(g.push_token(&[b], &names));
+                    assert!(g.push_token(&[b], &rules));
                     out.push(b);
                 }
                 if budget == usize::MAX && !g.is_complete() {
@@ -1362,12 +1734,12 @@ mod tests {
         }
         // A name must be finished before its closing quote, and no other text fits.
         let g = JsonGuard::for_call(names.len(), usize::MAX);
-        assert!(g.accepts_token(br#"{"name": "get_time", "arguments": {"tz": "UTC"}}"#, &names));
-        assert!(!g.accepts_token(br#"{"name": "get_", "#, &names));
-        assert!(!g.accepts_token(br#"{"name": "other"#, &names));
-        assert!(!g.accepts_token(br#" {"name""#, &names));
-        assert!(!g.accepts_token(br#"{"name": "g", "arguments": {}, "x": 1"#, &names));
-        assert!(!g.accepts_token(br#"{"name": "g", "arguments": []"#, &names));
+        assert!(g.accepts_token(br#"{"name": "get_time", "arguments": {"tz": "UTC"}}"#, &rules));
+        assert!(!g.accepts_token(br#"{"name": "get_", "#, &rules));
+        assert!(!g.accepts_token(br#"{"name": "other"#, &rules));
+        assert!(!g.accepts_token(br#" {"name""#, &rules));
+        assert!(!g.accepts_token(br#"{"name": "g", "arguments": {}, "x": 1"#, &rules));
+        assert!(!g.accepts_token(br#"{"name": "g", "arguments": []"#, &rules));
     }
 
     // ---- Real vocabularies ----
@@ -1531,7 +1903,7 @@ mod tests {
     }
 
     fn naive_mask(guard: &JsonGuard, texts: &TokenTexts) -> Vec<bool> {
-        (0..texts.len() as u32).map(|id| texts.allowed(guard, id, &[])).collect()
+        (0..texts.len() as u32).map(|id| texts.allowed(guard, id, &Rules::NONE)).collect()
     }
 
     fn check_masks(name: &str, texts: &TokenTexts) {
@@ -1552,7 +1924,7 @@ mod tests {
         ];
         let mut mask = Vec::new();
         let t = Instant::now();
-        allowed_mask(&JsonGuard::new(), texts, &[], &mut mask);
+        allowed_mask(&JsonGuard::new(), texts, &Rules::NONE, &mut mask);
         eprintln!("{name}: first allowed_mask (sorts the vocabulary): {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
         for p in prefixes {
             let mut g = JsonGuard::new();
@@ -1560,7 +1932,7 @@ mod tests {
             let mut best = f64::MAX;
             for _ in 0..5 {
                 let t = Instant::now();
-                allowed_mask(&g, texts, &[], &mut mask);
+                allowed_mask(&g, texts, &Rules::NONE, &mut mask);
                 best = best.min(t.elapsed().as_secs_f64());
             }
             let t = Instant::now();
@@ -1578,6 +1950,7 @@ mod tests {
         }
         // A forced call, in its fixed text, its name and its arguments, with a budget.
         let names: Vec<String> = ["get_weather".to_string(), "get_time".to_string()].into();
+        let rules = Rules { names: names.clone(), schema: None };
         let call: &[&[u8]] = &[
             b"",
             b"{\"na",
@@ -1590,12 +1963,50 @@ mod tests {
         for p in call {
             for budget in [usize::MAX, 60] {
                 let mut g = JsonGuard::for_call(names.len(), budget);
-                assert!(g.push_token(p, &names));
-                allowed_mask(&g, texts, &names, &mut mask);
-                let naive: Vec<bool> = (0..texts.len() as u32).map(|id| texts.allowed(&g, id, &names)).collect();
+                assert!(g.push_token(p, &rules));
+                allowed_mask(&g, texts, &rules, &mut mask);
+                let naive: Vec<bool> = (0..texts.len() as u32).map(|id| texts.allowed(&g, id, &rules)).collect();
                 let allowed = mask.iter().filter(|&&a| a).count();
                 assert!(mask == naive, "{name}: call mask differs after {:?}", String::from_utf8_lossy(p));
                 assert!(allowed > 0, "{name}: nothing allowed after {:?}", String::from_utf8_lossy(p));
+            }
+        }
+    }
+
+    /// Under a schema: keys, literals and free strings, with and without a budget.
+    fn check_schema_masks(name: &str, texts: &TokenTexts) {
+        let doc = crate::serve::json_schema::tests::person_schema();
+        let rules = Rules { names: Vec::new(), schema: Some(Arc::new(Schema::compile(&[Some(&doc)]).unwrap())) };
+        let head = r#"{"name": "A", "age": 4, "role": "user""#;
+        let prefixes = [
+            String::new(),
+            "{".into(),
+            r#"{"na"#.into(),
+            r#"{"name": "Al"#.into(),
+            r#"{"name": "A", "age": 4"#.into(),
+            r#"{"name": "A", "age": 4, "role": "us"#.into(),
+            r#"{"name": "A", "age": 4, "role": "用"#.into(),
+            format!("{head}, \"level\": 1"),
+            format!("{head}, \"tags\": ["),
+            format!("{head}, \"tags\": [\"a\"], \"a\\\"b\": \""),
+            format!("{head}, \"tags\": [\"a\"], \"a\\\"b\": \"x\", \"meta\": {{\"k"),
+            format!("{head}, \"tags\": [\"a\"], \"a\\\"b\": \"x\", \"kids\": [{{\"id\": 1}}"),
+        ];
+        let mut mask = Vec::new();
+        for p in &prefixes {
+            for budget in [usize::MAX, 120] {
+                let mut g = JsonGuard::with_budget(budget).with_schema(&rules);
+                assert!(g.push_token(p.as_bytes(), &rules), "{p}");
+                let t = Instant::now();
+                allowed_mask(&g, texts, &rules, &mut mask);
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                let naive: Vec<bool> = (0..texts.len() as u32).map(|id| texts.allowed(&g, id, &rules)).collect();
+                let allowed = mask.iter().filter(|&&a| a).count();
+                if budget == usize::MAX {
+                    eprintln!("{name}: schema mask after {p:?}: {ms:.2} ms, {allowed} allowed");
+                }
+                assert!(mask == naive, "{name}: schema mask differs after {p:?}");
+                assert!(allowed > 0, "{name}: nothing allowed after {p:?}");
             }
         }
     }
@@ -1604,12 +2015,14 @@ mod tests {
     fn masks_gemma() {
         let Some((_, texts)) = gemma() else { return };
         check_masks("gemma3-270m", texts);
+        check_schema_masks("gemma3-270m", texts);
     }
 
     #[test]
     fn masks_smollm() {
         let Some((_, texts)) = smollm() else { return };
         check_masks("smollm2-135m", texts);
+        check_schema_masks("smollm2-135m", texts);
     }
 
     fn argmax(logits: &[f32]) -> u32 {
@@ -1644,7 +2057,7 @@ mod tests {
                     *l = rng.f32() + if closing[i] { bias } else { 0.0 };
                 }
                 let mut samples = 0;
-                let id = pick(&mut g, texts, &[], &mut logits, |l| {
+                let id = pick(&mut g, texts, &Rules::NONE, &mut logits, |l| {
                     samples += 1;
                     argmax(l)
                 });
@@ -1681,15 +2094,48 @@ mod tests {
         assert!(completions > 0);
     }
 
+    /// Random logits under the schema with a budget: every reply closes in time, parses and
+    /// matches the schema.
+    fn end_to_end_schema(name: &str, texts: &TokenTexts) {
+        let doc = crate::serve::json_schema::tests::person_schema();
+        let rules = Rules { names: Vec::new(), schema: Some(Arc::new(Schema::compile(&[Some(&doc)]).unwrap())) };
+        let mut rng = Rng(9);
+        let mut logits = vec![0f32; texts.len()];
+        let min = JsonGuard::min_tokens(&rules);
+        for (run, budget) in [min, min + 20, min + 80, min + 250].iter().cycle().take(8).enumerate() {
+            let mut g = JsonGuard::with_budget(*budget).with_schema(&rules);
+            let mut out: Vec<u8> = Vec::new();
+            for _ in 0..*budget {
+                for l in logits.iter_mut() {
+                    *l = rng.f32();
+                }
+                let id = pick(&mut g, texts, &rules, &mut logits, argmax);
+                out.extend_from_slice(texts.get(id).unwrap_or_else(|| panic!("{name}: picked {id} without text")));
+                if g.is_complete() {
+                    break;
+                }
+            }
+            assert!(g.is_complete(), "{name}: budget {budget}: {:?} not closed", String::from_utf8_lossy(&out));
+            let v: serde_json::Value = serde_json::from_slice(&out)
+                .unwrap_or_else(|e| panic!("{name}: {:?}: {e}", String::from_utf8_lossy(&out)));
+            assert!(crate::serve::json_schema::tests::valid(&v, &doc, &doc), "{name}: {v}");
+            if run < 2 {
+                eprintln!("{name}: schema reply in {budget} tokens: {}", String::from_utf8_lossy(&out));
+            }
+        }
+    }
+
     #[test]
     fn end_to_end_gemma() {
         let Some((tok, texts)) = gemma() else { return };
         end_to_end("gemma3-270m", tok, texts);
+        end_to_end_schema("gemma3-270m", texts);
     }
 
     #[test]
     fn end_to_end_smollm() {
         let Some((tok, texts)) = smollm() else { return };
         end_to_end("smollm2-135m", tok, texts);
+        end_to_end_schema("smollm2-135m", texts);
     }
 }

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod engine;
 pub mod json_guard;
+pub mod json_schema;
 pub mod metrics;
 pub mod template;
 pub mod tools;

@@ -821,10 +821,11 @@ mod tests {
         let env = &t.env;
         let tmpl = env.get_template("j").unwrap();
         let out = tmpl.render(context! { x => Value::from_serialize(json!({"b": [1, "a\n"], "a": {}})) }).unwrap();
-        // serde_json's map (without preserve_order) sorts keys already, so sort_keys changes nothing here.
+        // Keys keep the order they were given in (serde_json's preserve_order), as a Python dict
+        // does; sort_keys sorts them.
         assert_eq!(
             out,
-            "{\"a\": {}, \"b\": [1, \"a\\n\"]}|{\n  \"a\": {},\n  \"b\": [\n    1,\n    \"a\\n\"\n  ]\n}|{\"a\":{},\"b\":[1,\"a\\n\"]}|\"\\u00e9\"|[1.0, 0.5, 1e-07, 1e+20, null, true]|{}"
+            "{\"b\": [1, \"a\\n\"], \"a\": {}}|{\n  \"b\": [\n    1,\n    \"a\\n\"\n  ],\n  \"a\": {}\n}|{\"a\":{},\"b\":[1,\"a\\n\"]}|\"\\u00e9\"|[1.0, 0.5, 1e-07, 1e+20, null, true]|{}"
         );
     }
 
