@@ -3,8 +3,9 @@
 //!
 //! The subset is what structured-output clients send (OpenAI's strict mode, pydantic via the SDK
 //! and LangChain): `type` (one or a list), `properties` + `required` (keys are written in the
-//! schema's order, each at most once, the required ones always; no other keys), an object without
-//! `properties` takes any keys with values per `additionalProperties`, `items`, `minItems`,
+//! schema's order, each at most once, the required ones always; no other keys; a key only
+//! `required` names comes last), an object without either takes any keys with values per
+//! `additionalProperties`, `items`, `minItems`,
 //! `maxItems`, `enum`, `const`, `anyOf` / `oneOf` whose alternatives start differently (a string
 //! or null, an object or an array, …), a one-element `allOf`, and `$ref` to `#…` pointers
 //! (`$defs`, `definitions`, recursion included), OpenAPI's `nullable`. Other keywords (`pattern`, `format`,
@@ -44,8 +45,10 @@ const MAX_NODES: usize = 4096;
 const MAX_NESTING: usize = 64;
 /// Most `enum` values (a choice is tracked as a bitmask).
 pub const MAX_LITERALS: usize = 64;
-/// Most properties one object may declare.
+/// Most properties one object may declare, and all objects together (each costs a row of
+/// lengths per nesting level).
 pub const MAX_PROPERTIES: usize = 1024;
+const MAX_TOTAL_PROPERTIES: usize = 16384;
 
 /// Compiled schemas: a node arena and the root node of each schema compiled into it.
 #[derive(Debug, Default)]
@@ -129,12 +132,15 @@ impl Schema {
     /// accept any object. On error, the index of the schema and what is wrong with it.
     pub fn compile(schemas: &[Option<&Value>]) -> Result<Schema, (usize, String)> {
         let mut s = Schema { nodes: vec![Node::any()], roots: Vec::new() };
+        let mut props = 0;
         for (i, v) in schemas.iter().enumerate() {
             let root = match v {
                 None => ANY,
                 Some(v) => {
-                    let mut c = Compiler { doc: v, schema: &mut s, refs: HashMap::new(), nesting: 0 };
-                    c.node(v).map_err(|e| (i, e))?
+                    let mut c = Compiler { doc: v, schema: &mut s, refs: HashMap::new(), nesting: 0, props };
+                    let root = c.node(v).map_err(|e| (i, e))?;
+                    props = c.props;
+                    root
                 }
             };
             s.roots.push(root);
@@ -266,6 +272,8 @@ struct Compiler<'a> {
     /// `$ref` pointer → node (filled in after it was reserved, so recursion finds it).
     refs: HashMap<String, u16>,
     nesting: usize,
+    /// Properties declared so far (by every schema of the arena).
+    props: usize,
 }
 
 impl Compiler<'_> {
@@ -376,31 +384,60 @@ impl Compiler<'_> {
         let types = if o.get("nullable") == Some(&Value::Bool(true)) { types | T_NULL } else { types };
         let mut n = Node::of_types(types);
         if types & T_OBJECT != 0 {
-            if let Some(props) = o.get("properties") {
-                let Some(props) = props.as_object() else { return Err("properties must be an object".into()) };
-                if props.len() > MAX_PROPERTIES {
+            let empty = serde_json::Map::new();
+            let props = match o.get("properties") {
+                None => &empty,
+                Some(Value::Object(p)) => p,
+                Some(_) => return Err("properties must be an object".into()),
+            };
+            let required: Vec<&str> = match o.get("required") {
+                None => Vec::new(),
+                Some(Value::Array(r)) => r.iter().filter_map(Value::as_str).collect(),
+                Some(_) => return Err("required must be an array of strings".into()),
+            };
+            // Values of keys not declared: `additionalProperties` (any when absent or true).
+            let extra = match o.get("additionalProperties") {
+                None | Some(Value::Bool(true)) => Some(ANY),
+                Some(Value::Bool(false)) => None,
+                Some(ap) => Some(self.node(ap)?),
+            };
+            let undeclared: Vec<&str> = required.iter().copied().filter(|r| !props.contains_key(*r)).collect();
+            if o.contains_key("properties") || !undeclared.is_empty() {
+                let Some(extra) = extra.or(undeclared.is_empty().then_some(ANY)) else {
+                    return Err(format!(
+                        "required names '{}', which is not among the properties (and additionalProperties is false)",
+                        undeclared[0]
+                    ));
+                };
+                let count = props.len() + undeclared.len();
+                if count > MAX_PROPERTIES {
                     return Err(format!("an object may declare at most {MAX_PROPERTIES} properties"));
                 }
-                let required: Vec<&str> = match o.get("required") {
-                    None => Vec::new(),
-                    Some(Value::Array(r)) => r.iter().filter_map(Value::as_str).collect(),
-                    Some(_) => return Err("required must be an array of strings".into()),
-                };
-                if let Some(missing) = required.iter().find(|r| !props.contains_key(**r)) {
-                    return Err(format!("required names '{missing}', which is not among the properties"));
+                self.props += count;
+                if self.props > MAX_TOTAL_PROPERTIES {
+                    return Err(format!("the schema declares more than {MAX_TOTAL_PROPERTIES} properties in all"));
                 }
-                let mut list = Vec::with_capacity(props.len());
+                let escaped = |k: &str| {
+                    let key = serde_json::to_string(k).unwrap_or_default();
+                    key.as_bytes()[1..key.len() - 1].to_vec()
+                };
+                let mut list = Vec::with_capacity(count);
                 for (k, pv) in props {
-                    let key = serde_json::to_string(k).map_err(|e| e.to_string())?;
-                    let key = key.as_bytes()[1..key.len() - 1].to_vec();
-                    list.push(Prop { key, node: self.node(pv)?, required: required.contains(&k.as_str()) });
+                    list.push(Prop { key: escaped(k), node: self.node(pv)?, required: required.contains(&k.as_str()) });
+                }
+                // Required keys declared only by `required`: after the declared ones.
+                for k in undeclared {
+                    if !list.iter().any(|p| p.key == escaped(k)) {
+                        list.push(Prop { key: escaped(k), node: extra, required: true });
+                    }
                 }
                 n.props = Some(list);
-            } else if let Some(ap) = o.get("additionalProperties") {
-                n.values = match ap {
-                    Value::Bool(_) => ANY,
-                    ap => self.node(ap)?,
-                };
+            } else {
+                n.values = extra.unwrap_or(ANY);
+                if extra.is_none() {
+                    // No properties and no others: only `{}`.
+                    n.props = Some(Vec::new());
+                }
             }
         }
         if types & T_ARRAY != 0 {
@@ -765,7 +802,10 @@ pub(super) mod tests {
         assert!(err(json!({"type": "string"})).contains("object"));
         assert!(err(json!({"type": "object", "properties": {"a": {"type": "text"}}})).contains("unknown type 'text'"));
         assert!(err(json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/X"}}})).contains("$ref"));
-        assert!(err(json!({"type": "object", "properties": {}, "required": ["a"]})).contains("'a'"));
+        assert!(
+            err(json!({"type": "object", "properties": {}, "required": ["a"], "additionalProperties": false}))
+                .contains("'a'")
+        );
         assert!(err(json!({"properties": {"a": {"$ref": "#"}}, "required": ["a"]})).contains("nesting"));
         assert!(err(json!({"type": "object", "properties": {"a": false}})).contains("false"));
         assert!(
@@ -773,6 +813,11 @@ pub(super) mod tests {
                 .contains("maxItems")
         );
         assert!(err(json!(5)).contains("object or a boolean"));
+        // A key only `required` names takes `additionalProperties`' values.
+        let r = rules(&json!({"type": "object", "required": ["a"], "additionalProperties": {"type": "integer"}}));
+        let mut g = JsonGuard::new().with_schema(&r);
+        assert!(!g.accepts_token(b"{}", &r) && !g.accepts_token(br#"{"a": "x""#, &r));
+        assert!(g.push_token(br#"{"a": 1}"#, &r) && g.is_complete());
         // Optional recursion and `#` refs compile.
         assert!(Schema::compile(&[Some(&json!({"properties": {"a": {"$ref": "#"}}}))]).is_ok());
     }
