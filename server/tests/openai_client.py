@@ -444,6 +444,18 @@ def case_json_schema(c):
     check(1 <= len(v["tags"]) <= 3 and all(isinstance(t, str) for t in v["tags"]), "tags", text)
     print(f"  raw schema, streamed: {short(text, 200)!r}")
 
+    # vLLM's guided_json (here as JSON text), llama.cpp's json_schema and json_object + schema.
+    small = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+             "required": ["ok", "n"], "additionalProperties": False}
+    for extra in ({"guided_json": json.dumps(small)}, {"json_schema": small},
+                  {"response_format": {"type": "json_object", "schema": small}}):
+        kw = {"response_format": extra.pop("response_format")} if "response_format" in extra else {}
+        r = c.client.chat.completions.create(model=c.model, messages=msgs, max_tokens=40, temperature=1, seed=4,
+                                             extra_body=extra or None, **kw)
+        v = json.loads(r.choices[0].message.content)
+        check(list(v) == ["ok", "n"] and isinstance(v["ok"], bool) and v["n"] in (1, 2, 3), f"{extra or kw}", v)
+    print("  guided_json / json_schema / json_object+schema: ok")
+
     # A forced call: the arguments follow the tool's parameters.
     tool = {"type": "function", "function": {"name": "set_alarm", "parameters": {
         "type": "object",
@@ -472,6 +484,7 @@ def case_json_schema(c):
         "type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}}}}}, "response_format.json_schema.schema")
     expect_400({"response_format": {"type": "json_schema", "json_schema": "movie"}}, "response_format.json_schema")
     expect_400({"response_format": rf, "max_tokens": 5}, "max_tokens")
+    expect_400({"guided_json": "{not json"}, "guided_json")
     bad_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "text"}}}}}
     expect_400({"tools": [bad_tool], "tool_choice": "required"}, "tools")
 

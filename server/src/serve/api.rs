@@ -658,11 +658,17 @@ fn parse_options(o: &Obj, kind_: Kind) -> ApiResult<Options> {
         },
     };
     let mut schema = None;
-    let json_mode = match field(o, "response_format") {
+    let mut json_mode = match field(o, "response_format") {
         None => false,
         Some(Value::Object(rf)) => match rf.get("type") {
             Some(Value::String(t)) if t == "text" => false,
-            Some(Value::String(t)) if t == "json_object" => true,
+            Some(Value::String(t)) if t == "json_object" => {
+                // llama.cpp's server takes a schema here too.
+                if let Some(v) = rf.get("schema") {
+                    schema = Some(compile_schema(v, "response_format.schema")?);
+                }
+                true
+            }
             Some(Value::String(t)) if t == "json_schema" => {
                 schema = parse_json_schema(rf)?;
                 true
@@ -682,6 +688,21 @@ fn parse_options(o: &Obj, kind_: Kind) -> ApiResult<Options> {
             ));
         }
     };
+    // vLLM's `guided_json` and llama.cpp's top-level `json_schema` (a schema, or its JSON text).
+    for key in ["guided_json", "json_schema"] {
+        let Some(v) = field(o, key) else { continue };
+        let parsed;
+        let v = match v {
+            Value::String(text) => {
+                parsed = serde_json::from_str::<Value>(text)
+                    .map_err(|e| ApiError::param(key, format!("{key} is not a JSON schema: {e}")))?;
+                &parsed
+            }
+            v => v,
+        };
+        schema = Some(compile_schema(v, key)?);
+        json_mode = true;
+    }
     let stream = get_bool(o, "stream", "stream")?.unwrap_or(false);
     let include_usage = match field(o, "stream_options") {
         None => false,
@@ -819,9 +840,12 @@ fn parse_json_schema(rf: &Obj) -> ApiResult<Option<Arc<Schema>>> {
         }
     };
     let Some(schema) = js.get("schema") else { return Ok(None) };
-    Schema::compile(&[Some(schema)]).map(|s| Some(Arc::new(s))).map_err(|(_, e)| {
-        ApiError::param("response_format.json_schema.schema", format!("response_format.json_schema.schema: {e}"))
-    })
+    compile_schema(schema, "response_format.json_schema.schema").map(Some)
+}
+
+/// One reply schema, compiled; errors name `param`.
+fn compile_schema(v: &Value, param: &str) -> ApiResult<Arc<Schema>> {
+    Schema::compile(&[Some(v)]).map(Arc::new).map_err(|(_, e)| ApiError::param(param, format!("{param}: {e}")))
 }
 
 /// The argument schemas of a forced call's functions (`parameters` of each named tool), compiled
