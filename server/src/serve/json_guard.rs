@@ -1344,7 +1344,7 @@ fn advance(guard: &mut JsonGuard, texts: &TokenTexts, id: u32, rules: &Rules) {
 // ---------------------------------------------------------------------------------------------
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::path::PathBuf;
     use std::sync::OnceLock;
@@ -1353,7 +1353,7 @@ mod tests {
     use purehw_core::source::ModelSource;
 
     /// splitmix64.
-    struct Rng(u64);
+    pub(in crate::serve) struct Rng(pub u64);
     impl Rng {
         fn next(&mut self) -> u64 {
             self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -1362,7 +1362,7 @@ mod tests {
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^ (z >> 31)
         }
-        fn below(&mut self, n: usize) -> usize {
+        pub fn below(&mut self, n: usize) -> usize {
             (self.next() % n as u64) as usize
         }
         fn f32(&mut self) -> f32 {

@@ -580,6 +580,7 @@ fn resolve<'v>(doc: &'v Value, r: &str) -> Option<&'v Value> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::serve::json_guard::tests::Rng;
     use crate::serve::json_guard::{JsonGuard, MAX_DEPTH, Rules};
     use serde_json::json;
     use std::sync::Arc;
@@ -684,18 +685,6 @@ pub(super) mod tests {
             }
         }
         true
-    }
-
-    /// splitmix64.
-    struct Rng(u64);
-    impl Rng {
-        fn below(&mut self, n: usize) -> usize {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) % n as u64) as usize
-        }
     }
 
     fn rules(schema: &Value) -> Rules {
