@@ -391,12 +391,13 @@ def case_json_schema(c):
     a max_tokens too small for the schema are 400s."""
     from typing import Literal, Optional
 
-    from pydantic import BaseModel
+    from pydantic import BaseModel, Field
 
     class Pet(BaseModel):
-        name: str
+        name: str = Field(min_length=1, max_length=12)
         species: Literal["cat", "dog", "bird"]
-        age: int
+        age: int = Field(ge=0)
+        legs: int = Field(gt=0)
         vaccinated: bool
         nickname: Optional[str]
         toys: list[str]

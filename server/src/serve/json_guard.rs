@@ -20,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 
 use purehw_core::tokenizer::Tokenizer;
 
-use super::json_schema::{ANY, INF, Schema, T_NUMBER, admits, start_kind};
+use super::json_schema::{ANY, INF, Schema, Sign, T_NUMBER, admits, start_kind};
 
 /// Nesting levels, as a count.
 const LEVELS: usize = MAX_DEPTH as usize;
@@ -975,7 +975,20 @@ impl JsonGuard {
         match mode {
             Mode::Str { key: true, s: st } => return self.key_byte(b, st, s),
             Mode::Str { key: false, s: st } => {
-                return !self.lit || self.lit_byte(b, st == Str::Plain && b == b'"', s);
+                if self.lit {
+                    return self.lit_byte(b, st == Str::Plain && b == b'"', s);
+                }
+                // A character begins at each byte read in the plain state (a lead byte, an
+                // escape's `\`); `mpos` counts them.
+                if st != Str::Plain {
+                    return true;
+                }
+                let n = s.node(self.node);
+                if b == b'"' {
+                    return self.mpos >= n.min_chars;
+                }
+                self.mpos = self.mpos.saturating_add(1);
+                return self.mpos <= n.max_chars;
             }
             Mode::Lit { lit, pos } => {
                 return !self.lit || self.lit_byte(b, pos as usize + 1 == LITERALS[lit as usize].len(), s);
@@ -1037,6 +1050,11 @@ impl JsonGuard {
         let n = s.node(self.node);
         let k = start_kind(b);
         if admits(n.types, k) {
+            self.mpos = 0;
+            match (b, n.sign) {
+                (b'-', Sign::NonNegative | Sign::Positive) | (b'0', Sign::Positive) => return false,
+                _ => {}
+            }
             if b == b'{' || b == b'[' {
                 let Some(f) = self.frames.get_mut(self.depth as usize) else { return false };
                 *f = (self.node, 0);
@@ -1181,7 +1199,11 @@ impl JsonGuard {
                 m.saturating_add(need.saturating_mul(m.saturating_add(1))).saturating_add(1)
             }
             Mode::Value => s.min_len(self.node, c).saturating_add(top(false)),
-            Mode::Str { key: false, s: st } => value_rest(str_end(st)),
+            Mode::Str { key: false, s: st } => {
+                // Characters still owed to `minLength`, a byte each at least.
+                let owed = s.node(self.node).min_chars.saturating_sub(self.mpos) as usize;
+                value_rest(str_end(st) + owed)
+            }
             Mode::Num { n, .. } => value_rest(usize::from(!n.terminal())),
             Mode::Lit { lit, pos } => value_rest(LITERALS[lit as usize].len() - pos as usize),
         };
@@ -1231,7 +1253,8 @@ pub fn allowed_mask(guard: &JsonGuard, texts: &TokenTexts, rules: &Rules, out: &
     // (Under a schema, only inside a free string: declared keys and literals are spelled out.)
     let free = |key: bool, s: &Schema| {
         let top = (guard.depth as usize).wrapping_sub(1);
-        !guard.lit && (!key || guard.frames.get(top).is_none_or(|f| s.node(f.0).props.is_none()))
+        let unbounded = s.node(guard.node).max_chars == u32::MAX;
+        !guard.lit && if key { guard.frames.get(top).is_none_or(|f| s.node(f.0).props.is_none()) } else { unbounded }
     };
     if let Mode::Str { s: Str::Plain, key } = guard.mode
         && rules.schema.as_deref().is_none_or(|s| free(key, s))

@@ -8,8 +8,10 @@
 //! `additionalProperties`, `items`, `minItems`,
 //! `maxItems`, `enum`, `const`, `anyOf` / `oneOf` whose alternatives start differently (a string
 //! or null, an object or an array, …), a one-element `allOf`, and `$ref` to `#…` pointers
-//! (`$defs`, `definitions`, recursion included), OpenAPI's `nullable`. Other keywords (`pattern`, `format`,
-//! `minLength`, `minimum`, `description`, …) are not enforced. Alternatives that cannot be told
+//! (`$defs`, `definitions`, recursion included), OpenAPI's `nullable`, `minLength` / `maxLength`
+//! (in code points, as Python counts), and numeric bounds at zero (`minimum: 0`; `exclusiveMinimum:
+//! 0`, which on integers also refuses 0): pydantic's `ge=0` / `gt=0`. Other keywords (`pattern`,
+//! `format`, other bounds, …) are not enforced. Alternatives that cannot be told
 //! apart by their first byte (two different object shapes, say) fall back to any JSON value of
 //! those kinds, so the reply still parses.
 
@@ -71,12 +73,27 @@ pub(super) struct Node {
     pub max_items: u32,
     /// Exact value texts (compact JSON) also allowed, for kinds not in `types`.
     pub lits: Vec<Vec<u8>>,
+    /// Strings: characters (code points) at least and at most.
+    pub min_chars: u32,
+    pub max_chars: u32,
+    /// Numbers: `minimum: 0` (no sign), `exclusiveMinimum: 0` on integers (nor a leading 0).
+    pub sign: Sign,
     /// `min[a]`: fewest bytes of a value of this node with `a` levels of nesting left for it
     /// (containers need one; [`INF`]: none fits).
     pub min: Vec<usize>,
     /// `rest[c·(props + 1) + i]`: bytes of the required properties from `i` on, each as
     /// `,"key":` + its shortest value with `c` levels left for the values.
     pub rest: Vec<usize>,
+}
+
+/// What a number's sign may be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Sign {
+    Any,
+    /// No `-`.
+    NonNegative,
+    /// No `-`, and (integers) not `0`.
+    Positive,
 }
 
 /// One declared property.
@@ -98,6 +115,9 @@ impl Node {
             min_items: 0,
             max_items: u32::MAX,
             lits: Vec::new(),
+            min_chars: 0,
+            max_chars: u32::MAX,
+            sign: Sign::Any,
             min: Vec::new(),
             rest: Vec::new(),
         }
@@ -242,7 +262,7 @@ impl Schema {
                 let t = n.types;
                 let mut m = INF;
                 if t & T_STRING != 0 {
-                    m = m.min(2);
+                    m = m.min(2 + n.min_chars as usize);
                 }
                 if t & (T_NUMBER | T_INTEGER) != 0 {
                     m = m.min(1);
@@ -440,6 +460,32 @@ impl Compiler<'_> {
                 }
             }
         }
+        if types & T_STRING != 0 {
+            let chars = |key: &str| match o.get(key) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .filter(|&c| c <= u64::from(u32::MAX - 1))
+                    .map(|c| Some(c as u32))
+                    .ok_or_else(|| format!("{key} must be a non-negative integer")),
+            };
+            n.min_chars = chars("minLength")?.unwrap_or(0);
+            n.max_chars = chars("maxLength")?.unwrap_or(u32::MAX);
+            if n.max_chars < n.min_chars {
+                return Err("maxLength is below minLength".into());
+            }
+        }
+        if types & (T_NUMBER | T_INTEGER) != 0 {
+            // Only the bounds at zero (pydantic's ge=0 / gt=0) are enforced.
+            let zero = |key: &str| o.get(key).and_then(Value::as_f64) == Some(0.0);
+            n.sign = if zero("exclusiveMinimum") && types & T_NUMBER == 0 {
+                Sign::Positive
+            } else if zero("minimum") || zero("exclusiveMinimum") {
+                Sign::NonNegative
+            } else {
+                Sign::Any
+            };
+        }
         if types & T_ARRAY != 0 {
             if let Some(items) = o.get("items") {
                 match items {
@@ -542,6 +588,21 @@ fn merge(a: Node, b: Node) -> Node {
     if types & T_NUMBER != 0 {
         n.types &= !T_INTEGER;
     }
+    // Bounds hold only where both alternatives have them.
+    let strs = |x: &Node| x.types & T_STRING != 0;
+    (n.min_chars, n.max_chars) = match (strs(&a), strs(&b)) {
+        (true, true) => (a.min_chars.min(b.min_chars), a.max_chars.max(b.max_chars)),
+        (true, false) => (a.min_chars, a.max_chars),
+        (false, true) => (b.min_chars, b.max_chars),
+        (false, false) => (0, u32::MAX),
+    };
+    let nums = |x: &Node| x.types & (T_NUMBER | T_INTEGER) != 0;
+    n.sign = match (nums(&a), nums(&b)) {
+        (true, true) if a.sign == b.sign => a.sign,
+        (true, false) => a.sign,
+        (false, true) => b.sign,
+        _ => Sign::Any,
+    };
     let mut lits = a.lits;
     for l in b.lits {
         if !lits.contains(&l) {
@@ -602,9 +663,13 @@ pub(super) mod tests {
                 "a\"b": {"const": "x"},
                 "meta": {"type": "object", "additionalProperties": {"type": "integer"}},
                 "kids": {"type": "array", "items": {"$ref": "#/$defs/Kid"}, "maxItems": 2},
-                "ok": {"type": "boolean"}
+                "ok": {"type": "boolean"},
+                "code": {"type": "string", "minLength": 2, "maxLength": 4},
+                "count": {"type": "integer", "minimum": 0},
+                "rank": {"type": "integer", "exclusiveMinimum": 0},
+                "weight": {"type": "number", "minimum": 0}
             },
-            "required": ["name", "age", "role", "tags", "a\"b", "kids"],
+            "required": ["name", "age", "role", "tags", "a\"b", "kids", "code", "rank"],
             "additionalProperties": false,
             "$defs": {
                 "Kid": {
@@ -650,6 +715,20 @@ pub(super) mod tests {
             Some(Value::String(t)) if !ty_ok(t) => return false,
             Some(Value::Array(ts)) if !ts.iter().any(|t| ty_ok(t.as_str().unwrap())) => return false,
             _ => {}
+        }
+        if let Some(t) = v.as_str() {
+            let chars = t.chars().count() as u64;
+            if o.get("minLength").and_then(Value::as_u64).is_some_and(|m| chars < m)
+                || o.get("maxLength").and_then(Value::as_u64).is_some_and(|m| chars > m)
+            {
+                return false;
+            }
+        }
+        if let Some(x) = v.as_f64()
+            && (o.get("minimum").and_then(Value::as_f64).is_some_and(|m| x < m)
+                || o.get("exclusiveMinimum").and_then(Value::as_f64).is_some_and(|m| x <= m))
+        {
+            return false;
         }
         if let Value::Object(m) = v {
             if let Some(props) = o.get("properties").and_then(Value::as_object) {
@@ -756,7 +835,7 @@ pub(super) mod tests {
         let doc = person_schema();
         let r = rules(&doc);
         let g = JsonGuard::new().with_schema(&r);
-        let ok = br#"{"name": "Ann", "age": 3, "role": "user", "level": 10, "tags": ["a"], "nick": null, "a\"b": "x", "meta": {"k": 1}, "kids": [{"id": 1, "kids": []}], "ok": true}"#;
+        let ok = r#"{"name": "Ann", "age": 3, "role": "user", "level": 10, "tags": ["a"], "nick": null, "a\"b": "x", "meta": {"k": 1}, "kids": [{"id": 1, "kids": []}], "ok": true, "code": "é\u00e9\ud83d\ude00", "count": 0, "rank": 7, "weight": 0.5}"#.as_bytes();
         let mut h = g;
         assert!(h.push_token(ok, &r) && h.is_complete());
         for bad in [
@@ -776,6 +855,13 @@ pub(super) mod tests {
             br#"{"name": "A", "age": 1, "role": "user", "tags": ["a"], "a\"b": "x", "kids": [{}"#,
             br#"{"name": "A", "age": 1, "role": "user", "tags": ["a"], "a\"b": "x"}"#,
             br#"{"age": 1, "name": "A""#,
+            br#"{"name": "A", "age": 1, "role": "user", "tags": ["a"], "a\"b": "x", "kids": [], "code": "a""#,
+            br#"{"name": "A", "age": 1, "role": "user", "tags": ["a"], "a\"b": "x", "kids": [], "code": "abcde"#,
+            br#"{"name": "A", "age": 1, "role": "user", "tags": ["a"], "a\"b": "x", "kids": [], "code": "ab\n\u0041\t"#,
+            br#"{"name": "A", "age": 1, "role": "user", "tags": ["a"], "a\"b": "x", "kids": [], "code": "ab", "count": -"#,
+            br#"{"name": "A", "age": 1, "role": "user", "tags": ["a"], "a\"b": "x", "kids": [], "code": "ab", "rank": 0"#,
+            br#"{"name": "A", "age": 1, "role": "user", "tags": ["a"], "a\"b": "x", "kids": [], "code": "ab", "rank": -"#,
+            br#"{"name": "A", "age": 1, "role": "user", "tags": ["a"], "a\"b": "x", "kids": [], "code": "ab", "rank": 1, "weight": -"#,
             br#"{"name": "A", "name""#,
         ] {
             assert!(!g.accepts_token(bad, &r), "{:?} accepted", String::from_utf8_lossy(bad));
