@@ -4,7 +4,10 @@
 //! `tokio-stream` and `futures-util` turn the engine's token channel into the SSE response stream
 //! axum wants; `minijinja-contrib` (pycompat) supplies the Python string/dict methods that real
 //! HF chat templates call (`.strip()`, `.startswith()`, `.items()`); `sha2` verifies pulled
-//! models; dev-only: `tower` (calling the router without a socket), `tempfile`.
+//! models; dev-only: `tower` (calling the router without a socket), `tempfile`. serde_json's
+//! `preserve_order` (indexmap, already here through minijinja, and foldhash) keeps a request's key
+//! order: a JSON schema's properties are written in the order given, and templates print objects
+//! as Python's dicts would.
 
 mod bench;
 mod commands;
