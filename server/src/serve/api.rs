@@ -27,7 +27,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::engine::{Event, Finish, GenParams, Job, Loaded, SubmitError, TokenLogprob};
-use super::json_guard::{JsonGuard, Rules};
+use super::json_guard::JsonGuard;
 use super::json_schema::Schema;
 use super::tools::{self, ForcedStream, ToolCall, ToolStream};
 use super::{AppState, ServedModel, metrics};
@@ -1112,7 +1112,7 @@ async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesReject
         return Err(ApiError::param("logit_bias", format!("token id {id} is out of range (vocabulary of {vocab})")));
     }
     if !params.call.is_empty() || params.schema.is_some() {
-        let need = JsonGuard::min_tokens(&Rules { names: params.call.clone(), schema: params.schema.clone() });
+        let need = JsonGuard::min_tokens(&params.rules());
         let room = loaded.ctx - prompt.len();
         if params.max_tokens.unwrap_or(usize::MAX).min(room) < need {
             let (param, what) = match params.max_tokens {

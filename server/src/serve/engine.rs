@@ -52,6 +52,14 @@ pub struct GenParams {
     pub schema: Option<Arc<Schema>>,
 }
 
+impl GenParams {
+    /// What a JSON guard checks for these settings beyond syntax: the forced call's names and
+    /// the schema.
+    pub fn rules(&self) -> Rules {
+        Rules { names: self.call.clone(), schema: self.schema.clone() }
+    }
+}
+
 /// One generation request.
 pub struct Job {
     pub prompt: Vec<u32>,
@@ -366,15 +374,16 @@ fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx:
             }
             // The guard closes the object within the tokens this reply may have.
             let budget = job.params.max_tokens.unwrap_or(usize::MAX).min(ctx - job.prompt.len());
-            let rules = || Rules { names: job.params.call.clone(), schema: job.params.schema.clone() };
-            let json = if !job.params.call.is_empty() {
-                Some((JsonGuard::for_call(job.params.call.len(), budget), loaded.texts(), rules()))
+            let guard = if !job.params.call.is_empty() {
+                Some(JsonGuard::for_call(job.params.call.len(), budget))
             } else {
-                job.params.json.then(|| {
-                    let rules = rules();
-                    (JsonGuard::with_budget(budget).with_schema(&rules), loaded.texts(), rules)
-                })
+                job.params.json.then(|| JsonGuard::with_budget(budget))
             };
+            // (A forced call takes its arguments' schema when its name is written.)
+            let json = guard.map(|g| {
+                let rules = job.params.rules();
+                (g.with_schema(&rules), loaded.texts(), rules)
+            });
             let sampler = Sampler::new(job.params.sampling, vocab).with_logit_bias(job.params.logit_bias.clone());
             let stops = StopMatcher { stops: job.params.stop.clone(), held: String::new() };
             stats.prompt_tokens.fetch_add(job.prompt.len() as u64, Relaxed);

@@ -20,10 +20,7 @@ use std::sync::{Arc, OnceLock};
 
 use purehw_core::tokenizer::Tokenizer;
 
-use super::json_schema::{ANY, INF, Schema, Sign, T_NUMBER, admits, start_kind};
-
-/// Nesting levels, as a count.
-const LEVELS: usize = MAX_DEPTH as usize;
+use super::json_schema::{ANY, INF, LEVELS, Schema, Sign, T_NUMBER, admits, start_kind};
 
 /// Deepest nesting of objects and arrays, the top-level object included.
 pub const MAX_DEPTH: u8 = 32;
@@ -1191,12 +1188,10 @@ impl JsonGuard {
             },
             Mode::Colon => (1 + s.min_len(self.node, c)).saturating_add(top(false)),
             Mode::Value if d > 0 && !self.top_is_object() => {
-                // The next item, not begun yet.
-                let (node, count) = self.frames[d - 1];
-                let n = s.node(node);
-                let need = n.min_items.saturating_sub(u32::from(count) + 1) as usize;
-                let m = s.min_len(n.items, c);
-                m.saturating_add(need.saturating_mul(m.saturating_add(1))).saturating_add(1)
+                // The next item, not begun yet: it, then the array's rest with it counted.
+                let mut g = *self;
+                g.frames[d - 1].1 = g.frames[d - 1].1.saturating_add(1);
+                s.min_len(s.node(self.frames[d - 1].0).items, c).saturating_add(g.frame_rest(d - 1, s, false))
             }
             Mode::Value => s.min_len(self.node, c).saturating_add(top(false)),
             Mode::Str { key: false, s: st } => {

@@ -22,7 +22,7 @@ use serde_json::Value;
 use super::json_guard::MAX_DEPTH;
 
 /// Levels of nesting a reply may use (the top-level object takes one).
-const LEVELS: usize = MAX_DEPTH as usize;
+pub(super) const LEVELS: usize = MAX_DEPTH as usize;
 
 /// The node that accepts any JSON value.
 pub const ANY: u16 = 0;
