@@ -9,13 +9,16 @@
 //! How the reference maps onto AVX-512: a 512-bit register holds two 32-byte chunks; its i32
 //! lanes 0..8 are the reference lanes of the first chunk and 8..16 those of the second.
 //!
-//! * 32-element formats (one block = one chunk): a register holds two consecutive blocks. Weight
-//!   codes are made unsigned (`u = w + off`: Q4_0 `off = 8`, Q5_0 16, Q8_0 128 by flipping the sign
-//!   bit, 0 for Q4_1/Q5_1) and `vpdpbusd(base, u, a)` with `base = −off·Σ_{4 lane bytes} a` (itself
-//!   a `vpdpbusd`) gives lane `k` = `Σ_{i in 4k..4k+4} w[i]·a[i]` exactly in i32. The float steps
-//!   stay per block: `d = d_w·d_a` and `d·lane` are lane-wise (16 lanes, both blocks), then the
-//!   accumulator takes the first block's 8 products and, after that, the second block's — two
-//!   separate adds, in the reference's block order. The minimum term is the AVX2 one.
+//! * 32-element formats (one block = one chunk): weight codes are made unsigned (`u = w + off`:
+//!   Q4_0 `off = 8`, Q5_0 16, Q8_0 128 by flipping the sign bit, 0 for Q4_1/Q5_1) and
+//!   `vpdpbusd(base, u, a)` with `base = −off·Σ_{4 lane bytes} a` (itself a `vpdpbusd`) gives lane
+//!   `k` = `Σ_{i in 4k..4k+4} w[i]·a[i]` exactly in i32. The float steps stay per block:
+//!   `d = d_w·d_a`, then `acc += d·lane`, lane-wise. With several tokens (prefill, batched decode)
+//!   a register holds one block of two tokens, against the weight block repeated in both halves,
+//!   and one 16-lane accumulator serves both tokens, one block at a time as the reference adds.
+//!   With one token it holds two consecutive blocks of that token, and the 8-lane accumulator
+//!   takes the first block's products and, after that, the second block's — two separate adds, in
+//!   the reference's block order. The minimum term is the AVX2 one.
 //! * k-quants: register `j` holds chunks (sub-blocks) `2j`, `2j + 1`; `pmaddubsw` (exact: codes
 //!   are at most 31, or `|w| ≤ 32` with the activation's sign flipped for Q6_K) then `vpdpwssd`
 //!   with each lane's sub-block scale accumulates `sc·lane` in i32. The reference sums these
@@ -64,9 +67,9 @@ const PREFETCH: usize = 2048;
 const MAXB: usize = 1024;
 /// Most 256-element super-blocks per row the per-tile scratch holds.
 const MAXSB: usize = 128;
-/// Most block pairs per row whose per-token operands are prepared once per tile (larger rows
-/// prepare them per row pair, as small `n` does).
-const PREP: usize = 64;
+/// Most 32-element blocks per row for the token-pair path (its scratch holds each tile's pairs'
+/// operands, `TT/2` per block).
+const PAIR_MAXB: usize = 128;
 
 // ---------------------------------------------------------------------------------------------
 // Safe entry points (the `Kernels` fn pointers).
@@ -218,52 +221,25 @@ unsafe fn gemm_a<const F: u8>(w: &[u8], rows: usize, ab: usize, act: &[BlockQ8A]
     // Per token tile, for the minimum formats: `sa[b]` = `d·Σq` of block `b` (the reference's
     // `a.d * a.sum as f32`), lane = token.
     let mut sa: MaybeUninit<[[f32; TT]; MAXB]> = MaybeUninit::uninit();
-    let sa = sa.as_mut_ptr().cast::<[f32; TT]>();
-    // Several tokens over many rows: each token's codes, scales and offset base are prepared once
-    // per tile instead of once per row pair.
-    let np = ab.div_ceil(2);
-    let mut prep: MaybeUninit<[(__m512i, __m512, __m512i); TT * PREP]> = MaybeUninit::uninit();
-    let prep = prep.as_mut_ptr().cast::<(__m512i, __m512, __m512i)>();
-    let prepared = n >= 2 && np <= PREP && rows >= 8;
     let c = CtxA {
         w: w.as_ptr(),
         rb: ab * block_bytes_a(F),
         ab,
         act: act.as_ptr(),
-        sa,
+        sa: sa.as_mut_ptr().cast::<[f32; TT]>(),
         out: out.as_mut_ptr(),
         rows,
-        prep: if prepared { prep } else { core::ptr::null() },
-        np,
     };
+    if n >= 2 && ab <= PAIR_MAXB && rows >= 8 {
+        // Several tokens over many rows: token pairs' operands are prepared once per tile.
+        let mut prep: MaybeUninit<[Ops; TT / 2 * PAIR_MAXB]> = MaybeUninit::uninit();
+        // SAFETY: as this function's contract; `prep` holds `(TT/2)·PAIR_MAXB >= (TT/2)·ab` entries.
+        return unsafe { gemm_pairs::<F>(&c, prep.as_mut_ptr().cast::<Ops>(), n) };
+    }
     for t0 in (0..n).step_by(TT) {
         let tt = TT.min(n - t0);
-        if prepared {
-            for t in 0..tt {
-                for p in 0..np {
-                    // SAFETY: token `t0 + t < n`, blocks `2p (+1) < ab`; entry `t·np + p < TT·PREP`.
-                    unsafe {
-                        let v = if 2 * p + 1 < ab {
-                            token_a::<F, true>(&c, t0 + t, 2 * p)
-                        } else {
-                            token_a::<F, false>(&c, t0 + t, 2 * p)
-                        };
-                        prep.add(t * np + p).write(v);
-                    }
-                }
-            }
-        }
-        if has_min_a(F) {
-            for b in 0..ab {
-                let mut sv = [0f32; TT];
-                for (t, sv) in sv.iter_mut().enumerate().take(tt) {
-                    let a = &act[(t0 + t) * ab + b];
-                    *sv = a.d * a.sum as f32;
-                }
-                // SAFETY: in bounds: `b < ab <= MAXB` entries.
-                unsafe { sa.add(b).write(sv) };
-            }
-        }
+        // SAFETY: tokens `t0 .. t0 + tt` are `< n`.
+        unsafe { fill_sa::<F>(&c, t0, tt) };
         // Sub-tiles of 4, 2, 1 tokens (lane offset `l0` in the tile's scale vectors).
         let mut l0 = 0;
         while l0 < tt {
@@ -285,6 +261,26 @@ unsafe fn gemm_a<const F: u8>(w: &[u8], rows: usize, ab: usize, act: &[BlockQ8A]
     }
 }
 
+/// For the minimum formats, `sa[b]` lane `t` = `d·Σq` of token `t0 + t`'s block `b`, `t < tt`.
+///
+/// Safety: tokens `t0 .. t0 + tt` exist in `c`'s activations; `tt <= TT`.
+#[inline]
+unsafe fn fill_sa<const F: u8>(c: &CtxA, t0: usize, tt: usize) {
+    if !has_min_a(F) {
+        return;
+    }
+    for b in 0..c.ab {
+        let mut sv = [0f32; TT];
+        for (t, sv) in sv.iter_mut().enumerate().take(tt) {
+            // SAFETY: token `t0 + t < n`, block `b < ab`.
+            let a = unsafe { &*c.act.add((t0 + t) * c.ab + b) };
+            *sv = a.d * a.sum as f32;
+        }
+        // SAFETY: in bounds: `b < ab <= MAXB` entries of the caller's scratch.
+        unsafe { c.sa.cast_mut().add(b).write(sv) };
+    }
+}
+
 /// The operands of one 32-element-format GEMM call, as raw pointers (checked by the caller).
 struct CtxA {
     w: *const u8,
@@ -296,10 +292,6 @@ struct CtxA {
     sa: *const [f32; TT],
     out: *mut f32,
     rows: usize,
-    /// Per (tile token, block pair) operands of [`token_a`], `np` pairs per token; null when not
-    /// prepared.
-    prep: *const (__m512i, __m512, __m512i),
-    np: usize,
 }
 
 /// All rows (in tiles of `R`, the rest one by one) for tokens `t0..t0 + T`, lanes `l0..l0 + T`.
@@ -332,12 +324,12 @@ unsafe fn tile_a<const F: u8, const R: usize, const T: usize>(c: &CtxA, r0: usiz
     let mut b = 0;
     while b + 2 <= c.ab {
         // SAFETY: blocks `b, b + 1 < ab`; the rest as this function's contract.
-        unsafe { step_a::<F, R, T, true>(c, r0, t0, l0, b, &mut acc, &mut offv) };
+        unsafe { step_a::<F, R, T, true>(c, r0, t0, b, &mut acc, &mut offv) };
         b += 2;
     }
     if b < c.ab {
         // SAFETY: block `b < ab`; the rest as this function's contract.
-        unsafe { step_a::<F, R, T, false>(c, r0, t0, l0, b, &mut acc, &mut offv) };
+        unsafe { step_a::<F, R, T, false>(c, r0, t0, b, &mut acc, &mut offv) };
     }
     for r in 0..R {
         let mut offs = [0f32; 8];
@@ -350,25 +342,34 @@ unsafe fn tile_a<const F: u8, const R: usize, const T: usize>(c: &CtxA, r0: usiz
     }
 }
 
-/// Token `t`'s operands for blocks `b` and (when `TWO`) `b + 1`: its codes (block `b` in bytes
-/// 0..32, `b + 1` in 32..64, zeros when not `TWO`), `d_a` per lane, and `−off·Σ a` over each lane's
-/// four bytes (exact: `off·|Σ a| ≤ 128·508`).
+/// Token `t`'s operands for blocks `b` and (when `TWO`) `b + 1`: see [`operands`].
 ///
 /// Safety: features as [`gemm_a`]; token `t < n` and blocks `b (+ 1) < ab` of `c`'s activations.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn token_a<const F: u8, const TWO: bool>(c: &CtxA, t: usize, b: usize) -> (__m512i, __m512, __m512i) {
+unsafe fn token_a<const F: u8, const TWO: bool>(c: &CtxA, t: usize, b: usize) -> Ops {
     // SAFETY: in bounds by the caller's contract.
-    let (av, da) = unsafe {
+    unsafe {
         let a0 = &*c.act.add(t * c.ab + b);
-        let v0 = load32(a0.qs.as_ptr().cast());
-        if TWO {
-            let a1 = &*c.act.add(t * c.ab + b + 1);
-            let v1 = load32(a1.qs.as_ptr().cast());
+        operands::<F>(a0, if TWO { Some(&*c.act.add(t * c.ab + b + 1)) } else { None })
+    }
+}
+
+/// One register's activation operands, two 32-element activation blocks side by side (`a0` in
+/// bytes and lanes 0..8, `a1` in the upper half; zero codes when `a1` is `None`): their codes,
+/// `d_a` per lane, and `−off·Σ a` over each lane's four bytes (exact: `off·|Σ a| ≤ 128·508`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn operands<const F: u8>(a0: &BlockQ8A, a1: Option<&BlockQ8A>) -> Ops {
+    // SAFETY: `qs` is 32 bytes.
+    let v0 = unsafe { load32(a0.qs.as_ptr().cast()) };
+    let (av, da) = match a1 {
+        Some(a1) => {
+            // SAFETY: `qs` is 32 bytes.
+            let v1 = unsafe { load32(a1.qs.as_ptr().cast()) };
             (join(v0, v1), _mm512_mask_mov_ps(_mm512_set1_ps(a0.d), 0xFF00, _mm512_set1_ps(a1.d)))
-        } else {
-            (_mm512_zextsi256_si512(v0), _mm512_set1_ps(a0.d))
         }
+        None => (_mm512_zextsi256_si512(v0), _mm512_set1_ps(a0.d)),
     };
     let base = if offset_a(F) != 0 {
         let off = _mm512_set1_epi8(offset_a(F) as i8);
@@ -390,7 +391,6 @@ unsafe fn step_a<const F: u8, const R: usize, const T: usize, const TWO: bool>(
     c: &CtxA,
     r0: usize,
     t0: usize,
-    l0: usize,
     b: usize,
     acc: &mut [[__m256; T]; R],
     offv: &mut [__m256; R],
@@ -431,11 +431,8 @@ unsafe fn step_a<const F: u8, const R: usize, const T: usize, const TWO: bool>(
         }
     }
     for t in 0..T {
-        // SAFETY: in bounds: token `t0 + t < n`, blocks `b` (and `b + 1`) `< ab`; a prepared
-        // entry `(l0 + t)·np + b/2` was written for this tile.
-        let (av, da, base) = unsafe {
-            if c.prep.is_null() { token_a::<F, TWO>(c, t0 + t, b) } else { *c.prep.add((l0 + t) * c.np + b / 2) }
-        };
+        // SAFETY: in bounds: token `t0 + t < n`, blocks `b` (and `b + 1`) `< ab`.
+        let (av, da, base) = unsafe { token_a::<F, TWO>(c, t0 + t, b) };
         for r in 0..R {
             // Lane k (of either block) = Σ (u − off)·a = Σ w·a over its four elements, exactly.
             let l = _mm512_dpbusd_epi32(base, wu[r], av);
@@ -444,6 +441,129 @@ unsafe fn step_a<const F: u8, const R: usize, const T: usize, const TWO: bool>(
             acc[r][t] = _mm256_add_ps(acc[r][t], lo8(p));
             if TWO {
                 acc[r][t] = _mm256_add_ps(acc[r][t], hi8(p));
+            }
+        }
+    }
+}
+
+/// Activation operands of one register (see [`operands`]).
+type Ops = (__m512i, __m512, __m512i);
+
+/// Rows per pair tile.
+const PR: usize = 4;
+
+/// [`gemm_a`] for `n >= 2` with prepared operands: tokens go in pairs, one pair per register
+/// (token `t` in lanes 0..8, `t + 1` in 8..16) against one weight block repeated in both halves.
+/// Each accumulator then takes one block at a time for both tokens — the reference's block order
+/// with half the adds, converts and multiplies of two blocks per register and one token — and a
+/// weight block is decoded once per 8 tokens. An odd last token takes the one-token path.
+///
+/// Safety: as [`gemm_a`], with `ab <= PAIR_MAXB` and room for `(TT/2)·ab` entries at `prep`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn gemm_pairs<const F: u8>(c: &CtxA, prep: *mut Ops, n: usize) {
+    for t0 in (0..n).step_by(TT) {
+        let tt = TT.min(n - t0);
+        // SAFETY (writes): entry `p·ab + b < (TT/2)·ab`; reads: tokens
+        // `t0 + 2p + 1 < n`, block `b < ab`.
+        unsafe {
+            for p in 0..tt / 2 {
+                for b in 0..c.ab {
+                    let t = t0 + 2 * p;
+                    let v = operands::<F>(&*c.act.add(t * c.ab + b), Some(&*c.act.add((t + 1) * c.ab + b)));
+                    prep.add(p * c.ab + b).write(v);
+                }
+            }
+        }
+        // SAFETY: tokens `t0 .. t0 + tt` are `< n`.
+        unsafe { fill_sa::<F>(c, t0, tt) };
+        // SAFETY: the pairs' operands were written above; tokens `t0 .. t0 + tt` are `< n`.
+        unsafe {
+            match tt / 2 {
+                4 => rows_p::<F, 4>(c, prep, t0),
+                3 => rows_p::<F, 3>(c, prep, t0),
+                2 => rows_p::<F, 2>(c, prep, t0),
+                1 => rows_p::<F, 1>(c, prep, t0),
+                _ => {}
+            }
+            if tt % 2 == 1 {
+                rows_a::<F, 4, 1>(c, t0 + tt - 1, tt - 1);
+            }
+        }
+    }
+}
+
+/// All rows (tiles of [`PR`], the rest one by one) for the `P` token pairs from `t0`.
+///
+/// Safety: as [`gemm_pairs`], with the pairs' operands at `pp` and `sa` filled for this tile.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn rows_p<const F: u8, const P: usize>(c: &CtxA, pp: *const Ops, t0: usize) {
+    let mut r = 0;
+    while r + PR <= c.rows {
+        // SAFETY: rows `r..r + PR` exist.
+        unsafe { tile_p::<F, PR, P>(c, pp, r, t0) };
+        r += PR;
+    }
+    while r < c.rows {
+        // SAFETY: row `r` exists.
+        unsafe { tile_p::<F, 1, P>(c, pp, r, t0) };
+        r += 1;
+    }
+}
+
+/// Rows `r0..r0 + R` × token pairs `0..P` of the tile at `t0`, accumulators in registers.
+///
+/// Safety: as [`rows_p`], with `r0 + R <= rows`.
+#[inline]
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile_p<const F: u8, const R: usize, const P: usize>(c: &CtxA, pp: *const Ops, r0: usize, t0: usize) {
+    let bsz = block_bytes_a(F);
+    let mut acc = [[_mm512_setzero_ps(); P]; R];
+    let mut offv = [_mm256_setzero_ps(); R];
+    for b in 0..c.ab {
+        // The tile's rows are consecutive: prefetch the stream ahead, as `step_a` does.
+        let pf = c.w.wrapping_add(r0 * c.rb + b * bsz * R + PREFETCH);
+        for k in 0..(R * bsz).div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * k).cast());
+        }
+        let mut wu = [_mm512_setzero_si512(); R];
+        let mut dw = [_mm512_setzero_ps(); R];
+        for r in 0..R {
+            // SAFETY: in bounds: block `b < ab` of row `r0 + r < rows` lies inside `w`; `sa`
+            // entries `< ab` were written for this tile (minimum formats).
+            unsafe {
+                let p0 = c.w.add((r0 + r) * c.rb + b * bsz);
+                wu[r] = _mm512_broadcast_i64x4(codes_a::<F>(p0));
+                dw[r] = _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(f16_bits(p0) as i32)));
+                if has_min_a(F) {
+                    offv[r] =
+                        _mm256_add_ps(offv[r], _mm256_mul_ps(f16x8_at(p0.add(2)), _mm256_loadu_ps(c.sa.add(b).cast())));
+                }
+            }
+        }
+        for p in 0..P {
+            // SAFETY: entry `p·ab + b` was written for this tile.
+            let (av, da, base) = unsafe { *pp.add(p * c.ab + b) };
+            for r in 0..R {
+                // Lane k of either token = Σ (u − off)·a = Σ w·a over its four elements, exactly.
+                let l = _mm512_dpbusd_epi32(base, wu[r], av);
+                // `d = d_w·d_a`, then `acc += d·lane`, lane-wise for both tokens.
+                let d = _mm512_mul_ps(dw[r], da);
+                acc[r][p] = _mm512_add_ps(acc[r][p], _mm512_mul_ps(d, _mm512_cvtepi32_ps(l)));
+            }
+        }
+    }
+    for r in 0..R {
+        let mut offs = [0f32; 8];
+        // SAFETY: in bounds: `offs` is 8 floats.
+        unsafe { _mm256_storeu_ps(offs.as_mut_ptr(), offv[r]) };
+        for p in 0..P {
+            let (t, v) = (2 * p, acc[r][p]);
+            // SAFETY: in bounds: tokens `t0 + t (+ 1) < n`, so `(t0 + t + 1)·rows + r0 + r < out.len()`.
+            unsafe {
+                *c.out.add((t0 + t) * c.rows + r0 + r) = reduce_lanes(lo8(v)) + offs[t];
+                *c.out.add((t0 + t + 1) * c.rows + r0 + r) = reduce_lanes(hi8(v)) + offs[t + 1];
             }
         }
     }
@@ -840,7 +960,7 @@ mod tests {
             let cols = nb * fmt.block_elems();
             let rb = fmt.bytes_for(cols).unwrap();
             for fill in [0x00u8, 0xFF, 0x80, 0x7F, 0x88] {
-                let rows = 3;
+                let rows = 9; // ≥ 8: the token-pair path, with a one-row tail
                 let mut w = vec![fill; rb * rows];
                 for c in w.chunks_exact_mut(fmt.block_bytes()) {
                     match fmt {

@@ -472,8 +472,8 @@ fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx:
 type Draw<'a> = (&'a mut Sampler, &'a [u32], &'a [f32], &'a mut Option<u32>);
 
 /// Draw the next token of every row that samples this step (JSON-constrained rows excepted: their
-/// guard samples), two threads sharing the rows when there are several: each draw passes over the
-/// whole vocabulary (262k entries for Gemma 3), most of a step's host time.
+/// guard samples), up to one thread per row and per CPU: each draw passes over the whole
+/// vocabulary (262k entries for Gemma 3), most of a step's host time.
 fn sample_rows(slots: &mut [Option<Seq<'_>>], meta: &[(usize, bool)], logits: &[f32], vocab: usize) {
     let mut row_of = vec![None; slots.len()];
     for (row, &(slot, now)) in meta.iter().enumerate() {
@@ -498,12 +498,17 @@ fn sample_rows(slots: &mut [Option<Seq<'_>>], meta: &[(usize, bool)], logits: &[
             **out = Some(s.sample(l, history));
         }
     };
-    if work.len() < 2 {
+    static CPUS: OnceLock<usize> = OnceLock::new();
+    let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let helpers = work.len().min(cpus).saturating_sub(1);
+    if helpers == 0 {
         return draw();
     }
     std::thread::scope(|sc| {
-        // Without a second thread (resource limits) this one draws them all.
-        let _ = std::thread::Builder::new().spawn_scoped(sc, draw);
+        for _ in 0..helpers {
+            // A helper that cannot start (resource limits) leaves its rows to the others.
+            let _ = std::thread::Builder::new().spawn_scoped(sc, draw);
+        }
         draw();
     });
 }
