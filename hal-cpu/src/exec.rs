@@ -440,8 +440,9 @@ fn par_gemm<A: Sync>(
         });
         return Ok(());
     }
-    // Prefill: row chunks × all tokens, through a per-thread tile, then scattered.
-    let chunk = if serial { rows } else { rows.div_ceil(threads * 4).clamp(4, 64).next_multiple_of(4) };
+    // Prefill and batched decode: row chunks × all tokens, through a per-thread tile, then
+    // scattered. At least 8 rows a chunk, the SIMD GEMMs' token-pair tiles.
+    let chunk = if serial { rows } else { rows.div_ceil(threads * 4).clamp(8, 64).next_multiple_of(4) };
     for s in scratch {
         grow(&mut lock(s).tile, chunk * n)?;
     }

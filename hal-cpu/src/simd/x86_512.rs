@@ -33,8 +33,8 @@ use core::mem::MaybeUninit;
 
 // Shared with the AVX2 kernels (called from here with a superset of their features).
 use super::x86::{
-    Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, bits_to_bytes, block_bytes_a, block_bytes_k, has_min_a, load16,
-    load32, nibbles, reduce_lanes, scale_min_k4, word_bcast,
+    Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, block_bytes_a, block_bytes_k, has_min_a, load16, load32, nibbles,
+    reduce_lanes, scale_min_k4, word_bcast,
 };
 
 use purehw_kernels::Format;
@@ -202,8 +202,9 @@ unsafe fn codes_a<const F: u8>(p: *const u8) -> __m256i {
             Q4_1 => nibbles(load16(p.add(4))),
             Q5_0 | Q5_1 => {
                 let (qh_at, qs_at) = if F == Q5_0 { (2, 6) } else { (4, 8) };
+                // Bit `j` of `qh` is element `j`'s fifth bit: a byte mask selects 0x10 per element.
                 let qh = p.add(qh_at).cast::<u32>().read_unaligned();
-                let hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
+                let hi = _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10));
                 _mm256_or_si256(nibbles(load16(p.add(qs_at))), hi)
             }
             // Q8_0: `w + 128` is `w` with its sign bit flipped, read as unsigned.
