@@ -178,37 +178,7 @@ pub fn check_attention<A: Backend, B: Backend>(a: A, b: B) {
     let positions: Vec<u32> = seqs.iter().flat_map(|s| s.pos0..s.pos0 + s.len).collect();
     let tokens = vec![0u32; rows];
     let step = Step { tokens: &tokens, positions: &positions, seqs: &seqs };
-    for (heads, kv_heads, head_dim) in [(4, 1, 256), (9, 3, 64), (2, 2, 8)] {
-        for (window, softcap) in [(0, 0.0), (7, 0.0), (0, 50.0), (16, 30.0)] {
-            let q = p.buf(&rng.vec(rows * heads * head_dim, 1.0));
-            let k = p.buf(&rng.vec(192 * kv_heads * head_dim, 1.0));
-            let v = p.buf(&rng.vec(192 * kv_heads * head_dim, 1.0));
-            let o = p.buf(&vec![0.0; rows * heads * head_dim]);
-            macro_rules! op {
-                ($o:expr, $q:expr, $k:expr, $v:expr) => {
-                    Op::Attention {
-                        out: View::new($o, 0),
-                        q: View::new($q, 0),
-                        k: View::new($k, 0),
-                        v: View::new($v, 0),
-                        heads,
-                        kv_heads,
-                        head_dim,
-                        scale: 1.0 / (head_dim as f32).sqrt(),
-                        window,
-                        softcap,
-                    }
-                };
-            }
-            p.check(
-                &format!("Attention {heads}/{kv_heads}x{head_dim} window {window} softcap {softcap}"),
-                &step,
-                &[op!(o.0, q.0, k.0, v.0)],
-                &[op!(o.1, q.1, k.1, v.1)],
-                &[(o, rows * heads * head_dim)],
-            );
-        }
-    }
+    attention_cases(&mut p, &mut rng, &step);
     // The remaining ops once each (a twin may run them itself).
     let dim = 64;
     let x = p.buf(&rng.vec(rows * dim, 3.0));
@@ -249,4 +219,57 @@ pub fn check_attention<A: Backend, B: Backend>(a: A, b: B) {
         &ops!(x.1, y.1, o.1, tb, nb),
         &[(o, len), (x, len), (y, len)],
     );
+}
+
+/// A batched decode step: three sequences of one row each with long contexts (each query row
+/// reads a cache of its own, far from row 0). `a` is the reference.
+pub fn check_attention_decode<A: Backend, B: Backend>(a: A, b: B) {
+    let mut p = Pair { a, b };
+    let mut rng = Rng(0xDEC0);
+    let seqs = [
+        SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 250 },
+        SeqSpan { row: 1, len: 1, cache_row: 256, pos0: 100 },
+        SeqSpan { row: 2, len: 1, cache_row: 512, pos0: 255 },
+    ];
+    let positions: Vec<u32> = seqs.iter().map(|s| s.pos0).collect();
+    let tokens = vec![0u32; seqs.len()];
+    let step = Step { tokens: &tokens, positions: &positions, seqs: &seqs };
+    attention_cases(&mut p, &mut rng, &step);
+}
+
+/// Every head layout, window and softcap case of [`check_attention`] on `step`.
+fn attention_cases<A: Backend, B: Backend>(p: &mut Pair<A, B>, rng: &mut Rng, step: &Step<'_>) {
+    let rows = step.rows();
+    let cache = step.seqs.iter().map(|s| (s.cache_row + s.pos0 + s.len) as usize).max().unwrap_or(0);
+    for (heads, kv_heads, head_dim) in [(4, 1, 256), (9, 3, 64), (2, 2, 8)] {
+        for (window, softcap) in [(0, 0.0), (7, 0.0), (0, 50.0), (16, 30.0)] {
+            let q = p.buf(&rng.vec(rows * heads * head_dim, 1.0));
+            let k = p.buf(&rng.vec(cache * kv_heads * head_dim, 1.0));
+            let v = p.buf(&rng.vec(cache * kv_heads * head_dim, 1.0));
+            let o = p.buf(&vec![0.0; rows * heads * head_dim]);
+            macro_rules! op {
+                ($o:expr, $q:expr, $k:expr, $v:expr) => {
+                    Op::Attention {
+                        out: View::new($o, 0),
+                        q: View::new($q, 0),
+                        k: View::new($k, 0),
+                        v: View::new($v, 0),
+                        heads,
+                        kv_heads,
+                        head_dim,
+                        scale: 1.0 / (head_dim as f32).sqrt(),
+                        window,
+                        softcap,
+                    }
+                };
+            }
+            p.check(
+                &format!("Attention {heads}/{kv_heads}x{head_dim} window {window} softcap {softcap}"),
+                step,
+                &[op!(o.0, q.0, k.0, v.0)],
+                &[op!(o.1, q.1, k.1, v.1)],
+                &[(o, rows * heads * head_dim)],
+            );
+        }
+    }
 }

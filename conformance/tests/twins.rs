@@ -26,6 +26,12 @@ fn cpu_attention_and_other_ops_equal_reference() {
     ops::check_attention(CpuRef::new(), cpu());
 }
 
+/// A decode step's attention on more threads than it has (row, kv head) tasks.
+#[test]
+fn cpu_decode_attention_equals_reference() {
+    ops::check_attention_decode(CpuRef::new(), Cpu::new(16).unwrap_or_else(|e| panic!("{e}")));
+}
+
 #[test]
 fn cpu_greedy_64_equals_reference_gemma3_270m() {
     let m = model_file("gemma3-270m", "gemma-3-270m-q4_k_m.gguf");
