@@ -174,11 +174,9 @@ pub fn check_attention<A: Backend, B: Backend>(a: A, b: B) {
         SeqSpan { row: 1, len: 9, cache_row: 64, pos0: 0 },
         SeqSpan { row: 10, len: 30, cache_row: 128, pos0: 20 },
     ];
+    attention_cases(&mut p, &mut rng, &seqs);
     let rows = 40;
-    let positions: Vec<u32> = seqs.iter().flat_map(|s| s.pos0..s.pos0 + s.len).collect();
-    let tokens = vec![0u32; rows];
-    let step = Step { tokens: &tokens, positions: &positions, seqs: &seqs };
-    attention_cases(&mut p, &mut rng, &step);
+    let positions = positions_of(&seqs);
     // The remaining ops once each (a twin may run them itself).
     let dim = 64;
     let x = p.buf(&rng.vec(rows * dim, 3.0));
@@ -231,16 +229,21 @@ pub fn check_attention_decode<A: Backend, B: Backend>(a: A, b: B) {
         SeqSpan { row: 1, len: 1, cache_row: 256, pos0: 100 },
         SeqSpan { row: 2, len: 1, cache_row: 512, pos0: 255 },
     ];
-    let positions: Vec<u32> = seqs.iter().map(|s| s.pos0).collect();
-    let tokens = vec![0u32; seqs.len()];
-    let step = Step { tokens: &tokens, positions: &positions, seqs: &seqs };
-    attention_cases(&mut p, &mut rng, &step);
+    attention_cases(&mut p, &mut rng, &seqs);
 }
 
-/// Every head layout, window and softcap case of [`check_attention`] on `step`.
-fn attention_cases<A: Backend, B: Backend>(p: &mut Pair<A, B>, rng: &mut Rng, step: &Step<'_>) {
-    let rows = step.rows();
-    let cache = step.seqs.iter().map(|s| (s.cache_row + s.pos0 + s.len) as usize).max().unwrap_or(0);
+/// Each row's position: sequence by sequence, `pos0..pos0 + len`.
+fn positions_of(seqs: &[SeqSpan]) -> Vec<u32> {
+    seqs.iter().flat_map(|s| s.pos0..s.pos0 + s.len).collect()
+}
+
+/// Every head layout, window and softcap case of [`check_attention`] on a step of `seqs`.
+fn attention_cases<A: Backend, B: Backend>(p: &mut Pair<A, B>, rng: &mut Rng, seqs: &[SeqSpan]) {
+    let positions = positions_of(seqs);
+    let rows = positions.len();
+    let tokens = vec![0u32; rows];
+    let step = &Step { tokens: &tokens, positions: &positions, seqs };
+    let cache = seqs.iter().map(|s| (s.cache_row + s.pos0 + s.len) as usize).max().unwrap_or(0);
     for (heads, kv_heads, head_dim) in [(4, 1, 256), (9, 3, 64), (2, 2, 8)] {
         for (window, softcap) in [(0, 0.0), (7, 0.0), (0, 50.0), (16, 30.0)] {
             let q = p.buf(&rng.vec(rows * heads * head_dim, 1.0));

@@ -433,15 +433,23 @@ struct CtxA {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_a<const F: u8, const R: usize, const T: usize>(c: &CtxA, t0: usize, l0: usize) {
+    row_tiles::<R>(c.rows, |r, full| {
+        // SAFETY: rows `r..r + R` (`full`) or row `r` exist.
+        unsafe { if full { tile_a::<F, R, T>(c, r, t0, l0) } else { tile_a::<F, 1, T>(c, r, t0, l0) } }
+    });
+}
+
+/// The GEMMs' row loop: `tile(r, true)` for rows `r..r + R` while `R` rows remain, then
+/// `tile(r, false)` for each row left.
+#[inline(always)]
+pub(super) fn row_tiles<const R: usize>(rows: usize, mut tile: impl FnMut(usize, bool)) {
     let mut r = 0;
-    while r + R <= c.rows {
-        // SAFETY: rows `r..r + R` exist.
-        unsafe { tile_a::<F, R, T>(c, r, t0, l0) };
+    while r + R <= rows {
+        tile(r, true);
         r += R;
     }
-    while r < c.rows {
-        // SAFETY: row `r` exists.
-        unsafe { tile_a::<F, 1, T>(c, r, t0, l0) };
+    while r < rows {
+        tile(r, false);
         r += 1;
     }
 }

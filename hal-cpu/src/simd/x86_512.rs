@@ -34,7 +34,7 @@ use core::mem::MaybeUninit;
 // Shared with the AVX2 kernels (called from here with a superset of their features).
 use super::x86::{
     Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, block_bytes_a, block_bytes_k, has_min_a, load16, load32, nibbles,
-    reduce_lanes, scale_min_k4, word_bcast,
+    reduce_lanes, row_tiles, scale_min_k4, word_bcast,
 };
 
 use purehw_kernels::Format;
@@ -301,17 +301,10 @@ struct CtxA {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn rows_a<const F: u8, const R: usize, const T: usize>(c: &CtxA, t0: usize, l0: usize) {
-    let mut r = 0;
-    while r + R <= c.rows {
-        // SAFETY: rows `r..r + R` exist.
-        unsafe { tile_a::<F, R, T>(c, r, t0, l0) };
-        r += R;
-    }
-    while r < c.rows {
-        // SAFETY: row `r` exists.
-        unsafe { tile_a::<F, 1, T>(c, r, t0, l0) };
-        r += 1;
-    }
+    row_tiles::<R>(c.rows, |r, full| {
+        // SAFETY: rows `r..r + R` (`full`) or row `r` exist.
+        unsafe { if full { tile_a::<F, R, T>(c, r, t0, l0) } else { tile_a::<F, 1, T>(c, r, t0, l0) } }
+    });
 }
 
 /// Rows `r0..r0 + R` × tokens `t0..t0 + T`, accumulators in registers.
@@ -398,12 +391,7 @@ unsafe fn step_a<const F: u8, const R: usize, const T: usize, const TWO: bool>(
 ) {
     let bsz = block_bytes_a(F);
     let nb = if TWO { 2 } else { 1 };
-    // The tile's rows are consecutive in memory: prefetch the stream `PREFETCH` bytes ahead (a
-    // hint; it may point past `w` and never faults).
-    let pf = c.w.wrapping_add(r0 * c.rb + b * bsz * R + PREFETCH);
-    for k in 0..(R * nb * bsz).div_ceil(64) {
-        _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * k).cast());
-    }
+    prefetch_ahead(c, r0 * c.rb + b * bsz * R, R * nb * bsz);
     let mut wu = [_mm512_setzero_si512(); R];
     let mut dw = [_mm512_setzero_ps(); R];
     for r in 0..R {
@@ -444,6 +432,18 @@ unsafe fn step_a<const F: u8, const R: usize, const T: usize, const TWO: bool>(
                 acc[r][t] = _mm256_add_ps(acc[r][t], hi8(p));
             }
         }
+    }
+}
+
+/// A tile's rows are consecutive in memory, so its blocks are one stream: prefetch the `bytes`
+/// that a tile reads at offset `at` of the weights, `PREFETCH` bytes ahead (a hint; it may point
+/// past `w` and never faults).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn prefetch_ahead(c: &CtxA, at: usize, bytes: usize) {
+    let pf = c.w.wrapping_add(at + PREFETCH);
+    for k in 0..bytes.div_ceil(64) {
+        _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * k).cast());
     }
 }
 
@@ -499,17 +499,10 @@ unsafe fn gemm_pairs<const F: u8>(c: &CtxA, prep: *mut Ops, n: usize) {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn rows_p<const F: u8, const P: usize>(c: &CtxA, pp: *const Ops, t0: usize) {
-    let mut r = 0;
-    while r + PR <= c.rows {
-        // SAFETY: rows `r..r + PR` exist.
-        unsafe { tile_p::<F, PR, P>(c, pp, r, t0) };
-        r += PR;
-    }
-    while r < c.rows {
-        // SAFETY: row `r` exists.
-        unsafe { tile_p::<F, 1, P>(c, pp, r, t0) };
-        r += 1;
-    }
+    row_tiles::<PR>(c.rows, |r, full| {
+        // SAFETY: rows `r..r + PR` (`full`) or row `r` exist.
+        unsafe { if full { tile_p::<F, PR, P>(c, pp, r, t0) } else { tile_p::<F, 1, P>(c, pp, r, t0) } }
+    });
 }
 
 /// Rows `r0..r0 + R` × token pairs `0..P` of the tile at `t0`, accumulators in registers.
@@ -523,11 +516,7 @@ unsafe fn tile_p<const F: u8, const R: usize, const P: usize>(c: &CtxA, pp: *con
     let mut acc = [[_mm512_setzero_ps(); P]; R];
     let mut offv = [_mm256_setzero_ps(); R];
     for b in 0..c.ab {
-        // The tile's rows are consecutive: prefetch the stream ahead, as `step_a` does.
-        let pf = c.w.wrapping_add(r0 * c.rb + b * bsz * R + PREFETCH);
-        for k in 0..(R * bsz).div_ceil(64) {
-            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * k).cast());
-        }
+        prefetch_ahead(c, r0 * c.rb + b * bsz * R, R * bsz);
         let mut wu = [_mm512_setzero_si512(); R];
         let mut dw = [_mm512_setzero_ps(); R];
         for r in 0..R {
