@@ -845,6 +845,11 @@ impl JsonGuard {
         self.depth > 0 && (self.stack >> (self.depth - 1)) & 1 == 1
     }
 
+    /// The innermost open container's schema frame (node, index), if any is open.
+    fn top_frame(&self) -> Option<(u16, u16)> {
+        self.frames.get((self.depth as usize).wrapping_sub(1)).copied()
+    }
+
     fn open(&mut self, object: bool) -> bool {
         if self.depth >= MAX_DEPTH {
             return false;
@@ -1088,7 +1093,7 @@ impl JsonGuard {
 
     /// The opening quote of a key: the properties it may name.
     fn key_start(&mut self, s: &Schema) -> bool {
-        let Some(&(node, idx)) = self.frames.get((self.depth as usize).wrapping_sub(1)) else { return true };
+        let Some((node, idx)) = self.top_frame() else { return true };
         let Some(props) = &s.node(node).props else { return true };
         self.live = key_window(props, idx as usize);
         self.mpos = 0;
@@ -1099,7 +1104,7 @@ impl JsonGuard {
     /// value's node and moves the object past that property).
     fn key_byte(&mut self, b: u8, st: Str, s: &Schema) -> bool {
         let d = self.depth as usize;
-        let Some(&(node, idx)) = self.frames.get(d.wrapping_sub(1)) else { return true };
+        let Some((node, idx)) = self.top_frame() else { return true };
         let n = s.node(node);
         let closing = st == Str::Plain && b == b'"';
         let Some(props) = &n.props else {
@@ -1122,7 +1127,7 @@ impl JsonGuard {
 
     /// Whether the top container may close: no required property left, enough items.
     fn may_close(&self, s: &Schema) -> bool {
-        let Some(&(node, idx)) = self.frames.get((self.depth as usize).wrapping_sub(1)) else { return true };
+        let Some((node, idx)) = self.top_frame() else { return true };
         if self.top_is_object() {
             s.rest(node, LEVELS - 1, idx as usize) == 0
         } else {
@@ -1247,9 +1252,8 @@ pub fn allowed_mask(guard: &JsonGuard, texts: &TokenTexts, rules: &Rules, out: &
     }
     // (Under a schema, only inside a free string: declared keys and literals are spelled out.)
     let free = |key: bool, s: &Schema| {
-        let top = (guard.depth as usize).wrapping_sub(1);
         let unbounded = s.node(guard.node).max_chars == u32::MAX;
-        !guard.lit && if key { guard.frames.get(top).is_none_or(|f| s.node(f.0).props.is_none()) } else { unbounded }
+        !guard.lit && if key { guard.top_frame().is_none_or(|f| s.node(f.0).props.is_none()) } else { unbounded }
     };
     if let Mode::Str { s: Str::Plain, key } = guard.mode
         && rules.schema.as_deref().is_none_or(|s| free(key, s))
