@@ -125,6 +125,14 @@ def check_error_shape(status, body, where):
     check(isinstance(e["message"], str) and e["message"], f"{where}: empty error message", short(body))
 
 
+def expect_400(c, name, body, param):
+    """POST `body` to /v1/chat/completions: a 400 in OpenAI's error shape naming `param`."""
+    st, _, b = c.http("POST", "/v1/chat/completions", body)
+    check_error_shape(st, b, name)
+    check(st == 400 and b["error"]["param"] == param, f"{name}: {st} {short(b)}, want 400 naming {param}")
+    print(f"  {name}: 400 {short(b['error']['message'], 120)!r}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Cases
 
@@ -473,21 +481,20 @@ def case_json_schema(c):
     check(all(d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun") for d in a["days"]), "days", call.function.arguments)
     print(f"  forced call set_alarm({call.function.arguments})")
 
-    def expect_400(body, param):
-        st, _, b = c.http("POST", "/v1/chat/completions", body={"model": c.model, "messages": msgs, **body})
-        check_error_shape(st, b, param)
-        check(st == 400 and b["error"]["param"] == param, f"{param}: {st}", short(b))
-        print(f"  400 {param}: {short(b['error']['message'], 120)!r}")
-
-    expect_400({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string"}}}},
-               "response_format.json_schema.schema")
-    expect_400({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
-        "type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}}}}}, "response_format.json_schema.schema")
-    expect_400({"response_format": {"type": "json_schema", "json_schema": "movie"}}, "response_format.json_schema")
-    expect_400({"response_format": rf, "max_tokens": 5}, "max_tokens")
-    expect_400({"guided_json": "{not json"}, "guided_json")
+    base = {"model": c.model, "messages": msgs}
     bad_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "text"}}}}}
-    expect_400({"tools": [bad_tool], "tool_choice": "required"}, "tools")
+    for name, extra, param in [
+        ("schema not an object", {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "string"}}}}, "response_format.json_schema.schema"),
+        ("dangling $ref", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}}}}}, "response_format.json_schema.schema"),
+        ("json_schema not an object", {"response_format": {"type": "json_schema", "json_schema": "movie"}},
+         "response_format.json_schema"),
+        ("max_tokens too small", {"response_format": rf, "max_tokens": 5}, "max_tokens"),
+        ("guided_json not JSON", {"guided_json": "{not json"}, "guided_json"),
+        ("bad tool parameters", {"tools": [bad_tool], "tool_choice": "required"}, "tools"),
+    ]:
+        expect_400(c, name, {**base, **extra}, param)
 
 
 def make_tools(n=36):
@@ -714,10 +721,7 @@ def case_tool_choice(c):
         ("bad tool_choice", {"tool_choice": 5}, "tool_choice"),
         ("max_tokens too small", {"tool_choice": "required", "max_tokens": 5}, "max_tokens"),
     ]:
-        st, _, b = c.http("POST", "/v1/chat/completions", {**body, **extra})
-        check_error_shape(st, b, name)
-        check(st == 400 and b["error"]["param"] == param, f"{name}: {st} {short(b)}, want 400 naming {param}")
-        print(f"  {name}: 400 {short(b['error']['message'], 100)!r}")
+        expect_400(c, name, {**body, **extra}, param)
 
 
 def case_tool_history(c):
