@@ -39,16 +39,24 @@ pub fn generate<B: Backend>(
     if max_new == 0 {
         return Ok(out);
     }
+    // Plain greedy decoding reads back only the device's argmax, not the logits.
+    let greedy = sampler.is_plain_greedy();
+    let mut next = |model: &mut Model<B>, pos: usize, tokens: &[u32], history: &[u32]| -> Result<u32> {
+        if greedy {
+            model.forward_argmax(0, pos, tokens)
+        } else {
+            Ok(sampler.sample(model.forward(0, pos, tokens)?, history))
+        }
+    };
     let mut pos = prompt.len();
-    let mut id = sampler.sample(model.forward(0, 0, prompt)?, &history);
+    let mut id = next(model, 0, prompt, &history)?;
     loop {
         out.push(id);
         history.push(id);
         if !on_token(id) || (stop_at_eos && eos.contains(&id)) || out.len() == max_new {
             return Ok(out);
         }
-        let logits = model.forward(0, pos, &[id])?;
+        id = next(model, pos, &[id], &history)?;
         pos += 1;
-        id = sampler.sample(logits, &history);
     }
 }

@@ -12,7 +12,10 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use purehw_hal::{ActQuant, Backend, Format, HostBytes, HostWeight, Op, OpKind, SeqSpan, Step, View};
+use purehw_hal::{
+    ActLayout, ActQuant, Backend, Format, Gate, HostBytes, HostWeight, MatIn, Op, OpKind, QuantOut, RopeSpec, SeqSpan,
+    Step, View,
+};
 
 use crate::config::{Arch, LayerKind, ModelConfig};
 pub use crate::generate::generate;
@@ -40,7 +43,7 @@ impl Default for ModelOptions {
     }
 }
 
-/// One layer's weights as backend handles.
+/// One layer's weights as backend handles, with the activation layout each matmul group reads.
 struct Layer<W> {
     kind: LayerKind,
     attn_norm: W,              // (hidden)
@@ -56,6 +59,12 @@ struct Layer<W> {
     up: W,                     // (ffn, hidden)
     down: W,                   // (hidden, ffn)
     post_ffn_norm: Option<W>,  // (hidden), Gemma
+    /// Int8 layouts: q/k/v share one quantization of their input when all three read one
+    /// layout (likewise gate/up); `None` = the matmuls take f32 rows.
+    qkv_q8: Option<ActLayout>,
+    wo_q8: Option<ActLayout>,
+    ffn_q8: Option<ActLayout>,
+    down_q8: Option<ActLayout>,
 }
 
 /// Every weight of the model, as backend handles.
@@ -64,12 +73,16 @@ pub struct Weights<W> {
     layers: Vec<Layer<W>>,
     out_norm: W, // (hidden)
     output: W,   // (vocab, hidden); the embedding table when tied
+    output_q8: Option<ActLayout>,
 }
 
 /// Activations and caches, allocated once per model.
 pub struct RunState<Buf> {
     x: Buf,            // (max_batch, hidden) residual stream
-    xb: Buf,           // (max_batch, hidden) branch input / output
+    xb: Buf,           // (max_batch, hidden) a block's output (attention, MLP), before the residual add
+    xn: Buf,           // (max_batch, hidden) normed input of the next matmuls
+    xq: Buf,           // (max_batch, hidden) xn quantized (ActLayout blocks, `act_words` each)
+    xq_wide: Buf,      // (max_batch, max(heads·head_dim, ffn)) att or gate quantized
     q: Buf,            // (max_batch, heads·head_dim)
     k: Buf,            // (max_batch, kv_heads·head_dim) this step's keys
     v: Buf,            // (max_batch, kv_heads·head_dim) this step's values
@@ -77,8 +90,23 @@ pub struct RunState<Buf> {
     gate: Buf,         // (max_batch, ffn)
     up: Buf,           // (max_batch, ffn)
     logits: Buf,       // (logit_rows, vocab)
+    ids: Buf,          // (logit_rows) argmax of each logit row (an index held exactly in f32)
     k_cache: Vec<Buf>, // per layer: (slots·ctx, kv_heads·head_dim)
     v_cache: Vec<Buf>, // per layer: (slots·ctx, kv_heads·head_dim)
+}
+
+/// What a sequence wants back from a step.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub enum Want {
+    /// Nothing: the step only fills the KV cache (a prompt chunk before the last). The LM head
+    /// does not run for it.
+    Nothing,
+    /// The last token's logits, `(vocab)`.
+    #[default]
+    Logits,
+    /// Only the last token's argmax (greedy decoding): computed on the device, so 4 bytes come
+    /// back instead of the logits.
+    Argmax,
 }
 
 /// Host-side arrays of one step, reused so a step does not allocate.
@@ -87,7 +115,11 @@ struct StepHost<Buf, W> {
     positions: Vec<u32>, // (rows)
     seqs: Vec<SeqSpan>,  // (sequences)
     ops: Vec<Op<Buf, W>>,
-    logits: Vec<f32>, // (logit_rows, vocab)
+    /// Per sequence of the step: its row of logits / ids, if it wants one.
+    out_row: Vec<Option<u32>>, // (sequences)
+    logits: Vec<f32>,          // (logit_rows, vocab)
+    ids_f: Vec<f32>,           // (logit_rows)
+    ids: Vec<u32>,             // (logit_rows)
 }
 
 /// A sequence's share of a batched step: its slot, the position of its first new token, and
@@ -99,6 +131,39 @@ pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
 }
 
+/// What one step returned, per sequence of the step (in the order given).
+#[derive(Copy, Clone, Debug)]
+pub struct StepOut<'a> {
+    out_row: &'a [Option<u32>],
+    logits: &'a [f32],
+    ids: &'a [u32],
+    vocab: usize,
+    read_logits: bool,
+    read_ids: bool,
+}
+
+impl<'a> StepOut<'a> {
+    /// Sequence `i`'s logits, if the step read them back.
+    pub fn logits(&self, i: usize) -> Option<&'a [f32]> {
+        let r = (*self.out_row.get(i)?)? as usize;
+        self.read_logits.then(|| &self.logits[r * self.vocab..(r + 1) * self.vocab])
+    }
+
+    /// Sequence `i`'s argmax token, if the step computed it.
+    pub fn argmax(&self, i: usize) -> Option<u32> {
+        let r = (*self.out_row.get(i)?)? as usize;
+        self.read_ids.then(|| self.ids[r])
+    }
+}
+
+/// Which fused ops the backend runs itself; the others are expanded here into their primitives.
+#[derive(Copy, Clone, Debug)]
+struct Fusions {
+    add_norm: bool,
+    qkv: bool,
+    ffn: bool,
+}
+
 /// A loaded model on a backend.
 pub struct Model<B: Backend> {
     config: ModelConfig,
@@ -108,6 +173,7 @@ pub struct Model<B: Backend> {
     weights: Weights<B::Weight>,
     state: RunState<B::Buffer>,
     host: StepHost<B::Buffer, B::Weight>,
+    fused: Fusions,
 }
 
 impl<B: Backend> Model<B> {
@@ -124,23 +190,30 @@ impl<B: Backend> Model<B> {
         if opts.slots.checked_mul(opts.ctx).is_none_or(|rows| rows > u32::MAX as usize) {
             return Err(Error::Invalid(format!("{} slots of {} positions is too many", opts.slots, opts.ctx)));
         }
-        let weights = load_weights(&mut backend, source, &c)?;
+        let weights = load_weights(&mut backend, source, &c, opts.act)?;
         let state = alloc_state(&mut backend, &c, &opts)?;
         let ops_per_step = 8 + c.layers * 24 + 4 * opts.logit_rows;
+        let no_mem = |what: &str| Error::Invalid(format!("no memory for {what}"));
         let mut logits = Vec::new();
-        logits
-            .try_reserve_exact(opts.logit_rows * c.vocab)
-            .map_err(|_| Error::Invalid(format!("no memory for {} rows of {} logits", opts.logit_rows, c.vocab)))?;
+        logits.try_reserve_exact(opts.logit_rows * c.vocab).map_err(|_| no_mem("the logits"))?;
         logits.resize(opts.logit_rows * c.vocab, 0.0);
         let host = StepHost {
             tokens: Vec::with_capacity(opts.max_batch),
             positions: Vec::with_capacity(opts.max_batch),
             seqs: Vec::with_capacity(opts.max_batch),
             ops: Vec::with_capacity(ops_per_step),
+            out_row: Vec::with_capacity(opts.max_batch),
             logits,
+            ids_f: alloc::vec![0.0; opts.logit_rows],
+            ids: alloc::vec![0; opts.logit_rows],
+        };
+        let fused = Fusions {
+            add_norm: backend.supports(OpKind::AddRmsNorm),
+            qkv: backend.supports(OpKind::Qkv),
+            ffn: backend.supports(OpKind::GatedFfn),
         };
         let backend_name = String::from(backend.name());
-        Ok(Model { config: c, opts, backend, backend_name, weights, state, host })
+        Ok(Model { config: c, opts, backend, backend_name, weights, state, host, fused })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -156,17 +229,32 @@ impl<B: Backend> Model<B> {
     }
 
     /// Feed `tokens` of sequence `slot` starting at position `pos` (earlier positions must
-    /// already be cached) and return the logits of the last token, `(vocab)`.
+    /// already be cached) and return the logits of the last token, `(vocab)`. Chunks before the
+    /// last skip the LM head.
     pub fn forward(&mut self, slot: usize, pos: usize, tokens: &[u32]) -> Result<&[f32]> {
+        self.forward_chunks(slot, pos, tokens, Want::Logits)?;
+        Ok(&self.host.logits[..self.config.vocab])
+    }
+
+    /// Like [`forward`](Model::forward), but returns only the last token's argmax (greedy
+    /// decoding), computed on the device.
+    pub fn forward_argmax(&mut self, slot: usize, pos: usize, tokens: &[u32]) -> Result<u32> {
+        self.forward_chunks(slot, pos, tokens, Want::Argmax)?;
+        Ok(self.host.ids[0])
+    }
+
+    fn forward_chunks(&mut self, slot: usize, pos: usize, tokens: &[u32], want: Want) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::Invalid("forward: no tokens".into()));
         }
         let mut p = pos;
-        for chunk in tokens.chunks(self.opts.max_batch) {
-            self.run_step(&[SeqInput { slot, pos: p, tokens: chunk }], false)?;
+        let chunks = tokens.len().div_ceil(self.opts.max_batch);
+        for (i, chunk) in tokens.chunks(self.opts.max_batch).enumerate() {
+            let w = if i + 1 == chunks { want } else { Want::Nothing };
+            self.run_step(&[SeqInput { slot, pos: p, tokens: chunk }], &[w], false)?;
             p += chunk.len();
         }
-        Ok(&self.host.logits[..self.config.vocab])
+        Ok(())
     }
 
     /// Like [`forward`](Model::forward) but appends the logits of every position to `out`,
@@ -175,7 +263,7 @@ impl<B: Backend> Model<B> {
         let chunk_len = self.opts.max_batch.min(self.opts.logit_rows);
         let mut p = pos;
         for chunk in tokens.chunks(chunk_len) {
-            self.run_step(&[SeqInput { slot, pos: p, tokens: chunk }], true)?;
+            self.run_step(&[SeqInput { slot, pos: p, tokens: chunk }], &[Want::Logits], true)?;
             out.extend_from_slice(&self.host.logits[..chunk.len() * self.config.vocab]);
             p += chunk.len();
         }
@@ -185,18 +273,38 @@ impl<B: Backend> Model<B> {
     /// One step over several sequences at once (e.g. one decode token each). Returns the last
     /// token's logits of each sequence, `(seqs.len(), vocab)` row-major.
     pub fn forward_batch(&mut self, seqs: &[SeqInput<'_>]) -> Result<&[f32]> {
-        self.run_step(seqs, false)?;
+        self.run_step(seqs, &[], false)?;
         Ok(&self.host.logits[..seqs.len() * self.config.vocab])
     }
 
-    /// Check a step's inputs and lay out its host arrays.
-    fn prepare(&mut self, seqs: &[SeqInput<'_>], all_logits: bool) -> Result<usize> {
+    /// One step over several sequences, each asking for what it needs (`want[i]` for `seqs[i]`;
+    /// missing entries mean [`Want::Logits`]): sequences still reading their prompt skip the LM
+    /// head, greedy ones get their argmax from the device, the rest their logits.
+    pub fn forward_select(&mut self, seqs: &[SeqInput<'_>], want: &[Want]) -> Result<StepOut<'_>> {
+        let (read_logits, read_ids) = self.run_step(seqs, want, false)?;
+        let h = &self.host;
+        Ok(StepOut {
+            out_row: &h.out_row,
+            logits: &h.logits,
+            ids: &h.ids,
+            vocab: self.config.vocab,
+            read_logits,
+            read_ids,
+        })
+    }
+
+    /// Check a step's inputs and lay out its host arrays; returns the number of logit rows.
+    fn prepare(&mut self, seqs: &[SeqInput<'_>], want: &[Want], all_rows: bool) -> Result<usize> {
         let (c, o, h) = (&self.config, &self.opts, &mut self.host);
         h.tokens.clear();
         h.positions.clear();
         h.seqs.clear();
+        h.out_row.clear();
+        if seqs.len() > o.max_batch {
+            return Err(Error::Invalid(format!("step of more than {} sequences", o.max_batch)));
+        }
         let mut logit_rows = 0;
-        for s in seqs {
+        for (i, s) in seqs.iter().enumerate() {
             if s.slot >= o.slots {
                 return Err(Error::Invalid(format!("slot {} out of range (have {})", s.slot, o.slots)));
             }
@@ -225,7 +333,15 @@ impl<B: Backend> Model<B> {
             });
             h.tokens.extend_from_slice(s.tokens);
             h.positions.extend((s.pos..s.pos + s.tokens.len()).map(|p| p as u32));
-            logit_rows += if all_logits { s.tokens.len() } else { 1 };
+            if all_rows {
+                h.out_row.push(Some(logit_rows as u32));
+                logit_rows += s.tokens.len();
+            } else if want.get(i).copied().unwrap_or_default() != Want::Nothing {
+                h.out_row.push(Some(logit_rows as u32));
+                logit_rows += 1;
+            } else {
+                h.out_row.push(None);
+            }
         }
         if logit_rows > o.logit_rows {
             return Err(Error::Invalid(format!("step needs {logit_rows} rows of logits, have {}", o.logit_rows)));
@@ -233,56 +349,85 @@ impl<B: Backend> Model<B> {
         Ok(logit_rows)
     }
 
-    /// Build one step's ops top to bottom, submit them, read back the logits.
-    fn run_step(&mut self, seqs: &[SeqInput<'_>], all_logits: bool) -> Result<()> {
-        let logit_rows = self.prepare(seqs, all_logits)?;
-        let (c, w, s, h) = (&self.config, &self.weights, &self.state, &mut self.host);
+    /// Build one step's ops top to bottom, submit them, read back what the sequences want.
+    /// Returns whether logits and argmax ids were read.
+    fn run_step(&mut self, seqs: &[SeqInput<'_>], want: &[Want], all_rows: bool) -> Result<(bool, bool)> {
+        let logit_rows = self.prepare(seqs, want, all_rows)?;
+        let wants = |w: Want| (0..seqs.len()).any(|i| want.get(i).copied().unwrap_or_default() == w);
+        let read_logits = logit_rows > 0 && (all_rows || wants(Want::Logits));
+        let read_ids = logit_rows > 0 && !all_rows && wants(Want::Argmax);
+        let (c, w, s, h, fused) = (&self.config, &self.weights, &self.state, &mut self.host, self.fused);
         let n = h.tokens.len();
         let (hd, heads, kvh) = (c.head_dim, c.heads, c.kv_heads);
-        let kvd = kvh * hd;
         let act = self.opts.act;
         let v = |b| View::new(b, 0);
+        // A matmul group's input: the quantized rows when the group shares a layout, else f32.
+        let input = |q8: Option<ActLayout>| match q8 {
+            Some(_) => MatIn::Q8(v(s.xq)),
+            None => MatIn::F32 { x: v(s.xn), act },
+        };
+        let quant = |buf, q8: Option<ActLayout>| q8.map(|layout| QuantOut { out: View::new(buf, 0), layout });
         let ops = &mut h.ops;
         ops.clear();
+        let mut push = |op: Op<B::Buffer, B::Weight>| {
+            let native = match op {
+                Op::AddRmsNorm { .. } => fused.add_norm,
+                Op::Qkv { .. } => fused.qkv,
+                Op::GatedFfn { .. } => fused.ffn,
+                _ => true,
+            };
+            if native {
+                ops.push(op);
+            } else {
+                let _ = op.expand(|o| {
+                    ops.push(o);
+                    Ok::<(), ()>(())
+                });
+            }
+        };
 
-        // Embedding: x = embed[tokens] · embed_scale
-        ops.push(Op::Embed { out: v(s.x), table: w.embed, scale: c.embed_scale });
+        // Embedding: x = embed[tokens] · embed_scale; then the first layer's pre-norm
+        push(Op::Embed { out: v(s.x), table: w.embed, scale: c.embed_scale });
+        let first = &w.layers[0];
+        push(Op::AddRmsNorm {
+            x: v(s.x),
+            branch: None,
+            post: None,
+            out: v(s.xn),
+            w: first.attn_norm,
+            quant: quant(s.xq, first.qkv_q8),
+            rows: n,
+            dim: c.hidden,
+            eps: c.eps,
+        });
 
         for (l, lw) in w.layers.iter().enumerate() {
             let (rope, window) = match lw.kind {
                 LayerKind::Full => (c.rope_full, 0),
                 LayerKind::Sliding => (c.rope_local, c.sliding_window),
             };
-            // Attention pre-norm: xb = norm(x)
-            ops.push(Op::RmsNorm { out: v(s.xb), x: v(s.x), w: lw.attn_norm, rows: n, dim: c.hidden, eps: c.eps });
-            // Projections: q, k, v = xb·Wqᵀ, xb·Wkᵀ, xb·Wvᵀ
-            ops.push(Op::MatMul { out: v(s.q), x: v(s.xb), w: lw.wq, n, act });
-            ops.push(Op::MatMul { out: v(s.k), x: v(s.xb), w: lw.wk, n, act });
-            ops.push(Op::MatMul { out: v(s.v), x: v(s.xb), w: lw.wv, n, act });
-            // QK-norm (Gemma): per head, over head_dim
-            if let Some(qn) = lw.q_norm {
-                ops.push(Op::RmsNorm { out: v(s.q), x: v(s.q), w: qn, rows: n * heads, dim: hd, eps: c.eps });
-            }
-            if let Some(kn) = lw.k_norm {
-                ops.push(Op::RmsNorm { out: v(s.k), x: v(s.k), w: kn, rows: n * kvh, dim: hd, eps: c.eps });
-            }
-            // RoPE with this layer's base and scaling
-            for (x, nh) in [(s.q, heads), (s.k, kvh)] {
-                ops.push(Op::Rope {
-                    x: v(x),
-                    rows: n,
-                    heads: nh,
-                    head_dim: hd,
-                    theta: rope.theta,
-                    scale: rope.scale,
-                    mode: c.rope_mode,
-                });
-            }
-            // KV cache: append this step's keys and values at their positions
-            ops.push(Op::StoreKv { cache: v(s.k_cache[l]), src: v(s.k), width: kvd });
-            ops.push(Op::StoreKv { cache: v(s.v_cache[l]), src: v(s.v), width: kvd });
+            // q, k, v = xn·Wᵀ; QK-norm (Gemma); RoPE; this step's keys and values into the cache
+            push(Op::Qkv {
+                x: input(lw.qkv_q8),
+                wq: lw.wq,
+                wk: lw.wk,
+                wv: lw.wv,
+                q: v(s.q),
+                k: v(s.k),
+                v: v(s.v),
+                n,
+                heads,
+                kv_heads: kvh,
+                head_dim: hd,
+                q_norm: lw.q_norm,
+                k_norm: lw.k_norm,
+                eps: c.eps,
+                rope: Some(RopeSpec { theta: rope.theta, scale: rope.scale, mode: c.rope_mode }),
+                k_cache: Some(v(s.k_cache[l])),
+                v_cache: Some(v(s.v_cache[l])),
+            });
             // Causal attention over the cache (sliding window on local layers)
-            ops.push(Op::Attention {
+            push(Op::Attention {
                 out: v(s.att),
                 q: v(s.q),
                 k: v(s.k_cache[l]),
@@ -294,65 +439,143 @@ impl<B: Backend> Model<B> {
                 window,
                 softcap: c.attn_softcap,
             });
-            // Output projection, (Gemma) post-attention norm, residual
-            ops.push(Op::MatMul { out: v(s.xb), x: v(s.att), w: lw.wo, n, act });
-            if let Some(pn) = lw.post_attn_norm {
-                ops.push(Op::RmsNorm { out: v(s.xb), x: v(s.xb), w: pn, rows: n, dim: c.hidden, eps: c.eps });
+            // Output projection: xb = att·Woᵀ
+            match lw.wo_q8 {
+                Some(layout) => {
+                    push(Op::QuantizeAct { out: v(s.xq_wide), x: v(s.att), rows: n, cols: heads * hd, layout });
+                    push(Op::MatMulQ8 { out: v(s.xb), xq: v(s.xq_wide), w: lw.wo, n });
+                }
+                None => push(Op::MatMul { out: v(s.xb), x: v(s.att), w: lw.wo, n, act }),
             }
-            ops.push(Op::Add { out: v(s.x), a: v(s.x), b: v(s.xb), len: n * c.hidden });
-            // MLP pre-norm, gated activation, down projection
-            ops.push(Op::RmsNorm { out: v(s.xb), x: v(s.x), w: lw.ffn_norm, rows: n, dim: c.hidden, eps: c.eps });
-            ops.push(Op::MatMul { out: v(s.gate), x: v(s.xb), w: lw.gate, n, act });
-            ops.push(Op::MatMul { out: v(s.up), x: v(s.xb), w: lw.up, n, act });
-            ops.push(match c.arch {
-                Arch::Gemma3 => Op::GeluTanhMul { out: v(s.gate), gate: v(s.gate), up: v(s.up), len: n * c.ffn },
-                Arch::Llama => Op::SiluMul { out: v(s.gate), gate: v(s.gate), up: v(s.up), len: n * c.ffn },
+            // (Gemma) post-attention norm, residual, MLP pre-norm
+            push(Op::AddRmsNorm {
+                x: v(s.x),
+                branch: Some(v(s.xb)),
+                post: lw.post_attn_norm,
+                out: v(s.xn),
+                w: lw.ffn_norm,
+                quant: quant(s.xq, lw.ffn_q8),
+                rows: n,
+                dim: c.hidden,
+                eps: c.eps,
             });
-            ops.push(Op::MatMul { out: v(s.xb), x: v(s.gate), w: lw.down, n, act });
-            // (Gemma) post-MLP norm, residual
-            if let Some(pn) = lw.post_ffn_norm {
-                ops.push(Op::RmsNorm { out: v(s.xb), x: v(s.xb), w: pn, rows: n, dim: c.hidden, eps: c.eps });
+            // gate = act(xn·Wgᵀ) · (xn·Wuᵀ)
+            push(Op::GatedFfn {
+                x: input(lw.ffn_q8),
+                w_gate: lw.gate,
+                w_up: lw.up,
+                gate: v(s.gate),
+                up: v(s.up),
+                n,
+                ffn: c.ffn,
+                kind: match c.arch {
+                    Arch::Gemma3 => Gate::GeluTanh,
+                    Arch::Llama => Gate::Silu,
+                },
+                quant: quant(s.xq_wide, lw.down_q8),
+            });
+            // Down projection: xb = gate·Wdᵀ
+            match lw.down_q8 {
+                Some(_) => push(Op::MatMulQ8 { out: v(s.xb), xq: v(s.xq_wide), w: lw.down, n }),
+                None => push(Op::MatMul { out: v(s.xb), x: v(s.gate), w: lw.down, n, act }),
             }
-            ops.push(Op::Add { out: v(s.x), a: v(s.x), b: v(s.xb), len: n * c.hidden });
+            // (Gemma) post-MLP norm, residual, and the next layer's pre-norm (or the final norm)
+            let next = w.layers.get(l + 1);
+            if next.is_none() && logit_rows == 0 {
+                break; // a prompt chunk that needs no logits: the cache is all it fills
+            }
+            let (norm, q8) = next.map_or((w.out_norm, w.output_q8), |nl| (nl.attn_norm, nl.qkv_q8));
+            push(Op::AddRmsNorm {
+                x: v(s.x),
+                branch: Some(v(s.xb)),
+                post: lw.post_ffn_norm,
+                out: v(s.xn),
+                w: norm,
+                quant: quant(s.xq, q8),
+                rows: n,
+                dim: c.hidden,
+                eps: c.eps,
+            });
         }
 
-        // Final norm and LM head on the rows that need logits: every row, or each sequence's last
-        if all_logits {
-            ops.push(Op::RmsNorm { out: v(s.xb), x: v(s.x), w: w.out_norm, rows: n, dim: c.hidden, eps: c.eps });
-            ops.push(Op::MatMul { out: v(s.logits), x: v(s.xb), w: w.output, n, act });
-        } else {
-            for (i, sq) in h.seqs.iter().enumerate() {
-                let last = (sq.row + sq.len - 1) as usize;
-                let xb = View::new(s.xb, i * c.hidden);
-                ops.push(Op::RmsNorm {
-                    out: xb,
-                    x: View::new(s.x, last * c.hidden),
-                    w: w.out_norm,
-                    rows: 1,
-                    dim: c.hidden,
-                    eps: c.eps,
+        // LM head on the rows that need logits (every row, or some sequences' last), one matmul
+        // per run of consecutive rows
+        if logit_rows > 0 {
+            let words = w.output_q8.map_or(0, |l| c.hidden / purehw_hal::act_block(l) * purehw_hal::act_words(l));
+            let mut run: Option<(usize, usize, usize)> = None; // (first row, logit row, rows)
+            let mut head = |first: usize, lrow: usize, rows: usize| {
+                let out = View::new(s.logits, lrow * c.vocab);
+                push(match w.output_q8 {
+                    Some(_) => Op::MatMulQ8 { out, xq: View::new(s.xq, first * words), w: w.output, n: rows },
+                    None => Op::MatMul { out, x: View::new(s.xn, first * c.hidden), w: w.output, n: rows, act },
                 });
+            };
+            for (sq, lrow) in h.seqs.iter().zip(&h.out_row) {
+                let Some(lrow) = *lrow else { continue };
+                let (first, rows) = if all_rows { (sq.row, sq.len) } else { (sq.row + sq.len - 1, 1) };
+                let (first, lrow, rows) = (first as usize, lrow as usize, rows as usize);
+                run = match run {
+                    Some((f, l, r)) if f + r == first && l + r == lrow => Some((f, l, r + rows)),
+                    Some((f, l, r)) => {
+                        head(f, l, r);
+                        Some((first, lrow, rows))
+                    }
+                    None => Some((first, lrow, rows)),
+                };
             }
-            ops.push(Op::MatMul { out: v(s.logits), x: v(s.xb), w: w.output, n: logit_rows, act });
-        }
-        if c.final_softcap > 0.0 {
-            ops.push(Op::Softcap { x: v(s.logits), len: logit_rows * c.vocab, cap: c.final_softcap });
+            if let Some((f, l, r)) = run {
+                head(f, l, r);
+            }
+            if c.final_softcap > 0.0 {
+                push(Op::Softcap { x: v(s.logits), len: logit_rows * c.vocab, cap: c.final_softcap });
+            }
+            if read_ids {
+                push(Op::Argmax { out: v(s.ids), x: v(s.logits), rows: logit_rows, cols: c.vocab });
+            }
         }
 
         let step = Step { tokens: &h.tokens, positions: &h.positions, seqs: &h.seqs };
         let name = &self.backend_name;
         self.backend.submit(&step, ops).map_err(|e| Error::backend(name, e))?;
-        let out = &mut h.logits[..logit_rows * c.vocab];
-        self.backend.read(View::new(s.logits, 0), out).map_err(|e| Error::backend(name, e))?;
-        Ok(())
+        if read_ids {
+            let out = &mut h.ids_f[..logit_rows];
+            self.backend.read(View::new(s.ids, 0), out).map_err(|e| Error::backend(name, e))?;
+            for (d, &f) in h.ids.iter_mut().zip(out.iter()) {
+                *d = f as u32;
+            }
+        }
+        if read_logits {
+            let out = &mut h.logits[..logit_rows * c.vocab];
+            self.backend.read(View::new(s.logits, 0), out).map_err(|e| Error::backend(name, e))?;
+        }
+        Ok((read_logits, read_ids))
     }
 }
 
+/// The activation layout a group of matmuls can share: `Some` when activations are int8 and every
+/// weight of the group is quantized in one layout.
+fn shared_q8(act: ActQuant, formats: &[Format]) -> Option<ActLayout> {
+    if act != ActQuant::Int8 {
+        return None;
+    }
+    let first = formats.first()?.act_layout()?;
+    formats.iter().all(|f| f.act_layout() == Some(first)).then_some(first)
+}
+
 /// Load every weight the architecture needs, checking shapes, formats and backend support.
-fn load_weights<B: Backend>(backend: &mut B, src: &ModelSource, c: &ModelConfig) -> Result<Weights<B::Weight>> {
+fn load_weights<B: Backend>(
+    backend: &mut B,
+    src: &ModelSource,
+    c: &ModelConfig,
+    act: ActQuant,
+) -> Result<Weights<B::Weight>> {
     let gemma = c.arch == Arch::Gemma3;
-    let embed = matrix(backend, src, Role::TokenEmbd, None)?;
-    let output = if c.tied_embeddings { embed } else { matrix(backend, src, Role::Output, None)? };
+    let (embed, embed_fmt) = matrix(backend, src, Role::TokenEmbd, None)?;
+    let (output, output_fmt) =
+        if c.tied_embeddings { (embed, embed_fmt) } else { matrix(backend, src, Role::Output, None)? };
+    if c.layers == 0 {
+        return Err(Error::format(src.label.clone(), "the model has no layers"));
+    }
     let out_norm = norm(backend, src, c, Role::OutputNorm, None)?;
     let mut layers = Vec::with_capacity(c.layers);
     for l in 0..c.layers {
@@ -361,24 +584,41 @@ fn load_weights<B: Backend>(backend: &mut B, src: &ModelSource, c: &ModelConfig)
         let gemma_norm = |b: &mut B, role: Role| -> Result<Option<B::Weight>> {
             if gemma { norm(b, src, c, role, li).map(Some) } else { Ok(None) }
         };
+        let attn_norm = norm(backend, src, c, Role::AttnNorm, li)?;
+        let (wq, fq) = matrix(backend, src, Role::AttnQ, li)?;
+        let (wk, fk) = matrix(backend, src, Role::AttnK, li)?;
+        let (wv, fv) = matrix(backend, src, Role::AttnV, li)?;
+        let (wo, fo) = matrix(backend, src, Role::AttnOut, li)?;
+        let q_norm = gemma_norm(backend, Role::AttnQNorm)?;
+        let k_norm = gemma_norm(backend, Role::AttnKNorm)?;
+        let post_attn_norm = gemma_norm(backend, Role::PostAttnNorm)?;
+        let ffn_norm = norm(backend, src, c, Role::FfnNorm, li)?;
+        let (gate, fg) = matrix(backend, src, Role::FfnGate, li)?;
+        let (up, fu) = matrix(backend, src, Role::FfnUp, li)?;
+        let (down, fd) = matrix(backend, src, Role::FfnDown, li)?;
+        let post_ffn_norm = gemma_norm(backend, Role::PostFfnNorm)?;
         layers.push(Layer {
             kind: c.layer_kinds.get(l).copied().unwrap_or(LayerKind::Full),
-            attn_norm: norm(backend, src, c, Role::AttnNorm, li)?,
-            wq: matrix(backend, src, Role::AttnQ, li)?,
-            wk: matrix(backend, src, Role::AttnK, li)?,
-            wv: matrix(backend, src, Role::AttnV, li)?,
-            wo: matrix(backend, src, Role::AttnOut, li)?,
-            q_norm: gemma_norm(backend, Role::AttnQNorm)?,
-            k_norm: gemma_norm(backend, Role::AttnKNorm)?,
-            post_attn_norm: gemma_norm(backend, Role::PostAttnNorm)?,
-            ffn_norm: norm(backend, src, c, Role::FfnNorm, li)?,
-            gate: matrix(backend, src, Role::FfnGate, li)?,
-            up: matrix(backend, src, Role::FfnUp, li)?,
-            down: matrix(backend, src, Role::FfnDown, li)?,
-            post_ffn_norm: gemma_norm(backend, Role::PostFfnNorm)?,
+            attn_norm,
+            wq,
+            wk,
+            wv,
+            wo,
+            q_norm,
+            k_norm,
+            post_attn_norm,
+            ffn_norm,
+            gate,
+            up,
+            down,
+            post_ffn_norm,
+            qkv_q8: shared_q8(act, &[fq, fk, fv]),
+            wo_q8: shared_q8(act, &[fo]),
+            ffn_q8: shared_q8(act, &[fg, fu]),
+            down_q8: shared_q8(act, &[fd]),
         });
     }
-    Ok(Weights { embed, layers, out_norm, output })
+    Ok(Weights { embed, layers, out_norm, output, output_q8: shared_q8(act, &[output_fmt]) })
 }
 
 fn required(src: &ModelSource, role: Role, layer: Option<usize>) -> Result<HostWeight> {
@@ -390,7 +630,12 @@ fn required(src: &ModelSource, role: Role, layer: Option<usize>) -> Result<HostW
 
 /// A weight matrix handed to the backend as stored (no conversion), after asking whether the
 /// backend can compute with its format. The embedding table also serves as a tied LM head.
-fn matrix<B: Backend>(b: &mut B, src: &ModelSource, role: Role, layer: Option<usize>) -> Result<B::Weight> {
+fn matrix<B: Backend>(
+    b: &mut B,
+    src: &ModelSource,
+    role: Role,
+    layer: Option<usize>,
+) -> Result<(B::Weight, Format)> {
     let hw = required(src, role, layer)?;
     let embed_ok = role != Role::TokenEmbd || b.supports(OpKind::Embed(hw.format));
     if !embed_ok || !b.supports(OpKind::MatMul(hw.format)) {
@@ -400,7 +645,8 @@ fn matrix<B: Backend>(b: &mut B, src: &ModelSource, role: Role, layer: Option<us
             format!("backend {} cannot compute {:?}{at} stored as {}", b.name(), role, hw.format.name()),
         ));
     }
-    b.load_weight(&hw).map_err(|e| Error::backend(b.name(), e))
+    let w = b.load_weight(&hw).map_err(|e| Error::backend(b.name(), e))?;
+    Ok((w, hw.format))
 }
 
 /// A norm vector as f32 on the host, with Gemma's `1 + w` applied for HF checkpoints (as HF does,
@@ -440,8 +686,12 @@ fn alloc_state<B: Backend>(b: &mut B, c: &ModelConfig, o: &ModelOptions) -> Resu
     let mut a = |dims: &[usize]| -> Result<B::Buffer> { b.alloc(mul(dims)?).map_err(|e| Error::backend(&name, e)) };
     let (qd, kvd, mb) = (mul(&[c.heads, c.head_dim])?, mul(&[c.kv_heads, c.head_dim])?, o.max_batch);
     let x = a(&[mb, c.hidden])?;
-    // xb also holds the final-norm rows of every sequence
-    let xb = a(&[mb.max(o.logit_rows), c.hidden])?;
+    let xb = a(&[mb, c.hidden])?;
+    let xn = a(&[mb, c.hidden])?;
+    // Quantized rows: 32-element blocks take the most words (40 bytes per 32 values).
+    let q8 = |cols: usize| cols.div_ceil(32) * purehw_hal::act_words(ActLayout::Q8A);
+    let xq = a(&[mb, q8(c.hidden)])?;
+    let xq_wide = a(&[mb, q8(qd.max(c.ffn))])?;
     let q = a(&[mb, qd])?;
     let k = a(&[mb, kvd])?;
     let v = a(&[mb, kvd])?;
@@ -449,11 +699,12 @@ fn alloc_state<B: Backend>(b: &mut B, c: &ModelConfig, o: &ModelOptions) -> Resu
     let gate = a(&[mb, c.ffn])?;
     let up = a(&[mb, c.ffn])?;
     let logits = a(&[o.logit_rows, c.vocab])?;
+    let ids = a(&[o.logit_rows])?;
     let mut k_cache = Vec::with_capacity(c.layers);
     let mut v_cache = Vec::with_capacity(c.layers);
     for _ in 0..c.layers {
         k_cache.push(a(&[o.slots, o.ctx, kvd])?);
         v_cache.push(a(&[o.slots, o.ctx, kvd])?);
     }
-    Ok(RunState { x, xb, q, k, v, att, gate, up, logits, k_cache, v_cache })
+    Ok(RunState { x, xb, xn, xq, xq_wide, q, k, v, att, gate, up, logits, ids, k_cache, v_cache })
 }

@@ -195,6 +195,12 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether [`sample`](Sampler::sample) is plain argmax of the logits (greedy, no penalties, no
+    /// bias): then the device's argmax (`Model::forward_argmax`) picks the same token.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.params.is_greedy() && !self.params.has_penalties() && self.bias.is_empty()
+    }
+
     pub fn vocab(&self) -> usize {
         self.logits.len()
     }

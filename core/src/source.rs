@@ -144,6 +144,8 @@ pub struct ModelSource {
     pub label: String,
     store: Store,
     chat_template: Option<String>,
+    /// Whether the bytes are files' memory maps (a device sharing memory may import them).
+    mapped: bool,
     #[cfg(feature = "std")]
     dir: Option<std::path::PathBuf>,
 }
@@ -163,6 +165,7 @@ impl ModelSource {
             label: label.to_string(),
             store: Store::Gguf { file, bytes },
             chat_template,
+            mapped: false,
             #[cfg(feature = "std")]
             dir: None,
         })
@@ -244,6 +247,7 @@ impl ModelSource {
             label: label.to_string(),
             store: Store::Safetensors { shards: parsed, index, prefix, lm_head },
             chat_template: None,
+            mapped: false,
             #[cfg(feature = "std")]
             dir: None,
         })
@@ -277,6 +281,11 @@ impl ModelSource {
     /// The tensor for `role` (of `layer`, for per-layer roles) as a 2-D weight (`rows, cols`; a
     /// vector is `1, n`), or `Ok(None)` when the model does not have it (e.g. `Output` when tied).
     /// Shape and byte size are checked; a mismatch is an error naming the tensor and the file.
+    /// `range` of `bytes` as a weight's bytes, marked as mapped when the source maps files.
+    fn host_bytes(&self, bytes: &SharedBytes, range: core::ops::Range<usize>) -> Option<HostBytes> {
+        if self.mapped { HostBytes::new_mapped(bytes.clone(), range) } else { HostBytes::new(bytes.clone(), range) }
+    }
+
     pub fn weight(&self, role: Role, layer: Option<usize>) -> Result<Option<HostWeight>> {
         let c = &self.config;
         let layer = match (role.per_layer(), layer) {
@@ -308,7 +317,7 @@ impl ModelSource {
                     }
                 };
                 check_found(&self.label, &name, (rows, cols), found)?;
-                let data = HostBytes::new(bytes.clone(), t.start..t.start.saturating_add(t.len)).ok_or_else(|| {
+                let data = self.host_bytes(bytes, t.start..t.start.saturating_add(t.len)).ok_or_else(|| {
                     Error::format(&self.label, format!("tensor `{name}`: data lies outside the file"))
                 })?;
                 HostWeight::new(t.format, rows, cols, data).ok_or_else(|| {
@@ -341,7 +350,7 @@ impl ModelSource {
                         ),
                     )
                 })?;
-                let data = HostBytes::new(shard.bytes.clone(), t.range.clone()).ok_or_else(|| {
+                let data = self.host_bytes(&shard.bytes, t.range.clone()).ok_or_else(|| {
                     Error::format(&shard.display, format!("tensor `{name}`: data lies outside the file"))
                 })?;
                 HostWeight::new(format, rows, cols, data).ok_or_else(|| {
@@ -565,6 +574,7 @@ mod open {
     fn open_gguf(path: &Path) -> Result<ModelSource> {
         let mut s = ModelSource::from_gguf_bytes(&path.display().to_string(), map_file(path)?)?;
         s.dir = path.parent().map(Path::to_path_buf);
+        s.mapped = true;
         Ok(s)
     }
 
@@ -582,6 +592,7 @@ mod open {
         }
         let mut s = ModelSource::from_hf_parts(&label, &config_json, weight_map.as_deref(), shards)?;
         s.dir = Some(dir.to_path_buf());
+        s.mapped = true;
         apply_hf_side_files(&mut s, dir)?;
         Ok(s)
     }

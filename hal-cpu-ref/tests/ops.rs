@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use purehw_hal::check::CheckError;
 use purehw_hal::{ActQuant, Backend, Error as _, ErrorKind, Format, Op, OpKind, RopeMode, SeqSpan, Step, View};
 use purehw_hal_cpu_ref::{BufId, CpuRef, CpuRefError, WeightId};
 use purehw_kernels::quant::{dequantize_row, dot_row};
@@ -159,7 +160,7 @@ fn matmul_f32_against_f64_and_aliasing_in_one_buffer() {
     let e = b
         .submit(&NO_STEP, &[Op::MatMul { out: View::new(one, 5), x: View::new(one, 0), w: wid, n, act: ActQuant::F32 }])
         .unwrap_err();
-    assert!(matches!(e, CpuRefError::Overlap { .. }), "{e}");
+    assert!(matches!(e, CpuRefError::Contract(CheckError::Overlap { .. })), "{e}");
 }
 
 #[test]
@@ -288,7 +289,7 @@ fn elementwise_ops_and_in_place_forms() {
 
     // out == up is not an in-place form hal allows.
     let e = b.submit(&NO_STEP, &[Op::SiluMul { out: v(cb), gate: v(ab), up: v(cb), len }]).unwrap_err();
-    assert!(matches!(e, CpuRefError::Overlap { .. }), "{e}");
+    assert!(matches!(e, CpuRefError::Contract(CheckError::Overlap { .. })), "{e}");
 }
 
 /// Attention reference: one f64 softmax per query row and head over the visible cache rows.
@@ -450,48 +451,48 @@ fn errors_for_bad_views_tokens_handles() {
 
     // A view plus its length past the end.
     let e = b.submit(&NO_STEP, &[Op::Add { out: View::new(a, 5), a: v(a), b: v(c), len: 6 }]).unwrap_err();
-    assert!(matches!(e, CpuRefError::OutOfRange { end: 11, len: 10, .. }), "{e}");
+    assert!(matches!(e, CpuRefError::Contract(CheckError::OutOfRange { end: 11, len: 10, .. })), "{e}");
     assert_eq!(e.kind(), ErrorKind::Other);
     let e = b.submit(&NO_STEP, &[Op::Add { out: v(a), a: v(a), b: View::new(c, 1), len: 10 }]).unwrap_err();
-    assert!(matches!(e, CpuRefError::OutOfRange { .. }), "{e}");
+    assert!(matches!(e, CpuRefError::Contract(CheckError::OutOfRange { .. })), "{e}");
     // An input in the output's own buffer, past its end.
     let e = b.submit(&NO_STEP, &[Op::Add { out: v(a), a: View::new(a, 5), b: v(c), len: 5 }]);
     assert!(e.is_ok(), "disjoint halves of one buffer are fine");
     let e = b.submit(&NO_STEP, &[Op::Add { out: v(a), a: View::new(a, 6), b: v(c), len: 5 }]).unwrap_err();
-    assert!(matches!(e, CpuRefError::OutOfRange { .. }), "{e}");
+    assert!(matches!(e, CpuRefError::Contract(CheckError::OutOfRange { .. })), "{e}");
     // Offsets that overflow are errors too.
     let e = b.submit(&NO_STEP, &[Op::Softcap { x: View::new(a, usize::MAX), len: 2, cap: 1.0 }]).unwrap_err();
-    assert!(matches!(e, CpuRefError::OutOfRange { .. }), "{e}");
+    assert!(matches!(e, CpuRefError::Contract(CheckError::OutOfRange { .. })), "{e}");
     assert!(b.write(View::new(a, 9), &[1.0, 2.0]).is_err());
     assert!(b.read(View::new(a, 9), &mut [0.0; 2]).is_err());
     // Partial overlap between out and an input.
     let e = b.submit(&NO_STEP, &[Op::Add { out: View::new(a, 0), a: View::new(a, 3), b: v(c), len: 5 }]).unwrap_err();
-    assert!(matches!(e, CpuRefError::Overlap { .. }), "{e}");
+    assert!(matches!(e, CpuRefError::Contract(CheckError::Overlap { .. })), "{e}");
 
     // An unknown handle (from another backend with more buffers).
     let mut other = CpuRef::new();
     let _ = (other.alloc(1).unwrap(), other.alloc(1).unwrap());
     let stray = other.alloc(1).unwrap();
     let e = b.submit(&NO_STEP, &[Op::Softcap { x: v(stray), len: 1, cap: 1.0 }]).unwrap_err();
-    assert!(matches!(e, CpuRefError::UnknownBuffer(_)), "{e}");
+    assert!(matches!(e, CpuRefError::Contract(CheckError::UnknownBuffer { .. })), "{e}");
 
     // Token ids past the embedding table.
     let w = b.load_weight(&weight_f32(4, 2, &[0.0; 8])).unwrap();
     let out = b.alloc(4).unwrap();
     let step = plain_step(&[1, 4], &[0, 1]);
     let e = b.submit(&step, &[Op::Embed { out: v(out), table: w, scale: 1.0 }]).unwrap_err();
-    assert!(matches!(e, CpuRefError::TokenOutOfRange { token: 4, row: 1, rows: 4 }), "{e}");
+    assert!(matches!(e, CpuRefError::Contract(CheckError::TokenOutOfRange { token: 4, row: 1, rows: 4 })), "{e}");
     assert_eq!(e.kind(), ErrorKind::Other);
     // The embedding output too small for the step.
     let step = plain_step(&[1, 2, 3], &[0, 1, 2]);
     let e = b.submit(&step, &[Op::Embed { out: v(out), table: w, scale: 1.0 }]).unwrap_err();
-    assert!(matches!(e, CpuRefError::OutOfRange { .. }), "{e}");
+    assert!(matches!(e, CpuRefError::Contract(CheckError::OutOfRange { .. })), "{e}");
 
     // StoreKv past the cache's end.
     let seqs = [SeqSpan { row: 0, len: 1, cache_row: 4, pos0: 1 }];
     let step = Step { tokens: &[0], positions: &[0], seqs: &seqs };
     let e = b.submit(&step, &[Op::StoreKv { cache: v(a), src: v(c), width: 2 }]).unwrap_err();
-    assert!(matches!(e, CpuRefError::OutOfRange { .. }), "{e}");
+    assert!(matches!(e, CpuRefError::Contract(CheckError::OutOfRange { .. })), "{e}");
     // A sequence whose rows run past the step's rows.
     let seqs = [SeqSpan { row: 0, len: 2, cache_row: 0, pos0: 0 }];
     let step = Step { tokens: &[0], positions: &[0], seqs: &seqs };

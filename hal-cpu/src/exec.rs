@@ -1,18 +1,23 @@
-//! Running one op: the heavy ones (`MatMul`, `Attention`) split across the pool on SIMD kernels,
-//! the rest through the reference backend.
+//! Running one checked primitive op: borrow its output region beside its inputs from the
+//! [`Host`](purehw_hal_host::Host), then split the work across the pool on the SIMD kernels (or
+//! the `purehw_kernels` function itself where there is no twin). Work is split by rows or by
+//! elements, each part computed exactly as the whole would be, so results never depend on the
+//! number of threads.
 #![allow(unsafe_code)] // only `Disjoint::part`, each call with a SAFETY line
 
+use std::ops::Range;
 use std::sync::Mutex;
 
-use purehw_hal::{ActQuant, Format, HostWeight, Op, RopeMode, Step, View};
-use purehw_hal_cpu_ref::arena::{Src, cache_rows_needed, grow, invalid, mul, weight, with_out};
+use purehw_hal::check::{CheckError, cache_rows_needed};
+use purehw_hal::{ActLayout, ActQuant, Format, HostWeight, Op, RopeMode, Step, View, act_block, act_words};
+use purehw_hal_host::{Src, q8a_blocks, q8a_blocks_mut, q8k_blocks, q8k_blocks_mut};
 use purehw_kernels::ops as k;
 use purehw_kernels::ops::softcap;
-use purehw_kernels::quant::ActLayout;
+use purehw_kernels::quant::dequantize_row;
 
 use crate::pool::{Chunks, Disjoint, Pool, lock};
 use crate::simd::Kernels;
-use crate::{ActKey, BufId, Cpu, CpuError, CpuRefError, RopeTable, Scratch, WeightId};
+use crate::{ActKey, BufId, Cpu, CpuError, RopeTable, Scratch, WeightId};
 
 type Result<T> = core::result::Result<T, CpuError>;
 
@@ -22,44 +27,151 @@ const PAR_ELEMS: usize = 4096;
 /// Work below this many weight bytes × tokens runs on the calling thread alone.
 const SERIAL_BYTES: usize = 64 << 10;
 
+/// Grow `v` to `n` elements (first use of a size only; that size or smaller never allocates
+/// again).
+pub(crate) fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> Result<()> {
+    if v.len() < n {
+        v.try_reserve_exact(n - v.len()).map_err(|_| CpuError::OutOfMemory { elems: n })?;
+        v.resize(n, T::default());
+    }
+    Ok(())
+}
+
+/// The weight behind a handle that passed the contract check.
+fn weight(weights: &[HostWeight], w: WeightId) -> &HostWeight {
+    &weights[w.0 as usize]
+}
+
 impl Cpu {
+    /// Run one primitive op that passed `purehw_hal::check::op` (directly or as part of a fused
+    /// op's expansion): its regions lie in their buffers, its shapes agree with its weights, and
+    /// every loaded weight's format is supported.
     pub(crate) fn run(&mut self, step: &Step<'_>, op: &Op<BufId, WeightId>) -> Result<()> {
+        // The held quantized activations stay valid only across matmuls that do not write
+        // their rows' buffer; any other op may write it.
+        if !matches!(op, Op::MatMul { .. }) {
+            self.held = None;
+        }
         match *op {
+            Op::Embed { out, table, scale } => self.embed(step, out, table, scale),
+            Op::RmsNorm { out, x, w, rows, dim, eps } => self.rmsnorm(out, x, w, rows, dim, eps),
             Op::MatMul { out, x, w, n, act } => {
                 let r = self.matmul(out, x, w, n, act);
-                // The output may overwrite rows the held activations came from.
                 if self.held.is_some_and(|h| h.x.buf == out.buf) {
                     self.held = None;
                 }
                 r
             }
-            Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap } => {
-                self.held = None;
-                self.attention(step, out, q, k, v, [heads, kv_heads, head_dim, window], scale, softcap)
-            }
+            Op::QuantizeAct { out, x, rows, cols, layout } => self.quantize_act(out, x, rows, cols, layout),
+            Op::MatMulQ8 { out, xq, w, n } => self.matmul_q8(out, xq, w, n),
             Op::Rope { x, rows, heads, head_dim, theta, scale, mode } => {
-                self.held = None;
                 self.rope(step, x, rows, heads, head_dim, theta, scale, mode)
             }
+            Op::StoreKv { cache, src, width } => self.store_kv(step, cache, src, width),
+            Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap } => {
+                self.attention(step, out, q, k, v, [heads, kv_heads, head_dim, window], scale, softcap)
+            }
+            Op::Add { out, a, b, len } => self.add(out, a, b, len),
             Op::GeluTanhMul { out, gate, up, len } => {
-                self.held = None;
                 let f = self.k.gelu_mul;
                 self.gated(out, gate, up, len, f)
             }
             Op::SiluMul { out, gate, up, len } => {
-                self.held = None;
                 let f = self.k.silu_mul;
                 self.gated(out, gate, up, len, f)
             }
-            _ => {
-                self.held = None;
-                Ok(self.inner.run(step, op)?)
+            Op::Softcap { x, len, cap } => {
+                let Cpu { host, pool, .. } = self;
+                host.with_out(x, len, |o, _, _| par_elems(pool, o, |_, o| k::softcap_inplace(o, cap)))?;
+                Ok(())
             }
+            Op::Argmax { out, x, rows, cols } => {
+                self.host.with_out(out, rows, |o, inputs, _| {
+                    let xs = inputs.slice(x, rows * cols);
+                    for (r, o) in o.iter_mut().enumerate() {
+                        *o = k::argmax(&xs[r * cols..(r + 1) * cols]) as f32;
+                    }
+                })?;
+                Ok(())
+            }
+            _ => Err(CpuError::UnsupportedOp),
         }
     }
 
+    /// Each step row's table row, dequantized straight into the output and scaled; rows split
+    /// across the pool.
+    fn embed(&mut self, step: &Step<'_>, out: View<BufId>, table: WeightId, scale: f32) -> Result<()> {
+        let Cpu { host, pool, .. } = self;
+        let cols = host.weight(table).map_or(0, |t| t.cols);
+        let rows = step.rows();
+        host.with_out(out, rows * cols, |o, _, weights| {
+            let t = weight(weights, table);
+            par_rows(pool, o, cols, rows, rows * cols, |r, dst| {
+                dequantize_row(t.format, t.row(step.tokens[r] as usize), dst);
+                k::scale_inplace(dst, scale);
+            });
+        })?;
+        Ok(())
+    }
+
+    /// `kernels::ops::rmsnorm` per row (in place when `out == x`), rows split across the pool.
+    fn rmsnorm(
+        &mut self,
+        out: View<BufId>,
+        x: View<BufId>,
+        w: WeightId,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let Cpu { host, pool, row, .. } = self;
+        let len = rows * dim;
+        host.with_out(out, len, |o, inputs, weights| {
+            // `row` is at least as wide as every loaded weight.
+            let wt = weight(weights, w);
+            let wv = &mut row[..dim];
+            dequantize_row(wt.format, wt.row(0), wv);
+            let wv = &*wv;
+            match inputs.src(x, len) {
+                Src::Out => par_rows(pool, o, dim, rows, len, |_, r| k::rmsnorm_inplace(r, wv, eps)),
+                Src::Slice(xs) => {
+                    par_rows(pool, o, dim, rows, len, |t, r| k::rmsnorm(r, &xs[t * dim..(t + 1) * dim], wv, eps))
+                }
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Copy each sequence's new rows into its cache slot.
+    fn store_kv(&mut self, step: &Step<'_>, cache: View<BufId>, src: View<BufId>, width: usize) -> Result<()> {
+        let rows = cache_rows_needed(step, "StoreKv")?;
+        self.host.with_out(cache, rows * width, |o, inputs, _| {
+            let s = inputs.slice(src, step.rows() * width);
+            for seq in step.seqs {
+                let (row, dst) = (seq.row as usize, seq.cache_row as usize + seq.pos0 as usize);
+                let n = seq.len as usize * width;
+                o[dst * width..dst * width + n].copy_from_slice(&s[row * width..row * width + n]);
+            }
+        })?;
+        Ok(())
+    }
+
+    /// `out = a + b` (either may be `out` itself), split across the pool by elements.
+    fn add(&mut self, out: View<BufId>, a: View<BufId>, b: View<BufId>, len: usize) -> Result<()> {
+        let Cpu { host, pool, .. } = self;
+        host.with_out(out, len, |o, inputs, _| match (inputs.src(a, len), inputs.src(b, len)) {
+            (Src::Slice(a), Src::Slice(b)) => par_elems(pool, o, |r, o| k::add(o, &a[r.clone()], &b[r])),
+            (Src::Out, Src::Slice(other)) | (Src::Slice(other), Src::Out) => {
+                par_elems(pool, o, |r, o| k::add_inplace(o, &other[r]))
+            }
+            // out == a == b: x + x, elementwise.
+            (Src::Out, Src::Out) => par_elems(pool, o, |_, o| o.iter_mut().for_each(|x| *x += *x)),
+        })?;
+        Ok(())
+    }
+
     /// A gated activation (`out = act(gate) · up`, elementwise) split across the pool: the
-    /// reference kernel on each part, so bit-identical.
+    /// SIMD twin on each part, so bit-identical.
     fn gated(
         &mut self,
         out: View<BufId>,
@@ -68,29 +180,16 @@ impl Cpu {
         len: usize,
         f: crate::simd::Gated,
     ) -> Result<()> {
-        let Cpu { inner, pool, .. } = self;
-        let (bufs, _) = inner.parts_mut();
-        Ok(with_out(bufs, out, len, "gated activation", |o, inputs| {
-            let up = inputs.slice(up, len, "up")?;
-            let gate = match inputs.src(gate, len, "gate")? {
+        let Cpu { host, pool, .. } = self;
+        host.with_out(out, len, |o, inputs, _| {
+            let up = inputs.slice(up, len);
+            let gate = match inputs.src(gate, len) {
                 Src::Out => None,
                 Src::Slice(g) => Some(g),
             };
-            if len < PAR_ELEMS {
-                f(o, gate, up);
-                return Ok(());
-            }
-            let d = Disjoint::new(o);
-            let chunks = Chunks::new(len, len.div_ceil(pool.threads() * 4).next_multiple_of(8));
-            pool.run(&|_| {
-                for r in &chunks {
-                    // SAFETY: each range is handed to exactly one thread.
-                    let o = unsafe { d.part(r.start, r.len()) };
-                    f(o, gate.map(|g| &g[r.clone()]), &up[r]);
-                }
-            });
-            Ok(())
-        })?)
+            par_elems(pool, o, |r, o| f(o, gate.map(|g| &g[r.clone()]), &up[r]));
+        })?;
+        Ok(())
     }
 
     /// RoPE from the step's table (the reference's `rope_cos_sin` values, computed once per step
@@ -107,21 +206,14 @@ impl Cpu {
         scale: f32,
         mode: RopeMode,
     ) -> Result<()> {
-        const OP: &str = "Rope";
-        if head_dim == 0 || !head_dim.is_multiple_of(2) {
-            return Err(invalid(OP, "head_dim must be even and > 0").into());
-        }
-        if rows > step.positions.len() {
-            return Err(invalid(OP, "more rows than step.positions").into());
-        }
-        let width = mul(heads, head_dim, OP)?;
-        let len = mul(rows, width, OP)?;
+        let width = heads * head_dim;
+        let len = rows * width;
         if len == 0 {
             return Ok(());
         }
         let half = head_dim / 2;
         let key = (theta.to_bits(), scale.to_bits(), head_dim);
-        let Cpu { inner, pool, rope, .. } = self;
+        let Cpu { host, pool, rope, .. } = self;
         let ti = match rope.iter().position(|t| t.key == key) {
             Some(i) => i,
             None => {
@@ -143,9 +235,8 @@ impl Cpu {
             table.valid = true;
         }
         let cs = &table.cos_sin;
-        let (bufs, _) = inner.parts_mut();
-        Ok(with_out(bufs, x, len, OP, |o, _| {
-            let apply = |t: usize, row: &mut [f32]| {
+        host.with_out(x, len, |o, _, _| {
+            par_rows(pool, o, width, rows, len, |t, row| {
                 for i in 0..half {
                     let (c, s) = (cs[(t * half + i) * 2], cs[(t * half + i) * 2 + 1]);
                     let (ia, ib) = match mode {
@@ -159,74 +250,102 @@ impl Cpu {
                         head[ib] = b * c + a * s;
                     }
                 }
-            };
-            if len < PAR_ELEMS {
-                o.chunks_exact_mut(width).enumerate().for_each(|(t, r)| apply(t, r));
-            } else {
-                let d = Disjoint::new(o);
-                let chunks = Chunks::new(rows, rows.div_ceil(pool.threads() * 4));
-                pool.run(&|_| {
-                    for r in &chunks {
-                        for t in r {
-                            // SAFETY: row t is handed to exactly one thread.
-                            apply(t, unsafe { d.part(t * width, width) });
-                        }
-                    }
-                });
+            })
+        })?;
+        Ok(())
+    }
+
+    /// `rows` rows of `cols` quantized into the output's words as blocks, rows split across the
+    /// pool: the SIMD twins of `quantize_q8a`/`q8k`.
+    fn quantize_act(
+        &mut self,
+        out: View<BufId>,
+        x: View<BufId>,
+        rows: usize,
+        cols: usize,
+        layout: ActLayout,
+    ) -> Result<()> {
+        let Cpu { host, pool, k, .. } = self;
+        let k = *k;
+        let per = cols / act_block(layout) * act_words(layout);
+        host.with_out(out, rows * per, |o, inputs, _| {
+            let xs = inputs.slice(x, rows * cols);
+            par_rows(pool, o, per, rows, rows * cols, |t, dst| {
+                let xr = &xs[t * cols..(t + 1) * cols];
+                match layout {
+                    ActLayout::Q8A => (k.quantize_q8a)(xr, q8a_blocks_mut(dst)),
+                    ActLayout::Q8K => (k.quantize_q8k)(xr, q8k_blocks_mut(dst)),
+                }
+            })
+        })?;
+        Ok(())
+    }
+
+    /// The integer matmul on activations a `QuantizeAct` left in `xq`.
+    fn matmul_q8(&mut self, out: View<BufId>, xq: View<BufId>, w: WeightId, n: usize) -> Result<()> {
+        let Cpu { host, pool, k, scratch, .. } = self;
+        let k = *k;
+        let wt = host.weight(w).ok_or(CheckError::UnknownWeight { what: "MatMulQ8 weight" })?;
+        let (rows, cols, fmt, rb) = (wt.rows, wt.cols, wt.format, wt.row_bytes());
+        let layout = fmt.act_layout().ok_or(CheckError::Invalid { op: "MatMulQ8", msg: "a float weight" })?;
+        let words = n * (cols / act_block(layout)) * act_words(layout);
+        host.with_out(out, n * rows, |o, inputs, weights| {
+            let wbytes = weight(weights, w).data.as_slice();
+            let xs = inputs.slice(xq, words);
+            match layout {
+                ActLayout::Q8A => {
+                    par_gemm(pool, scratch, fmt, wbytes, rows, cols, rb, q8a_blocks(xs), n, o, k.gemm_q8a)
+                }
+                ActLayout::Q8K => {
+                    par_gemm(pool, scratch, fmt, wbytes, rows, cols, rb, q8k_blocks(xs), n, o, k.gemm_q8k)
+                }
             }
-            Ok(())
-        })?)
+        })??;
+        Ok(())
     }
 
     fn matmul(&mut self, out: View<BufId>, x: View<BufId>, w: WeightId, n: usize, act: ActQuant) -> Result<()> {
-        const OP: &str = "MatMul";
-        let Cpu { inner, pool, k, qa, qk, held, scratch, .. } = self;
-        let (bufs, weights) = inner.parts_mut();
-        let wt: &HostWeight = weight(weights, w)?;
-        let (rows, cols, fmt) = (wt.rows, wt.cols, wt.format);
-        let out_len = mul(n, rows, OP)?;
-        let x_len = mul(n, cols, OP)?;
-        let layout = if act == ActQuant::Int8 { fmt.act_layout() } else { None };
-        if let Some(l) = layout {
-            let key = ActKey { x, n, cols, k: l == ActLayout::Q8K };
-            if *held != Some(key) {
-                *held = None;
-                let per = cols / if key.k { 256 } else { 32 };
-                if key.k { grow(qk, n * per)? } else { grow(qa, n * per)? }
-            }
-        }
+        let Cpu { host, pool, k, qa, qk, held, scratch, .. } = self;
         let k = *k;
-        let rb = wt.row_bytes();
-        let wbytes = wt.data.as_slice();
-        Ok(with_out(bufs, out, out_len, OP, |o, inputs| {
-            let xs = inputs.slice(x, x_len, "MatMul x")?;
-            match layout {
-                None => par_gemm(pool, scratch, fmt, wbytes, rows, cols, rb, xs, n, o, k.gemm_f32)?,
-                Some(l) => {
-                    let key = ActKey { x, n, cols, k: l == ActLayout::Q8K };
-                    if l == ActLayout::Q8A {
-                        let per = cols / 32;
-                        if *held != Some(key) {
-                            par_rows(pool, &mut qa[..n * per], per, n, |t, dst| {
-                                (k.quantize_q8a)(&xs[t * cols..(t + 1) * cols], dst)
-                            });
-                            *held = Some(key);
-                        }
-                        par_gemm(pool, scratch, fmt, wbytes, rows, cols, rb, &qa[..n * per], n, o, k.gemm_q8a)?
-                    } else {
-                        let per = cols / 256;
-                        if *held != Some(key) {
-                            par_rows(pool, &mut qk[..n * per], per, n, |t, dst| {
-                                (k.quantize_q8k)(&xs[t * cols..(t + 1) * cols], dst)
-                            });
-                            *held = Some(key);
-                        }
-                        par_gemm(pool, scratch, fmt, wbytes, rows, cols, rb, &qk[..n * per], n, o, k.gemm_q8k)?
-                    }
+        let wt = host.weight(w).ok_or(CheckError::UnknownWeight { what: "MatMul weight" })?;
+        let (rows, cols, fmt, rb) = (wt.rows, wt.cols, wt.format, wt.row_bytes());
+        let layout = if act == ActQuant::Int8 { fmt.act_layout() } else { None };
+        let key = layout.map(|l| ActKey { x, n, cols, k: l == ActLayout::Q8K });
+        if let Some(key) = key
+            && *held != Some(key)
+        {
+            *held = None;
+            let per = cols / if key.k { 256 } else { 32 };
+            if key.k { grow(qk, n * per)? } else { grow(qa, n * per)? }
+        }
+        host.with_out(out, n * rows, |o, inputs, weights| {
+            let wbytes = weight(weights, w).data.as_slice();
+            let xs = inputs.slice(x, n * cols);
+            let Some(key) = key else {
+                return par_gemm(pool, scratch, fmt, wbytes, rows, cols, rb, xs, n, o, k.gemm_f32);
+            };
+            // Quantize each token once; the next matmuls reading the same rows reuse it.
+            if key.k {
+                let per = cols / 256;
+                if *held != Some(key) {
+                    par_rows(pool, &mut qk[..n * per], per, n, n * cols, |t, dst| {
+                        (k.quantize_q8k)(&xs[t * cols..(t + 1) * cols], dst)
+                    });
+                    *held = Some(key);
                 }
+                par_gemm(pool, scratch, fmt, wbytes, rows, cols, rb, &qk[..n * per], n, o, k.gemm_q8k)
+            } else {
+                let per = cols / 32;
+                if *held != Some(key) {
+                    par_rows(pool, &mut qa[..n * per], per, n, n * cols, |t, dst| {
+                        (k.quantize_q8a)(&xs[t * cols..(t + 1) * cols], dst)
+                    });
+                    *held = Some(key);
+                }
+                par_gemm(pool, scratch, fmt, wbytes, rows, cols, rb, &qa[..n * per], n, o, k.gemm_q8a)
             }
-            Ok(())
-        })?)
+        })??;
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -241,19 +360,13 @@ impl Cpu {
         scale: f32,
         cap: f32,
     ) -> Result<()> {
-        const OP: &str = "Attention";
-        if heads == 0 || kv_heads == 0 || head_dim == 0 || !heads.is_multiple_of(kv_heads) {
-            return Err(invalid(OP, "need heads, kv_heads, head_dim > 0 and kv_heads dividing heads").into());
-        }
-        let Cpu { inner, pool, k, scratch, .. } = self;
+        let Cpu { host, pool, k, scratch, .. } = self;
         let k = *k;
         let group = heads / kv_heads;
-        let qw = mul(heads, head_dim, OP)?;
-        let kvw = mul(kv_heads, head_dim, OP)?;
-        let cache_rows = inner.buffer(kc.buf).map_or(0, <[f32]>::len) / kvw;
-        let (bufs, _) = inner.parts_mut();
-        let q_len = mul(step.rows(), qw, OP)?;
-        let kv_len = mul(cache_rows_needed(step, OP)?, kvw, OP)?;
+        let (qw, kvw) = (heads * head_dim, kv_heads * head_dim);
+        let cache_rows = host.buffer(kc.buf).map_or(0, <[f32]>::len) / kvw;
+        let q_len = step.rows() * qw;
+        let kv_len = cache_rows_needed(step, "Attention")? * kvw;
         // Longest key range of any query, and the scores scratch sized once for the whole cache
         // (so a growing context never allocates).
         let longest = step.seqs.iter().map(|s| (s.pos0 + s.len) as usize).max().unwrap_or(0);
@@ -261,15 +374,15 @@ impl Cpu {
         for s in scratch.iter() {
             grow(&mut lock(s).scores, group * longest.max(cache_rows))?;
         }
-        Ok(with_out(bufs, out, q_len, OP, |o, inputs| {
-            let qs = inputs.slice(q, q_len, "Attention q")?;
-            let ks = inputs.slice(kc, kv_len, "Attention k")?;
-            let vs = inputs.slice(vc, kv_len, "Attention v")?;
+        host.with_out(out, q_len, |o, inputs, _| {
+            let qs = inputs.slice(q, q_len);
+            let ks = inputs.slice(kc, kv_len);
+            let vs = inputs.slice(vc, kv_len);
             // One task per (query row, kv head): the group of query heads reading that kv head
             // shares each key and value load. Tasks are numbered across the step's sequences.
             let tasks = step.seqs.iter().map(|s| s.len as usize).sum::<usize>() * kv_heads;
             let d = Disjoint::new(o);
-            let run = |range: std::ops::Range<usize>, sc: &mut Scratch| {
+            let run = |range: Range<usize>, sc: &mut Scratch| {
                 for task in range {
                     let (mut row, g) = (task / kv_heads, task % kv_heads);
                     let Some(seq) = step.seqs.iter().find(|s| {
@@ -304,9 +417,27 @@ impl Cpu {
                     }
                 });
             }
-            Ok(())
-        })?)
+        })?;
+        Ok(())
     }
+}
+
+/// `f(range, out[range])` over `out` in parts, split across the pool when it is long: for
+/// elementwise ops, whose parts compute exactly what the whole would.
+fn par_elems(pool: &Pool, out: &mut [f32], f: impl Fn(Range<usize>, &mut [f32]) + Sync) {
+    let len = out.len();
+    if len < PAR_ELEMS || pool.threads() == 1 {
+        f(0..len, out);
+        return;
+    }
+    let d = Disjoint::new(out);
+    let chunks = Chunks::new(len, len.div_ceil(pool.threads() * 4).next_multiple_of(8));
+    pool.run(&|_| {
+        for r in &chunks {
+            // SAFETY: each range is handed to exactly one thread.
+            f(r.clone(), unsafe { d.part(r.start, r.len()) });
+        }
+    });
 }
 
 /// The keys a query sees: key `j` is `k[j·stride..][..d]`, its value `v[j·stride..][..d]`.
@@ -380,10 +511,17 @@ fn attend_group(
 type Gemm<A> = fn(Format, &[u8], usize, usize, &[A], usize, &mut [f32]);
 
 /// Run `f(t, dst)` for each of `n` rows of `per` elements of `out`, split across the pool when
-/// there are several rows.
-fn par_rows<T: Send>(pool: &Pool, out: &mut [T], per: usize, n: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-    if n < 8 {
-        for (t, dst) in out.chunks_exact_mut(per).enumerate().take(n) {
+/// there are several rows and `work` (elements touched) is worth a dispatch.
+fn par_rows<T: Send>(
+    pool: &Pool,
+    out: &mut [T],
+    per: usize,
+    n: usize,
+    work: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    if n < 2 || work < PAR_ELEMS || pool.threads() == 1 || per == 0 {
+        for (t, dst) in out.chunks_exact_mut(per.max(1)).enumerate().take(n) {
             f(t, dst);
         }
         return;
@@ -415,7 +553,7 @@ fn par_gemm<A: Sync>(
     n: usize,
     out: &mut [f32],
     gemm: Gemm<A>,
-) -> core::result::Result<(), CpuRefError> {
+) -> Result<()> {
     let threads = pool.threads();
     if n == 0 || rows == 0 {
         return Ok(());

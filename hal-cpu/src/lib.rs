@@ -1,51 +1,37 @@
-//! The fast CPU backend: the reference backend's buffers and semantics, with the heavy ops run by
-//! a persistent thread pool on SIMD twins of the `purehw-kernels` math.
+//! The fast CPU backend: hal's ops run by a persistent thread pool on SIMD twins of the
+//! `purehw-kernels` math.
 //!
-//! * Buffers, weights and the cheap per-token ops (embedding, norms, RoPE, KV stores, elementwise)
-//!   are `hal-cpu-ref`'s own: this backend wraps a [`CpuRef`] and runs those ops through it, so
-//!   they are the reference by construction.
-//! * `MatMul` and `Attention` run here: weights stay the stored blocks (the memory map), rows are
-//!   split across the [`pool`] threads, and each thread calls the [`simd::Kernels`] chosen at start
-//!   (AVX2+FMA, NEON, scalar). With `ActQuant::Int8` a matmul first quantizes its activations once
-//!   (reused by the next matmuls that read the same rows), then runs integer dots.
+//! * Buffers and weights live in a [`Host`] (shared with `hal-cpu-ref`, which holds no op code):
+//!   every op is checked against hal's contract ([`purehw_hal::check`]) before it runs, and a
+//!   fused op runs as its expansion.
+//! * Each primitive op is written here on `purehw-kernels` alone: rows (or elements, or weight
+//!   rows) are split across the [`pool`] threads and each thread calls the [`simd::Kernels`]
+//!   chosen at start (AVX2+FMA, AVX-512, NEON, scalar). Weights stay the stored blocks (the memory
+//!   map). With `ActQuant::Int8` a matmul first quantizes its activations once (reused by the
+//!   next matmuls that read the same rows), then runs integer dots.
 //!
-//! Every kernel is bit-exact with its reference, so this backend's results equal `cpu-ref`'s bit
-//! for bit in both activation modes (checked in `conformance`).
+//! Every kernel is bit-exact with its reference and rows are independent, so this backend's
+//! results equal `cpu-ref`'s bit for bit in both activation modes (checked in `conformance`).
 
+mod error;
 mod exec;
 pub mod pool;
 pub mod simd;
+#[cfg(test)]
+mod test_util;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Mutex;
 
-use purehw_hal::{Backend, ErrorKind, ErrorType, HostWeight, Op, OpKind, Step, View};
-use purehw_hal_cpu_ref::CpuRef;
-pub use purehw_hal_cpu_ref::{BufId, CpuRefError, WeightId};
+use purehw_hal::{Backend, ErrorType, Format, HostWeight, Op, OpKind, Step, View};
+use purehw_hal_host::Host;
+pub use purehw_hal_host::{BufId, WeightId};
 use purehw_kernels::quant::{BlockQ8A, BlockQ8K};
 
+pub use crate::error::CpuError;
 use crate::pool::Pool;
 use crate::simd::Kernels;
-
-/// Everything [`Cpu`] can fail with.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[non_exhaustive]
-pub enum CpuError {
-    /// An error of the underlying reference machinery (bad view, unknown handle, …).
-    #[error(transparent)]
-    Ref(#[from] CpuRefError),
-    /// The worker threads could not be started.
-    #[error("could not start {threads} worker threads")]
-    Threads { threads: usize },
-}
-
-impl purehw_hal::Error for CpuError {
-    fn kind(&self) -> ErrorKind {
-        match self {
-            CpuError::Ref(e) => purehw_hal::Error::kind(e),
-            CpuError::Threads { .. } => ErrorKind::Other,
-        }
-    }
-}
 
 /// What the quantized-activation scratch holds: `n` rows of `cols` from `x`, in one layout.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -73,7 +59,9 @@ pub(crate) struct RopeTable {
 
 /// The fast CPU backend.
 pub struct Cpu {
-    pub(crate) inner: CpuRef,
+    pub(crate) host: Host,
+    /// One dequantized norm weight; as wide as the widest loaded weight (sized at load).
+    pub(crate) row: Vec<f32>,
     pub(crate) pool: Pool,
     pub(crate) k: Kernels,
     /// Quantized activations, `(n, cols/32)` or `(n, cols/256)` blocks, and what they hold.
@@ -121,7 +109,8 @@ impl Cpu {
         let scratch = (0..threads).map(|_| Mutex::new(Scratch::default())).collect();
         let profile = std::env::var("PUREHW_PROFILE").is_ok_and(|v| v == "1").then(Vec::new);
         Ok(Cpu {
-            inner: CpuRef::new(),
+            host: Host::new(),
+            row: Vec::new(),
             pool,
             k,
             qa: Vec::new(),
@@ -145,13 +134,33 @@ impl Cpu {
 
     /// A buffer's contents (for inspection and tests).
     pub fn buffer(&self, b: BufId) -> Option<&[f32]> {
-        self.inner.buffer(b)
+        self.host.buffer(b)
     }
 
     /// The weight behind a handle.
     pub fn weight(&self, w: WeightId) -> Option<&HostWeight> {
-        self.inner.weight(w)
+        self.host.weight(w)
     }
+}
+
+/// The weight formats this backend computes with (all of `Format` as of writing; a format added
+/// later stays unsupported until its kernels are checked here). `load_weight` refuses the
+/// others, so every loaded weight is in one of these.
+fn format_supported(f: Format) -> bool {
+    matches!(
+        f,
+        Format::F32
+            | Format::F16
+            | Format::BF16
+            | Format::Q4_0
+            | Format::Q4_1
+            | Format::Q5_0
+            | Format::Q5_1
+            | Format::Q8_0
+            | Format::Q4_K
+            | Format::Q5_K
+            | Format::Q6_K
+    )
 }
 
 /// One thread per available core.
@@ -172,51 +181,84 @@ impl Backend for Cpu {
     }
 
     fn supports(&self, op: OpKind) -> bool {
-        self.inner.supports(op)
+        match op {
+            OpKind::Embed(f) | OpKind::MatMul(f) => format_supported(f),
+            OpKind::MatMulQ8(f) => format_supported(f) && f.act_layout().is_some(),
+            OpKind::QuantizeAct(_)
+            | OpKind::RmsNorm
+            | OpKind::Rope(_)
+            | OpKind::StoreKv
+            | OpKind::Attention
+            | OpKind::Add
+            | OpKind::GeluTanhMul
+            | OpKind::SiluMul
+            | OpKind::Softcap
+            | OpKind::Argmax
+            | OpKind::AddRmsNorm
+            | OpKind::Qkv
+            | OpKind::GatedFfn => true,
+            _ => false,
+        }
     }
 
     fn alloc(&mut self, len: usize) -> Result<BufId, CpuError> {
-        Ok(self.inner.alloc(len)?)
+        Ok(self.host.alloc(len)?)
     }
 
     fn load_weight(&mut self, w: &HostWeight) -> Result<WeightId, CpuError> {
-        Ok(self.inner.load_weight(w)?)
+        if !format_supported(w.format) {
+            return Err(CpuError::UnsupportedFormat(w.format));
+        }
+        if !w.is_consistent() {
+            return Err(CpuError::BadWeight { format: w.format, rows: w.rows, cols: w.cols, bytes: w.data.len() });
+        }
+        // Size the norm-weight row now so that submit never has to grow it.
+        exec::grow(&mut self.row, w.cols)?;
+        Ok(self.host.add_weight(w)?)
     }
 
     fn write(&mut self, dst: View<BufId>, src: &[f32]) -> Result<(), CpuError> {
         self.held = None;
-        Ok(self.inner.write(dst, src)?)
+        Ok(self.host.write(dst, src)?)
     }
 
     fn read(&mut self, src: View<BufId>, dst: &mut [f32]) -> Result<(), CpuError> {
-        Ok(self.inner.read(src, dst)?)
+        Ok(self.host.read(src, dst)?)
     }
 
     fn submit(&mut self, step: &Step<'_>, ops: &[Op<BufId, WeightId>]) -> Result<(), CpuError> {
         self.held = None;
         self.rope.iter_mut().for_each(|t| t.valid = false);
-        if self.profile.is_none() {
-            for op in ops {
-                self.run(step, op)?;
-            }
-            return Ok(());
-        }
         for op in ops {
-            let t = std::time::Instant::now();
-            self.run(step, op)?;
-            let dt = t.elapsed().as_secs_f64();
-            let key = match op.kind(|w| self.inner.format_of(w).unwrap_or(purehw_hal::Format::F32)) {
-                OpKind::MatMul(f) if step.rows() > 1 => format!("MatMul {f:?} n>1"),
-                k => format!("{k:?}"),
-            };
-            let p = self.profile.as_mut().expect("profiling");
-            match p.iter_mut().find(|e| e.0 == key) {
-                Some(e) => {
-                    e.1 += dt;
-                    e.2 += 1;
-                }
-                None => p.push((key, dt, 1)),
+            purehw_hal::check::op(&self.host, step, op)?;
+            if self.profile.is_none() {
+                op.expand(|o| self.run(step, &o))?;
+            } else {
+                op.expand(|o| self.run_profiled(step, &o))?;
             }
+        }
+        Ok(())
+    }
+}
+
+impl Cpu {
+    /// [`run`](Self::run), timed into the profile under the op's kind (and matmul format).
+    fn run_profiled(&mut self, step: &Step<'_>, op: &Op<BufId, WeightId>) -> Result<(), CpuError> {
+        let t = std::time::Instant::now();
+        self.run(step, op)?;
+        let dt = t.elapsed().as_secs_f64();
+        let key = match op.kind(|w| self.host.weight(w).map_or(Format::F32, |w| w.format)) {
+            OpKind::MatMul(f) if step.rows() > 1 => format!("MatMul {f:?} n>1"),
+            OpKind::MatMulQ8(f) if step.rows() > 1 => format!("MatMulQ8 {f:?} n>1"),
+            k => format!("{k:?}"),
+        };
+        let p = self.profile.as_mut().expect("profiling");
+        match p.iter_mut().find(|e| e.0 == key) {
+            Some(e) => {
+                e.1 += dt;
+                e.2 += 1;
+            }
+            None => p.push((key, dt, 1)),
         }
         Ok(())
     }

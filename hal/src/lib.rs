@@ -14,6 +14,7 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+pub mod check;
 mod op;
 #[cfg(feature = "alloc")]
 mod weight;
@@ -77,4 +78,38 @@ pub trait Backend: ErrorType {
 
     /// Run a whole step's ops in order. Must not allocate in steady state.
     fn submit(&mut self, step: &Step<'_>, ops: &[Op<Self::Buffer, Self::Weight>]) -> Result<(), Self::Error>;
+
+    /// Run a step, then copy each `reads[i].0` region into `reads[i].1` (its length): one round
+    /// trip where the backend can make it one (a GPU: one command buffer, one wait).
+    fn submit_read(
+        &mut self,
+        step: &Step<'_>,
+        ops: &[Op<Self::Buffer, Self::Weight>],
+        reads: &mut [(View<Self::Buffer>, &mut [f32])],
+    ) -> Result<(), Self::Error> {
+        self.submit(step, ops)?;
+        for (v, dst) in reads.iter_mut() {
+            self.read(*v, dst)?;
+        }
+        Ok(())
+    }
+
+    /// What the backend can tell about its device (memory, time of the last step), for metrics.
+    fn stats(&self) -> Stats {
+        Stats::default()
+    }
+}
+
+/// A backend's view of its device, for metrics. `None` where the backend does not know.
+#[cfg(feature = "alloc")]
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// Device name (e.g. the GPU's).
+    pub device: Option<alloc::string::String>,
+    /// Bytes of device memory the backend holds (weights, caches, activations).
+    pub memory_used: Option<u64>,
+    /// Bytes of device memory there are.
+    pub memory_budget: Option<u64>,
+    /// Device time of the last step, in seconds (timestamp queries).
+    pub last_step_seconds: Option<f64>,
 }

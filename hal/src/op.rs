@@ -1,10 +1,16 @@
 //! Ops as data. Shapes are in elements; every activation is f32, row-major.
+//!
+//! Primitive ops come first; the fused ops after them each name a sequence of primitive ops
+//! ([`Op::expand`]) that defines their result, so a backend without a fused kernel runs the
+//! expansion and the conformance matrix compares a fused kernel with its composition.
 
 use crate::Format;
 /// How RoPE pairs the dimensions of a head; the kernels' own type, so backends pass it straight on.
 pub use purehw_kernels::ops::RopeMode;
 /// How a matmul treats its activations; the kernels' own type.
 pub use purehw_kernels::quant::ActQuant;
+/// Which quantized-activation blocks a weight format's integer dot reads.
+pub use purehw_kernels::quant::ActLayout;
 
 /// A region of a buffer: the handle and an element offset. The op's shape gives its length.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -52,9 +58,60 @@ impl Step<'_> {
     }
 }
 
+/// Buffer words (f32-sized elements) one quantized-activation block takes: `BlockQ8A` is 40
+/// bytes, `BlockQ8K` 292. A quantized activation buffer holds the blocks' bytes as they are laid
+/// out in memory, so `rows × cols/block × words` elements.
+pub const fn act_words(layout: ActLayout) -> usize {
+    match layout {
+        ActLayout::Q8A => core::mem::size_of::<purehw_kernels::quant::BlockQ8A>() / 4,
+        ActLayout::Q8K => core::mem::size_of::<purehw_kernels::quant::BlockQ8K>() / 4,
+    }
+}
+
+/// Elements of one activation block.
+pub const fn act_block(layout: ActLayout) -> usize {
+    match layout {
+        ActLayout::Q8A => 32,
+        ActLayout::Q8K => 256,
+    }
+}
+
+/// Where a matmul's activations come from.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum MatIn<B> {
+    /// f32 rows, treated per `act` (an `Int8` matmul quantizes them itself).
+    F32 { x: View<B>, act: ActQuant },
+    /// Rows already quantized by [`Op::QuantizeAct`] in the layout the weight's format reads.
+    Q8(View<B>),
+}
+
+/// RoPE's parameters, as [`Op::Rope`] takes them.
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub struct RopeSpec {
+    pub theta: f32,
+    pub scale: f32,
+    pub mode: RopeMode,
+}
+
+/// The gated activation of an MLP.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Gate {
+    /// `gelu_tanh(gate) · up` (Gemma).
+    GeluTanh,
+    /// `silu(gate) · up` (Llama).
+    Silu,
+}
+
+/// An optional quantized copy of an op's f32 output, for the matmuls that read it next.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct QuantOut<B> {
+    pub out: View<B>,
+    pub layout: ActLayout,
+}
+
 /// One op. `out` first; `out` may equal an input exactly (in place) where noted, otherwise
-/// regions must not overlap.
-#[derive(Copy, Clone, Debug)]
+/// regions must not overlap. [`crate::check`] holds the whole contract.
+#[derive(Copy, Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum Op<B, W> {
     /// `out[t, :] = table[step.tokens[t], :] * scale` for every row of the step.
@@ -64,10 +121,17 @@ pub enum Op<B, W> {
     /// In place allowed.
     RmsNorm { out: View<B>, x: View<B>, w: W, rows: usize, dim: usize, eps: f32 },
     /// `out[t, r] = Σ_c w[r, c] · x[t, c]` — x: (n, w.cols); out: (n, w.rows).
-    /// With `act: Int8` and a quantized `w`, each row of x is first quantized to int8
-    /// (`purehw_kernels::quant::quantize_q8a`/`q8k`, the explicit activation-quantization op) and the
-    /// dot is integer (`dot_row_q8a`/`q8k`); float formats ignore `act`.
+    /// With `act: Int8` and a quantized `w`, each row of x is first quantized to int8 (as
+    /// [`Op::QuantizeAct`] does) and the dot is integer (`dot_row_q8a`/`q8k`); float formats
+    /// ignore `act`.
     MatMul { out: View<B>, x: View<B>, w: W, n: usize, act: ActQuant },
+    /// Quantize `rows` rows of `cols` f32 values into int8 blocks (`quantize_q8a`/`q8k`):
+    /// out: (rows, cols / block) blocks of [`act_words`] elements each.
+    QuantizeAct { out: View<B>, x: View<B>, rows: usize, cols: usize, layout: ActLayout },
+    /// The integer matmul of [`Op::MatMul`] with `Int8` on activations [`Op::QuantizeAct`]
+    /// already quantized in the layout `w`'s format reads — xq: (n, w.cols / block) blocks;
+    /// out: (n, w.rows). `w` must be a quantized format.
+    MatMulQ8 { out: View<B>, xq: View<B>, w: W, n: usize },
     /// Rotary embedding in place on x: (rows, heads, head_dim), row t at `step.positions[t]`
     /// (`rows <= step.positions.len()`, head_dim even).
     /// Frequency i is `(1 / theta^(2i/head_dim)) / scale` in f32, as HF computes it (`scale` = linear
@@ -101,15 +165,71 @@ pub enum Op<B, W> {
     SiluMul { out: View<B>, gate: View<B>, up: View<B>, len: usize },
     /// `x = cap · tanh(x / cap)` in place over `len` elements.
     Softcap { x: View<B>, len: usize, cap: f32 },
+    /// `out[r] = argmax(x[r, :])` for `rows` rows of `cols` (`kernels::ops::argmax`: NaN counts as
+    /// −∞, first index on ties), stored as an f32 holding the index exactly (`cols ≤ 2^24`).
+    Argmax { out: View<B>, x: View<B>, rows: usize, cols: usize },
+
+    // ---- fused ops: each is defined by its expansion ----
+    /// The residual junction between two blocks: optionally `branch = rmsnorm(branch, post)`
+    /// (in place) and `x += branch`; then `out = rmsnorm(x, w)` and optionally its quantized copy.
+    /// x, branch, out: (rows, dim). Without `branch` it is the norm (and quantization) alone.
+    AddRmsNorm {
+        x: View<B>,
+        branch: Option<View<B>>,
+        post: Option<W>,
+        out: View<B>,
+        w: W,
+        quant: Option<QuantOut<B>>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    },
+    /// Attention's input block for `n` rows: `q, k, v = x·Wqᵀ, x·Wkᵀ, x·Wvᵀ`; then (each when given)
+    /// per-head RMSNorm of q and k (`eps`), RoPE of q and k, and the new k/v rows stored in the
+    /// caches. q: (n, heads·head_dim); k, v: (n, kv_heads·head_dim).
+    Qkv {
+        x: MatIn<B>,
+        wq: W,
+        wk: W,
+        wv: W,
+        q: View<B>,
+        k: View<B>,
+        v: View<B>,
+        n: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        q_norm: Option<W>,
+        k_norm: Option<W>,
+        eps: f32,
+        rope: Option<RopeSpec>,
+        k_cache: Option<View<B>>,
+        v_cache: Option<View<B>>,
+    },
+    /// The gated MLP's first half for `n` rows: `gate = act(x·Wgᵀ) · (x·Wuᵀ)` (with `up` holding
+    /// `x·Wuᵀ`), and optionally gate's quantized copy. gate, up: (n, ffn); `ffn` = the weights' rows.
+    GatedFfn {
+        x: MatIn<B>,
+        w_gate: W,
+        w_up: W,
+        gate: View<B>,
+        up: View<B>,
+        n: usize,
+        ffn: usize,
+        kind: Gate,
+        quant: Option<QuantOut<B>>,
+    },
 }
 
 /// What [`Backend::supports`](crate::Backend::supports) is asked about.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum OpKind {
     Embed(Format),
     RmsNorm,
     MatMul(Format),
+    QuantizeAct(ActLayout),
+    MatMulQ8(Format),
     Rope(RopeMode),
     StoreKv,
     Attention,
@@ -117,15 +237,22 @@ pub enum OpKind {
     GeluTanhMul,
     SiluMul,
     Softcap,
+    Argmax,
+    AddRmsNorm,
+    Qkv,
+    GatedFfn,
 }
 
 impl<B: Copy, W: Copy> Op<B, W> {
-    /// The op's kind, given the format of the weight it reads (if any).
+    /// The op's kind, given the format of the weight it reads (if any). A fused op's kind names
+    /// the fusion; [`expand`](Op::expand) gives the kinds it is made of.
     pub fn kind(&self, format_of: impl Fn(W) -> Format) -> OpKind {
         match *self {
             Op::Embed { table, .. } => OpKind::Embed(format_of(table)),
             Op::RmsNorm { .. } => OpKind::RmsNorm,
             Op::MatMul { w, .. } => OpKind::MatMul(format_of(w)),
+            Op::QuantizeAct { layout, .. } => OpKind::QuantizeAct(layout),
+            Op::MatMulQ8 { w, .. } => OpKind::MatMulQ8(format_of(w)),
             Op::Rope { mode, .. } => OpKind::Rope(mode),
             Op::StoreKv { .. } => OpKind::StoreKv,
             Op::Attention { .. } => OpKind::Attention,
@@ -133,6 +260,99 @@ impl<B: Copy, W: Copy> Op<B, W> {
             Op::GeluTanhMul { .. } => OpKind::GeluTanhMul,
             Op::SiluMul { .. } => OpKind::SiluMul,
             Op::Softcap { .. } => OpKind::Softcap,
+            Op::Argmax { .. } => OpKind::Argmax,
+            Op::AddRmsNorm { .. } => OpKind::AddRmsNorm,
+            Op::Qkv { .. } => OpKind::Qkv,
+            Op::GatedFfn { .. } => OpKind::GatedFfn,
         }
+    }
+
+    /// Whether this is a fused op (one that [`expand`](Op::expand)s into others).
+    pub fn is_fused(&self) -> bool {
+        matches!(self, Op::AddRmsNorm { .. } | Op::Qkv { .. } | Op::GatedFfn { .. })
+    }
+
+    /// The primitive ops a fused op stands for, in order, passed to `f` (a primitive op passes
+    /// itself). Running them in order *is* the fused op's definition. Never allocates.
+    pub fn expand<E>(&self, mut f: impl FnMut(Op<B, W>) -> Result<(), E>) -> Result<(), E> {
+        match *self {
+            Op::AddRmsNorm { x, branch, post, out, w, quant, rows, dim, eps } => {
+                if let Some(b) = branch {
+                    if let Some(p) = post {
+                        f(Op::RmsNorm { out: b, x: b, w: p, rows, dim, eps })?;
+                    }
+                    f(Op::Add { out: x, a: x, b, len: rows.saturating_mul(dim) })?;
+                }
+                f(Op::RmsNorm { out, x, w, rows, dim, eps })?;
+                if let Some(q) = quant {
+                    f(Op::QuantizeAct { out: q.out, x: out, rows, cols: dim, layout: q.layout })?;
+                }
+                Ok(())
+            }
+            Op::Qkv {
+                x,
+                wq,
+                wk,
+                wv,
+                q,
+                k,
+                v,
+                n,
+                heads,
+                kv_heads,
+                head_dim,
+                q_norm,
+                k_norm,
+                eps,
+                rope,
+                k_cache,
+                v_cache,
+            } => {
+                for (out, w) in [(q, wq), (k, wk), (v, wv)] {
+                    f(matmul(out, x, w, n))?;
+                }
+                if let Some(w) = q_norm {
+                    f(Op::RmsNorm { out: q, x: q, w, rows: n.saturating_mul(heads), dim: head_dim, eps })?;
+                }
+                if let Some(w) = k_norm {
+                    f(Op::RmsNorm { out: k, x: k, w, rows: n.saturating_mul(kv_heads), dim: head_dim, eps })?;
+                }
+                if let Some(r) = rope {
+                    for (x, h) in [(q, heads), (k, kv_heads)] {
+                        f(Op::Rope { x, rows: n, heads: h, head_dim, theta: r.theta, scale: r.scale, mode: r.mode })?;
+                    }
+                }
+                let width = kv_heads.saturating_mul(head_dim);
+                if let Some(c) = k_cache {
+                    f(Op::StoreKv { cache: c, src: k, width })?;
+                }
+                if let Some(c) = v_cache {
+                    f(Op::StoreKv { cache: c, src: v, width })?;
+                }
+                Ok(())
+            }
+            Op::GatedFfn { x, w_gate, w_up, gate, up, n, ffn, kind, quant } => {
+                f(matmul(gate, x, w_gate, n))?;
+                f(matmul(up, x, w_up, n))?;
+                let len = n.saturating_mul(ffn);
+                f(match kind {
+                    Gate::GeluTanh => Op::GeluTanhMul { out: gate, gate, up, len },
+                    Gate::Silu => Op::SiluMul { out: gate, gate, up, len },
+                })?;
+                if let Some(q) = quant {
+                    f(Op::QuantizeAct { out: q.out, x: gate, rows: n, cols: ffn, layout: q.layout })?;
+                }
+                Ok(())
+            }
+            op => f(op),
+        }
+    }
+}
+
+/// A matmul reading `x` as [`MatIn`] says.
+fn matmul<B: Copy, W: Copy>(out: View<B>, x: MatIn<B>, w: W, n: usize) -> Op<B, W> {
+    match x {
+        MatIn::F32 { x, act } => Op::MatMul { out, x, w, n, act },
+        MatIn::Q8(xq) => Op::MatMulQ8 { out, xq, w, n },
     }
 }

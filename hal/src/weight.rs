@@ -11,19 +11,38 @@ use crate::Format;
 pub struct HostBytes {
     owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
     range: Range<usize>,
+    mapped: bool,
 }
 
 impl HostBytes {
     /// `range` of `owner`, or `None` when it does not lie inside.
     pub fn new(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Option<Self> {
         let len = (*owner).as_ref().len();
-        (range.start <= range.end && range.end <= len).then_some(HostBytes { owner, range })
+        (range.start <= range.end && range.end <= len).then_some(HostBytes { owner, range, mapped: false })
+    }
+
+    /// As [`new`](Self::new) for an owner that is a memory map of a whole file: its start is
+    /// page-aligned and the pages around any range of it are mapped, so a device that shares
+    /// memory with the host may import them in place instead of copying.
+    pub fn new_mapped(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Option<Self> {
+        Self::new(owner, range).map(|b| HostBytes { mapped: true, ..b })
     }
 
     /// Owned bytes (small tensors converted at load time, tests).
     pub fn from_vec(v: Vec<u8>) -> Self {
         let range = 0..v.len();
-        HostBytes { owner: Arc::new(v), range }
+        HostBytes { owner: Arc::new(v), range, mapped: false }
+    }
+
+    /// Whether the owner is a file's memory map (see [`new_mapped`](Self::new_mapped)).
+    pub fn is_mapped(&self) -> bool {
+        self.mapped
+    }
+
+    /// All of the owner's bytes (the whole file for a mapped owner) and where this range lies in
+    /// them.
+    pub fn owner(&self) -> (&[u8], Range<usize>) {
+        ((*self.owner).as_ref(), self.range.clone())
     }
 
     pub fn as_slice(&self) -> &[u8] {

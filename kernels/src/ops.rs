@@ -10,7 +10,7 @@ use core::ops::Range;
 use crate::quant::dot_f32;
 
 /// How RoPE pairs the dimensions of a head (hal re-exports it for `Op::Rope`).
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub enum RopeMode {
     /// Pairs `(i, i + d/2)`: HF's `rotate_half` (Gemma, Llama in HF layout, GGUF gemma3).
     Neox,
@@ -229,6 +229,31 @@ pub fn scale_inplace(x: &mut [f32], s: f32) {
     for v in x {
         *v *= s;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argmax
+
+/// A value as argmax ranks it: NaN counts as `-inf` and `+inf` as `f32::MAX` (the sampler's rule,
+/// so a device argmax picks the token greedy sampling would).
+#[inline]
+pub fn argmax_key(x: f32) -> f32 {
+    if x.is_nan() { f32::NEG_INFINITY } else { x.min(f32::MAX) }
+}
+
+/// Index of the largest [`argmax_key`], the first one on ties; 0 for an empty slice. The result
+/// does not depend on the order values are compared in, so a parallel reduction reproduces it.
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut max = f32::NEG_INFINITY;
+    for (i, &v) in x.iter().enumerate() {
+        let k = argmax_key(v);
+        if k > max {
+            max = k;
+            best = i;
+        }
+    }
+    best as u32
 }
 
 // ---------------------------------------------------------------------------------------------

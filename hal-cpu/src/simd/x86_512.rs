@@ -803,18 +803,7 @@ mod tests {
     use super::*;
     use purehw_kernels::quant as q;
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn unit(&mut self) -> f32 {
-            ((self.next() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-        }
-    }
+    use crate::test_util::Rng;
 
     /// The kernels, saying on stderr whether AVX-512 VNNI is really exercised.
     fn have(test: &str) -> Option<Kernels> {

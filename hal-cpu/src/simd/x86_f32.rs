@@ -529,32 +529,11 @@ unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
 
 #[cfg(test)]
 mod tests {
-    use half::f16;
     use purehw_kernels::Format;
     use purehw_kernels::quant::{dot_f32 as ref_dot, dot_row};
 
     use super::*;
-
-    /// xorshift64*: deterministic, no dependency.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn byte(&mut self) -> u8 {
-            (self.next() >> 56) as u8
-        }
-        /// Uniform in [-1, 1).
-        fn unit(&mut self) -> f32 {
-            ((self.next() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-        }
-        fn f16(&mut self, scale: f32) -> [u8; 2] {
-            f16::from_f32(self.unit() * scale).to_le_bytes()
-        }
-    }
+    use crate::test_util::Rng;
 
     /// `rows` random rows of `cols` elements: random bytes, finite scales / values.
     fn random_rows(rng: &mut Rng, fmt: Format, rows: usize, cols: usize) -> Vec<u8> {

@@ -1,0 +1,191 @@
+//! The shaders' push-constant blocks, mirrored as `#[repr(C)]` structs (each with a size
+//! assertion against the GLSL block), and the table of compiled SPIR-V.
+
+use bytemuck::{Pod, Zeroable};
+use purehw_hal::Format;
+
+include!(concat!(env!("OUT_DIR"), "/shaders.rs"));
+
+/// A device address as a shader's `uvec2` reads it.
+pub type Addr = [u32; 2];
+
+pub fn addr(a: u64) -> Addr {
+    [a as u32, (a >> 32) as u32]
+}
+
+/// `common/mm.glsl`'s `Push`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct MmPush {
+    pub w: Addr,
+    pub x: Addr,
+    pub out: Addr,
+    pub w_byte: u32,
+    pub x_off: u32,
+    pub out_off: u32,
+    pub rows: u32,
+    pub cols: u32,
+    pub n: u32,
+    pub row_bytes: u32,
+    pub x_stride: u32,
+}
+const _: () = assert!(core::mem::size_of::<MmPush>() == 56);
+
+/// `embed.comp`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct EmbedPush {
+    pub table: Addr,
+    pub out: Addr,
+    pub step: Addr,
+    pub t_byte: u32,
+    pub row_bytes: u32,
+    pub cols: u32,
+    pub rows: u32,
+    pub out_off: u32,
+    pub tokens_off: u32,
+    pub scale: f32,
+}
+const _: () = assert!(core::mem::size_of::<EmbedPush>() == 52);
+
+/// `norm.comp`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct NormPush {
+    pub x: Addr,
+    pub branch: Addr,
+    pub out: Addr,
+    pub w: Addr,
+    pub post: Addr,
+    pub q: Addr,
+    pub x_off: u32,
+    pub br_off: u32,
+    pub out_off: u32,
+    pub q_off: u32,
+    pub dim: u32,
+    pub flags: u32,
+    pub eps: f32,
+}
+const _: () = assert!(core::mem::size_of::<NormPush>() == 76);
+
+/// `norm.comp`'s flags and its shared row's size.
+pub const NORM_BRANCH: u32 = 1;
+pub const NORM_POST: u32 = 2;
+pub const NORM_QA: u32 = 4;
+pub const NORM_QK: u32 = 8;
+pub const NORM_SHARED: u32 = 16;
+pub const NORM_MAX_DIM: usize = 6144;
+
+/// `quantize.comp`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct QuantPush {
+    pub x: Addr,
+    pub q: Addr,
+    pub x_off: u32,
+    pub q_off: u32,
+    pub rows: u32,
+    pub cols: u32,
+}
+const _: () = assert!(core::mem::size_of::<QuantPush>() == 32);
+
+/// `rope.comp`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct RopePush {
+    pub x: Addr,
+    pub step: Addr,
+    pub x_off: u32,
+    pub rows: u32,
+    pub heads: u32,
+    pub head_dim: u32,
+    pub table_off: u32,
+    pub neox: u32,
+}
+const _: () = assert!(core::mem::size_of::<RopePush>() == 40);
+
+/// `store_kv.comp`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct StoreKvPush {
+    pub cache: Addr,
+    pub src: Addr,
+    pub step: Addr,
+    pub cache_off: u32,
+    pub src_off: u32,
+    pub width: u32,
+    pub rows: u32,
+    pub row_seq_off: u32,
+    pub seqs_off: u32,
+}
+const _: () = assert!(core::mem::size_of::<StoreKvPush>() == 48);
+
+/// `attention.comp`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct AttnPush {
+    pub out: Addr,
+    pub q: Addr,
+    pub k: Addr,
+    pub v: Addr,
+    pub step: Addr,
+    pub out_off: u32,
+    pub q_off: u32,
+    pub k_off: u32,
+    pub v_off: u32,
+    pub heads: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub window: u32,
+    pub row_seq_off: u32,
+    pub seqs_off: u32,
+    pub scale: f32,
+    pub softcap: f32,
+}
+const _: () = assert!(core::mem::size_of::<AttnPush>() == 88);
+
+/// `attention.comp`'s largest head.
+pub const ATTN_MAX_HEAD_DIM: usize = 512;
+
+/// `eltwise.comp`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct EltPush {
+    pub out: Addr,
+    pub a: Addr,
+    pub b: Addr,
+    pub out_off: u32,
+    pub a_off: u32,
+    pub b_off: u32,
+    pub len: u32,
+    pub op: u32,
+    pub cap: f32,
+}
+const _: () = assert!(core::mem::size_of::<EltPush>() == 48);
+
+pub const ELT_ADD: u32 = 0;
+pub const ELT_GELU_MUL: u32 = 1;
+pub const ELT_SILU_MUL: u32 = 2;
+pub const ELT_SOFTCAP: u32 = 3;
+
+/// `argmax.comp`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct ArgmaxPush {
+    pub out: Addr,
+    pub x: Addr,
+    pub out_off: u32,
+    pub x_off: u32,
+    pub cols: u32,
+}
+const _: () = assert!(core::mem::size_of::<ArgmaxPush>() == 28);
+
+/// The shader-variant suffix of a format (`common/base.glsl`'s FMT_* names).
+pub fn fmt_name(f: Format) -> &'static str {
+    f.name()
+}
+
+/// The SPIR-V of a shader variant, e.g. `"mm_q8.Q4_K"`.
+pub fn spirv(name: &str) -> Option<&'static [u8]> {
+    SPIRV.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
+}

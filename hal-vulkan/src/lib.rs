@@ -1,0 +1,1396 @@
+//! The Vulkan backend: every op of a transformer step as a GLSL compute shader, driven through
+//! ash, with results equal to `hal-cpu-ref`'s bit for bit wherever the reference's operation
+//! order can be kept (all of it today: see `shaders/common/mm.glsl` and `exact.glsl`).
+//!
+//! * **Loader at run time.** `libvulkan` is opened when a backend is made (ash's `loaded`), so a
+//!   binary without Vulkan installed still runs on the CPU.
+//! * **Buffers by address.** Every buffer is reached through its device address
+//!   (`VK_KHR_buffer_device_address`, core in Vulkan 1.2): shaders take addresses and offsets in
+//!   push constants, so there are no descriptor sets to allocate or write at all, and no
+//!   `maxStorageBufferRange` limit on a binding (lavapipe's is 128 MiB, smaller than Gemma 3's
+//!   embedding table).
+//! * **Weights.** On a device that shares memory with the host (an integrated GPU, lavapipe) the
+//!   memory-mapped file's pages are imported in place (`VK_EXT_external_memory_host`), so a model
+//!   costs its file's pages once; elsewhere each weight gets device-local memory, uploaded
+//!   through a staging buffer.
+//! * **Steps recorded once.** A step's ops become one command buffer, cached by the step's shape
+//!   (its op list, row and sequence counts, and the regions read back); a step of a known shape
+//!   only writes its per-token data (tokens, positions, sequence spans, RoPE tables) into a small
+//!   buffer and replays the command buffer: one submit, one fence wait. A barrier goes only
+//!   where a dispatch touches what an earlier one since the last barrier wrote.
+//! * **Exactness.** Floats are `precise` (no contraction); division and square root are
+//!   correctly rounded in integer arithmetic; RoPE's cos/sin come from the reference's own
+//!   function on the host; each matmul lane keeps the reference's block order.
+//!
+//! Shaders are compiled at build time by glslang 15.1 (the `glslang` crate builds it from
+//! source with `cc` alone): Debian 12's `glslc` (shaderc 2023.2) lacks `GL_KHR_cooperative_matrix`
+//! and `GL_NV_cooperative_matrix2`, and a fresh machine has no cmake for `shaderc`'s own build.
+
+mod error;
+mod kernels;
+mod vk;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use ash::vk as raw;
+use bytemuck::Pod;
+use purehw_hal::check::{Resources, WeightInfo};
+use purehw_hal::{
+    ActLayout, ActQuant, Backend, ErrorType, Format, HostWeight, Op, OpKind, RopeMode, Stats, Step, View, act_block,
+    act_words,
+};
+
+pub use error::{VkError, VulkanError};
+use kernels::*;
+pub use vk::DeviceInfo;
+use vk::{Gpu, Instance, Mem, Pipeline, RawBuffer};
+
+type Result<T> = std::result::Result<T, VulkanError>;
+
+/// Handle of a buffer of f32 elements on the device.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BufId(u32);
+
+/// Handle of a weight on the device.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct WeightId(u32);
+
+/// How to pick and drive a device.
+#[derive(Clone, Debug, Default)]
+pub struct VulkanOptions {
+    /// `PUREHW_VK_DEVICE`: a device index, or a substring of its name.
+    pub device: Option<String>,
+    /// Enable VK_LAYER_KHRONOS_validation (an error if it is not installed). Default: the
+    /// `PUREHW_VK_VALIDATION=1` environment variable.
+    pub validation: bool,
+    /// Whether a CPU device (lavapipe) may be chosen when no GPU is there.
+    pub allow_cpu: bool,
+}
+
+impl VulkanOptions {
+    /// From the environment: `PUREHW_VK_DEVICE`, `PUREHW_VK_VALIDATION`; CPU devices allowed.
+    pub fn from_env() -> Self {
+        VulkanOptions {
+            device: std::env::var("PUREHW_VK_DEVICE").ok().filter(|s| !s.is_empty()),
+            validation: std::env::var("PUREHW_VK_VALIDATION").is_ok_and(|v| v == "1"),
+            allow_cpu: true,
+        }
+    }
+}
+
+/// Rank for the default choice: discrete > integrated > virtual > CPU.
+fn rank(kind: raw::PhysicalDeviceType) -> u32 {
+    match kind {
+        raw::PhysicalDeviceType::DISCRETE_GPU => 0,
+        raw::PhysicalDeviceType::INTEGRATED_GPU => 1,
+        raw::PhysicalDeviceType::VIRTUAL_GPU => 2,
+        raw::PhysicalDeviceType::CPU => 3,
+        _ => 4,
+    }
+}
+
+/// The type of a device, in words.
+pub fn kind_name(kind: raw::PhysicalDeviceType) -> &'static str {
+    match kind {
+        raw::PhysicalDeviceType::DISCRETE_GPU => "discrete GPU",
+        raw::PhysicalDeviceType::INTEGRATED_GPU => "integrated GPU",
+        raw::PhysicalDeviceType::VIRTUAL_GPU => "virtual GPU",
+        raw::PhysicalDeviceType::CPU => "CPU",
+        _ => "other",
+    }
+}
+
+impl DeviceInfo {
+    /// Whether this is a real GPU (discrete or integrated), what `--backend auto` takes.
+    pub fn is_gpu(&self) -> bool {
+        matches!(self.kind, raw::PhysicalDeviceType::DISCRETE_GPU | raw::PhysicalDeviceType::INTEGRATED_GPU)
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        kind_name(self.kind)
+    }
+}
+
+/// Every Vulkan device on this machine, or why there are none (no loader, …).
+pub fn devices() -> std::result::Result<Vec<DeviceInfo>, VkError> {
+    let inst = Instance::new(false)?;
+    Ok(inst.devices()?.into_iter().map(|(_, i)| i).collect())
+}
+
+/// Validation-layer messages so far (tests assert there are none).
+pub fn validation_messages() -> Vec<String> {
+    vk::VALIDATION_MESSAGES.lock().map(|v| v.clone()).unwrap_or_default()
+}
+
+/// A fault to inject, for tests of the error paths.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The next submit reports the device lost (and the backend stays lost).
+    DeviceLost,
+    /// The next allocation reports device memory exhausted.
+    OutOfMemory,
+}
+
+struct DevBuf {
+    raw: RawBuffer,
+    len: usize,
+}
+
+struct DevWeight {
+    format: Format,
+    rows: usize,
+    cols: usize,
+    /// Where the stored rows are: a weight store buffer and the byte offset of row 0.
+    store: usize,
+    byte: u64,
+    /// For vectors (norm weights): an f32 copy, dequantized on the host by the reference.
+    f32_store: Option<usize>,
+}
+
+/// A recorded step: its command buffer and the key it was recorded for.
+struct Shape {
+    rows: usize,
+    positions: usize,
+    nseq: usize,
+    ops: Vec<Op<BufId, WeightId>>,
+    reads: Vec<(View<BufId>, usize)>,
+    cb: raw::CommandBuffer,
+    layout: StepLayout,
+    /// Bytes of readback space each read takes, in order.
+    read_at: Vec<u64>,
+    /// With `PUREHW_VK_PROFILE=1`: the kernel behind each timestamp after the first two.
+    prof: Vec<String>,
+}
+
+/// Where a step's host data lies in the step buffer (u32 words).
+#[derive(Clone, Debug, Default)]
+struct StepLayout {
+    tokens: u32,
+    positions: u32,
+    row_seq: u32,
+    seqs: u32,
+    /// (theta bits, scale bits, head_dim, word offset) of each RoPE table.
+    rope: Vec<(u32, u32, usize, u32)>,
+    words: usize,
+}
+
+/// Resource ids for barrier tracking beyond the buffers.
+const SCRATCH_ID: u32 = u32::MAX;
+
+/// Regions touched since the last barrier: (resource, byte range).
+#[derive(Default)]
+struct Hazards {
+    written: Vec<(u32, u64, u64)>,
+    read: Vec<(u32, u64, u64)>,
+    barriers: usize,
+    dispatches: usize,
+}
+
+impl Hazards {
+    /// Record an access; returns whether a barrier must come first.
+    fn conflicts(&self, reads: &[(u32, u64, u64)], writes: &[(u32, u64, u64)]) -> bool {
+        let hit = |a: &(u32, u64, u64), b: &(u32, u64, u64)| a.0 == b.0 && a.1 < b.2 && b.1 < a.2;
+        reads.iter().any(|r| self.written.iter().any(|w| hit(r, w)))
+            || writes.iter().any(|w| self.written.iter().chain(&self.read).any(|x| hit(w, x)))
+    }
+}
+
+/// One dispatch's accesses.
+struct Access {
+    reads: [(u32, u64, u64); 6],
+    nr: usize,
+    writes: [(u32, u64, u64); 4],
+    nw: usize,
+}
+
+impl Access {
+    fn new() -> Self {
+        Access { reads: [(0, 0, 0); 6], nr: 0, writes: [(0, 0, 0); 4], nw: 0 }
+    }
+    fn r(mut self, id: u32, off: usize, len: usize) -> Self {
+        self.reads[self.nr] = (id, 4 * off as u64, 4 * (off + len) as u64);
+        self.nr += 1;
+        self
+    }
+    fn w(mut self, id: u32, off: usize, len: usize) -> Self {
+        self.writes[self.nw] = (id, 4 * off as u64, 4 * (off + len) as u64);
+        self.nw += 1;
+        self
+    }
+}
+
+/// The Vulkan backend.
+pub struct Vulkan {
+    gpu: Gpu,
+    pipelines: HashMap<(String, Vec<u32>), Pipeline>,
+    new_pipelines: bool,
+    cache_path: Option<PathBuf>,
+    bufs: Vec<DevBuf>,
+    weights: Vec<DevWeight>,
+    /// Weight memory: device copies, and host ranges imported in place (start, end address).
+    wstore: Vec<RawBuffer>,
+    imported: Vec<(usize, usize, usize)>,
+    staging: Option<RawBuffer>,
+    readback: Option<RawBuffer>,
+    step_up: Option<RawBuffer>,
+    step_dev: Option<RawBuffer>,
+    /// Quantized activations of `MatMul { act: Int8 }` (quantized here, then the integer matmul).
+    scratch: Option<RawBuffer>,
+    shapes: Vec<Shape>,
+    /// Least recently used shape last; evicted when the cache is full.
+    fence: raw::Fence,
+    pending: bool,
+    once: raw::CommandBuffer,
+    host_step: Vec<u32>,
+    mem_used: u64,
+    budget: u64,
+    lost: bool,
+    fault: Option<Fault>,
+    last_step_ns: Option<f64>,
+    /// Dispatches and barriers of the last recorded step (for `purehw bench`).
+    last_counts: (usize, usize),
+    /// `PUREHW_VK_PROFILE=1`: device time per kernel (every dispatch then ends with a barrier and
+    /// a timestamp), printed on drop.
+    profile: Option<HashMap<String, (f64, usize)>>,
+    prof_names: Vec<String>,
+}
+
+/// Recorded step shapes kept.
+const SHAPES: usize = 32;
+
+impl std::fmt::Debug for Vulkan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vulkan").field("device", &self.gpu.info.name).field("buffers", &self.bufs.len()).finish()
+    }
+}
+
+impl Vulkan {
+    /// A backend on the device `opts` picks (default: the best one).
+    pub fn new(opts: &VulkanOptions) -> Result<Vulkan> {
+        let vk_err = |e: VkError| VulkanError::Vk { device: "vulkan".into(), source: e };
+        let inst = Instance::new(opts.validation).map_err(vk_err)?;
+        let devs = inst.devices().map_err(vk_err)?;
+        let usable = |d: &DeviceInfo| d.buffer_device_address && (opts.allow_cpu || d.is_gpu());
+        let chosen = match &opts.device {
+            Some(sel) => {
+                let by_index = sel.parse::<usize>().ok().and_then(|i| devs.iter().find(|(_, d)| d.index == i));
+                let lower = sel.to_lowercase();
+                by_index.or_else(|| devs.iter().find(|(_, d)| d.name.to_lowercase().contains(&lower))).ok_or_else(|| {
+                    let names: Vec<String> = devs.iter().map(|(_, d)| format!("{}: {}", d.index, d.name)).collect();
+                    vk_err(VkError::NoDevice(format!("PUREHW_VK_DEVICE={sel:?} matches none of [{}]", names.join(", "))))
+                })?
+            }
+            None => devs
+                .iter()
+                .filter(|(_, d)| usable(d))
+                .min_by_key(|(_, d)| (rank(d.kind), d.index))
+                .ok_or_else(|| vk_err(VkError::NoDevice("no Vulkan device with buffer device address".into())))?,
+        };
+        let (pd, info) = (chosen.0, chosen.1.clone());
+        let cache_path = cache_file(&info);
+        let cache_data = cache_path.as_ref().and_then(|p| std::fs::read(p).ok()).unwrap_or_default();
+        let name = info.name.clone();
+        let gpu = Gpu::new(inst, pd, info, &cache_data).map_err(|e| VulkanError::Vk { device: name, source: e })?;
+        let budget = gpu.info.heaps.iter().filter(|h| h.1).map(|h| h.0).max().unwrap_or(0);
+        let dev = |e: VkError| VulkanError::Vk { device: gpu.info.name.clone(), source: e };
+        let fence = gpu.fence().map_err(dev)?;
+        let once = gpu.command_buffer().map_err(dev)?;
+        Ok(Vulkan {
+            gpu,
+            pipelines: HashMap::new(),
+            new_pipelines: false,
+            cache_path,
+            bufs: Vec::new(),
+            weights: Vec::new(),
+            wstore: Vec::new(),
+            imported: Vec::new(),
+            staging: None,
+            readback: None,
+            step_up: None,
+            step_dev: None,
+            scratch: None,
+            shapes: Vec::new(),
+            fence,
+            pending: false,
+            once,
+            host_step: Vec::new(),
+            mem_used: 0,
+            budget,
+            lost: false,
+            fault: None,
+            last_step_ns: None,
+            last_counts: (0, 0),
+            profile: std::env::var("PUREHW_VK_PROFILE").is_ok_and(|v| v == "1").then(HashMap::new),
+            prof_names: Vec::new(),
+        })
+    }
+
+    /// The device in use.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.gpu.info
+    }
+
+    /// Make the next submit or allocation fail as `fault` would (tests).
+    pub fn inject_fault(&mut self, fault: Fault) {
+        self.fault = Some(fault);
+    }
+
+    /// Dispatches and barriers of the last step recorded.
+    pub fn last_step_counts(&self) -> (usize, usize) {
+        self.last_counts
+    }
+
+    fn err(&self, e: VkError) -> VulkanError {
+        match e {
+            VkError::DeviceLost => VulkanError::DeviceLost { device: self.gpu.info.name.clone() },
+            e => VulkanError::Vk { device: self.gpu.info.name.clone(), source: e },
+        }
+    }
+
+    fn oom(&self, what: String, need: u64) -> VulkanError {
+        VulkanError::OutOfMemory { device: self.gpu.info.name.clone(), what, need, used: self.mem_used, budget: self.budget }
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        if self.lost { Err(VulkanError::DeviceLost { device: self.gpu.info.name.clone() }) } else { Ok(()) }
+    }
+
+    /// A buffer of `bytes`, counting device memory; an out-of-memory error names `what`.
+    fn raw_buffer(&mut self, bytes: u64, kind: Mem, what: impl FnOnce() -> String) -> Result<RawBuffer> {
+        if self.fault == Some(Fault::OutOfMemory) {
+            self.fault = None;
+            return Err(self.oom(what(), bytes));
+        }
+        match self.gpu.create_buffer(bytes, kind) {
+            Ok(b) => {
+                if kind == Mem::Device {
+                    self.mem_used += b.size;
+                }
+                Ok(b)
+            }
+            Err(VkError::OutOfMemory { .. }) | Err(VkError::NoMemoryType) => Err(self.oom(what(), bytes)),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    fn free(&mut self, b: RawBuffer, device: bool) {
+        if device {
+            self.mem_used = self.mem_used.saturating_sub(b.size);
+        }
+        self.gpu.destroy_buffer(b);
+    }
+
+    /// Wait for the last submission, if any.
+    fn settle(&mut self) -> Result<()> {
+        if self.pending {
+            self.pending = false;
+            if let Err(e) = self.gpu.wait(self.fence) {
+                self.lost |= e == VkError::DeviceLost;
+                return Err(self.err(e));
+            }
+            self.last_step_ns = self.gpu.step_ns();
+        }
+        Ok(())
+    }
+
+    /// Run `f` on the one-shot command buffer, submit it and wait.
+    fn one_shot(&mut self, f: impl FnOnce(&Gpu, raw::CommandBuffer)) -> Result<()> {
+        self.settle()?;
+        let cb = self.once;
+        self.gpu.begin(cb).map_err(|e| self.err(e))?;
+        f(&self.gpu, cb);
+        self.gpu.end(cb).map_err(|e| self.err(e))?;
+        self.gpu.submit(cb, self.fence).map_err(|e| self.err(e))?;
+        self.pending = true;
+        self.settle()
+    }
+
+    /// An upload-side staging buffer of at least `bytes`.
+    fn staging(&mut self, bytes: u64) -> Result<()> {
+        if self.staging.as_ref().is_none_or(|s| s.size < bytes) {
+            if let Some(old) = self.staging.take() {
+                self.free(old, false);
+            }
+            let b = self.raw_buffer(bytes.max(1 << 20), Mem::Upload, || "staging".into())?;
+            self.staging = Some(b);
+        }
+        Ok(())
+    }
+
+    /// A readback buffer of at least `bytes` (recorded steps copy into it, so a new one
+    /// invalidates them).
+    fn readback(&mut self, bytes: u64) -> Result<()> {
+        if self.readback.as_ref().is_none_or(|s| s.size < bytes) {
+            self.drop_shapes()?;
+            if let Some(old) = self.readback.take() {
+                self.free(old, false);
+            }
+            let b = self.raw_buffer(bytes.max(1 << 16).next_power_of_two(), Mem::Readback, || "readback".into())?;
+            self.readback = Some(b);
+        }
+        Ok(())
+    }
+
+    fn drop_shapes(&mut self) -> Result<()> {
+        self.settle()?;
+        for s in self.shapes.drain(..) {
+            self.gpu.free_command_buffer(s.cb);
+        }
+        Ok(())
+    }
+
+    /// Copy host bytes into device buffer `dst` at byte `at`, through staging when not mapped.
+    fn upload(&mut self, dst: &RawBuffer, at: u64, src: &[u8]) -> Result<()> {
+        if dst.is_mapped() {
+            self.settle()?;
+            return self.gpu.write_mapped(dst, at, src).map_err(|e| self.err(e));
+        }
+        const CHUNK: usize = 64 << 20;
+        self.staging(src.len().min(CHUNK) as u64)?;
+        for (i, part) in src.chunks(CHUNK).enumerate() {
+            self.settle()?;
+            let st = self.staging.as_ref().expect("staging");
+            self.gpu.write_mapped(st, 0, part).map_err(|e| self.err(e))?;
+            let region = [raw::BufferCopy { src_offset: 0, dst_offset: at + (i * CHUNK) as u64, size: part.len() as u64 }];
+            let st = self.staging.take().expect("staging");
+            let r = self.one_shot(|g, cb| g.copy(cb, &st, dst, &region));
+            self.staging = Some(st);
+            r?;
+        }
+        Ok(())
+    }
+
+    /// The pipeline of shader variant `name` with specialization constants `spec`.
+    fn pipeline(&mut self, name: &str, spec: &[u32]) -> Result<Pipeline> {
+        let key = (name.to_string(), spec.to_vec());
+        if let Some(&p) = self.pipelines.get(&key) {
+            return Ok(p);
+        }
+        let bytes = spirv(name).ok_or_else(|| VulkanError::Unsupported(format!("no shader {name}")))?;
+        let words: Vec<u32> = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let p = self.gpu.create_pipeline(&words, spec).map_err(|e| self.err(e))?;
+        self.pipelines.insert(key, p);
+        self.new_pipelines = true;
+        Ok(p)
+    }
+
+    /// Keep the pipeline cache on disk so a second start does not recompile.
+    fn save_pipeline_cache(&mut self) {
+        if !self.new_pipelines {
+            return;
+        }
+        self.new_pipelines = false;
+        let Some(path) = &self.cache_path else { return };
+        let data = self.gpu.pipeline_cache_data();
+        if data.is_empty() {
+            return;
+        }
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &data).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+
+    fn buf(&self, b: BufId) -> &DevBuf {
+        &self.bufs[b.0 as usize]
+    }
+
+    fn weight_ref(&self, w: WeightId) -> &DevWeight {
+        &self.weights[w.0 as usize]
+    }
+}
+
+/// `$PUREHW_VK_PIPELINE_CACHE`, else `$XDG_CACHE_HOME/purehw/vulkan/<pipeline cache uuid>.bin`,
+/// else under `~/.cache`.
+fn cache_file(info: &DeviceInfo) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("PUREHW_VK_PIPELINE_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let uuid: String = info.uuid.iter().map(|b| format!("{b:02x}")).collect();
+    Some(base.join("purehw").join("vulkan").join(format!("{uuid}.bin")))
+}
+
+impl Drop for Vulkan {
+    fn drop(&mut self) {
+        let _ = self.settle();
+        if let Some(p) = &self.profile {
+            let mut v: Vec<_> = p.iter().collect();
+            v.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));
+            let total: f64 = v.iter().map(|e| e.1.0).sum();
+            eprintln!("purehw vulkan profile ({}): {:.3} ms in kernels", self.gpu.info.name, total * 1e-6);
+            for (k, (ns, n)) in v {
+                eprintln!("  {k:<28} {:>10.3} ms {:>5.1}% {n:>8} dispatches", ns * 1e-6, 100.0 * ns / total.max(1.0));
+            }
+        }
+        self.gpu.wait_idle();
+        self.save_pipeline_cache();
+        for s in self.shapes.drain(..) {
+            self.gpu.free_command_buffer(s.cb);
+        }
+        let bufs: Vec<RawBuffer> = self
+            .bufs
+            .drain(..)
+            .map(|b| b.raw)
+            .chain(self.wstore.drain(..))
+            .chain([self.staging.take(), self.readback.take(), self.step_up.take(), self.step_dev.take(), self.scratch.take()].into_iter().flatten())
+            .collect();
+        for b in bufs {
+            self.gpu.destroy_buffer(b);
+        }
+        self.gpu.free_command_buffer(self.once);
+        self.gpu.destroy_fence(self.fence);
+    }
+}
+
+impl Resources<BufId, WeightId> for Vulkan {
+    fn buffer_len(&self, b: BufId) -> Option<usize> {
+        self.bufs.get(b.0 as usize).map(|b| b.len)
+    }
+    fn weight_info(&self, w: WeightId) -> Option<WeightInfo> {
+        self.weights.get(w.0 as usize).map(|w| WeightInfo { format: w.format, rows: w.rows, cols: w.cols })
+    }
+}
+
+impl ErrorType for Vulkan {
+    type Error = VulkanError;
+}
+
+fn push_bytes<T: Pod>(p: &T) -> &[u8] {
+    bytemuck::bytes_of(p)
+}
+
+/// Page size for host imports.
+const PAGE: usize = 4096;
+
+impl Backend for Vulkan {
+    type Buffer = BufId;
+    type Weight = WeightId;
+
+    fn name(&self) -> &str {
+        "vulkan"
+    }
+
+    fn supports(&self, op: OpKind) -> bool {
+        match op {
+            OpKind::Embed(_) | OpKind::MatMul(_) => true,
+            OpKind::MatMulQ8(f) => f.act_layout().is_some(),
+            OpKind::QuantizeAct(_)
+            | OpKind::RmsNorm
+            | OpKind::Rope(_)
+            | OpKind::StoreKv
+            | OpKind::Attention
+            | OpKind::Add
+            | OpKind::GeluTanhMul
+            | OpKind::SiluMul
+            | OpKind::Softcap
+            | OpKind::Argmax
+            | OpKind::AddRmsNorm
+            | OpKind::Qkv
+            | OpKind::GatedFfn => true,
+            _ => false,
+        }
+    }
+
+    fn alloc(&mut self, len: usize) -> Result<BufId> {
+        self.check_alive()?;
+        let bytes = (len as u64).checked_mul(4).ok_or_else(|| self.oom(format!("a buffer of {len} f32"), u64::MAX))?;
+        let raw = self.raw_buffer(bytes, Mem::Device, || format!("a buffer of {len} f32 ({bytes} bytes)"))?;
+        // Device memory starts undefined; buffers start zeroed, as on the CPU.
+        let r = self.one_shot(|g, cb| g.fill_zero(cb, &raw));
+        if let Err(e) = r {
+            self.free(raw, true);
+            return Err(e);
+        }
+        self.bufs.push(DevBuf { raw, len });
+        Ok(BufId(self.bufs.len() as u32 - 1))
+    }
+
+    fn load_weight(&mut self, w: &HostWeight) -> Result<WeightId> {
+        self.check_alive()?;
+        if !w.is_consistent() {
+            return Err(VulkanError::BadWeight { format: w.format.name(), rows: w.rows, cols: w.cols, bytes: w.data.len() });
+        }
+        let bytes = w.data.as_slice();
+        if bytes.len() as u64 >= 1 << 31 {
+            return Err(VulkanError::Unsupported(format!(
+                "a weight of {} bytes (more than 2 GiB in one tensor is not supported yet)",
+                bytes.len()
+            )));
+        }
+        let (store, byte) = match self.import(w)? {
+            Some(at) => at,
+            None => {
+                let size = (bytes.len() as u64).next_multiple_of(4);
+                let raw = self.raw_buffer(size, Mem::Device, || {
+                    format!("a {}x{} {} weight ({} bytes)", w.rows, w.cols, w.format.name(), bytes.len())
+                })?;
+                self.upload(&raw, 0, bytes)?;
+                self.wstore.push(raw);
+                (self.wstore.len() - 1, 0)
+            }
+        };
+        let f32_store = if w.rows == 1 && w.format != Format::F32 {
+            let mut v = vec![0f32; w.cols];
+            purehw_kernels::quant::dequantize_row(w.format, bytes, &mut v);
+            let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let raw = self.raw_buffer(b.len() as u64, Mem::Device, || "a norm weight".into())?;
+            self.upload(&raw, 0, &b)?;
+            self.wstore.push(raw);
+            Some(self.wstore.len() - 1)
+        } else {
+            None
+        };
+        self.weights.push(DevWeight { format: w.format, rows: w.rows, cols: w.cols, store, byte, f32_store });
+        Ok(WeightId(self.weights.len() as u32 - 1))
+    }
+
+    fn write(&mut self, dst: View<BufId>, src: &[f32]) -> Result<()> {
+        self.check_alive()?;
+        let len = self.buffer_len(dst.buf).ok_or(purehw_hal::check::CheckError::UnknownBuffer { what: "write" })?;
+        purehw_hal::check::in_range(dst, src.len(), len, "write")?;
+        let raw = std::mem::replace(&mut self.bufs[dst.buf.0 as usize].raw, placeholder());
+        let r = self.upload(&raw, 4 * dst.offset as u64, bytemuck::cast_slice(src));
+        self.bufs[dst.buf.0 as usize].raw = raw;
+        r
+    }
+
+    fn read(&mut self, src: View<BufId>, dst: &mut [f32]) -> Result<()> {
+        self.check_alive()?;
+        let len = self.buffer_len(src.buf).ok_or(purehw_hal::check::CheckError::UnknownBuffer { what: "read" })?;
+        purehw_hal::check::in_range(src, dst.len(), len, "read")?;
+        let bytes = 4 * dst.len() as u64;
+        if self.buf(src.buf).raw.is_mapped() {
+            self.settle()?;
+            let b = &self.bufs[src.buf.0 as usize].raw;
+            return self.gpu.read_mapped(b, 4 * src.offset as u64, bytemuck::cast_slice_mut(dst)).map_err(|e| self.err(e));
+        }
+        self.readback(bytes)?;
+        let rb = self.readback.take().expect("readback");
+        let region = [raw::BufferCopy { src_offset: 4 * src.offset as u64, dst_offset: 0, size: bytes }];
+        let sb = std::mem::replace(&mut self.bufs[src.buf.0 as usize].raw, placeholder());
+        let r = self.one_shot(|g, cb| {
+            g.copy(cb, &sb, &rb, &region);
+            g.host_barrier(cb);
+        });
+        self.bufs[src.buf.0 as usize].raw = sb;
+        let r = r.and_then(|_| self.gpu.read_mapped(&rb, 0, bytemuck::cast_slice_mut(dst)).map_err(|e| self.err(e)));
+        self.readback = Some(rb);
+        r
+    }
+
+    fn submit(&mut self, step: &Step<'_>, ops: &[Op<BufId, WeightId>]) -> Result<()> {
+        self.run_step(step, ops, &mut [], false)
+    }
+
+    fn submit_read(
+        &mut self,
+        step: &Step<'_>,
+        ops: &[Op<BufId, WeightId>],
+        reads: &mut [(View<BufId>, &mut [f32])],
+    ) -> Result<()> {
+        self.run_step(step, ops, reads, true)
+    }
+
+    fn stats(&self) -> Stats {
+        Stats {
+            device: Some(self.gpu.info.name.clone()),
+            memory_used: Some(self.mem_used),
+            memory_budget: Some(self.budget),
+            last_step_seconds: self.last_step_ns.map(|ns| ns * 1e-9),
+        }
+    }
+}
+
+/// A stand-in while a buffer is lent out of `bufs` (never used by the device).
+fn placeholder() -> RawBuffer {
+    vk::placeholder_buffer()
+}
+
+impl Vulkan {
+    /// Import the mapped pages holding `w` in place, when the device shares memory with the host.
+    /// Returns (store, byte offset of the weight in it).
+    fn import(&mut self, w: &HostWeight) -> Result<Option<(usize, u64)>> {
+        let info = &self.gpu.info;
+        if !w.data.is_mapped() || !info.unified() || !info.external_memory_host || info.min_import_align as usize > PAGE
+        {
+            return Ok(None);
+        }
+        let (owner, range) = w.data.owner();
+        let base = owner.as_ptr() as usize;
+        let (start, end) = (base + range.start, base + range.end);
+        if let Some(&(s, _, i)) = self.imported.iter().find(|&&(s, e, _)| s <= start && end <= e) {
+            return Ok(Some((i, (start - s) as u64)));
+        }
+        // Import from this weight's page on, as far as the mapping (rounded up to its last page)
+        // and one allocation reach: later weights of the file usually land in the same range.
+        let lo = start & !(PAGE - 1);
+        let map_end = (base + owner.len()).next_multiple_of(PAGE);
+        let max = (info.max_alloc as usize).min(1 << 31) & !(PAGE - 1);
+        let hi = map_end.min(lo + max);
+        if end > hi {
+            return Ok(None);
+        }
+        // The pages lo..hi lie inside the file's mapping (its start is page-aligned and the kernel
+        // maps whole pages), which the weight's HostBytes keeps alive while this backend holds it;
+        // the import reads them in place.
+        let bytes = page_range(owner, lo - base, hi - base);
+        match self.gpu.import_host(bytes) {
+            Ok(raw) => {
+                self.wstore.push(raw);
+                let i = self.wstore.len() - 1;
+                self.imported.push((lo, hi, i));
+                Ok(Some((i, (start - lo) as u64)))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+}
+
+/// `owner[lo..hi]` where `hi` may run past `owner.len()` up to its last page (still mapped).
+fn page_range(owner: &[u8], lo: usize, hi: usize) -> &[u8] {
+    vk::extend_to_page(owner, lo, hi)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recording steps
+
+/// What one step needs recorded (the op list may be expanded first).
+impl Vulkan {
+    fn run_step(
+        &mut self,
+        step: &Step<'_>,
+        ops: &[Op<BufId, WeightId>],
+        reads: &mut [(View<BufId>, &mut [f32])],
+        wait: bool,
+    ) -> Result<()> {
+        self.check_alive()?;
+        purehw_hal::check::ops(self, step, ops)?;
+        for (v, dst) in reads.iter() {
+            let len = self.buffer_len(v.buf).ok_or(purehw_hal::check::CheckError::UnknownBuffer { what: "read" })?;
+            purehw_hal::check::in_range(*v, dst.len(), len, "read")?;
+        }
+        self.settle()?;
+        let si = self.shape_for(step, ops, reads)?;
+        // Per-step data into the step buffer, then replay.
+        let layout = self.shapes[si].layout.clone();
+        self.fill_step(step, &layout);
+        let up = self.step_up.as_ref().expect("step buffer");
+        self.gpu.write_mapped(up, 0, bytemuck::cast_slice(&self.host_step)).map_err(|e| self.err(e))?;
+        if self.fault == Some(Fault::DeviceLost) {
+            self.fault = None;
+            self.lost = true;
+            return Err(VulkanError::DeviceLost { device: self.gpu.info.name.clone() });
+        }
+        let cb = self.shapes[si].cb;
+        if let Err(e) = self.gpu.submit(cb, self.fence) {
+            self.lost |= e == VkError::DeviceLost;
+            return Err(self.err(e));
+        }
+        self.pending = true;
+        // Most recently used last.
+        let s = self.shapes.remove(si);
+        self.shapes.push(s);
+        if !wait && reads.is_empty() && self.profile.is_none() {
+            return Ok(());
+        }
+        self.settle()?;
+        self.collect_profile();
+        if reads.is_empty() {
+            return Ok(());
+        }
+        let rb = self.readback.as_ref().expect("readback");
+        let at = &self.shapes.last().expect("shape").read_at;
+        for ((_, dst), &off) in reads.iter_mut().zip(at) {
+            self.gpu.read_mapped(rb, off, bytemuck::cast_slice_mut(dst)).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Add the last step's per-dispatch timestamps to the profile.
+    fn collect_profile(&mut self) {
+        let Some(p) = &mut self.profile else { return };
+        let Some(s) = self.shapes.last() else { return };
+        let Some(t) = self.gpu.timestamps(2 + s.prof.len() as u32) else { return };
+        let period = self.gpu.info.timestamp_period as f64;
+        let mut prev = t[0];
+        for (i, name) in s.prof.iter().enumerate() {
+            let now = t[2 + i];
+            let e = p.entry(name.clone()).or_insert((0.0, 0));
+            e.0 += now.wrapping_sub(prev) as f64 * period;
+            e.1 += 1;
+            prev = now;
+        }
+    }
+
+    /// Index of the recorded shape for this step, recording it if new.
+    fn shape_for(
+        &mut self,
+        step: &Step<'_>,
+        ops: &[Op<BufId, WeightId>],
+        reads: &[(View<BufId>, &mut [f32])],
+    ) -> Result<usize> {
+        let same_reads =
+            |s: &Shape| s.reads.len() == reads.len() && s.reads.iter().zip(reads).all(|(a, b)| a.0 == b.0 && a.1 == b.1.len());
+        if let Some(i) = self.shapes.iter().position(|s| {
+            s.rows == step.rows()
+                && s.positions == step.positions.len()
+                && s.nseq == step.seqs.len()
+                && same_reads(s)
+                && s.ops.as_slice() == ops
+        }) {
+            return Ok(i);
+        }
+        if self.shapes.len() >= SHAPES {
+            let s = self.shapes.remove(0);
+            self.gpu.free_command_buffer(s.cb);
+        }
+        let layout = self.step_layout(step, ops);
+        self.ensure_step_buffers(layout.words)?;
+        let read_bytes: u64 = reads.iter().map(|r| 4 * r.1.len() as u64).sum();
+        if read_bytes > 0 {
+            self.readback(read_bytes)?;
+        }
+        self.ensure_scratch(step, ops)?;
+        let cb = self.gpu.command_buffer().map_err(|e| self.err(e))?;
+        let mut read_at = Vec::with_capacity(reads.len());
+        let r = self.record(cb, step, ops, reads, &layout, &mut read_at);
+        if let Err(e) = r {
+            self.gpu.free_command_buffer(cb);
+            return Err(e);
+        }
+        self.save_pipeline_cache();
+        let prof = std::mem::take(&mut self.prof_names);
+        self.shapes.push(Shape {
+            prof,
+            rows: step.rows(),
+            positions: step.positions.len(),
+            nseq: step.seqs.len(),
+            ops: ops.to_vec(),
+            reads: reads.iter().map(|r| (r.0, r.1.len())).collect(),
+            cb,
+            layout,
+            read_at,
+        });
+        Ok(self.shapes.len() - 1)
+    }
+
+    /// Where this step's data goes in the step buffer.
+    fn step_layout(&self, step: &Step<'_>, ops: &[Op<BufId, WeightId>]) -> StepLayout {
+        let rows = step.rows() as u32;
+        let mut l = StepLayout { tokens: 0, positions: rows, row_seq: 2 * rows, seqs: 3 * rows, ..Default::default() };
+        let mut at = 3 * rows + 4 * step.seqs.len() as u32;
+        let prows = step.positions.len();
+        let mut add_rope = |theta: f32, scale: f32, head_dim: usize| {
+            let key = (theta.to_bits(), scale.to_bits(), head_dim);
+            if !l.rope.iter().any(|r| (r.0, r.1, r.2) == key) {
+                l.rope.push((key.0, key.1, key.2, at));
+                at += (prows * head_dim) as u32; // (rows, head_dim/2) pairs of (cos, sin)
+            }
+        };
+        for op in ops {
+            let _ = op.expand(|o| {
+                if let Op::Rope { theta, scale, head_dim, .. } = o {
+                    add_rope(theta, scale, head_dim);
+                }
+                Ok::<(), ()>(())
+            });
+        }
+        l.words = at as usize;
+        l
+    }
+
+    fn ensure_step_buffers(&mut self, words: usize) -> Result<()> {
+        let bytes = (4 * words as u64).max(256);
+        if self.step_up.as_ref().is_none_or(|b| b.size < bytes) {
+            self.drop_shapes()?;
+            for b in [self.step_up.take(), self.step_dev.take()].into_iter().flatten() {
+                let dev = !b.is_mapped();
+                self.free(b, dev);
+            }
+            let bytes = bytes.next_power_of_two();
+            self.step_up = Some(self.raw_buffer(bytes, Mem::Upload, || "the step buffer".into())?);
+            self.step_dev = Some(self.raw_buffer(bytes, Mem::Device, || "the step buffer".into())?);
+        }
+        Ok(())
+    }
+
+    /// Scratch for the quantized activations of the step's `MatMul { act: Int8 }` ops.
+    fn ensure_scratch(&mut self, _step: &Step<'_>, ops: &[Op<BufId, WeightId>]) -> Result<()> {
+        let mut words = 0usize;
+        for op in ops {
+            let _ = op.expand(|o| {
+                if let Op::MatMul { w, n, act: ActQuant::Int8, .. } = o {
+                    let wt = self.weight_ref(w);
+                    if let Some(l) = wt.format.act_layout() {
+                        words = words.max(n * (wt.cols / act_block(l)) * act_words(l));
+                    }
+                }
+                Ok::<(), ()>(())
+            });
+        }
+        let bytes = 4 * words as u64;
+        if words > 0 && self.scratch.as_ref().is_none_or(|b| b.size < bytes) {
+            self.drop_shapes()?;
+            if let Some(b) = self.scratch.take() {
+                self.free(b, true);
+            }
+            let bytes = bytes.next_power_of_two();
+            self.scratch = Some(self.raw_buffer(bytes, Mem::Device, || "quantized activations".into())?);
+        }
+        Ok(())
+    }
+
+    /// The step's data as the shaders read it.
+    fn fill_step(&mut self, step: &Step<'_>, l: &StepLayout) {
+        let h = &mut self.host_step;
+        h.clear();
+        h.resize(l.words, 0);
+        let rows = step.rows();
+        h[l.tokens as usize..][..rows].copy_from_slice(step.tokens);
+        h[l.positions as usize..][..step.positions.len().min(rows)].copy_from_slice(&step.positions[..step.positions.len().min(rows)]);
+        h[l.row_seq as usize..][..rows].fill(u32::MAX);
+        for (i, s) in step.seqs.iter().enumerate() {
+            let at = l.seqs as usize + 4 * i;
+            h[at..at + 4].copy_from_slice(&[s.row, s.len, s.cache_row, s.pos0]);
+            for r in s.row..(s.row + s.len).min(rows as u32) {
+                h[l.row_seq as usize + r as usize] = i as u32;
+            }
+        }
+        for &(theta, scale, hd, at) in &l.rope {
+            let (theta, scale) = (f32::from_bits(theta), f32::from_bits(scale));
+            let half = hd / 2;
+            for (t, &pos) in step.positions.iter().enumerate() {
+                for i in 0..half {
+                    let (c, s) = purehw_kernels::ops::rope_cos_sin(i, pos, hd, theta, scale);
+                    let k = at as usize + 2 * (t * half + i);
+                    h[k] = c.to_bits();
+                    h[k + 1] = s.to_bits();
+                }
+            }
+        }
+    }
+
+    /// Record a whole step into `cb`.
+    fn record(
+        &mut self,
+        cb: raw::CommandBuffer,
+        step: &Step<'_>,
+        ops: &[Op<BufId, WeightId>],
+        reads: &[(View<BufId>, &mut [f32])],
+        layout: &StepLayout,
+        read_at: &mut Vec<u64>,
+    ) -> Result<()> {
+        self.gpu.begin(cb).map_err(|e| self.err(e))?;
+        self.gpu.reset_queries(cb);
+        self.gpu.timestamp(cb, 0);
+        {
+            let (up, dev) = (self.step_up.as_ref().expect("step"), self.step_dev.as_ref().expect("step"));
+            let region = [raw::BufferCopy { src_offset: 0, dst_offset: 0, size: (4 * layout.words as u64).max(4) }];
+            self.gpu.copy(cb, up, dev, &region);
+            self.gpu.barrier(cb);
+        }
+        let mut hz = Hazards::default();
+        self.prof_names.clear();
+        for op in ops {
+            let native = match *op {
+                Op::AddRmsNorm { dim, .. } => dim <= NORM_MAX_DIM,
+                Op::Qkv { .. } | Op::GatedFfn { .. } => false,
+                _ => true,
+            };
+            if native {
+                self.record_op(cb, step, op, layout, &mut hz)?;
+            } else {
+                op.expand(|o| self.record_op(cb, step, &o, layout, &mut hz))?;
+            }
+        }
+        if !reads.is_empty() {
+            self.gpu.barrier(cb);
+            hz.barriers += 1;
+            let rb = self.readback.as_ref().expect("readback");
+            let mut at = 0u64;
+            for (v, dst) in reads {
+                let size = 4 * dst.len() as u64;
+                let region = [raw::BufferCopy { src_offset: 4 * v.offset as u64, dst_offset: at, size }];
+                self.gpu.copy(cb, &self.bufs[v.buf.0 as usize].raw, rb, &region);
+                read_at.push(at);
+                at += size;
+            }
+            self.gpu.host_barrier(cb);
+        }
+        self.gpu.timestamp(cb, 1);
+        self.gpu.end(cb).map_err(|e| self.err(e))?;
+        self.last_counts = (hz.dispatches, hz.barriers);
+        Ok(())
+    }
+
+    /// Record one dispatch, with a barrier first if it touches what earlier ones wrote.
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch<T: Pod>(
+        &mut self,
+        cb: raw::CommandBuffer,
+        hz: &mut Hazards,
+        name: &str,
+        spec: &[u32],
+        push: &T,
+        groups: [u32; 3],
+        acc: Access,
+    ) -> Result<()> {
+        let p = self.pipeline(name, spec)?;
+        let (reads, writes) = (&acc.reads[..acc.nr], &acc.writes[..acc.nw]);
+        if hz.conflicts(reads, writes) {
+            self.gpu.barrier(cb);
+            hz.barriers += 1;
+            hz.written.clear();
+            hz.read.clear();
+        }
+        hz.read.extend_from_slice(reads);
+        hz.written.extend_from_slice(writes);
+        hz.dispatches += 1;
+        if groups.iter().all(|&g| g > 0) {
+            self.gpu.dispatch(cb, p, push_bytes(push), groups);
+        }
+        if self.profile.is_some() && self.prof_names.len() + 2 < vk::QUERIES as usize {
+            self.gpu.barrier(cb);
+            self.gpu.timestamp(cb, 2 + self.prof_names.len() as u32);
+            self.prof_names.push(name.to_string());
+            hz.written.clear();
+            hz.read.clear();
+        }
+        Ok(())
+    }
+
+    fn addr_of(&self, b: BufId) -> Addr {
+        addr(self.buf(b).raw.addr)
+    }
+
+    fn step_addr(&self) -> Addr {
+        addr(self.step_dev.as_ref().expect("step").addr)
+    }
+
+    /// Device address and byte offset of a weight's rows.
+    fn weight_at(&self, w: WeightId) -> (Addr, u32) {
+        let wt = self.weight_ref(w);
+        (addr(self.wstore[wt.store].addr), wt.byte as u32)
+    }
+
+    /// The f32 values of a vector weight (norms).
+    fn vector_at(&self, w: WeightId) -> Addr {
+        let wt = self.weight_ref(w);
+        match wt.f32_store {
+            Some(s) => addr(self.wstore[s].addr),
+            None => addr(self.wstore[wt.store].addr + wt.byte),
+        }
+    }
+
+    fn record_op(
+        &mut self,
+        cb: raw::CommandBuffer,
+        step: &Step<'_>,
+        op: &Op<BufId, WeightId>,
+        l: &StepLayout,
+        hz: &mut Hazards,
+    ) -> Result<()> {
+        let rows = step.rows();
+        let id = |b: BufId| b.0;
+        match *op {
+            Op::Embed { out, table, scale } => {
+                let wt = self.weight_ref(table);
+                let (cols, fmt, row_bytes) = (wt.cols, wt.format, wt.format.bytes_for(wt.cols).unwrap_or(0));
+                let (ta, tb) = self.weight_at(table);
+                let push = EmbedPush {
+                    table: ta,
+                    out: self.addr_of(out.buf),
+                    step: self.step_addr(),
+                    t_byte: tb,
+                    row_bytes: row_bytes as u32,
+                    cols: cols as u32,
+                    rows: rows as u32,
+                    out_off: out.offset as u32,
+                    tokens_off: l.tokens,
+                    scale,
+                };
+                let acc = Access::new().w(id(out.buf), out.offset, rows * cols);
+                self.dispatch(cb, hz, &format!("embed.{}", fmt_name(fmt)), &[], &push, [groups(cols, 256), rows as u32, 1], acc)
+            }
+            Op::RmsNorm { out, x, w, rows: nr, dim, eps } => {
+                let push = NormPush {
+                    x: self.addr_of(x.buf),
+                    branch: [0; 2],
+                    out: self.addr_of(out.buf),
+                    w: self.vector_at(w),
+                    post: [0; 2],
+                    q: [0; 2],
+                    x_off: x.offset as u32,
+                    br_off: 0,
+                    out_off: out.offset as u32,
+                    q_off: 0,
+                    dim: dim as u32,
+                    flags: 0,
+                    eps,
+                };
+                let acc = Access::new().r(id(x.buf), x.offset, nr * dim).w(id(out.buf), out.offset, nr * dim);
+                self.dispatch(cb, hz, "norm", &[], &push, [nr as u32, 1, 1], acc)
+            }
+            Op::AddRmsNorm { x, branch, post, out, w, quant, rows: nr, dim, eps } => {
+                let len = nr * dim;
+                let mut flags = NORM_SHARED;
+                let mut acc = Access::new().w(id(x.buf), x.offset, len).w(id(out.buf), out.offset, len);
+                if let Some(b) = branch {
+                    flags |= NORM_BRANCH;
+                    acc = acc.r(id(b.buf), b.offset, len);
+                    if post.is_some() {
+                        flags |= NORM_POST;
+                        acc = acc.w(id(b.buf), b.offset, len);
+                    }
+                }
+                let (q, q_off) = match quant {
+                    Some(qo) => {
+                        flags |= if qo.layout == ActLayout::Q8A { NORM_QA } else { NORM_QK };
+                        let words = nr * (dim / act_block(qo.layout)) * act_words(qo.layout);
+                        acc = acc.w(id(qo.out.buf), qo.out.offset, words);
+                        (self.addr_of(qo.out.buf), qo.out.offset as u32)
+                    }
+                    None => ([0; 2], 0),
+                };
+                if acc.nw > 4 {
+                    return Err(VulkanError::Unsupported("AddRmsNorm writes too many regions".into()));
+                }
+                let push = NormPush {
+                    x: self.addr_of(x.buf),
+                    branch: branch.map_or([0; 2], |b| self.addr_of(b.buf)),
+                    out: self.addr_of(out.buf),
+                    w: self.vector_at(w),
+                    post: post.map_or([0; 2], |p| self.vector_at(p)),
+                    q,
+                    x_off: x.offset as u32,
+                    br_off: branch.map_or(0, |b| b.offset as u32),
+                    out_off: out.offset as u32,
+                    q_off,
+                    dim: dim as u32,
+                    flags,
+                    eps,
+                };
+                // x is read too (it is written, which conflicts the same way).
+                self.dispatch(cb, hz, "norm", &[], &push, [nr as u32, 1, 1], acc)
+            }
+            Op::MatMul { out, x, w, n, act } => {
+                let wt = self.weight_ref(w);
+                let (fmt, wrows, cols) = (wt.format, wt.rows, wt.cols);
+                match (act, fmt.act_layout()) {
+                    (ActQuant::Int8, Some(layout)) => {
+                        // Quantize into scratch (the activation op), then the integer matmul.
+                        let sc = addr(self.scratch.as_ref().expect("scratch").addr);
+                        self.quantize(cb, hz, (self.addr_of(x.buf), id(x.buf), x.offset), (sc, SCRATCH_ID, 0), n, cols, layout)?;
+                        self.matmul(cb, hz, w, (sc, SCRATCH_ID, 0), true, n, out)
+                    }
+                    _ => {
+                        let _ = (wrows, cols);
+                        self.matmul(cb, hz, w, (self.addr_of(x.buf), id(x.buf), x.offset), false, n, out)
+                    }
+                }
+            }
+            Op::QuantizeAct { out, x, rows: nr, cols, layout } => self.quantize(
+                cb,
+                hz,
+                (self.addr_of(x.buf), id(x.buf), x.offset),
+                (self.addr_of(out.buf), id(out.buf), out.offset),
+                nr,
+                cols,
+                layout,
+            ),
+            Op::MatMulQ8 { out, xq, w, n } => self.matmul(cb, hz, w, (self.addr_of(xq.buf), id(xq.buf), xq.offset), true, n, out),
+            Op::Rope { x, rows: nr, heads, head_dim, theta, scale, mode } => {
+                let key = (theta.to_bits(), scale.to_bits(), head_dim);
+                let table = l.rope.iter().find(|r| (r.0, r.1, r.2) == key).map_or(0, |r| r.3);
+                let push = RopePush {
+                    x: self.addr_of(x.buf),
+                    step: self.step_addr(),
+                    x_off: x.offset as u32,
+                    rows: nr as u32,
+                    heads: heads as u32,
+                    head_dim: head_dim as u32,
+                    table_off: table,
+                    neox: (mode == RopeMode::Neox) as u32,
+                };
+                let len = nr * heads * head_dim;
+                let acc = Access::new().w(id(x.buf), x.offset, len);
+                self.dispatch(cb, hz, "rope", &[], &push, [groups(head_dim / 2, 128), heads as u32, nr as u32], acc)
+            }
+            Op::StoreKv { cache, src, width } => {
+                let push = StoreKvPush {
+                    cache: self.addr_of(cache.buf),
+                    src: self.addr_of(src.buf),
+                    step: self.step_addr(),
+                    cache_off: cache.offset as u32,
+                    src_off: src.offset as u32,
+                    width: width as u32,
+                    rows: rows as u32,
+                    row_seq_off: l.row_seq,
+                    seqs_off: l.seqs,
+                };
+                let clen = self.buf(cache.buf).len - cache.offset;
+                let acc = Access::new().r(id(src.buf), src.offset, rows * width).w(id(cache.buf), cache.offset, clen);
+                self.dispatch(cb, hz, "store_kv", &[], &push, [groups(width, 256), rows as u32, 1], acc)
+            }
+            Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap } => {
+                if head_dim > ATTN_MAX_HEAD_DIM {
+                    return Err(VulkanError::Unsupported(format!("attention with head_dim {head_dim} > {ATTN_MAX_HEAD_DIM}")));
+                }
+                let push = AttnPush {
+                    out: self.addr_of(out.buf),
+                    q: self.addr_of(q.buf),
+                    k: self.addr_of(k.buf),
+                    v: self.addr_of(v.buf),
+                    step: self.step_addr(),
+                    out_off: out.offset as u32,
+                    q_off: q.offset as u32,
+                    k_off: k.offset as u32,
+                    v_off: v.offset as u32,
+                    heads: heads as u32,
+                    kv_heads: kv_heads as u32,
+                    head_dim: head_dim as u32,
+                    window: window as u32,
+                    row_seq_off: l.row_seq,
+                    seqs_off: l.seqs,
+                    scale,
+                    softcap,
+                };
+                let qlen = rows * heads * head_dim;
+                let (kl, vl) = (self.buf(k.buf).len - k.offset, self.buf(v.buf).len - v.offset);
+                let acc = Access::new()
+                    .r(id(q.buf), q.offset, qlen)
+                    .r(id(k.buf), k.offset, kl)
+                    .r(id(v.buf), v.offset, vl)
+                    .w(id(out.buf), out.offset, qlen);
+                self.dispatch(cb, hz, "attention", &[], &push, [rows as u32, heads as u32, 1], acc)
+            }
+            Op::Add { out, a, b, len } => self.eltwise(cb, hz, ELT_ADD, out, a, Some(b), len, 0.0),
+            Op::GeluTanhMul { out, gate, up, len } => self.eltwise(cb, hz, ELT_GELU_MUL, out, gate, Some(up), len, 0.0),
+            Op::SiluMul { out, gate, up, len } => self.eltwise(cb, hz, ELT_SILU_MUL, out, gate, Some(up), len, 0.0),
+            Op::Softcap { x, len, cap } => self.eltwise(cb, hz, ELT_SOFTCAP, x, x, None, len, cap),
+            Op::Argmax { out, x, rows: nr, cols } => {
+                let push = ArgmaxPush {
+                    out: self.addr_of(out.buf),
+                    x: self.addr_of(x.buf),
+                    out_off: out.offset as u32,
+                    x_off: x.offset as u32,
+                    cols: cols as u32,
+                };
+                let acc = Access::new().r(id(x.buf), x.offset, nr * cols).w(id(out.buf), out.offset, nr);
+                self.dispatch(cb, hz, "argmax", &[], &push, [nr as u32, 1, 1], acc)
+            }
+            Op::Qkv { .. } | Op::GatedFfn { .. } => op.expand(|o| self.record_op(cb, step, &o, l, hz)),
+            _ => Err(VulkanError::Unsupported(format!("op {:?}", op.kind(|w| self.weight_ref(w).format)))),
+        }
+    }
+
+    /// `x` (address, resource id, word offset) quantized into `q` for `n` rows of `cols`.
+    #[allow(clippy::too_many_arguments)]
+    fn quantize(
+        &mut self,
+        cb: raw::CommandBuffer,
+        hz: &mut Hazards,
+        x: (Addr, u32, usize),
+        q: (Addr, u32, usize),
+        n: usize,
+        cols: usize,
+        layout: ActLayout,
+    ) -> Result<()> {
+        let push = QuantPush { x: x.0, q: q.0, x_off: x.2 as u32, q_off: q.2 as u32, rows: n as u32, cols: cols as u32 };
+        let blocks = n * (cols / act_block(layout));
+        let acc = Access::new().r(x.1, x.2, n * cols).w(q.1, q.2, blocks * act_words(layout));
+        let name = if layout == ActLayout::Q8A { "quantize.A" } else { "quantize.K" };
+        self.dispatch(cb, hz, name, &[], &push, [groups(blocks, 64), 1, 1], acc)
+    }
+
+    /// `out = w · x` for `n` tokens; `x` f32 rows, or quantized blocks when `q8`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &mut self,
+        cb: raw::CommandBuffer,
+        hz: &mut Hazards,
+        w: WeightId,
+        x: (Addr, u32, usize),
+        q8: bool,
+        n: usize,
+        out: View<BufId>,
+    ) -> Result<()> {
+        let wt = self.weight_ref(w);
+        let (fmt, wrows, cols) = (wt.format, wt.rows, wt.cols);
+        let row_bytes = fmt.bytes_for(cols).unwrap_or(0);
+        let (wa, wb) = self.weight_at(w);
+        let x_stride = match (q8, fmt.act_layout()) {
+            (true, Some(l)) => cols / act_block(l) * act_words(l),
+            _ => cols,
+        };
+        let push = MmPush {
+            w: wa,
+            x: x.0,
+            out: self.addr_of(out.buf),
+            w_byte: wb,
+            x_off: x.2 as u32,
+            out_off: out.offset as u32,
+            rows: wrows as u32,
+            cols: cols as u32,
+            n: n as u32,
+            row_bytes: row_bytes as u32,
+            x_stride: x_stride as u32,
+        };
+        let acc = Access::new().r(x.1, x.2, n * x_stride).w(out.buf.0, out.offset, n * wrows);
+        let name = if q8 {
+            format!("mm_q8.{}.{}", fmt_name(fmt), self.gpu.info.int8_dot as u32)
+        } else {
+            format!("mm_f32.{}", fmt_name(fmt))
+        };
+        // Tokens per workgroup: the fewest of 1, 2, 4, 8, 16 that hold n (16 beyond).
+        let tokens = n.clamp(1, 16).next_power_of_two() as u32;
+        self.dispatch(cb, hz, &name, &[tokens], &push, [groups(wrows, 32), groups(n, tokens as usize), 1], acc)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn eltwise(
+        &mut self,
+        cb: raw::CommandBuffer,
+        hz: &mut Hazards,
+        op: u32,
+        out: View<BufId>,
+        a: View<BufId>,
+        b: Option<View<BufId>>,
+        len: usize,
+        cap: f32,
+    ) -> Result<()> {
+        let push = EltPush {
+            out: self.addr_of(out.buf),
+            a: self.addr_of(a.buf),
+            b: b.map_or([0; 2], |b| self.addr_of(b.buf)),
+            out_off: out.offset as u32,
+            a_off: a.offset as u32,
+            b_off: b.map_or(0, |b| b.offset as u32),
+            len: len as u32,
+            op,
+            cap,
+        };
+        let mut acc = Access::new().w(out.buf.0, out.offset, len);
+        if a != out {
+            acc = acc.r(a.buf.0, a.offset, len);
+        }
+        if let Some(b) = b.filter(|&b| b != out) {
+            acc = acc.r(b.buf.0, b.offset, len);
+        }
+        let total = len.div_ceil(256) as u32;
+        let gx = total.clamp(1, 65535);
+        self.dispatch(cb, hz, "eltwise", &[], &push, [gx, total.div_ceil(gx).max(1), 1], acc)
+    }
+}
+
+/// Workgroups covering `n` items `per` group.
+fn groups(n: usize, per: usize) -> u32 {
+    n.div_ceil(per) as u32
+}

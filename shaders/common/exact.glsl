@@ -1,0 +1,171 @@
+// The reference's float functions (purehw_kernels::ops), operation for operation.
+// Every expression is `precise` (no contraction into fused multiply-adds the reference does not
+// do). Division and square root are computed correctly rounded with integer arithmetic, since
+// Vulkan lets a device's own be 2.5 ulp off.
+
+// Round a positive significand `m` (leading one at bit 23 + extra, `extra` bits below the 24
+// that are kept; `sticky` set when anything nonzero was lost below those) at biased exponent
+// `e`, ties to even, and pack it with `sign`. Handles subnormal results and overflow.
+float round_pack(uint sign, int e, uint m, uint extra, bool sticky) {
+    if (e <= 0) {
+        uint sh = uint(1 - e);
+        if (sh > 26u) {
+            sticky = sticky || m != 0u;
+            m = 0u;
+        } else {
+            sticky = sticky || (m & ((1u << sh) - 1u)) != 0u;
+            m >>= sh;
+        }
+    }
+    uint half_ = 1u << (extra - 1u);
+    uint low = m & ((1u << extra) - 1u);
+    uint mant = m >> extra;
+    if (low > half_ || (low == half_ && (sticky || (mant & 1u) != 0u))) mant += 1u;
+    if (e >= 255) return uintBitsToFloat(sign | 0x7F800000u);
+    // A normal's implicit bit adds one to the exponent field; a carry out of the significand
+    // moves to the next exponent (or from the largest subnormal to the smallest normal).
+    uint bits = e > 0 ? (uint(e - 1) << 23) + mant : mant;
+    if (bits >= 0x7F800000u) bits = 0x7F800000u;
+    return uintBitsToFloat(sign | bits);
+}
+
+// Significand (leading one at bit 23) and unbiased-by-127 exponent of a finite nonzero float's
+// magnitude bits, subnormals normalised.
+void unpack_norm(uint u, out uint m, out int e) {
+    e = int(u >> 23);
+    m = u & 0x7FFFFFu;
+    if (e == 0) {
+        int msb = findMSB(m);
+        m <<= uint(23 - msb);
+        e = 1 - (23 - msb);
+    } else {
+        m |= 0x800000u;
+    }
+}
+
+// a / b, correctly rounded (IEEE 754 binary32, round to nearest even).
+float div_rn(float a, float b) {
+    uint ua = floatBitsToUint(a), ub = floatBitsToUint(b);
+    uint sign = (ua ^ ub) & 0x80000000u;
+    ua &= 0x7FFFFFFFu;
+    ub &= 0x7FFFFFFFu;
+    if (ua > 0x7F800000u || ub > 0x7F800000u) return uintBitsToFloat(0x7FC00000u);
+    if (ua == 0x7F800000u) return uintBitsToFloat(ub == 0x7F800000u ? 0x7FC00000u : (sign | 0x7F800000u));
+    if (ub == 0x7F800000u) return uintBitsToFloat(sign);
+    if (ub == 0u) return uintBitsToFloat(ua == 0u ? 0x7FC00000u : (sign | 0x7F800000u));
+    if (ua == 0u) return uintBitsToFloat(sign);
+    uint ma, mb;
+    int ea, eb;
+    unpack_norm(ua, ma, ea);
+    unpack_norm(ub, mb, eb);
+    int e = ea - eb + 127;
+    if (ma < mb) {
+        ma <<= 1;
+        e -= 1;
+    }
+    // ma / mb in [1, 2): 26 quotient bits (24 kept + 2), remainder for the sticky bit.
+    uint q = 0u, r = ma;
+    for (int i = 0; i < 26; i++) {
+        q <<= 1;
+        if (r >= mb) {
+            r -= mb;
+            q |= 1u;
+        }
+        r <<= 1;
+    }
+    return round_pack(sign, e, q, 2u, r != 0u);
+}
+
+// sqrt(x), correctly rounded; NaN for x < 0.
+float sqrt_rn(float x) {
+    uint u = floatBitsToUint(x);
+    if (u == 0u || u == 0x80000000u) return x;
+    if ((u & 0x80000000u) != 0u || u > 0x7F800000u) return uintBitsToFloat(0x7FC00000u);
+    if (u == 0x7F800000u) return x;
+    uint m;
+    int e;
+    unpack_norm(u, m, e);
+    int ue = e - 127;
+    if ((ue & 1) != 0) {
+        m <<= 1;
+        ue -= 1;
+    }
+    // root of m · 2^27 (m < 2^25): 26 bits, the leading one at bit 25; bit pairs come from m.
+    uint root = 0u, rem = 0u;
+    for (int i = 0; i < 26; i++) {
+        int s = 23 - 2 * i;
+        uint two = s >= 0 ? (m >> uint(s)) & 3u : (s == -1 ? (m << 1) & 3u : 0u);
+        rem = (rem << 2) | two;
+        uint trial = (root << 2) | 1u;
+        root <<= 1;
+        if (rem >= trial) {
+            rem -= trial;
+            root |= 1u;
+        }
+    }
+    return round_pack(0u, ue / 2 + 127, root, 2u, rem != 0u);
+}
+
+// purehw_kernels::ops::exp: Cephes expf as a fixed sequence of f32 operations.
+float exp_ref(float x0) {
+    const float LO = uintBitsToFloat(0xC2AE999Au), HI = uintBitsToFloat(0x42B0999Au); // -87.3, 88.3
+    precise float x = x0 > LO ? x0 : LO;         // max(x, EXP_LO): NaN becomes EXP_LO
+    x = x < HI ? x : HI;                         // min(x, EXP_HI)
+    precise float t = x * uintBitsToFloat(0x3FB8AA3Bu);   // LOG2_E
+    precise float n = (t + 12582912.0) - 12582912.0;
+    precise float r = (x - n * uintBitsToFloat(0x3F318000u)) - n * uintBitsToFloat(0xB95E8083u);
+    precise float p = uintBitsToFloat(0x39506967u);
+    p = p * r + uintBitsToFloat(0x3AB743CEu);
+    p = p * r + uintBitsToFloat(0x3C088908u);
+    p = p * r + uintBitsToFloat(0x3D2AA9C1u);
+    p = p * r + uintBitsToFloat(0x3E2AAAAAu);
+    p = p * r + 0.5;
+    precise float y = (p * (r * r) + r) + 1.0;
+    precise float res = y * uintBitsToFloat(uint(int(n) + 127) << 23);
+    return res;
+}
+
+// purehw_kernels::ops::tanh.
+float tanh_ref(float x) {
+    precise float a = abs(x);
+    if (a < 0.0625) {
+        precise float x2 = x * x;
+        precise float res = x + x * ((uintBitsToFloat(0x3E088889u) * x2 + uintBitsToFloat(0xBEAAAAABu)) * x2);
+        return res;
+    }
+    precise float e = exp_ref(-2.0 * a);
+    precise float q = div_rn(1.0 - e, 1.0 + e);
+    return (floatBitsToUint(x) & 0x80000000u) != 0u ? -q : q;
+}
+
+// purehw_kernels::ops::gelu_tanh.
+float gelu_ref(float x) {
+    precise float x3 = x * x * x;
+    precise float inner = uintBitsToFloat(0x3F4C422Au) * (x + uintBitsToFloat(0x3D372713u) * x3);
+    precise float res = 0.5 * x * (1.0 + tanh_ref(inner));
+    return res;
+}
+
+// purehw_kernels::ops::silu.
+float silu_ref(float x) {
+    precise float d = 1.0 + exp_ref(-x);
+    return div_rn(x, d);
+}
+
+// purehw_kernels::ops::softcap.
+float softcap_ref(float x, float cap) {
+    precise float res = cap * tanh_ref(div_rn(x, cap));
+    return res;
+}
+
+// purehw_kernels::quant::reduce_lanes.
+float reduce_lanes(float l0, float l1, float l2, float l3, float l4, float l5, float l6, float l7) {
+    precise float res = ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7));
+    return res;
+}
+
+// purehw_kernels::ops::argmax_key: NaN ranks as -inf, +inf as FLT_MAX.
+float argmax_key(float x) {
+    if (isnan(x)) return uintBitsToFloat(0xFF800000u);
+    return min(x, uintBitsToFloat(0x7F7FFFFFu));
+}

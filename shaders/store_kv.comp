@@ -1,0 +1,28 @@
+#version 460
+// StoreKv: each sequence's new rows of src into its cache slot at row cache_row + pos0 + i.
+#include "common/base.glsl"
+
+layout(local_size_x = 256) in;
+layout(push_constant) uniform Push {
+    uvec2 cache;
+    uvec2 src;
+    uvec2 step;
+    uint cache_off;
+    uint src_off;
+    uint width;
+    uint rows;
+    uint row_seq_off;   // step words: the sequence of each row (~0u: none)
+    uint seqs_off;      // step words: (row, len, cache_row, pos0) per sequence
+} pc;
+
+void main() {
+    uint e = gl_GlobalInvocationID.x, t = gl_WorkGroupID.y;
+    if (e >= pc.width || t >= pc.rows) return;
+    Words st = Words(pc.step);
+    uint s = st.v[pc.row_seq_off + t];
+    if (s == 0xFFFFFFFFu) return;
+    uint srow = st.v[pc.seqs_off + 4u * s], cache_row = st.v[pc.seqs_off + 4u * s + 2u];
+    uint pos0 = st.v[pc.seqs_off + 4u * s + 3u];
+    uint dst = cache_row + pos0 + (t - srow);
+    Floats(pc.cache).v[pc.cache_off + dst * pc.width + e] = Floats(pc.src).v[pc.src_off + t * pc.width + e];
+}
