@@ -5,11 +5,16 @@
 // per dimension); then divides, correctly rounded.
 #include "common/base.glsl"
 #include "common/exact.glsl"
+#include "common/quantize.glsl"
+#extension GL_KHR_shader_subgroup_basic : require
+#extension GL_KHR_shader_subgroup_shuffle : require
 
 #define CHUNK 256u
 #define MAX_HD 512u
 
 layout(local_size_x = 256) in;
+// The head size, fixed per pipeline so the loops over it unroll.
+layout(constant_id = 0) const uint HD = 256;
 layout(push_constant) uniform Push {
     uvec2 out_;
     uvec2 q;
@@ -28,6 +33,9 @@ layout(push_constant) uniform Push {
     uint seqs_off;
     float scale;
     float softcap;
+    uvec2 qout;       // with qmode: the output quantized too (the QuantizeAct that follows)
+    uint qout_off;
+    uint qmode;       // 0 none, 1 BlockQ8A, 2 BlockQ8K; needs head_dim ≤ 256, whole blocks
 } pc;
 
 shared float sq[MAX_HD];
@@ -35,24 +43,30 @@ shared float se[CHUNK];
 shared float smax[256];
 shared float ssum;
 
-float score(Floats k, uint kbase) {
-    float acc[8];
-    [[unroll]] for (uint l = 0u; l < 8u; l++) acc[l] = 0.0;
-    for (uint i = 0u; i < pc.head_dim; i += 8u) {
-        [[unroll]] for (uint l = 0u; l < 8u; l++) {
-            if (i + l < pc.head_dim) {
-                precise float a = acc[l] + sq[i + l] * k.v[kbase + i + l];
-                acc[l] = a;
-            }
-        }
+// Lane `lane` (0..8) of key `kbase`'s score chain: q·k over elements lane, lane + 8, … (the
+// reference's dot_f32 lanes), one lane per invocation of 8 neighbouring invocations.
+float score_lane(Floats k, uint kbase, uint lane) {
+    precise float acc = 0.0;
+    [[unroll]] for (uint i = 0u; i < HD; i += 8u) {
+        if (i + lane < HD) acc = acc + sq[i + lane] * k.v[kbase + i + lane];
     }
-    precise float s = reduce_lanes(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]) * pc.scale;
+    return acc;
+}
+
+// The whole score from the 8 lanes (gathered by shuffles from lane 0's point of view; moves
+// only): reduce_lanes, · scale, then the softcap. Valid in lane 0 of each group of 8.
+float score_of(float acc) {
+    uint me = gl_SubgroupInvocationID;
+    float l1 = subgroupShuffle(acc, me + 1u), l2 = subgroupShuffle(acc, me + 2u), l3 = subgroupShuffle(acc, me + 3u);
+    float l4 = subgroupShuffle(acc, me + 4u), l5 = subgroupShuffle(acc, me + 5u), l6 = subgroupShuffle(acc, me + 6u);
+    float l7 = subgroupShuffle(acc, me + 7u);
+    precise float s = reduce_lanes(acc, l1, l2, l3, l4, l5, l6, l7) * pc.scale;
     return pc.softcap > 0.0 ? softcap_ref(s, pc.softcap) : s;
 }
 
 void main() {
     uint t = gl_WorkGroupID.x, h = gl_WorkGroupID.y, tid = gl_LocalInvocationID.x;
-    uint hd = pc.head_dim;
+    uint hd = HD;
     Words st = Words(pc.step);
     Floats o = Floats(pc.out_);
     uint obase = pc.out_off + (t * pc.heads + h) * hd;
@@ -68,11 +82,15 @@ void main() {
     uint kvw = pc.kv_heads * hd, g = h / (pc.heads / pc.kv_heads);
     uint kb0 = (cache_row + first) * kvw + g * hd;
 
-    // Pass 1: the largest score (NaN scores are skipped, as f32::max does).
+    // Pass 1: the largest score (NaN scores are skipped, as f32::max does). Groups of 8
+    // invocations take one key each, 32 keys a round.
+    uint lane = tid & 7u, grp = tid >> 3;
     float m = uintBitsToFloat(0xFF800000u);
-    for (uint j = tid; j < nk; j += 256u) {
-        float sc = score(k, pc.k_off + kb0 + j * kvw);
-        m = sc > m ? sc : m;
+    for (uint j0 = 0u; j0 < nk; j0 += 32u) {
+        uint j = j0 + grp;
+        float acc = j < nk ? score_lane(k, pc.k_off + kb0 + j * kvw, lane) : 0.0;
+        float sc = score_of(acc);
+        if (lane == 0u && j < nk) m = sc > m ? sc : m;
     }
     smax[tid] = m;
     barrier();
@@ -87,27 +105,51 @@ void main() {
     if (tid == 0u) ssum = 0.0;
     for (uint c0 = 0u; c0 < nk; c0 += CHUNK) {
         uint cn = min(CHUNK, nk - c0);
-        if (tid < cn) se[tid] = exp_ref(score(k, pc.k_off + kb0 + (c0 + tid) * kvw) - mx);
+        for (uint j0 = 0u; j0 < cn; j0 += 32u) {
+            uint j = j0 + grp;
+            float acc = j < cn ? score_lane(k, pc.k_off + kb0 + (c0 + j) * kvw, lane) : 0.0;
+            float sc = score_of(acc);
+            if (lane == 0u && j < cn) se[j] = exp_ref(sc - mx);
+        }
         barrier();
+        // The chains, eight keys at a time: loads first, then the additions in key order.
         if (tid == 0u) {
             precise float sum = ssum;
-            for (uint j = 0u; j < cn; j++) sum = sum + se[j];
+            uint j = 0u;
+            for (; j + 8u <= cn; j += 8u) {
+                float e[8];
+                [[unroll]] for (uint u = 0u; u < 8u; u++) e[u] = se[j + u];
+                [[unroll]] for (uint u = 0u; u < 8u; u++) sum = sum + e[u];
+            }
+            for (; j < cn; j++) sum = sum + se[j];
             ssum = sum;
         }
         uint vb = pc.v_off + kb0 + c0 * kvw;
-        if (tid < hd) {
-            for (uint j = 0u; j < cn; j++) acc0 = acc0 + se[j] * v.v[vb + j * kvw + tid];
-        }
-        if (tid + 256u < hd) {
-            for (uint j = 0u; j < cn; j++) acc1 = acc1 + se[j] * v.v[vb + j * kvw + tid + 256u];
+        [[unroll]] for (uint half_ = 0u; half_ < 2u; half_++) {
+            uint d = tid + 256u * half_;
+            if (d >= HD) continue;
+            precise float acc = half_ == 0u ? acc0 : acc1;
+            uint j = 0u;
+            for (; j + 8u <= cn; j += 8u) {
+                float vv[8];
+                [[unroll]] for (uint u = 0u; u < 8u; u++) vv[u] = v.v[vb + (j + u) * kvw + d];
+                [[unroll]] for (uint u = 0u; u < 8u; u++) acc = acc + se[j + u] * vv[u];
+            }
+            for (; j < cn; j++) acc = acc + se[j] * v.v[vb + j * kvw + d];
+            if (half_ == 0u) acc0 = acc; else acc1 = acc;
         }
         barrier();
     }
-    if (nk == 0u) {
-        for (uint i = tid; i < hd; i += 256u) o.v[obase + i] = 0.0;
-        return;
-    }
     float sum = ssum;
-    if (tid < hd) o.v[obase + tid] = div_rn(acc0, sum);
+    float o0 = tid < hd ? div_rn(acc0, sum) : 0.0;
+    if (tid < hd) o.v[obase + tid] = o0;
     if (tid + 256u < hd) o.v[obase + tid + 256u] = div_rn(acc1, sum);
+    if (pc.qmode != 0u) {
+        // Quantize this head's outputs: whole blocks of the row (head_dim a multiple of the block).
+        bool k = pc.qmode == 2u;
+        uint be = k ? 256u : 32u, bw = k ? 73u : 10u;
+        qv[tid] = o0;
+        barrier();
+        quantize_seg(Words(pc.qout), pc.qout_off + (t * pc.heads * hd + h * hd) / be * bw, hd, k);
+    }
 }

@@ -24,24 +24,32 @@ void main() {
         uint nb = pc.cols / BLOCK_ELEMS;
         uint xa = pc.x_off + t0 * pc.x_stride;
 #if BLOCK_ELEMS == 32
-        for (uint b = 0u; b < nb; b++) {
-            uint codes;
-            float dw, mw;
-            block32(w, row + b * BLOCK_BYTES, lane, codes, dw, mw);
+        // Four blocks at a time: their weight codes first (independent loads in flight together),
+        // then each token's chain over them in block order.
+        for (uint b0 = 0u; b0 < nb; b0 += 4u) {
+            uint codes[4];
+            float dw[4], mw[4];
+            [[unroll]] for (uint u = 0u; u < 4u; u++) {
+                if (b0 + u < nb) block32(w, row + (b0 + u) * BLOCK_BYTES, lane, codes[u], dw[u], mw[u]);
+            }
             [[unroll]] for (uint t = 0u; t < TOKENS; t++) {
                 if (t < nt) {
-                    uint blk = xa + t * pc.x_stride + b * 10u;   // BlockQ8A: d, sum, 32 codes
-                    float da = uintBitsToFloat(a.v[blk]);
-                    int l = dot4(codes, a.v[blk + 2u + lane]);
-                    precise float d = dw * da;
-                    precise float acc_t = acc[t] + d * float(l);
-                    acc[t] = acc_t;
+                    [[unroll]] for (uint u = 0u; u < 4u; u++) {
+                        if (b0 + u < nb) {
+                            uint blk = xa + t * pc.x_stride + (b0 + u) * 10u;   // BlockQ8A: d, sum, 32 codes
+                            float da = uintBitsToFloat(a.v[blk]);
+                            int l = dot4(codes[u], a.v[blk + 2u + lane]);
+                            precise float d = dw[u] * da;
+                            precise float acc_t = acc[t] + d * float(l);
+                            acc[t] = acc_t;
 #if FMT == FMT_Q4_1 || FMT == FMT_Q5_1
-                    if (lane == 0u) {
-                        precise float o = off[t] + mw * (da * float(int(a.v[blk + 1u])));
-                        off[t] = o;
-                    }
+                            if (lane == 0u) {
+                                precise float o = off[t] + mw[u] * (da * float(int(a.v[blk + 1u])));
+                                off[t] = o;
+                            }
 #endif
+                        }
+                    }
                 }
             }
         }

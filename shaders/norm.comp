@@ -4,6 +4,7 @@
 // passes between threads through shared memory.
 #include "common/base.glsl"
 #include "common/exact.glsl"
+#include "common/quantize.glsl"
 
 #define MAX_DIM 6144u
 #define F_BRANCH 1u
@@ -33,13 +34,21 @@ shared float row[MAX_DIM];
 shared float lanes[8];
 shared float inv_s;
 
+
 // 1/sqrt(mean(v²) + eps) of the row held in `row` (shared) or read from `src` (global),
 // with the reference's 8-lane order; every thread gets the value.
 float rms_inv_row(bool shared_row, Floats src, uint off) {
     uint tid = gl_LocalInvocationID.x;
     if (tid < 8u) {
+        // Lane tid's chain over elements tid, tid + 8, …; eight at a time, loads first.
         precise float acc = 0.0;
-        for (uint i = tid; i < pc.dim; i += 8u) {
+        uint i = tid;
+        for (; i + 56u < pc.dim; i += 64u) {
+            float v[8];
+            [[unroll]] for (uint u = 0u; u < 8u; u++) v[u] = shared_row ? row[i + 8u * u] : src.v[off + i + 8u * u];
+            [[unroll]] for (uint u = 0u; u < 8u; u++) acc = acc + v[u] * v[u];
+        }
+        for (; i < pc.dim; i += 8u) {
             float v = shared_row ? row[i] : src.v[off + i];
             acc = acc + v * v;
         }
@@ -93,41 +102,12 @@ void main() {
     }
     if ((pc.flags & (F_QA | F_QK)) == 0u) return;
     barrier();
-    // Quantize the normed row: one block per thread (quantize_q8a / quantize_q8k).
+    // Quantize the normed row, 256 values a round.
     bool k = (pc.flags & F_QK) != 0u;
     uint be = k ? 256u : 32u, bw = k ? 73u : 10u;
-    Words q = Words(pc.q);
-    for (uint b = tid; b < dim / be; b += 256u) {
-        float amax = 0.0;
-        for (uint i = 0u; i < be; i++) {
-            float a = abs(row[b * be + i]);
-            amax = a > amax ? a : amax;
-        }
-        float d = amax > 0.0 ? div_rn(amax, 127.0) : 0.0;
-        float id = amax > 0.0 ? div_rn(127.0, amax) : 0.0;
-        uint base = pc.q_off + r * (dim / be) * bw + b * bw;
-        q.v[base] = floatBitsToUint(d);
-        uint cw = k ? base + 1u : base + 2u;
-        int sum = 0, bsum = 0;
-        uint word = 0u;
-        for (uint i = 0u; i < be; i++) {
-            precise float p = row[b * be + i] * id;
-            int c = isnan(p) ? 0 : int(clamp(roundEven(p), -127.0, 127.0));
-            sum += c;
-            bsum += c;
-            word |= (uint(c) & 0xFFu) << (8u * (i & 3u));
-            if ((i & 3u) == 3u) {
-                q.v[cw + i / 4u] = word;
-                word = 0u;
-            }
-            if (k && (i & 15u) == 15u) {
-                uint j = i / 16u;   // bsums[j] (i16), two per word
-                uint wi = base + 65u + j / 2u;
-                uint bits = uint(bsum) & 0xFFFFu;
-                if ((j & 1u) == 0u) q.v[wi] = bits; else q.v[wi] = q.v[wi] | (bits << 16);
-                bsum = 0;
-            }
-        }
-        if (!k) q.v[base + 1u] = uint(sum);
+    for (uint r0 = 0u; r0 < dim; r0 += 256u) {
+        qv[tid] = r0 + tid < dim ? row[r0 + tid] : 0.0;
+        barrier();
+        quantize_seg(Words(pc.q), pc.q_off + (r * (dim / be) + r0 / be) * bw, min(256u, dim - r0), k);
     }
 }

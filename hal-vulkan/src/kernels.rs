@@ -76,18 +76,62 @@ pub const NORM_QK: u32 = 8;
 pub const NORM_SHARED: u32 = 16;
 pub const NORM_MAX_DIM: usize = 6144;
 
-/// `quantize.comp`.
+/// `act_quant.comp`.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Pod, Zeroable)]
-pub struct QuantPush {
+pub struct ActQuantPush {
     pub x: Addr,
+    pub up: Addr,
+    pub g: Addr,
     pub q: Addr,
     pub x_off: u32,
+    pub up_off: u32,
+    pub g_off: u32,
     pub q_off: u32,
-    pub rows: u32,
     pub cols: u32,
+    pub op: u32,
 }
-const _: () = assert!(core::mem::size_of::<QuantPush>() == 32);
+const _: () = assert!(core::mem::size_of::<ActQuantPush>() == 56);
+
+pub const AQ_PLAIN: u32 = 0;
+pub const AQ_GELU: u32 = 1;
+pub const AQ_SILU: u32 = 2;
+
+/// `qkv_post.comp`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct QkvPostPush {
+    pub q: Addr,
+    pub k: Addr,
+    pub v: Addr,
+    pub qn: Addr,
+    pub kn: Addr,
+    pub kc: Addr,
+    pub vc: Addr,
+    pub step: Addr,
+    pub q_off: u32,
+    pub k_off: u32,
+    pub v_off: u32,
+    pub kc_off: u32,
+    pub vc_off: u32,
+    pub row_seq_off: u32,
+    pub seqs_off: u32,
+    pub heads: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub flags: u32,
+    pub table_off: u32,
+    pub eps: f32,
+}
+const _: () = assert!(core::mem::size_of::<QkvPostPush>() == 116);
+
+pub const QP_QNORM: u32 = 1;
+pub const QP_KNORM: u32 = 2;
+pub const QP_ROPE: u32 = 4;
+pub const QP_NEOX: u32 = 8;
+pub const QP_KCACHE: u32 = 16;
+pub const QP_VCACHE: u32 = 32;
+pub const QP_MAX_HEAD_DIM: usize = 512;
 
 /// `rope.comp`.
 #[repr(C)]
@@ -141,8 +185,11 @@ pub struct AttnPush {
     pub seqs_off: u32,
     pub scale: f32,
     pub softcap: f32,
+    pub qout: Addr,
+    pub qout_off: u32,
+    pub qmode: u32,
 }
-const _: () = assert!(core::mem::size_of::<AttnPush>() == 88);
+const _: () = assert!(core::mem::size_of::<AttnPush>() == 104);
 
 /// `attention.comp`'s largest head.
 pub const ATTN_MAX_HEAD_DIM: usize = 512;
@@ -174,11 +221,16 @@ pub const ELT_SOFTCAP: u32 = 3;
 pub struct ArgmaxPush {
     pub out: Addr,
     pub x: Addr,
+    pub part: Addr,
     pub out_off: u32,
     pub x_off: u32,
+    pub part_off: u32,
     pub cols: u32,
 }
-const _: () = assert!(core::mem::size_of::<ArgmaxPush>() == 28);
+const _: () = assert!(core::mem::size_of::<ArgmaxPush>() == 40);
+
+/// Columns per stage-1 workgroup of `argmax.comp`.
+pub const ARGMAX_CHUNK: usize = 4096;
 
 /// The shader-variant suffix of a format (`common/base.glsl`'s FMT_* names).
 pub fn fmt_name(f: Format) -> &'static str {

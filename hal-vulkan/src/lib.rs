@@ -37,8 +37,8 @@ use ash::vk as raw;
 use bytemuck::Pod;
 use purehw_hal::check::{Resources, WeightInfo};
 use purehw_hal::{
-    ActLayout, ActQuant, Backend, ErrorType, Format, HostWeight, Op, OpKind, RopeMode, Stats, Step, View, act_block,
-    act_words,
+    ActLayout, ActQuant, Backend, ErrorType, Format, Gate, HostWeight, MatIn, Op, OpKind, RopeMode, Stats, Step, View,
+    act_block, act_words,
 };
 
 pub use error::{VkError, VulkanError};
@@ -247,6 +247,8 @@ pub struct Vulkan {
     budget: u64,
     lost: bool,
     fault: Option<Fault>,
+    /// `PUREHW_VK_FAULT=lost:N` / `oom:N`: the fault strikes at the N-th submit / allocation.
+    fault_after: Option<(Fault, usize)>,
     last_step_ns: Option<f64>,
     /// Dispatches and barriers of the last recorded step (for `purehw bench`).
     last_counts: (usize, usize),
@@ -254,6 +256,8 @@ pub struct Vulkan {
     /// a timestamp), printed on drop.
     profile: Option<HashMap<String, (f64, usize)>>,
     prof_names: Vec<String>,
+    /// Rows of the step being recorded (profile keys).
+    rec_rows: usize,
 }
 
 /// Recorded step shapes kept.
@@ -319,10 +323,12 @@ impl Vulkan {
             budget,
             lost: false,
             fault: None,
+            fault_after: fault_from_env(),
             last_step_ns: None,
             last_counts: (0, 0),
             profile: std::env::var("PUREHW_VK_PROFILE").is_ok_and(|v| v == "1").then(HashMap::new),
             prof_names: Vec::new(),
+            rec_rows: 0,
         })
     }
 
@@ -356,8 +362,23 @@ impl Vulkan {
         if self.lost { Err(VulkanError::DeviceLost { device: self.gpu.info.name.clone() }) } else { Ok(()) }
     }
 
+    /// Count down an environment-injected fault of kind `f`.
+    fn tick_fault(&mut self, f: Fault) {
+        if let Some((kind, n)) = &mut self.fault_after
+            && *kind == f
+        {
+            if *n <= 1 {
+                self.fault = Some(f);
+                self.fault_after = None;
+            } else {
+                *n -= 1;
+            }
+        }
+    }
+
     /// A buffer of `bytes`, counting device memory; an out-of-memory error names `what`.
     fn raw_buffer(&mut self, bytes: u64, kind: Mem, what: impl FnOnce() -> String) -> Result<RawBuffer> {
+        self.tick_fault(Fault::OutOfMemory);
         if self.fault == Some(Fault::OutOfMemory) {
             self.fault = None;
             return Err(self.oom(what(), bytes));
@@ -501,6 +522,18 @@ impl Vulkan {
 
     fn weight_ref(&self, w: WeightId) -> &DevWeight {
         &self.weights[w.0 as usize]
+    }
+}
+
+/// `PUREHW_VK_FAULT=lost:N` or `oom:N` (tests of the error paths through the binary).
+fn fault_from_env() -> Option<(Fault, usize)> {
+    let v = std::env::var("PUREHW_VK_FAULT").ok()?;
+    let (kind, n) = v.split_once(':')?;
+    let n = n.parse().ok()?;
+    match kind {
+        "lost" => Some((Fault::DeviceLost, n)),
+        "oom" => Some((Fault::OutOfMemory, n)),
+        _ => None,
     }
 }
 
@@ -783,6 +816,7 @@ impl Vulkan {
         self.fill_step(step, &layout);
         let up = self.step_up.as_ref().expect("step buffer");
         self.gpu.write_mapped(up, 0, bytemuck::cast_slice(&self.host_step)).map_err(|e| self.err(e))?;
+        self.tick_fault(Fault::DeviceLost);
         if self.fault == Some(Fault::DeviceLost) {
             self.fault = None;
             self.lost = true;
@@ -921,16 +955,21 @@ impl Vulkan {
         Ok(())
     }
 
-    /// Scratch for the quantized activations of the step's `MatMul { act: Int8 }` ops.
+    /// Scratch for the quantized activations of the step's `MatMul { act: Int8 }` ops and the
+    /// partial results of its `Argmax` ops.
     fn ensure_scratch(&mut self, _step: &Step<'_>, ops: &[Op<BufId, WeightId>]) -> Result<()> {
         let mut words = 0usize;
         for op in ops {
             let _ = op.expand(|o| {
-                if let Op::MatMul { w, n, act: ActQuant::Int8, .. } = o {
-                    let wt = self.weight_ref(w);
-                    if let Some(l) = wt.format.act_layout() {
-                        words = words.max(n * (wt.cols / act_block(l)) * act_words(l));
+                match o {
+                    Op::MatMul { w, n, act: ActQuant::Int8, .. } => {
+                        let wt = self.weight_ref(w);
+                        if let Some(l) = wt.format.act_layout() {
+                            words = words.max(n * (wt.cols / act_block(l)) * act_words(l));
+                        }
                     }
+                    Op::Argmax { rows, cols, .. } => words = words.max(2 * rows * cols.div_ceil(ARGMAX_CHUNK)),
+                    _ => {}
                 }
                 Ok::<(), ()>(())
             });
@@ -998,10 +1037,29 @@ impl Vulkan {
         }
         let mut hz = Hazards::default();
         self.prof_names.clear();
-        for op in ops {
+        self.rec_rows = step.rows();
+        let mut i = 0;
+        while i < ops.len() {
+            let op = &ops[i];
+            i += 1;
+            // Attention then the QuantizeAct of its output: one kernel (the step is submitted
+            // whole, so the two may run as one; the result is both ops' by construction).
+            if let (Op::Attention { out, heads, head_dim, .. }, Some(&Op::QuantizeAct { out: qo, x, rows, cols, layout: ql })) =
+                (*op, ops.get(i))
+                && x == out
+                && rows == step.rows()
+                && cols == heads * head_dim
+                && head_dim <= 256
+                && head_dim.is_multiple_of(act_block(ql))
+            {
+                self.attention(cb, step, op, Some((qo, ql)), layout, &mut hz)?;
+                i += 1;
+                continue;
+            }
             let native = match *op {
                 Op::AddRmsNorm { dim, .. } => dim <= NORM_MAX_DIM,
-                Op::Qkv { .. } | Op::GatedFfn { .. } => false,
+                Op::Qkv { head_dim, .. } => head_dim <= QP_MAX_HEAD_DIM,
+                Op::GatedFfn { .. } => true,
                 _ => true,
             };
             if native {
@@ -1059,7 +1117,7 @@ impl Vulkan {
         if self.profile.is_some() && self.prof_names.len() + 2 < vk::QUERIES as usize {
             self.gpu.barrier(cb);
             self.gpu.timestamp(cb, 2 + self.prof_names.len() as u32);
-            self.prof_names.push(name.to_string());
+            self.prof_names.push(format!("{name} n={}", self.rec_rows));
             hz.written.clear();
             hz.read.clear();
         }
@@ -1239,7 +1297,142 @@ impl Vulkan {
                 let acc = Access::new().r(id(src.buf), src.offset, rows * width).w(id(cache.buf), cache.offset, clen);
                 self.dispatch(cb, hz, "store_kv", &[], &push, [groups(width, 256), rows as u32, 1], acc)
             }
-            Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap } => {
+            Op::Attention { .. } => self.attention(cb, step, op, None, l, hz),
+            Op::Add { out, a, b, len } => self.eltwise(cb, hz, ELT_ADD, out, a, Some(b), len, 0.0),
+            Op::GeluTanhMul { out, gate, up, len } => self.eltwise(cb, hz, ELT_GELU_MUL, out, gate, Some(up), len, 0.0),
+            Op::SiluMul { out, gate, up, len } => self.eltwise(cb, hz, ELT_SILU_MUL, out, gate, Some(up), len, 0.0),
+            Op::Softcap { x, len, cap } => self.eltwise(cb, hz, ELT_SOFTCAP, x, x, None, len, cap),
+            Op::Argmax { out, x, rows: nr, cols } => {
+                // Stage 1: best (key, index) per chunk of columns into scratch; stage 2: per row.
+                let chunks = cols.div_ceil(ARGMAX_CHUNK);
+                let push = ArgmaxPush {
+                    out: self.addr_of(out.buf),
+                    x: self.addr_of(x.buf),
+                    part: addr(self.scratch.as_ref().expect("scratch").addr),
+                    out_off: out.offset as u32,
+                    x_off: x.offset as u32,
+                    part_off: 0,
+                    cols: cols as u32,
+                };
+                let acc = Access::new().r(id(x.buf), x.offset, nr * cols).w(SCRATCH_ID, 0, 2 * nr * chunks);
+                self.dispatch(cb, hz, "argmax.1", &[], &push, [chunks as u32, nr as u32, 1], acc)?;
+                let acc = Access::new().r(SCRATCH_ID, 0, 2 * nr * chunks).w(id(out.buf), out.offset, nr);
+                self.dispatch(cb, hz, "argmax.2", &[], &push, [1, nr as u32, 1], acc)
+            }
+            Op::Qkv { x, wq, wk, wv, q, k, v, n, heads, kv_heads, head_dim, q_norm, k_norm, eps, rope, k_cache, v_cache } => {
+                // The three projections (independent: no barrier between them), then the epilogue.
+                let input = match x {
+                    MatIn::Q8(xq) => Some((self.addr_of(xq.buf), id(xq.buf), xq.offset)),
+                    MatIn::F32 { .. } => None,
+                };
+                for (out, w) in [(q, wq), (k, wk), (v, wv)] {
+                    match (x, input) {
+                        (_, Some(xq)) => self.matmul(cb, hz, w, xq, true, n, out)?,
+                        (MatIn::F32 { x, act }, None) => {
+                            self.record_op(cb, step, &Op::MatMul { out, x, w, n, act }, l, hz)?
+                        }
+                        _ => unreachable!("MatIn is F32 or Q8"),
+                    }
+                }
+                let mut flags = 0;
+                let table = match rope {
+                    Some(r) => {
+                        flags |= QP_ROPE | if r.mode == RopeMode::Neox { QP_NEOX } else { 0 };
+                        let key = (r.theta.to_bits(), r.scale.to_bits(), head_dim);
+                        l.rope.iter().find(|e| (e.0, e.1, e.2) == key).map_or(0, |e| e.3)
+                    }
+                    None => 0,
+                };
+                flags |= if q_norm.is_some() { QP_QNORM } else { 0 } | if k_norm.is_some() { QP_KNORM } else { 0 };
+                flags |= if k_cache.is_some() { QP_KCACHE } else { 0 } | if v_cache.is_some() { QP_VCACHE } else { 0 };
+                let (qd, kvd) = (heads * head_dim, kv_heads * head_dim);
+                let mut acc = Access::new().w(id(q.buf), q.offset, n * qd).w(id(k.buf), k.offset, n * kvd).r(id(v.buf), v.offset, n * kvd);
+                for c in [k_cache, v_cache].into_iter().flatten() {
+                    acc = acc.w(id(c.buf), c.offset, self.buf(c.buf).len - c.offset);
+                }
+                let push = QkvPostPush {
+                    q: self.addr_of(q.buf),
+                    k: self.addr_of(k.buf),
+                    v: self.addr_of(v.buf),
+                    qn: q_norm.map_or([0; 2], |w| self.vector_at(w)),
+                    kn: k_norm.map_or([0; 2], |w| self.vector_at(w)),
+                    kc: k_cache.map_or([0; 2], |c| self.addr_of(c.buf)),
+                    vc: v_cache.map_or([0; 2], |c| self.addr_of(c.buf)),
+                    step: self.step_addr(),
+                    q_off: q.offset as u32,
+                    k_off: k.offset as u32,
+                    v_off: v.offset as u32,
+                    kc_off: k_cache.map_or(0, |c| c.offset as u32),
+                    vc_off: v_cache.map_or(0, |c| c.offset as u32),
+                    row_seq_off: l.row_seq,
+                    seqs_off: l.seqs,
+                    heads: heads as u32,
+                    kv_heads: kv_heads as u32,
+                    head_dim: head_dim as u32,
+                    flags,
+                    table_off: table,
+                    eps,
+                };
+                let wgs = (heads + 2 * kv_heads) as u32;
+                self.dispatch(cb, hz, "qkv_post", &[], &push, [wgs, n as u32, 1], acc)
+            }
+            Op::GatedFfn { x, w_gate, w_up, gate, up, n, ffn, kind, quant } => {
+                for (out, w) in [(gate, w_gate), (up, w_up)] {
+                    let mm = match x {
+                        MatIn::F32 { x, act } => Op::MatMul { out, x, w, n, act },
+                        MatIn::Q8(xq) => Op::MatMulQ8 { out, xq, w, n },
+                    };
+                    self.record_op(cb, step, &mm, l, hz)?;
+                }
+                let op = match kind {
+                    Gate::GeluTanh => AQ_GELU,
+                    Gate::Silu => AQ_SILU,
+                };
+                match quant {
+                    // The gate and its quantization in one pass.
+                    Some(qo) if ffn.is_multiple_of(act_block(qo.layout)) => self.act_quant(
+                        cb,
+                        hz,
+                        op,
+                        (self.addr_of(gate.buf), id(gate.buf), gate.offset),
+                        Some((self.addr_of(up.buf), id(up.buf), up.offset)),
+                        Some((self.addr_of(gate.buf), id(gate.buf), gate.offset)),
+                        (self.addr_of(qo.out.buf), id(qo.out.buf), qo.out.offset),
+                        n,
+                        ffn,
+                        qo.layout,
+                    ),
+                    _ => {
+                        let len = n * ffn;
+                        let elt = if op == AQ_GELU { ELT_GELU_MUL } else { ELT_SILU_MUL };
+                        self.eltwise(cb, hz, elt, gate, gate, Some(up), len, 0.0)?;
+                        if let Some(qo) = quant {
+                            self.record_op(cb, step, &Op::QuantizeAct { out: qo.out, x: gate, rows: n, cols: ffn, layout: qo.layout }, l, hz)?;
+                        }
+                        Ok(())
+                    }
+                }
+            }
+            _ => Err(VulkanError::Unsupported(format!("op {:?}", op.kind(|w| self.weight_ref(w).format)))),
+        }
+    }
+
+    /// An attention op; with `quant`, the QuantizeAct of its output in the same kernel.
+    fn attention(
+        &mut self,
+        cb: raw::CommandBuffer,
+        step: &Step<'_>,
+        op: &Op<BufId, WeightId>,
+        quant: Option<(View<BufId>, ActLayout)>,
+        l: &StepLayout,
+        hz: &mut Hazards,
+    ) -> Result<()> {
+        let Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap } = *op else {
+            return Err(VulkanError::Unsupported("not an attention op".into()));
+        };
+        let rows = step.rows();
+        let id = |b: BufId| b.0;
+
                 if head_dim > ATTN_MAX_HEAD_DIM {
                     return Err(VulkanError::Unsupported(format!("attention with head_dim {head_dim} > {ATTN_MAX_HEAD_DIM}")));
                 }
@@ -1261,35 +1454,26 @@ impl Vulkan {
                     seqs_off: l.seqs,
                     scale,
                     softcap,
+                    qout: quant.map_or([0; 2], |(qo, _)| self.addr_of(qo.buf)),
+                    qout_off: quant.map_or(0, |(qo, _)| qo.offset as u32),
+                    qmode: match quant {
+                        None => 0,
+                        Some((_, ActLayout::Q8A)) => 1,
+                        Some((_, ActLayout::Q8K)) => 2,
+                    },
                 };
                 let qlen = rows * heads * head_dim;
                 let (kl, vl) = (self.buf(k.buf).len - k.offset, self.buf(v.buf).len - v.offset);
-                let acc = Access::new()
+                let mut acc = Access::new()
                     .r(id(q.buf), q.offset, qlen)
                     .r(id(k.buf), k.offset, kl)
                     .r(id(v.buf), v.offset, vl)
                     .w(id(out.buf), out.offset, qlen);
-                self.dispatch(cb, hz, "attention", &[], &push, [rows as u32, heads as u32, 1], acc)
-            }
-            Op::Add { out, a, b, len } => self.eltwise(cb, hz, ELT_ADD, out, a, Some(b), len, 0.0),
-            Op::GeluTanhMul { out, gate, up, len } => self.eltwise(cb, hz, ELT_GELU_MUL, out, gate, Some(up), len, 0.0),
-            Op::SiluMul { out, gate, up, len } => self.eltwise(cb, hz, ELT_SILU_MUL, out, gate, Some(up), len, 0.0),
-            Op::Softcap { x, len, cap } => self.eltwise(cb, hz, ELT_SOFTCAP, x, x, None, len, cap),
-            Op::Argmax { out, x, rows: nr, cols } => {
-                let push = ArgmaxPush {
-                    out: self.addr_of(out.buf),
-                    x: self.addr_of(x.buf),
-                    out_off: out.offset as u32,
-                    x_off: x.offset as u32,
-                    cols: cols as u32,
-                };
-                let acc = Access::new().r(id(x.buf), x.offset, nr * cols).w(id(out.buf), out.offset, nr);
-                self.dispatch(cb, hz, "argmax", &[], &push, [nr as u32, 1, 1], acc)
-            }
-            Op::Qkv { .. } | Op::GatedFfn { .. } => op.expand(|o| self.record_op(cb, step, &o, l, hz)),
-            _ => Err(VulkanError::Unsupported(format!("op {:?}", op.kind(|w| self.weight_ref(w).format)))),
-        }
-    }
+                if let Some((qo, layout)) = quant {
+                    acc = acc.w(id(qo.buf), qo.offset, rows * heads * head_dim / act_block(layout) * act_words(layout));
+                }
+                self.dispatch(cb, hz, "attention", &[head_dim as u32], &push, [rows as u32, heads as u32, 1], acc)
+                }
 
     /// `x` (address, resource id, word offset) quantized into `q` for `n` rows of `cols`.
     #[allow(clippy::too_many_arguments)]
@@ -1303,11 +1487,48 @@ impl Vulkan {
         cols: usize,
         layout: ActLayout,
     ) -> Result<()> {
-        let push = QuantPush { x: x.0, q: q.0, x_off: x.2 as u32, q_off: q.2 as u32, rows: n as u32, cols: cols as u32 };
+        self.act_quant(cb, hz, AQ_PLAIN, x, None, None, q, n, cols, layout)
+    }
+
+    /// `act_quant.comp`: optionally the gate (`op`, with `up`, writing `g`), then quantization.
+    #[allow(clippy::too_many_arguments)]
+    fn act_quant(
+        &mut self,
+        cb: raw::CommandBuffer,
+        hz: &mut Hazards,
+        op: u32,
+        x: (Addr, u32, usize),
+        up: Option<(Addr, u32, usize)>,
+        g: Option<(Addr, u32, usize)>,
+        q: (Addr, u32, usize),
+        n: usize,
+        cols: usize,
+        layout: ActLayout,
+    ) -> Result<()> {
+        let zero = ([0u32; 2], 0u32, 0usize);
+        let (u, gg) = (up.unwrap_or(zero), g.unwrap_or(zero));
+        let push = ActQuantPush {
+            x: x.0,
+            up: u.0,
+            g: gg.0,
+            q: q.0,
+            x_off: x.2 as u32,
+            up_off: u.2 as u32,
+            g_off: gg.2 as u32,
+            q_off: q.2 as u32,
+            cols: cols as u32,
+            op,
+        };
         let blocks = n * (cols / act_block(layout));
-        let acc = Access::new().r(x.1, x.2, n * cols).w(q.1, q.2, blocks * act_words(layout));
-        let name = if layout == ActLayout::Q8A { "quantize.A" } else { "quantize.K" };
-        self.dispatch(cb, hz, name, &[], &push, [groups(blocks, 64), 1, 1], acc)
+        let mut acc = Access::new().r(x.1, x.2, n * cols).w(q.1, q.2, blocks * act_words(layout));
+        if let Some(u) = up {
+            acc = acc.r(u.1, u.2, n * cols);
+        }
+        if let Some(g) = g {
+            acc = acc.w(g.1, g.2, n * cols);
+        }
+        let name = if layout == ActLayout::Q8A { "act_quant.A" } else { "act_quant.K" };
+        self.dispatch(cb, hz, name, &[], &push, [groups(cols, 256), n as u32, 1], acc)
     }
 
     /// `out = w · x` for `n` tokens; `x` f32 rows, or quantized blocks when `q8`.
@@ -1344,14 +1565,29 @@ impl Vulkan {
             x_stride: x_stride as u32,
         };
         let acc = Access::new().r(x.1, x.2, n * x_stride).w(out.buf.0, out.offset, n * wrows);
+        if q8 && n <= 4 && std::env::var("PUREHW_VK_SPLIT").map_or(true, |v| v != "0") {
+            // Decode: the split kernel loads a workgroup's weights in one wave (mm_split.comp).
+            let t = n.next_power_of_two();
+            let nb = cols / fmt.block_elems();
+            let nbc = nb.min(32);
+            let r = (32 / t).min(512 / (t * nbc)).max(1);
+            let r = 1usize << r.ilog2();
+            let dot = (self.gpu.info.int8_dot && std::env::var("PUREHW_VK_DOT").map_or(true, |v| v != "0")) as u32;
+            let name = format!("mm_split.{}.{dot}", fmt_name(fmt));
+            let spec = [t as u32, r as u32, nbc as u32];
+            return self.dispatch(cb, hz, &name, &spec, &push, [groups(wrows, r), groups(n, t), 1], acc);
+        }
         let name = if q8 {
-            format!("mm_q8.{}.{}", fmt_name(fmt), self.gpu.info.int8_dot as u32)
+            format!("mm_q8.{}.{}", fmt_name(fmt), (self.gpu.info.int8_dot && std::env::var("PUREHW_VK_DOT").map_or(true, |v| v != "0")) as u32)
         } else {
             format!("mm_f32.{}", fmt_name(fmt))
         };
-        // Tokens per workgroup: the fewest of 1, 2, 4, 8, 16 that hold n (16 beyond).
+        // Tokens per workgroup: the fewest of 1, 2, 4, 8, 16 that hold n (16 beyond). Small
+        // matrices take workgroups of 8 rows, so that more of them are in flight.
         let tokens = n.clamp(1, 16).next_power_of_two() as u32;
-        self.dispatch(cb, hz, &name, &[tokens], &push, [groups(wrows, 32), groups(n, tokens as usize), 1], acc)
+        let wg: u32 = if wrows * n.min(16) < 32768 { 64 } else { 256 };
+        let grid = [groups(wrows, wg as usize / 8), groups(n, tokens as usize), 1];
+        self.dispatch(cb, hz, &name, &[tokens, wg], &push, grid, acc)
     }
 
     #[allow(clippy::too_many_arguments)]

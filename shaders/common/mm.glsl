@@ -1,5 +1,5 @@
-// Shared by the matmul kernels: out[t, r] = Σ_c w[r, c]·x[t, c] for a tile of 32 rows × TOKENS
-// tokens per workgroup of 256 threads. Thread (row, lane) owns lane `lane` of the reference's
+// Shared by the matmul kernels: out[t, r] = Σ_c w[r, c]·x[t, c] for a tile of WG/8 rows × TOKENS
+// tokens per workgroup. Thread (row, lane) owns lane `lane` of the reference's
 // 8-lane accumulation (purehw_kernels::quant) for its row and every token of the tile, walking
 // the blocks in order, so each lane's chain of float additions is the reference's own. The 8
 // lanes of a row are 8 neighbouring invocations of one subgroup (subgroups are at least 8 wide
@@ -8,10 +8,11 @@
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_shuffle : require
 
-#define ROWS 32u
-
-layout(local_size_x = 256) in;
 layout(constant_id = 0) const uint TOKENS = 16;
+// Threads per workgroup (8 per row): 256, or 64 for small matrices (more workgroups in flight).
+layout(constant_id = 1) const uint WG = 256;
+layout(local_size_x_id = 1) in;
+const uint ROWS = WG / 8u;
 
 layout(push_constant) uniform Push {
     uvec2 w;          // weight buffer

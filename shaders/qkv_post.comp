@@ -1,0 +1,108 @@
+#version 460
+// Qkv's epilogue in one dispatch, one workgroup per (row, head) over the q heads, then the k
+// heads, then the v heads: per-head RMSNorm of q and k (when given), RoPE of q and k (from the
+// step's table), and the row's k and v stored in the caches. Each head is RmsNorm, Rope and
+// StoreKv exactly as their own kernels compute them.
+#include "common/base.glsl"
+#include "common/exact.glsl"
+
+#define MAX_HD 512u
+#define F_QNORM 1u
+#define F_KNORM 2u
+#define F_ROPE 4u
+#define F_NEOX 8u
+#define F_KCACHE 16u
+#define F_VCACHE 32u
+
+layout(local_size_x = 256) in;
+layout(push_constant) uniform Push {
+    uvec2 q;
+    uvec2 k;
+    uvec2 v;
+    uvec2 qn;         // f32 q-norm weight
+    uvec2 kn;
+    uvec2 kc;         // k cache
+    uvec2 vc;         // v cache
+    uvec2 step;
+    uint q_off;
+    uint k_off;
+    uint v_off;
+    uint kc_off;
+    uint vc_off;
+    uint row_seq_off;
+    uint seqs_off;
+    uint heads;
+    uint kv_heads;
+    uint head_dim;
+    uint flags;
+    uint table_off;
+    float eps;
+} pc;
+
+shared float h[MAX_HD];
+shared float lanes[8];
+shared float inv_s;
+
+void main() {
+    uint t = gl_WorkGroupID.y, hh = gl_WorkGroupID.x, tid = gl_LocalInvocationID.x;
+    uint hd = pc.head_dim, half_ = hd / 2u;
+    Words st = Words(pc.step);
+    uint k_off = pc.k_off, v_off = pc.v_off, kc_off = pc.kc_off, vc_off = pc.vc_off;
+    uint row_seq_off = pc.row_seq_off, seqs_off = pc.seqs_off;
+    uint kind = hh < pc.heads ? 0u : (hh < pc.heads + pc.kv_heads ? 1u : 2u);
+    uint head = kind == 0u ? hh : (kind == 1u ? hh - pc.heads : hh - pc.heads - pc.kv_heads);
+    uint width = kind == 0u ? pc.heads * hd : pc.kv_heads * hd;
+    Floats x = Floats(kind == 0u ? pc.q : (kind == 1u ? pc.k : pc.v));
+    uint xo = (kind == 0u ? pc.q_off : (kind == 1u ? k_off : v_off)) + t * width + head * hd;
+    for (uint i = tid; i < hd; i += 256u) h[i] = x.v[xo + i];
+    barrier();
+    if (kind < 2u) {
+        bool norm = (pc.flags & (kind == 0u ? F_QNORM : F_KNORM)) != 0u;
+        if (norm) {
+            if (tid < 8u) {
+                precise float acc = 0.0;
+                for (uint i = tid; i < hd; i += 8u) acc = acc + h[i] * h[i];
+                lanes[tid] = acc;
+            }
+            barrier();
+            if (tid == 0u) {
+                precise float ss = reduce_lanes(lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7]);
+                precise float ms = div_rn(ss, float(hd));
+                inv_s = div_rn(1.0, sqrt_rn(ms + pc.eps));
+            }
+            barrier();
+            Floats wn = Floats(kind == 0u ? pc.qn : pc.kn);
+            float inv = inv_s;
+            for (uint i = tid; i < hd; i += 256u) {
+                precise float r = h[i] * inv * wn.v[i];
+                h[i] = r;
+            }
+            barrier();
+        }
+        if ((pc.flags & F_ROPE) != 0u) {
+            bool neox = (pc.flags & F_NEOX) != 0u;
+            for (uint i = tid; i < half_; i += 256u) {
+                float c = uintBitsToFloat(st.v[pc.table_off + (t * half_ + i) * 2u]);
+                float s = uintBitsToFloat(st.v[pc.table_off + (t * half_ + i) * 2u + 1u]);
+                uint ia = neox ? i : 2u * i, ib = neox ? i + half_ : 2u * i + 1u;
+                float a = h[ia], b = h[ib];
+                precise float ra = a * c - b * s;
+                precise float rb = b * c + a * s;
+                h[ia] = ra;
+                h[ib] = rb;
+            }
+            barrier();
+        }
+        for (uint i = tid; i < hd; i += 256u) x.v[xo + i] = h[i];
+    }
+    // Store k and v rows in the cache at the row's position.
+    bool store = (kind == 1u && (pc.flags & F_KCACHE) != 0u) || (kind == 2u && (pc.flags & F_VCACHE) != 0u);
+    if (!store) return;
+    uint s = st.v[row_seq_off + t];
+    if (s == 0xFFFFFFFFu) return;
+    uint srow = st.v[seqs_off + 4u * s], cache_row = st.v[seqs_off + 4u * s + 2u];
+    uint dst = cache_row + st.v[seqs_off + 4u * s + 3u] + (t - srow);
+    Floats c = Floats(kind == 1u ? pc.kc : pc.vc);
+    uint co = (kind == 1u ? kc_off : vc_off) + dst * width + head * hd;
+    for (uint i = tid; i < hd; i += 256u) c.v[co + i] = h[i];
+}
