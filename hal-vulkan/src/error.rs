@@ -37,6 +37,8 @@ impl VkError {
             vk::Result::ERROR_OUT_OF_DEVICE_MEMORY | vk::Result::ERROR_OUT_OF_HOST_MEMORY => {
                 VkError::OutOfMemory { bytes: 0 }
             }
+            vk::Result::ERROR_INCOMPATIBLE_DRIVER => VkError::NoDevice("no Vulkan driver found (no ICD)".into()),
+            vk::Result::ERROR_INITIALIZATION_FAILED => VkError::NoDevice("the Vulkan driver failed to initialise".into()),
             r => VkError::Api(r),
         }
     }

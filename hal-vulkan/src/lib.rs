@@ -66,6 +66,10 @@ pub struct VulkanOptions {
     pub validation: bool,
     /// Whether a CPU device (lavapipe) may be chosen when no GPU is there.
     pub allow_cpu: bool,
+    /// Decode matmuls (1–4 tokens) on the split kernel (`mm_split.comp`: one load wave, then the
+    /// chains from shared memory) rather than one chain per thread. `None`: on GPUs only (a CPU
+    /// device runs it slowly). `PUREHW_VK_SPLIT=0|1` sets it.
+    pub split_matvec: Option<bool>,
 }
 
 impl VulkanOptions {
@@ -75,6 +79,7 @@ impl VulkanOptions {
             device: std::env::var("PUREHW_VK_DEVICE").ok().filter(|s| !s.is_empty()),
             validation: std::env::var("PUREHW_VK_VALIDATION").is_ok_and(|v| v == "1"),
             allow_cpu: true,
+            split_matvec: std::env::var("PUREHW_VK_SPLIT").ok().map(|v| v == "1"),
         }
     }
 }
@@ -228,9 +233,10 @@ pub struct Vulkan {
     cache_path: Option<PathBuf>,
     bufs: Vec<DevBuf>,
     weights: Vec<DevWeight>,
-    /// Weight memory: device copies, and host ranges imported in place (start, end address).
+    /// Weight memory: device copies, and host ranges imported in place (start, end address,
+    /// store, and the bytes whose owner keeps the pages mapped while the device reads them).
     wstore: Vec<RawBuffer>,
-    imported: Vec<(usize, usize, usize)>,
+    imported: Vec<(usize, usize, usize, purehw_hal::HostBytes)>,
     staging: Option<RawBuffer>,
     readback: Option<RawBuffer>,
     step_up: Option<RawBuffer>,
@@ -252,6 +258,11 @@ pub struct Vulkan {
     last_step_ns: Option<f64>,
     /// Dispatches and barriers of the last recorded step (for `purehw bench`).
     last_counts: (usize, usize),
+    /// Decode matmuls on `mm_split.comp` (see [`VulkanOptions::split_matvec`]).
+    split: bool,
+    /// Integer dots through the device's packed 4×8-bit dot product (`PUREHW_VK_DOT=0`: the
+    /// portable form, for comparing the two).
+    dot: bool,
     /// `PUREHW_VK_PROFILE=1`: device time per kernel (every dispatch then ends with a barrier and
     /// a timestamp), printed on drop.
     profile: Option<HashMap<String, (f64, usize)>>,
@@ -296,6 +307,8 @@ impl Vulkan {
         let cache_data = cache_path.as_ref().and_then(|p| std::fs::read(p).ok()).unwrap_or_default();
         let name = info.name.clone();
         let gpu = Gpu::new(inst, pd, info, &cache_data).map_err(|e| VulkanError::Vk { device: name, source: e })?;
+        let split = opts.split_matvec.unwrap_or(gpu.info.is_gpu());
+        let dot = gpu.info.int8_dot && std::env::var("PUREHW_VK_DOT").map_or(true, |v| v != "0");
         let budget = gpu.info.heaps.iter().filter(|h| h.1).map(|h| h.0).max().unwrap_or(0);
         let dev = |e: VkError| VulkanError::Vk { device: gpu.info.name.clone(), source: e };
         let fence = gpu.fence().map_err(dev)?;
@@ -326,6 +339,8 @@ impl Vulkan {
             fault_after: fault_from_env(),
             last_step_ns: None,
             last_counts: (0, 0),
+            split,
+            dot,
             profile: std::env::var("PUREHW_VK_PROFILE").is_ok_and(|v| v == "1").then(HashMap::new),
             prof_names: Vec::new(),
             rec_rows: 0,
@@ -758,8 +773,8 @@ impl Vulkan {
         let (owner, range) = w.data.owner();
         let base = owner.as_ptr() as usize;
         let (start, end) = (base + range.start, base + range.end);
-        if let Some(&(s, _, i)) = self.imported.iter().find(|&&(s, e, _)| s <= start && end <= e) {
-            return Ok(Some((i, (start - s) as u64)));
+        if let Some((s, _, i, _)) = self.imported.iter().find(|(s, e, _, _)| *s <= start && end <= *e) {
+            return Ok(Some((*i, (start - s) as u64)));
         }
         // Import from this weight's page on, as far as the mapping (rounded up to its last page)
         // and one allocation reach: later weights of the file usually land in the same range.
@@ -778,7 +793,7 @@ impl Vulkan {
             Ok(raw) => {
                 self.wstore.push(raw);
                 let i = self.wstore.len() - 1;
-                self.imported.push((lo, hi, i));
+                self.imported.push((lo, hi, i, w.data.clone()));
                 Ok(Some((i, (start - lo) as u64)))
             }
             Err(_) => Ok(None),
@@ -1565,20 +1580,19 @@ impl Vulkan {
             x_stride: x_stride as u32,
         };
         let acc = Access::new().r(x.1, x.2, n * x_stride).w(out.buf.0, out.offset, n * wrows);
-        if q8 && n <= 4 && std::env::var("PUREHW_VK_SPLIT").map_or(true, |v| v != "0") {
+        if q8 && n <= 4 && self.split {
             // Decode: the split kernel loads a workgroup's weights in one wave (mm_split.comp).
             let t = n.next_power_of_two();
             let nb = cols / fmt.block_elems();
             let nbc = nb.min(32);
             let r = (32 / t).min(512 / (t * nbc)).max(1);
             let r = 1usize << r.ilog2();
-            let dot = (self.gpu.info.int8_dot && std::env::var("PUREHW_VK_DOT").map_or(true, |v| v != "0")) as u32;
-            let name = format!("mm_split.{}.{dot}", fmt_name(fmt));
+            let name = format!("mm_split.{}.{}", fmt_name(fmt), self.dot as u32);
             let spec = [t as u32, r as u32, nbc as u32];
             return self.dispatch(cb, hz, &name, &spec, &push, [groups(wrows, r), groups(n, t), 1], acc);
         }
         let name = if q8 {
-            format!("mm_q8.{}.{}", fmt_name(fmt), (self.gpu.info.int8_dot && std::env::var("PUREHW_VK_DOT").map_or(true, |v| v != "0")) as u32)
+            format!("mm_q8.{}.{}", fmt_name(fmt), self.dot as u32)
         } else {
             format!("mm_f32.{}", fmt_name(fmt))
         };

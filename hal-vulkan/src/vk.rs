@@ -6,7 +6,7 @@
 //!   re-recorded while a submission using them is pending (the backend waits on its fence first).
 #![allow(unsafe_code)]
 
-use std::ffi::{CStr, CString, c_void};
+use std::ffi::{CStr, c_void};
 use std::ptr::NonNull;
 use std::sync::Mutex;
 
@@ -44,11 +44,18 @@ unsafe extern "system" fn on_message(
     vk::FALSE
 }
 
-/// The Vulkan library, opened at run time.
+/// The Vulkan library, opened at run time, once per process and never closed: drivers (NVIDIA's
+/// among them) do not survive being unloaded and loaded again.
 pub fn load_entry() -> Result<ash::Entry> {
-    // SAFETY: loading libvulkan runs its initialisers; the library is the system's Vulkan loader,
-    // and the Entry keeps it loaded for as long as any object made from it lives.
-    unsafe { ash::Entry::load() }.map_err(|e| VkError::NoLoader(e.to_string()))
+    static ENTRY: std::sync::OnceLock<std::result::Result<ash::Entry, String>> = std::sync::OnceLock::new();
+    ENTRY
+        .get_or_init(|| {
+            // SAFETY: loading libvulkan runs its initialisers; the library is the system's Vulkan
+            // loader, and this static keeps it loaded for the rest of the process.
+            unsafe { ash::Entry::load() }.map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(VkError::NoLoader)
 }
 
 /// What one physical device offers that matters to us.
@@ -90,7 +97,6 @@ fn has_ext(exts: &[vk::ExtensionProperties], name: &CStr) -> bool {
 
 /// An instance, maybe with the validation layer and its messenger.
 pub struct Instance {
-    pub entry: ash::Entry,
     pub instance: ash::Instance,
     debug: Option<(ash::ext::debug_utils::Instance, vk::DebugUtilsMessengerEXT)>,
 }
@@ -154,7 +160,7 @@ impl Instance {
         } else {
             None
         };
-        Ok(Instance { entry, instance, debug })
+        Ok(Instance { instance, debug })
     }
 
     /// Every physical device, described.
@@ -295,17 +301,15 @@ pub struct Gpu {
     device: ash::Device,
     host_ext: Option<ash::ext::external_memory_host::Device>,
     queue: vk::Queue,
-    pub queue_family: u32,
     mem: vk::PhysicalDeviceMemoryProperties,
     layout: vk::PipelineLayout,
-    pub push_size: u32,
     pool: vk::CommandPool,
     pipelines: Vec<vk::Pipeline>,
     modules: Vec<vk::ShaderModule>,
     cache: vk::PipelineCache,
     query_pool: vk::QueryPool,
-    // Dropped last: the instance outlives the device.
-    instance: Instance,
+    // Dropped last (fields drop after `Drop::drop` destroyed the device): the instance outlives it.
+    _instance: Instance,
 }
 
 /// Push constants every kernel may use.
@@ -386,16 +390,14 @@ impl Gpu {
             device,
             host_ext,
             queue,
-            queue_family: fam,
             mem,
             layout,
-            push_size: PUSH_BYTES,
             pool,
             pipelines: Vec::new(),
             modules: Vec::new(),
             cache,
             query_pool,
-            instance,
+            _instance: instance,
         })
     }
 
@@ -499,7 +501,7 @@ impl Gpu {
         let Some(ext) = &self.host_ext else { return Err(VkError::NoImport) };
         let align = self.info.min_import_align.max(1);
         let (ptr, len) = (bytes.as_ptr(), bytes.len() as u64);
-        if (ptr as u64) % align != 0 || len % align != 0 || len == 0 {
+        if !(ptr as u64).is_multiple_of(align) || !len.is_multiple_of(align) || len == 0 {
             return Err(VkError::NoImport);
         }
         let ht = vk::ExternalMemoryHandleTypeFlags::HOST_ALLOCATION_EXT;
@@ -779,16 +781,6 @@ impl Drop for Gpu {
     }
 }
 
-/// Whether the loader can be opened at all (for `purehw devices`).
-pub fn loader_available() -> std::result::Result<(), String> {
-    load_entry().map(|_| ()).map_err(|e| e.to_string())
-}
-
-/// A C string from a Rust one, for names.
-#[allow(dead_code)]
-pub fn cstring(s: &str) -> CString {
-    CString::new(s).unwrap_or_default()
-}
 
 /// A buffer record with no Vulkan objects, standing in while a real one is lent out.
 pub fn placeholder_buffer() -> RawBuffer {

@@ -50,9 +50,14 @@ fn vulkan() -> Vulkan {
     Vulkan::new(&VulkanOptions::from_env()).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Run `build(side)` on both backends; compare every listed buffer bit for bit.
-fn compare(name: &str, step: &Step<'_>, setup: &dyn Fn(&mut dyn FnMut(usize, &[f32]) -> usize, &mut dyn FnMut(&HostWeight) -> usize) -> (Vec<Op<usize, usize>>, Vec<(usize, usize)>)) {
-    fn run<B: Backend>(mut b: B, step: &Step<'_>, setup: &dyn Fn(&mut dyn FnMut(usize, &[f32]) -> usize, &mut dyn FnMut(&HostWeight) -> usize) -> (Vec<Op<usize, usize>>, Vec<(usize, usize)>)) -> Vec<Vec<f32>> {
+/// A case: given a buffer allocator (length, data) and a weight loader, the ops (on buffer and
+/// weight indices) and the (buffer, length) outputs to compare.
+type Setup<'a> = &'a dyn Fn(&mut dyn FnMut(usize, &[f32]) -> usize, &mut dyn FnMut(&HostWeight) -> usize) -> Case;
+type Case = (Vec<Op<usize, usize>>, Vec<(usize, usize)>);
+
+/// Run `setup`'s ops on both backends; compare every listed buffer bit for bit.
+fn compare(name: &str, step: &Step<'_>, setup: Setup<'_>) {
+    fn run<B: Backend>(mut b: B, step: &Step<'_>, setup: Setup<'_>) -> Vec<Vec<f32>> {
         let mut bufs = Vec::new();
         let mut ws = Vec::new();
         let (ops, outs) = {

@@ -55,3 +55,24 @@ fn model_file(name: &str, file: &str) -> std::path::PathBuf {
         .unwrap_or_else(|| std::path::PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/purehw/models"));
     base.join(name).join(file)
 }
+
+/// A few decode steps (lavapipe-sized).
+#[test]
+#[ignore]
+fn vk_tg8() {
+    for (name, file) in [("gemma3-270m", "gemma-3-270m-q4_k_m.gguf"), ("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf")] {
+        let m = model_file(name, file);
+        let src = purehw_core::source::ModelSource::open(&m).unwrap();
+        let opts = ModelOptions { ctx: 64, slots: 1, max_batch: 16, logit_rows: 1, act: purehw_hal::ActQuant::Int8 };
+        let mut model = Model::load(Vulkan::new(&VulkanOptions::from_env()).unwrap(), &src, opts).unwrap();
+        let t = std::time::Instant::now();
+        model.forward_argmax(0, 0, &[2, 3, 4, 5]).unwrap();
+        eprintln!("{name} prefill 4: {:?}", t.elapsed());
+        let t = std::time::Instant::now();
+        let mut id = 6;
+        for i in 0..8 {
+            id = model.forward_argmax(0, 4 + i, &[id]).unwrap();
+        }
+        eprintln!("{name} decode: {:?} per token", t.elapsed() / 8);
+    }
+}

@@ -3,7 +3,8 @@
 //!
 //! - `ppN`: one step over an N-token prompt from position 0 (logits of the last position only);
 //!   tokens/s = N / seconds.
-//! - `tgN`: N single-token steps from position 0, starting at BOS; tokens/s = N / seconds.
+//! - `tgN`: N single-token steps from position 0, starting at BOS; tokens/s = N / seconds. Each
+//!   step reads back only its argmax (`Model::forward_argmax`), not the logits.
 //!
 //! Token ids are pseudo-random but fixed (llama-bench uses random tokens too); special tokens are
 //! left out. Each test runs once untimed to warm up, then `-r` times; the result is the mean and
@@ -16,20 +17,12 @@ use std::time::Instant;
 
 use purehw_core::model::{Model, ModelOptions};
 use purehw_core::source::ModelSource;
-use purehw_hal::{ActQuant, Backend};
-use purehw_hal_cpu_ref::CpuRef;
+use purehw_hal::ActQuant;
 use serde::Serialize;
 
-use crate::commands::{act_of, cpu};
+use crate::backends::{self, Hw, Maker, Registered, WithBackend};
 use crate::error::{CliResult, Context, err};
-use crate::{BackendKind, BenchArgs, models, out};
-
-/// What the table and the JSON say about the backend.
-struct Hw {
-    name: &'static str,
-    simd: Option<&'static str>,
-    threads: usize,
-}
+use crate::{BenchArgs, models, out};
 
 /// One test's result; `n` 0 means it was skipped (`-p 0` / `-n 0`) and the rates are 0.
 #[derive(Serialize, Default, Copy, Clone)]
@@ -45,6 +38,9 @@ struct BenchJson<'a> {
     backend: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     simd: Option<&'static str>,
+    /// The device's name (vulkan).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<&'a str>,
     threads: usize,
     act: &'static str,
     repetitions: usize,
@@ -62,6 +58,15 @@ struct BenchJson<'a> {
     tg_roofline_tps: f64,
     /// `tg.tps_mean / tg_roofline_tps`.
     tg_roofline_fraction: f64,
+    /// Where the backend counts them (vulkan): dispatches and barriers of one decode step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dispatches_per_token: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    barriers_per_token: Option<usize>,
+    /// Where the backend times its steps (vulkan's timestamp queries): device seconds per
+    /// decode step, the mean over the timed tg runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tg_device_seconds: Option<f64>,
 }
 
 pub fn bench(a: &BenchArgs) -> CliResult {
@@ -85,23 +90,33 @@ pub fn bench(a: &BenchArgs) -> CliResult {
         // The whole prompt in one step, as llama-bench's default batch does.
         max_batch: a.n_prompt.max(1),
         logit_rows: 1,
-        act: act_of(&a.backend),
+        act: ActQuant::default(),
     };
-    match a.backend.kind {
-        BackendKind::Cpu => {
-            let b = cpu(&a.backend)?;
-            let hw = Hw { name: "cpu", simd: Some(b.simd()), threads: b.threads() };
-            bench_on(b, &hw, a, &r.path, &src, opts)
-        }
-        BackendKind::CpuRef => {
-            let hw = Hw { name: "cpu-ref", simd: None, threads: 1 };
-            bench_on(CpuRef::new(), &hw, a, &r.path, &src, opts)
-        }
+    backends::dispatch(&a.backend, BenchOn { a, path: &r.path, src: &src, opts })
+}
+
+/// `bench`'s body on one backend.
+struct BenchOn<'a> {
+    a: &'a BenchArgs,
+    path: &'a Path,
+    src: &'a ModelSource,
+    /// Everything but `act`, which is the backend's.
+    opts: ModelOptions,
+}
+
+impl WithBackend for BenchOn<'_> {
+    type Out = ();
+
+    fn run<B: Registered>(self, make: Maker<B>) -> CliResult {
+        let backend = make.make()?;
+        let hw = backend.hw();
+        bench_on(backend, B::NAME, &hw, self.a, self.path, self.src, ModelOptions { act: make.act, ..self.opts })
     }
 }
 
-fn bench_on<B: Backend>(
+fn bench_on<B: Registered>(
     backend: B,
+    name: &'static str,
     hw: &Hw,
     a: &BenchArgs,
     path: &Path,
@@ -116,7 +131,7 @@ fn bench_on<B: Backend>(
         ActQuant::Int8 => "int8",
     };
     let file = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
-    let table = Table { file, size: fmt_size(model_bytes), params: fmt_params(params), hw, act };
+    let table = Table { file, size: fmt_size(model_bytes), params: fmt_params(params), name, hw, act };
     if !a.json {
         out::print_all(&table.header())?;
     }
@@ -147,36 +162,56 @@ fn bench_on<B: Backend>(
         }
     }
     let mut tg = Rate::default();
+    // Device seconds of the decode steps (summed, counted), where the backend times its steps.
+    let mut device_time = (0f64, 0usize);
+    let mut counts = None;
     if a.n_gen > 0 {
         // llama-bench: from an empty context, BOS first, then random tokens.
         let mut steps: Vec<u32> = (0..a.n_gen).map(|_| ids.next()).collect();
         if let Some(b) = bos {
             steps[0] = b;
         }
+        let mut runs = 0;
         tg = measure(a.n_gen, a.repetitions, || {
             let t = Instant::now();
+            let warm = runs > 0;
+            runs += 1;
             for (pos, id) in steps.iter().enumerate() {
-                model.forward(0, pos, core::slice::from_ref(id))?;
+                // As llama-bench's tg: the step's logits are not read back, only the argmax.
+                model.forward_argmax(0, pos, core::slice::from_ref(id))?;
+                if warm && let Some(s) = model.backend().stats().last_step_seconds {
+                    device_time.0 += s;
+                    device_time.1 += 1;
+                }
             }
             Ok(t.elapsed().as_secs_f64())
         })
         .context(|| format!("tg{}", a.n_gen))?;
+        counts = model.backend().step_counts();
         if !a.json {
             out::print_all(&table.row(&format!("tg{}", a.n_gen), &tg))?;
         }
     }
+    let tg_device = (device_time.1 > 0).then(|| device_time.0 / device_time.1 as f64);
 
     let peak = peak_rss_bytes();
-    // After the peak RSS is read: the probe's buffer must not count.
-    let bw = read_bandwidth(hw.threads, 1 << 30, 5);
+    // After the peak RSS is read: the probe's buffer must not count. A device backend's probe
+    // reads the host's memory with every core (the device's own memory only where it shares the
+    // host's: an integrated GPU, lavapipe).
+    let probe_threads = match hw.device {
+        Some(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        None => hw.threads,
+    };
+    let bw = read_bandwidth(probe_threads, 1 << 30, 5);
     let roof = bw / decode_bytes.max(1) as f64;
     let frac = tg.tps_mean / roof;
     if a.json {
         let model_path = path.display().to_string();
         let v = BenchJson {
             model: &model_path,
-            backend: hw.name,
+            backend: name,
             simd: hw.simd,
+            device: hw.device.as_deref(),
             threads: hw.threads,
             act,
             repetitions: a.repetitions,
@@ -189,14 +224,27 @@ fn bench_on<B: Backend>(
             decode_bytes_per_token: decode_bytes,
             tg_roofline_tps: roof,
             tg_roofline_fraction: frac,
+            dispatches_per_token: counts.map(|c| c.0),
+            barriers_per_token: counts.map(|c| c.1),
+            tg_device_seconds: tg_device,
         };
         let s = serde_json::to_string(&v).context(|| "encoding the --json output".into())?;
         return out::print_all(&format!("{s}\n"));
     }
+    let mut device = String::new();
+    if let Some(d) = &hw.device {
+        let _ = write!(device, "\ndevice: {d}");
+        if let Some((disp, bar)) = counts {
+            let _ = write!(device, "; a decode step is {disp} dispatches and {bar} barriers");
+        }
+        if let Some(s) = tg_device {
+            let _ = write!(device, "; {:.3} ms of device time per decode step", s * 1e3);
+        }
+    }
     let rss = peak.map_or_else(|| "unknown".into(), |b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64));
     out::print_all(&format!(
-        "\npeak RSS: {rss}\nmemory read bandwidth ({} threads): {:.1} GB/s; decode reads {:.1} MB/token -> tg roofline {roof:.1} t/s{}\n",
-        hw.threads,
+        "{device}\npeak RSS: {rss}\nmemory read bandwidth ({} threads): {:.1} GB/s; decode reads {:.1} MB/token -> tg roofline {roof:.1} t/s{}\n",
+        probe_threads,
         bw / 1e9,
         decode_bytes as f64 / 1e6,
         if tg.n > 0 { format!(", reached {:.0}%", 100.0 * frac) } else { String::new() }
@@ -331,6 +379,7 @@ struct Table<'a> {
     file: String,
     size: String,
     params: String,
+    name: &'static str,
     hw: &'a Hw,
     act: &'static str,
 }
@@ -341,9 +390,10 @@ impl Table<'_> {
     }
 
     fn backend(&self) -> String {
+        // (A device's name is printed below the table: it is too long for the column.)
         match self.hw.simd {
-            Some(simd) => format!("{} ({simd})", self.hw.name),
-            None => self.hw.name.to_string(),
+            Some(simd) => format!("{} ({simd})", self.name),
+            None => self.name.to_string(),
         }
     }
 

@@ -7,15 +7,14 @@ use purehw_core::model::{Model, ModelOptions};
 use purehw_core::sampling::{Sampler, SamplingParams};
 use purehw_core::source::{ModelSource, SourceKind};
 use purehw_core::tokenizer::Tokenizer;
-use purehw_hal::{ActQuant, Backend};
-use purehw_hal_cpu::Cpu;
-use purehw_hal_cpu_ref::CpuRef;
+use purehw_hal::Backend;
 use serde_json::json;
 
+use crate::backends::{self, Maker, Registered, WithBackend};
 use crate::error::{CliError, CliResult, Context, err};
 use crate::models::{self, Resolved};
 use crate::out;
-use crate::{ActArg, BackendArgs, BackendKind, LogitsArgs, ModelArgs, RunArgs};
+use crate::{LogitsArgs, ModelArgs, RunArgs};
 
 pub fn pull(name: &str) -> CliResult {
     let Some(m) = models::known(name) else {
@@ -138,21 +137,6 @@ fn tokenizer_for(a: &ModelArgs, r: &Resolved, src: &ModelSource) -> CliResult<To
     }
 }
 
-/// `--act`, else the backend's fast default: int8 on `cpu`, f32 on the reference.
-pub fn act_of(b: &BackendArgs) -> ActQuant {
-    match (b.act, b.kind) {
-        (Some(ActArg::F32), _) => ActQuant::F32,
-        (Some(ActArg::Int8), _) => ActQuant::Int8,
-        (None, BackendKind::Cpu) => ActQuant::Int8,
-        (None, BackendKind::CpuRef) => ActQuant::F32,
-    }
-}
-
-/// The `cpu` backend on `-t` threads (0: one per core).
-pub fn cpu(b: &BackendArgs) -> CliResult<Cpu> {
-    Cpu::new(b.threads).context(|| "starting the cpu backend".into())
-}
-
 /// `--ctx-size`, or just what `need` tokens take, clamped to the model's limit.
 fn ctx_for(a: &ModelArgs, c: &ModelConfig, need: usize) -> CliResult<usize> {
     let ctx = if a.ctx_size > 0 { a.ctx_size } else { need };
@@ -194,24 +178,37 @@ pub fn run(a: &RunArgs) -> CliResult {
     if prompt_ids.len() > ctx {
         return err(format!("the prompt is {} tokens, more than the context of {ctx}", prompt_ids.len()));
     }
-    let opts = ModelOptions { ctx, slots: 1, act: act_of(&a.model.backend), ..ModelOptions::default() };
-    match a.model.backend.kind {
-        BackendKind::Cpu => run_on(cpu(&a.model.backend)?, a, &src, &tok, &prompt_ids, opts, params),
-        BackendKind::CpuRef => run_on(CpuRef::new(), a, &src, &tok, &prompt_ids, opts, params),
+    backends::dispatch(&a.model.backend, RunOn { a, src: &src, tok: &tok, prompt_ids: &prompt_ids, ctx, params })
+}
+
+/// `run`'s body on one backend: generate and print the answer.
+struct RunOn<'a> {
+    a: &'a RunArgs,
+    src: &'a ModelSource,
+    tok: &'a Tokenizer,
+    prompt_ids: &'a [u32],
+    ctx: usize,
+    params: SamplingParams,
+}
+
+impl WithBackend for RunOn<'_> {
+    type Out = ();
+
+    fn run<B: Registered>(self, make: Maker<B>) -> CliResult {
+        let RunOn { a, src, tok, prompt_ids, ctx, params } = self;
+        let opts = ModelOptions { ctx, slots: 1, act: make.act, ..ModelOptions::default() };
+        let model = Model::load(make.make()?, src, opts)?;
+        generate_and_print(model, a, tok, prompt_ids, params)
     }
 }
 
-/// Generate on `backend` and print the answer.
-fn run_on<B: Backend>(
-    backend: B,
+fn generate_and_print<B: Backend>(
+    mut model: Model<B>,
     a: &RunArgs,
-    src: &ModelSource,
     tok: &Tokenizer,
     prompt_ids: &[u32],
-    opts: ModelOptions,
     params: SamplingParams,
 ) -> CliResult {
-    let mut model = Model::load(backend, src, opts)?;
     let mut sampler = Sampler::new(params, model.config().vocab);
 
     let mut decoder = tok.decode_stream();
@@ -303,11 +300,8 @@ pub fn logits(a: &LogitsArgs) -> CliResult {
     }
     let defaults = ModelOptions::default();
     let rows = if a.all_positions { ids.len().min(defaults.max_batch) } else { 1 };
-    let opts = ModelOptions { ctx, slots: 1, logit_rows: rows, act: act_of(&a.model.backend), ..defaults };
-    let values = match a.model.backend.kind {
-        BackendKind::Cpu => logits_on(cpu(&a.model.backend)?, &src, opts, &ids, a.all_positions)?,
-        BackendKind::CpuRef => logits_on(CpuRef::new(), &src, opts, &ids, a.all_positions)?,
-    };
+    let opts = ModelOptions { ctx, slots: 1, logit_rows: rows, ..defaults };
+    let values = backends::dispatch(&a.model.backend, LogitsOn { src: &src, opts, ids: &ids, all: a.all_positions })?;
     let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
     std::fs::write(&a.output, bytes).context(|| format!("writing {}", a.output.display()))?;
     let rows = values.len() / vocab.max(1);
@@ -315,20 +309,27 @@ pub fn logits(a: &LogitsArgs) -> CliResult {
     Ok(())
 }
 
-/// The last position's logits, or with `all` every position's, on `backend`.
-fn logits_on<B: Backend>(
-    backend: B,
-    src: &ModelSource,
+/// `logits`' body on one backend: the last position's logits, or with `all` every position's.
+struct LogitsOn<'a> {
+    src: &'a ModelSource,
+    /// Everything but `act`, which is the backend's.
     opts: ModelOptions,
-    ids: &[u32],
+    ids: &'a [u32],
     all: bool,
-) -> CliResult<Vec<f32>> {
-    let mut model = Model::load(backend, src, opts)?;
-    if all {
-        let mut v = Vec::with_capacity(ids.len() * src.config.vocab);
-        model.forward_all(0, 0, ids, &mut v)?;
-        Ok(v)
-    } else {
-        Ok(model.forward(0, 0, ids)?.to_vec())
+}
+
+impl WithBackend for LogitsOn<'_> {
+    type Out = Vec<f32>;
+
+    fn run<B: Registered>(self, make: Maker<B>) -> CliResult<Vec<f32>> {
+        let LogitsOn { src, opts, ids, all } = self;
+        let mut model = Model::load(make.make()?, src, ModelOptions { act: make.act, ..opts })?;
+        if all {
+            let mut v = Vec::with_capacity(ids.len() * src.config.vocab);
+            model.forward_all(0, 0, ids, &mut v)?;
+            Ok(v)
+        } else {
+            Ok(model.forward(0, 0, ids)?.to_vec())
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! order: a JSON schema's properties are written in the order given, and templates print objects
 //! as Python's dicts would.
 
+mod backends;
 mod bench;
 mod commands;
 mod error;
@@ -20,8 +21,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
+use crate::backends::BackendArgs;
 use crate::error::CliResult;
 
 #[derive(Parser, Debug)]
@@ -55,36 +57,12 @@ enum Cmd {
     Bench(BenchArgs),
     /// Serve models over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum BackendKind {
-    /// The fast CPU backend: a thread pool and SIMD kernels.
-    Cpu,
-    /// The plain single-threaded reference backend.
-    CpuRef,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ActArg {
-    /// f32 activations against dequantized weights.
-    F32,
-    /// Activations quantized to int8 per block, integer dot products.
-    Int8,
-}
-
-/// Which backend computes, and how.
-#[derive(Args, Debug, Clone)]
-pub struct BackendArgs {
-    /// Compute backend.
-    #[arg(long = "backend", value_name = "NAME", value_enum, default_value = "cpu")]
-    pub kind: BackendKind,
-    /// Worker threads for `cpu` (0 = one per core; `cpu-ref` is single-threaded).
-    #[arg(short = 't', long, value_name = "N", default_value_t = 0)]
-    pub threads: usize,
-    /// Matmul activations (default: int8 on `cpu`, f32 on `cpu-ref`).
-    #[arg(long, value_enum)]
-    pub act: Option<ActArg>,
+    /// List the compute backends and devices of this machine, or why one is unavailable.
+    Devices {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Options shared by the commands that load a model.
@@ -234,5 +212,6 @@ fn dispatch(cli: Cli) -> CliResult {
         Cmd::Logits(a) => commands::logits(&a),
         Cmd::Bench(a) => bench::bench(&a),
         Cmd::Serve(a) => serve::serve(&a),
+        Cmd::Devices { json } => backends::devices(json),
     }
 }

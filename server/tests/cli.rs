@@ -57,7 +57,7 @@ fn json(s: &str) -> serde_json::Value {
 #[test]
 fn help_and_version() {
     let out = ok(&purehw(&["--help"]));
-    for cmd in ["pull", "inspect", "run", "logits", "bench"] {
+    for cmd in ["pull", "inspect", "run", "logits", "bench", "serve", "devices"] {
         assert!(out.contains(cmd), "{out}");
     }
     assert!(ok(&purehw(&["--version"])).contains("purehw"));
@@ -147,6 +147,7 @@ fn bad_arguments_are_clear_errors() {
     user_error(&purehw(&["run", "-m", m, "-p", "hi", "-n", "many"]), "many");
     user_error(&purehw(&["run", "-m", m, "-p", "hi", "--backend", "cuda"]), "cuda");
     user_error(&purehw(&["run", "-m", m, "-p", "hi", "--backend", "cuda"]), "cpu-ref");
+    user_error(&purehw(&["run", "-m", m, "-p", "hi", "--backend", "cuda"]), "vulkan");
     user_error(&purehw(&["run", "-m", m, "-p", "hi", "--act", "int4"]), "int4");
     user_error(&purehw(&["bench", "-m", m, "-p", "100000"]), "context");
     user_error(&purehw(&["bench", "-m", m, "-r", "0"]), "repetitions");
@@ -282,6 +283,10 @@ fn bench_json_cpu() {
     let v = check_bench(&["bench", "-m", path_str(&m), "-p", "16", "-n", "4", "-r", "2", "--json"], "cpu", 16, 4);
     assert_eq!(v["act"], "int8");
     assert!(v["simd"].is_string(), "{v}");
+    // Device-only numbers are left out.
+    for key in ["device", "dispatches_per_token", "barriers_per_token", "tg_device_seconds"] {
+        assert!(v.get(key).is_none(), "{key} in {v}");
+    }
     // A skipped test is n 0 with zero rates; the text table has a row per test run.
     let o = ok(&purehw(&["bench", "-m", path_str(&m), "-p", "0", "-n", "2", "-r", "1", "--json", "-t", "1"]));
     let v = json(o.trim());
@@ -331,4 +336,162 @@ fn pull_verifies_the_cache() {
     let names: Vec<String> =
         std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(names.iter().all(|n| !n.ends_with(".tmp") && !n.starts_with(".pull-")), "{names:?}");
+}
+
+/// `purehw devices --json`, parsed; and the Vulkan entry, if Vulkan has a device.
+fn devices() -> (serde_json::Value, Option<serde_json::Value>) {
+    let v = json(ok(&purehw(&["devices", "--json"])).trim());
+    let vk = v["backends"].as_array().unwrap().iter().find(|b| b["name"] == "vulkan").cloned().expect("vulkan listed");
+    let present = vk["available"] == true;
+    (v, present.then_some(vk))
+}
+
+/// Whether a Vulkan device is there for `test`; without one the test is skipped with a printed
+/// line, unless `PUREHW_REQUIRE_VULKAN=1`, where that is a failure.
+fn vulkan_device(test: &str) -> Option<serde_json::Value> {
+    let (v, vk) = devices();
+    if vk.is_none() {
+        let required = std::env::var("PUREHW_REQUIRE_VULKAN").is_ok_and(|v| v == "1");
+        assert!(!required, "{test}: PUREHW_REQUIRE_VULKAN=1 but Vulkan is unavailable: {v}");
+        eprintln!("{test}: skipped: Vulkan is unavailable");
+    }
+    vk.map(|vk| vk["devices"][0].clone())
+}
+
+/// `purehw devices`: every backend, in text and JSON; each Vulkan device with what matters, or
+/// why Vulkan is unavailable.
+#[test]
+fn devices_lists_every_backend() {
+    let text = ok(&purehw(&["devices"]));
+    for name in ["cpu ", "cpu-ref ", "vulkan ", "SIMD", "--backend auto"] {
+        assert!(text.contains(name), "{name:?} missing in:\n{text}");
+    }
+    let (v, vk) = devices();
+    let names: Vec<&str> = v["backends"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["cpu", "cpu-ref", "vulkan"]);
+    assert_eq!(v["default"], "cpu");
+    assert!(v["backends"][0]["simd"].is_string() && v["backends"][0]["threads"].as_u64().unwrap() >= 1, "{v}");
+    match vk {
+        None => assert!(v["backends"][2]["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}"),
+        Some(vk) => {
+            let devs = vk["devices"].as_array().unwrap();
+            assert!(!devs.is_empty(), "{vk}");
+            for d in devs {
+                for key in [
+                    "name",
+                    "type",
+                    "driver",
+                    "api_version",
+                    "subgroup_size",
+                    "float16",
+                    "int8_dot",
+                    "coopmat",
+                    "heaps",
+                ] {
+                    assert!(!d[key].is_null(), "{key} missing in {d}");
+                }
+                assert!(text.contains(d["name"].as_str().unwrap()), "{text}");
+            }
+            // `auto` never takes a CPU device (lavapipe).
+            if devs.iter().all(|d| d["gpu"] == false) {
+                assert_eq!(v["auto"], "cpu", "{v}");
+            }
+        }
+    }
+    // Without a Vulkan driver: the reason, and auto is cpu.
+    let o = purehw_env(&["devices", "--json"], &[("VK_ICD_FILENAMES", "/nonexistent.json")]);
+    let v = json(ok(&o).trim());
+    assert_eq!(v["backends"][2]["available"], false, "{v}");
+    assert!(v["backends"][2]["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    assert_eq!(v["auto"], "cpu");
+}
+
+/// `--backend auto` without a discrete or integrated GPU runs on cpu, saying so in one line.
+#[test]
+fn auto_without_a_gpu_is_cpu() {
+    let (v, _) = devices();
+    if v["auto"] != "cpu" {
+        eprintln!("auto_without_a_gpu_is_cpu: skipped: this machine has a GPU ({})", v["auto"]);
+        return;
+    }
+    let m = model_file(SMOL.0, SMOL.1);
+    let base = ["run", "-m", path_str(&m), "-p", "The capital of France is", "-n", "3", "--json"];
+    let o = purehw(&[&base[..], &["--backend", "auto"]].concat());
+    let auto = json(&ok(&o));
+    let note = stderr(&o);
+    assert_eq!(note.lines().count(), 1, "{note}");
+    assert!(note.starts_with("purehw: --backend auto: ") && note.contains("using cpu"), "{note}");
+    assert_eq!(auto["ids"], json(&ok(&purehw(&[&base[..], &["--backend", "cpu"]].concat())))["ids"]);
+}
+
+/// `run` and `logits` on Vulkan give what `cpu` gives (same int8 activations): the same greedy
+/// ids, the same last-position argmax and logits within rounding.
+#[test]
+fn vulkan_run_and_logits_agree_with_cpu_smollm2() {
+    if vulkan_device("vulkan_run_and_logits_agree_with_cpu_smollm2").is_none() {
+        return;
+    }
+    let m = model_file(SMOL.0, SMOL.1);
+    let case = france_case("smollm2-135m");
+    let prompt = case["prompt"].as_str().unwrap();
+    let base = ["run", "-m", path_str(&m), "-p", prompt, "-n", "4", "--json"];
+    let cpu = json(&ok(&purehw(&[&base[..], &["--backend", "cpu"]].concat())));
+    let vk = json(&ok(&purehw(&[&base[..], &["--backend", "vulkan"]].concat())));
+    assert_eq!(ids(&vk["ids"]), ids(&cpu["ids"]));
+    assert_eq!(vk["text"], cpu["text"]);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let input: Vec<String> = ids(&case["input_ids"]).iter().map(|i| i.to_string()).collect();
+    let logits = |backend: &str| {
+        let out = tmp.path().join(format!("{backend}.f32"));
+        let args =
+            ["logits", "-m", path_str(&m), "--ids", &input.join(","), "--backend", backend, "-o", path_str(&out)];
+        ok(&purehw(&args));
+        read_f32(&out)
+    };
+    let (c, v) = (logits("cpu"), logits("vulkan"));
+    assert_eq!(c.len(), v.len());
+    assert_eq!(argmax(&c), argmax(&v));
+    assert!(purehw_conformance::nmse(&v, &c) < 1e-6, "nmse {}", purehw_conformance::nmse(&v, &c));
+}
+
+/// Device memory running out (injected at the 3rd device allocation) is one line naming the
+/// device and what did not fit, exit code 1.
+#[test]
+fn vulkan_out_of_memory_is_one_clear_line() {
+    let Some(dev) = vulkan_device("vulkan_out_of_memory_is_one_clear_line") else { return };
+    let m = model_file(SMOL.0, SMOL.1);
+    let o = purehw_env(
+        &["run", "-m", path_str(&m), "-p", "hi", "-n", "2", "--backend", "vulkan"],
+        &[("PUREHW_VK_FAULT", "oom:3")],
+    );
+    user_error(&o, "out of device memory");
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(dev["name"].as_str().unwrap()), "the device is not named: {err}");
+    assert!(err.contains("needs") && err.contains("bytes of device memory"), "what did not fit / the budget: {err}");
+}
+
+/// `bench --backend vulkan`: the usual numbers, plus the device, dispatches and barriers per
+/// decode token and device time per decode step.
+#[test]
+fn bench_json_vulkan() {
+    let Some(dev) = vulkan_device("bench_json_vulkan") else { return };
+    let m = model_file(SMOL.0, SMOL.1);
+    let v = check_bench(
+        &["bench", "-m", path_str(&m), "--backend", "vulkan", "-p", "4", "-n", "2", "-r", "1", "--json"],
+        "vulkan",
+        4,
+        2,
+    );
+    assert_eq!(v["act"], "int8");
+    assert_eq!(v["device"], dev["name"], "{v}");
+    assert!(v["dispatches_per_token"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["barriers_per_token"].as_u64().is_some(), "{v}");
+    if dev["timestamps"] == true {
+        assert!(v["tg_device_seconds"].as_f64().unwrap() > 0.0, "{v}");
+    }
+    let text = ok(&purehw(&["bench", "-m", path_str(&m), "--backend", "vulkan", "-p", "0", "-n", "1", "-r", "1"]));
+    assert!(text.contains(" tg1 ") && text.contains("dispatches"), "{text}");
+    assert!(text.contains(&format!("device: {}", dev["name"].as_str().unwrap())), "{text}");
 }

@@ -54,6 +54,7 @@ class Ctx:
         self.api_key = args.api_key
         self.max_body = args.max_body
         self.ctx_size = args.ctx_size
+        self.max_tokens_cap = args.max_tokens
         # Any key works unless the server has --api-key.
         self.client = OpenAI(base_url=self.base, api_key=self.api_key or "sk-anything", max_retries=0, timeout=args.timeout)
         self.timeout = args.timeout
@@ -79,6 +80,10 @@ class Ctx:
         except ValueError:
             parsed = text
         return status, hdrs, parsed
+
+    def mt(self, n):
+        """`n` tokens, or fewer under --max-tokens (slow backends)."""
+        return min(n, self.max_tokens_cap) if self.max_tokens_cap else n
 
     def chat(self, content, **kw):
         kw.setdefault("temperature", 0)
@@ -159,20 +164,20 @@ def case_health(c):
 
 
 def case_chat(c):
-    r = c.chat(PROMPT, max_tokens=32)
+    r = c.chat(PROMPT, max_tokens=c.mt(32))
     ch = r.choices[0]
     print(f"  chat: {ch.message.content!r} ({ch.finish_reason}, {r.usage})")
     check(ch.message.role == "assistant", f"role = {ch.message.role!r}")
     check(ch.message.content and ch.message.content.strip(), "empty reply", r)
     check(ch.finish_reason in ("stop", "length"), f"finish_reason = {ch.finish_reason!r}")
-    check_usage(r.usage, 32, "chat")
+    check_usage(r.usage, c.mt(32), "chat")
     check(r.model == c.model, f"model = {r.model!r}")
     check(r.object == "chat.completion", f"object = {r.object!r}")
     # A system message and a multi-turn conversation work too.
     r2 = c.client.chat.completions.create(
         model=c.model,
         temperature=0,
-        max_tokens=16,
+        max_tokens=c.mt(16),
         messages=[
             {"role": "system", "content": "You are a terse assistant."},
             {"role": "user", "content": "Hi!"},
@@ -181,11 +186,11 @@ def case_chat(c):
         ],
     )
     check(r2.choices[0].message.content, "multi-turn: empty reply", r2)
-    check_usage(r2.usage, 16, "multi-turn")
+    check_usage(r2.usage, c.mt(16), "multi-turn")
 
 
 def case_stream(c):
-    kw = dict(max_tokens=32, seed=7)
+    kw = dict(max_tokens=c.mt(32), seed=7)
     r = c.chat(PROMPT, **kw)
     want = r.choices[0].message.content
     text, finish, usage, chunks = c.stream_chat(PROMPT, stream_options={"include_usage": True}, **kw)
@@ -195,7 +200,7 @@ def case_stream(c):
     check(chunks and chunks[0].choices and chunks[0].choices[0].delta.role == "assistant", "first chunk has no role", chunks[:1])
     last = chunks[-1]
     check(last.usage is not None and last.choices == [], "include_usage: the last chunk is not a usage-only chunk", last)
-    check_usage(usage, 32, "stream usage")
+    check_usage(usage, c.mt(32), "stream usage")
     check(
         (usage.prompt_tokens, usage.completion_tokens) == (r.usage.prompt_tokens, r.usage.completion_tokens),
         f"stream usage {usage} != non-streamed usage {r.usage}",
@@ -209,30 +214,31 @@ def case_stream(c):
 
 def case_completions(c):
     prompt = "The capital of France is"
-    r = c.client.completions.create(model=c.model, prompt=prompt, max_tokens=12, temperature=0)
+    n = c.mt(12)
+    r = c.client.completions.create(model=c.model, prompt=prompt, max_tokens=n, temperature=0)
     ch = r.choices[0]
     print(f"  completion: {ch.text!r} ({ch.finish_reason}, {r.usage})")
     check(ch.text, "empty completion", r)
     check(ch.finish_reason in ("stop", "length"), f"finish_reason = {ch.finish_reason!r}")
-    check_usage(r.usage, 12, "completions")
+    check_usage(r.usage, n, "completions")
     check(r.object == "text_completion", f"object = {r.object!r}")
     # The same prompt as token ids (what the server itself would encode).
     st, _, tk = c.http("POST", "/tokenize", {"model": c.model, "content": prompt, "add_special": True})
     check(st == 200, f"/tokenize: {st}", short(tk))
     ids = tk["tokens"]
-    r2 = c.client.completions.create(model=c.model, prompt=ids, max_tokens=12, temperature=0)
+    r2 = c.client.completions.create(model=c.model, prompt=ids, max_tokens=n, temperature=0)
     print(f"  completion from {len(ids)} ids: {r2.choices[0].text!r}")
     check(r2.usage.prompt_tokens == len(ids), f"prompt_tokens {r2.usage.prompt_tokens} != {len(ids)} ids")
     check(r2.choices[0].text == ch.text, "ids prompt gives other text than the string prompt",
           f"ids: {r2.choices[0].text!r}", f"text: {ch.text!r}")
     # Streamed completions.
-    s = c.client.completions.create(model=c.model, prompt=prompt, max_tokens=12, temperature=0, stream=True)
+    s = c.client.completions.create(model=c.model, prompt=prompt, max_tokens=n, temperature=0, stream=True)
     text = "".join(x.choices[0].text for x in s if x.choices)
     check(text == ch.text, "streamed completion != non-streamed", f"{text!r} vs {ch.text!r}")
     # echo: the prompt, then the same completion.
-    r3 = c.client.completions.create(model=c.model, prompt=prompt, max_tokens=12, temperature=0, echo=True)
+    r3 = c.client.completions.create(model=c.model, prompt=prompt, max_tokens=n, temperature=0, echo=True)
     check(r3.choices[0].text == prompt + ch.text, "echo: text is not prompt + completion", repr(r3.choices[0].text))
-    s = c.client.completions.create(model=c.model, prompt=prompt, max_tokens=12, temperature=0, echo=True, stream=True)
+    s = c.client.completions.create(model=c.model, prompt=prompt, max_tokens=n, temperature=0, echo=True, stream=True)
     text = "".join(x.choices[0].text for x in s if x.choices)
     check(text == prompt + ch.text, "streamed echo is not prompt + completion", repr(text))
 
@@ -1024,6 +1030,50 @@ def case_metrics(c):
           f"kv_ratio={metric(m, 'purehw_kv_cache_used_ratio'):g}")
 
 
+def case_device_metrics(c):
+    """A device backend (vulkan) reports its memory and device time per step in /metrics."""
+    c.client.completions.create(model=c.model, prompt="Hi", max_tokens=1)  # at least one step
+    m = metrics_text(c)
+    for name in ["purehw_device_memory_used_bytes", "purehw_device_memory_budget_bytes", "purehw_step_device_seconds_count"]:
+        check((metric(m, name) or 0) > 0, f"/metrics: {name} is missing or 0", short(m, 4000))
+    check(re.search(r'purehw_device_memory_used_bytes\{model="[^"]+",backend="vulkan",device="[^"]+"\} \d+', m),
+          "purehw_device_memory_used_bytes has no backend/device labels", short(m, 4000))
+    check(re.search(r"# TYPE purehw_step_device_seconds histogram", m), "purehw_step_device_seconds is not a histogram")
+    used, budget = metric(m, "purehw_device_memory_used_bytes"), metric(m, "purehw_device_memory_budget_bytes")
+    steps, secs = metric(m, "purehw_step_device_seconds_count"), metric(m, "purehw_step_device_seconds_sum")
+    print(f"  device memory {used / 2**20:.0f} of {budget / 2**20:.0f} MiB; {steps:g} steps, "
+          f"{1e3 * secs / steps:.1f} ms of device time each")
+
+
+def case_device_lost(c):
+    """The server runs with PUREHW_VK_FAULT=lost:4 (each device made is lost at its 4th step):
+    a request in flight then gets a 503 (streamed: an error event), and the next one, on the device
+    made again, is served."""
+    body = {"model": c.model, "prompt": "One, two, three,", "max_tokens": 16, "temperature": 0}
+    st, hdrs, b = c.http("POST", "/v1/completions", body)
+    check_error_shape(st, b, "device lost")
+    check(st == 503, f"device lost: {st}, want 503", short(b))
+    check(b["error"]["code"] == "device_lost", f"device lost: code {b['error']['code']!r}", short(b))
+    check("Retry-After" in hdrs or "retry-after" in hdrs, "device lost: no Retry-After", hdrs)
+    print(f"  503 {short(b['error']['message'], 160)!r}")
+    # Streamed: the stream ends with an error event, which the SDK raises.
+    try:
+        text, _, _, _ = c.stream_chat("Count from one to twenty.", max_tokens=16)
+        raise Failure(f"a stream through a lost device ended without an error: {text!r}")
+    except openai.APIError as e:
+        check("lost" in str(e.body or e), "streamed error does not say the device was lost", e.body)
+        print(f"  streamed: {type(e).__name__}: {short(str(e.body or e), 160)}")
+    # The next request is served on the device made again (2 steps: before the 4th).
+    r = c.client.completions.create(model=c.model, prompt="One, two, three,", max_tokens=2, temperature=0)
+    ch = r.choices[0]
+    print(f"  then: {ch.text!r} ({ch.finish_reason})")
+    check(ch.text and ch.finish_reason == "length", "the request after the lost device failed", r)
+    m = metrics_text(c)
+    check((metric(m, "purehw_device_lost_total") or 0) >= 2, "purehw_device_lost_total < 2", short(m, 3000))
+    st, _, h = c.http("GET", "/health")
+    check(st == 200 and h.get("status") == "ok", f"/health after a lost device: {st}", short(h))
+
+
 def case_tokenize(c):
     text = "Hello world! The quick brown fox jumps over the lazy dog."
     st, _, t = c.http("POST", "/tokenize", {"model": c.model, "content": text})
@@ -1071,6 +1121,8 @@ CASES = {
     "auth": case_auth,
     "queue": case_queue,
     "context": case_context,
+    "device_metrics": case_device_metrics,
+    "device_lost": case_device_lost,
 }
 
 
@@ -1082,6 +1134,8 @@ def main():
     ap.add_argument("--max-body", type=int, default=0, help="the server's --max-body (for body_limit)")
     ap.add_argument("--ctx-size", type=int, default=0, help="the server's --ctx-size (for context)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    ap.add_argument("--max-tokens", type=int, default=0,
+                    help="cap max_tokens of chat, stream and completions at this (slow backends; 0 = no cap)")
     ap.add_argument("cases", nargs="+", choices=sorted(CASES), metavar="CASE", help=" ".join(CASES))
     args = ap.parse_args()
     c = Ctx(args)

@@ -63,6 +63,11 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
 impl Server {
     /// `purehw serve -m MODEL --port P EXTRA...`, waited for until `/health` says ok.
     fn start(model: &'static str, extra: &[&str]) -> Server {
+        Server::start_env(model, extra, &[])
+    }
+
+    /// As [`start`](Server::start), with environment variables for the server.
+    fn start_env(model: &'static str, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let lock = serialize();
         let port = free_port();
         let log = tempfile::NamedTempFile::new().expect("temp file for the server log");
@@ -72,6 +77,7 @@ impl Server {
             .args(["serve", "-m", model, "--host", "127.0.0.1", "--port", &port.to_string()])
             .args(&flags)
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::from(err.try_clone().expect("dup log")))
             .stderr(Stdio::from(err))
@@ -141,6 +147,12 @@ impl Server {
 
     #[track_caller]
     fn run_env(&self, cases: &[&str], env: &[(&str, &str)]) {
+        self.run_with(&[], cases, env);
+    }
+
+    /// Run `cases` with extra client arguments (`--max-tokens N`) and environment.
+    #[track_caller]
+    fn run_with(&self, client_args: &[&str], cases: &[&str], env: &[(&str, &str)]) {
         assert!(Path::new(CLIENT).exists(), "{CLIENT} is missing");
         let base = format!("http://127.0.0.1:{}/v1", self.port);
         let mut cmd = Command::new("python3");
@@ -150,7 +162,7 @@ impl Server {
                 cmd.args([theirs, v]);
             }
         }
-        cmd.args(cases).env("PYTHONUNBUFFERED", "1");
+        cmd.args(client_args).args(cases).env("PYTHONUNBUFFERED", "1");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -259,4 +271,52 @@ fn concurrency_gemma() {
     let srv = Server::start(GEMMA, &["--parallel", "8"]);
     let assert = std::env::var("PUREHW_ASSERT_SPEEDUP").unwrap_or_default();
     srv.run_env(&["concurrency"], &[("PUREHW_ASSERT_SPEEDUP", assert.as_str())]);
+}
+
+/// Whether `purehw devices` finds a Vulkan device for `test`. Without one the test is skipped
+/// with a printed line, unless `PUREHW_REQUIRE_VULKAN=1`, where that is a failure.
+fn vulkan_present(test: &str) -> bool {
+    let out = Command::new(env!("CARGO_BIN_EXE_purehw")).args(["devices", "--json"]).output().expect("purehw devices");
+    assert!(out.status.success(), "purehw devices --json failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("purehw devices --json is JSON");
+    let vk = v["backends"].as_array().and_then(|b| b.iter().find(|b| b["name"] == "vulkan")).cloned();
+    let vk = vk.expect("purehw devices lists vulkan");
+    if vk["available"] == true {
+        return true;
+    }
+    let why = vk["error"].as_str().unwrap_or("unavailable");
+    let required = std::env::var("PUREHW_REQUIRE_VULKAN").is_ok_and(|v| v == "1");
+    assert!(!required, "{test}: PUREHW_REQUIRE_VULKAN=1 but Vulkan is unavailable: {why}");
+    eprintln!("{test}: skipped: Vulkan is unavailable ({why})");
+    false
+}
+
+/// Options for a server on Vulkan: lavapipe (Mesa's CPU driver) where there is no GPU, which
+/// runs SmolLM2 at about a second per step on 2 cores; a small KV cache keeps loading quick.
+const VULKAN: &[&str] = &["--backend", "vulkan", "--ctx-size", "1024", "--parallel", "2"];
+
+/// `--backend vulkan` through the SDK: the chat, stream and completions cases (their `max_tokens`
+/// capped at 4: on lavapipe a step takes about a second, a chat prompt's prefill ten), then the
+/// device's memory and step time in /metrics. About two minutes on lavapipe with 2 cores.
+#[test]
+fn vulkan_chat_stream_completions() {
+    if !vulkan_present("vulkan_chat_stream_completions") {
+        return;
+    }
+    let srv = Server::start(SMOL, VULKAN);
+    srv.run_with(&["--max-tokens", "4"], &["health", "chat", "stream", "completions", "device_metrics"], &[]);
+}
+
+/// A lost device (injected: `PUREHW_VK_FAULT=lost:4` loses each device made at its 4th step):
+/// the requests in flight get 503 (streamed: an error event), the engine makes the device again
+/// and loads the model again, and the next request is served.
+#[test]
+fn vulkan_device_lost_503_then_served() {
+    if !vulkan_present("vulkan_device_lost_503_then_served") {
+        return;
+    }
+    let srv = Server::start_env(SMOL, VULKAN, &[("PUREHW_VK_FAULT", "lost:4")]);
+    srv.run(&["device_lost"]);
+    let log = srv.log_text();
+    assert!(log.contains("loading the model again"), "{log}");
 }

@@ -1,23 +1,23 @@
 #!/usr/bin/env python3
-"""Soak test for `purehw serve` (run by hand, not in CI: it takes minutes).
+"""A soak of `purehw serve`: N clients for a while, some disconnecting mid-stream; host RSS and
+device memory must stay flat (within ±5% of their level after warm-up).
 
-N clients loop chat requests for DURATION seconds; every fourth request is streamed and dropped
-mid-stream (the client closes the connection after a few chunks). The server's RSS is sampled
-from /proc after a warm-up and at the end; the run fails if any response was an error other than
-the provoked disconnects, or if the final RSS is more than 10% above the warm-up RSS.
+    python3 server/tests/soak.py --base-url http://127.0.0.1:8006/v1 --model smollm2-135m \\
+        --pid $(pgrep -f 'purehw serve') --seconds 600 --clients 8
 
-    python3 server/tests/soak.py --base-url http://127.0.0.1:8006 --pid $(pidof purehw) \
-        --clients 8 --duration 600
+Prints one line per sample and a summary; exits 1 when memory grew (or shrank) past the bound or
+a request failed in a way a well-behaved server must not (5xx, broken JSON).
 """
 
 import argparse
 import http.client
 import json
 import random
+import re
 import sys
 import threading
 import time
-from urllib.parse import urlparse
+import urllib.parse
 
 
 def rss_bytes(pid):
@@ -25,110 +25,124 @@ def rss_bytes(pid):
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    return 0
 
 
-PROMPTS = [
-    "Write a haiku about the sea.",
-    "Explain what a prime number is in two sentences.",
-    "List three fruits.",
-    "What is the capital of France?",
-    "Tell me a very short story about a robot.",
-    "Translate 'good morning' into Spanish and French.",
-]
+def device_bytes(root):
+    """Sum of purehw_device_memory_used_bytes over devices, None when the server has no such metric."""
+    u = urllib.parse.urlparse(root)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    vals = [float(m.group(1)) for m in re.finditer(r"^purehw_device_memory_used_bytes(?:\{[^}]*\})? (\S+)$", text, re.M)]
+    return sum(vals) if vals else None
 
 
-class Stats:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.ok = 0
-        self.dropped = 0
-        self.errors = []
-        self.tokens = 0
+class Client(threading.Thread):
+    def __init__(self, i, args, stop, errors, counts):
+        super().__init__(daemon=True)
+        self.i, self.args, self.stop, self.errors, self.counts = i, args, stop, errors, counts
+        self.rng = random.Random(1000 + i)
 
-    def add(self, **kw):
-        with self.lock:
-            for k, v in kw.items():
-                if k == "error":
-                    self.errors.append(v)
-                else:
-                    setattr(self, k, getattr(self, k) + v)
-
-
-def client(idx, args, stop_at, stats):
-    u = urlparse(args.base_url)
-    rng = random.Random(idx)
-    n = 0
-    while time.time() < stop_at:
-        n += 1
-        drop = n % 4 == 0
-        body = {
-            "model": args.model,
-            "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
-            "max_tokens": rng.randint(8, 64),
-            "temperature": rng.choice([0, 0.7]),
-            "stream": drop or rng.random() < 0.5,
-        }
-        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
-        try:
-            conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-            r = conn.getresponse()
-            if r.status != 200:
-                stats.add(error=f"client {idx}: HTTP {r.status}: {r.read()[:300]!r}")
-                continue
-            if body["stream"]:
-                chunks = 0
-                for line in r:
-                    if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
-                        chunks += 1
-                        if drop and chunks >= 3:
-                            break
+    def run(self):
+        u = urllib.parse.urlparse(self.args.base_url)
+        while not self.stop.is_set():
+            stream = self.rng.random() < 0.7
+            drop = stream and self.rng.random() < 0.3
+            body = {
+                "model": self.args.model,
+                "messages": [{"role": "user", "content": f"Tell me about the number {self.rng.randint(1, 10**6)}."}],
+                "max_tokens": self.rng.randint(4, self.args.max_tokens),
+                "temperature": self.rng.choice([0, 0.7]),
+                "stream": stream,
+            }
+            try:
+                conn = http.client.HTTPConnection(u.hostname, u.port, timeout=300)
+                conn.request("POST", u.path.rstrip("/") + "/chat/completions", json.dumps(body),
+                             {"Content-Type": "application/json", "Authorization": "Bearer soak"})
+                r = conn.getresponse()
+                if r.status == 429:  # queue full: fine, try again
+                    r.read()
+                    self.counts["busy"] += 1
+                    time.sleep(0.2)
+                    continue
+                if r.status != 200:
+                    self.errors.append(f"client {self.i}: HTTP {r.status}: {r.read()[:300]!r}")
+                    continue
                 if drop:
-                    stats.add(dropped=1)
-                else:
-                    stats.add(ok=1, tokens=chunks)
-            else:
-                v = json.loads(r.read())
-                stats.add(ok=1, tokens=v["usage"]["completion_tokens"])
-        except Exception as e:  # noqa: BLE001 - any failure is a soak failure
-            stats.add(error=f"client {idx}: {type(e).__name__}: {e}")
-        finally:
-            conn.close()
+                    # Read a few chunks, then hang up mid-stream.
+                    for _ in range(self.rng.randint(1, 4)):
+                        if not r.fp.readline():
+                            break
+                    conn.close()
+                    self.counts["dropped"] += 1
+                    continue
+                data = r.read().decode()
+                if not stream:
+                    json.loads(data)
+                elif "data: [DONE]" not in data:
+                    self.errors.append(f"client {self.i}: stream without [DONE]")
+                self.counts["done"] += 1
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                self.errors.append(f"client {self.i}: {type(e).__name__}: {e}")
+            finally:
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001
+                    pass
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--base-url", default="http://127.0.0.1:8006")
-    ap.add_argument("--model", default="gemma3-270m")
-    ap.add_argument("--pid", type=int, required=True)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base-url", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--pid", type=int, required=True, help="the server's process id (for its RSS)")
+    ap.add_argument("--seconds", type=float, default=600)
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--duration", type=float, default=600)
-    ap.add_argument("--warmup", type=float, default=60)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--warmup", type=float, default=0.2, help="fraction of the run before the baseline")
+    ap.add_argument("--tolerance", type=float, default=0.05)
     args = ap.parse_args()
-
-    stats = Stats()
+    root = re.sub(r"/v1/?$", "", args.base_url)
+    stop = threading.Event()
+    errors = []
+    counts = {"done": 0, "dropped": 0, "busy": 0}
+    clients = [Client(i, args, stop, errors, counts) for i in range(args.clients)]
+    for c in clients:
+        c.start()
     t0 = time.time()
-    stop_at = t0 + args.duration
-    threads = [threading.Thread(target=client, args=(i, args, stop_at, stats), daemon=True) for i in range(args.clients)]
-    for t in threads:
-        t.start()
-    time.sleep(args.warmup)
-    rss_warm = rss_bytes(args.pid)
-    peak = rss_warm
-    while any(t.is_alive() for t in threads):
-        time.sleep(5)
-        peak = max(peak, rss_bytes(args.pid))
-    rss_end = rss_bytes(args.pid)
-    growth = (rss_end - rss_warm) / rss_warm
-    print(
-        f"soak: {time.time() - t0:.0f} s, {args.clients} clients, {stats.ok} ok, {stats.dropped} dropped on purpose, "
-        f"{len(stats.errors)} errors, {stats.tokens} tokens; RSS after warm-up {rss_warm / 2**20:.1f} MiB, "
-        f"peak {peak / 2**20:.1f} MiB, end {rss_end / 2**20:.1f} MiB ({100 * growth:+.1f}%)"
-    )
-    for e in stats.errors[:20]:
-        print("  ", e)
-    if stats.errors or growth > 0.10:
-        sys.exit(1)
+    samples = []
+    every = max(2.0, args.seconds / 60)
+    while time.time() - t0 < args.seconds:
+        time.sleep(every)
+        t = time.time() - t0
+        s = (t, rss_bytes(args.pid), device_bytes(root))
+        samples.append(s)
+        dev = "-" if s[2] is None else f"{s[2] / 2**20:.1f} MiB"
+        print(f"t={t:6.0f}s rss={s[1] / 2**20:.1f} MiB device={dev} done={counts['done']} "
+              f"dropped={counts['dropped']} busy={counts['busy']} errors={len(errors)}", flush=True)
+    stop.set()
+    for c in clients:
+        c.join(timeout=330)
+    ok = not errors
+    for e in errors[:10]:
+        print("ERROR", e)
+    base = [s for s in samples if s[0] >= args.warmup * args.seconds]
+    for k, name in [(1, "host RSS"), (2, "device memory")]:
+        vals = [s[k] for s in base if s[k] is not None]
+        if not vals:
+            print(f"{name}: not reported")
+            continue
+        ref = vals[0]
+        lo, hi = min(vals), max(vals)
+        spread = max(hi / ref - 1, 1 - lo / ref)
+        flat = spread <= args.tolerance
+        ok &= flat
+        print(f"{name}: after warm-up {ref / 2**20:.1f} MiB, range {lo / 2**20:.1f}-{hi / 2**20:.1f} MiB "
+              f"({100 * spread:.1f}% of the first; bound {100 * args.tolerance:.0f}%): {'flat' if flat else 'NOT FLAT'}")
+    print(f"requests: {counts['done']} completed, {counts['dropped']} dropped mid-stream, {counts['busy']} turned away (429)")
+    print("PASS" if ok else "FAIL")
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -1146,9 +1146,14 @@ async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesReject
                 format!("model {} is busy: its queue is full; retry shortly", model.id),
             )
         },
-        SubmitError::Unavailable => ready(model)
-            .err()
-            .unwrap_or_else(|| ApiError::unavailable("the server is shutting down", "service_unavailable", 5)),
+        SubmitError::Unavailable => match model.engine.failed.get() {
+            Some(e) => {
+                ApiError::unavailable(format!("model {} is unavailable: {e}", model.id), "model_unavailable", 60)
+            }
+            None => ready(model)
+                .err()
+                .unwrap_or_else(|| ApiError::unavailable("the server is shutting down", "service_unavailable", 5)),
+        },
     })?;
     let meta = Meta {
         kind: kind_,
@@ -1158,7 +1163,7 @@ async fn generate(st: Arc<AppState>, rc: ReqCtx, body: Result<Bytes, BytesReject
         },
         created: unix_now(),
         model: model.id.clone(),
-        fingerprint: format!("purehw-{}-{}", env!("CARGO_PKG_VERSION"), model.backend),
+        fingerprint: format!("purehw-{}-{}", env!("CARGO_PKG_VERSION"), model.backend()),
         include_usage,
         tools: tool_names,
         echo,
@@ -1217,6 +1222,11 @@ fn tool_finish(f: Finish) -> &'static str {
     }
 }
 
+/// A generation's failure: 503 where the device was lost (the engine serves a retry), else 500.
+fn engine_error(message: String, unavailable: bool) -> ApiError {
+    if unavailable { ApiError::unavailable(message, "device_lost", 1) } else { ApiError::server(message) }
+}
+
 /// Wait for the whole generation and answer in one JSON object.
 async fn collect(mut rx: UnboundedReceiver<Event>, m: Meta) -> ApiResult {
     let mut text = m.echo.clone().unwrap_or_default();
@@ -1238,7 +1248,7 @@ async fn collect(mut rx: UnboundedReceiver<Event>, m: Meta) -> ApiResult {
             Some(Event::Done { finish, prompt_tokens, completion_tokens }) => {
                 break (finish, prompt_tokens, completion_tokens);
             }
-            Some(Event::Error { message }) => return Err(ApiError::server(message)),
+            Some(Event::Error { message, unavailable }) => return Err(engine_error(message, unavailable)),
             None => return Err(ApiError::server("the engine stopped before the generation finished")),
         }
     };
@@ -1458,10 +1468,10 @@ impl Streamer {
                 self.queue.push_back(SseEvent::default().data("[DONE]"));
                 self.ended = true;
             }
-            Some(Event::Error { message }) => {
+            Some(Event::Error { message, unavailable }) => {
                 self.log.outcome = "error";
                 tracing::error!(id = %self.log.rc.id, "generation failed: {message}");
-                self.push(&ApiError::server(message).body());
+                self.push(&engine_error(message, unavailable).body());
                 self.ended = true;
             }
             None => {
@@ -1516,10 +1526,11 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
         .models
         .iter()
         .map(|m| {
-            let (status, error) = if m.engine.loaded.get().is_some() {
-                ("ok", None)
-            } else if let Some(e) = m.engine.failed.get() {
+            // (An engine that loaded may fail later: no backend left after a lost device.)
+            let (status, error) = if let Some(e) = m.engine.failed.get() {
                 ("error", Some(e.clone()))
+            } else if m.engine.loaded.get().is_some() {
+                ("ok", None)
             } else {
                 ("loading", None)
             };
@@ -1545,7 +1556,7 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
         "status": overall,
         "model": st.models.first().map(|m| m.id.clone()),
         "models": models,
-        "backend": st.models.first().map(|m| m.backend),
+        "backend": st.models.first().map(|m| m.backend()),
         "uptime_s": st.started.elapsed().as_secs(),
     });
     match overall {
@@ -1564,8 +1575,9 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics_page(State(st): State<Arc<AppState>>) -> Response {
+    let backends: Vec<String> = st.models.iter().map(|m| m.backend()).collect();
     let models: Vec<(&str, &str, &metrics::Stats)> =
-        st.models.iter().map(|m| (m.id.as_str(), m.backend, &*m.engine.stats)).collect();
+        st.models.iter().zip(&backends).map(|(m, b)| (m.id.as_str(), b.as_str(), &*m.engine.stats)).collect();
     let text = metrics::render(&st.requests, &models);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
@@ -1662,7 +1674,6 @@ mod tests {
                 id: "m".into(),
                 path: "m.gguf".into(),
                 engine,
-                backend: "cpu-ref",
                 created: 1,
                 template: OnceLock::new(),
             }],

@@ -6,11 +6,18 @@
 //! 1. drop sequences whose client went away (their event channel is closed);
 //! 2. admit queued jobs into free slots;
 //! 3. build one step: a decode row for every generating sequence plus one prefill chunk;
-//! 4. run it (`Model::forward_batch`), then sample each sequence that has a new token.
+//! 4. run it (`Model::forward_select`), then sample each sequence that has a new token. A row
+//!    asks only for what it needs: nothing for a prompt chunk before the last, the device's
+//!    argmax for plain greedy rows (4 bytes back instead of the vocabulary's logits), the logits
+//!    for the rest (sampling, penalties, logprobs, JSON guards).
 //!
 //! A sequence's tokens depend only on its own prompt, parameters and seed: every backend kernel
 //! computes each row independently of the others in the step (bit for bit), so greedy output is
 //! the same whatever else is batched.
+//!
+//! A lost device (`ErrorKind::DeviceLost`) ends every sequence of the step with a 503; the
+//! thread then loads the model again on a new backend, or, if that fails, on the fallback
+//! (`cpu`), and serves the next requests.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
@@ -18,10 +25,11 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use purehw_core::model::{Model, SeqInput};
+use purehw_core::model::{Model, SeqInput, StepOut, Want};
 use purehw_core::sampling::{Sampler, SamplingParams};
+use purehw_core::source::ModelSource;
 use purehw_core::tokenizer::{Decoder, Tokenizer};
-use purehw_hal::Backend;
+use purehw_hal::{Backend, ErrorKind};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::json_guard::{JsonGuard, Rules, TokenTexts};
@@ -112,6 +120,9 @@ pub enum Event {
     },
     Error {
         message: String,
+        /// The device was lost: HTTP 503, and a retry will be served (on a new device or the
+        /// fallback). Otherwise a 500.
+        unavailable: bool,
     },
 }
 
@@ -160,6 +171,9 @@ impl Loaded {
 /// What the engine's load function returns.
 pub struct LoadedModel<B: Backend> {
     pub model: Model<B>,
+    /// The weights file, open as long as the model lives: a backend may read its mapped pages in
+    /// place (Vulkan on a device that shares the host's memory).
+    pub source: ModelSource,
     pub tokenizer: Arc<Tokenizer>,
     pub stop_ids: Vec<u32>,
     pub chat_template: Option<String>,
@@ -182,7 +196,19 @@ impl Engine {
     pub fn start<B, F>(cfg: EngineConfig, load: F) -> Engine
     where
         B: Backend + 'static,
-        F: FnOnce() -> Result<LoadedModel<B>, String> + Send + 'static,
+        F: FnMut() -> Result<LoadedModel<B>, String> + Send + 'static,
+    {
+        Engine::start_with_fallback(cfg, load, None::<F>)
+    }
+
+    /// As [`start`](Engine::start); `load` runs again after a lost device, and where that fails,
+    /// `fallback` (another backend) takes over.
+    pub fn start_with_fallback<B, C, F, G>(cfg: EngineConfig, mut load: F, fallback: Option<G>) -> Engine
+    where
+        B: Backend + 'static,
+        C: Backend + 'static,
+        F: FnMut() -> Result<LoadedModel<B>, String> + Send + 'static,
+        G: FnMut() -> Result<LoadedModel<C>, String> + Send + 'static,
     {
         let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue.max(1));
         let e = Engine {
@@ -193,24 +219,52 @@ impl Engine {
             stopping: Arc::new(AtomicBool::new(false)),
         };
         let h = e.clone();
-        let spawned = std::thread::Builder::new().name("purehw-engine".into()).spawn(move || match load() {
-            Ok(LoadedModel { model, tokenizer, stop_ids, chat_template }) => {
-                let loaded = Arc::new(Loaded {
-                    tokenizer,
-                    chat_template,
-                    // The loader resolved `--ctx-size` (0: the model's own) into the options.
-                    ctx: model.options().ctx,
-                    vocab: model.config().vocab,
-                    stop_ids,
-                    texts: OnceLock::new(),
-                });
-                let _ = h.loaded.set(loaded.clone());
-                run(model, &loaded, &cfg, &rx, &h);
+        let spawned = std::thread::Builder::new().name("purehw-engine".into()).spawn(move || {
+            let LoadedModel { model, source, tokenizer, stop_ids, chat_template } = match load() {
+                Ok(m) => m,
+                Err(msg) => {
+                    tracing::error!("loading failed: {msg}");
+                    let _ = h.failed.set(msg);
+                    return;
+                }
+            };
+            let loaded = Arc::new(Loaded {
+                tokenizer,
+                chat_template,
+                // The loader resolved `--ctx-size` (0: the model's own) into the options.
+                ctx: model.options().ctx,
+                vocab: model.config().vocab,
+                stop_ids,
+                texts: OnceLock::new(),
+            });
+            let _ = h.loaded.set(loaded.clone());
+            let mut waiting = VecDeque::new();
+            let Err(why) = serve_on((model, source), &mut load, &loaded, &cfg, &rx, &h, &mut waiting) else { return };
+            let why = match fallback {
+                None => why,
+                Some(mut fallback) => {
+                    tracing::warn!("{why}; falling back to another backend");
+                    match fallback() {
+                        Ok(m) => {
+                            tracing::warn!(backend = m.model.backend().name(), "serving on the fallback backend");
+                            match serve_on((m.model, m.source), &mut fallback, &loaded, &cfg, &rx, &h, &mut waiting) {
+                                Ok(()) => return,
+                                Err(why) => why,
+                            }
+                        }
+                        Err(e) => format!("{why}; the fallback failed too: {e}"),
+                    }
+                }
+            };
+            // No backend left: refuse what waits and whatever comes.
+            tracing::error!("{why}");
+            let _ = h.failed.set(why.clone());
+            h.stopping.store(true, Relaxed);
+            let message = format!("the engine has no backend: {why}");
+            for job in waiting.drain(..).chain(rx.try_iter()) {
+                let _ = job.events.send(Event::Error { message: message.clone(), unavailable: true });
             }
-            Err(msg) => {
-                tracing::error!("loading failed: {msg}");
-                let _ = h.failed.set(msg);
-            }
+            h.stats.queue_depth.store(0, Relaxed);
         });
         if let Err(err) = spawned {
             let _ = e.failed.set(format!("could not start the engine thread: {err}"));
@@ -322,15 +376,75 @@ impl Seq<'_> {
     }
 }
 
-fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx: &Receiver<Job>, h: &Engine) {
+/// Why [`run`] returned.
+enum Exit {
+    /// The job channel closed: the server is stopping.
+    Closed,
+    /// The device was lost; every sequence of the step has had its 503.
+    Lost(String),
+}
+
+/// Serve on `model`, loading it again (a new backend) each time the device is lost. `Ok` when
+/// the server stops; `Err` when loading again failed.
+fn serve_on<B: Backend>(
+    // `_source`: held, never read (see `LoadedModel::source`).
+    (mut model, mut _source): (Model<B>, ModelSource),
+    load: &mut dyn FnMut() -> Result<LoadedModel<B>, String>,
+    loaded: &Loaded,
+    cfg: &EngineConfig,
+    rx: &Receiver<Job>,
+    h: &Engine,
+    waiting: &mut VecDeque<Job>,
+) -> Result<(), String> {
+    loop {
+        h.stats.set_backend(model.backend().name(), &model.backend().stats());
+        // `run` takes the model: the lost device is gone before a new one is made.
+        let why = match run(model, loaded, cfg, rx, h, waiting) {
+            Exit::Closed => return Ok(()),
+            Exit::Lost(why) => why,
+        };
+        h.stats.device_lost.fetch_add(1, Relaxed);
+        tracing::warn!("{why}; loading the model again on a new device");
+        // (The old source goes once the new model is loaded: the pages stay mapped throughout.)
+        (model, _source) = match load() {
+            Ok(m) if m.model.options().ctx == loaded.ctx && m.model.config().vocab == loaded.vocab => {
+                (m.model, m.source)
+            }
+            Ok(_) => return Err(format!("{why}; the model loaded again differs in context or vocabulary")),
+            Err(e) => return Err(format!("{why}; loading the model again failed: {e}")),
+        };
+        tracing::info!(backend = model.backend().name(), "serving again");
+    }
+}
+
+/// What a step asks of a row: nothing before the prompt's last chunk; the device's argmax where
+/// that is what sampling would pick (plain greedy, no logprobs, no JSON guard); else the logits.
+fn want_of(seq: &Seq<'_>, sample_now: bool) -> Want {
+    if !sample_now {
+        Want::Nothing
+    } else if seq.json.is_none() && seq.job.params.logprobs.is_none() && seq.sampler.is_plain_greedy() {
+        Want::Argmax
+    } else {
+        Want::Logits
+    }
+}
+
+fn run<B: Backend>(
+    mut model: Model<B>,
+    loaded: &Loaded,
+    cfg: &EngineConfig,
+    rx: &Receiver<Job>,
+    h: &Engine,
+    waiting: &mut VecDeque<Job>,
+) -> Exit {
     let tok: &Tokenizer = &loaded.tokenizer;
     let ctx = loaded.ctx;
     let vocab = loaded.vocab;
     let stats = &*h.stats;
     stats.kv_capacity.store(cfg.parallel * ctx, Relaxed);
     let mut slots: Vec<Option<Seq<'_>>> = (0..cfg.parallel).map(|_| None).collect();
-    let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut inputs_meta: Vec<(usize, bool)> = Vec::with_capacity(cfg.parallel);
+    let mut wants: Vec<Want> = Vec::with_capacity(cfg.parallel);
     let mut feed: Vec<Vec<u32>> = (0..cfg.parallel).map(|_| Vec::new()).collect();
     loop {
         // Clients that went away free their slot now.
@@ -348,7 +462,7 @@ fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx:
                 match rx.recv_timeout(Duration::from_millis(200)) {
                     Ok(j) => j,
                     Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => return,
+                    Err(RecvTimeoutError::Disconnected) => return Exit::Closed,
                 }
             } else {
                 match rx.try_recv() {
@@ -369,6 +483,7 @@ fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx:
             if job.prompt.is_empty() || job.prompt.len() >= ctx {
                 let _ = job.events.send(Event::Error {
                     message: format!("the prompt has {} tokens; this model's context is {ctx}", job.prompt.len()),
+                    unavailable: false,
                 });
                 continue;
             }
@@ -435,21 +550,31 @@ fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx:
                 SeqInput { slot, pos: s.pos(), tokens: &feed[slot] }
             })
             .collect();
-        let logits = match model.forward_batch(&inputs) {
-            Ok(l) => l,
+        wants.clear();
+        wants.extend(inputs_meta.iter().map(|&(slot, now)| want_of(slots[slot].as_ref().expect("active slot"), now)));
+        let out = match model.forward_select(&inputs, &wants) {
+            Ok(out) => out,
             Err(e) => {
-                // A backend failure ends every running sequence with an error; the engine goes on.
+                // A backend failure ends every running sequence with an error. A lost device
+                // is a 503 (a retry will be served) and ends this run, so the model is loaded
+                // again; after any other failure the engine goes on.
+                let lost = matches!(e, purehw_core::Error::Backend { kind: ErrorKind::DeviceLost, .. });
                 let msg = format!("inference failed: {e}");
                 tracing::error!("{msg}");
                 for s in slots.iter_mut() {
                     if let Some(q) = s.take() {
-                        q.send(Event::Error { message: msg.clone() });
+                        q.send(Event::Error { message: msg.clone(), unavailable: lost });
                     }
+                }
+                stats.active.store(0, Relaxed);
+                stats.kv_used.store(0, Relaxed);
+                if lost {
+                    return Exit::Lost(msg);
                 }
                 continue;
             }
         };
-        sample_rows(&mut slots, &inputs_meta, logits, vocab);
+        sample_rows(&mut slots, &inputs_meta, &out);
         for (row, &(slot, sample_now)) in inputs_meta.iter().enumerate() {
             let seq = slots[slot].as_mut().expect("active slot");
             let n = feed[slot].len();
@@ -459,22 +584,23 @@ fn run<B: Backend>(mut model: Model<B>, loaded: &Loaded, cfg: &EngineConfig, rx:
             if !sample_now {
                 continue;
             }
-            let row_logits = &logits[row * vocab..(row + 1) * vocab];
-            if let Some(fin) = step_token(seq, row_logits, loaded, ctx, stats) {
+            if let Some(fin) = step_token(seq, out.logits(row), loaded, ctx, stats) {
                 let s = slots[slot].take().expect("active slot");
                 finish(s, fin, stats);
             }
         }
+        stats.observe_step(&model.backend().stats());
     }
 }
 
 /// A sampler with the logits and history it draws from, and where its token goes.
 type Draw<'a> = (&'a mut Sampler, &'a [u32], &'a [f32], &'a mut Option<u32>);
 
-/// Draw the next token of every row that samples this step (JSON-constrained rows excepted: their
-/// guard samples), up to one thread per row and per CPU: each draw passes over the whole
-/// vocabulary (262k entries for Gemma 3), most of a step's host time.
-fn sample_rows(slots: &mut [Option<Seq<'_>>], meta: &[(usize, bool)], logits: &[f32], vocab: usize) {
+/// Pick the next token of every row that samples this step (JSON-constrained rows excepted: their
+/// guard samples): the device's argmax where the row asked for it, else a draw from its logits,
+/// up to one thread per row and per CPU: each draw passes over the whole vocabulary (262k
+/// entries for Gemma 3), most of a step's host time.
+fn sample_rows(slots: &mut [Option<Seq<'_>>], meta: &[(usize, bool)], out: &StepOut<'_>) {
     let mut row_of = vec![None; slots.len()];
     for (row, &(slot, now)) in meta.iter().enumerate() {
         if now {
@@ -484,9 +610,14 @@ fn sample_rows(slots: &mut [Option<Seq<'_>>], meta: &[(usize, bool)], logits: &[
     let mut work: Vec<Mutex<Draw<'_>>> = Vec::with_capacity(meta.len());
     for (s, row) in slots.iter_mut().zip(row_of) {
         let (Some(s), Some(row)) = (s.as_mut(), row) else { continue };
-        if s.json.is_none() {
+        if s.json.is_some() {
+            continue;
+        }
+        if let Some(id) = out.argmax(row) {
+            s.picked = Some(id);
+        } else if let Some(logits) = out.logits(row) {
             let Seq { sampler, generated, picked, .. } = s;
-            work.push(Mutex::new((sampler, generated, &logits[row * vocab..(row + 1) * vocab], picked)));
+            work.push(Mutex::new((sampler, generated, logits, picked)));
         }
     }
     // Each thread takes the next undrawn row until none is left.
@@ -513,15 +644,16 @@ fn sample_rows(slots: &mut [Option<Seq<'_>>], meta: &[(usize, bool)], logits: &[
     });
 }
 
-/// Sample the next token of `seq` from `logits` and stream it; `Some` when generation ends.
-fn step_token(seq: &mut Seq<'_>, logits: &[f32], loaded: &Loaded, ctx: usize, stats: &Stats) -> Option<Finish> {
+/// Take the token [`sample_rows`] picked for `seq` (or sample it from `logits`) and stream it;
+/// `Some` when generation ends. `logits` is there whenever the row needs it ([`want_of`]).
+fn step_token(seq: &mut Seq<'_>, logits: Option<&[f32]>, loaded: &Loaded, ctx: usize, stats: &Stats) -> Option<Finish> {
     let p = &seq.job.params;
-    let id = match &mut seq.json {
-        None => match seq.picked.take() {
-            Some(id) => id,
-            None => seq.sampler.sample(logits, &seq.generated),
-        },
-        Some((guard, texts, rules)) => {
+    let id = match (&mut seq.json, seq.picked.take(), logits) {
+        (None, Some(id), _) => id,
+        (None, None, Some(logits)) => seq.sampler.sample(logits, &seq.generated),
+        (None, None, None) => unreachable!("a row that samples has logits or its argmax (want_of)"),
+        (Some(_), _, None) => unreachable!("a JSON-guarded row has its logits (want_of)"),
+        (Some((guard, texts, rules)), _, Some(logits)) => {
             seq.scratch.clear();
             seq.scratch.extend_from_slice(logits);
             let (sampler, generated) = (&mut seq.sampler, &seq.generated);
@@ -541,7 +673,7 @@ fn step_token(seq: &mut Seq<'_>, logits: &[f32], loaded: &Loaded, ctx: usize, st
     }
     seq.generated.push(id);
     stats.completion_tokens.fetch_add(1, Relaxed);
-    let logprob = p.logprobs.map(|k| logprob_of(logits, id, k, loaded));
+    let logprob = p.logprobs.zip(logits).map(|(k, logits)| logprob_of(logits, id, k, loaded));
     let piece = seq.decoder.push(id).unwrap_or_default();
     let (text, stopped) = seq.stops.feed(&piece);
     if !seq.send(Event::Token { text, logprob }) {
@@ -646,5 +778,244 @@ mod tests {
         assert_eq!(run(&["\n\n", "###"], &["hi\n", "\nthere"]), ("hi".into(), true));
         assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
         assert_eq!(run(&["é!"], &["caf", "é", "!"]), ("caf".into(), true));
+    }
+}
+
+/// The engine over a real model (SmolLM2 on the `cpu` backend), through a wrapper backend that
+/// counts what a step reads back and loses its "device" at a chosen step.
+#[cfg(test)]
+mod engine_tests {
+    use std::fmt;
+    use std::path::PathBuf;
+    use std::sync::atomic::AtomicUsize;
+
+    use purehw_core::model::ModelOptions;
+    use purehw_hal::{ActQuant, ErrorType, HostWeight, Op, OpKind, Step, View};
+    use purehw_hal_cpu::Cpu;
+    use tokio::sync::mpsc::unbounded_channel;
+
+    use super::*;
+
+    /// `B`, counting the floats read back, whose device is lost at step `lose_at` (and stays lost).
+    struct Probe<B> {
+        inner: B,
+        steps: usize,
+        lose_at: Option<usize>,
+        read: Arc<AtomicUsize>,
+    }
+
+    #[derive(Debug)]
+    enum ProbeError<E> {
+        Lost,
+        Inner(E),
+    }
+
+    impl<E: fmt::Display> fmt::Display for ProbeError<E> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match self {
+                ProbeError::Lost => f.write_str("the device was lost"),
+                ProbeError::Inner(e) => e.fmt(f),
+            }
+        }
+    }
+
+    impl<E: purehw_hal::Error> purehw_hal::Error for ProbeError<E> {
+        fn kind(&self) -> ErrorKind {
+            match self {
+                ProbeError::Lost => ErrorKind::DeviceLost,
+                ProbeError::Inner(e) => e.kind(),
+            }
+        }
+    }
+
+    impl<B: Backend> ErrorType for Probe<B> {
+        type Error = ProbeError<B::Error>;
+    }
+
+    impl<B: Backend> Backend for Probe<B> {
+        type Buffer = B::Buffer;
+        type Weight = B::Weight;
+
+        fn name(&self) -> &str {
+            "probe"
+        }
+        fn supports(&self, op: OpKind) -> bool {
+            self.inner.supports(op)
+        }
+        fn alloc(&mut self, len: usize) -> Result<Self::Buffer, Self::Error> {
+            self.inner.alloc(len).map_err(ProbeError::Inner)
+        }
+        fn load_weight(&mut self, w: &HostWeight) -> Result<Self::Weight, Self::Error> {
+            self.inner.load_weight(w).map_err(ProbeError::Inner)
+        }
+        fn write(&mut self, dst: View<Self::Buffer>, src: &[f32]) -> Result<(), Self::Error> {
+            self.inner.write(dst, src).map_err(ProbeError::Inner)
+        }
+        fn read(&mut self, src: View<Self::Buffer>, dst: &mut [f32]) -> Result<(), Self::Error> {
+            self.read.fetch_add(dst.len(), Relaxed);
+            self.inner.read(src, dst).map_err(ProbeError::Inner)
+        }
+        fn submit(&mut self, step: &Step<'_>, ops: &[Op<Self::Buffer, Self::Weight>]) -> Result<(), Self::Error> {
+            self.steps += 1;
+            if self.lose_at.is_some_and(|n| self.steps >= n) {
+                return Err(ProbeError::Lost);
+            }
+            self.inner.submit(step, ops).map_err(ProbeError::Inner)
+        }
+    }
+
+    const CFG: EngineConfig = EngineConfig { parallel: 2, ctx: 64, prefill_chunk: 16, queue: 4 };
+
+    fn smol() -> PathBuf {
+        purehw_conformance::model_file("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    }
+
+    /// What `purehw serve` loads, on `backend`, sized by [`CFG`].
+    fn load_on<B: Backend>(backend: B) -> Result<LoadedModel<B>, String> {
+        let path = smol();
+        let source = ModelSource::open(&path).map_err(|e| e.to_string())?;
+        let tok = Tokenizer::from_gguf("smollm2", source.gguf().expect("a GGUF")).map_err(|e| e.to_string())?;
+        let opts = ModelOptions {
+            ctx: CFG.ctx,
+            slots: CFG.parallel,
+            max_batch: CFG.prefill_chunk + CFG.parallel,
+            logit_rows: CFG.parallel,
+            act: ActQuant::Int8,
+        };
+        let model = Model::load(backend, &source, opts).map_err(|e| e.to_string())?;
+        let stop_ids = tok.eos_ids().to_vec();
+        Ok(LoadedModel { model, source, tokenizer: Arc::new(tok), stop_ids, chat_template: None })
+    }
+
+    fn probe(lose_at: Option<usize>, read: &Arc<AtomicUsize>) -> Probe<Cpu> {
+        Probe { inner: Cpu::new(1).expect("cpu backend"), steps: 0, lose_at, read: read.clone() }
+    }
+
+    fn wait_loaded(e: &Engine) -> Arc<Loaded> {
+        let t = Instant::now();
+        loop {
+            if let Some(l) = e.loaded.get() {
+                return l.clone();
+            }
+            assert!(e.failed.get().is_none(), "{:?}", e.failed.get());
+            assert!(t.elapsed() < Duration::from_secs(60), "not loaded after 60 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What a job ends with: its text, and `Ok(completion tokens)` or `Err((message, unavailable))`.
+    type Outcome = (String, Result<usize, (String, bool)>);
+
+    fn submit(e: &Engine, prompt: &[u32], params: GenParams) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+        let (tx, rx) = unbounded_channel();
+        e.submit(Job { prompt: prompt.to_vec(), params, events: tx, accepted: Instant::now() }).expect("submitted");
+        rx
+    }
+
+    fn outcome(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Outcome {
+        let mut text = String::new();
+        loop {
+            match rx.blocking_recv() {
+                Some(Event::Token { text: t, .. }) => text.push_str(&t),
+                Some(Event::Done { completion_tokens, .. }) => return (text, Ok(completion_tokens)),
+                Some(Event::Error { message, unavailable }) => return (text, Err((message, unavailable))),
+                None => return (text, Err(("the engine dropped the job".into(), false))),
+            }
+        }
+    }
+
+    fn greedy(max_tokens: usize) -> GenParams {
+        GenParams { max_tokens: Some(max_tokens), ..GenParams::default() }
+    }
+
+    fn prompt(l: &Loaded) -> Vec<u32> {
+        l.tokenizer.encode("One, two, three,", true).expect("encoding")
+    }
+
+    /// Plain greedy rows read back only the device's argmax; rows that want logprobs read the
+    /// logits; both pick the same tokens, alone or batched together.
+    #[test]
+    fn greedy_rows_read_only_the_argmax_and_pick_what_the_logits_pick() {
+        let read = Arc::new(AtomicUsize::new(0));
+        let r = read.clone();
+        let e = Engine::start(CFG, move || load_on(probe(None, &r)));
+        let l = wait_loaded(&e);
+        let p = prompt(&l);
+        let (argmax_text, done) = outcome(submit(&e, &p, greedy(6)));
+        assert_eq!(done, Ok(6));
+        let argmax_read = read.swap(0, Relaxed);
+        assert!(argmax_read < l.vocab, "a greedy job read {argmax_read} floats (vocab {})", l.vocab);
+        let with_logprobs = GenParams { logprobs: Some(0), ..greedy(6) };
+        let (logits_text, done) = outcome(submit(&e, &p, with_logprobs.clone()));
+        assert_eq!(done, Ok(6));
+        assert!(read.load(Relaxed) >= 6 * l.vocab, "a logprobs job read {} floats", read.load(Relaxed));
+        assert_eq!(argmax_text, logits_text);
+        assert!(!argmax_text.is_empty());
+        // Batched together.
+        let (a, b) = (submit(&e, &p, greedy(6)), submit(&e, &p, with_logprobs));
+        assert_eq!(outcome(a).0, argmax_text);
+        assert_eq!(outcome(b).0, argmax_text);
+    }
+
+    /// A lost device: the job in flight ends with an `unavailable` error (503); the model is
+    /// loaded again on a new device and the next job is served there.
+    #[test]
+    fn a_lost_device_is_made_again() {
+        let read = Arc::new(AtomicUsize::new(0));
+        let loads = Arc::new(AtomicUsize::new(0));
+        let (r, n) = (read.clone(), loads.clone());
+        let e = Engine::start(CFG, move || {
+            n.fetch_add(1, Relaxed);
+            load_on(probe(Some(3), &r))
+        });
+        let l = wait_loaded(&e);
+        let p = prompt(&l);
+        let (_, end) = outcome(submit(&e, &p, greedy(8)));
+        let (msg, unavailable) = end.expect_err("the device was lost at step 3");
+        assert!(unavailable && msg.contains("lost"), "{msg}");
+        let (text, end) = outcome(submit(&e, &p, greedy(2)));
+        assert_eq!(end, Ok(2), "{text}");
+        assert_eq!(loads.load(Relaxed), 2);
+        assert_eq!(e.stats.device_lost.load(Relaxed), 1);
+        assert_eq!(e.stats.backend(), "probe");
+    }
+
+    /// A lost device that cannot be made again: the fallback backend serves the next jobs; with
+    /// no fallback either, the engine refuses jobs (503) instead of hanging.
+    #[test]
+    fn a_lost_device_falls_back_then_fails_cleanly() {
+        let read = Arc::new(AtomicUsize::new(0));
+        let fresh = Arc::new(AtomicBool::new(true));
+        type Fallback = fn() -> Result<LoadedModel<Cpu>, String>;
+        let make = |fallback: Option<Fallback>| {
+            let (r, first) = (read.clone(), fresh.clone());
+            first.store(true, Relaxed);
+            let load = move || {
+                if first.swap(false, Relaxed) { load_on(probe(Some(2), &r)) } else { Err("no device any more".into()) }
+            };
+            Engine::start_with_fallback(CFG, load, fallback)
+        };
+        let e = make(Some(|| load_on(Cpu::new(1).map_err(|e| e.to_string())?)));
+        let p = prompt(&wait_loaded(&e));
+        let (_, end) = outcome(submit(&e, &p, greedy(8)));
+        assert!(end.is_err_and(|(_, unavailable)| unavailable));
+        let (text, end) = outcome(submit(&e, &p, greedy(3)));
+        assert_eq!(end, Ok(3), "{text}");
+        assert_eq!(e.stats.backend(), "cpu");
+        assert!(e.failed.get().is_none());
+
+        let e = make(Some(|| Err("no cpu either".into())));
+        let p = prompt(&wait_loaded(&e));
+        let (_, end) = outcome(submit(&e, &p, greedy(8)));
+        assert!(end.is_err_and(|(_, unavailable)| unavailable));
+        let t = Instant::now();
+        while e.failed.get().is_none() {
+            assert!(t.elapsed() < Duration::from_secs(60), "the engine did not give up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(e.failed.get().is_some_and(|m| m.contains("no cpu either")), "{:?}", e.failed.get());
+        let (tx, _rx) = unbounded_channel();
+        let job = Job { prompt: p, params: greedy(1), events: tx, accepted: Instant::now() };
+        assert_eq!(e.submit(job).err(), Some(SubmitError::Unavailable));
     }
 }

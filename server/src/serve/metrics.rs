@@ -56,6 +56,18 @@ impl Histogram {
 const TTFT: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 const ITL: &[f64] = &[0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28];
 const E2E: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+const STEP: &[f64] = &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+/// The backend computing for a model and what it last said of its device
+/// (`Backend::stats` after each step). `None` where the backend does not tell.
+#[derive(Clone, Debug, Default)]
+pub struct Device {
+    /// `cpu`, `vulkan`, ... (changes when a lost device falls back to another backend).
+    pub backend: String,
+    pub name: Option<String>,
+    pub memory_used: Option<u64>,
+    pub memory_budget: Option<u64>,
+}
 
 /// Everything `/metrics` reports for one served model.
 pub struct Stats {
@@ -73,9 +85,46 @@ pub struct Stats {
     pub completion_tokens: AtomicU64,
     pub finished: AtomicU64,
     pub cancelled: AtomicU64,
+    /// Times the device was lost (each followed by loading the model again).
+    pub device_lost: AtomicU64,
+    pub device: Mutex<Device>,
     pub ttft: Histogram,
     pub itl: Histogram,
     pub e2e: Histogram,
+    /// Device time per step, where the backend measures it (timestamp queries).
+    pub step_device: Histogram,
+}
+
+impl Stats {
+    /// The backend now computing, and what it says of its device.
+    pub fn set_backend(&self, name: &str, s: &purehw_hal::Stats) {
+        let mut d = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        d.backend = name.to_string();
+        d.name = s.device.clone();
+        d.memory_used = s.memory_used;
+        d.memory_budget = s.memory_budget;
+    }
+
+    /// After a step: the device's memory and the step's device time.
+    pub fn observe_step(&self, s: &purehw_hal::Stats) {
+        if let Some(t) = s.last_step_seconds.and_then(|t| Duration::try_from_secs_f64(t).ok()) {
+            self.step_device.observe(t);
+        }
+        if s.device.is_none() && s.memory_used.is_none() && s.memory_budget.is_none() {
+            return;
+        }
+        let mut d = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        if d.name != s.device {
+            d.name = s.device.clone();
+        }
+        d.memory_used = s.memory_used;
+        d.memory_budget = s.memory_budget;
+    }
+
+    /// The backend's name, for labels.
+    pub fn backend(&self) -> String {
+        self.device.lock().unwrap_or_else(|e| e.into_inner()).backend.clone()
+    }
 }
 
 impl Default for Stats {
@@ -90,9 +139,12 @@ impl Default for Stats {
             completion_tokens: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            device_lost: AtomicU64::new(0),
+            device: Mutex::new(Device::default()),
             ttft: Histogram::new(TTFT),
             itl: Histogram::new(ITL),
             e2e: Histogram::new(E2E),
+            step_device: Histogram::new(STEP),
         }
     }
 }
@@ -154,11 +206,55 @@ pub fn render(requests: &Requests, models: &[(&str, &str, &Stats)]) -> String {
         "gauge",
         &|s| s.backend_bytes.load(Relaxed) as f64,
     );
+    gauge(
+        &mut out,
+        "purehw_device_lost_total",
+        "Times the device was lost and the model loaded again.",
+        "counter",
+        &|s| s.device_lost.load(Relaxed) as f64,
+    );
     for (model, backend, s) in models {
         let labels = format!("model=\"{model}\",backend=\"{backend}\",");
         s.ttft.render(&mut out, "purehw_time_to_first_token_seconds", "Time to first token.", &labels);
         s.itl.render(&mut out, "purehw_inter_token_latency_seconds", "Time between streamed tokens.", &labels);
         s.e2e.render(&mut out, "purehw_request_duration_seconds", "Time from accept to last token.", &labels);
     }
+    // Per device, where the backend tells (the CPU backends do not).
+    let devices: Vec<(String, Device, &Stats)> = models
+        .iter()
+        .filter_map(|(model, backend, s)| {
+            let d = s.device.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let name = d.name.as_deref()?;
+            Some((format!("model=\"{model}\",backend=\"{backend}\",device=\"{}\",", escape(name)), d, *s))
+        })
+        .collect();
+    let device_gauge = |out: &mut String, name: &str, help: &str, f: &dyn Fn(&Device) -> Option<u64>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (labels, d, _) in &devices {
+            if let Some(v) = f(d) {
+                let _ = writeln!(out, "{name}{{{}}} {v}", labels.trim_end_matches(','));
+            }
+        }
+    };
+    device_gauge(
+        &mut out,
+        "purehw_device_memory_used_bytes",
+        "Device memory the backend holds (weights, KV cache, activations).",
+        &|d| d.memory_used,
+    );
+    device_gauge(&mut out, "purehw_device_memory_budget_bytes", "Device memory there is.", &|d| d.memory_budget);
+    for (labels, _, s) in &devices {
+        s.step_device.render(
+            &mut out,
+            "purehw_step_device_seconds",
+            "Device time per step (timestamp queries).",
+            labels,
+        );
+    }
     out
+}
+
+/// A label value in the text format: backslash, quote and newline escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }

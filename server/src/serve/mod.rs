@@ -1,8 +1,10 @@
 //! `purehw serve`: the OpenAI-compatible HTTP server.
 //!
-//! `main` here only wires things: it starts one [`engine::Engine`] thread per model (each loads
-//! its model in the background, so `/health` answers at once and says `loading`), builds the
-//! axum app ([`api::app`]) and serves it until SIGINT/SIGTERM, then lets running streams finish.
+//! `main` here only wires things: it starts one [`engine::Engine`] thread per model (each makes
+//! its backend and loads its model in the background, so `/health` answers at once and says
+//! `loading`), builds the axum app ([`api::app`]) and serves it until SIGINT/SIGTERM, then lets
+//! running streams finish. After a lost device an engine makes its backend again and reloads
+//! the model with the same options; if that fails it falls back to the `cpu` backend.
 
 pub mod api;
 pub mod engine;
@@ -21,11 +23,10 @@ use purehw_core::model::{Model, ModelOptions};
 use purehw_core::source::ModelSource;
 use purehw_core::tokenizer::Tokenizer;
 use purehw_hal::{ActQuant, Backend};
-use purehw_hal_cpu::Cpu;
-use purehw_hal_cpu_ref::CpuRef;
 
+use crate::backends::{self, BackendArgs, Maker, Registered, WithBackend};
 use crate::error::{CliResult, Context, err};
-use crate::{BackendArgs, BackendKind, commands, models};
+use crate::models;
 use engine::{Engine, EngineConfig, LoadedModel};
 use template::ChatTemplate;
 
@@ -81,8 +82,6 @@ pub struct ServedModel {
     /// The weights file or folder (shown in `/health`).
     pub path: PathBuf,
     pub engine: Engine,
-    /// `cpu` or `cpu-ref`.
-    pub backend: &'static str,
     /// Unix seconds when serving started (OpenAI's `created`).
     pub created: u64,
     /// The compiled chat template (or why there is none), made on first use.
@@ -90,6 +89,11 @@ pub struct ServedModel {
 }
 
 impl ServedModel {
+    /// The backend computing now (`cpu`, `vulkan`, ...; the fallback's after a lost device).
+    pub fn backend(&self) -> String {
+        self.engine.stats.backend()
+    }
+
     /// The compiled chat template, once the model is loaded.
     pub fn template(&self) -> Option<&Result<ChatTemplate, String>> {
         let loaded = self.engine.loaded.get()?;
@@ -133,7 +137,7 @@ pub fn serve(a: &ServeArgs) -> CliResult {
         Some(p) => Some(std::fs::read_to_string(p).context(|| format!("reading {}", p.display()))?),
         None => None,
     };
-    let mut served = Vec::new();
+    let mut resolved = Vec::new();
     for spec in &specs {
         let r = models::resolve(spec)?;
         let id = if models::known(spec).is_some() {
@@ -141,44 +145,83 @@ pub fn serve(a: &ServeArgs) -> CliResult {
         } else {
             r.path.file_stem().map_or_else(|| spec.clone(), |s| s.to_string_lossy().into_owned())
         };
-        if served.iter().any(|m: &ServedModel| m.id == id) {
+        if resolved.iter().any(|(i, _): &(String, models::Resolved)| *i == id) {
             return err(format!("model {id} is given twice"));
         }
-        let tokenizer = a.tokenizer.clone().or(r.tokenizer.clone());
-        let cfg = EngineConfig { parallel: a.parallel, ctx: a.ctx_size, prefill_chunk: 256, queue: a.queue };
-        let job = LoadJob {
-            path: r.path.clone(),
-            tokenizer,
-            explicit_tokenizer: a.tokenizer.is_some(),
-            template: template_override.clone(),
-            cfg: cfg.clone(),
-            act: commands::act_of(&a.backend),
-        };
-        let (engine, backend) = match a.backend.kind {
-            BackendKind::Cpu => {
-                let threads = a.backend.threads;
-                (Engine::start(cfg, move || job.load(Cpu::new(threads).map_err(|e| e.to_string())?)), "cpu")
-            }
-            BackendKind::CpuRef => (Engine::start(cfg, move || job.load(CpuRef::new())), "cpu-ref"),
-        };
-        served.push(ServedModel { id, path: r.path, engine, backend, created, template: OnceLock::new() });
+        resolved.push((id, r));
     }
-    let state = Arc::new(AppState {
-        models: served,
-        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
-        requests: metrics::Requests::default(),
-        started: Instant::now(),
-        max_body: a.max_body,
-    });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context(|| "starting the async runtime".into())?;
-    rt.block_on(api::run(state, &a.host, a.port))
+    let fallback = backends::cpu_fallback(&a.backend);
+    backends::dispatch(&a.backend, ServeOn { a, models: resolved, template: template_override, created, fallback })
 }
 
-/// What an engine thread loads.
+/// `serve`'s body on one backend: an engine per model, then the HTTP server.
+struct ServeOn<'a> {
+    a: &'a ServeArgs,
+    /// (id, where it is) of each model.
+    models: Vec<(String, models::Resolved)>,
+    template: Option<String>,
+    created: u64,
+    /// Where a lost device that cannot be made again hands over.
+    fallback: Maker<purehw_hal_cpu::Cpu>,
+}
+
+impl WithBackend for ServeOn<'_> {
+    type Out = ();
+
+    fn run<B: Registered>(self, make: Maker<B>) -> CliResult {
+        let a = self.a;
+        let mut served = Vec::new();
+        for (id, r) in self.models {
+            let cfg = EngineConfig { parallel: a.parallel, ctx: a.ctx_size, prefill_chunk: 256, queue: a.queue };
+            let job = LoadJob {
+                path: r.path.clone(),
+                tokenizer: a.tokenizer.clone().or(r.tokenizer.clone()),
+                explicit_tokenizer: a.tokenizer.is_some(),
+                template: self.template.clone(),
+                cfg: cfg.clone(),
+                act: make.act,
+                meta: Arc::new(OnceLock::new()),
+            };
+            let load = {
+                let (job, make) = (job.clone(), make.clone());
+                move || job.load(make.make().map_err(|e| e.to_string())?)
+            };
+            // A lost device that cannot be made again hands over to `cpu` (keeping the job's
+            // activation mode, so the text stays the same where it can).
+            let engine = if B::NAME == self.fallback.name() {
+                Engine::start(cfg, load)
+            } else {
+                let make = self.fallback.clone();
+                Engine::start_with_fallback(cfg, load, Some(move || job.load(make.make().map_err(|e| e.to_string())?)))
+            };
+            engine.stats.set_backend(B::NAME, &purehw_hal::Stats::default());
+            served.push(ServedModel { id, path: r.path, engine, created: self.created, template: OnceLock::new() });
+        }
+        let state = Arc::new(AppState {
+            models: served,
+            api_key: a.api_key.clone().filter(|k| !k.is_empty()),
+            requests: metrics::Requests::default(),
+            started: Instant::now(),
+            max_body: a.max_body,
+        });
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context(|| "starting the async runtime".into())?;
+        rt.block_on(api::run(state, &a.host, a.port))
+    }
+}
+
+/// What a model's tokenizer side is: read once, kept when the model is loaded again.
+struct Meta {
+    tokenizer: Arc<Tokenizer>,
+    stop_ids: Vec<u32>,
+    chat_template: Option<String>,
+}
+
+/// What an engine thread loads (again after a lost device: the tokenizer side is kept).
+#[derive(Clone)]
 struct LoadJob {
     path: PathBuf,
     tokenizer: Option<PathBuf>,
@@ -186,13 +229,59 @@ struct LoadJob {
     template: Option<String>,
     cfg: EngineConfig,
     act: ActQuant,
+    meta: Arc<OnceLock<Meta>>,
 }
 
 impl LoadJob {
-    fn load<B: Backend>(self, backend: B) -> Result<LoadedModel<B>, String> {
+    fn load<B: Backend>(&self, backend: B) -> Result<LoadedModel<B>, String> {
         let t = Instant::now();
         let src = ModelSource::open(&self.path).map_err(|e| e.to_string())?;
         let t_open = t.elapsed().as_secs_f64();
+        let c = &src.config;
+        let ctx = match self.cfg.ctx {
+            0 => c.max_ctx.clamp(1, 4096),
+            n if c.max_ctx > 0 && n > c.max_ctx => {
+                return Err(format!("--ctx-size {n} exceeds the model's context of {} tokens", c.max_ctx));
+            }
+            n => n,
+        };
+        let meta = match self.meta.get() {
+            Some(m) => m,
+            None => {
+                let m = self.meta(&src)?;
+                self.meta.get_or_init(|| m)
+            }
+        };
+        let t_tok = t.elapsed().as_secs_f64();
+        let opts = ModelOptions {
+            ctx,
+            slots: self.cfg.parallel,
+            max_batch: self.cfg.prefill_chunk + self.cfg.parallel,
+            logit_rows: self.cfg.parallel,
+            act: self.act,
+        };
+        let model = Model::load(backend, &src, opts).map_err(|e| e.to_string())?;
+        tracing::info!(
+            model = %self.path.display(),
+            backend = model.backend().name(),
+            ctx,
+            slots = self.cfg.parallel,
+            secs = t.elapsed().as_secs_f64(),
+            open_s = t_open,
+            tokenizer_s = t_tok - t_open,
+            "model loaded"
+        );
+        Ok(LoadedModel {
+            model,
+            source: src,
+            tokenizer: meta.tokenizer.clone(),
+            stop_ids: meta.stop_ids.clone(),
+            chat_template: meta.chat_template.clone(),
+        })
+    }
+
+    /// The tokenizer, the ids that stop a chat, and the chat template.
+    fn meta(&self, src: &ModelSource) -> Result<Meta, String> {
         // The GGUF's own vocabulary loads in a fraction of the time tokenizer.json takes (same ids).
         let tok = match (&self.tokenizer, src.gguf()) {
             (Some(p), _) if self.explicit_tokenizer => Tokenizer::from_file(p),
@@ -203,23 +292,6 @@ impl LoadJob {
             }
         }
         .map_err(|e| e.to_string())?;
-        let t_tok = t.elapsed().as_secs_f64();
-        let c = &src.config;
-        let ctx = match self.cfg.ctx {
-            0 => c.max_ctx.clamp(1, 4096),
-            n if c.max_ctx > 0 && n > c.max_ctx => {
-                return Err(format!("--ctx-size {n} exceeds the model's context of {} tokens", c.max_ctx));
-            }
-            n => n,
-        };
-        let opts = ModelOptions {
-            ctx,
-            slots: self.cfg.parallel,
-            max_batch: self.cfg.prefill_chunk + self.cfg.parallel,
-            logit_rows: self.cfg.parallel,
-            act: self.act,
-        };
-        let model = Model::load(backend, &src, opts).map_err(|e| e.to_string())?;
         // End-of-turn markers stop a chat even where the model's EOS is something else
         // (`<|eom_id|>`: Llama 3.1 ends a tool call with it).
         let mut stop_ids = tok.eos_ids().to_vec();
@@ -228,7 +300,7 @@ impl LoadJob {
                 stop_ids.push(id);
             }
         }
-        let chat_template = self.template.or_else(|| src.chat_template()).or_else(|| {
+        let chat_template = self.template.clone().or_else(|| src.chat_template()).or_else(|| {
             // tokenizer_config.json beside the model or beside --tokenizer.
             let dirs = [
                 self.path.parent().map(PathBuf::from),
@@ -240,16 +312,7 @@ impl LoadJob {
                 v.get("chat_template")?.as_str().map(String::from)
             })
         });
-        tracing::info!(
-            model = %self.path.display(),
-            ctx,
-            slots = self.cfg.parallel,
-            secs = t.elapsed().as_secs_f64(),
-            open_s = t_open,
-            tokenizer_s = t_tok - t_open,
-            "model loaded"
-        );
-        Ok(LoadedModel { model, tokenizer: Arc::new(tok), stop_ids, chat_template })
+        Ok(Meta { tokenizer: Arc::new(tok), stop_ids, chat_template })
     }
 }
 
