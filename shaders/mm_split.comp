@@ -1,6 +1,6 @@
 #version 460
 // variants: FMT=Q4_0|Q4_1|Q5_0|Q5_1|Q8_0|Q4_K|Q5_K|Q6_K DOT=0|1
-// MatMulQ8 for a few tokens (decode): the same sums as mm_q8, split for latency. Phase 1: every
+// MatMulQ8 for up to 16 tokens (decode, batched decode): the same sums as mm_q8, split for latency. Phase 1: every
 // (row, block, lane) of the workgroup's rows is one item, spread over all threads and loaded in
 // one wave (neighbouring threads read neighbouring bytes of a row); each item's integer lane sum
 // becomes the reference's product d·lane (and the block's offset term) in shared memory.
@@ -13,7 +13,7 @@
 #extension GL_KHR_shader_subgroup_shuffle : require
 
 layout(local_size_x = 256) in;
-layout(constant_id = 0) const uint TOKENS = 1;   // 1, 2 or 4
+layout(constant_id = 0) const uint TOKENS = 1;   // 1, 2, 4, 8 or 16
 layout(constant_id = 1) const uint R = 16;       // rows per workgroup (R·TOKENS ≤ 32)
 layout(constant_id = 2) const uint NBC = 20;     // blocks per chunk (R·TOKENS·NBC ≤ 512)
 

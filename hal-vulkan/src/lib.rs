@@ -249,6 +249,8 @@ pub struct Vulkan {
     pending: bool,
     once: raw::CommandBuffer,
     host_step: Vec<u32>,
+    /// One RoPE table's frequencies (reused, so a step does not allocate).
+    rope_freqs: Vec<f32>,
     mem_used: u64,
     budget: u64,
     lost: bool,
@@ -332,6 +334,7 @@ impl Vulkan {
             pending: false,
             once,
             host_step: Vec::new(),
+            rope_freqs: Vec::new(),
             mem_used: 0,
             budget,
             lost: false,
@@ -1003,7 +1006,7 @@ impl Vulkan {
 
     /// The step's data as the shaders read it.
     fn fill_step(&mut self, step: &Step<'_>, l: &StepLayout) {
-        let h = &mut self.host_step;
+        let Vulkan { host_step: h, rope_freqs, .. } = self;
         h.clear();
         h.resize(l.words, 0);
         let rows = step.rows();
@@ -1020,9 +1023,12 @@ impl Vulkan {
         for &(theta, scale, hd, at) in &l.rope {
             let (theta, scale) = (f32::from_bits(theta), f32::from_bits(scale));
             let half = hd / 2;
+            let freqs = &mut *rope_freqs;
+            freqs.clear();
+            freqs.extend((0..half).map(|i| purehw_kernels::ops::rope_inv_freq(i, hd, theta, scale)));
             for (t, &pos) in step.positions.iter().enumerate() {
-                for i in 0..half {
-                    let (c, s) = purehw_kernels::ops::rope_cos_sin(i, pos, hd, theta, scale);
+                for (i, &f) in freqs.iter().enumerate() {
+                    let (c, s) = purehw_kernels::ops::rope_cos_sin_at(f, pos);
                     let k = at as usize + 2 * (t * half + i);
                     h[k] = c.to_bits();
                     h[k + 1] = s.to_bits();
@@ -1580,7 +1586,7 @@ impl Vulkan {
             x_stride: x_stride as u32,
         };
         let acc = Access::new().r(x.1, x.2, n * x_stride).w(out.buf.0, out.offset, n * wrows);
-        if q8 && n <= 4 && self.split {
+        if q8 && n <= 16 && self.split {
             // Decode: the split kernel loads a workgroup's weights in one wave (mm_split.comp).
             let t = n.next_power_of_two();
             let nb = cols / fmt.block_elems();

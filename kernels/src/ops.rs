@@ -64,7 +64,13 @@ pub fn rope_inv_freq(i: usize, head_dim: usize, theta: f32, scale: f32) -> f32 {
 /// `(cos, sin)` of frequency `i` at position `pos`; the angle is `pos as f32 * inv_freq` in f32.
 #[inline]
 pub fn rope_cos_sin(i: usize, pos: u32, head_dim: usize, theta: f32, scale: f32) -> (f32, f32) {
-    let angle = pos as f32 * rope_inv_freq(i, head_dim, theta, scale);
+    rope_cos_sin_at(rope_inv_freq(i, head_dim, theta, scale), pos)
+}
+
+/// [`rope_cos_sin`] with the frequency already computed (a table per step reuses it).
+#[inline]
+pub fn rope_cos_sin_at(inv_freq: f32, pos: u32) -> (f32, f32) {
+    let angle = pos as f32 * inv_freq;
     (libm::cosf(angle), libm::sinf(angle))
 }
 

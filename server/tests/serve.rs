@@ -72,7 +72,14 @@ impl Server {
         let port = free_port();
         let log = tempfile::NamedTempFile::new().expect("temp file for the server log");
         let err = log.reopen().expect("reopening the log");
-        let flags: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut flags: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        // `PUREHW_TEST_BACKEND=vulkan` reruns the whole suite on another backend (by hand: on
+        // lavapipe the full suite takes the better part of an hour).
+        if let Ok(b) = std::env::var("PUREHW_TEST_BACKEND")
+            && !flags.iter().any(|f| f == "--backend")
+        {
+            flags.extend(["--backend".to_string(), b]);
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_purehw"))
             .args(["serve", "-m", model, "--host", "127.0.0.1", "--port", &port.to_string()])
             .args(&flags)
@@ -161,6 +168,11 @@ impl Server {
             if let Some(v) = self.flag(ours) {
                 cmd.args([theirs, v]);
             }
+        }
+        // `PUREHW_TEST_MAX_TOKENS=N` caps every reply (slow backends), unless the test caps it.
+        let cap = std::env::var("PUREHW_TEST_MAX_TOKENS").ok().filter(|_| client_args.is_empty());
+        if let Some(n) = &cap {
+            cmd.args(["--max-tokens", n]);
         }
         cmd.args(client_args).args(cases).env("PYTHONUNBUFFERED", "1");
         for (k, v) in env {
