@@ -1,22 +1,83 @@
 #version 460
-// variants: FMT=Q4_0|Q4_1|Q5_0|Q5_1|Q8_0|Q4_K|Q5_K|Q6_K DOT=0|1
+// variants: FMT=Q4_0|Q4_1|Q5_0|Q5_1|Q8_0|Q4_K|Q5_K|Q6_K DOT=0|1 PRO=0|1|2
 // MatMulQ8 for up to 16 tokens (decode, batched decode): the same sums as mm_q8, split for latency. Phase 1: every
 // (row, block, lane) of the workgroup's rows is one item, spread over all threads and loaded in
 // one wave (neighbouring threads read neighbouring bytes of a row); each item's integer lane sum
 // becomes the reference's product d·lane (and the block's offset term) in shared memory.
 // Phase 2: thread (row, token, lane) adds its lane's products in block order — the reference's
 // chain of float additions — then lane 0 gathers the 8 lanes as mm_q8 does.
+//
+// PRO=1 and PRO=2 (one token) take the op before the matmul into a prologue, so the two need no
+// barrier between them: every workgroup makes the quantized activations itself, in shared memory,
+// from the inputs of that op, and one workgroup of one dispatch writes that op's outputs.
+//   PRO=1, AddRmsNorm: x_out = x_in + rmsnorm(branch, post); out = rmsnorm(x_out, w); quantized.
+//   PRO=2, GatedFfn's tail: act = gelu_tanh(gate)·up (or silu); quantized.
 #include "common/base.glsl"
 #include "common/exact.glsl"
 #include "common/quant.glsl"
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_shuffle : require
+#if PRO != 0
+#define PRO_MAX 2048u
+shared float row[PRO_MAX];
+shared uint sact[640];    // BlockQ8A words of PRO_MAX values (BlockQ8K needs fewer)
+#define QSTORE(q, at, val) sact[at] = (val)
+#include "common/quantize.glsl"
+#include "common/rownorm.glsl"
+#define ACT(i) sact[i]
+#else
+#define ACT(i) a.v[i]
+#endif
 
 layout(local_size_x = 256) in;
 layout(constant_id = 0) const uint TOKENS = 1;   // 1, 2, 4, 8 or 16
 layout(constant_id = 1) const uint R = 16;       // rows per workgroup (R·TOKENS ≤ 32)
 layout(constant_id = 2) const uint NBC = 20;     // blocks per chunk (R·TOKENS·NBC ≤ 512)
 
+#if PRO == 1
+layout(push_constant) uniform Push {
+    uvec2 w;
+    uvec2 q;          // the AddRmsNorm's quantized output (written by the writer)
+    uvec2 out_;
+    uvec2 x_in;
+    uvec2 branch;
+    uvec2 post;       // f32
+    uvec2 nw;         // f32 norm weight
+    uvec2 x_out;
+    uvec2 nout;       // the normed row (f32)
+    uint w_byte;
+    uint q_off;
+    uint out_off;
+    uint rows;
+    uint cols;
+    uint row_bytes;
+    uint x_in_off;
+    uint br_off;
+    uint x_out_off;
+    uint nout_off;
+    uint flags;       // 1 branch, 2 post, 4 BlockQ8K, 8 this dispatch writes the AddRmsNorm's outputs
+    float eps;
+} pc;
+#elif PRO == 2
+layout(push_constant) uniform Push {
+    uvec2 w;
+    uvec2 q;          // the GatedFfn's quantized output (written by the writer)
+    uvec2 out_;
+    uvec2 gate;
+    uvec2 up;
+    uvec2 act;        // the gate's result (f32)
+    uint w_byte;
+    uint q_off;
+    uint out_off;
+    uint rows;
+    uint cols;
+    uint row_bytes;
+    uint gate_off;
+    uint up_off;
+    uint act_off;
+    uint flags;       // 1 silu (else gelu_tanh), 4 BlockQ8K, 8 this dispatch writes the outputs
+} pc;
+#else
 layout(push_constant) uniform Push {
     uvec2 w;
     uvec2 x;
@@ -30,6 +91,72 @@ layout(push_constant) uniform Push {
     uint row_bytes;
     uint x_stride;
 } pc;
+#endif
+
+#if PRO != 0
+// The prologue: the quantized activations of the one token into `sact`; the writer (workgroup 0
+// of the dispatch flagged so) stores the op's outputs.
+void prologue() {
+    uint tid = gl_LocalInvocationID.x, dim = pc.cols;
+    bool writer = (pc.flags & 8u) != 0u && gl_WorkGroupID.x == 0u && gl_WorkGroupID.y == 0u;
+    bool k = (pc.flags & 4u) != 0u;
+#if PRO == 1
+    Floats xi = Floats(pc.x_in);
+    if ((pc.flags & 1u) != 0u) {
+        Floats br = Floats(pc.branch);
+        for (uint i = tid; i < dim; i += 256u) row[i] = br.v[pc.br_off + i];
+        barrier();
+        if ((pc.flags & 2u) != 0u) {
+            float inv = row_rms_inv(dim, pc.eps);
+            Floats pw = Floats(pc.post);
+            for (uint i = tid; i < dim; i += 256u) {
+                precise float b = row[i] * inv * pw.v[i];
+                row[i] = b;
+            }
+        }
+        for (uint i = tid; i < dim; i += 256u) {
+            precise float s = xi.v[pc.x_in_off + i] + row[i];
+            row[i] = s;
+            if (writer) Floats(pc.x_out).v[pc.x_out_off + i] = s;
+        }
+    } else {
+        for (uint i = tid; i < dim; i += 256u) {
+            row[i] = xi.v[pc.x_in_off + i];
+            if (writer) Floats(pc.x_out).v[pc.x_out_off + i] = row[i];
+        }
+    }
+    barrier();
+    float inv = row_rms_inv(dim, pc.eps);
+    Floats nw = Floats(pc.nw);
+    for (uint i = tid; i < dim; i += 256u) {
+        precise float v = row[i] * inv * nw.v[i];
+        row[i] = v;
+        if (writer) Floats(pc.nout).v[pc.nout_off + i] = v;
+    }
+#else
+    Floats g = Floats(pc.gate), u = Floats(pc.up);
+    bool silu = (pc.flags & 1u) != 0u;
+    for (uint i = tid; i < dim; i += 256u) {
+        float x = g.v[pc.gate_off + i];
+        precise float v = (silu ? silu_ref(x) : gelu_ref(x)) * u.v[pc.up_off + i];
+        row[i] = v;
+        if (writer) Floats(pc.act).v[pc.act_off + i] = v;
+    }
+#endif
+    barrier();
+    uint be = k ? 256u : 32u, bw = k ? 73u : 10u;
+    Words unused = Words(pc.q);
+    for (uint r0 = 0u; r0 < dim; r0 += 256u) {
+        qv[tid] = r0 + tid < dim ? row[r0 + tid] : 0.0;
+        barrier();
+        quantize_seg(unused, (r0 / be) * bw, min(256u, dim - r0), k);
+    }
+    if (writer) {
+        Words q = Words(pc.q);
+        for (uint i = tid; i < dim / be * bw; i += 256u) q.v[pc.q_off + i] = sact[i];
+    }
+}
+#endif
 
 shared float prod[4096];   // [row][token][block][lane]
 shared float offp[512];    // [row][token][block]
@@ -38,10 +165,16 @@ void main() {
     uint tid = gl_LocalInvocationID.x;
     uint r0 = gl_WorkGroupID.x * R;
     uint t0 = gl_WorkGroupID.y * TOKENS;
-    uint nt = min(TOKENS, pc.n - t0);
     uint nb = pc.cols / BLOCK_ELEMS;
-    Words w = Words(pc.w), a = Words(pc.x);
-    uint xa = pc.x_off + t0 * pc.x_stride;
+    Words w = Words(pc.w);
+#if PRO != 0
+    prologue();
+    uint nt = 1u, xa = 0u, x_stride = 0u;
+#else
+    Words a = Words(pc.x);
+    uint nt = min(TOKENS, pc.n - t0);
+    uint xa = pc.x_off + t0 * pc.x_stride, x_stride = pc.x_stride;
+#endif
     // Phase 2's thread: (row, token, lane).
     uint c_lane = tid & 7u, c_t = (tid >> 3) % TOKENS, c_r = (tid >> 3) / TOKENS;
     bool chain = c_r < R;
@@ -60,14 +193,14 @@ void main() {
             block32(w, row + (b0 + b) * BLOCK_BYTES, k, codes, dw, mw);
             [[unroll]] for (uint t = 0u; t < TOKENS; t++) {
                 if (t >= nt) continue;
-                uint blk = xa + t * pc.x_stride + (b0 + b) * 10u;
-                float da = uintBitsToFloat(a.v[blk]);
+                uint blk = xa + t * x_stride + (b0 + b) * 10u;
+                float da = uintBitsToFloat(ACT(blk));
                 precise float d = dw * da;
-                precise float pr = d * float(dot4(codes, a.v[blk + 2u + k]));
+                precise float pr = d * float(dot4(codes, ACT(blk + 2u + k)));
                 prod[((r * TOKENS + t) * NBC + b) * 8u + k] = pr;
 #if FMT == FMT_Q4_1 || FMT == FMT_Q5_1
                 if (k == 0u) {
-                    precise float o = mw * (da * float(int(a.v[blk + 1u])));
+                    precise float o = mw * (da * float(int(ACT(blk + 1u))));
                     offp[(r * TOKENS + t) * NBC + b] = o;
                 }
 #endif
@@ -80,16 +213,22 @@ void main() {
             vec2 dd = superblock_scales(w, sb);
             [[unroll]] for (uint t = 0u; t < TOKENS; t++) {
                 if (t >= nt) continue;
-                uint blk = xa + t * pc.x_stride + (b0 + b) * 73u;
+                uint blk = xa + t * x_stride + (b0 + b) * 73u;
                 int l = 0;
-                [[unroll]] for (uint c = 0u; c < 8u; c++) l += cs[c] * dot4(cw[c], a.v[blk + 1u + 8u * c + k]);
-                float da = uintBitsToFloat(a.v[blk]);
+                [[unroll]] for (uint c = 0u; c < 8u; c++) l += cs[c] * dot4(cw[c], ACT(blk + 1u + 8u * c + k));
+                float da = uintBitsToFloat(ACT(blk));
                 precise float d = dd.x * da;
                 precise float pr = d * float(l);
                 prod[((r * TOKENS + t) * NBC + b) * 8u + k] = pr;
 #if FMT != FMT_Q6_K
                 if (k == 0u) {
-                    precise float o = (dd.y * da) * float(superblock_mins(w, sb, a, blk + 65u));
+                    // Σ_g mn[g]·(bsum[2g] + bsum[2g+1]) (superblock_mins, reading ACT).
+                    int m = 0;
+                    for (uint g = 0u; g < 8u; g++) {
+                        uint pair = ACT(blk + 65u + g);
+                        m += int(scale_min_k4(w, sb + 4u, g).y) * ((int(pair << 16) >> 16) + (int(pair) >> 16));
+                    }
+                    precise float o = (dd.y * da) * float(m);
                     offp[(r * TOKENS + t) * NBC + b] = o;
                 }
 #endif

@@ -1,6 +1,6 @@
 #version 460
-// RmsNorm, and the fused AddRmsNorm: [branch = rmsnorm(branch, post)]; [x += branch];
-// out = rmsnorm(x, w); [out quantized to Q8A/Q8K blocks]. One workgroup per row; the row
+// RmsNorm, and the fused AddRmsNorm: [x_out = x + rmsnorm(branch, post), or x + branch];
+// out = rmsnorm(x_out, w); [out quantized to Q8A/Q8K blocks]. One workgroup per row; the row
 // passes between threads through shared memory.
 #include "common/base.glsl"
 #include "common/exact.glsl"
@@ -21,10 +21,12 @@ layout(push_constant) uniform Push {
     uvec2 w;          // f32 norm weight
     uvec2 post;       // f32 post-norm weight
     uvec2 q;          // quantized output blocks
+    uvec2 x_out;      // the new residual (may be x)
     uint x_off;
     uint br_off;
     uint out_off;
     uint q_off;       // word offset of row 0's blocks
+    uint x_out_off;
     uint dim;
     uint flags;
     float eps;
@@ -79,14 +81,15 @@ void main() {
             Floats pw = Floats(pc.post);
             for (uint i = tid; i < dim; i += 256u) {
                 precise float b = row[i] * inv * pw.v[i];
-                br.v[bo + i] = b;
                 row[i] = b;
             }
         }
-        // x += branch
+        // x_out = x + branch
+        Floats xw = Floats(pc.x_out);
+        uint xwo = pc.x_out_off + r * dim;
         for (uint i = tid; i < dim; i += 256u) {
             precise float s = x.v[xo + i] + row[i];
-            x.v[xo + i] = s;
+            xw.v[xwo + i] = s;
             row[i] = s;
         }
         barrier();

@@ -1,9 +1,13 @@
 //! Golden-output checks written once, generic over the backend (instantiated per backend in
-//! `tests/golden.rs`).
+//! `tests/golden.rs` and `tests/models.rs`).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use purehw_core::model::{Model, ModelOptions};
 use purehw_core::source::ModelSource;
-use purehw_hal::Backend;
+use purehw_hal::{ActQuant, Backend};
+use purehw_hal_cpu_ref::CpuRef;
 
 use crate::{argmax, fixture, nmse, read_f32, read_json, top2_gap};
 
@@ -118,44 +122,96 @@ pub fn check_gguf_golden<B: Backend>(
     }
 }
 
-/// Greedy `n` tokens (never stopping at EOS) on every prompt of a GGUF fixture, on a twin `b` and
-/// the reference `a` in the same activation mode: the ids and the final logits must be equal bit
-/// for bit.
-pub fn check_greedy_twins<A: Backend, B: Backend>(
+/// The reference's greedy run on one prompt: the ids and the logits after feeding the last one.
+pub struct ReferenceRun {
+    pub name: String,
+    pub input: Vec<u32>,
+    pub ids: Vec<u32>,
+    pub last_logits: Vec<f32>,
+}
+
+/// Which greedy runs of the reference a test wants: a fixture's prompts on one model file, `n`
+/// tokens, in one activation mode.
+type RunKey = (String, std::path::PathBuf, usize, String);
+
+/// Reference runs, computed once per test binary and shared by every backend's test in it
+/// (`CpuRef` takes minutes on a real model). One `OnceLock` per key, so tests wanting the same
+/// runs wait for one computation and tests wanting different ones do not wait for each other.
+static REFERENCE_RUNS: Mutex<BTreeMap<RunKey, Arc<RunCell>>> = Mutex::new(BTreeMap::new());
+
+/// One key's runs, once computed.
+type RunCell = OnceLock<Arc<Vec<ReferenceRun>>>;
+
+const TWIN_OPTIONS: ModelOptions =
+    ModelOptions { ctx: 2048, slots: 1, max_batch: 128, logit_rows: 1, act: ActQuant::F32 };
+
+/// Greedy `n` tokens (never stopping at EOS) on every prompt of a fixture's `cases.json`, on the
+/// reference (`CpuRef`), with the logits after the last one; computed once per binary.
+pub fn reference_runs(fixture_dir: &str, model: &std::path::Path, n: usize, act: ActQuant) -> Arc<Vec<ReferenceRun>> {
+    let key = (fixture_dir.to_string(), model.to_path_buf(), n, format!("{act:?}"));
+    let cell = REFERENCE_RUNS.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().clone();
+    cell.get_or_init(|| {
+        let cases = read_json(&fixture(fixture_dir).join("cases.json"));
+        let src = open(model);
+        let mut m = load(CpuRef::new(), &src, ModelOptions { act, ..TWIN_OPTIONS });
+        let runs = cases["cases"]
+            .as_array()
+            .expect("cases")
+            .iter()
+            .map(|case| {
+                let name = case["name"].as_str().expect("name").to_string();
+                let input = ids(&case["input_ids"]);
+                let t = std::time::Instant::now();
+                let (ids, _) = greedy(&mut m, &input, n, &[]);
+                let pos = input.len() + n - 1;
+                let last = *ids.last().expect("tokens");
+                let last_logits = m.forward(0, pos, &[last]).unwrap_or_else(|e| panic!("{e}")).to_vec();
+                eprintln!(
+                    "{fixture_dir}/{name} ({act:?}): {} prompt + {n} greedy tokens on the reference: {:.2?}",
+                    input.len(),
+                    t.elapsed()
+                );
+                ReferenceRun { name, input, ids, last_logits }
+            })
+            .collect();
+        Arc::new(runs)
+    })
+    .clone()
+}
+
+/// Greedy `n` tokens (never stopping at EOS) on every prompt of a GGUF fixture, on a twin
+/// backend and on the reference (`CpuRef`, run once per binary: [`reference_runs`]) in the same
+/// activation mode: the ids and the final logits must be equal bit for bit.
+pub fn check_greedy_twins<B: Backend>(
     fixture_dir: &str,
     model: &std::path::Path,
     n: usize,
-    act: purehw_hal::ActQuant,
-    make_a: impl FnOnce() -> A,
-    make_b: impl FnOnce() -> B,
+    act: ActQuant,
+    make: impl FnOnce() -> B,
 ) {
-    let cases = read_json(&fixture(fixture_dir).join("cases.json"));
+    let want = reference_runs(fixture_dir, model, n, act);
+    // The source (the file's memory map) outlives the model: a backend may read the weights in
+    // place (hal-vulkan imports the mapped pages) without holding the map itself.
     let src = open(model);
-    let opts = ModelOptions { ctx: 2048, slots: 1, max_batch: 128, logit_rows: 1, act };
-    let mut a = load(make_a(), &src, opts);
-    let mut b = load(make_b(), &src, opts);
-    for case in cases["cases"].as_array().expect("cases") {
-        let name = case["name"].as_str().expect("name");
-        let input = ids(&case["input_ids"]);
+    let mut b = load(make(), &src, ModelOptions { act, ..TWIN_OPTIONS });
+    for r in want.iter() {
         let t = std::time::Instant::now();
-        let (ia, _) = greedy(&mut a, &input, n, &[]);
-        let ta = t.elapsed();
-        let t = std::time::Instant::now();
-        let (ib, gaps) = greedy(&mut b, &input, n, &[]);
-        let tb = t.elapsed();
+        let (ib, gaps) = greedy(&mut b, &r.input, n, &[]);
         eprintln!(
-            "{fixture_dir}/{name} ({act:?}): {} prompt + {n} greedy tokens; {}: {ta:.2?}, {}: {tb:.2?}",
-            input.len(),
-            a.backend().name(),
-            b.backend().name()
+            "{fixture_dir}/{} ({act:?}): {} prompt + {n} greedy tokens on {}: {:.2?}",
+            r.name,
+            r.input.len(),
+            b.backend().name(),
+            t.elapsed()
         );
-        assert_greedy(name, &ib, &gaps, &ia);
-        let last = *ia.last().expect("tokens");
-        let pos = input.len() + n - 1;
-        let la = a.forward(0, pos, &[last]).unwrap_or_else(|e| panic!("{e}")).to_vec();
-        let lb = b.forward(0, pos, &[last]).unwrap_or_else(|e| panic!("{e}")).to_vec();
-        if let Some(i) = (0..la.len()).find(|&i| la[i].to_bits() != lb[i].to_bits()) {
-            panic!("{name}: logits after {n} tokens differ first at {i}: {} vs {}", la[i], lb[i]);
+        assert_greedy(&r.name, &ib, &gaps, &r.ids);
+        let pos = r.input.len() + n - 1;
+        let lb = b.forward(0, pos, &[*r.ids.last().expect("tokens")]).unwrap_or_else(|e| panic!("{e}")).to_vec();
+        if let Some(i) = (0..lb.len()).find(|&i| r.last_logits[i].to_bits() != lb[i].to_bits()) {
+            panic!(
+                "{}: logits after {n} tokens differ first at {i}: {} (reference) vs {}",
+                r.name, r.last_logits[i], lb[i]
+            );
         }
     }
 }

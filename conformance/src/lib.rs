@@ -1,4 +1,5 @@
-//! Shared helpers for conformance tests: where fixtures and models are, f32 files, NMSE.
+//! Shared helpers for conformance tests: where fixtures and models are, f32 files, NMSE; the
+//! op matrix ([`matrix`]) and the model-level checks ([`golden`]).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -57,6 +58,17 @@ pub fn nmse(a: &[f32], b: &[f32]) -> f64 {
     num / den.max(f64::MIN_POSITIVE)
 }
 
+/// [`nmse`] over the elements finite in both (for comparisons that check NaN/Inf apart).
+pub fn nmse_finite(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b).filter(|(x, y)| x.is_finite() && y.is_finite()) {
+        num += (x as f64 - y as f64).powi(2);
+        den += (y as f64).powi(2);
+    }
+    num / den.max(f64::MIN_POSITIVE)
+}
+
 /// Index of the largest value (first one on ties, like torch.argmax).
 pub fn argmax(x: &[f32]) -> usize {
     let mut best = 0;
@@ -89,4 +101,4 @@ pub fn read_json(path: &std::path::Path) -> serde_json::Value {
 }
 
 pub mod golden;
-pub mod ops;
+pub mod matrix;

@@ -78,7 +78,7 @@ pub struct Weights<W> {
 
 /// Activations and caches, allocated once per model.
 pub struct RunState<Buf> {
-    x: Buf,            // (max_batch, hidden) residual stream
+    x: [Buf; 2],       // (max_batch, hidden) residual stream: each junction reads one, writes the other
     xb: Buf,           // (max_batch, hidden) a block's output (attention, MLP), before the residual add
     xn: Buf,           // (max_batch, hidden) normed input of the next matmuls
     xq: Buf,           // (max_batch, hidden) xn quantized (ActLayout blocks, `act_words` each)
@@ -89,6 +89,7 @@ pub struct RunState<Buf> {
     att: Buf,          // (max_batch, heads·head_dim) attention output
     gate: Buf,         // (max_batch, ffn)
     up: Buf,           // (max_batch, ffn)
+    act: Buf,          // (max_batch, ffn) act(gate)·up
     logits: Buf,       // (logit_rows, vocab)
     ids: Buf,          // (logit_rows) argmax of each logit row (an index held exactly in f32)
     k_cache: Vec<Buf>, // per layer: (slots·ctx, kv_heads·head_dim)
@@ -386,11 +387,15 @@ impl<B: Backend> Model<B> {
             }
         };
 
-        // Embedding: x = embed[tokens] · embed_scale; then the first layer's pre-norm
-        push(Op::Embed { out: v(s.x), table: w.embed, scale: c.embed_scale });
+        // Embedding: x = embed[tokens] · embed_scale; then the first layer's pre-norm. The
+        // residual stream alternates between two buffers: each junction reads one, writes the other.
+        let mut xi = 0; // which of s.x holds the residual stream now
+        let x = s.x[0];
+        push(Op::Embed { out: v(x), table: w.embed, scale: c.embed_scale });
         let first = &w.layers[0];
         push(Op::AddRmsNorm {
-            x: v(s.x),
+            x: v(x),
+            x_out: v(x),
             branch: None,
             post: None,
             out: v(s.xn),
@@ -449,7 +454,8 @@ impl<B: Backend> Model<B> {
             }
             // (Gemma) post-attention norm, residual, MLP pre-norm
             push(Op::AddRmsNorm {
-                x: v(s.x),
+                x: v(s.x[xi]),
+                x_out: v(s.x[1 - xi]),
                 branch: Some(v(s.xb)),
                 post: lw.post_attn_norm,
                 out: v(s.xn),
@@ -459,13 +465,15 @@ impl<B: Backend> Model<B> {
                 dim: c.hidden,
                 eps: c.eps,
             });
-            // gate = act(xn·Wgᵀ) · (xn·Wuᵀ)
+            xi = 1 - xi;
+            // act = act(xn·Wgᵀ) · (xn·Wuᵀ)
             push(Op::GatedFfn {
                 x: input(lw.ffn_q8),
                 w_gate: lw.gate,
                 w_up: lw.up,
                 gate: v(s.gate),
                 up: v(s.up),
+                out: v(s.act),
                 n,
                 ffn: c.ffn,
                 kind: match c.arch {
@@ -474,10 +482,10 @@ impl<B: Backend> Model<B> {
                 },
                 quant: quant(s.xq_wide, lw.down_q8),
             });
-            // Down projection: xb = gate·Wdᵀ
+            // Down projection: xb = act·Wdᵀ
             match lw.down_q8 {
                 Some(_) => push(Op::MatMulQ8 { out: v(s.xb), xq: v(s.xq_wide), w: lw.down, n }),
-                None => push(Op::MatMul { out: v(s.xb), x: v(s.gate), w: lw.down, n, act }),
+                None => push(Op::MatMul { out: v(s.xb), x: v(s.act), w: lw.down, n, act }),
             }
             // (Gemma) post-MLP norm, residual, and the next layer's pre-norm (or the final norm)
             let next = w.layers.get(l + 1);
@@ -486,7 +494,8 @@ impl<B: Backend> Model<B> {
             }
             let (norm, q8) = next.map_or((w.out_norm, w.output_q8), |nl| (nl.attn_norm, nl.qkv_q8));
             push(Op::AddRmsNorm {
-                x: v(s.x),
+                x: v(s.x[xi]),
+                x_out: v(s.x[1 - xi]),
                 branch: Some(v(s.xb)),
                 post: lw.post_ffn_norm,
                 out: v(s.xn),
@@ -496,6 +505,7 @@ impl<B: Backend> Model<B> {
                 dim: c.hidden,
                 eps: c.eps,
             });
+            xi = 1 - xi;
         }
 
         // LM head on the rows that need logits (every row, or some sequences' last), one matmul
@@ -685,7 +695,7 @@ fn alloc_state<B: Backend>(b: &mut B, c: &ModelConfig, o: &ModelOptions) -> Resu
     };
     let mut a = |dims: &[usize]| -> Result<B::Buffer> { b.alloc(mul(dims)?).map_err(|e| Error::backend(&name, e)) };
     let (qd, kvd, mb) = (mul(&[c.heads, c.head_dim])?, mul(&[c.kv_heads, c.head_dim])?, o.max_batch);
-    let x = a(&[mb, c.hidden])?;
+    let x = [a(&[mb, c.hidden])?, a(&[mb, c.hidden])?];
     let xb = a(&[mb, c.hidden])?;
     let xn = a(&[mb, c.hidden])?;
     // Quantized rows: 32-element blocks take the most words (40 bytes per 32 values).
@@ -698,6 +708,7 @@ fn alloc_state<B: Backend>(b: &mut B, c: &ModelConfig, o: &ModelOptions) -> Resu
     let att = a(&[mb, qd])?;
     let gate = a(&[mb, c.ffn])?;
     let up = a(&[mb, c.ffn])?;
+    let act = a(&[mb, c.ffn])?;
     let logits = a(&[o.logit_rows, c.vocab])?;
     let ids = a(&[o.logit_rows])?;
     let mut k_cache = Vec::with_capacity(c.layers);
@@ -706,5 +717,5 @@ fn alloc_state<B: Backend>(b: &mut B, c: &ModelConfig, o: &ModelOptions) -> Resu
         k_cache.push(a(&[o.slots, o.ctx, kvd])?);
         v_cache.push(a(&[o.slots, o.ctx, kvd])?);
     }
-    Ok(RunState { x, xb, xn, xq, xq_wide, q, k, v, att, gate, up, logits, ids, k_cache, v_cache })
+    Ok(RunState { x, xb, xn, xq, xq_wide, q, k, v, att, gate, up, act, logits, ids, k_cache, v_cache })
 }

@@ -3,6 +3,7 @@
 
 use purehw_core::gguf::{self, Array, Value};
 use purehw_kernels::Format;
+use purehw_kernels::testing::Rng;
 
 // GGUF value types.
 const T_U8: u32 = 0;
@@ -390,13 +391,8 @@ fn duplicate_tensor_names() {
 #[test]
 fn random_corruption_never_panics() {
     let good = valid().build();
-    let mut s = 0x1234_5678_9abc_def1u64;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    };
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut next = move || rng.next_u64();
     for _ in 0..20_000 {
         let mut b = good.clone();
         for _ in 0..1 + next() % 4 {

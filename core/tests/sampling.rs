@@ -3,6 +3,7 @@
 use std::sync::Mutex;
 
 use purehw_core::sampling::{Sampler, SamplingParams};
+use purehw_kernels::testing::Rng;
 
 // Tests here run one at a time so their timing-sensitive checks don't compete.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -11,17 +12,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Deterministic pseudo-random logits in about [-8, 8].
+/// Deterministic pseudo-random logits in [-8, 8).
 fn logits(n: usize, seed: u32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x % 16_000) as f32 / 1000.0 - 8.0
-        })
-        .collect()
+    Rng(0x9E37_79B9_7F4A_7C15 ^ u64::from(seed)).vec(n, 8.0)
 }
 
 fn argmax(x: &[f32]) -> u32 {

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 
 use purehw_core::gguf::{self, Array, GgufFile, Value};
 use purehw_core::tokenizer::Tokenizer;
+use purehw_kernels::testing::Rng;
 use serde_json::Value as Json;
 
 mod source_common;
@@ -191,13 +192,8 @@ fn gemma3_gguf_agrees_with_tokenizer_json() {
 #[test]
 fn gemma3_gguf_agrees_with_tokenizer_json_on_random_text() {
     let (Some(json), Some(gguf)) = (gemma_json(), gemma_gguf()) else { return };
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move |n: u64| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state % n
-    };
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut next = move |n: u64| rng.next_u64() % n;
     let specials =
         ["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>", "<unused7>", "<table>", "[multimodal]"];
     let odd = [

@@ -20,11 +20,11 @@ fn second_submit_allocates_nothing() {
 
     let mut b = CpuRef::new();
     let embed = b.load_weight(&weight_random_quant(&mut rng, Format::Q8_0, vocab, hidden)).unwrap();
-    let norm = b.load_weight(&weight_f32(1, hidden, &rng.vec(hidden))).unwrap();
-    let wq = b.load_weight(&weight_f16(qw, hidden, &rng.vec(qw * hidden))).unwrap();
-    let wk = b.load_weight(&weight_bf16(kvw, hidden, &rng.vec(kvw * hidden))).unwrap();
+    let norm = b.load_weight(&weight_f32(1, hidden, &rng.vec(hidden, 1.0))).unwrap();
+    let wq = b.load_weight(&weight_f16(qw, hidden, &rng.vec(qw * hidden, 1.0))).unwrap();
+    let wk = b.load_weight(&weight_bf16(kvw, hidden, &rng.vec(kvw * hidden, 1.0))).unwrap();
     let wv = b.load_weight(&weight_random_quant(&mut rng, Format::Q4_K, kvw, hidden)).unwrap();
-    let wo = b.load_weight(&weight_f32(hidden, qw, &rng.vec(hidden * qw))).unwrap();
+    let wo = b.load_weight(&weight_f32(hidden, qw, &rng.vec(hidden * qw, 1.0))).unwrap();
     let gate = b.load_weight(&weight_random_quant(&mut rng, Format::Q6_K, ffn, hidden)).unwrap();
     let up = b.load_weight(&weight_random_quant(&mut rng, Format::Q5_K, ffn, hidden)).unwrap();
     let down = b.load_weight(&weight_random_quant(&mut rng, Format::Q4_0, hidden, ffn)).unwrap();

@@ -62,7 +62,7 @@ fn name_supports_alloc_write_read() {
 fn embed_f32_and_f16() {
     let mut rng = Rng(1);
     let (rows, cols) = (10, 16);
-    let table = rng.vec(rows * cols);
+    let table = rng.vec(rows * cols, 1.0);
     let mut b = CpuRef::new();
     let w32 = b.load_weight(&weight_f32(rows, cols, &table)).unwrap();
     let w16 = b.load_weight(&weight_f16(rows, cols, &table)).unwrap();
@@ -89,8 +89,8 @@ fn embed_f32_and_f16() {
 fn rmsnorm_out_of_place_and_in_place() {
     let mut rng = Rng(2);
     let (rows, dim, eps) = (3, 64, 1e-6f32);
-    let x = rng.vec(rows * dim);
-    let w: Vec<f32> = rng.vec(dim).iter().map(|v| 1.0 + 0.5 * v).collect();
+    let x = rng.vec(rows * dim, 1.0);
+    let w: Vec<f32> = rng.vec(dim, 1.0).iter().map(|v| 1.0 + 0.5 * v).collect();
     let mut want = vec![0f64; rows * dim];
     for r in 0..rows {
         let xr = &x[r * dim..(r + 1) * dim];
@@ -120,8 +120,8 @@ fn rmsnorm_out_of_place_and_in_place() {
 fn matmul_f32_against_f64_and_aliasing_in_one_buffer() {
     let mut rng = Rng(3);
     let (rows, cols, n) = (7, 40, 3);
-    let w = rng.vec(rows * cols);
-    let x = rng.vec(n * cols);
+    let w = rng.vec(rows * cols, 1.0);
+    let x = rng.vec(n * cols, 1.0);
     let want: Vec<f64> = (0..n)
         .flat_map(|t| {
             let (w, x) = (&w, &x);
@@ -170,12 +170,12 @@ fn matmul_equals_dot_row_bitwise_for_every_format() {
     for fmt in Format::ALL {
         let (rows, cols) = if fmt.block_elems() == 1 { (9, 77) } else { (5, 512) };
         let hw = match fmt {
-            Format::F32 => weight_f32(rows, cols, &rng.vec(rows * cols)),
-            Format::F16 => weight_f16(rows, cols, &rng.vec(rows * cols)),
-            Format::BF16 => weight_bf16(rows, cols, &rng.vec(rows * cols)),
+            Format::F32 => weight_f32(rows, cols, &rng.vec(rows * cols, 1.0)),
+            Format::F16 => weight_f16(rows, cols, &rng.vec(rows * cols, 1.0)),
+            Format::BF16 => weight_bf16(rows, cols, &rng.vec(rows * cols, 1.0)),
             _ => weight_random_quant(&mut rng, fmt, rows, cols),
         };
-        let x = rng.vec(n * cols);
+        let x = rng.vec(n * cols, 1.0);
         let mut b = CpuRef::new();
         let w = b.load_weight(&hw).unwrap();
         let xb = buf_with(&mut b, &x);
@@ -218,7 +218,7 @@ fn rope_both_modes() {
     let mut rng = Rng(5);
     let (heads, hd) = (3, 32);
     let pos = [0u32, 1, 7, 31];
-    let x = rng.vec(pos.len() * heads * hd);
+    let x = rng.vec(pos.len() * heads * hd, 1.0);
     for mode in [RopeMode::Neox, RopeMode::Interleaved] {
         for (theta, scale) in [(10000.0f32, 1.0f32), (1_000_000.0, 8.0)] {
             let mut b = CpuRef::new();
@@ -240,8 +240,8 @@ fn rope_both_modes() {
 fn elementwise_ops_and_in_place_forms() {
     let mut rng = Rng(6);
     let len = 100;
-    let a: Vec<f32> = rng.vec(len).iter().map(|x| x * 4.0).collect();
-    let c: Vec<f32> = rng.vec(len).iter().map(|x| x * 4.0).collect();
+    let a: Vec<f32> = rng.vec(len, 1.0).iter().map(|x| x * 4.0).collect();
+    let c: Vec<f32> = rng.vec(len, 1.0).iter().map(|x| x * 4.0).collect();
     let gelu = |x: f64| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
     let silu = |x: f64| x / (1.0 + (-x).exp());
     let cap = 3.0f32;
@@ -354,15 +354,15 @@ fn store_kv_and_attention_gqa_window_softcap_two_seqs() {
     let step = Step { tokens: &tokens, positions: &positions, seqs: &seqs };
     let rows = tokens.len();
 
-    let q = rng.vec(rows * qw);
-    let new_k = rng.vec(rows * kvw);
-    let new_v = rng.vec(rows * kvw);
+    let q = rng.vec(rows * qw, 1.0);
+    let new_k = rng.vec(rows * kvw, 1.0);
+    let new_v = rng.vec(rows * kvw, 1.0);
     let mut kc: Vec<f32> = vec![0.0; 2 * ctx * kvw];
     let mut vc = kc.clone();
     for p in 0..6 {
         let r = (ctx + p) * kvw;
-        kc[r..r + kvw].copy_from_slice(&rng.vec(kvw));
-        vc[r..r + kvw].copy_from_slice(&rng.vec(kvw));
+        kc[r..r + kvw].copy_from_slice(&rng.vec(kvw, 1.0));
+        vc[r..r + kvw].copy_from_slice(&rng.vec(kvw, 1.0));
     }
 
     let mut b = CpuRef::new();

@@ -11,19 +11,7 @@ use std::time::{Duration, Instant};
 use purehw_hal_cpu::simd::Kernels;
 use purehw_kernels::Format;
 use purehw_kernels::quant::{self as q, BlockQ8A, BlockQ8K};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn unit(&mut self) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-    }
-}
+use purehw_kernels::testing::Rng;
 
 /// Best wall time of `f` over at least `min` seconds and 3 runs (the best run is the one least
 /// disturbed by other processes on a shared machine).
@@ -45,7 +33,7 @@ fn weights(rng: &mut Rng, fmt: Format, rows: usize, cols: usize) -> Vec<u8> {
     let bytes = fmt.bytes_for(cols).unwrap() * rows;
     let mut w = vec![0u8; bytes];
     for c in w.chunks_mut(8) {
-        let v = rng.next().to_le_bytes();
+        let v = rng.next_u64().to_le_bytes();
         c.copy_from_slice(&v[..c.len()]);
     }
     let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use purehw_hal::{ActQuant, Backend, Format, HostBytes, HostWeight, Op, RopeMode, SeqSpan, Step, View};
 use purehw_hal_cpu::{BufId, Cpu, WeightId};
+use purehw_kernels::testing::Rng;
 
 const DIM: usize = 640;
 const HEADS: usize = 4;
@@ -20,23 +21,10 @@ const LAYERS: usize = 4;
 const CTX: usize = 512;
 const PREFILL: usize = 64;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn unit(&mut self) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-    }
-}
-
 fn weight(cpu: &mut Cpu, rng: &mut Rng, fmt: Format, rows: usize, cols: usize) -> WeightId {
     let mut w = vec![0u8; fmt.bytes_for(cols).unwrap() * rows];
     for c in w.chunks_mut(8) {
-        let v = rng.next().to_le_bytes();
+        let v = rng.next_u64().to_le_bytes();
         c.copy_from_slice(&v[..c.len()]);
     }
     let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();

@@ -18,8 +18,6 @@ mod exec;
 pub mod pool;
 pub mod simd;
 #[cfg(test)]
-mod test_util;
-#[cfg(test)]
 mod tests;
 
 use std::sync::Mutex;

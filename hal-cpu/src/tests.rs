@@ -10,13 +10,13 @@ use purehw_hal::{
 };
 use purehw_kernels::ops as k;
 use purehw_kernels::quant as q;
+use purehw_kernels::testing::{Rng, random_row};
 
 use crate::simd::scalar_kernels;
-use crate::test_util::{Rng, weight_bytes};
 use crate::{BufId, Cpu, CpuError, WeightId};
 
 fn load(cpu: &mut Cpu, rng: &mut Rng, fmt: Format, rows: usize, cols: usize) -> (WeightId, Vec<u8>) {
-    let bytes = weight_bytes(rng, fmt, rows, cols);
+    let bytes: Vec<u8> = (0..rows).flat_map(|_| random_row(rng, fmt, cols)).collect();
     let w = HostWeight::new(fmt, rows, cols, HostBytes::from_vec(bytes.clone())).unwrap();
     (cpu.load_weight(&w).unwrap(), bytes)
 }
@@ -25,10 +25,6 @@ fn buf(cpu: &mut Cpu, data: &[f32]) -> BufId {
     let b = cpu.alloc(data.len()).unwrap();
     cpu.write(View::new(b, 0), data).unwrap();
     b
-}
-
-fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| rng.unit() * scale).collect()
 }
 
 fn at(b: BufId) -> View<BufId> {
@@ -102,6 +98,7 @@ fn a_broken_contract_is_an_error_not_a_panic() {
     // A fused op is checked as a whole: its norm output overlapping its residual.
     let fused = Op::AddRmsNorm {
         x: at(x),
+        x_out: at(x),
         branch: None,
         post: None,
         out: View::new(x, 0),
@@ -125,7 +122,7 @@ fn quantize_act_then_matmul_q8_is_matmul_int8_bit_for_bit() {
             let layout = fmt.act_layout().unwrap();
             let mut cpu = Cpu::new(2).unwrap();
             let (w, wb) = load(&mut cpu, &mut rng, fmt, rows, cols);
-            let xs = random(&mut rng, n * cols, 3.0);
+            let xs = rng.vec(n * cols, 3.0);
             let x = buf(&mut cpu, &xs);
             let (a, b) = (cpu.alloc(n * rows).unwrap(), cpu.alloc(n * rows).unwrap());
             let per = cols / act_block(layout);
@@ -213,7 +210,7 @@ fn held_activations_are_dropped_when_their_rows_change() {
     };
     let mut cpu = Cpu::new(2).unwrap();
     let (w, wb) = load(&mut cpu, &mut rng, Format::Q8_0, rows, cols);
-    let xs = random(&mut rng, 2 * cols, 1.0);
+    let xs = rng.vec(2 * cols, 1.0);
     let x = buf(&mut cpu, &xs[..cols]);
     let y = buf(&mut cpu, &xs[cols..]);
     let o = cpu.alloc(3 * rows).unwrap();
@@ -248,8 +245,8 @@ fn parallel_cold_ops_equal_their_kernels() {
     let step = one.step();
     let (table, tb) = load(&mut cpu, &mut rng, Format::Q5_1, vocab, dim);
     let (norm, nb) = load(&mut cpu, &mut rng, Format::F16, 1, dim);
-    let xs = random(&mut rng, rows * dim, 2.0);
-    let ys = random(&mut rng, rows * dim, 2.0);
+    let xs = rng.vec(rows * dim, 2.0);
+    let ys = rng.vec(rows * dim, 2.0);
     let x = buf(&mut cpu, &xs);
     let y = buf(&mut cpu, &ys);
     let out = cpu.alloc(rows * dim).unwrap();
@@ -364,6 +361,7 @@ impl Model {
             Op::Embed { out: at(x), table: emb, scale: 16.0 },
             Op::AddRmsNorm {
                 x: at(x),
+                x_out: at(x),
                 branch: None,
                 post: None,
                 out: at(xn),
@@ -407,6 +405,7 @@ impl Model {
             Op::MatMul { out: at(o), x: at(att), w: wo, n, act: ActQuant::F32 },
             Op::AddRmsNorm {
                 x: at(x),
+                x_out: at(x),
                 branch: Some(at(o)),
                 post: Some(norm),
                 out: at(xn),
@@ -422,6 +421,7 @@ impl Model {
                 w_up: wu,
                 gate: at(gate),
                 up: at(up),
+                out: at(gate),
                 n,
                 ffn: FFN,
                 kind: Gate::GeluTanh,

@@ -58,15 +58,17 @@ pub struct NormPush {
     pub w: Addr,
     pub post: Addr,
     pub q: Addr,
+    pub x_out: Addr,
     pub x_off: u32,
     pub br_off: u32,
     pub out_off: u32,
     pub q_off: u32,
+    pub x_out_off: u32,
     pub dim: u32,
     pub flags: u32,
     pub eps: f32,
 }
-const _: () = assert!(core::mem::size_of::<NormPush>() == 76);
+const _: () = assert!(core::mem::size_of::<NormPush>() == 88);
 
 /// `norm.comp`'s flags and its shared row's size.
 pub const NORM_BRANCH: u32 = 1;
@@ -75,6 +77,66 @@ pub const NORM_QA: u32 = 4;
 pub const NORM_QK: u32 = 8;
 pub const NORM_SHARED: u32 = 16;
 pub const NORM_MAX_DIM: usize = 6144;
+
+/// `mm_split.comp` with PRO=1: the AddRmsNorm before the matmul as its prologue.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct SplitNormPush {
+    pub w: Addr,
+    pub q: Addr,
+    pub out: Addr,
+    pub x_in: Addr,
+    pub branch: Addr,
+    pub post: Addr,
+    pub nw: Addr,
+    pub x_out: Addr,
+    pub nout: Addr,
+    pub w_byte: u32,
+    pub q_off: u32,
+    pub out_off: u32,
+    pub rows: u32,
+    pub cols: u32,
+    pub row_bytes: u32,
+    pub x_in_off: u32,
+    pub br_off: u32,
+    pub x_out_off: u32,
+    pub nout_off: u32,
+    pub flags: u32,
+    pub eps: f32,
+}
+const _: () = assert!(core::mem::size_of::<SplitNormPush>() == 120);
+
+/// `mm_split.comp` with PRO=2: GatedFfn's activation and quantization as the prologue.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct SplitGatePush {
+    pub w: Addr,
+    pub q: Addr,
+    pub out: Addr,
+    pub gate: Addr,
+    pub up: Addr,
+    pub act: Addr,
+    pub w_byte: u32,
+    pub q_off: u32,
+    pub out_off: u32,
+    pub rows: u32,
+    pub cols: u32,
+    pub row_bytes: u32,
+    pub gate_off: u32,
+    pub up_off: u32,
+    pub act_off: u32,
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<SplitGatePush>() == 88);
+
+/// Prologue flags of `mm_split.comp`.
+pub const PRO_BRANCH: u32 = 1;
+pub const PRO_POST: u32 = 2;
+pub const PRO_SILU: u32 = 1;
+pub const PRO_QK: u32 = 4;
+pub const PRO_WRITER: u32 = 8;
+/// Longest row a prologue holds (`PRO_MAX`).
+pub const PRO_MAX_DIM: usize = 2048;
 
 /// `act_quant.comp`.
 #[repr(C)]

@@ -119,7 +119,7 @@ impl DeviceInfo {
 
 /// Every Vulkan device on this machine, or why there are none (no loader, …).
 pub fn devices() -> std::result::Result<Vec<DeviceInfo>, VkError> {
-    let inst = Instance::new(false)?;
+    let inst = Instance::shared(false)?;
     Ok(inst.devices()?.into_iter().map(|(_, i)| i).collect())
 }
 
@@ -178,6 +178,15 @@ struct StepLayout {
     /// (theta bits, scale bits, head_dim, word offset) of each RoPE table.
     rope: Vec<(u32, u32, usize, u32)>,
     words: usize,
+}
+
+/// An op run as the prologue of the next op's matmuls (`mm_split.comp` PRO=1, 2).
+#[derive(Copy, Clone, Debug)]
+enum Pro {
+    /// An AddRmsNorm.
+    Norm(Op<BufId, WeightId>),
+    /// A GatedFfn's activation and quantization.
+    Gate(Op<BufId, WeightId>),
 }
 
 /// Resource ids for barrier tracking beyond the buffers.
@@ -286,7 +295,7 @@ impl Vulkan {
     /// A backend on the device `opts` picks (default: the best one).
     pub fn new(opts: &VulkanOptions) -> Result<Vulkan> {
         let vk_err = |e: VkError| VulkanError::Vk { device: "vulkan".into(), source: e };
-        let inst = Instance::new(opts.validation).map_err(vk_err)?;
+        let inst = Instance::shared(opts.validation).map_err(vk_err)?;
         let devs = inst.devices().map_err(vk_err)?;
         let usable = |d: &DeviceInfo| d.buffer_device_address && (opts.allow_cpu || d.is_gpu());
         let chosen = match &opts.device {
@@ -1059,34 +1068,49 @@ impl Vulkan {
         let mut hz = Hazards::default();
         self.prof_names.clear();
         self.rec_rows = step.rows();
+        // The step is submitted whole, so neighbouring ops may run as one kernel: the result is
+        // both ops' by construction (each such pair is checked in the backend's tests).
         let mut i = 0;
+        let mut pro: Option<Pro> = None;
         while i < ops.len() {
             let op = &ops[i];
+            let next = ops.get(i + 1);
             i += 1;
-            // Attention then the QuantizeAct of its output: one kernel (the step is submitted
-            // whole, so the two may run as one; the result is both ops' by construction).
+            // Attention then the QuantizeAct of its output.
             if let (Op::Attention { out, heads, head_dim, .. }, Some(&Op::QuantizeAct { out: qo, x, rows, cols, layout: ql })) =
-                (*op, ops.get(i))
+                (*op, next)
                 && x == out
                 && rows == step.rows()
                 && cols == heads * head_dim
                 && head_dim <= 256
                 && head_dim.is_multiple_of(act_block(ql))
+                && pro.is_none()
             {
                 self.attention(cb, step, op, Some((qo, ql)), layout, &mut hz)?;
                 i += 1;
                 continue;
             }
+            // A residual junction whose quantized output feeds the next matmuls: their prologue.
+            if pro.is_none() && self.prologue_norm(op, next, step) {
+                pro = Some(Pro::Norm(*op));
+                continue;
+            }
+            // The gated MLP whose quantized output feeds the down projection: the projections
+            // here, the activation in the down projection's prologue.
+            let gate_next = self.prologue_gate(op, next, step);
             let native = match *op {
                 Op::AddRmsNorm { dim, .. } => dim <= NORM_MAX_DIM,
                 Op::Qkv { head_dim, .. } => head_dim <= QP_MAX_HEAD_DIM,
                 Op::GatedFfn { .. } => true,
                 _ => true,
             };
-            if native {
-                self.record_op(cb, step, op, layout, &mut hz)?;
+            if native || pro.is_some() {
+                self.record_op(cb, step, op, layout, &mut hz, pro.take(), gate_next)?;
             } else {
-                op.expand(|o| self.record_op(cb, step, &o, layout, &mut hz))?;
+                op.expand(|o| self.record_op(cb, step, &o, layout, &mut hz, None, false))?;
+            }
+            if gate_next {
+                pro = Some(Pro::Gate(*op));
             }
         }
         if !reads.is_empty() {
@@ -1168,6 +1192,9 @@ impl Vulkan {
         }
     }
 
+    /// Record one op. `pro`: the op before, run as the prologue of this op's matmuls; `skip_tail`:
+    /// a GatedFfn whose activation the next op's prologue computes.
+    #[allow(clippy::too_many_arguments)]
     fn record_op(
         &mut self,
         cb: raw::CommandBuffer,
@@ -1175,7 +1202,15 @@ impl Vulkan {
         op: &Op<BufId, WeightId>,
         l: &StepLayout,
         hz: &mut Hazards,
+        pro: Option<Pro>,
+        skip_tail: bool,
     ) -> Result<()> {
+        if let Some(p) = pro
+            && !matches!(op, Op::Qkv { .. } | Op::GatedFfn { .. } | Op::MatMulQ8 { .. })
+        {
+            let _ = p;
+            return Err(VulkanError::Unsupported("a prologue for an op without matmuls".into()));
+        }
         let rows = step.rows();
         let id = |b: BufId| b.0;
         match *op {
@@ -1206,10 +1241,12 @@ impl Vulkan {
                     w: self.vector_at(w),
                     post: [0; 2],
                     q: [0; 2],
+                    x_out: [0; 2],
                     x_off: x.offset as u32,
                     br_off: 0,
                     out_off: out.offset as u32,
                     q_off: 0,
+                    x_out_off: 0,
                     dim: dim as u32,
                     flags: 0,
                     eps,
@@ -1217,16 +1254,15 @@ impl Vulkan {
                 let acc = Access::new().r(id(x.buf), x.offset, nr * dim).w(id(out.buf), out.offset, nr * dim);
                 self.dispatch(cb, hz, "norm", &[], &push, [nr as u32, 1, 1], acc)
             }
-            Op::AddRmsNorm { x, branch, post, out, w, quant, rows: nr, dim, eps } => {
+            Op::AddRmsNorm { x, x_out, branch, post, out, w, quant, rows: nr, dim, eps } => {
                 let len = nr * dim;
                 let mut flags = NORM_SHARED;
-                let mut acc = Access::new().w(id(x.buf), x.offset, len).w(id(out.buf), out.offset, len);
+                let mut acc = Access::new().r(id(x.buf), x.offset, len).w(id(x_out.buf), x_out.offset, len).w(id(out.buf), out.offset, len);
                 if let Some(b) = branch {
                     flags |= NORM_BRANCH;
                     acc = acc.r(id(b.buf), b.offset, len);
                     if post.is_some() {
                         flags |= NORM_POST;
-                        acc = acc.w(id(b.buf), b.offset, len);
                     }
                 }
                 let (q, q_off) = match quant {
@@ -1248,15 +1284,16 @@ impl Vulkan {
                     w: self.vector_at(w),
                     post: post.map_or([0; 2], |p| self.vector_at(p)),
                     q,
+                    x_out: self.addr_of(x_out.buf),
                     x_off: x.offset as u32,
                     br_off: branch.map_or(0, |b| b.offset as u32),
                     out_off: out.offset as u32,
                     q_off,
+                    x_out_off: x_out.offset as u32,
                     dim: dim as u32,
                     flags,
                     eps,
                 };
-                // x is read too (it is written, which conflicts the same way).
                 self.dispatch(cb, hz, "norm", &[], &push, [nr as u32, 1, 1], acc)
             }
             Op::MatMul { out, x, w, n, act } => {
@@ -1284,7 +1321,10 @@ impl Vulkan {
                 cols,
                 layout,
             ),
-            Op::MatMulQ8 { out, xq, w, n } => self.matmul(cb, hz, w, (self.addr_of(xq.buf), id(xq.buf), xq.offset), true, n, out),
+            Op::MatMulQ8 { out, xq, w, n } => match pro {
+                Some(p) => self.matmul_pro(cb, hz, w, out, p, true),
+                None => self.matmul(cb, hz, w, (self.addr_of(xq.buf), id(xq.buf), xq.offset), true, n, out),
+            },
             Op::Rope { x, rows: nr, heads, head_dim, theta, scale, mode } => {
                 let key = (theta.to_bits(), scale.to_bits(), head_dim);
                 let table = l.rope.iter().find(|r| (r.0, r.1, r.2) == key).map_or(0, |r| r.3);
@@ -1346,11 +1386,15 @@ impl Vulkan {
                     MatIn::Q8(xq) => Some((self.addr_of(xq.buf), id(xq.buf), xq.offset)),
                     MatIn::F32 { .. } => None,
                 };
-                for (out, w) in [(q, wq), (k, wk), (v, wv)] {
+                for (j, (out, w)) in [(q, wq), (k, wk), (v, wv)].into_iter().enumerate() {
+                    if let Some(p) = pro {
+                        self.matmul_pro(cb, hz, w, out, p, j == 0)?;
+                        continue;
+                    }
                     match (x, input) {
                         (_, Some(xq)) => self.matmul(cb, hz, w, xq, true, n, out)?,
                         (MatIn::F32 { x, act }, None) => {
-                            self.record_op(cb, step, &Op::MatMul { out, x, w, n, act }, l, hz)?
+                            self.record_op(cb, step, &Op::MatMul { out, x, w, n, act }, l, hz, None, false)?
                         }
                         _ => unreachable!("MatIn is F32 or Q8"),
                     }
@@ -1397,13 +1441,20 @@ impl Vulkan {
                 let wgs = (heads + 2 * kv_heads) as u32;
                 self.dispatch(cb, hz, "qkv_post", &[], &push, [wgs, n as u32, 1], acc)
             }
-            Op::GatedFfn { x, w_gate, w_up, gate, up, n, ffn, kind, quant } => {
-                for (out, w) in [(gate, w_gate), (up, w_up)] {
+            Op::GatedFfn { x, w_gate, w_up, gate, up, out: act_out, n, ffn, kind, quant } => {
+                for (j, (out, w)) in [(gate, w_gate), (up, w_up)].into_iter().enumerate() {
+                    if let Some(p) = pro {
+                        self.matmul_pro(cb, hz, w, out, p, j == 0)?;
+                        continue;
+                    }
                     let mm = match x {
                         MatIn::F32 { x, act } => Op::MatMul { out, x, w, n, act },
                         MatIn::Q8(xq) => Op::MatMulQ8 { out, xq, w, n },
                     };
-                    self.record_op(cb, step, &mm, l, hz)?;
+                    self.record_op(cb, step, &mm, l, hz, None, false)?;
+                }
+                if skip_tail {
+                    return Ok(());
                 }
                 let op = match kind {
                     Gate::GeluTanh => AQ_GELU,
@@ -1417,7 +1468,7 @@ impl Vulkan {
                         op,
                         (self.addr_of(gate.buf), id(gate.buf), gate.offset),
                         Some((self.addr_of(up.buf), id(up.buf), up.offset)),
-                        Some((self.addr_of(gate.buf), id(gate.buf), gate.offset)),
+                        Some((self.addr_of(act_out.buf), id(act_out.buf), act_out.offset)),
                         (self.addr_of(qo.out.buf), id(qo.out.buf), qo.out.offset),
                         n,
                         ffn,
@@ -1426,9 +1477,10 @@ impl Vulkan {
                     _ => {
                         let len = n * ffn;
                         let elt = if op == AQ_GELU { ELT_GELU_MUL } else { ELT_SILU_MUL };
-                        self.eltwise(cb, hz, elt, gate, gate, Some(up), len, 0.0)?;
+                        self.eltwise(cb, hz, elt, act_out, gate, Some(up), len, 0.0)?;
                         if let Some(qo) = quant {
-                            self.record_op(cb, step, &Op::QuantizeAct { out: qo.out, x: gate, rows: n, cols: ffn, layout: qo.layout }, l, hz)?;
+                            let qa = Op::QuantizeAct { out: qo.out, x: act_out, rows: n, cols: ffn, layout: qo.layout };
+                            self.record_op(cb, step, &qa, l, hz, None, false)?;
                         }
                         Ok(())
                     }
@@ -1552,6 +1604,127 @@ impl Vulkan {
         self.dispatch(cb, hz, name, &[], &push, [groups(cols, 256), n as u32, 1], acc)
     }
 
+    /// Whether `op` (an AddRmsNorm) can run as the prologue of `next`'s matmuls: one token, the
+    /// split kernel, a separate `x_out` (the matmuls' workgroups read `x` while one writes it), a
+    /// row that fits the prologue, and `next` reading exactly its quantized output.
+    fn prologue_norm(&self, op: &Op<BufId, WeightId>, next: Option<&Op<BufId, WeightId>>, step: &Step<'_>) -> bool {
+        let Op::AddRmsNorm { x, x_out, branch: Some(_), quant: Some(q), rows: 1, dim, .. } = *op else { return false };
+        if !self.split || step.rows() != 1 || x_out == x || dim > PRO_MAX_DIM || self.gpu.info.max_shared < 32768 {
+            return false;
+        }
+        let reads = |xq: View<BufId>, w: WeightId| xq == q.out && self.weight_ref(w).format.act_layout() == Some(q.layout);
+        match next {
+            Some(&Op::Qkv { x: MatIn::Q8(xq), wq, wk, wv, n: 1, head_dim, .. }) => {
+                head_dim <= QP_MAX_HEAD_DIM && reads(xq, wq) && reads(xq, wk) && reads(xq, wv)
+            }
+            Some(&Op::GatedFfn { x: MatIn::Q8(xq), w_gate, w_up, n: 1, .. }) => reads(xq, w_gate) && reads(xq, w_up),
+            Some(&Op::MatMulQ8 { xq, w, n: 1, .. }) => reads(xq, w),
+            _ => false,
+        }
+    }
+
+    /// Whether `op` (a GatedFfn) can leave its activation to the prologue of `next` (the down
+    /// projection reading its quantized output): one token, a separate `out`, a row that fits.
+    fn prologue_gate(&self, op: &Op<BufId, WeightId>, next: Option<&Op<BufId, WeightId>>, step: &Step<'_>) -> bool {
+        let Op::GatedFfn { gate, out, quant: Some(q), n: 1, ffn, .. } = *op else { return false };
+        if !self.split || step.rows() != 1 || out == gate || ffn > PRO_MAX_DIM || self.gpu.info.max_shared < 32768 {
+            return false;
+        }
+        matches!(next, Some(&Op::MatMulQ8 { xq, w, n: 1, .. })
+            if xq == q.out && self.weight_ref(w).format.act_layout() == Some(q.layout))
+    }
+
+    /// One token's matmul on `mm_split.comp` with `p` as its prologue; `writer`: this dispatch's
+    /// first workgroup also stores the prologue op's outputs.
+    fn matmul_pro(
+        &mut self,
+        cb: raw::CommandBuffer,
+        hz: &mut Hazards,
+        w: WeightId,
+        out: View<BufId>,
+        p: Pro,
+        writer: bool,
+    ) -> Result<()> {
+        let wt = self.weight_ref(w);
+        let (fmt, wrows, cols) = (wt.format, wt.rows, wt.cols);
+        let row_bytes = fmt.bytes_for(cols).unwrap_or(0) as u32;
+        let (wa, wb) = self.weight_at(w);
+        let nb = cols / fmt.block_elems();
+        let nbc = nb.min(32);
+        let r = 1usize << (32usize).min(512 / nbc).max(1).ilog2();
+        let spec = [1u32, r as u32, nbc as u32];
+        let grid = [groups(wrows, r), 1, 1];
+        let id = |b: BufId| b.0;
+        let wflag = if writer { PRO_WRITER } else { 0 };
+        match p {
+            Pro::Norm(Op::AddRmsNorm { x, x_out, branch, post, out: nout, w: nw, quant: Some(q), dim, eps, .. }) => {
+                let b = branch.ok_or_else(|| VulkanError::Unsupported("a norm prologue without a branch".into()))?;
+                let qk = q.layout == ActLayout::Q8K;
+                let flags = PRO_BRANCH | if post.is_some() { PRO_POST } else { 0 } | if qk { PRO_QK } else { 0 } | wflag;
+                let push = SplitNormPush {
+                    w: wa,
+                    q: self.addr_of(q.out.buf),
+                    out: self.addr_of(out.buf),
+                    x_in: self.addr_of(x.buf),
+                    branch: self.addr_of(b.buf),
+                    post: post.map_or([0; 2], |p| self.vector_at(p)),
+                    nw: self.vector_at(nw),
+                    x_out: self.addr_of(x_out.buf),
+                    nout: self.addr_of(nout.buf),
+                    w_byte: wb,
+                    q_off: q.out.offset as u32,
+                    out_off: out.offset as u32,
+                    rows: wrows as u32,
+                    cols: cols as u32,
+                    row_bytes,
+                    x_in_off: x.offset as u32,
+                    br_off: b.offset as u32,
+                    x_out_off: x_out.offset as u32,
+                    nout_off: nout.offset as u32,
+                    flags,
+                    eps,
+                };
+                let mut acc = Access::new().r(id(x.buf), x.offset, dim).r(id(b.buf), b.offset, dim).w(id(out.buf), out.offset, wrows);
+                if writer {
+                    let words = dim / act_block(q.layout) * act_words(q.layout);
+                    acc = acc.w(id(x_out.buf), x_out.offset, dim).w(id(nout.buf), nout.offset, dim).w(id(q.out.buf), q.out.offset, words);
+                }
+                let name = format!("mm_split.{}.{}.1", fmt_name(fmt), self.dot as u32);
+                self.dispatch(cb, hz, &name, &spec, &push, grid, acc)
+            }
+            Pro::Gate(Op::GatedFfn { gate, up, out: act, kind, quant: Some(q), ffn, .. }) => {
+                let qk = q.layout == ActLayout::Q8K;
+                let flags = if kind == Gate::Silu { PRO_SILU } else { 0 } | if qk { PRO_QK } else { 0 } | wflag;
+                let push = SplitGatePush {
+                    w: wa,
+                    q: self.addr_of(q.out.buf),
+                    out: self.addr_of(out.buf),
+                    gate: self.addr_of(gate.buf),
+                    up: self.addr_of(up.buf),
+                    act: self.addr_of(act.buf),
+                    w_byte: wb,
+                    q_off: q.out.offset as u32,
+                    out_off: out.offset as u32,
+                    rows: wrows as u32,
+                    cols: cols as u32,
+                    row_bytes,
+                    gate_off: gate.offset as u32,
+                    up_off: up.offset as u32,
+                    act_off: act.offset as u32,
+                    flags,
+                };
+                let mut acc = Access::new().r(id(gate.buf), gate.offset, ffn).r(id(up.buf), up.offset, ffn).w(id(out.buf), out.offset, wrows);
+                if writer {
+                    let words = ffn / act_block(q.layout) * act_words(q.layout);
+                    acc = acc.w(id(act.buf), act.offset, ffn).w(id(q.out.buf), q.out.offset, words);
+                }
+                let name = format!("mm_split.{}.{}.2", fmt_name(fmt), self.dot as u32);
+                self.dispatch(cb, hz, &name, &spec, &push, grid, acc)
+            }
+            _ => Err(VulkanError::Unsupported("an unknown prologue".into())),
+        }
+    }
+
     /// `out = w · x` for `n` tokens; `x` f32 rows, or quantized blocks when `q8`.
     #[allow(clippy::too_many_arguments)]
     fn matmul(
@@ -1593,7 +1766,7 @@ impl Vulkan {
             let nbc = nb.min(32);
             let r = (32 / t).min(512 / (t * nbc)).max(1);
             let r = 1usize << r.ilog2();
-            let name = format!("mm_split.{}.{}", fmt_name(fmt), self.dot as u32);
+            let name = format!("mm_split.{}.{}.0", fmt_name(fmt), self.dot as u32);
             let spec = [t as u32, r as u32, nbc as u32];
             return self.dispatch(cb, hz, &name, &spec, &push, [groups(wrows, r), groups(n, t), 1], acc);
         }

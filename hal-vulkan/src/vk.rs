@@ -8,7 +8,7 @@
 
 use std::ffi::{CStr, c_void};
 use std::ptr::NonNull;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ash::vk;
 
@@ -102,7 +102,24 @@ pub struct Instance {
 }
 
 impl Instance {
-    pub fn new(validation: bool) -> Result<Instance> {
+    /// The process's instance with or without the validation layer, made on first use and
+    /// never destroyed: the loader unloads the driver when its last instance goes, and NVIDIA's
+    /// does not load again after a few dozen such cycles ("no Vulkan driver found"), which a
+    /// server recreating a lost device or a test suite making many backends would hit.
+    pub fn shared(validation: bool) -> Result<Arc<Instance>> {
+        static PLAIN: Mutex<Option<Arc<Instance>>> = Mutex::new(None);
+        static VALIDATED: Mutex<Option<Arc<Instance>>> = Mutex::new(None);
+        let slot = if validation { &VALIDATED } else { &PLAIN };
+        let mut g = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = &*g {
+            return Ok(i.clone());
+        }
+        let i = Arc::new(Instance::new(validation)?);
+        *g = Some(i.clone());
+        Ok(i)
+    }
+
+    fn new(validation: bool) -> Result<Instance> {
         let entry = load_entry()?;
         // SAFETY: a plain query on a loaded entry.
         let version = unsafe { entry.try_enumerate_instance_version() }.map_err(VkError::api)?.unwrap_or(vk::API_VERSION_1_0);
@@ -309,7 +326,7 @@ pub struct Gpu {
     cache: vk::PipelineCache,
     query_pool: vk::QueryPool,
     // Dropped last (fields drop after `Drop::drop` destroyed the device): the instance outlives it.
-    _instance: Instance,
+    _instance: Arc<Instance>,
 }
 
 /// Push constants every kernel may use.
@@ -319,7 +336,7 @@ pub const QUERIES: u32 = 4096;
 
 impl Gpu {
     /// Open device `pd` of `instance`.
-    pub fn new(instance: Instance, pd: vk::PhysicalDevice, info: DeviceInfo, cache_data: &[u8]) -> Result<Gpu> {
+    pub fn new(instance: Arc<Instance>, pd: vk::PhysicalDevice, info: DeviceInfo, cache_data: &[u8]) -> Result<Gpu> {
         let i = &instance.instance;
         if !info.buffer_device_address {
             return Err(VkError::NoDevice(format!("{}: no buffer device address support", info.name)));

@@ -111,8 +111,9 @@ fn map_op<B: Copy, W: Copy>(op: &Op<usize, usize>, v: &dyn Fn(View<usize>) -> Vi
         MatIn::Q8(x) => MatIn::Q8(v(x)),
     };
     match *op {
-        Op::AddRmsNorm { x, branch, post, out, w: nw, quant, rows, dim, eps } => Op::AddRmsNorm {
+        Op::AddRmsNorm { x, x_out, branch, post, out, w: nw, quant, rows, dim, eps } => Op::AddRmsNorm {
             x: v(x),
+            x_out: v(x_out),
             branch: branch.map(v),
             post: post.map(w),
             out: v(out),
@@ -141,18 +142,20 @@ fn map_op<B: Copy, W: Copy>(op: &Op<usize, usize>, v: &dyn Fn(View<usize>) -> Vi
             k_cache: k_cache.map(v),
             v_cache: v_cache.map(v),
         },
-        Op::GatedFfn { x, w_gate, w_up, gate, up, n, ffn, kind, quant } => Op::GatedFfn {
+        Op::GatedFfn { x, w_gate, w_up, gate, up, out, n, ffn, kind, quant } => Op::GatedFfn {
             x: mi(x),
             w_gate: w(w_gate),
             w_up: w(w_up),
             gate: v(gate),
             up: v(up),
+            out: v(out),
             n,
             ffn,
             kind,
             quant: q(quant),
         },
         Op::QuantizeAct { out, x, rows, cols, layout } => Op::QuantizeAct { out: v(out), x: v(x), rows, cols, layout },
+        Op::MatMulQ8 { out, xq, w: ww, n } => Op::MatMulQ8 { out: v(out), xq: v(xq), w: w(ww), n },
         Op::Argmax { out, x, rows, cols } => Op::Argmax { out: v(out), x: v(x), rows, cols },
         Op::Attention { out, q, k, v: vv, heads, kv_heads, head_dim, scale, window, softcap } => Op::Attention {
             out: v(out),
@@ -186,6 +189,7 @@ fn fused_ops_equal_reference() {
         compare(&format!("AddRmsNorm {layout:?}"), &step, &|alloc, load| {
             let mut rng = Rng(7);
             let x = alloc(n * dim, &rng.vec(n * dim));
+            let x2 = alloc(n * dim, &[]);
             let b = alloc(n * dim, &rng.vec(n * dim));
             let out = alloc(n * dim, &[]);
             let q = alloc(words(layout, n, dim), &[]);
@@ -193,6 +197,7 @@ fn fused_ops_equal_reference() {
             let p = load(&weight(&mut rng, Format::F32, 1, dim));
             let ops = vec![Op::AddRmsNorm {
                 x: View::new(x, 0),
+                x_out: View::new(x2, 0),
                 branch: Some(View::new(b, 0)),
                 post: Some(p),
                 out: View::new(out, 0),
@@ -202,7 +207,7 @@ fn fused_ops_equal_reference() {
                 dim,
                 eps: 1e-6,
             }];
-            (ops, vec![(x, n * dim), (b, n * dim), (out, n * dim), (q, words(layout, n, dim))])
+            (ops, vec![(x, n * dim), (x2, n * dim), (b, n * dim), (out, n * dim), (q, words(layout, n, dim))])
         });
         let (fmt, cols) = if layout == ActLayout::Q8A { (Format::Q5_0, 640) } else { (Format::Q4_K, 512) };
         let ffn = 512;
@@ -213,6 +218,7 @@ fn fused_ops_equal_reference() {
                 let x = alloc(n * cols, &rng.vec(n * cols));
                 let gate = alloc(n * ffn, &[]);
                 let up = alloc(n * ffn, &[]);
+                let act = alloc(n * ffn, &[]);
                 let q = alloc(words(layout, n, ffn), &[]);
                 let wg = load(&weight(&mut rng, fmt, ffn, cols));
                 let wu = load(&weight(&mut rng, fmt, ffn, cols));
@@ -224,13 +230,14 @@ fn fused_ops_equal_reference() {
                         w_up: wu,
                         gate: View::new(gate, 0),
                         up: View::new(up, 0),
+                        out: View::new(act, 0),
                         n,
                         ffn,
                         kind,
                         quant: Some(QuantOut { out: View::new(q, 0), layout }),
                     },
                 ];
-                (ops, vec![(xq, words(layout, n, cols)), (gate, n * ffn), (up, n * ffn), (q, words(layout, n, ffn))])
+                (ops, vec![(xq, words(layout, n, cols)), (gate, n * ffn), (up, n * ffn), (act, n * ffn), (q, words(layout, n, ffn))])
             });
         }
         for (heads, kv, hd) in [(4usize, 1usize, 256usize), (8, 2, 64)] {
@@ -276,6 +283,114 @@ fn fused_ops_equal_reference() {
         }
     }
     let _ = ActQuant::Int8;
+    // One-token steps whose ops run as prologues of the next matmuls on a GPU (PUREHW_VK_SPLIT=1
+    // forces the split kernel elsewhere): a junction then the q/k/v projections, a junction
+    // then the MLP then the down projection, a junction then an LM head.
+    let one = [SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 3 }];
+    let step1 = Step { tokens: &[0], positions: &[3], seqs: &one };
+    for (layout, fmt, dfmt, dim, ffn) in [(ActLayout::Q8A, Format::Q5_0, Format::Q6_K, 640usize, 512usize), (ActLayout::Q8K, Format::Q4_K, Format::Q4_K, 512, 768)] {
+        compare(&format!("prologues {layout:?}"), &step1, &|alloc, load| {
+            let mut rng = Rng(23);
+            let (heads, kv, hd) = (4usize, 1usize, 128usize);
+            let x = alloc(dim, &rng.vec(dim));
+            let x2 = alloc(dim, &[]);
+            let x3 = alloc(dim, &[]);
+            let br = alloc(dim, &rng.vec(dim));
+            let xn = alloc(dim, &[]);
+            let xq = alloc(words(layout, 1, dim), &[]);
+            let q = alloc(heads * hd, &[]);
+            let k = alloc(kv * hd, &[]);
+            let v = alloc(kv * hd, &[]);
+            let kc = alloc(8 * kv * hd, &[]);
+            let vc = alloc(8 * kv * hd, &[]);
+            let gate = alloc(ffn, &[]);
+            let up = alloc(ffn, &[]);
+            let act = alloc(ffn, &[]);
+            let dl = dfmt.act_layout().unwrap();
+            let aq = alloc(words(dl, 1, ffn), &[]);
+            let down = alloc(dim, &[]);
+            let head = alloc(300, &[]);
+            let nw = load(&weight(&mut rng, Format::F32, 1, dim));
+            let pw = load(&weight(&mut rng, Format::F32, 1, dim));
+            let wq = load(&weight(&mut rng, fmt, heads * hd, dim));
+            let wk = load(&weight(&mut rng, fmt, kv * hd, dim));
+            let wv = load(&weight(&mut rng, fmt, kv * hd, dim));
+            let wg = load(&weight(&mut rng, fmt, ffn, dim));
+            let wu = load(&weight(&mut rng, fmt, ffn, dim));
+            let wd = load(&weight(&mut rng, dfmt, dim, ffn));
+            let wh = load(&weight(&mut rng, fmt, 300, dim));
+            let qo = |b| Some(QuantOut { out: View::new(b, 0), layout });
+            let junction = |x_in, x_out| Op::AddRmsNorm {
+                x: View::new(x_in, 0),
+                x_out: View::new(x_out, 0),
+                branch: Some(View::new(br, 0)),
+                post: Some(pw),
+                out: View::new(xn, 0),
+                w: nw,
+                quant: qo(xq),
+                rows: 1,
+                dim,
+                eps: 1e-6,
+            };
+            let ops = vec![
+                junction(x, x2),
+                Op::Qkv {
+                    x: MatIn::Q8(View::new(xq, 0)),
+                    wq,
+                    wk,
+                    wv,
+                    q: View::new(q, 0),
+                    k: View::new(k, 0),
+                    v: View::new(v, 0),
+                    n: 1,
+                    heads,
+                    kv_heads: kv,
+                    head_dim: hd,
+                    q_norm: None,
+                    k_norm: None,
+                    eps: 1e-6,
+                    rope: Some(RopeSpec { theta: 10000.0, scale: 1.0, mode: RopeMode::Neox }),
+                    k_cache: Some(View::new(kc, 0)),
+                    v_cache: Some(View::new(vc, 0)),
+                },
+                junction(x2, x3),
+                Op::GatedFfn {
+                    x: MatIn::Q8(View::new(xq, 0)),
+                    w_gate: wg,
+                    w_up: wu,
+                    gate: View::new(gate, 0),
+                    up: View::new(up, 0),
+                    out: View::new(act, 0),
+                    n: 1,
+                    ffn,
+                    kind: Gate::GeluTanh,
+                    quant: Some(QuantOut { out: View::new(aq, 0), layout: dl }),
+                },
+                Op::MatMulQ8 { out: View::new(down, 0), xq: View::new(aq, 0), w: wd, n: 1 },
+                junction(x3, x),
+                Op::MatMulQ8 { out: View::new(head, 0), xq: View::new(xq, 0), w: wh, n: 1 },
+            ];
+            let outs = vec![
+                (x, dim),
+                (x2, dim),
+                (x3, dim),
+                (xn, dim),
+                (xq, words(layout, 1, dim)),
+                (q, heads * hd),
+                (k, kv * hd),
+                (v, kv * hd),
+                (kc, 8 * kv * hd),
+                (vc, 8 * kv * hd),
+                (gate, ffn),
+                (up, ffn),
+                (act, ffn),
+                (aq, words(dl, 1, ffn)),
+                (down, dim),
+                (head, 300),
+            ];
+            (ops, outs)
+        });
+    }
     // Attention then the quantization of its output (one kernel on the GPU).
     for (layout, heads, kv, hd) in [(ActLayout::Q8A, 4usize, 1usize, 256usize), (ActLayout::Q8K, 4, 1, 256), (ActLayout::Q8A, 8, 2, 64)] {
         compare(&format!("Attention+QuantizeAct {layout:?} {heads}/{kv}x{hd}"), &step, &|alloc, _load| {

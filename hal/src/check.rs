@@ -311,10 +311,13 @@ fn primitive_regions<B: Copy, W: Copy>(
 }
 
 /// A fused op's own shape rules (its expansion checks the rest).
-fn fused_shapes<B: Copy, W: Copy>(res: &impl Resources<B, W>, op: &Op<B, W>) -> Result {
+fn fused_shapes<B: Copy + PartialEq, W: Copy>(res: &impl Resources<B, W>, op: &Op<B, W>) -> Result {
     match *op {
-        Op::AddRmsNorm { rows, dim, .. } => {
+        Op::AddRmsNorm { x, x_out, branch, rows, dim, .. } => {
             mul(rows, dim, "AddRmsNorm")?;
+            if branch.is_none() && x_out != x {
+                return Err(invalid("AddRmsNorm", "without a branch, x_out must be x"));
+            }
         }
         Op::Qkv { x, wq, wk, wv, n, heads, kv_heads, head_dim, .. } => {
             const OP: &str = "Qkv";
@@ -364,18 +367,23 @@ fn mat_in<B: Copy>(x: MatIn<B>, n: usize, cols: usize, layout: Option<ActLayout>
 }
 
 /// Every region a fused op touches, for the pairwise overlap rule.
-fn fused_regions<B: Copy, W: Copy>(
+fn fused_regions<B: Copy + PartialEq, W: Copy>(
     res: &impl Resources<B, W>,
     step: &Step<'_>,
     op: &Op<B, W>,
     regs: &mut Regions<B>,
 ) -> Result {
     match *op {
-        Op::AddRmsNorm { x, branch, out, quant, rows, dim, .. } => {
+        Op::AddRmsNorm { x, x_out, branch, out, quant, rows, dim, .. } => {
             let len = rows * dim;
-            regs.push(x, len, "AddRmsNorm x", Use::Out);
+            if x_out != x {
+                regs.push(x, len, "AddRmsNorm x", Use::In);
+                regs.push(x_out, len, "AddRmsNorm x_out", Use::Out);
+            } else {
+                regs.push(x, len, "AddRmsNorm x (in place)", Use::Out);
+            }
             if let Some(b) = branch {
-                regs.push(b, len, "AddRmsNorm branch", Use::Out);
+                regs.push(b, len, "AddRmsNorm branch", Use::In);
             }
             regs.push(out, len, "AddRmsNorm out", Use::Out);
             if let Some(q) = quant {
@@ -396,11 +404,14 @@ fn fused_regions<B: Copy, W: Copy>(
                 regs.push(c, cache, "Qkv v cache", Use::Out);
             }
         }
-        Op::GatedFfn { x, w_gate, gate, up, n, ffn, quant, .. } => {
+        Op::GatedFfn { x, w_gate, gate, up, out, n, ffn, quant, .. } => {
             let wi = weight(res, w_gate, "GatedFfn gate weight")?;
             mat_in(x, n, wi.cols, wi.format.act_layout(), regs)?;
             regs.push(gate, n * ffn, "GatedFfn gate", Use::Out);
             regs.push(up, n * ffn, "GatedFfn up", Use::Out);
+            if out != gate {
+                regs.push(out, n * ffn, "GatedFfn out", Use::Out);
+            }
             if let Some(qo) = quant {
                 regs.push(qo.out, act_len(n, ffn, qo.layout, "GatedFfn")?, "GatedFfn quantized gate", Use::Out);
             }

@@ -170,11 +170,14 @@ pub enum Op<B, W> {
     Argmax { out: View<B>, x: View<B>, rows: usize, cols: usize },
 
     // ---- fused ops: each is defined by its expansion ----
-    /// The residual junction between two blocks: optionally `branch = rmsnorm(branch, post)`
-    /// (in place) and `x += branch`; then `out = rmsnorm(x, w)` and optionally its quantized copy.
-    /// x, branch, out: (rows, dim). Without `branch` it is the norm (and quantization) alone.
+    /// The residual junction between two blocks: `x_out = x + rmsnorm(branch, post)` (or
+    /// `x + branch` without `post`); then `out = rmsnorm(x_out, w)` and optionally its quantized
+    /// copy. x, x_out, branch, out: (rows, dim); `x_out` may be `x` (in place); `branch` is only
+    /// read. Without `branch` it is the norm (and quantization) of `x` alone, and `x_out` must be
+    /// `x`. A separate `x_out` lets a backend run the next matmul's workgroups from `x` directly.
     AddRmsNorm {
         x: View<B>,
+        x_out: View<B>,
         branch: Option<View<B>>,
         post: Option<W>,
         out: View<B>,
@@ -206,14 +209,16 @@ pub enum Op<B, W> {
         k_cache: Option<View<B>>,
         v_cache: Option<View<B>>,
     },
-    /// The gated MLP's first half for `n` rows: `gate = act(x·Wgᵀ) · (x·Wuᵀ)` (with `up` holding
-    /// `x·Wuᵀ`), and optionally gate's quantized copy. gate, up: (n, ffn); `ffn` = the weights' rows.
+    /// The gated MLP's first half for `n` rows: `gate = x·Wgᵀ`, `up = x·Wuᵀ`, then
+    /// `out = act(gate) · up` and optionally out's quantized copy. gate, up, out: (n, ffn); `ffn` =
+    /// the weights' rows; `out` may be `gate` (in place).
     GatedFfn {
         x: MatIn<B>,
         w_gate: W,
         w_up: W,
         gate: View<B>,
         up: View<B>,
+        out: View<B>,
         n: usize,
         ffn: usize,
         kind: Gate,
@@ -276,14 +281,18 @@ impl<B: Copy, W: Copy> Op<B, W> {
     /// itself). Running them in order *is* the fused op's definition. Never allocates.
     pub fn expand<E>(&self, mut f: impl FnMut(Op<B, W>) -> Result<(), E>) -> Result<(), E> {
         match *self {
-            Op::AddRmsNorm { x, branch, post, out, w, quant, rows, dim, eps } => {
+            Op::AddRmsNorm { x, x_out, branch, post, out, w, quant, rows, dim, eps } => {
+                let len = rows.saturating_mul(dim);
                 if let Some(b) = branch {
+                    // The normed branch passes through `out`, which the final norm overwrites.
                     if let Some(p) = post {
-                        f(Op::RmsNorm { out: b, x: b, w: p, rows, dim, eps })?;
+                        f(Op::RmsNorm { out, x: b, w: p, rows, dim, eps })?;
+                        f(Op::Add { out: x_out, a: x, b: out, len })?;
+                    } else {
+                        f(Op::Add { out: x_out, a: x, b, len })?;
                     }
-                    f(Op::Add { out: x, a: x, b, len: rows.saturating_mul(dim) })?;
                 }
-                f(Op::RmsNorm { out, x, w, rows, dim, eps })?;
+                f(Op::RmsNorm { out, x: x_out, w, rows, dim, eps })?;
                 if let Some(q) = quant {
                     f(Op::QuantizeAct { out: q.out, x: out, rows, cols: dim, layout: q.layout })?;
                 }
@@ -331,16 +340,16 @@ impl<B: Copy, W: Copy> Op<B, W> {
                 }
                 Ok(())
             }
-            Op::GatedFfn { x, w_gate, w_up, gate, up, n, ffn, kind, quant } => {
+            Op::GatedFfn { x, w_gate, w_up, gate, up, out, n, ffn, kind, quant } => {
                 f(matmul(gate, x, w_gate, n))?;
                 f(matmul(up, x, w_up, n))?;
                 let len = n.saturating_mul(ffn);
                 f(match kind {
-                    Gate::GeluTanh => Op::GeluTanhMul { out: gate, gate, up, len },
-                    Gate::Silu => Op::SiluMul { out: gate, gate, up, len },
+                    Gate::GeluTanh => Op::GeluTanhMul { out, gate, up, len },
+                    Gate::Silu => Op::SiluMul { out, gate, up, len },
                 })?;
                 if let Some(q) = quant {
-                    f(Op::QuantizeAct { out: q.out, x: gate, rows: n, cols: ffn, layout: q.layout })?;
+                    f(Op::QuantizeAct { out: q.out, x: out, rows: n, cols: ffn, layout: q.layout })?;
                 }
                 Ok(())
             }

@@ -5,10 +5,14 @@
 //! No allocation happens here; callers hand in every buffer.
 #![no_std]
 
+#[cfg(any(test, feature = "alloc"))]
+extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
 pub mod ops;
 pub mod quant;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use quant::Format;

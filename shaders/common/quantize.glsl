@@ -6,6 +6,12 @@ shared float qv[256];
 shared float qa[256];
 shared int qc[256];
 
+// Where a block word goes: a buffer by default; an includer may define QSTORE to keep the blocks
+// in shared memory instead.
+#ifndef QSTORE
+#define QSTORE(q, at, val) q.v[at] = (val)
+#endif
+
 // qv[0..len) (len a whole number of blocks) into the blocks at word `base` of `q`, block j at
 // base + j·BW; `k`: BlockQ8K (256 values, 73 words) else BlockQ8A (32 values, 10 words).
 // Three phases, two barriers: each block's largest magnitude by one invocation (in element order;
@@ -21,7 +27,7 @@ void quantize_seg(Words q, uint base, uint len, bool k) {
             amax = a > amax ? a : amax;
         }
         qa[tid] = amax > 0.0 ? div_rn(127.0, amax) : 0.0;
-        q.v[base + tid * bw] = floatBitsToUint(amax > 0.0 ? div_rn(amax, 127.0) : 0.0);
+        QSTORE(q, base + tid * bw, floatBitsToUint(amax > 0.0 ? div_rn(amax, 127.0) : 0.0));
     }
     barrier();
     bool live = tid < len;
@@ -35,12 +41,12 @@ void quantize_seg(Words q, uint base, uint len, bool k) {
         if ((lb & 3u) == 0u) {
             uint word = 0u;
             for (uint j = 0u; j < 4u; j++) word |= (uint(qc[tid + j]) & 0xFFu) << (8u * j);
-            q.v[at + (k ? 1u : 2u) + lb / 4u] = word;
+            QSTORE(q, at + (k ? 1u : 2u) + lb / 4u, word);
         }
         if (!k && lb == 0u) {
             int sum = 0;
             for (uint j = 0u; j < 32u; j++) sum += qc[tid + j];
-            q.v[at + 1u] = uint(sum);
+            QSTORE(q, at + 1u, uint(sum));
         }
         if (k && (lb & 31u) == 0u) {
             int s0 = 0, s1 = 0;
@@ -48,7 +54,7 @@ void quantize_seg(Words q, uint base, uint len, bool k) {
                 s0 += qc[tid + j];
                 s1 += qc[tid + 16u + j];
             }
-            q.v[at + 65u + lb / 32u] = (uint(s0) & 0xFFFFu) | (uint(s1) << 16);
+            QSTORE(q, at + 65u + lb / 32u, (uint(s0) & 0xFFFFu) | (uint(s1) << 16));
         }
     }
     barrier();

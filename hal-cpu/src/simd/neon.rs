@@ -999,7 +999,7 @@ mod tests {
     use super::*;
     use purehw_kernels::quant as q;
 
-    use crate::test_util::Rng;
+    use purehw_kernels::testing::Rng;
 
     fn f16b(v: f32) -> [u8; 2] {
         half::f16::from_f32(v).to_le_bytes()

@@ -785,7 +785,7 @@ mod tests {
     use super::*;
     use purehw_kernels::quant as q;
 
-    use crate::test_util::Rng;
+    use purehw_kernels::testing::Rng;
 
     fn have() -> Option<Kernels> {
         kernels()
@@ -796,7 +796,7 @@ mod tests {
     }
 
     fn weights(rng: &mut Rng, fmt: Format, rows: usize, cols: usize) -> Vec<u8> {
-        let mut w: Vec<u8> = (0..fmt.bytes_for(cols).unwrap() * rows).map(|_| (rng.next() >> 56) as u8).collect();
+        let mut w: Vec<u8> = (0..fmt.bytes_for(cols).unwrap() * rows).map(|_| (rng.next_u64() >> 56) as u8).collect();
         for (i, c) in w.chunks_exact_mut(fmt.block_bytes()).enumerate() {
             let s = 0.01 + 0.1 * (i % 7) as f32;
             match fmt {

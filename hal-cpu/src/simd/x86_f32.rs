@@ -533,29 +533,11 @@ mod tests {
     use purehw_kernels::quant::{dot_f32 as ref_dot, dot_row};
 
     use super::*;
-    use crate::test_util::Rng;
+    use purehw_kernels::testing::{Rng, random_row};
 
     /// `rows` random rows of `cols` elements: random bytes, finite scales / values.
     fn random_rows(rng: &mut Rng, fmt: Format, rows: usize, cols: usize) -> Vec<u8> {
-        let mut w: Vec<u8> = (0..rows * fmt.bytes_for(cols).unwrap()).map(|_| rng.byte()).collect();
-        match fmt {
-            Format::F32 => w.chunks_exact_mut(4).for_each(|c| c.copy_from_slice(&(rng.unit() * 4.0).to_le_bytes())),
-            Format::F16 => w.chunks_exact_mut(2).for_each(|c| c.copy_from_slice(&rng.f16(4.0))),
-            Format::BF16 => w
-                .chunks_exact_mut(2)
-                .for_each(|c| c.copy_from_slice(&half::bf16::from_f32(rng.unit() * 4.0).to_le_bytes())),
-            Format::Q4_0 | Format::Q5_0 | Format::Q8_0 => {
-                w.chunks_exact_mut(fmt.block_bytes()).for_each(|c| c[0..2].copy_from_slice(&rng.f16(0.05)))
-            }
-            Format::Q6_K => {
-                w.chunks_exact_mut(fmt.block_bytes()).for_each(|c| c[208..210].copy_from_slice(&rng.f16(0.05)))
-            }
-            _ => w.chunks_exact_mut(fmt.block_bytes()).for_each(|c| {
-                c[0..2].copy_from_slice(&rng.f16(0.05));
-                c[2..4].copy_from_slice(&rng.f16(0.05));
-            }),
-        }
-        w
+        (0..rows).flat_map(|_| random_row(rng, fmt, cols)).collect()
     }
 
     fn col_counts(fmt: Format) -> Vec<usize> {

@@ -364,8 +364,8 @@ mod tests {
     use std::vec::Vec;
 
     use super::*;
-    use crate::quant::test_util::{Rng, random_row};
     use crate::quant::{dequantize_row, dot_row};
+    use crate::testing::{Rng, random_row};
 
     #[test]
     fn quantization_round_trips_within_half_a_step() {

@@ -395,9 +395,9 @@ mod tests {
     use std::vec;
     use std::vec::Vec;
 
-    use super::super::test_util::{Rng, random_row};
     use super::super::{Format, dequantize_row, dot_f32, dot_row};
     use super::*;
+    use crate::testing::{Rng, random_row};
 
     #[test]
     fn dot_row_matches_dot_of_dequantized_bitwise() {

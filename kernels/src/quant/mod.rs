@@ -13,8 +13,6 @@
 
 mod act;
 mod blocks;
-#[cfg(test)]
-mod test_util;
 pub use act::*;
 pub use blocks::*;
 

@@ -1,0 +1,699 @@
+//! The matrix's cases: every primitive op, every weight format where an op reads one, token
+//! counts of decode (1–16) and prefill (33, 70), odd row counts, columns that are no multiple of
+//! 8 (float formats) or 1, 2, 3 and 20 blocks (block formats), long contexts, sliding windows,
+//! softcaps, both RoPE modes, Argmax's NaN/±inf/ties, the fused ops in their variants, and the
+//! in-place forms. Views sit at odd offsets inside buffers with random contents around them
+//! wherever that is cheap, so a write outside an op's region shows.
+
+use std::sync::Arc;
+
+use purehw_hal::{
+    ActLayout, ActQuant, Format, Gate, HostBytes, HostWeight, MatIn, Op, QuantOut, RopeMode, RopeSpec, SeqSpan, View,
+    act_block, act_words,
+};
+use purehw_kernels::testing::{Rng, random_row};
+
+use super::{Buf, Case, Check, Group, StepData, quantize_rows};
+
+/// Every group of the matrix.
+pub(super) fn all() -> Vec<Group> {
+    let mut rng = Rng(0x5EED_CAFE);
+    let mut groups = vec![embed(&mut rng)];
+    for fmt in Format::ALL {
+        groups.push(matmul(&mut rng, fmt));
+    }
+    groups.push(quantize_act(&mut rng));
+    for fmt in Format::ALL.into_iter().filter(|f| f.act_layout().is_some()) {
+        groups.push(matmul_q8(&mut rng, fmt));
+    }
+    groups.push(rms_norm(&mut rng));
+    groups.push(rope(&mut rng));
+    groups.push(store_kv(&mut rng));
+    groups.extend(attention(&mut rng));
+    groups.push(elementwise(&mut rng));
+    groups.push(argmax(&mut rng));
+    groups.push(add_rms_norm(&mut rng));
+    groups.extend(qkv(&mut rng));
+    groups.extend(gated_ffn(&mut rng));
+    groups
+}
+
+// ---- data ----
+
+/// A random `rows × cols` weight in `fmt` (the shared random rows: finite values, small scales).
+fn weight(rng: &mut Rng, fmt: Format, rows: usize, cols: usize) -> HostWeight {
+    let bytes = (0..rows).flat_map(|_| random_row(rng, fmt, cols)).collect();
+    HostWeight::new(fmt, rows, cols, HostBytes::from_vec(bytes)).expect("consistent weight")
+}
+
+/// An f32 weight of the given values.
+fn f32_weight(rows: usize, cols: usize, v: &[f32]) -> HostWeight {
+    let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    HostWeight::new(Format::F32, rows, cols, HostBytes::from_vec(bytes)).expect("consistent weight")
+}
+
+/// An RMSNorm weight: (1, dim) around 1.
+fn norm_weight(rng: &mut Rng, dim: usize) -> HostWeight {
+    let v: Vec<f32> = rng.vec(dim, 0.5).iter().map(|x| 1.0 + x).collect();
+    f32_weight(1, dim, &v)
+}
+
+/// `data` at element `at` of a buffer with `at` random values before it and 5 after it.
+fn padded(rng: &mut Rng, data: &[f32], at: usize) -> (Vec<f32>, usize) {
+    let mut v = rng.vec(at, 9.0);
+    v.extend_from_slice(data);
+    v.extend(rng.vec(5, 9.0));
+    (v, at)
+}
+
+impl Case {
+    /// `data` placed at offset `at` of a padded buffer (random values around it).
+    fn input_at(&mut self, rng: &mut Rng, data: &[f32], at: usize) -> View<Buf> {
+        let (v, at) = padded(rng, data, at);
+        self.buf(v).at(at)
+    }
+
+    /// `len` random values in [-scale, scale) at offset `at` of a padded buffer.
+    fn random_at(&mut self, rng: &mut Rng, len: usize, scale: f32, at: usize) -> View<Buf> {
+        let data = rng.vec(len, scale);
+        self.input_at(rng, &data, at)
+    }
+
+    /// An output region of `len` at offset `at`, starting random (an op must not read its
+    /// output, or rely on it being zero), compared whole afterwards.
+    fn output_at(&mut self, rng: &mut Rng, len: usize, at: usize, what: &'static str, check: Check) -> View<Buf> {
+        let v = self.random_at(rng, len, 9.0, at);
+        self.out(v, len, what, check);
+        v
+    }
+}
+
+/// Activation rows with the hard cases for quantization: after a plain row, a zero row, a row
+/// with one large outlier, a row with a tiny block, and a row whose values sit exactly halfway
+/// between codes.
+fn activations(rng: &mut Rng, n: usize, cols: usize) -> Vec<f32> {
+    let mut x = rng.vec(n * cols, 2.0);
+    let block = 32.min(cols);
+    for (t, row) in x.chunks_exact_mut(cols).enumerate() {
+        match t % 5 {
+            1 => row.fill(0.0),
+            2 => row[3 % cols] = 300.0,
+            3 => row[..block].iter_mut().for_each(|v| *v *= 1e-30),
+            4 => {
+                // amax 127 in every block makes d = 1, so k + 0.5 is a rounding tie.
+                for (i, v) in row.iter_mut().enumerate() {
+                    *v = if i % 32 == 0 { 127.0 } else { (i % 250) as f32 - 124.5 };
+                }
+            }
+            _ => {}
+        }
+    }
+    x
+}
+
+/// Columns for a shape index: float formats get counts that are no multiple of 8, block
+/// formats 1, 2, 3 and 20 blocks.
+fn cols_for(fmt: Format, k: usize) -> usize {
+    match fmt.block_elems() {
+        1 => [70, 259, 7, 1030][k],
+        b => b * [1, 2, 3, 20][k],
+    }
+}
+
+/// Matmul shapes: (tokens, weight rows, column index for [`cols_for`]). Decode 1–16 rows and
+/// prefill 33 and 70, odd row counts, every column count at least once with one row.
+const MATMUL_SHAPES: [(usize, usize, usize); 12] = [
+    (1, 37, 0),
+    (1, 257, 3),
+    (1, 37, 1),
+    (2, 257, 1),
+    (3, 37, 2),
+    (5, 37, 3),
+    (8, 257, 2),
+    (16, 37, 3),
+    (16, 257, 0),
+    (33, 37, 1),
+    (70, 257, 2),
+    (70, 37, 3),
+];
+
+/// A matmul over `n` rows: exact for the decode integer matvec, else a float op or a prefill one.
+fn matmul_check(n: usize, integer: bool) -> Check {
+    match (n <= 16, integer) {
+        (true, true) => Check::Exact,
+        (true, false) => Check::Float,
+        (false, _) => Check::Prefill,
+    }
+}
+
+// ---- primitive ops ----
+
+fn embed(rng: &mut Rng) -> Group {
+    let mut cases = Vec::new();
+    let vocab = 50;
+    for fmt in Format::ALL {
+        for (k, n, scale, at) in [(0, 1, 1.0, 0), (1, 5, 25.3, 3), (0, 33, 0.5, 1)] {
+            let cols = cols_for(fmt, k);
+            let mut step = StepData::one_seq(n, 0);
+            step.tokens =
+                (0..n).map(|t| [vocab as u32 - 1, 0, (rng.next_u64() % vocab as u64) as u32][t % 3]).collect();
+            let mut c = Case::new(format!("Embed {fmt:?} cols={cols} n={n} scale={scale}"), step);
+            let table = c.weight(weight(rng, fmt, vocab, cols));
+            let out = c.output_at(rng, n * cols, at, "out", Check::Float);
+            c.op(Op::Embed { out, table, scale });
+            cases.push(c);
+        }
+    }
+    Group { name: "Embed, every format".into(), cases }
+}
+
+fn matmul(rng: &mut Rng, fmt: Format) -> Group {
+    let mut cases = Vec::new();
+    for act in [ActQuant::F32, ActQuant::Int8] {
+        let integer = act == ActQuant::Int8 && fmt.act_layout().is_some();
+        for (s, &(n, rows, k)) in MATMUL_SHAPES.iter().enumerate() {
+            let cols = cols_for(fmt, k);
+            let at = [0, 3][s % 2];
+            let mut c =
+                Case::new(format!("MatMul {fmt:?} {act:?} n={n} rows={rows} cols={cols}"), StepData::one_seq(n, 0));
+            let w = c.weight(weight(rng, fmt, rows, cols));
+            let x = activations(rng, n, cols);
+            let x = c.input_at(rng, &x, at);
+            let out = c.output_at(rng, n * rows, at, "out", matmul_check(n, integer));
+            c.op(Op::MatMul { out, x, w, n, act });
+            cases.push(c);
+        }
+        // Two matmuls reading the same rows, the rows overwritten, a third reading them: a
+        // backend reusing quantized activations must see the new rows.
+        for n in [5, 33] {
+            let (rows, cols) = (37, cols_for(fmt, 2));
+            let mut c = Case::new(
+                format!("MatMul {fmt:?} {act:?} n={n}: shared rows, then rows rewritten"),
+                StepData::one_seq(n, 0),
+            );
+            let w1 = c.weight(weight(rng, fmt, rows, cols));
+            let w2 = c.weight(weight(rng, fmt, rows, cols));
+            let x = c.buf(activations(rng, n, cols));
+            let d = c.buf(rng.vec(n * cols, 1.0));
+            let check = matmul_check(n, integer);
+            let o1 = c.output_at(rng, n * rows, 0, "first out", check);
+            let o2 = c.output_at(rng, n * rows, 0, "second out", check);
+            let o3 = c.output_at(rng, n * rows, 0, "out after x changed", check);
+            c.op(Op::MatMul { out: o1, x, w: w1, n, act });
+            c.op(Op::MatMul { out: o2, x, w: w2, n, act });
+            c.op(Op::Add { out: x, a: x, b: d, len: n * cols });
+            c.op(Op::MatMul { out: o3, x, w: w1, n, act });
+            c.out(x, n * cols, "x", Check::Float);
+            cases.push(c);
+        }
+    }
+    Group { name: format!("MatMul {fmt:?}, F32 and Int8 activations"), cases }
+}
+
+fn quantize_act(rng: &mut Rng) -> Group {
+    let mut cases = Vec::new();
+    for layout in [ActLayout::Q8A, ActLayout::Q8K] {
+        for (i, (rows, blocks)) in [(1, 1), (2, 3), (3, 2), (5, 20), (16, 1), (33, 3)].into_iter().enumerate() {
+            let cols = act_block(layout) * blocks;
+            let mut x = activations(rng, rows, cols);
+            if rows > 5 {
+                // Large magnitudes, and a block of one repeated value.
+                x[5 * cols..6 * cols].iter_mut().for_each(|v| *v *= 1e30);
+                x[5 * cols..5 * cols + 32].fill(-0.75);
+            }
+            let at = [0, 3][i % 2];
+            let mut c =
+                Case::new(format!("QuantizeAct {layout:?} rows={rows} cols={cols}"), StepData::one_seq(rows, 0));
+            let xv = c.input_at(rng, &x, at);
+            let out = c.output_at(rng, rows * blocks * act_words(layout), at, "blocks", Check::Blocks(layout));
+            c.op(Op::QuantizeAct { out, x: xv, rows, cols, layout });
+            cases.push(c);
+        }
+    }
+    Group { name: "QuantizeAct, both layouts".into(), cases }
+}
+
+fn matmul_q8(rng: &mut Rng, fmt: Format) -> Group {
+    let layout = fmt.act_layout().expect("a block format");
+    let mut cases = Vec::new();
+    for &(n, rows, k) in &MATMUL_SHAPES {
+        let cols = cols_for(fmt, k);
+        let mut c = Case::new(format!("MatMulQ8 {fmt:?} n={n} rows={rows} cols={cols}"), StepData::one_seq(n, 0));
+        let w = c.weight(weight(rng, fmt, rows, cols));
+        let xq = c.buf(quantize_rows(&activations(rng, n, cols), n, cols, layout));
+        let out = c.output_at(rng, n * rows, 1, "out", matmul_check(n, true));
+        c.op(Op::MatMulQ8 { out, xq, w, n });
+        cases.push(c);
+    }
+    Group { name: format!("MatMulQ8 {fmt:?}"), cases }
+}
+
+fn rms_norm(rng: &mut Rng) -> Group {
+    let mut cases = Vec::new();
+    let shapes = [(1, 7, 1e-6), (3, 64, 1e-5), (16, 70, 1e-6), (37, 259, 1e-6), (2, 640, 1e-6), (5, 1152, 1e-5)];
+    for (i, &(rows, dim, eps)) in shapes.iter().enumerate() {
+        for in_place in [false, true] {
+            let mut x = rng.vec(rows * dim, 3.0);
+            if rows > 2 {
+                x[dim..2 * dim].fill(0.0); // rms = sqrt(eps)
+                x[2 * dim..3 * dim].iter_mut().for_each(|v| *v *= 1e15);
+            }
+            let mut c = Case::new(
+                format!("RmsNorm rows={rows} dim={dim} eps={eps:e}{}", if in_place { " in place" } else { "" }),
+                StepData::one_seq(rows, 0),
+            );
+            let w = c.weight(norm_weight(rng, dim));
+            let at = [0, 3][i % 2];
+            let xv = c.input_at(rng, &x, at);
+            let out = if in_place {
+                c.out(xv, rows * dim, "x (in place)", Check::Float);
+                xv
+            } else {
+                c.output_at(rng, rows * dim, 1, "out", Check::Float)
+            };
+            c.op(Op::RmsNorm { out, x: xv, w, rows, dim, eps });
+            cases.push(c);
+        }
+    }
+    Group { name: "RmsNorm".into(), cases }
+}
+
+fn rope(rng: &mut Rng) -> Group {
+    let mut cases = Vec::new();
+    let positions = vec![0, 1, 17, 255, 4099];
+    for mode in [RopeMode::Neox, RopeMode::Interleaved] {
+        for theta in [1e4f32, 1e6] {
+            for scale in [1.0f32, 8.0] {
+                for (heads, head_dim, rows) in [(3, 8, 5), (4, 64, 5), (2, 128, 3), (1, 256, 5)] {
+                    let step =
+                        StepData { tokens: vec![0; positions.len()], positions: positions.clone(), seqs: vec![] };
+                    let mut c = Case::new(
+                        format!(
+                            "Rope {mode:?} theta={theta:e} scale={scale} heads={heads} head_dim={head_dim} rows={rows}"
+                        ),
+                        step,
+                    );
+                    let x = c.random_at(rng, rows * heads * head_dim, 2.0, 3);
+                    c.out(x, rows * heads * head_dim, "x", Check::Float);
+                    c.op(Op::Rope { x, rows, heads, head_dim, theta, scale, mode });
+                    cases.push(c);
+                }
+            }
+        }
+    }
+    Group { name: "Rope, both modes".into(), cases }
+}
+
+/// Steps of several sequences: decode rows and prefill rows together.
+fn mixed_seqs() -> Vec<SeqSpan> {
+    vec![
+        SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 40 },
+        SeqSpan { row: 1, len: 9, cache_row: 64, pos0: 0 },
+        SeqSpan { row: 10, len: 30, cache_row: 128, pos0: 20 },
+    ]
+}
+
+fn store_kv(rng: &mut Rng) -> Group {
+    let mut cases = Vec::new();
+    let long = vec![
+        SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 700 },
+        SeqSpan { row: 1, len: 3, cache_row: 704, pos0: 253 },
+    ];
+    for (name, seqs) in [("mixed", mixed_seqs()), ("long", long)] {
+        for width in [64, 192, 256] {
+            let step = StepData::of_seqs(&seqs);
+            let cache_rows = seqs.iter().map(|s| (s.cache_row + s.pos0 + s.len) as usize).max().unwrap_or(0);
+            let rows = step.positions.len();
+            let mut c = Case::new(format!("StoreKv {name} width={width}"), step);
+            let src = c.random_at(rng, rows * width, 1.0, 1);
+            let cache = c.output_at(rng, cache_rows * width, 3, "cache", Check::Exact);
+            c.op(Op::StoreKv { cache, src, width });
+            cases.push(c);
+        }
+    }
+    Group { name: "StoreKv".into(), cases }
+}
+
+fn attention(rng: &mut Rng) -> Vec<Group> {
+    let steps = [
+        ("decode and prefill rows", mixed_seqs()),
+        (
+            // Long contexts crossing 256-key chunks, and exactly 256 and 512 keys.
+            "batched decode, long contexts",
+            vec![
+                SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 700 },
+                SeqSpan { row: 1, len: 1, cache_row: 704, pos0: 255 },
+                SeqSpan { row: 2, len: 1, cache_row: 960, pos0: 511 },
+            ],
+        ),
+        (
+            "prefill chunk on a long context",
+            vec![
+                SeqSpan { row: 0, len: 16, cache_row: 0, pos0: 600 },
+                SeqSpan { row: 16, len: 1, cache_row: 640, pos0: 612 },
+            ],
+        ),
+    ];
+    let mut groups = Vec::new();
+    for (what, seqs) in &steps {
+        let step = StepData::of_seqs(seqs);
+        let rows = step.positions.len();
+        let cache_rows = seqs.iter().map(|s| (s.cache_row + s.pos0 + s.len) as usize).max().unwrap_or(0);
+        for (heads, kv_heads, head_dim) in [(4, 1, 256), (9, 3, 64), (2, 2, 8), (8, 8, 128)] {
+            let k = Arc::new(rng.vec(cache_rows * kv_heads * head_dim, 1.0));
+            let v = Arc::new(rng.vec(cache_rows * kv_heads * head_dim, 1.0));
+            let mut cases = Vec::new();
+            for window in [0, 7, 16] {
+                for softcap in [0.0f32, 30.0, 50.0] {
+                    // With a softcap, scale 1 makes scores large enough for the cap to bite.
+                    let scale = if softcap > 0.0 { 1.0 } else { 1.0 / (head_dim as f32).sqrt() };
+                    let mut c = Case::new(
+                        format!("Attention {what}: {heads}/{kv_heads}x{head_dim} window={window} softcap={softcap}"),
+                        step.clone(),
+                    );
+                    let q = c.random_at(rng, rows * heads * head_dim, 1.0, 1);
+                    let (kb, vb) = (c.shared(k.clone()), c.shared(v.clone()));
+                    let out = c.output_at(rng, rows * heads * head_dim, 3, "out", Check::Float);
+                    c.op(Op::Attention { out, q, k: kb, v: vb, heads, kv_heads, head_dim, scale, window, softcap });
+                    cases.push(c);
+                }
+            }
+            groups.push(Group { name: format!("Attention {what}, {heads}/{kv_heads}x{head_dim}"), cases });
+        }
+    }
+    groups
+}
+
+fn elementwise(rng: &mut Rng) -> Group {
+    let mut cases = Vec::new();
+    let data = |rng: &mut Rng, len: usize| {
+        let mut v = rng.vec(len, 8.0);
+        if len >= 100 {
+            v[len - 6..].copy_from_slice(&[0.0, -0.0, 25.0, -25.0, 1e-3, -1e-3]);
+        }
+        v
+    };
+    for len in [1, 7, 1000, 4099] {
+        // Add: out apart, out == a, out == b, out == a == b.
+        for form in ["out apart", "out == a", "out == b", "out == a == b"] {
+            let mut c = Case::new(format!("Add len={len} {form}"), StepData::one_seq(1, 0));
+            let (da, db) = (data(rng, len), data(rng, len));
+            let a = c.input_at(rng, &da, 3);
+            let b = if form == "out == a == b" { a } else { c.input_at(rng, &db, 1) };
+            let out = match form {
+                "out apart" => c.output_at(rng, len, 1, "out", Check::Float),
+                "out == b" => b,
+                _ => a,
+            };
+            if form != "out apart" {
+                c.out(out, len, "out (in place)", Check::Float);
+            }
+            c.op(Op::Add { out, a, b, len });
+            cases.push(c);
+        }
+        for gate_kind in [Gate::GeluTanh, Gate::Silu] {
+            for in_place in [false, true] {
+                let mut c = Case::new(
+                    format!("{gate_kind:?}Mul len={len}{}", if in_place { " out == gate" } else { "" }),
+                    StepData::one_seq(1, 0),
+                );
+                let (dg, du) = (data(rng, len), data(rng, len));
+                let gate = c.input_at(rng, &dg, 1);
+                let up = c.input_at(rng, &du, 0);
+                let out = if in_place {
+                    c.out(gate, len, "gate (in place)", Check::Float);
+                    gate
+                } else {
+                    c.output_at(rng, len, 3, "out", Check::Float)
+                };
+                c.op(match gate_kind {
+                    Gate::GeluTanh => Op::GeluTanhMul { out, gate, up, len },
+                    Gate::Silu => Op::SiluMul { out, gate, up, len },
+                });
+                cases.push(c);
+            }
+        }
+        for cap in [5.0f32, 30.0, 50.0] {
+            let mut c = Case::new(format!("Softcap len={len} cap={cap}"), StepData::one_seq(1, 0));
+            let mut v = data(rng, len);
+            v.iter_mut().step_by(3).for_each(|x| *x *= 20.0);
+            let x = c.input_at(rng, &v, 3);
+            c.out(x, len, "x", Check::Float);
+            c.op(Op::Softcap { x, len, cap });
+            cases.push(c);
+        }
+    }
+    Group { name: "Add, GeluTanhMul, SiluMul, Softcap".into(), cases }
+}
+
+fn argmax(rng: &mut Rng) -> Group {
+    let (nan, inf) = (f32::NAN, f32::INFINITY);
+    let mut cases = Vec::new();
+    for (rows, cols) in [(1, 1), (9, 7), (5, 1000), (2, 4099), (1, 262_144)] {
+        let mut x = rng.vec(rows * cols, 10.0);
+        for (r, row) in x.chunks_exact_mut(cols).enumerate() {
+            let last = cols - 1;
+            match r {
+                0 if cols > 1 => {
+                    // NaN first, and the largest value last.
+                    row[0] = nan;
+                    row[last] = 20.0;
+                }
+                1 => row[cols / 2] = inf,
+                2 => {
+                    // A tie: the first index wins.
+                    row[1] = 30.0;
+                    row[last] = 30.0;
+                }
+                3 => row.fill(nan),
+                4 => row.fill(-inf),
+                5 => {
+                    // +inf ties with f32::MAX (NaN counts as −∞, +∞ as the largest finite value).
+                    row[2] = f32::MAX;
+                    row[5] = inf;
+                }
+                6 => {
+                    row.fill(-0.0);
+                    row[4] = 0.0;
+                }
+                7 => {
+                    row[0] = -inf;
+                    row[3] = nan;
+                }
+                _ => {}
+            }
+        }
+        let mut c = Case::new(format!("Argmax rows={rows} cols={cols}"), StepData::one_seq(1, 0));
+        let xv = c.input_at(rng, &x, 1);
+        let out = c.output_at(rng, rows, 3, "indices", Check::Exact);
+        c.op(Op::Argmax { out, x: xv, rows, cols });
+        cases.push(c);
+    }
+    Group { name: "Argmax".into(), cases }
+}
+
+// ---- fused ops ----
+
+fn add_rms_norm(rng: &mut Rng) -> Group {
+    let mut cases = Vec::new();
+    let dim = 768;
+    for branch in ["no branch", "branch", "branch + post norm"] {
+        for quant in [None, Some(ActLayout::Q8A), Some(ActLayout::Q8K)] {
+            for rows in [1, 5, 33] {
+                let mut c = Case::new(
+                    format!("AddRmsNorm {branch} quant={quant:?} rows={rows} dim={dim}"),
+                    StepData::one_seq(rows, 0),
+                );
+                let w = c.weight(norm_weight(rng, dim));
+                let post = (branch == "branch + post norm").then(|| c.weight(norm_weight(rng, dim)));
+                let x = c.random_at(rng, rows * dim, 4.0, 3);
+                // With a branch the new residual goes to its own buffer (the prologue form a GPU
+                // fuses into the next matmuls); without one it is x itself.
+                let (b, x_out) = if branch != "no branch" {
+                    let b = c.random_at(rng, rows * dim, 4.0, 1);
+                    (Some(b), c.output_at(rng, rows * dim, 1, "x_out = x + branch", Check::Float))
+                } else {
+                    (None, x)
+                };
+                let out = c.output_at(rng, rows * dim, 1, "out", Check::Float);
+                let quant = quant.map(|layout| {
+                    let len = rows * dim / act_block(layout) * act_words(layout);
+                    QuantOut { out: c.output_at(rng, len, 1, "quantized out", Check::DerivedBlocks(layout)), layout }
+                });
+                c.op(Op::AddRmsNorm { x, x_out, branch: b, post, out, w, quant, rows, dim, eps: 1e-6 });
+                cases.push(c);
+            }
+        }
+    }
+    Group { name: "AddRmsNorm".into(), cases }
+}
+
+/// How a fused matmul reads its rows, by name.
+#[derive(Copy, Clone, Debug, PartialEq)]
+enum Input {
+    F32,
+    Int8,
+    /// Rows quantized beforehand (as `QuantizeAct` does).
+    Q8,
+}
+
+/// `x` as a fused op's input: f32 rows, or their blocks in `layout`.
+fn mat_in(
+    c: &mut Case,
+    rng: &mut Rng,
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    input: Input,
+    layout: Option<ActLayout>,
+) -> MatIn<Buf> {
+    match input {
+        Input::F32 => MatIn::F32 { x: c.input_at(rng, x, 1), act: ActQuant::F32 },
+        Input::Int8 => MatIn::F32 { x: c.input_at(rng, x, 1), act: ActQuant::Int8 },
+        Input::Q8 => MatIn::Q8(c.buf(quantize_rows(x, n, cols, layout.expect("block formats")))),
+    }
+}
+
+fn qkv(rng: &mut Rng) -> Vec<Group> {
+    let (heads, kv_heads, head_dim, cols) = (4, 2, 64, 512);
+    let formats = [
+        [Format::Q4_K, Format::Q4_K, Format::Q6_K],
+        [Format::Q5_0, Format::Q5_0, Format::Q8_0],
+        [Format::Q4_1, Format::Q4_1, Format::Q5_1],
+        [Format::F16, Format::F16, Format::BF16],
+    ];
+    // Gemma-like (norms, Neox RoPE, caches), Llama-like (interleaved RoPE scaled, caches), bare.
+    let variants = [
+        (
+            "q/k norms, Neox rope 1e6, caches",
+            true,
+            Some(RopeSpec { theta: 1e6, scale: 1.0, mode: RopeMode::Neox }),
+            true,
+        ),
+        (
+            "interleaved rope 1e4 scale 8, caches",
+            false,
+            Some(RopeSpec { theta: 1e4, scale: 8.0, mode: RopeMode::Interleaved }),
+            true,
+        ),
+        ("no norms, rope or caches", false, None, false),
+    ];
+    let steps = [
+        vec![SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 17 }],
+        vec![SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 300 }, SeqSpan { row: 1, len: 4, cache_row: 320, pos0: 0 }],
+        vec![SeqSpan { row: 0, len: 33, cache_row: 0, pos0: 5 }],
+    ];
+    let mut groups = Vec::new();
+    for fmts in formats {
+        let layout = fmts[0].act_layout();
+        let mut cases = Vec::new();
+        for input in [Input::F32, Input::Int8, Input::Q8] {
+            if input == Input::Q8 && layout.is_none() {
+                continue;
+            }
+            for &(variant, norms, rope, caches) in &variants {
+                for seqs in &steps {
+                    let step = StepData::of_seqs(seqs);
+                    let n = step.positions.len();
+                    let cache_rows = seqs.iter().map(|s| (s.cache_row + s.pos0 + s.len) as usize).max().unwrap_or(0);
+                    let mut c = Case::new(format!("Qkv {fmts:?} {input:?} input, {variant}, n={n}"), step);
+                    let wq = c.weight(weight(rng, fmts[0], heads * head_dim, cols));
+                    let wk = c.weight(weight(rng, fmts[1], kv_heads * head_dim, cols));
+                    let wv = c.weight(weight(rng, fmts[2], kv_heads * head_dim, cols));
+                    let (q_norm, k_norm) = if norms {
+                        (Some(c.weight(norm_weight(rng, head_dim))), Some(c.weight(norm_weight(rng, head_dim))))
+                    } else {
+                        (None, None)
+                    };
+                    let x = activations(rng, n, cols);
+                    let x = mat_in(&mut c, rng, &x, n, cols, input, layout);
+                    let check = if n > 16 { Check::Prefill } else { Check::Float };
+                    let q = c.output_at(rng, n * heads * head_dim, 3, "q", check);
+                    let k = c.output_at(rng, n * kv_heads * head_dim, 0, "k", check);
+                    let v = c.output_at(rng, n * kv_heads * head_dim, 1, "v", check);
+                    let width = kv_heads * head_dim;
+                    let (k_cache, v_cache) = if caches {
+                        (
+                            Some(c.output_at(rng, cache_rows * width, 0, "k cache", check)),
+                            Some(c.output_at(rng, cache_rows * width, 2, "v cache", check)),
+                        )
+                    } else {
+                        (None, None)
+                    };
+                    c.op(Op::Qkv {
+                        x,
+                        wq,
+                        wk,
+                        wv,
+                        q,
+                        k,
+                        v,
+                        n,
+                        heads,
+                        kv_heads,
+                        head_dim,
+                        q_norm,
+                        k_norm,
+                        eps: 1e-6,
+                        rope,
+                        k_cache,
+                        v_cache,
+                    });
+                    cases.push(c);
+                }
+            }
+        }
+        groups.push(Group { name: format!("Qkv {fmts:?}"), cases });
+    }
+    groups
+}
+
+fn gated_ffn(rng: &mut Rng) -> Vec<Group> {
+    let (cols, ffn) = (512, 512);
+    let formats = [
+        [Format::Q4_K, Format::Q4_K],
+        [Format::Q8_0, Format::Q8_0],
+        [Format::Q5_1, Format::Q4_0],
+        [Format::BF16, Format::F16],
+    ];
+    let shapes =
+        [(1, None), (5, Some(ActLayout::Q8A)), (33, Some(ActLayout::Q8K)), (1, Some(ActLayout::Q8K)), (16, None)];
+    let mut groups = Vec::new();
+    for fmts in formats {
+        let layout = fmts[0].act_layout();
+        let mut cases = Vec::new();
+        for input in [Input::F32, Input::Int8, Input::Q8] {
+            if input == Input::Q8 && layout.is_none() {
+                continue;
+            }
+            for kind in [Gate::GeluTanh, Gate::Silu] {
+                for &(n, quant) in &shapes {
+                    let mut c = Case::new(
+                        format!("GatedFfn {fmts:?} {input:?} input, {kind:?}, quant={quant:?}, n={n}"),
+                        StepData::one_seq(n, 0),
+                    );
+                    let w_gate = c.weight(weight(rng, fmts[0], ffn, cols));
+                    let w_up = c.weight(weight(rng, fmts[1], ffn, cols));
+                    let x = activations(rng, n, cols);
+                    let x = mat_in(&mut c, rng, &x, n, cols, input, layout);
+                    let check = if n > 16 { Check::Prefill } else { Check::Float };
+                    let gate = c.output_at(rng, n * ffn, 1, "gate", check);
+                    let up = c.output_at(rng, n * ffn, 0, "up", check);
+                    // The activation in place (over gate) or in its own buffer, both forms.
+                    let out = if n % 2 == 0 { gate } else { c.output_at(rng, n * ffn, 0, "act(gate)·up", check) };
+                    let quant = quant.map(|layout| {
+                        let len = n * ffn / act_block(layout) * act_words(layout);
+                        QuantOut {
+                            out: c.output_at(rng, len, 0, "quantized activation", Check::DerivedBlocks(layout)),
+                            layout,
+                        }
+                    });
+                    c.op(Op::GatedFfn { x, w_gate, w_up, gate, up, out, n, ffn, kind, quant });
+                    cases.push(c);
+                }
+            }
+        }
+        groups.push(Group { name: format!("GatedFfn {fmts:?}"), cases });
+    }
+    groups
+}

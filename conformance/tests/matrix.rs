@@ -1,0 +1,33 @@
+//! The op matrix (`purehw_conformance::matrix`) on every registered backend, against the
+//! reference: bit for bit on the CPU backends and on Vulkan.
+
+use purehw_conformance::matrix::{self, Report, Tolerance};
+
+/// One test per backend under test: `name => constructor, tolerance`, then optionally
+/// `if present` (a check that the device is there at all) and `then after` (more failures to add
+/// to the report). The constructor is called once per group of cases.
+macro_rules! matrix_tests {
+    ($($name:ident => $make:expr, $tol:expr $(, if $present:expr)? $(, then $after:expr)?;)*) => {
+        $(
+            #[test]
+            fn $name() {
+                $(if !$present(stringify!($name)) { return; })?
+                #[allow(unused_mut)]
+                let mut report = matrix::check_all($make, $tol);
+                $($after(&mut report);)?
+                report.assert_ok();
+            }
+        )*
+    };
+}
+
+matrix_tests! {
+    cpu_1_thread => || matrix::cpu(1), Tolerance::Exact;
+    cpu_2_threads => || matrix::cpu(2), Tolerance::Exact;
+    // More threads than most ops have rows or (row, kv head) tasks.
+    cpu_7_threads => || matrix::cpu(7), Tolerance::Exact;
+    cpu_16_threads => || matrix::cpu(16), Tolerance::Exact;
+    cpu_scalar_kernels_2_threads => || matrix::cpu_scalar(2), Tolerance::Exact;
+    // On lavapipe in CI (`PUREHW_REQUIRE_VULKAN=1` there); the validation layer must stay silent.
+    vulkan => matrix::vulkan, Tolerance::Exact, if matrix::vulkan_present, then Report::add_validation_messages;
+}
