@@ -274,6 +274,9 @@ pub struct Vulkan {
     /// Integer dots through the device's packed 4×8-bit dot product (`PUREHW_VK_DOT=0`: the
     /// portable form, for comparing the two).
     dot: bool,
+    /// Which prologues decode steps use (norm, gate); `PUREHW_VK_PRO=none|norm|gate|all`
+    /// overrides the default, for measuring each.
+    prologues: (bool, bool),
     /// `PUREHW_VK_PROFILE=1`: device time per kernel (every dispatch then ends with a barrier and
     /// a timestamp), printed on drop.
     profile: Option<HashMap<String, (f64, usize)>>,
@@ -320,6 +323,13 @@ impl Vulkan {
         let gpu = Gpu::new(inst, pd, info, &cache_data).map_err(|e| VulkanError::Vk { device: name, source: e })?;
         let split = opts.split_matvec.unwrap_or(gpu.info.is_gpu());
         let dot = gpu.info.int8_dot && std::env::var("PUREHW_VK_DOT").map_or(true, |v| v != "0");
+        let prologues = match std::env::var("PUREHW_VK_PRO").as_deref() {
+            Ok("none") => (false, false),
+            Ok("norm") => (true, false),
+            Ok("gate") => (false, true),
+            Ok("all") => (true, true),
+            _ => PROLOGUES,
+        };
         let budget = gpu.info.heaps.iter().filter(|h| h.1).map(|h| h.0).max().unwrap_or(0);
         let dev = |e: VkError| VulkanError::Vk { device: gpu.info.name.clone(), source: e };
         let fence = gpu.fence().map_err(dev)?;
@@ -353,6 +363,7 @@ impl Vulkan {
             last_counts: (0, 0),
             split,
             dot,
+            prologues,
             profile: std::env::var("PUREHW_VK_PROFILE").is_ok_and(|v| v == "1").then(HashMap::new),
             prof_names: Vec::new(),
             rec_rows: 0,
@@ -1609,10 +1620,15 @@ impl Vulkan {
     /// row that fits the prologue, and `next` reading exactly its quantized output.
     fn prologue_norm(&self, op: &Op<BufId, WeightId>, next: Option<&Op<BufId, WeightId>>, step: &Step<'_>) -> bool {
         let Op::AddRmsNorm { x, x_out, branch: Some(_), quant: Some(q), rows: 1, dim, .. } = *op else { return false };
-        if !self.split || step.rows() != 1 || x_out == x || dim > PRO_MAX_DIM || self.gpu.info.max_shared < 32768 {
+        if !self.prologues.0 || !self.split || step.rows() != 1 || x_out == x || dim > PRO_MAX_DIM || self.gpu.info.max_shared < 32768 {
             return false;
         }
-        let reads = |xq: View<BufId>, w: WeightId| xq == q.out && self.weight_ref(w).format.act_layout() == Some(q.layout);
+        // Every workgroup repeats the prologue: worth it for the layers' matrices, not for the
+        // LM head's thousands of workgroups.
+        let reads = |xq: View<BufId>, w: WeightId| {
+            let wt = self.weight_ref(w);
+            xq == q.out && wt.format.act_layout() == Some(q.layout) && wt.rows <= PRO_MAX_ROWS
+        };
         match next {
             Some(&Op::Qkv { x: MatIn::Q8(xq), wq, wk, wv, n: 1, head_dim, .. }) => {
                 head_dim <= QP_MAX_HEAD_DIM && reads(xq, wq) && reads(xq, wk) && reads(xq, wv)
@@ -1627,7 +1643,7 @@ impl Vulkan {
     /// projection reading its quantized output): one token, a separate `out`, a row that fits.
     fn prologue_gate(&self, op: &Op<BufId, WeightId>, next: Option<&Op<BufId, WeightId>>, step: &Step<'_>) -> bool {
         let Op::GatedFfn { gate, out, quant: Some(q), n: 1, ffn, .. } = *op else { return false };
-        if !self.split || step.rows() != 1 || out == gate || ffn > PRO_MAX_DIM || self.gpu.info.max_shared < 32768 {
+        if !self.prologues.1 || !self.split || step.rows() != 1 || out == gate || ffn > PRO_MAX_DIM || self.gpu.info.max_shared < 32768 {
             return false;
         }
         matches!(next, Some(&Op::MatMulQ8 { xq, w, n: 1, .. })

@@ -75,6 +75,8 @@ pub struct DeviceInfo {
     pub coopmat2: bool,
     pub external_memory_host: bool,
     pub buffer_device_address: bool,
+    /// f32 denormals kept in shaders (every shader asks for it: the reference keeps them).
+    pub denorm_preserve: bool,
     pub heaps: Vec<(u64, bool)>, // (size, device-local)
     pub max_alloc: u64,
     pub max_shared: u32,
@@ -198,8 +200,9 @@ impl Instance {
         let mut sub = vk::PhysicalDeviceSubgroupProperties::default();
         let mut drv = vk::PhysicalDeviceDriverProperties::default();
         let mut host = vk::PhysicalDeviceExternalMemoryHostPropertiesEXT::default();
+        let mut p12 = vk::PhysicalDeviceVulkan12Properties::default();
         let ext_host = has_ext(&exts, ash::ext::external_memory_host::NAME);
-        let mut props2 = vk::PhysicalDeviceProperties2::default().push_next(&mut sub).push_next(&mut drv);
+        let mut props2 = vk::PhysicalDeviceProperties2::default().push_next(&mut sub).push_next(&mut drv).push_next(&mut p12);
         if ext_host {
             props2 = props2.push_next(&mut host);
         }
@@ -244,6 +247,7 @@ impl Instance {
             coopmat2: has_ext(&exts, c"VK_NV_cooperative_matrix2"),
             external_memory_host: ext_host,
             buffer_device_address: f12.buffer_device_address != 0,
+            denorm_preserve: p12.shader_denorm_preserve_float32 != 0,
             heaps,
             max_alloc: {
                 let mut m3 = vk::PhysicalDeviceMaintenance3Properties::default();
@@ -341,6 +345,7 @@ impl Gpu {
         if !info.buffer_device_address {
             return Err(VkError::NoDevice(format!("{}: no buffer device address support", info.name)));
         }
+
         // SAFETY: `pd` came from this instance.
         let qf = unsafe { i.get_physical_device_queue_family_properties(pd) };
         // Prefer a compute-only family (no graphics work shares it), else any with compute.
@@ -599,6 +604,13 @@ impl Gpu {
 
     /// A compute pipeline from SPIR-V, with `spec` as specialization constants 0, 1, ….
     pub fn create_pipeline(&mut self, spirv: &[u32], spec: &[u32]) -> Result<Pipeline> {
+        let stripped;
+        let spirv = if self.info.denorm_preserve {
+            spirv
+        } else {
+            stripped = without_denorm_preserve(spirv);
+            &stripped[..]
+        };
         let mi = vk::ShaderModuleCreateInfo::default().code(spirv);
         // SAFETY: `spirv` is a complete module produced by glslang at build time.
         let module = unsafe { self.device.create_shader_module(&mi, None) }.map_err(VkError::api)?;
@@ -826,4 +838,45 @@ pub fn extend_to_page(owner: &[u8], lo: usize, hi: usize) -> &[u8] {
     // page-aligned and the kernel maps whole pages, so `[lo, hi)` with `hi` at most the end of the
     // last page lies in mapped, readable memory that lives as long as `owner`.
     unsafe { std::slice::from_raw_parts(owner.as_ptr().add(lo), hi - lo) }
+}
+
+/// `spirv` without its request to keep f32 denormals (`OpCapability DenormPreserve`,
+/// `OpExecutionMode … DenormPreserve 32`), for a device that does not offer it (Debian 12's
+/// lavapipe, which keeps them anyway, being a CPU). Other instructions are kept as they are.
+pub fn without_denorm_preserve(spirv: &[u32]) -> Vec<u32> {
+    const OP_EXECUTION_MODE: u32 = 16;
+    const OP_CAPABILITY: u32 = 17;
+    const DENORM_PRESERVE_MODE: u32 = 4459;
+    const DENORM_PRESERVE_CAP: u32 = 4464;
+    let mut out = spirv[..spirv.len().min(5)].to_vec(); // the header
+    let mut i = 5;
+    while i < spirv.len() {
+        let (len, op) = ((spirv[i] >> 16) as usize, spirv[i] & 0xFFFF);
+        let inst = &spirv[i..(i + len.max(1)).min(spirv.len())];
+        let drop = (op == OP_CAPABILITY && inst.get(1) == Some(&DENORM_PRESERVE_CAP))
+            || (op == OP_EXECUTION_MODE && inst.get(2) == Some(&DENORM_PRESERVE_MODE));
+        if !drop {
+            out.extend_from_slice(inst);
+        }
+        i += len.max(1);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every embedded shader asks to keep denormals, and the stripped module keeps everything else.
+    #[test]
+    fn denorm_preserve_is_requested_and_strippable() {
+        for (name, bytes) in crate::kernels::SPIRV {
+            let words: Vec<u32> = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let stripped = without_denorm_preserve(&words);
+            // OpCapability DenormPreserve (2 words) and OpExecutionMode %main DenormPreserve 32 (4).
+            assert_eq!(words.len() - stripped.len(), 6, "{name}");
+            assert_eq!(stripped[..5], words[..5], "{name}: header");
+            assert!(!stripped.windows(2).any(|w| w == [(2 << 16) | 17, 4464]), "{name}");
+        }
+    }
 }

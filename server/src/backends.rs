@@ -252,6 +252,7 @@ fn device_json(d: &DeviceInfo) -> serde_json::Value {
         "coopmat": d.coopmat,
         "coopmat2": d.coopmat2,
         "buffer_device_address": d.buffer_device_address,
+        "denorm_preserve_f32": d.denorm_preserve,
         "external_memory_host": d.external_memory_host,
         "unified_memory": d.unified(),
         "timestamps": d.timestamps,
@@ -282,6 +283,9 @@ fn device_text(s: &mut String, d: &DeviceInfo) {
     let mut missing = Vec::new();
     if !d.buffer_device_address {
         missing.push("buffer device address (purehw needs it)");
+    }
+    if !d.denorm_preserve {
+        missing.push("a promise to keep f32 denormals in shaders (results may then differ from the CPU's)");
     }
     if !d.timestamps {
         missing.push("timestamps (no device time in metrics)");

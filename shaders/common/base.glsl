@@ -4,6 +4,12 @@
 #extension GL_EXT_buffer_reference : require
 #extension GL_EXT_buffer_reference_uvec2 : require
 #extension GL_EXT_control_flow_attributes : require
+#extension GL_EXT_spirv_intrinsics : require
+
+// f32 denormals kept, as the reference keeps them: without this NVIDIA flushes them to zero
+// (SPIR-V DenormPreserve, execution mode 4459 with capability 4464; the device must report
+// shaderDenormPreserveFloat32).
+spirv_execution_mode(capabilities = [4464], 4459, 32);
 
 layout(buffer_reference, std430, buffer_reference_align = 4) buffer Words { uint v[]; };
 layout(buffer_reference, std430, buffer_reference_align = 4) buffer Floats { float v[]; };
