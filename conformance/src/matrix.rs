@@ -58,6 +58,12 @@ pub fn vulkan() -> Vulkan {
     Vulkan::new(&vulkan_options()).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Vulkan's tolerance: [`Tolerance::Exact`], or [`Tolerance::ExactFlushed`] on a device that
+/// does not promise to keep f32 denormals.
+pub fn vulkan_tolerance() -> Tolerance {
+    if vulkan().info().denorm_preserve { Tolerance::Exact } else { Tolerance::ExactFlushed }
+}
+
 /// Whether a Vulkan device is there for `test`. Without one the test is skipped with a printed
 /// line, unless `PUREHW_REQUIRE_VULKAN=1` (CI on lavapipe), where that is a failure.
 pub fn vulkan_present(test: &str) -> bool {
@@ -80,6 +86,10 @@ pub fn vulkan_present(test: &str) -> bool {
 pub enum Tolerance {
     /// Bit for bit, NaN payloads included: what `hal-cpu` and `hal-vulkan` promise.
     Exact,
+    /// Bit for bit, except that a float result the reference has as a subnormal may be a zero
+    /// of the same sign: a device whose driver does not keep f32 denormals (NVIDIA's reports
+    /// `shaderDenormPreserveFloat32 = false`) flushes them. Integer outputs stay exact.
+    ExactFlushed,
     /// NMSE `Σ(got − want)² / Σ want²` per output: `float_ops` for float ops, `prefill_matmul`
     /// for a matmul over more than 16 rows. Integer outputs stay exact.
     Nmse { float_ops: f64, prefill_matmul: f64 },
@@ -567,13 +577,18 @@ pub fn compare(got: &[f32], want: &[f32], region: Range<usize>, check: Check, to
     }
     let (got, want) = (&got[region.clone()], &want[region]);
     let limit = match (check, tol) {
-        (Check::Blocks(layout), _) | (Check::DerivedBlocks(layout), Tolerance::Exact) => {
+        (Check::Blocks(layout), _) | (Check::DerivedBlocks(layout), Tolerance::Exact | Tolerance::ExactFlushed) => {
             return compare_blocks(got, want, layout);
+        }
+        (Check::Float | Check::Prefill, Tolerance::ExactFlushed) => {
+            let flushed = |g: f32, w: f32| w.is_subnormal() && g == 0.0 && g.is_sign_negative() == w.is_sign_negative();
+            let want: Vec<f32> = got.iter().zip(want).map(|(&g, &w)| if flushed(g, w) { g } else { w }).collect();
+            return compare_floats(got, &want, None);
         }
         (Check::DerivedBlocks(layout), Tolerance::Nmse { float_ops, .. }) => {
             return compare_floats(&dequantize(got, layout), &dequantize(want, layout), Some(float_ops));
         }
-        (Check::Exact, _) | (_, Tolerance::Exact) => None,
+        (Check::Exact, _) | (_, Tolerance::Exact | Tolerance::ExactFlushed) => None,
         (Check::Float, Tolerance::Nmse { float_ops, .. }) => Some(float_ops),
         (Check::Prefill, Tolerance::Nmse { prefill_matmul, .. }) => Some(prefill_matmul),
     };
@@ -809,6 +824,14 @@ mod tests {
         assert!(e.contains("worst at 2"), "{e}");
         assert!(compare(&got, &want, 0..4, Check::Float, Tolerance::NMSE).is_ok());
         assert!(compare(&got, &want, 0..4, Check::Exact, Tolerance::NMSE).is_err());
+        // A flushed subnormal passes only under ExactFlushed, only for float results, only as a
+        // zero of the same sign.
+        let sub = [1.0f32, -1e-39, 2e-39, 3.0];
+        let flushed = [1.0f32, -0.0, 0.0, 3.0];
+        assert!(compare(&flushed, &sub, 0..4, Check::Float, Tolerance::ExactFlushed).is_ok());
+        assert!(compare(&flushed, &sub, 0..4, Check::Float, Tolerance::Exact).is_err());
+        assert!(compare(&flushed, &sub, 0..4, Check::Exact, Tolerance::ExactFlushed).is_err());
+        assert!(compare(&[1.0f32, 0.0, 0.0, 3.0], &sub, 0..4, Check::Float, Tolerance::ExactFlushed).is_err());
         // NaN/Inf first, whatever the bound.
         got[0] = f32::INFINITY;
         let e = compare(&got, &want, 0..4, Check::Float, Tolerance::NMSE).unwrap_err();

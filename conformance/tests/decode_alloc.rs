@@ -1,4 +1,5 @@
-//! A decode step allocates nothing once the model is loaded and warmed up.
+//! A decode step allocates nothing once the model is loaded and warmed up: no host allocation,
+//! and no device memory (the backend's `stats().memory_used` stays put).
 
 use purehw_conformance::{fixture, golden, model_file};
 use purehw_core::model::ModelOptions;
@@ -18,6 +19,15 @@ fn cpu_decode_step_allocates_nothing() {
     check(&model_file("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf"), ActQuant::Int8, cpu);
 }
 
+#[test]
+fn vulkan_decode_step_allocates_nothing() {
+    if !purehw_conformance::matrix::vulkan_present("vulkan_decode_step_allocates_nothing") {
+        return;
+    }
+    check(&fixture("tiny-gemma3"), ActQuant::F32, purehw_conformance::matrix::vulkan);
+    check(&model_file("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf"), ActQuant::Int8, purehw_conformance::matrix::vulkan);
+}
+
 /// Load, warm up (prefill and one decode step), then count allocations over decode steps.
 fn check<B: Backend>(path: &std::path::Path, act: ActQuant, make: impl FnOnce() -> B) {
     let src = golden::open(path);
@@ -25,6 +35,7 @@ fn check<B: Backend>(path: &std::path::Path, act: ActQuant, make: impl FnOnce() 
     let mut m = golden::load(make(), &src, opts);
     m.forward(0, 0, &[2, 10, 20, 30]).unwrap();
     m.forward(0, 4, &[40]).unwrap(); // warm-up: first decode-shaped step
+    let device_before = m.backend().stats().memory_used;
     let info = allocation_counter::measure(|| {
         for p in 5..12 {
             let l = m.forward(0, p, &[p as u32]).unwrap();
@@ -45,4 +56,5 @@ fn check<B: Backend>(path: &std::path::Path, act: ActQuant, make: impl FnOnce() 
         }
     });
     assert_eq!(info.count_total, 0, "batched decode allocated: {info:?}");
+    assert_eq!(m.backend().stats().memory_used, device_before, "device memory grew over decode steps");
 }

@@ -1,5 +1,6 @@
 //! The op matrix (`purehw_conformance::matrix`) on every registered backend, against the
-//! reference: bit for bit on the CPU backends and on Vulkan.
+//! reference: bit for bit on the CPU backends and on Vulkan (where a driver flushes f32
+//! denormals, NVIDIA's, a subnormal result may be a zero).
 
 use purehw_conformance::matrix::{self, Report, Tolerance};
 
@@ -29,5 +30,6 @@ matrix_tests! {
     cpu_16_threads => || matrix::cpu(16), Tolerance::Exact;
     cpu_scalar_kernels_2_threads => || matrix::cpu_scalar(2), Tolerance::Exact;
     // On lavapipe in CI (`PUREHW_REQUIRE_VULKAN=1` there); the validation layer must stay silent.
-    vulkan => matrix::vulkan, Tolerance::Exact, if matrix::vulkan_present, then Report::add_validation_messages;
+    // Bit for bit, subnormal results flushed to zero allowed where the driver flushes them.
+    vulkan => matrix::vulkan, matrix::vulkan_tolerance(), if matrix::vulkan_present, then Report::add_validation_messages;
 }

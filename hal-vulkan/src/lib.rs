@@ -850,8 +850,10 @@ impl Vulkan {
         self.settle()?;
         let si = self.shape_for(step, ops, reads)?;
         // Per-step data into the step buffer, then replay.
-        let layout = self.shapes[si].layout.clone();
+        // Lent out of the shape (no copy: a decode step allocates nothing).
+        let layout = std::mem::take(&mut self.shapes[si].layout);
         self.fill_step(step, &layout);
+        self.shapes[si].layout = layout;
         let up = self.step_up.as_ref().expect("step buffer");
         self.gpu.write_mapped(up, 0, bytemuck::cast_slice(&self.host_step)).map_err(|e| self.err(e))?;
         self.tick_fault(Fault::DeviceLost);

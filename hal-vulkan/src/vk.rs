@@ -749,7 +749,13 @@ impl Gpu {
 
     /// Nanoseconds between the two timestamps of the last finished step, if the device has them.
     pub fn step_ns(&self) -> Option<f64> {
-        let t = self.timestamps(2)?;
+        if self.query_pool == vk::QueryPool::null() {
+            return None;
+        }
+        let mut t = [0u64; 2]; // on the stack: a decode step allocates nothing
+        // SAFETY: the step that wrote these queries finished (fence waited).
+        unsafe { self.device.get_query_pool_results(self.query_pool, 0, &mut t, vk::QueryResultFlags::TYPE_64) }
+            .ok()?;
         Some(t[1].wrapping_sub(t[0]) as f64 * self.info.timestamp_period as f64)
     }
 
