@@ -11,8 +11,9 @@
 //!   `rope_scaling`.
 //!
 //! A top-level config must name its shape fields (sizes, layer and head counts); only numerics with
-//! a well-known transformers default (eps, RoPE bases, window, …) may be omitted. Quantized
-//! checkpoints (a `quantization_config`) are refused.
+//! a well-known transformers default (eps, RoPE bases, window, …) may be omitted. A
+//! `quantization_config` must be a compressed-tensors scheme we compute with
+//! ([`crate::quantization`]); other methods are refused.
 
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -182,22 +183,6 @@ pub(crate) fn token_ids(v: &Value) -> Option<Vec<u32>> {
     }
 }
 
-/// Quantized HF checkpoints (compressed-tensors, GPTQ, AWQ, …) store packed integer tensors under
-/// other names; refuse them up front rather than failing on a "missing" weight later.
-fn reject_quantized(top: &Obj<'_>) -> Result<()> {
-    let m = top.map;
-    let q = m
-        .get("quantization_config")
-        .or_else(|| m.get("text_config").and_then(|t| t.get("quantization_config")))
-        .filter(|v| !v.is_null());
-    let Some(q) = q else { return Ok(()) };
-    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("unknown");
-    let fmt = q.get("format").and_then(Value::as_str).map(|f| format!(", format {f}")).unwrap_or_default();
-    Err(top.err(format!(
-        "unsupported quantization `{method}`{fmt}: quantized safetensors checkpoints are not supported yet"
-    )))
-}
-
 /// `Ok(None)` when GGUF `key` is absent, the value `read` takes from it, or an error saying it is
 /// not `what`.
 fn gguf_opt<'g, T>(
@@ -318,7 +303,9 @@ impl ModelConfig {
         let root: Value = serde_json::from_str(json).map_err(|e| Error::format(label, format!("invalid JSON: {e}")))?;
         let map = root.as_object().ok_or_else(|| Error::format(label, "config is not a JSON object"))?;
         let top = Obj { file: label, map, path: "" };
-        reject_quantized(&top)?;
+        // A quantization we cannot compute with is refused here, before any tensor is read; the
+        // source reads the scheme again to load the weights.
+        crate::quantization::Quantization::from_hf_config(label, map)?;
 
         let arch0 = top.get("architectures").and_then(Value::as_array).and_then(|a| a.first()).and_then(Value::as_str);
         let model_type = match top.str("model_type")? {

@@ -25,6 +25,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod model;
+pub mod quantization;
 pub mod safetensors;
 pub mod sampling;
 pub mod source;

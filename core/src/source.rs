@@ -10,10 +10,11 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use purehw_hal::{HostBytes, HostWeight};
+use purehw_hal::{Codes, Format, HostBytes, HostWeight, PackedInt, ScaleType, WeightParts};
 
 use crate::config::{Arch, ModelConfig};
 use crate::gguf::{self, GgufFile};
+use crate::quantization::{CtFormat, CtScheme, Quantization};
 use crate::safetensors::{self as st, Header};
 use crate::{Error, Result};
 
@@ -83,6 +84,25 @@ impl Role {
         !matches!(self, Role::TokenEmbd | Role::Output | Role::OutputNorm)
     }
 
+    /// The HF module class holding this tensor, as quantization `targets` name it.
+    pub const fn hf_class(self, arch: Arch) -> &'static str {
+        match self {
+            Role::TokenEmbd => "Embedding",
+            Role::Output
+            | Role::AttnQ
+            | Role::AttnK
+            | Role::AttnV
+            | Role::AttnOut
+            | Role::FfnGate
+            | Role::FfnUp
+            | Role::FfnDown => "Linear",
+            _ => match arch {
+                Arch::Gemma3 => "Gemma3RMSNorm",
+                Arch::Llama => "LlamaRMSNorm",
+            },
+        }
+    }
+
     /// Whether models of `arch` have this tensor at all.
     pub const fn used_by(self, arch: Arch) -> bool {
         match arch {
@@ -133,6 +153,8 @@ enum Store {
         prefix: &'static str,
         /// `lm_head.weight` or `language_model.lm_head.weight`, when present.
         lm_head: Option<&'static str>,
+        /// compressed-tensors quantization of the checkpoint's modules, if any.
+        quant: Option<Quantization>,
     },
 }
 
@@ -197,7 +219,14 @@ impl ModelSource {
         weight_map: Option<&[(String, String)]>,
         shards: Vec<(String, SharedBytes)>,
     ) -> Result<ModelSource> {
-        let config = ModelConfig::from_hf_json(&format!("{label}/config.json"), config_json)?;
+        let config_file = format!("{label}/config.json");
+        let config = ModelConfig::from_hf_json(&config_file, config_json)?;
+        let root: serde_json::Value =
+            serde_json::from_str(config_json).map_err(|e| Error::format(&config_file, format!("invalid JSON: {e}")))?;
+        let quant = match root.as_object() {
+            Some(m) => Quantization::from_hf_config(&config_file, m)?,
+            None => None,
+        };
         if shards.is_empty() {
             return Err(Error::format(label, "no safetensors files"));
         }
@@ -245,7 +274,7 @@ impl ModelSource {
             config,
             kind: SourceKind::Safetensors,
             label: label.to_string(),
-            store: Store::Safetensors { shards: parsed, index, prefix, lm_head },
+            store: Store::Safetensors { shards: parsed, index, prefix, lm_head, quant },
             chat_template: None,
             mapped: false,
             #[cfg(feature = "std")]
@@ -327,7 +356,19 @@ impl ModelSource {
                     )
                 })?
             }
-            Store::Safetensors { shards, index, .. } => {
+            Store::Safetensors { shards, index, quant, .. } => {
+                let module = name.strip_suffix(".weight").unwrap_or(&name);
+                if let Some(scheme) = quant.as_ref().and_then(|q| q.scheme_for(module, role.hf_class(c.arch))) {
+                    if matches!(role.hf_class(c.arch), "Gemma3RMSNorm" | "LlamaRMSNorm") {
+                        return Err(Error::format(
+                            &self.label,
+                            format!(
+                                "`{module}` is targeted by the quantization scheme; quantized norms are not supported"
+                            ),
+                        ));
+                    }
+                    return self.int_weight(shards, index, module, scheme, (rows, cols)).map(Some);
+                }
                 let shard = index.get(&name).and_then(|&i| shards.get(i)).ok_or_else(|| missing(&self.label, &name))?;
                 let t = shard.header.tensor(&name).ok_or_else(|| missing(&shard.display, &name))?;
                 let found = match t.shape.as_slice() {
@@ -362,6 +403,141 @@ impl ModelSource {
             }
         };
         Ok(Some(w))
+    }
+
+    /// A compressed-tensors module's weight (`scheme` as its config group says): codes, scales and
+    /// zero points as views of the files, every part's dtype and shape checked.
+    fn int_weight(
+        &self,
+        shards: &[Shard],
+        index: &BTreeMap<String, usize>,
+        module: &str,
+        scheme: CtScheme,
+        (rows, cols): (usize, usize),
+    ) -> Result<HostWeight> {
+        let find = |part: &str| -> Result<Option<(&Shard, &st::TensorEntry)>> {
+            let name = format!("{module}.{part}");
+            let Some(sh) = index.get(&name).and_then(|&i| shards.get(i)) else { return Ok(None) };
+            sh.header.tensor(&name).map(|t| Some((sh, t))).ok_or_else(|| missing(&sh.display, &name))
+        };
+        let need = |part: &str| find(part)?.ok_or_else(|| missing(&self.label, &format!("{module}.{part}")));
+        let bad =
+            |sh: &Shard, part: &str, msg: String| Error::format(&sh.display, format!("tensor `{module}.{part}` {msg}"));
+        let expect = |sh: &Shard, part: &str, t: &st::TensorEntry, dtypes: &[st::Dtype], shape: &[usize]| {
+            if !dtypes.contains(&t.dtype) {
+                return Err(bad(sh, part, format!("has dtype {}, expected {}", t.dtype, dtype_list(dtypes))));
+            }
+            if t.shape != shape {
+                return Err(bad(sh, part, format!("has shape {:?}, expected {shape:?}", t.shape)));
+            }
+            Ok(())
+        };
+        let bits = scheme.bits as usize;
+        let (part, codes) = match scheme.format {
+            CtFormat::PackQuantized => {
+                let k = 32 / bits;
+                if !cols.is_multiple_of(k) {
+                    return Err(Error::format(
+                        &self.label,
+                        format!("`{module}`: {cols} columns are not a whole number of {k}-code int32 words"),
+                    ));
+                }
+                let (sh, t) = need("weight_shape")?;
+                expect(sh, "weight_shape", t, &[st::Dtype::I64, st::Dtype::I32], &[2])?;
+                let shape = read_ints(t.dtype, &sh.bytes.as_ref().as_ref()[t.range.clone()]);
+                if shape != [rows as i64, cols as i64] {
+                    return Err(bad(sh, "weight_shape", format!("says {shape:?}, expected [{rows}, {cols}]")));
+                }
+                let (sh, t) = need("weight_packed")?;
+                expect(sh, "weight_packed", t, &[st::Dtype::I32], &[rows, cols / k])?;
+                ((sh, t), Codes::Packed)
+            }
+            CtFormat::IntQuantized => {
+                let (sh, t) = need("weight")?;
+                expect(sh, "weight", t, &[st::Dtype::I8], &[rows, cols])?;
+                ((sh, t), Codes::I8)
+            }
+        };
+        let groups = match scheme.group {
+            None => 1,
+            Some(g) if cols.is_multiple_of(g) => cols / g,
+            Some(g) => {
+                return Err(Error::format(
+                    &self.label,
+                    format!("`{module}`: group size {g} does not divide its {cols} columns"),
+                ));
+            }
+        };
+        let (ssh, stt) = need("weight_scale")?;
+        expect(ssh, "weight_scale", stt, &[st::Dtype::BF16, st::Dtype::F16, st::Dtype::F32], &[rows, groups])?;
+        let scale = match stt.dtype {
+            st::Dtype::BF16 => ScaleType::BF16,
+            st::Dtype::F16 => ScaleType::F16,
+            _ => ScaleType::F32,
+        };
+        if let Some((sh, _)) = find("weight_g_idx")? {
+            return Err(bad(sh, "weight_g_idx", "is present: activation reordering (g_idx) is not supported".into()));
+        }
+        let p = PackedInt { bits: scheme.bits, codes, group: scheme.group, symmetric: scheme.symmetric, scale };
+        let zeros = match (scheme.symmetric, find("weight_zero_point")?) {
+            (true, None) => None,
+            (true, Some((sh, _))) => {
+                return Err(bad(sh, "weight_zero_point", "is present, but the scheme is symmetric".into()));
+            }
+            (false, None) => return Err(missing(&self.label, &format!("{module}.weight_zero_point"))),
+            (false, Some((sh, t))) => Some(self.zero_points(sh, t, module, p, rows, groups)?),
+        };
+        let view = |sh: &Shard, t: &st::TensorEntry, part: &str| {
+            self.host_bytes(&sh.bytes, t.range.clone()).ok_or_else(|| bad(sh, part, "lies outside the file".into()))
+        };
+        let ((csh, ct), scales) = (part, view(ssh, stt, "weight_scale")?);
+        let data = view(csh, ct, "codes")?;
+        HostWeight::with_parts(Format::Int(p), rows, cols, data, WeightParts { scales: Some(scales), zeros })
+            .map_err(|e| Error::format(&csh.display, format!("`{module}`: {e}")))
+    }
+
+    /// A module's zero points: packed down the columns (`[ceil(rows / k), groups]` int32, as
+    /// compressed-tensors 0.10+ writes them) in place, or one integer per (row, group) (older
+    /// writers, `int-quantized`), range-checked and packed here (they are small).
+    fn zero_points(
+        &self,
+        sh: &Shard,
+        t: &st::TensorEntry,
+        module: &str,
+        p: PackedInt,
+        rows: usize,
+        groups: usize,
+    ) -> Result<HostBytes> {
+        let part = "weight_zero_point";
+        let bad = |msg: String| Error::format(&sh.display, format!("tensor `{module}.{part}` {msg}"));
+        let k = p.zero_elems();
+        if t.dtype == st::Dtype::I32 && t.shape == [rows.div_ceil(k), groups] {
+            return self.host_bytes(&sh.bytes, t.range.clone()).ok_or_else(|| bad("lies outside the file".into()));
+        }
+        if !matches!(t.dtype, st::Dtype::I8 | st::Dtype::I32 | st::Dtype::I64) || t.shape != [rows, groups] {
+            return Err(bad(format!(
+                "has {} {:?}, expected I32 [{}, {groups}] (packed) or an integer [{rows}, {groups}]",
+                t.dtype,
+                t.shape,
+                rows.div_ceil(k)
+            )));
+        }
+        let half = 1i64 << (p.bits - 1);
+        let vals = read_ints(t.dtype, &sh.bytes.as_ref().as_ref()[t.range.clone()]);
+        let mut words = alloc::vec![0u32; rows.div_ceil(k) * groups];
+        for (i, &v) in vals.iter().enumerate() {
+            let (r, g) = (i / groups, i % groups);
+            if !(-half..half).contains(&v) {
+                return Err(bad(format!(
+                    "value {v} at [{r}, {g}] is out of range for {}-bit codes ({}..={})",
+                    p.bits,
+                    -half,
+                    half - 1
+                )));
+            }
+            words[(r / k) * groups + g] |= ((v + half) as u32) << (p.bits as usize * (r % k));
+        }
+        Ok(HostBytes::from_vec(words.iter().flat_map(|w| w.to_le_bytes()).collect()))
     }
 
     /// Every tensor, for `inspect` (file order for GGUF; shard then offset order for safetensors).
@@ -399,6 +575,21 @@ fn index_file(label: &str) -> String {
 /// `model.safetensors.index.json`'s weight map as (tensor, shard file) pairs.
 fn parse_index(label: &str, json: &str) -> Result<Vec<(String, String)>> {
     st::parse_index(json.as_bytes()).map_err(|m| Error::format(index_file(label), m))
+}
+
+/// Little-endian integers of an integer dtype (`I8`, `I32`, `I64`; nothing for others).
+fn read_ints(dtype: st::Dtype, b: &[u8]) -> Vec<i64> {
+    match dtype {
+        st::Dtype::I8 => b.iter().map(|&x| x as i8 as i64).collect(),
+        st::Dtype::I32 => b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect(),
+        st::Dtype::I64 => b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `"I32 or I64"`.
+fn dtype_list(d: &[st::Dtype]) -> String {
+    d.iter().map(|d| d.name()).collect::<Vec<_>>().join(" or ")
 }
 
 fn missing(file: &str, name: &str) -> Error {

@@ -238,12 +238,15 @@ fn config_problems_name_config_json() {
 }
 
 #[test]
-fn compressed_tensors_are_refused_clearly() {
-    for v in ["w4a16-g32", "w8a16-ch", "w4a16-g32-asym"] {
-        let dir = fixtures_dir().join("compressed-tensors").join(v);
-        let e = ModelSource::open(&dir).err().unwrap().to_string();
-        assert!(e.contains("config.json") && e.contains("unsupported quantization `compressed-tensors`"), "{e}");
-    }
+fn other_quantization_methods_are_refused_clearly() {
+    let mut j: serde_json::Value = serde_json::from_str(&tiny_config_json()).unwrap();
+    j["quantization_config"] = json!({"quant_method": "gptq", "bits": 4});
+    let e =
+        ModelSource::from_safetensors("tiny", &j.to_string(), vec![("model.safetensors".into(), shared(tiny_bytes()))])
+            .err()
+            .unwrap()
+            .to_string();
+    assert!(e.contains("tiny/config.json") && e.contains("unsupported quantization `gptq`"), "{e}");
 }
 
 /// Every single-byte corruption of a small file's header, and every truncation, is an error or a

@@ -5,8 +5,8 @@ use purehw_hal::{ActLayout, ActQuant, HostWeight, Op, Step, act_words};
 use purehw_hal_host::{Src, q8a_blocks, q8a_blocks_mut, q8k_blocks, q8k_blocks_mut};
 use purehw_kernels::ops as k;
 use purehw_kernels::quant::{
-    BlockQ8A, BlockQ8K, decode_q8a_row, decode_q8k_row, dequantize_row, dot_codes_q8a, dot_codes_q8k, dot_f32,
-    quantize_q8a, quantize_q8k,
+    BlockQ8A, BlockQ8K, decode_q8a_row, decode_q8k_row, dot_codes_q8a, dot_codes_q8k, dot_f32, quantize_q8a,
+    quantize_q8k,
 };
 
 use crate::{ActScratch, BufId, CpuRef, CpuRefError, WeightId};
@@ -87,7 +87,7 @@ impl CpuRef {
                     for (row, &token) in step.tokens.iter().enumerate() {
                         // Dequantize straight into the output row: no scratch needed.
                         let dst = &mut o[row * cols..(row + 1) * cols];
-                        dequantize_row(t.format, t.row(token as usize), dst);
+                        t.dequantize_row(token as usize, dst);
                         k::scale_inplace(dst, scale);
                     }
                 })?;
@@ -99,7 +99,7 @@ impl CpuRef {
                     // The scratch row is at least as wide as every loaded weight.
                     let wt = weight(weights, w);
                     let wv = &mut scratch[..dim];
-                    dequantize_row(wt.format, wt.row(0), wv);
+                    wt.dequantize_row(0, wv);
                     let wv = &*wv;
                     match inputs.src(x, len) {
                         Src::Out => o.chunks_exact_mut(dim).for_each(|r| k::rmsnorm_inplace(r, wv, eps)),
@@ -132,7 +132,7 @@ impl CpuRef {
                     // Each weight row is dequantized once and reused for all n tokens;
                     // dot_f32 on the dequantized row is dot_row by definition.
                     for r in 0..rows {
-                        dequantize_row(wt.format, wt.row(r), wrow);
+                        wt.dequantize_row(r, wrow);
                         for t in 0..n {
                             o[t * rows + r] = dot_f32(wrow, &xs[t * cols..(t + 1) * cols]);
                         }

@@ -65,9 +65,9 @@ impl CpuRef {
     }
 }
 
-/// The weight formats this backend computes with (all of `Format` as of writing; a format added
-/// later stays unsupported until it is checked here). `load_weight` refuses the others, so every
-/// loaded weight is in one of these.
+/// The weight formats this backend computes with (every GGUF and float format, and valid
+/// [`Format::Int`] layouts; a format added later stays unsupported until it is checked here).
+/// `load_weight` refuses the others, so every loaded weight is in one of these.
 pub(crate) fn format_supported(f: Format) -> bool {
     matches!(
         f,
@@ -82,7 +82,7 @@ pub(crate) fn format_supported(f: Format) -> bool {
             | Format::Q4_K
             | Format::Q5_K
             | Format::Q6_K
-    )
+    ) || matches!(f, Format::Int(p) if p.is_valid())
 }
 
 impl ErrorType for CpuRef {
@@ -126,8 +126,19 @@ impl Backend for CpuRef {
         if !format_supported(w.format) {
             return Err(CpuRefError::UnsupportedFormat(w.format));
         }
-        if !w.is_consistent() {
-            return Err(CpuRefError::BadWeight { format: w.format, rows: w.rows, cols: w.cols, bytes: w.data.len() });
+        match w.check() {
+            Ok(()) => {}
+            Err(err) if matches!(w.format, Format::Int(_)) => {
+                return Err(CpuRefError::BadParts { format: w.format, rows: w.rows, cols: w.cols, err });
+            }
+            Err(_) => {
+                return Err(CpuRefError::BadWeight {
+                    format: w.format,
+                    rows: w.rows,
+                    cols: w.cols,
+                    bytes: w.data.len(),
+                });
+            }
         }
         // Size the scratch row now so that submit never has to grow it.
         if w.cols > self.row.len() {

@@ -513,8 +513,20 @@ fn errors_for_bad_views_tokens_handles() {
 fn bad_weights_are_rejected() {
     use purehw_hal::{HostBytes, HostWeight};
     let mut b = CpuRef::new();
-    let hw = HostWeight { format: Format::F32, rows: 2, cols: 3, data: HostBytes::from_vec(vec![0; 20]) };
+    let hw = HostWeight {
+        format: Format::F32,
+        rows: 2,
+        cols: 3,
+        data: HostBytes::from_vec(vec![0; 20]),
+        parts: Default::default(),
+    };
     assert!(matches!(b.load_weight(&hw).unwrap_err(), CpuRefError::BadWeight { .. }));
-    let hw = HostWeight { format: Format::Q8_0, rows: 1, cols: 31, data: HostBytes::from_vec(vec![0; 34]) };
+    let hw = HostWeight {
+        format: Format::Q8_0,
+        rows: 1,
+        cols: 31,
+        data: HostBytes::from_vec(vec![0; 34]),
+        parts: Default::default(),
+    };
     assert!(matches!(b.load_weight(&hw).unwrap_err(), CpuRefError::BadWeight { .. }));
 }

@@ -20,6 +20,9 @@ pub enum CpuError {
     /// A weight whose byte length disagrees with its shape and format.
     #[error("weight {rows}x{cols} {format:?} does not match its {bytes} bytes")]
     BadWeight { format: Format, rows: usize, cols: usize, bytes: usize },
+    /// A weight with parts (scales, zero points) whose sizes disagree with its shape and format.
+    #[error("weight {rows}x{cols} {format:?}: {err}")]
+    BadParts { format: Format, rows: usize, cols: usize, err: purehw_hal::WeightError },
     /// The op breaks hal's contract (a region out of range, an overlap, a bad shape, …).
     #[error(transparent)]
     Contract(#[from] CheckError),

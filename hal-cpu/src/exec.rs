@@ -13,7 +13,6 @@ use purehw_hal::{ActLayout, ActQuant, Format, HostWeight, Op, RopeMode, Step, Vi
 use purehw_hal_host::{Src, q8a_blocks, q8a_blocks_mut, q8k_blocks, q8k_blocks_mut};
 use purehw_kernels::ops as k;
 use purehw_kernels::ops::softcap;
-use purehw_kernels::quant::dequantize_row;
 
 use crate::pool::{Chunks, Disjoint, Pool, lock};
 use crate::simd::Kernels;
@@ -107,7 +106,7 @@ impl Cpu {
         host.with_out(out, rows * cols, |o, _, weights| {
             let t = weight(weights, table);
             par_rows(pool, o, cols, rows, rows * cols, |r, dst| {
-                dequantize_row(t.format, t.row(step.tokens[r] as usize), dst);
+                t.dequantize_row(step.tokens[r] as usize, dst);
                 k::scale_inplace(dst, scale);
             });
         })?;
@@ -130,7 +129,7 @@ impl Cpu {
             // `row` is at least as wide as every loaded weight.
             let wt = weight(weights, w);
             let wv = &mut row[..dim];
-            dequantize_row(wt.format, wt.row(0), wv);
+            wt.dequantize_row(0, wv);
             let wv = &*wv;
             match inputs.src(x, len) {
                 Src::Out => par_rows(pool, o, dim, rows, len, |_, r| k::rmsnorm_inplace(r, wv, eps)),
@@ -309,6 +308,10 @@ impl Cpu {
         let k = *k;
         let wt = host.weight(w).ok_or(CheckError::UnknownWeight { what: "MatMul weight" })?;
         let (rows, cols, fmt, rb) = (wt.rows, wt.cols, wt.format, wt.row_bytes());
+        if let Format::Int(_) = fmt {
+            // No integer dot for these yet: f32 activations whatever `act` says (as the reference).
+            return self.matmul_int(out, x, w, n);
+        }
         let layout = if act == ActQuant::Int8 { fmt.act_layout() } else { None };
         let key = layout.map(|l| ActKey { x, n, cols, k: l == ActLayout::Q8K });
         if let Some(key) = key
@@ -345,6 +348,55 @@ impl Cpu {
                 par_gemm(pool, scratch, fmt, wbytes, rows, cols, rb, &qa[..n * per], n, o, k.gemm_q8a)
             }
         })??;
+        Ok(())
+    }
+
+    /// A [`Format::Int`] weight times f32 rows: row chunks across the pool; each thread expands
+    /// a weight row into its scratch once (the kernels' `dequantize_int_row`) and dots it with
+    /// every token (`dot_f32`'s twin), exactly as the reference does.
+    fn matmul_int(&mut self, out: View<BufId>, x: View<BufId>, w: WeightId, n: usize) -> Result<()> {
+        let Cpu { host, pool, k, scratch, .. } = self;
+        let dot = k.dot_f32;
+        let wt = host.weight(w).ok_or(CheckError::UnknownWeight { what: "MatMul weight" })?;
+        let (rows, cols) = (wt.rows, wt.cols);
+        if n == 0 || rows == 0 {
+            return Ok(());
+        }
+        let threads = pool.threads();
+        let serial = threads == 1 || rows * cols * n < SERIAL_BYTES;
+        let chunk = if serial { rows } else { rows.div_ceil(threads * 4).max(4) };
+        // Per thread: one expanded row, then the chunk's results for every token.
+        for s in scratch.iter() {
+            let mut sc = lock(s);
+            grow(&mut sc.scores, cols)?;
+            grow(&mut sc.tile, chunk * n)?;
+        }
+        host.with_out(out, n * rows, |o, inputs, weights| {
+            let wt = weight(weights, w);
+            let xs = inputs.slice(x, n * cols);
+            let chunks = Chunks::new(rows, chunk);
+            let d = Disjoint::new(o);
+            let work = |i: usize| {
+                let mut sc = lock(&scratch[i]);
+                let Scratch { tile, scores: wrow } = &mut *sc;
+                let wrow = &mut wrow[..cols];
+                for r in &chunks {
+                    let len = r.len();
+                    for (i, row) in r.clone().enumerate() {
+                        wt.dequantize_row(row, wrow);
+                        for t in 0..n {
+                            tile[t * len + i] = dot(wrow, &xs[t * cols..(t + 1) * cols]);
+                        }
+                    }
+                    for t in 0..n {
+                        // SAFETY: row range r of every token row is handed to exactly one thread.
+                        let dst = unsafe { d.part(t * rows + r.start, len) };
+                        dst.copy_from_slice(&tile[t * len..(t + 1) * len]);
+                    }
+                }
+            };
+            if serial { work(0) } else { pool.run(&work) }
+        })?;
         Ok(())
     }
 

@@ -141,9 +141,9 @@ impl Cpu {
     }
 }
 
-/// The weight formats this backend computes with (all of `Format` as of writing; a format added
-/// later stays unsupported until its kernels are checked here). `load_weight` refuses the
-/// others, so every loaded weight is in one of these.
+/// The weight formats this backend computes with (every GGUF and float format, and valid
+/// [`Format::Int`] layouts; a format added later stays unsupported until its kernels are checked
+/// here). `load_weight` refuses the others, so every loaded weight is in one of these.
 fn format_supported(f: Format) -> bool {
     matches!(
         f,
@@ -158,7 +158,7 @@ fn format_supported(f: Format) -> bool {
             | Format::Q4_K
             | Format::Q5_K
             | Format::Q6_K
-    )
+    ) || matches!(f, Format::Int(p) if p.is_valid())
 }
 
 /// One thread per available core.
@@ -207,8 +207,14 @@ impl Backend for Cpu {
         if !format_supported(w.format) {
             return Err(CpuError::UnsupportedFormat(w.format));
         }
-        if !w.is_consistent() {
-            return Err(CpuError::BadWeight { format: w.format, rows: w.rows, cols: w.cols, bytes: w.data.len() });
+        match w.check() {
+            Ok(()) => {}
+            Err(err) if matches!(w.format, Format::Int(_)) => {
+                return Err(CpuError::BadParts { format: w.format, rows: w.rows, cols: w.cols, err });
+            }
+            Err(_) => {
+                return Err(CpuError::BadWeight { format: w.format, rows: w.rows, cols: w.cols, bytes: w.data.len() });
+            }
         }
         // Size the norm-weight row now so that submit never has to grow it.
         exec::grow(&mut self.row, w.cols)?;

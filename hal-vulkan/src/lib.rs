@@ -650,7 +650,8 @@ impl Backend for Vulkan {
 
     fn supports(&self, op: OpKind) -> bool {
         match op {
-            OpKind::Embed(_) | OpKind::MatMul(_) => true,
+            // compressed-tensors integer weights have no shaders yet.
+            OpKind::Embed(f) | OpKind::MatMul(f) => !matches!(f, Format::Int(_)),
             OpKind::MatMulQ8(f) => f.act_layout().is_some(),
             OpKind::QuantizeAct(_)
             | OpKind::RmsNorm
@@ -685,6 +686,11 @@ impl Backend for Vulkan {
 
     fn load_weight(&mut self, w: &HostWeight) -> Result<WeightId> {
         self.check_alive()?;
+        if let Format::Int(p) = w.format {
+            return Err(VulkanError::Unsupported(format!(
+                "{p:?} weights (compressed-tensors) are not supported on this backend yet"
+            )));
+        }
         if !w.is_consistent() {
             return Err(VulkanError::BadWeight { format: w.format.name(), rows: w.rows, cols: w.cols, bytes: w.data.len() });
         }

@@ -21,6 +21,8 @@ mod weight;
 
 pub use op::*;
 pub use purehw_kernels::Format;
+/// The parameters of [`Format::Int`].
+pub use purehw_kernels::quant::{Codes, PackedInt, ScaleType};
 #[cfg(feature = "alloc")]
 pub use weight::*;
 

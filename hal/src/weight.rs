@@ -4,6 +4,8 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::ops::Range;
 
+use purehw_kernels::quant::{IntRow, dequantize_int_row, dequantize_row, dot_int_row, dot_row};
+
 use crate::Format;
 
 /// Bytes owned elsewhere (an mmap, a `Vec`), kept alive by reference counting.
@@ -64,27 +66,114 @@ impl core::fmt::Debug for HostBytes {
     }
 }
 
+/// The parts of a weight stored apart from its codes ([`Format::Int`]): one scale per (row,
+/// group) and, when asymmetric, the zero points (layouts: `purehw_kernels::quant::PackedInt`).
+#[derive(Clone, Debug, Default)]
+pub struct WeightParts {
+    pub scales: Option<HostBytes>,
+    pub zeros: Option<HostBytes>,
+}
+
+/// Why a weight's bytes do not fit its format and shape.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WeightError {
+    /// The format's parameters are not a layout kernels defines.
+    #[error("format {0:?} is not a valid layout")]
+    InvalidFormat(Format),
+    /// The columns are not a whole number of the format's blocks (or groups).
+    #[error("{cols} columns are not a whole number of {format:?} blocks of {block}")]
+    Columns { format: Format, cols: usize, block: usize },
+    /// A part has the wrong number of bytes.
+    #[error("{part}: {found} bytes, expected {expected}")]
+    Size { part: &'static str, expected: usize, found: usize },
+    /// A part the format needs is missing.
+    #[error("{0} missing")]
+    Missing(&'static str),
+    /// A part the format does not have is given.
+    #[error("unexpected {0} for this format")]
+    Unexpected(&'static str),
+    /// The sizes overflow.
+    #[error("size overflows")]
+    Overflow,
+}
+
+/// A part's bytes, empty when absent.
+fn part(b: &Option<HostBytes>) -> &[u8] {
+    b.as_ref().map_or(&[], HostBytes::as_slice)
+}
+
 /// A weight matrix `[rows, cols]` in `format`, row-major; a vector is `rows == 1`.
 #[derive(Clone, Debug)]
 pub struct HostWeight {
     pub format: Format,
     pub rows: usize,
     pub cols: usize,
-    /// Exactly `rows * format.bytes_for(cols)` bytes.
+    /// Exactly `rows * format.bytes_for(cols)` bytes (the codes, for [`Format::Int`]).
     pub data: HostBytes,
+    /// Scales and zero points of [`Format::Int`]; empty for every other format.
+    pub parts: WeightParts,
 }
 
 impl HostWeight {
     /// Checks the byte length against the shape; `None` if they disagree.
     pub fn new(format: Format, rows: usize, cols: usize, data: HostBytes) -> Option<Self> {
-        let w = HostWeight { format, rows, cols, data };
+        let w = HostWeight { format, rows, cols, data, parts: WeightParts::default() };
         w.is_consistent().then_some(w)
     }
 
-    /// Whether `data` is exactly `rows` whole rows of `cols` elements in `format` (what
+    /// A weight with parts (a [`Format::Int`] weight's scales and zero points), every part's
+    /// size checked against the shape.
+    pub fn with_parts(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        data: HostBytes,
+        parts: WeightParts,
+    ) -> Result<Self, WeightError> {
+        let w = HostWeight { format, rows, cols, data, parts };
+        w.check().map(|()| w)
+    }
+
+    /// Whether every part is exactly the size the format and shape imply (what
     /// [`new`](Self::new) checks; the fields are public, so a weight built directly may not be).
     pub fn is_consistent(&self) -> bool {
-        self.format.bytes_for(self.cols).and_then(|row| row.checked_mul(self.rows)) == Some(self.data.len())
+        self.check().is_ok()
+    }
+
+    /// [`is_consistent`](Self::is_consistent), saying which part is wrong.
+    pub fn check(&self) -> Result<(), WeightError> {
+        let size = |part, expected: Option<usize>, found: usize| match expected {
+            None => Err(WeightError::Overflow),
+            Some(e) if e != found => Err(WeightError::Size { part, expected: e, found }),
+            Some(_) => Ok(()),
+        };
+        let f = self.format;
+        if let Format::Int(p) = f
+            && !p.is_valid()
+        {
+            return Err(WeightError::InvalidFormat(f));
+        }
+        let Some(row) = f.bytes_for(self.cols) else {
+            return Err(WeightError::Columns { format: f, cols: self.cols, block: f.block_elems() });
+        };
+        size("codes", row.checked_mul(self.rows), self.data.len())?;
+        let WeightParts { scales, zeros } = &self.parts;
+        match f {
+            Format::Int(p) => {
+                let scales = scales.as_ref().ok_or(WeightError::Missing("scales"))?;
+                size("scales", p.scale_bytes(self.rows, self.cols), scales.len())?;
+                match (p.symmetric, zeros) {
+                    (true, None) => Ok(()),
+                    (true, Some(_)) => Err(WeightError::Unexpected("zero points")),
+                    (false, None) => Err(WeightError::Missing("zero points")),
+                    (false, Some(z)) => size("zero points", p.zero_bytes(self.rows, self.cols), z.len()),
+                }
+            }
+            _ if scales.is_some() => Err(WeightError::Unexpected("scales")),
+            _ if zeros.is_some() => Err(WeightError::Unexpected("zero points")),
+            _ => Ok(()),
+        }
     }
 
     /// Bytes of one row.
@@ -97,5 +186,37 @@ impl HostWeight {
     pub fn row(&self, r: usize) -> &[u8] {
         let n = self.row_bytes();
         &self.data.as_slice()[r * n..(r + 1) * n]
+    }
+
+    /// Row `r` of a [`Format::Int`] weight with its scales and zero points, for `r < rows` of a
+    /// consistent weight (panics past the end, as [`row`](Self::row)).
+    pub fn int_row(&self, r: usize) -> IntRow<'_> {
+        let sb = match self.format {
+            Format::Int(p) => p.scale_bytes(1, self.cols).unwrap_or(0),
+            _ => 0,
+        };
+        IntRow {
+            codes: self.row(r),
+            scales: &part(&self.parts.scales)[r * sb..(r + 1) * sb],
+            zeros: part(&self.parts.zeros),
+            row: r,
+        }
+    }
+
+    /// Row `r` dequantized into `out` (`cols` long), whatever the format: the kernels'
+    /// definition. Same preconditions as [`row`](Self::row).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        match self.format {
+            Format::Int(p) => dequantize_int_row(p, self.int_row(r), out),
+            f => dequantize_row(f, self.row(r), out),
+        }
+    }
+
+    /// `Σ w[r, i]·x[i]`, bit-identical to `dot_f32` of [`dequantize_row`](Self::dequantize_row).
+    pub fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
+        match self.format {
+            Format::Int(p) => dot_int_row(p, self.int_row(r), x),
+            f => dot_row(f, self.row(r), x),
+        }
     }
 }

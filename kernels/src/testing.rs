@@ -7,6 +7,7 @@ use alloc::vec::Vec;
 use half::{bf16, f16};
 
 use crate::Format;
+use crate::quant::{PackedInt, ScaleType};
 
 /// xorshift64* (Vigna): reproducible test data without a dependency. The seed must be non-zero.
 #[derive(Clone, Debug)]
@@ -79,6 +80,27 @@ pub fn random_row(rng: &mut Rng, fmt: Format, n: usize) -> Vec<u8> {
                 c[208..210].copy_from_slice(&rng.f16(0.01));
             }
         }
+        // Random codes (every byte is valid); the scales are apart: [`random_int_weight`].
+        Format::Int(_) => {}
     }
     row
+}
+
+/// A random `[rows, cols]` weight in `p` as (codes, scales, zero points): random codes and zero
+/// points (every bit pattern is valid), finite scales with |s| < 0.1.
+pub fn random_int_weight(rng: &mut Rng, p: PackedInt, rows: usize, cols: usize) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let codes = (0..rows * cols * p.bits as usize / 8).map(|_| rng.byte()).collect();
+    let n = p.scale_bytes(rows, cols).expect("whole groups") / p.scale.bytes();
+    let scales = (0..n)
+        .flat_map(|_| {
+            let s = rng.unit() * 0.1;
+            match p.scale {
+                ScaleType::F32 => s.to_le_bytes().to_vec(),
+                ScaleType::F16 => f16::from_f32(s).to_le_bytes().to_vec(),
+                ScaleType::BF16 => bf16::from_f32(s).to_le_bytes().to_vec(),
+            }
+        })
+        .collect();
+    let zeros = (0..p.zero_bytes(rows, cols).expect("whole groups")).map(|_| rng.byte()).collect();
+    (codes, scales, zeros)
 }

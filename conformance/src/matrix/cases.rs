@@ -8,10 +8,10 @@
 use std::sync::Arc;
 
 use purehw_hal::{
-    ActLayout, ActQuant, Format, Gate, HostBytes, HostWeight, MatIn, Op, QuantOut, RopeMode, RopeSpec, SeqSpan, View,
-    act_block, act_words,
+    ActLayout, ActQuant, Codes, Format, Gate, HostBytes, HostWeight, MatIn, Op, PackedInt, QuantOut, RopeMode,
+    RopeSpec, ScaleType, SeqSpan, View, WeightParts, act_block, act_words,
 };
-use purehw_kernels::testing::{Rng, random_row};
+use purehw_kernels::testing::{Rng, random_int_weight, random_row};
 
 use super::{Buf, Case, Check, Group, StepData, quantize_rows};
 
@@ -19,7 +19,7 @@ use super::{Buf, Case, Check, Group, StepData, quantize_rows};
 pub(super) fn all() -> Vec<Group> {
     let mut rng = Rng(0x5EED_CAFE);
     let mut groups = vec![embed(&mut rng)];
-    for fmt in Format::ALL {
+    for fmt in Format::ALL.into_iter().chain(INT_FORMATS) {
         groups.push(matmul(&mut rng, fmt));
     }
     groups.push(quantize_act(&mut rng));
@@ -40,8 +40,34 @@ pub(super) fn all() -> Vec<Group> {
 
 // ---- data ----
 
+/// compressed-tensors layouts: int4 and int8, grouped (32, 64, 128) and per channel, symmetric
+/// and with zero points, every scale type, packed and `int-quantized` codes.
+pub const INT_FORMATS: [Format; 8] = {
+    const fn int(bits: u8, codes: Codes, group: Option<usize>, symmetric: bool, scale: ScaleType) -> Format {
+        Format::Int(PackedInt { bits, codes, group, symmetric, scale })
+    }
+    [
+        int(4, Codes::Packed, Some(32), true, ScaleType::BF16),
+        int(4, Codes::Packed, Some(32), false, ScaleType::BF16),
+        int(4, Codes::Packed, Some(128), false, ScaleType::F16),
+        int(4, Codes::Packed, None, true, ScaleType::F32),
+        int(8, Codes::Packed, None, true, ScaleType::BF16),
+        int(8, Codes::Packed, Some(64), false, ScaleType::BF16),
+        int(8, Codes::I8, None, true, ScaleType::BF16),
+        int(8, Codes::I8, Some(32), false, ScaleType::F16),
+    ]
+};
+
 /// A random `rows × cols` weight in `fmt` (the shared random rows: finite values, small scales).
 fn weight(rng: &mut Rng, fmt: Format, rows: usize, cols: usize) -> HostWeight {
+    if let Format::Int(p) = fmt {
+        let (codes, scales, zeros) = random_int_weight(rng, p, rows, cols);
+        let parts = WeightParts {
+            scales: Some(HostBytes::from_vec(scales)),
+            zeros: (!p.symmetric).then(|| HostBytes::from_vec(zeros)),
+        };
+        return HostWeight::with_parts(fmt, rows, cols, HostBytes::from_vec(codes), parts).expect("consistent weight");
+    }
     let bytes = (0..rows).flat_map(|_| random_row(rng, fmt, cols)).collect();
     HostWeight::new(fmt, rows, cols, HostBytes::from_vec(bytes)).expect("consistent weight")
 }
@@ -151,7 +177,7 @@ fn matmul_check(n: usize, integer: bool) -> Check {
 fn embed(rng: &mut Rng) -> Group {
     let mut cases = Vec::new();
     let vocab = 50;
-    for fmt in Format::ALL {
+    for fmt in Format::ALL.into_iter().chain(INT_FORMATS[..2].iter().copied()) {
         for (k, n, scale, at) in [(0, 1, 1.0, 0), (1, 5, 25.3, 3), (0, 33, 0.5, 1)] {
             let cols = cols_for(fmt, k);
             let mut step = StepData::one_seq(n, 0);

@@ -370,6 +370,8 @@ pub(super) fn dequantize_row(fmt: Format, row: &[u8], out: &mut [f32]) {
         Format::Q4_K => dequantize_blocks::<BlockQ4K, 256>(row, out),
         Format::Q5_K => dequantize_blocks::<BlockQ5K, 256>(row, out),
         Format::Q6_K => dequantize_blocks::<BlockQ6K, 256>(row, out),
+        // Codes without their scales: defined as zero (a caller error).
+        Format::Int(_) => out.fill(0.0),
     }
 }
 
@@ -386,6 +388,7 @@ pub(super) fn dot_row(fmt: Format, row: &[u8], x: &[f32]) -> f32 {
         Format::Q4_K => dot_blocks::<BlockQ4K, 256>(row, x),
         Format::Q5_K => dot_blocks::<BlockQ5K, 256>(row, x),
         Format::Q6_K => dot_blocks::<BlockQ6K, 256>(row, x),
+        Format::Int(_) => 0.0,
     }
 }
 

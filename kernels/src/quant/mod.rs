@@ -1,4 +1,6 @@
-//! Weight storage formats: plain floats and the GGUF block quantizations.
+//! Weight storage formats: plain floats, the GGUF block quantizations, and compressed-tensors
+//! integer weights ([`PackedInt`], whose scales and zero points are stored apart from the codes:
+//! their row math is [`dequantize_int_row`] / [`dot_int_row`]).
 //!
 //! A matrix is stored row by row (`[rows, cols]`, one output feature per row); a row is a whole
 //! number of blocks. For every format the math is:
@@ -13,8 +15,10 @@
 
 mod act;
 mod blocks;
+mod packed;
 pub use act::*;
 pub use blocks::*;
+pub use packed::*;
 
 /// How a weight tensor is stored. Block sizes and byte sizes follow ggml (`ggml-common.h`).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -32,10 +36,14 @@ pub enum Format {
     Q4_K,
     Q5_K,
     Q6_K,
+    /// compressed-tensors integer codes; the row holds the codes only, scales and zero points
+    /// are further parts of the weight ([`packed`](self::dequantize_int_row)).
+    Int(PackedInt),
 }
 
 impl Format {
-    /// Every format, for tests and tables.
+    /// Every GGUF and float format, for tests and tables ([`Format::Int`] is parameterised and
+    /// left out).
     pub const ALL: [Format; 11] = [
         Format::F32,
         Format::F16,
@@ -56,6 +64,11 @@ impl Format {
             Format::F32 | Format::F16 | Format::BF16 => 1,
             Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 | Format::Q8_0 => 32,
             Format::Q4_K | Format::Q5_K | Format::Q6_K => 256,
+            // A row is whole groups (of whole code words).
+            Format::Int(p) => match p.group {
+                Some(g) => g,
+                None => p.word_elems(),
+            },
         }
     }
 
@@ -72,12 +85,18 @@ impl Format {
             Format::Q4_K => core::mem::size_of::<BlockQ4K>(),
             Format::Q5_K => core::mem::size_of::<BlockQ5K>(),
             Format::Q6_K => core::mem::size_of::<BlockQ6K>(),
+            Format::Int(p) => self.block_elems() * p.bits as usize / 8,
         }
     }
 
     /// Bytes of `n` elements, or `None` when `n` is not a whole number of blocks (or overflows).
     pub const fn bytes_for(self, n: usize) -> Option<usize> {
-        if !n.is_multiple_of(self.block_elems()) {
+        if let Format::Int(p) = self
+            && !p.is_valid()
+        {
+            return None;
+        }
+        if self.block_elems() == 0 || !n.is_multiple_of(self.block_elems()) {
             return None;
         }
         (n / self.block_elems()).checked_mul(self.block_bytes())
@@ -97,6 +116,11 @@ impl Format {
             Format::Q4_K => "Q4_K",
             Format::Q5_K => "Q5_K",
             Format::Q6_K => "Q6_K",
+            Format::Int(p) => match p.bits {
+                4 => "INT4",
+                8 => "INT8",
+                _ => "INT",
+            },
         }
     }
 }
@@ -138,7 +162,8 @@ pub fn reduce_lanes(acc: &[f32; LANES]) -> f32 {
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
 
-/// Dequantize one row (`row.len() == fmt.bytes_for(out.len())`) into `out`.
+/// Dequantize one row (`row.len() == fmt.bytes_for(out.len())`) into `out`. A [`Format::Int`]
+/// row needs its scales: [`dequantize_int_row`]; here it reads as zeros.
 pub fn dequantize_row(fmt: Format, row: &[u8], out: &mut [f32]) {
     debug_assert_eq!(Some(row.len()), fmt.bytes_for(out.len()));
     blocks::dequantize_row(fmt, row, out)
