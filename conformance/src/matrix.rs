@@ -462,7 +462,8 @@ fn mapped_weights(ws: &[HostWeight]) -> Vec<HostWeight> {
         .zip(&at)
         .map(|(w, &a)| {
             let data = HostBytes::new_mapped(pages.clone(), a..a + w.data.len()).expect("inside the pages");
-            HostWeight::new(w.format, w.rows, w.cols, data).expect("consistent weight")
+            // Scales and zero points stay where they are: only the codes move.
+            HostWeight::with_parts(w.format, w.rows, w.cols, data, w.parts.clone()).expect("consistent weight")
         })
         .collect()
 }
