@@ -257,36 +257,11 @@ pub fn matrix() -> &'static [Group] {
 /// (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K). A backend that skips one
 /// fails the matrix.
 pub fn needed_by_models(kind: OpKind) -> bool {
-    const GGUF: [Format; 11] = [
-        Format::F32,
-        Format::F16,
-        Format::BF16,
-        Format::Q4_0,
-        Format::Q4_1,
-        Format::Q5_0,
-        Format::Q5_1,
-        Format::Q8_0,
-        Format::Q4_K,
-        Format::Q5_K,
-        Format::Q6_K,
-    ];
+    const GGUF: [Format; 11] = Format::ALL;
     match kind {
         OpKind::Embed(f) | OpKind::MatMul(f) => GGUF.contains(&f),
         OpKind::MatMulQ8(f) => GGUF.contains(&f) && f.act_layout().is_some(),
-        OpKind::QuantizeAct(_)
-        | OpKind::RmsNorm
-        | OpKind::Rope(_)
-        | OpKind::StoreKv
-        | OpKind::Attention
-        | OpKind::Add
-        | OpKind::GeluTanhMul
-        | OpKind::SiluMul
-        | OpKind::Softcap
-        | OpKind::Argmax
-        | OpKind::AddRmsNorm
-        | OpKind::Qkv
-        | OpKind::GatedFfn => true,
-        _ => false,
+        k => k.is_format_free(),
     }
 }
 
@@ -589,7 +564,7 @@ pub fn compare(got: &[f32], want: &[f32], region: Range<usize>, check: Check, to
         (Check::DerivedBlocks(layout), Tolerance::Nmse { float_ops, .. }) => {
             return compare_floats(&dequantize(got, layout), &dequantize(want, layout), Some(float_ops));
         }
-        (Check::Exact, _) | (_, Tolerance::Exact | Tolerance::ExactFlushed) => None,
+        (Check::Exact, _) | (_, Tolerance::Exact) => None,
         (Check::Float, Tolerance::Nmse { float_ops, .. }) => Some(float_ops),
         (Check::Prefill, Tolerance::Nmse { prefill_matmul, .. }) => Some(prefill_matmul),
     };

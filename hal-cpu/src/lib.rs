@@ -182,20 +182,7 @@ impl Backend for Cpu {
         match op {
             OpKind::Embed(f) | OpKind::MatMul(f) => format_supported(f),
             OpKind::MatMulQ8(f) => format_supported(f) && f.act_layout().is_some(),
-            OpKind::QuantizeAct(_)
-            | OpKind::RmsNorm
-            | OpKind::Rope(_)
-            | OpKind::StoreKv
-            | OpKind::Attention
-            | OpKind::Add
-            | OpKind::GeluTanhMul
-            | OpKind::SiluMul
-            | OpKind::Softcap
-            | OpKind::Argmax
-            | OpKind::AddRmsNorm
-            | OpKind::Qkv
-            | OpKind::GatedFfn => true,
-            _ => false,
+            k => k.is_format_free(),
         }
     }
 

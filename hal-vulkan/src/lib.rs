@@ -653,20 +653,7 @@ impl Backend for Vulkan {
             // compressed-tensors integer weights have no shaders yet.
             OpKind::Embed(f) | OpKind::MatMul(f) => !matches!(f, Format::Int(_)),
             OpKind::MatMulQ8(f) => f.act_layout().is_some(),
-            OpKind::QuantizeAct(_)
-            | OpKind::RmsNorm
-            | OpKind::Rope(_)
-            | OpKind::StoreKv
-            | OpKind::Attention
-            | OpKind::Add
-            | OpKind::GeluTanhMul
-            | OpKind::SiluMul
-            | OpKind::Softcap
-            | OpKind::Argmax
-            | OpKind::AddRmsNorm
-            | OpKind::Qkv
-            | OpKind::GatedFfn => true,
-            _ => false,
+            k => k.is_format_free(),
         }
     }
 

@@ -248,6 +248,29 @@ pub enum OpKind {
     GatedFfn,
 }
 
+impl OpKind {
+    /// The kinds whose support does not depend on a weight format (all but `Embed`, `MatMul`
+    /// and `MatMulQ8`): every backend runs these, so `supports()` answers only for the others.
+    pub fn is_format_free(self) -> bool {
+        matches!(
+            self,
+            OpKind::QuantizeAct(_)
+                | OpKind::RmsNorm
+                | OpKind::Rope(_)
+                | OpKind::StoreKv
+                | OpKind::Attention
+                | OpKind::Add
+                | OpKind::GeluTanhMul
+                | OpKind::SiluMul
+                | OpKind::Softcap
+                | OpKind::Argmax
+                | OpKind::AddRmsNorm
+                | OpKind::Qkv
+                | OpKind::GatedFfn
+        )
+    }
+}
+
 impl<B: Copy, W: Copy> Op<B, W> {
     /// The op's kind, given the format of the weight it reads (if any). A fused op's kind names
     /// the fusion; [`expand`](Op::expand) gives the kinds it is made of.
