@@ -157,6 +157,19 @@ def case_models(c):
         pass
 
 
+def case_default_models(c):
+    # `purehw serve` without -m: the instruction-tuned model first, the pretrained Gemma beside it.
+    ids = [m.id for m in c.client.models.list().data]
+    check(ids == ["smollm2-135m", "gemma3-270m"], "models.list() of a plain `purehw serve`", ids)
+    r = c.client.chat.completions.create(
+        model=ids[0], temperature=0, max_tokens=16,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    text = r.choices[0].message.content
+    print(f"  {ids[0]}: {text!r}")
+    check("Paris" in text, "the default chat model does not answer", text)
+
+
 def case_health(c):
     st, _, body = c.http("GET", "/health")
     check(st == 200, f"/health: {st}", short(body))
@@ -1098,6 +1111,7 @@ def case_tokenize(c):
 CASES = {
     "health": case_health,
     "models": case_models,
+    "default_models": case_default_models,
     "tokenize": case_tokenize,
     "metrics": case_metrics,
     "chat": case_chat,

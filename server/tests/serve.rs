@@ -61,7 +61,8 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
 }
 
 impl Server {
-    /// `purehw serve -m MODEL --port P EXTRA...`, waited for until `/health` says ok.
+    /// `purehw serve -m MODEL --port P EXTRA...` (no `-m` when MODEL is ""), waited for until
+    /// `/health` says ok.
     fn start(model: &'static str, extra: &[&str]) -> Server {
         Server::start_env(model, extra, &[])
     }
@@ -81,7 +82,9 @@ impl Server {
             flags.extend(["--backend".to_string(), b]);
         }
         let child = Command::new(env!("CARGO_BIN_EXE_purehw"))
-            .args(["serve", "-m", model, "--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg("serve")
+            .args(if model.is_empty() { vec![] } else { vec!["-m", model] })
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(&flags)
             .env("NO_COLOR", "1")
             .envs(env.iter().copied())
@@ -206,6 +209,18 @@ impl Server {
 #[test]
 fn health_models_metrics_tokenize() {
     Server::start(SMOL, &[]).run(&["health", "models", "tokenize", "metrics"]);
+}
+
+/// Without `-m`: the chat model first in /v1/models, answering a plain question; Gemma beside it.
+#[test]
+fn default_models_chat_first() {
+    let srv = Server::start("", &[]);
+    let mut cmd = Command::new("python3");
+    let base = format!("http://127.0.0.1:{}/v1", srv.port);
+    let out = cmd.arg(CLIENT).args(["--base-url", &base, "--model", SMOL, "default_models"]).output().expect("python3");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{text}");
+    assert!(out.status.success(), "default_models failed:\n{text}\n--- server log:\n{}", srv.log_text());
 }
 
 /// Chat (plain and streamed, equal under greedy), usage, completions (text and token ids),

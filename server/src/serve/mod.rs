@@ -34,7 +34,8 @@ use template::ChatTemplate;
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Model(s) to serve: a known name (pulled if absent), a .gguf file or a checkpoint folder.
-    /// Repeat to serve several. Default: gemma3-270m.
+    /// Repeat to serve several. Default: smollm2-135m (instruction-tuned: it answers chat) and
+    /// gemma3-270m (pretrained) beside it.
     #[arg(short = 'm', long = "model")]
     pub models: Vec<String>,
     /// tokenizer.json to use (default: the GGUF's own vocabulary, else tokenizer.json beside the model).
@@ -126,12 +127,16 @@ impl AppState {
     }
 }
 
+/// What `serve` serves without `-m`, in `/v1/models` order: a chat model first (a new user's
+/// first question gets an answer), then the pretrained flagship.
+const DEFAULT_MODELS: [&str; 2] = ["smollm2-135m", "gemma3-270m"];
+
 pub fn serve(a: &ServeArgs) -> CliResult {
     init_tracing(a.log_format);
     if a.parallel == 0 {
         return err("--parallel must be at least 1");
     }
-    let specs = if a.models.is_empty() { vec!["gemma3-270m".to_string()] } else { a.models.clone() };
+    let specs = if a.models.is_empty() { DEFAULT_MODELS.iter().map(|m| m.to_string()).collect() } else { a.models.clone() };
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let template_override = match &a.chat_template {
         Some(p) => Some(std::fs::read_to_string(p).context(|| format!("reading {}", p.display()))?),
