@@ -88,7 +88,8 @@ void main() {
     float m = uintBitsToFloat(0xFF800000u);
     for (uint j0 = 0u; j0 < nk; j0 += 32u) {
         uint j = j0 + grp;
-        float acc = j < nk ? score_lane(k, pc.k_off + kb0 + j * kvw, lane) : 0.0;
+        // Past the end a group scores the last key again (unconditional loads) and keeps nothing.
+        float acc = score_lane(k, pc.k_off + kb0 + min(j, nk - 1u) * kvw, lane);
         float sc = score_of(acc);
         if (lane == 0u && j < nk) m = sc > m ? sc : m;
     }
@@ -107,7 +108,7 @@ void main() {
         uint cn = min(CHUNK, nk - c0);
         for (uint j0 = 0u; j0 < cn; j0 += 32u) {
             uint j = j0 + grp;
-            float acc = j < cn ? score_lane(k, pc.k_off + kb0 + (c0 + j) * kvw, lane) : 0.0;
+            float acc = score_lane(k, pc.k_off + kb0 + (c0 + min(j, cn - 1u)) * kvw, lane);
             float sc = score_of(acc);
             if (lane == 0u && j < cn) se[j] = exp_ref(sc - mx);
         }
@@ -130,6 +131,12 @@ void main() {
             if (d >= HD) continue;
             precise float acc = half_ == 0u ? acc0 : acc1;
             uint j = 0u;
+            // 32 keys' values in flight at once: the chain waits on memory once per 32 keys.
+            for (; j + 32u <= cn; j += 32u) {
+                float vv[32];
+                [[unroll]] for (uint u = 0u; u < 32u; u++) vv[u] = v.v[vb + (j + u) * kvw + d];
+                [[unroll]] for (uint u = 0u; u < 32u; u++) acc = acc + se[j + u] * vv[u];
+            }
             for (; j + 8u <= cn; j += 8u) {
                 float vv[8];
                 [[unroll]] for (uint u = 0u; u < 8u; u++) vv[u] = v.v[vb + (j + u) * kvw + d];

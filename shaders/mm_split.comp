@@ -185,22 +185,26 @@ void main() {
         [[unroll]] for (uint j = 0u; j < (R * NBC * 8u + 255u) / 256u; j++) {
             uint i = tid + 256u * j;
             uint k = i & 7u, b = (i >> 3) % NBC, r = (i >> 3) / NBC;
-            if (r >= R || b >= nc || r0 + r >= pc.rows) continue;
-            uint row = pc.w_byte + (r0 + r) * pc.row_bytes;
+            // Out-of-range items load from a valid place and store nothing: the loads stay
+            // unconditional, so the compiler can issue all of them before the first use.
+            bool live = r < R && b < nc && r0 + r < pc.rows;
+            r = min(r, R - 1u);
+            b = min(b, nc - 1u);
+            uint row = pc.w_byte + min(r0 + r, pc.rows - 1u) * pc.row_bytes;
 #if BLOCK_ELEMS == 32
             uint codes;
             float dw, mw;
             block32(w, row + (b0 + b) * BLOCK_BYTES, k, codes, dw, mw);
             [[unroll]] for (uint t = 0u; t < TOKENS; t++) {
-                if (t >= nt) continue;
-                uint blk = xa + t * x_stride + (b0 + b) * 10u;
+                uint blk = xa + min(t, nt - 1u) * x_stride + (b0 + b) * 10u;
                 float da = uintBitsToFloat(ACT(blk));
                 precise float d = dw * da;
                 precise float pr = d * float(dot4(codes, ACT(blk + 2u + k)));
-                prod[((r * TOKENS + t) * NBC + b) * 8u + k] = pr;
+                if (live && t < nt) prod[((r * TOKENS + t) * NBC + b) * 8u + k] = pr;
 #if FMT == FMT_Q4_1 || FMT == FMT_Q5_1
-                if (k == 0u) {
-                    precise float o = mw * (da * float(int(ACT(blk + 1u))));
+                int asum = int(ACT(blk + 1u));
+                if (live && t < nt && k == 0u) {
+                    precise float o = mw * (da * float(asum));
                     offp[(r * TOKENS + t) * NBC + b] = o;
                 }
 #endif
@@ -212,22 +216,22 @@ void main() {
             [[unroll]] for (uint c = 0u; c < 8u; c++) chunk256(w, sb, c, k, cw[c], cs[c]);
             vec2 dd = superblock_scales(w, sb);
             [[unroll]] for (uint t = 0u; t < TOKENS; t++) {
-                if (t >= nt) continue;
-                uint blk = xa + t * x_stride + (b0 + b) * 73u;
+                uint blk = xa + min(t, nt - 1u) * x_stride + (b0 + b) * 73u;
                 int l = 0;
                 [[unroll]] for (uint c = 0u; c < 8u; c++) l += cs[c] * dot4(cw[c], ACT(blk + 1u + 8u * c + k));
                 float da = uintBitsToFloat(ACT(blk));
                 precise float d = dd.x * da;
                 precise float pr = d * float(l);
-                prod[((r * TOKENS + t) * NBC + b) * 8u + k] = pr;
+                if (live && t < nt) prod[((r * TOKENS + t) * NBC + b) * 8u + k] = pr;
 #if FMT != FMT_Q6_K
-                if (k == 0u) {
-                    // Σ_g mn[g]·(bsum[2g] + bsum[2g+1]) (superblock_mins, reading ACT).
-                    int m = 0;
-                    for (uint g = 0u; g < 8u; g++) {
-                        uint pair = ACT(blk + 65u + g);
-                        m += int(scale_min_k4(w, sb + 4u, g).y) * ((int(pair << 16) >> 16) + (int(pair) >> 16));
-                    }
+                // Σ_g mn[g]·(bsum[2g] + bsum[2g+1]) (superblock_mins, reading ACT): lane k takes
+                // g = k, the block's 8 neighbouring invocations add theirs (integers: exact).
+                uint pair = ACT(blk + 65u + k);
+                int m = int(scale_min_k4(w, sb + 4u, k).y) * ((int(pair << 16) >> 16) + (int(pair) >> 16));
+                m += subgroupShuffleXor(m, 1u);
+                m += subgroupShuffleXor(m, 2u);
+                m += subgroupShuffleXor(m, 4u);
+                if (live && t < nt && k == 0u) {
                     precise float o = (dd.y * da) * float(m);
                     offp[(r * TOKENS + t) * NBC + b] = o;
                 }

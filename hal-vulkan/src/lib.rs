@@ -277,6 +277,9 @@ pub struct Vulkan {
     /// Which prologues decode steps use (norm, gate); `PUREHW_VK_PRO=none|norm|gate|all`
     /// overrides the default, for measuring each.
     prologues: (bool, bool),
+    /// Decode matmuls shrink their rows per workgroup until the dispatch has this many
+    /// workgroups (latency: fewer items per invocation); `PUREHW_VK_SPLIT_WG` overrides it.
+    split_wg: usize,
     /// `PUREHW_VK_PROFILE=1`: device time per kernel (every dispatch then ends with a barrier and
     /// a timestamp), printed on drop.
     profile: Option<HashMap<String, (f64, usize)>>,
@@ -284,6 +287,10 @@ pub struct Vulkan {
     /// Rows of the step being recorded (profile keys).
     rec_rows: usize,
 }
+
+/// The workgroups a decode matmul aims for (see `split_rows`); 0 keeps the largest rows per
+/// workgroup that shared memory allows.
+const SPLIT_WG: usize = 0;
 
 /// Recorded step shapes kept.
 const SHAPES: usize = 32;
@@ -364,6 +371,7 @@ impl Vulkan {
             split,
             dot,
             prologues,
+            split_wg: std::env::var("PUREHW_VK_SPLIT_WG").ok().and_then(|v| v.parse().ok()).unwrap_or(SPLIT_WG),
             profile: std::env::var("PUREHW_VK_PROFILE").is_ok_and(|v| v == "1").then(HashMap::new),
             prof_names: Vec::new(),
             rec_rows: 0,
@@ -1662,7 +1670,7 @@ impl Vulkan {
         let (wa, wb) = self.weight_at(w);
         let nb = cols / fmt.block_elems();
         let nbc = nb.min(32);
-        let r = 1usize << (32usize).min(512 / nbc).max(1).ilog2();
+        let r = self.split_rows(wrows, 1usize << (32usize).min(512 / nbc).max(1).ilog2());
         let spec = [1u32, r as u32, nbc as u32];
         let grid = [groups(wrows, r), 1, 1];
         let id = |b: BufId| b.0;
@@ -1736,6 +1744,16 @@ impl Vulkan {
         }
     }
 
+    /// Rows per workgroup of a split matmul over `rows`: at most `cap` (a power of two), halved
+    /// while the dispatch would have fewer than `split_wg` workgroups.
+    fn split_rows(&self, rows: usize, cap: usize) -> usize {
+        let mut r = cap;
+        while r > 1 && rows.div_ceil(r) < self.split_wg {
+            r /= 2;
+        }
+        r
+    }
+
     /// `out = w · x` for `n` tokens; `x` f32 rows, or quantized blocks when `q8`.
     #[allow(clippy::too_many_arguments)]
     fn matmul(
@@ -1776,7 +1794,7 @@ impl Vulkan {
             let nb = cols / fmt.block_elems();
             let nbc = nb.min(32);
             let r = (32 / t).min(512 / (t * nbc)).max(1);
-            let r = 1usize << r.ilog2();
+            let r = self.split_rows(wrows, 1usize << r.ilog2());
             let name = format!("mm_split.{}.{}.0", fmt_name(fmt), self.dot as u32);
             let spec = [t as u32, r as u32, nbc as u32];
             return self.dispatch(cb, hz, &name, &spec, &push, [groups(wrows, r), groups(n, t), 1], acc);

@@ -14,18 +14,24 @@ shared int qc[256];
 
 // qv[0..len) (len a whole number of blocks) into the blocks at word `base` of `q`, block j at
 // base + j·BW; `k`: BlockQ8K (256 values, 73 words) else BlockQ8A (32 values, 10 words).
-// Three phases, two barriers: each block's largest magnitude by one invocation (in element order;
-// max is order-free anyway), then one code per invocation, then the packing and integer sums.
+// Each block's largest magnitude (a tree), then one code per invocation, then the packing and
+// integer sums.
 void quantize_seg(Words q, uint base, uint len, bool k) {
     uint tid = gl_LocalInvocationID.x;
     uint be = k ? 256u : 32u, bw = k ? 73u : 10u;
     uint nb = len / be;
+    // Each block's largest magnitude as a tree (max is exact and order-free; NaN counts as 0,
+    // which never wins, as in the reference's chain from 0). Magnitudes compare as their bits,
+    // denormals included; the tree lives in qc, which is free until the codes.
+    float a0 = abs(qv[tid]);
+    qc[tid] = tid < len && !isnan(a0) ? int(floatBitsToUint(a0)) : 0;
+    barrier();
+    for (uint s = be / 2u; s > 0u; s >>= 1) {
+        if ((tid % be) < s) qc[tid] = max(qc[tid], qc[tid + s]);
+        barrier();
+    }
     if (tid < nb) {
-        float amax = 0.0;
-        for (uint j = 0u; j < be; j++) {
-            float a = abs(qv[tid * be + j]);
-            amax = a > amax ? a : amax;
-        }
+        float amax = intBitsToFloat(qc[tid * be]);
         qa[tid] = amax > 0.0 ? div_rn(127.0, amax) : 0.0;
         QSTORE(q, base + tid * bw, floatBitsToUint(amax > 0.0 ? div_rn(amax, 127.0) : 0.0));
     }
