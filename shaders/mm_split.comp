@@ -14,14 +14,15 @@
 //   PRO=2, GatedFfn's tail: act = gelu_tanh(gate)·up (or silu); quantized.
 #include "common/base.glsl"
 #include "common/exact.glsl"
-#include "common/quant.glsl"
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_shuffle : require
+#include "common/quant.glsl"
 #if PRO != 0
 #define PRO_MAX 2048u
 shared float row[PRO_MAX];
 shared uint sact[640];    // BlockQ8A words of PRO_MAX values (BlockQ8K needs fewer)
 #define QSTORE(q, at, val) sact[at] = (val)
+#define QROW PRO_MAX
 #include "common/quantize.glsl"
 #include "common/rownorm.glsl"
 #define ACT(i) sact[i]
@@ -145,12 +146,7 @@ void prologue() {
 #endif
     barrier();
     uint be = k ? 256u : 32u, bw = k ? 73u : 10u;
-    Words unused = Words(pc.q);
-    for (uint r0 = 0u; r0 < dim; r0 += 256u) {
-        qv[tid] = r0 + tid < dim ? row[r0 + tid] : 0.0;
-        barrier();
-        quantize_seg(unused, (r0 / be) * bw, min(256u, dim - r0), k);
-    }
+    quantize_row(Words(pc.q), 0u, dim, k);
     if (writer) {
         Words q = Words(pc.q);
         for (uint i = tid; i < dim / be * bw; i += 256u) q.v[pc.q_off + i] = sact[i];

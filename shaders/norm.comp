@@ -4,9 +4,13 @@
 // passes between threads through shared memory.
 #include "common/base.glsl"
 #include "common/exact.glsl"
-#include "common/quantize.glsl"
+#extension GL_KHR_shader_subgroup_basic : require
+#extension GL_KHR_shader_subgroup_shuffle : require
 
 #define MAX_DIM 6144u
+shared float row[MAX_DIM];
+#define QROW MAX_DIM
+#include "common/quantize.glsl"
 #define F_BRANCH 1u
 #define F_POST 2u
 #define F_QA 4u
@@ -32,7 +36,6 @@ layout(push_constant) uniform Push {
     float eps;
 } pc;
 
-shared float row[MAX_DIM];
 shared float lanes[8];
 shared float inv_s;
 
@@ -105,12 +108,8 @@ void main() {
     }
     if ((pc.flags & (F_QA | F_QK)) == 0u) return;
     barrier();
-    // Quantize the normed row, 256 values a round.
+    // Quantize the normed row.
     bool k = (pc.flags & F_QK) != 0u;
     uint be = k ? 256u : 32u, bw = k ? 73u : 10u;
-    for (uint r0 = 0u; r0 < dim; r0 += 256u) {
-        qv[tid] = r0 + tid < dim ? row[r0 + tid] : 0.0;
-        barrier();
-        quantize_seg(Words(pc.q), pc.q_off + (r * (dim / be) + r0 / be) * bw, min(256u, dim - r0), k);
-    }
+    quantize_row(Words(pc.q), pc.q_off + r * (dim / be) * bw, dim, k);
 }

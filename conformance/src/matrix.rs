@@ -58,6 +58,15 @@ pub fn vulkan() -> Vulkan {
     Vulkan::new(&vulkan_options()).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The Vulkan backend with the GPUs' decode kernels forced on (split matmuls and both
+/// prologues), so that a CPU device such as lavapipe checks them too.
+pub fn vulkan_gpu_kernels() -> Vulkan {
+    let mut o = vulkan_options();
+    o.split_matvec = Some(true);
+    o.prologues = Some((true, true));
+    Vulkan::new(&o).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Vulkan's tolerance: [`Tolerance::Exact`], or [`Tolerance::ExactFlushed`] on a device that
 /// does not promise to keep f32 denormals.
 pub fn vulkan_tolerance() -> Tolerance {
@@ -284,10 +293,15 @@ pub struct Report {
 /// reference. The report lists a failure for each output that differs beyond `tol`, each case
 /// the backend refuses, and each op × format a model needs that it skips ([`Report::assert_ok`]).
 pub fn check_all<B: Backend>(make: impl Fn() -> B, tol: Tolerance) -> Report {
+    check_groups(make, tol, |_| true)
+}
+
+/// [`check_all`] over the groups whose name `pick` accepts.
+pub fn check_groups<B: Backend>(make: impl Fn() -> B, tol: Tolerance, pick: impl Fn(&str) -> bool) -> Report {
     let t0 = Instant::now();
     let mut report = Report::default();
     let mut needed_missing = BTreeSet::new();
-    for group in matrix() {
+    for group in matrix().into_iter().filter(|g| pick(&g.name)) {
         let tg = Instant::now();
         // Mapped weights of the group's cases, alive while the backend is (declared first, so
         // dropped after it).

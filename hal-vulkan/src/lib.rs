@@ -70,6 +70,9 @@ pub struct VulkanOptions {
     /// chains from shared memory) rather than one chain per thread. `None`: on GPUs only (a CPU
     /// device runs it slowly). `PUREHW_VK_SPLIT=0|1` sets it.
     pub split_matvec: Option<bool>,
+    /// Which prologues decode steps use, (norm, gate); `None`: the measured default.
+    /// `PUREHW_VK_PRO=none|norm|gate|all` sets it.
+    pub prologues: Option<(bool, bool)>,
 }
 
 impl VulkanOptions {
@@ -80,6 +83,13 @@ impl VulkanOptions {
             validation: std::env::var("PUREHW_VK_VALIDATION").is_ok_and(|v| v == "1"),
             allow_cpu: true,
             split_matvec: std::env::var("PUREHW_VK_SPLIT").ok().map(|v| v == "1"),
+            prologues: match std::env::var("PUREHW_VK_PRO").as_deref() {
+                Ok("none") => Some((false, false)),
+                Ok("norm") => Some((true, false)),
+                Ok("gate") => Some((false, true)),
+                Ok("all") => Some((true, true)),
+                _ => None,
+            },
         }
     }
 }
@@ -330,13 +340,7 @@ impl Vulkan {
         let gpu = Gpu::new(inst, pd, info, &cache_data).map_err(|e| VulkanError::Vk { device: name, source: e })?;
         let split = opts.split_matvec.unwrap_or(gpu.info.is_gpu());
         let dot = gpu.info.int8_dot && std::env::var("PUREHW_VK_DOT").map_or(true, |v| v != "0");
-        let prologues = match std::env::var("PUREHW_VK_PRO").as_deref() {
-            Ok("none") => (false, false),
-            Ok("norm") => (true, false),
-            Ok("gate") => (false, true),
-            Ok("all") => (true, true),
-            _ => PROLOGUES,
-        };
+        let prologues = opts.prologues.unwrap_or(PROLOGUES);
         let budget = gpu.info.heaps.iter().filter(|h| h.1).map(|h| h.0).max().unwrap_or(0);
         let dev = |e: VkError| VulkanError::Vk { device: gpu.info.name.clone(), source: e };
         let fence = gpu.fence().map_err(dev)?;

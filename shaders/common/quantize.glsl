@@ -65,3 +65,68 @@ void quantize_seg(Words q, uint base, uint len, bool k) {
     }
     barrier();
 }
+
+#ifdef QROW
+// A whole row held in shared `row[0..dim)` (dim a whole number of blocks; the includer declares
+// `row` and defines QROW) into the blocks at word `base` of `q`, in two phases and two barriers
+// however long the row. Needs subgroups of at least 8 invocations with shuffles: a block's
+// maximum and integer sums are gathered over 8 neighbouring invocations (max and integer adds
+// are exact in any order).
+shared float qinv[QROW / 32u];
+
+int code_of(float v, float inv) {
+    precise float p = v * inv;
+    return isnan(p) ? 0 : int(clamp(roundEven(p), -127.0, 127.0));
+}
+
+void quantize_row(Words q, uint base, uint dim, bool k) {
+    uint tid = gl_LocalInvocationID.x;
+    uint be = k ? 256u : 32u, bw = k ? 73u : 10u, nb = dim / be, per = be / 8u;
+    // Phase 1: invocation (block, lane) takes the lane's `per` magnitudes (as bits, NaN as 0),
+    // the 8 lanes' maximum by shuffles; lane 0 makes the scales.
+    for (uint b0 = 0u; b0 < nb; b0 += 32u) {
+        uint b = b0 + tid / 8u, lane = tid & 7u, bc = min(b, nb - 1u);
+        uint m = 0u;
+        for (uint j = 0u; j < per; j++) {
+            float a = abs(row[bc * be + lane + 8u * j]);
+            m = isnan(a) ? m : max(m, floatBitsToUint(a));
+        }
+        m = max(m, subgroupShuffleXor(m, 1u));
+        m = max(m, subgroupShuffleXor(m, 2u));
+        m = max(m, subgroupShuffleXor(m, 4u));
+        if (lane == 0u && b < nb) {
+            float amax = uintBitsToFloat(m);
+            qinv[b] = amax > 0.0 ? div_rn(127.0, amax) : 0.0;
+            QSTORE(q, base + b * bw, floatBitsToUint(amax > 0.0 ? div_rn(amax, 127.0) : 0.0));
+        }
+    }
+    barrier();
+    // Phase 2: invocation per code word (4 codes); a block's 8 (Q8A) or a half sub-block's 4
+    // (Q8K) neighbouring words add their sums by shuffles.
+    uint words = dim / 4u;
+    for (uint w0 = 0u; w0 < words; w0 += 256u) {
+        uint wi = w0 + tid, wc = min(wi, words - 1u), e = 4u * wc, b = e / be, lb = e % be;
+        float inv = qinv[b];
+        uint word = 0u;
+        int s = 0;
+        for (uint j = 0u; j < 4u; j++) {
+            int c = code_of(row[e + j], inv);
+            word |= (uint(c) & 0xFFu) << (8u * j);
+            s += c;
+        }
+        bool live = wi < words;
+        if (live) QSTORE(q, base + b * bw + (k ? 1u : 2u) + lb / 4u, word);
+        s += subgroupShuffleXor(s, 1u);
+        s += subgroupShuffleXor(s, 2u);
+        if (k) {
+            // Words 8g..8g+3 hold sub-block g's first 16 codes, 8g+4..8g+7 its last 16.
+            int s1 = subgroupShuffleXor(s, 4u);
+            if (live && (wc & 7u) == 0u) QSTORE(q, base + b * bw + 65u + lb / 32u, (uint(s) & 0xFFFFu) | (uint(s1) << 16));
+        } else {
+            s += subgroupShuffleXor(s, 4u);
+            if (live && (wc & 7u) == 0u) QSTORE(q, base + b * bw + 1u, uint(s));
+        }
+    }
+    barrier();
+}
+#endif

@@ -35,6 +35,7 @@ pub(super) fn all() -> Vec<Group> {
     groups.push(add_rms_norm(&mut rng));
     groups.extend(qkv(&mut rng));
     groups.extend(gated_ffn(&mut rng));
+    groups.extend(prologues(&mut rng));
     groups
 }
 
@@ -720,6 +721,53 @@ fn gated_ffn(rng: &mut Rng) -> Vec<Group> {
             }
         }
         groups.push(Group { name: format!("GatedFfn {fmts:?}"), cases });
+    }
+    groups
+}
+
+/// One token's AddRmsNorm or GatedFfn with its quantized output read by the next matmul: the
+/// pair a GPU backend records as one dispatch (the op as the matmul's prologue).
+fn prologues(rng: &mut Rng) -> Vec<Group> {
+    let mut groups = Vec::new();
+    for fmt in [Format::Q5_0, Format::Q4_1, Format::Q8_0, Format::Q4_K, Format::Q6_K] {
+        let layout = fmt.act_layout().expect("a block format");
+        let mut cases = Vec::new();
+        let (dim, rows) = (768, 300);
+        for post in [false, true] {
+            let mut c = Case::new(format!("AddRmsNorm (post norm: {post}) → MatMulQ8 {fmt:?} dim={dim}"), StepData::one_seq(1, 0));
+            let w = c.weight(norm_weight(rng, dim));
+            let post = post.then(|| c.weight(norm_weight(rng, dim)));
+            let wm = c.weight(weight(rng, fmt, rows, dim));
+            let x = c.random_at(rng, dim, 4.0, 3);
+            let b = c.random_at(rng, dim, 4.0, 1);
+            let x_out = c.output_at(rng, dim, 1, "x_out = x + branch", Check::Float);
+            let out = c.output_at(rng, dim, 1, "out", Check::Float);
+            let len = dim / act_block(layout) * act_words(layout);
+            let q = QuantOut { out: c.output_at(rng, len, 1, "quantized out", Check::DerivedBlocks(layout)), layout };
+            c.op(Op::AddRmsNorm { x, x_out, branch: Some(b), post, out, w, quant: Some(q), rows: 1, dim, eps: 1e-6 });
+            let mm = c.output_at(rng, rows, 1, "matmul out", Check::Exact);
+            c.op(Op::MatMulQ8 { out: mm, xq: q.out, w: wm, n: 1 });
+            cases.push(c);
+        }
+        let (cols, ffn) = (512, 1024);
+        for kind in [Gate::GeluTanh, Gate::Silu] {
+            let mut c = Case::new(format!("GatedFfn {kind:?} → MatMulQ8 {fmt:?} ffn={ffn}"), StepData::one_seq(1, 0));
+            let w_gate = c.weight(weight(rng, fmt, ffn, cols));
+            let w_up = c.weight(weight(rng, fmt, ffn, cols));
+            let wd = c.weight(weight(rng, fmt, rows, ffn));
+            let x = activations(rng, 1, cols);
+            let x = mat_in(&mut c, rng, &x, 1, cols, Input::Q8, Some(layout));
+            let gate = c.output_at(rng, ffn, 1, "gate", Check::Float);
+            let up = c.output_at(rng, ffn, 0, "up", Check::Float);
+            let out = c.output_at(rng, ffn, 0, "act(gate)·up", Check::Float);
+            let len = ffn / act_block(layout) * act_words(layout);
+            let q = QuantOut { out: c.output_at(rng, len, 0, "quantized activation", Check::DerivedBlocks(layout)), layout };
+            c.op(Op::GatedFfn { x, w_gate, w_up, gate, up, out, n: 1, ffn, kind, quant: Some(q) });
+            let mm = c.output_at(rng, rows, 1, "matmul out", Check::Exact);
+            c.op(Op::MatMulQ8 { out: mm, xq: q.out, w: wd, n: 1 });
+            cases.push(c);
+        }
+        groups.push(Group { name: format!("Prologue {fmt:?}"), cases });
     }
     groups
 }
