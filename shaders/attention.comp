@@ -1,8 +1,9 @@
 #version 460
 // Attention, exactly as purehw_kernels::ops::attend: one workgroup per (row, query head).
-// Pass 1 takes the max score (order-free); pass 2 recomputes each score identically, and in key
-// order adds exp(s - max) to the sum (one thread) and e·v to each output dimension (one thread
-// per dimension); then divides, correctly rounded.
+// Pass 1 takes the max score (order-free) and keeps the scores when they fit one chunk; pass 2
+// recomputes each score identically where they did not, and in key order adds exp(s - max) to
+// the sum (one thread) and e·v to each output dimension (one thread per dimension); then
+// divides, correctly rounded.
 #include "common/base.glsl"
 #include "common/exact.glsl"
 #include "common/quantize.glsl"
@@ -91,7 +92,10 @@ void main() {
         // Past the end a group scores the last key again (unconditional loads) and keeps nothing.
         float acc = score_lane(k, pc.k_off + kb0 + min(j, nk - 1u) * kvw, lane);
         float sc = score_of(acc);
-        if (lane == 0u && j < nk) m = sc > m ? sc : m;
+        if (lane == 0u && j < nk) {
+            m = sc > m ? sc : m;
+            if (nk <= CHUNK) se[j] = sc;   // one chunk: pass 2 takes the scores from here
+        }
     }
     smax[tid] = m;
     barrier();
@@ -106,11 +110,16 @@ void main() {
     if (tid == 0u) ssum = 0.0;
     for (uint c0 = 0u; c0 < nk; c0 += CHUNK) {
         uint cn = min(CHUNK, nk - c0);
-        for (uint j0 = 0u; j0 < cn; j0 += 32u) {
-            uint j = j0 + grp;
-            float acc = score_lane(k, pc.k_off + kb0 + (c0 + min(j, cn - 1u)) * kvw, lane);
-            float sc = score_of(acc);
-            if (lane == 0u && j < cn) se[j] = exp_ref(sc - mx);
+        if (nk <= CHUNK) {
+            // The scores pass 1 kept (the same bits a recomputation gives), one key per invocation.
+            for (uint j = tid; j < cn; j += 256u) se[j] = exp_ref(se[j] - mx);
+        } else {
+            for (uint j0 = 0u; j0 < cn; j0 += 32u) {
+                uint j = j0 + grp;
+                float acc = score_lane(k, pc.k_off + kb0 + (c0 + min(j, cn - 1u)) * kvw, lane);
+                float sc = score_of(acc);
+                if (lane == 0u && j < cn) se[j] = exp_ref(sc - mx);
+            }
         }
         barrier();
         // The chains, eight keys at a time: loads first, then the additions in key order.
