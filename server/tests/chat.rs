@@ -26,18 +26,28 @@ fn chat_args(n: &str, extra: &[&str]) -> Vec<String> {
     args
 }
 
-#[test]
-fn chat_through_a_terminal() {
-    let args = chat_args("160", &[]);
+/// chat_pty.py `[--twice]` on `purehw ARGS`: passes or panics with the script's transcript.
+fn pty_scenario(script_args: &[&str], args: &[String]) {
     let out = Command::new("python3")
         .arg(SCRIPT)
+        .args(script_args)
         .arg(env!("CARGO_BIN_EXE_purehw"))
-        .args(&args)
+        .args(args)
         .output()
         .expect("running python3 (is it installed?)");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    println!("$ python3 chat_pty.py purehw {}\n{text}", args.join(" "));
+    println!("$ python3 chat_pty.py {} purehw {}\n{text}", script_args.join(" "), args.join(" "));
     assert!(out.status.success(), "the pty scenario failed:\n{text}");
+}
+
+#[test]
+fn chat_through_a_terminal() {
+    pty_scenario(&[], &chat_args("160", &[]));
+}
+
+#[test]
+fn ctrl_c_twice_at_the_prompt_leaves() {
+    pty_scenario(&["--twice"], &chat_args("16", &[]));
 }
 
 /// Lines piped to `purehw chat` (no terminal: no prompts); (stdout, stderr).

@@ -1,6 +1,6 @@
 """Drive `purehw chat` through a pseudo-terminal, as a person at a terminal would.
 
-usage: chat_pty.py PUREHW_BINARY [ARGS...]     (server/tests/chat.rs runs it: ARGS = chat ...)
+usage: chat_pty.py [--twice] PUREHW_BINARY [ARGS...]   (server/tests/chat.rs runs it: ARGS = chat ...)
 
 The program runs as the session leader of a new pty (Python's `pty.fork`), so its stdin, stdout
 and stderr are a terminal and a \\x03 written to the master is turned into SIGINT by the line
@@ -10,8 +10,9 @@ discipline, exactly as Ctrl-C at a keyboard. Greedy decoding (the caller passes
 The scenario: a two-turn chat whose second turn refers to the first (the first names Paris, the
 second reuses the cached conversation), Ctrl-C at the prompt (a hint, still running), `/clear`,
 Ctrl-C during a long reply (the reply stops, the prompt comes back, the next line is answered),
-a \"\"\" block, then `/exit` with status 0. Exits 0 when every check passes; otherwise prints the
-failed check and the transcript and exits 1.
+a \"\"\" block, then `/exit` with status 0. With --twice: a half-typed line, then Ctrl-C twice
+at the prompt leaves with status 0 (and the line is never sent). Exits 0 when every check passes;
+otherwise prints the failed check and the transcript and exits 1.
 """
 
 import os
@@ -157,10 +158,30 @@ def scenario(p):
         raise Fail(f"/exit should end with status 0, got {code}")
 
 
+def scenario_twice(p):
+    p.expect(r"/help for commands", 120, "the banner (model loaded)")
+    p.expect(re.escape(PROMPT), 10, "the first prompt")
+    p.send("half-typed")
+    p.expect(r"half-typed", 10, "the echo of the half-typed line")
+    p.send("\x03")
+    p.expect(r"Ctrl-C again", 10, "the hint after Ctrl-C at the prompt")
+    p.expect(re.escape(PROMPT), 10, "the prompt after the hint")
+    p.send("\x03")
+    code = p.wait_exit(20)
+    if code != 0:
+        raise Fail(f"a second Ctrl-C should end the chat with status 0, got {code}")
+    if STATS.search(p.buf):
+        raise Fail("the half-typed line was answered")
+
+
 def main():
-    p = Pty(sys.argv[1:])
+    args = sys.argv[1:]
+    run = scenario
+    if args and args[0] == "--twice":
+        run, args = scenario_twice, args[1:]
+    p = Pty(args)
     try:
-        scenario(p)
+        run(p)
     except Fail as e:
         print(f"FAILED: {e}\n--- transcript ---\n{p.buf}\n--- end ---", flush=True)
         try:
