@@ -433,10 +433,11 @@ impl<B: Backend> Chat<'_, B> {
     }
 
     /// The prompt's tokens, dropping the oldest exchanges until it leaves room in the context for
-    /// a reply. `Ok(None)`: even the new message alone does not fit (said on stderr; the message
-    /// is dropped).
+    /// a reply (`-n` tokens, or a quarter of the context; at most half of it). `Ok(None)`: even
+    /// the new message alone does not fit (said on stderr; the message is dropped).
     fn prompt(&mut self) -> CliResult<Option<Vec<u32>>> {
         let ctx = self.model.options().ctx;
+        let room = if self.n_predict > 0 { self.n_predict } else { ctx / 4 }.clamp(1, (ctx / 2).max(1));
         let mut dropped = 0;
         loop {
             let text = match self.template.render_lenient(&self.messages(), None, true) {
@@ -448,7 +449,9 @@ impl<B: Backend> Chat<'_, B> {
                 }
             };
             let ids = encode(self.tok, &text)?;
-            if ids.len() < ctx {
+            // The new message alone may take more of the room, as long as a token can follow.
+            let alone = self.history.len() <= 1;
+            if ids.len() + room <= ctx || (alone && ids.len() < ctx) {
                 if dropped > 0 {
                     self.style.note(&format!("(the context is full: dropped the {dropped} oldest messages)"));
                 }
