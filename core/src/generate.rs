@@ -18,6 +18,27 @@ pub fn generate<B: Backend>(
     max_new: usize,
     sampler: &mut Sampler,
     stop_at_eos: bool,
+    on_token: impl FnMut(u32) -> bool,
+) -> Result<Vec<u32>> {
+    generate_from(model, prompt, 0, max_new, sampler, stop_at_eos, on_token)
+}
+
+/// [`generate`] continuing a sequence: slot 0's KV cache already holds `prompt[..cached]` (an
+/// earlier call's prompt and reply that this prompt extends), so only `prompt[cached..]` is
+/// computed. At least the last prompt token is always computed (its logits pick the first new
+/// token), so `cached` is capped at `prompt.len() - 1`; `cached = 0` is [`generate`].
+///
+/// After a call that returns `n > 0` ids, the slot holds `prompt` followed by the first `n - 1`
+/// of them (the last id chosen is never fed): that is the `cached` prefix a next call can pass.
+/// Positions computed from the cache give the same logits as a fresh prefill (every kernel
+/// computes each row on its own), so the tokens are the same as [`generate`]'s.
+pub fn generate_from<B: Backend>(
+    model: &mut Model<B>,
+    prompt: &[u32],
+    cached: usize,
+    max_new: usize,
+    sampler: &mut Sampler,
+    stop_at_eos: bool,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Vec<u32>> {
     if prompt.is_empty() {
@@ -30,6 +51,7 @@ pub fn generate<B: Backend>(
             prompt.len()
         )));
     }
+    let cached = cached.min(prompt.len() - 1);
     // Never run past the context.
     let max_new = max_new.min(ctx - prompt.len() + 1);
     let eos = model.config().eos.clone();
@@ -49,7 +71,7 @@ pub fn generate<B: Backend>(
         }
     };
     let mut pos = prompt.len();
-    let mut id = next(model, 0, prompt, &history)?;
+    let mut id = next(model, cached, &prompt[cached..], &history)?;
     loop {
         out.push(id);
         history.push(id);

@@ -18,7 +18,7 @@ use purehw_hal::{
 };
 
 use crate::config::{Arch, LayerKind, ModelConfig};
-pub use crate::generate::generate;
+pub use crate::generate::{generate, generate_from};
 use crate::source::{ModelSource, Role};
 use crate::{Error, Result};
 

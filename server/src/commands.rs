@@ -1,6 +1,7 @@
 //! The subcommands.
 
 use std::fmt::Write as _;
+use std::path::Path;
 
 use purehw_core::config::{LayerKind, ModelConfig};
 use purehw_core::model::{Model, ModelOptions};
@@ -14,7 +15,7 @@ use crate::backends::{self, Maker, Registered, WithBackend};
 use crate::error::{CliError, CliResult, Context, err};
 use crate::models::{self, Resolved};
 use crate::out;
-use crate::{LogitsArgs, ModelArgs, RunArgs};
+use crate::{LogitsArgs, ModelArgs, RunArgs, SamplingArgs};
 
 pub fn pull(name: &str) -> CliResult {
     let Some(m) = models::known(name) else {
@@ -127,8 +128,8 @@ fn config_json(c: &ModelConfig) -> serde_json::Value {
 }
 
 /// `--tokenizer`, else the tokenizer.json beside the model, else the GGUF's own vocabulary.
-fn tokenizer_for(a: &ModelArgs, r: &Resolved, src: &ModelSource) -> CliResult<Tokenizer> {
-    if let Some(p) = a.tokenizer.as_ref().or(r.tokenizer.as_ref()) {
+pub fn tokenizer_for(given: Option<&Path>, r: &Resolved, src: &ModelSource) -> CliResult<Tokenizer> {
+    if let Some(p) = given.or(r.tokenizer.as_deref()) {
         return Ok(Tokenizer::from_file(p)?);
     }
     match src.gguf() {
@@ -153,22 +154,30 @@ fn seed_from_clock() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
+impl SamplingArgs {
+    /// The sampling parameters, checked.
+    pub fn params(&self) -> CliResult<SamplingParams> {
+        let params = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repeat_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed.unwrap_or_else(seed_from_clock),
+        };
+        params.validate().context(|| "sampling".into())?;
+        Ok(params)
+    }
+}
+
 pub fn run(a: &RunArgs) -> CliResult {
-    let params = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        repetition_penalty: a.repeat_penalty,
-        presence_penalty: a.presence_penalty,
-        frequency_penalty: a.frequency_penalty,
-        seed: a.seed.unwrap_or_else(seed_from_clock),
-    };
-    params.validate().context(|| "sampling".into())?;
+    let params = a.sampling.params()?;
 
     let r = models::resolve(&a.model.model)?;
     let src = ModelSource::open(&r.path)?;
-    let tok = tokenizer_for(&a.model, &r, &src)?;
+    let tok = tokenizer_for(a.model.tokenizer.as_deref(), &r, &src)?;
     let c = &src.config;
     let prompt_ids = tok.encode(&a.prompt, c.add_bos)?;
     if prompt_ids.is_empty() {
@@ -283,7 +292,7 @@ pub fn logits(a: &LogitsArgs) -> CliResult {
     let ids = match given {
         Some(ids) => ids,
         None => {
-            let tok = tokenizer_for(&a.model, &r, &src)?;
+            let tok = tokenizer_for(a.model.tokenizer.as_deref(), &r, &src)?;
             tok.encode(a.prompt.as_deref().unwrap_or_default(), src.config.add_bos)?
         }
     };

@@ -11,6 +11,7 @@
 
 mod backends;
 mod bench;
+mod chat;
 mod commands;
 mod error;
 mod models;
@@ -51,6 +52,8 @@ enum Cmd {
     },
     /// Generate text from a prompt.
     Run(RunArgs),
+    /// Chat in the terminal through the model's chat template (default model: smollm2-135m).
+    Chat(ChatArgs),
     /// Write the logits of a token sequence to a file of little-endian f32.
     Logits(LogitsArgs),
     /// Measure prompt processing and generation speed, as llama.cpp's llama-bench does.
@@ -82,18 +85,11 @@ pub struct ModelArgs {
     pub ctx_size: usize,
 }
 
+/// How `run` and `chat` draw tokens.
 #[derive(Args, Debug)]
 // So that `--presence-penalty -0.5` parses as a value, not a flag.
 #[command(allow_negative_numbers = true)]
-pub struct RunArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// The prompt.
-    #[arg(short = 'p', long)]
-    pub prompt: String,
-    /// Most tokens to generate.
-    #[arg(short = 'n', long = "n-predict", default_value_t = 64)]
-    pub n_predict: usize,
+pub struct SamplingArgs {
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
@@ -118,12 +114,60 @@ pub struct RunArgs {
     /// RNG seed (default: from the clock, so sampled runs differ).
     #[arg(long)]
     pub seed: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt.
+    #[arg(short = 'p', long)]
+    pub prompt: String,
+    /// Most tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 64)]
+    pub n_predict: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Keep generating past the end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
     /// Print one JSON object `{"prompt_ids", "ids", "text"}` instead of streaming text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
+pub struct ChatArgs {
+    /// A known model name (smollm2-135m, gemma3-270m: pulled if absent), a .gguf file or a
+    /// checkpoint folder.
+    #[arg(short = 'm', long, default_value = serve::DEFAULT_MODELS[0])]
+    pub model: String,
+    /// tokenizer.json to use (default: the one beside the model, else the GGUF's vocabulary).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// A Jinja chat template file overriding the model's own.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+    /// The system prompt to start with (`/system TEXT` changes it).
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// KV-cache length in tokens: how much of the conversation is kept (0 = the model's, up to
+    /// 4096).
+    #[arg(short = 'c', long, default_value_t = 0)]
+    pub ctx_size: usize,
+    /// Most tokens per reply (0 = until the model ends its turn or the context is full).
+    #[arg(short = 'n', long = "n-predict", default_value_t = 0)]
+    pub n_predict: usize,
+    /// Compute each turn's whole prompt instead of continuing from the KV cache (the replies are
+    /// the same; for comparison).
+    #[arg(long)]
+    pub no_prompt_cache: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }
 
 #[derive(Args, Debug)]
@@ -209,6 +253,7 @@ fn dispatch(cli: Cli) -> CliResult {
         Cmd::Pull { model } => commands::pull(&model),
         Cmd::Inspect { model, json } => commands::inspect(&model, json),
         Cmd::Run(a) => commands::run(&a),
+        Cmd::Chat(a) => chat::chat(&a),
         Cmd::Logits(a) => commands::logits(&a),
         Cmd::Bench(a) => bench::bench(&a),
         Cmd::Serve(a) => serve::serve(&a),

@@ -57,7 +57,7 @@ fn json(s: &str) -> serde_json::Value {
 #[test]
 fn help_and_version() {
     let out = ok(&purehw(&["--help"]));
-    for cmd in ["pull", "inspect", "run", "logits", "bench", "serve", "devices"] {
+    for cmd in ["pull", "inspect", "run", "chat", "logits", "bench", "serve", "devices"] {
         assert!(out.contains(cmd), "{out}");
     }
     assert!(ok(&purehw(&["--version"])).contains("purehw"));

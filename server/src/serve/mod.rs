@@ -14,7 +14,7 @@ pub mod metrics;
 pub mod template;
 pub mod tools;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -102,11 +102,7 @@ impl ServedModel {
             let Some(src) = &loaded.chat_template else {
                 return Err(format!("model {} has no chat template (pass --chat-template FILE)", self.id));
             };
-            let tok = &loaded.tokenizer;
-            let piece = |id: Option<u32>| id.and_then(|i| tok.token_to_piece(i)).unwrap_or_default();
-            let bos = piece(tok.bos_id());
-            let eos = piece(tok.eos_ids().first().copied());
-            ChatTemplate::new(&self.id, src, &bos, &eos).map_err(|e| e.to_string())
+            compile_template(&self.id, src, &loaded.tokenizer).map_err(|e| e.to_string())
         }))
     }
 }
@@ -129,7 +125,7 @@ impl AppState {
 
 /// What `serve` serves without `-m`, in `/v1/models` order: a chat model first (a new user's
 /// first question gets an answer), then the pretrained flagship.
-const DEFAULT_MODELS: [&str; 2] = ["smollm2-135m", "gemma3-270m"];
+pub const DEFAULT_MODELS: [&str; 2] = ["smollm2-135m", "gemma3-270m"];
 
 pub fn serve(a: &ServeArgs) -> CliResult {
     init_tracing(a.log_format);
@@ -297,28 +293,45 @@ impl LoadJob {
             }
         }
         .map_err(|e| e.to_string())?;
-        // End-of-turn markers stop a chat even where the model's EOS is something else
-        // (`<|eom_id|>`: Llama 3.1 ends a tool call with it).
-        let mut stop_ids = tok.eos_ids().to_vec();
-        for marker in ["<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<|endoftext|>"] {
-            if let Some(id) = tok.id_of(marker).filter(|id| !stop_ids.contains(id)) {
-                stop_ids.push(id);
-            }
-        }
-        let chat_template = self.template.clone().or_else(|| src.chat_template()).or_else(|| {
-            // tokenizer_config.json beside the model or beside --tokenizer.
-            let dirs = [
-                self.path.parent().map(PathBuf::from),
-                self.tokenizer.as_ref().and_then(|p| p.parent().map(PathBuf::from)),
-            ];
-            dirs.into_iter().flatten().find_map(|d| {
-                let text = std::fs::read_to_string(d.join("tokenizer_config.json")).ok()?;
-                let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-                v.get("chat_template")?.as_str().map(String::from)
-            })
-        });
+        let stop_ids = stop_ids(&tok);
+        let chat_template =
+            self.template.clone().or_else(|| model_chat_template(src, &self.path, self.tokenizer.as_deref()));
         Ok(Meta { tokenizer: Arc::new(tok), stop_ids, chat_template })
     }
+}
+
+/// The ids that end a chat reply: the tokenizer's EOS ids, then the end-of-turn markers it has,
+/// which stop a chat even where the model's EOS is something else (`<|eom_id|>`: Llama 3.1 ends a
+/// tool call with it).
+pub fn stop_ids(tok: &Tokenizer) -> Vec<u32> {
+    let mut stop_ids = tok.eos_ids().to_vec();
+    for marker in ["<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<|endoftext|>"] {
+        if let Some(id) = tok.id_of(marker).filter(|id| !stop_ids.contains(id)) {
+            stop_ids.push(id);
+        }
+    }
+    stop_ids
+}
+
+/// The model's own chat template: the GGUF's or checkpoint's, else `chat_template` of a
+/// tokenizer_config.json beside the model or beside `tokenizer`.
+pub fn model_chat_template(src: &ModelSource, path: &Path, tokenizer: Option<&Path>) -> Option<String> {
+    src.chat_template().or_else(|| {
+        let dirs = [path.parent(), tokenizer.and_then(Path::parent)];
+        dirs.into_iter().flatten().find_map(|d| {
+            let text = std::fs::read_to_string(d.join("tokenizer_config.json")).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            v.get("chat_template")?.as_str().map(String::from)
+        })
+    })
+}
+
+/// Compile a chat template with `tok`'s BOS and first EOS as `bos_token` / `eos_token`.
+pub fn compile_template(label: &str, source: &str, tok: &Tokenizer) -> Result<ChatTemplate, template::TemplateError> {
+    let piece = |id: Option<u32>| id.and_then(|i| tok.token_to_piece(i)).unwrap_or_default();
+    let bos = piece(tok.bos_id());
+    let eos = piece(tok.eos_ids().first().copied());
+    ChatTemplate::new(label, source, &bos, &eos)
 }
 
 fn init_tracing(format: LogFormat) {
