@@ -139,10 +139,11 @@ pub const PRO_WRITER: u32 = 8;
 pub const PRO_MAX_DIM: usize = 2048;
 /// The most rows a matmul with a norm prologue may have (each workgroup repeats the prologue).
 pub const PRO_MAX_ROWS: usize = 16384;
-/// Prologues taken by default: (norm, gate). On an H100 the norm prologue saves 0.05–0.1 ms of
-/// a decode step; the gate prologue costs 0.5 ms (every workgroup of the down projection
-/// repeats the activation and its quantization over the whole FFN row), so it is off.
-pub const PROLOGUES: (bool, bool) = (true, false);
+/// Prologues taken by default: (norm, gate), both off. Every workgroup of the matmul repeats the
+/// prologue; once the decode matmuls spread over 256 workgroups (`SPLIT_WG`) that repeated work
+/// costs more than the dispatch and barrier it saves. H100, tg128 Gemma 3 270M / SmolLM2 with
+/// 256 workgroups: none 690 / 544, norm 559 / 468, gate 584 / 450, all 506 / 429 tokens/s.
+pub const PROLOGUES: (bool, bool) = (false, false);
 
 /// `act_quant.comp`.
 #[repr(C)]
