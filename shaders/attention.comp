@@ -71,14 +71,19 @@ void main() {
     Words st = Words(pc.step);
     Floats o = Floats(pc.out_);
     uint obase = pc.out_off + (t * pc.heads + h) * hd;
+    // The query's loads are issued before the row's place is known (they do not depend on it).
+    Floats q = Floats(pc.q);
+    uint qb = pc.q_off + (t * pc.heads + h) * hd;
+    float q0 = q.v[qb + min(tid, hd - 1u)], q1 = q.v[qb + min(tid + 256u, hd - 1u)];
     uint s = st.v[pc.row_seq_off + t];
     if (s == 0xFFFFFFFFu) return;
     uint srow = st.v[pc.seqs_off + 4u * s], cache_row = st.v[pc.seqs_off + 4u * s + 2u];
     uint p = st.v[pc.seqs_off + 4u * s + 3u] + (t - srow);
     uint first = (pc.window > 0u && p + 1u > pc.window) ? p + 1u - pc.window : 0u;
     uint nk = p + 1u - first;
-    Floats q = Floats(pc.q), k = Floats(pc.k), v = Floats(pc.v);
-    for (uint i = tid; i < hd; i += 256u) sq[i] = q.v[pc.q_off + (t * pc.heads + h) * hd + i];
+    Floats k = Floats(pc.k), v = Floats(pc.v);
+    if (tid < hd) sq[tid] = q0;
+    if (tid + 256u < hd) sq[tid + 256u] = q1;
     barrier();
     uint kvw = pc.kv_heads * hd, g = h / (pc.heads / pc.kv_heads);
     uint kb0 = (cache_row + first) * kvw + g * hd;

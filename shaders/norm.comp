@@ -15,7 +15,7 @@ shared float row[MAX_DIM];
 #define F_POST 2u
 #define F_QA 4u
 #define F_QK 8u
-#define F_SHARED 16u   // keep the row in shared memory (needed by the fused steps)
+#define F_SHARED 16u   // (the row always passes through shared memory now)
 
 layout(local_size_x = 256) in;
 layout(push_constant) uniform Push {
@@ -40,9 +40,9 @@ shared float lanes[8];
 shared float inv_s;
 
 
-// 1/sqrt(mean(v²) + eps) of the row held in `row` (shared) or read from `src` (global),
-// with the reference's 8-lane order; every thread gets the value.
-float rms_inv_row(bool shared_row, Floats src, uint off) {
+// 1/sqrt(mean(v²) + eps) of the row held in `row` (shared), with the reference's 8-lane order;
+// every thread gets the value.
+float rms_inv_row() {
     uint tid = gl_LocalInvocationID.x;
     if (tid < 8u) {
         // Lane tid's chain over elements tid, tid + 8, …; eight at a time, loads first.
@@ -50,13 +50,10 @@ float rms_inv_row(bool shared_row, Floats src, uint off) {
         uint i = tid;
         for (; i + 56u < pc.dim; i += 64u) {
             float v[8];
-            [[unroll]] for (uint u = 0u; u < 8u; u++) v[u] = shared_row ? row[i + 8u * u] : src.v[off + i + 8u * u];
+            [[unroll]] for (uint u = 0u; u < 8u; u++) v[u] = row[i + 8u * u];
             [[unroll]] for (uint u = 0u; u < 8u; u++) acc = acc + v[u] * v[u];
         }
-        for (; i < pc.dim; i += 8u) {
-            float v = shared_row ? row[i] : src.v[off + i];
-            acc = acc + v * v;
-        }
+        for (; i < pc.dim; i += 8u) acc = acc + row[i] * row[i];
         lanes[tid] = acc;
     }
     barrier();
@@ -69,42 +66,68 @@ float rms_inv_row(bool shared_row, Floats src, uint off) {
     return inv_s;
 }
 
+#define MAX_PER (MAX_DIM / 256u)
+
 void main() {
     uint r = gl_WorkGroupID.x, tid = gl_LocalInvocationID.x, dim = pc.dim;
-    Floats x = Floats(pc.x), o = Floats(pc.out_), w = Floats(pc.w);
-    uint xo = pc.x_off + r * dim, oo = pc.out_off + r * dim;
-    bool sh = (pc.flags & F_SHARED) != 0u;
-    if ((pc.flags & F_BRANCH) != 0u) {
-        Floats br = Floats(pc.branch);
-        uint bo = pc.br_off + r * dim;
-        for (uint i = tid; i < dim; i += 256u) row[i] = br.v[bo + i];
+    uint per = (dim + 255u) / 256u;   // elements per invocation: tid + 256·j
+    bool branch = (pc.flags & F_BRANCH) != 0u, post = (pc.flags & F_POST) != 0u;
+    uint xo = pc.x_off + r * dim, oo = pc.out_off + r * dim, bo = pc.br_off + r * dim;
+    // Every global read first, in one wave (the row's x and branch, both norm weights): the
+    // stages below then wait on memory once, not once each.
+    float xr[MAX_PER], wr[MAX_PER], br[MAX_PER], pr[MAX_PER];
+    [[unroll]] for (uint j = 0u; j < MAX_PER; j++) {
+        if (j < per) {
+            uint i = min(tid + 256u * j, dim - 1u);
+            xr[j] = Floats(pc.x).v[xo + i];
+            wr[j] = Floats(pc.w).v[i];
+            br[j] = branch ? Floats(pc.branch).v[bo + i] : 0.0;
+            pr[j] = post ? Floats(pc.post).v[i] : 0.0;
+        }
+    }
+    if (branch) {
+        [[unroll]] for (uint j = 0u; j < MAX_PER; j++) {
+            uint i = tid + 256u * j;
+            if (j < per && i < dim) row[i] = br[j];
+        }
         barrier();
-        if ((pc.flags & F_POST) != 0u) {
-            float inv = rms_inv_row(true, br, bo);
-            Floats pw = Floats(pc.post);
-            for (uint i = tid; i < dim; i += 256u) {
-                precise float b = row[i] * inv * pw.v[i];
-                row[i] = b;
+        if (post) {
+            float inv = rms_inv_row();
+            [[unroll]] for (uint j = 0u; j < MAX_PER; j++) {
+                uint i = tid + 256u * j;
+                if (j < per && i < dim) {
+                    precise float b = row[i] * inv * pr[j];
+                    row[i] = b;
+                }
             }
         }
         // x_out = x + branch
         Floats xw = Floats(pc.x_out);
         uint xwo = pc.x_out_off + r * dim;
-        for (uint i = tid; i < dim; i += 256u) {
-            precise float s = x.v[xo + i] + row[i];
-            xw.v[xwo + i] = s;
-            row[i] = s;
+        [[unroll]] for (uint j = 0u; j < MAX_PER; j++) {
+            uint i = tid + 256u * j;
+            if (j < per && i < dim) {
+                precise float s = xr[j] + row[i];
+                xw.v[xwo + i] = s;
+                row[i] = s;
+            }
         }
-        barrier();
-    } else if (sh) {
-        for (uint i = tid; i < dim; i += 256u) row[i] = x.v[xo + i];
-        barrier();
+    } else {
+        [[unroll]] for (uint j = 0u; j < MAX_PER; j++) {
+            uint i = tid + 256u * j;
+            if (j < per && i < dim) row[i] = xr[j];
+        }
     }
-    float inv = rms_inv_row(sh, x, xo);
-    for (uint i = tid; i < dim; i += 256u) {
-        precise float v = (sh ? row[i] : x.v[xo + i]) * inv * w.v[i];
-        if (sh) row[i] = v;
-        o.v[oo + i] = v;
+    barrier();
+    float inv = rms_inv_row();
+    Floats o = Floats(pc.out_);
+    [[unroll]] for (uint j = 0u; j < MAX_PER; j++) {
+        uint i = tid + 256u * j;
+        if (j < per && i < dim) {
+            precise float v = row[i] * inv * wr[j];
+            row[i] = v;
+            o.v[oo + i] = v;
+        }
     }
     if ((pc.flags & (F_QA | F_QK)) == 0u) return;
     barrier();

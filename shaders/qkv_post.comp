@@ -55,9 +55,18 @@ void main() {
     Floats x = Floats(kind == 0u ? pc.q : (kind == 1u ? pc.k : pc.v));
     uint xo = (kind == 0u ? pc.q_off : (kind == 1u ? k_off : v_off)) + t * width + head * hd;
     for (uint i = tid; i < hd; i += 256u) h[i] = x.v[xo + i];
+    // What the later stages read, loaded now (one wait on memory, not one per stage): the norm
+    // weight, this invocation's RoPE pair, the row's cache place.
+    bool norm = kind < 2u && (pc.flags & (kind == 0u ? F_QNORM : F_KNORM)) != 0u;
+    bool rope = kind < 2u && (pc.flags & F_ROPE) != 0u;
+    Floats wn = Floats(kind == 0u ? pc.qn : pc.kn);
+    float wn0 = norm ? wn.v[min(tid, hd - 1u)] : 0.0, wn1 = norm ? wn.v[min(tid + 256u, hd - 1u)] : 0.0;
+    uint ti = pc.table_off + (t * half_ + min(tid, half_ - 1u)) * 2u;
+    float rc = rope ? uintBitsToFloat(st.v[ti]) : 0.0, rs = rope ? uintBitsToFloat(st.v[ti + 1u]) : 0.0;
+    uint s = st.v[row_seq_off + t], sc = s == 0xFFFFFFFFu ? 0u : s;
+    uint srow = st.v[seqs_off + 4u * sc], cache_row = st.v[seqs_off + 4u * sc + 2u], pos0 = st.v[seqs_off + 4u * sc + 3u];
     barrier();
     if (kind < 2u) {
-        bool norm = (pc.flags & (kind == 0u ? F_QNORM : F_KNORM)) != 0u;
         if (norm) {
             if (tid < 8u) {
                 precise float acc = 0.0;
@@ -71,23 +80,22 @@ void main() {
                 inv_s = div_rn(1.0, sqrt_rn(ms + pc.eps));
             }
             barrier();
-            Floats wn = Floats(kind == 0u ? pc.qn : pc.kn);
             float inv = inv_s;
             for (uint i = tid; i < hd; i += 256u) {
-                precise float r = h[i] * inv * wn.v[i];
+                precise float r = h[i] * inv * (i == tid ? wn0 : wn1);
                 h[i] = r;
             }
             barrier();
         }
-        if ((pc.flags & F_ROPE) != 0u) {
+        if (rope) {
             bool neox = (pc.flags & F_NEOX) != 0u;
-            for (uint i = tid; i < half_; i += 256u) {
-                float c = uintBitsToFloat(st.v[pc.table_off + (t * half_ + i) * 2u]);
-                float s = uintBitsToFloat(st.v[pc.table_off + (t * half_ + i) * 2u + 1u]);
+            // half_ ≤ 256 (head_dim ≤ MAX_HD): one pair per invocation.
+            uint i = tid;
+            if (i < half_) {
                 uint ia = neox ? i : 2u * i, ib = neox ? i + half_ : 2u * i + 1u;
                 float a = h[ia], b = h[ib];
-                precise float ra = a * c - b * s;
-                precise float rb = b * c + a * s;
+                precise float ra = a * rc - b * rs;
+                precise float rb = b * rc + a * rs;
                 h[ia] = ra;
                 h[ib] = rb;
             }
@@ -98,10 +106,8 @@ void main() {
     // Store k and v rows in the cache at the row's position.
     bool store = (kind == 1u && (pc.flags & F_KCACHE) != 0u) || (kind == 2u && (pc.flags & F_VCACHE) != 0u);
     if (!store) return;
-    uint s = st.v[row_seq_off + t];
     if (s == 0xFFFFFFFFu) return;
-    uint srow = st.v[seqs_off + 4u * s], cache_row = st.v[seqs_off + 4u * s + 2u];
-    uint dst = cache_row + st.v[seqs_off + 4u * s + 3u] + (t - srow);
+    uint dst = cache_row + pos0 + (t - srow);
     Floats c = Floats(kind == 1u ? pc.kc : pc.vc);
     uint co = (kind == 1u ? kc_off : vc_off) + dst * width + head * hd;
     for (uint i = tid; i < hd; i += 256u) c.v[co + i] = h[i];

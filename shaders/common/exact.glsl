@@ -1,7 +1,8 @@
 // The reference's float functions (purehw_kernels::ops), operation for operation.
 // Every expression is `precise` (no contraction into fused multiply-adds the reference does not
-// do). Division and square root are computed correctly rounded with integer arithmetic, since
-// Vulkan lets a device's own be 2.5 ulp off.
+// do). Division and square root are correctly rounded: the device's own (Vulkan lets it be 2.5
+// ulp off, or more for square roots) only estimates the result, which integer arithmetic checks
+// and corrects.
 
 // Round a positive significand `m` (leading one at bit 23 + extra, `extra` bits below the 24
 // that are kept; `sticky` set when anything nonzero was lost below those) at biased exponent
@@ -63,17 +64,26 @@ float div_rn(float a, float b) {
         ma <<= 1;
         e -= 1;
     }
-    // ma / mb in [1, 2): 26 quotient bits (24 kept + 2), remainder for the sticky bit.
-    uint q = 0u, r = ma;
-    for (int i = 0; i < 26; i++) {
-        q <<= 1;
-        if (r >= mb) {
-            r -= mb;
-            q |= 1u;
-        }
-        r <<= 1;
+    // ma / mb in [1, 2): q = floor(ma·2^25 / mb), 26 quotient bits (24 kept + 2), and whether
+    // a remainder is left (the sticky bit). The device's own division gives q within a few
+    // units; the 64-bit remainder ma·2^25 − q·mb, exact in integers, corrects it.
+    uint q = uint(float(ma) / float(mb) * 33554432.0);
+    uint phi, plo, borrow;
+    umulExtended(q, mb, phi, plo);
+    uint rlo = usubBorrow(ma << 25, plo, borrow);
+    uint rhi = (ma >> 7) - phi - borrow;
+    for (int i = 0; i < 64 && int(rhi) < 0; i++) {
+        uint carry;
+        rlo = uaddCarry(rlo, mb, carry);
+        rhi += carry;
+        q -= 1u;
     }
-    return round_pack(sign, e, q, 2u, r != 0u);
+    for (int i = 0; i < 64 && (rhi != 0u || rlo >= mb); i++) {
+        rlo = usubBorrow(rlo, mb, borrow);
+        rhi -= borrow;
+        q += 1u;
+    }
+    return round_pack(sign, e, q, 2u, rlo != 0u);
 }
 
 // sqrt(x), correctly rounded; NaN for x < 0.
@@ -90,20 +100,27 @@ float sqrt_rn(float x) {
         m <<= 1;
         ue -= 1;
     }
-    // root of m · 2^27 (m < 2^25): 26 bits, the leading one at bit 25; bit pairs come from m.
-    uint root = 0u, rem = 0u;
-    for (int i = 0; i < 26; i++) {
-        int s = 23 - 2 * i;
-        uint two = s >= 0 ? (m >> uint(s)) & 3u : (s == -1 ? (m << 1) & 3u : 0u);
-        rem = (rem << 2) | two;
-        uint trial = (root << 2) | 1u;
-        root <<= 1;
-        if (rem >= trial) {
-            rem -= trial;
-            root |= 1u;
-        }
+    // root = floor(sqrt(m·2^27)) (m < 2^25, even when shifted): 26 bits, the leading one at bit
+    // 25, and whether a remainder is left. The device's square root gives it within a few units;
+    // the 64-bit remainder m·2^27 − root², exact in integers, corrects it.
+    uint root = uint(sqrt(float(m) * 134217728.0));
+    uint phi, plo, borrow;
+    umulExtended(root, root, phi, plo);
+    uint rlo = usubBorrow(m << 27, plo, borrow);
+    uint rhi = (m >> 5) - phi - borrow;
+    // Below: rem += 2·root − 1 as root steps down; above: rem −= 2·root + 1 as it steps up.
+    for (int i = 0; i < 64 && int(rhi) < 0; i++) {
+        uint carry;
+        rlo = uaddCarry(rlo, 2u * root - 1u, carry);
+        rhi += carry;
+        root -= 1u;
     }
-    return round_pack(0u, ue / 2 + 127, root, 2u, rem != 0u);
+    for (int i = 0; i < 64 && (rhi != 0u || rlo >= 2u * root + 1u); i++) {
+        rlo = usubBorrow(rlo, 2u * root + 1u, borrow);
+        rhi -= borrow;
+        root += 1u;
+    }
+    return round_pack(0u, ue / 2 + 127, root, 2u, rlo != 0u);
 }
 
 // purehw_kernels::ops::exp: Cephes expf as a fixed sequence of f32 operations.
