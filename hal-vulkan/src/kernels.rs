@@ -48,6 +48,55 @@ pub struct EmbedPush {
 }
 const _: () = assert!(core::mem::size_of::<EmbedPush>() == 52);
 
+/// `mm_int.comp`: [`MmPush`]'s fields, then the integer weight's parts.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct MmIntPush {
+    pub mm: MmPush,
+    pub scales: Addr,
+    pub zeros: Addr,
+    /// Columns per scale group (the row's length when per channel).
+    pub group: u32,
+    pub groups: u32,
+    pub iflags: u32,
+}
+const _: () = assert!(core::mem::size_of::<MmIntPush>() == 84);
+
+/// `embed_int.comp`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct EmbedIntPush {
+    pub table: Addr,
+    pub out: Addr,
+    pub step: Addr,
+    pub scales: Addr,
+    pub zeros: Addr,
+    pub t_byte: u32,
+    pub row_bytes: u32,
+    pub cols: u32,
+    pub rows: u32,
+    pub out_off: u32,
+    pub tokens_off: u32,
+    pub scale: f32,
+    pub group: u32,
+    pub groups: u32,
+    pub iflags: u32,
+}
+const _: () = assert!(core::mem::size_of::<EmbedIntPush>() == 80);
+
+/// `common/int.glsl`'s flags for a compressed-tensors format.
+pub fn int_flags(p: purehw_kernels::quant::PackedInt) -> u32 {
+    use purehw_kernels::quant::{Codes, ScaleType};
+    (if p.bits == 4 { 1 } else { 0 })
+        | (if p.codes == Codes::I8 { 2 } else { 0 })
+        | (if p.symmetric { 0 } else { 4 })
+        | match p.scale {
+            ScaleType::F32 => 0,
+            ScaleType::F16 => 8,
+            ScaleType::BF16 => 16,
+        }
+}
+
 /// `norm.comp`.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Pod, Zeroable)]

@@ -161,6 +161,14 @@ struct DevWeight {
     byte: u64,
     /// For vectors (norm weights): an f32 copy, dequantized on the host by the reference.
     f32_store: Option<usize>,
+    /// A compressed-tensors weight's scales and zero points (weight stores of their own).
+    int: Option<IntParts>,
+}
+
+#[derive(Copy, Clone, Debug)]
+struct IntParts {
+    scales: usize,
+    zeros: Option<usize>,
 }
 
 /// A recorded step: its command buffer and the key it was recorded for.
@@ -575,6 +583,15 @@ impl Vulkan {
     fn weight_ref(&self, w: WeightId) -> &DevWeight {
         &self.weights[w.0 as usize]
     }
+
+    /// A compressed-tensors weight's format and the addresses of its scales and zero points
+    /// (zero points: the scales' address when symmetric, never read).
+    fn int_parts(&self, w: WeightId) -> Option<(purehw_kernels::quant::PackedInt, Addr, Addr)> {
+        let wt = self.weight_ref(w);
+        let (Format::Int(p), Some(parts)) = (wt.format, wt.int) else { return None };
+        let scales = addr(self.wstore[parts.scales].addr);
+        Some((p, scales, parts.zeros.map_or(scales, |z| addr(self.wstore[z].addr))))
+    }
 }
 
 /// `PUREHW_VK_FAULT=lost:N` or `oom:N` (tests of the error paths through the binary).
@@ -664,8 +681,8 @@ impl Backend for Vulkan {
 
     fn supports(&self, op: OpKind) -> bool {
         match op {
-            // compressed-tensors integer weights have no shaders yet.
-            OpKind::Embed(f) | OpKind::MatMul(f) => !matches!(f, Format::Int(_)),
+            // compressed-tensors integer weights: f32 activations (mm_int, embed_int).
+            OpKind::Embed(_) | OpKind::MatMul(_) => true,
             OpKind::MatMulQ8(f) => f.act_layout().is_some(),
             k => k.is_format_free(),
         }
@@ -687,10 +704,8 @@ impl Backend for Vulkan {
 
     fn load_weight(&mut self, w: &HostWeight) -> Result<WeightId> {
         self.check_alive()?;
-        if let Format::Int(p) = w.format {
-            return Err(VulkanError::Unsupported(format!(
-                "{p:?} weights (compressed-tensors) are not supported on this backend yet"
-            )));
+        if matches!(w.format, Format::Int(_)) {
+            w.check().map_err(|e| VulkanError::Unsupported(format!("a {}x{} weight: {e}", w.rows, w.cols)))?;
         }
         if !w.is_consistent() {
             return Err(VulkanError::BadWeight { format: w.format.name(), rows: w.rows, cols: w.cols, bytes: w.data.len() });
@@ -714,7 +729,29 @@ impl Backend for Vulkan {
                 (self.wstore.len() - 1, 0)
             }
         };
-        let f32_store = if w.rows == 1 && w.format != Format::F32 {
+        // An integer weight's scales and zero points: small, always copied.
+        let int = match w.format {
+            Format::Int(_) => {
+                let mut part = |b: &purehw_hal::HostBytes, what: &str| -> Result<usize> {
+                    let bytes = b.as_slice();
+                    let raw = self.raw_buffer((bytes.len() as u64).next_multiple_of(4).max(4), Mem::Device, || {
+                        format!("the {what} of a {}x{} weight ({} bytes)", w.rows, w.cols, bytes.len())
+                    })?;
+                    self.upload(&raw, 0, bytes)?;
+                    self.wstore.push(raw);
+                    Ok(self.wstore.len() - 1)
+                };
+                let missing = || VulkanError::Unsupported(format!("a {}x{} integer weight without scales", w.rows, w.cols));
+                let scales = part(w.parts.scales.as_ref().ok_or_else(missing)?, "scales")?;
+                let zeros = match &w.parts.zeros {
+                    Some(z) => Some(part(z, "zero points")?),
+                    None => None,
+                };
+                Some(IntParts { scales, zeros })
+            }
+            _ => None,
+        };
+        let f32_store = if w.rows == 1 && w.format != Format::F32 && int.is_none() {
             let mut v = vec![0f32; w.cols];
             purehw_kernels::quant::dequantize_row(w.format, bytes, &mut v);
             let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -725,7 +762,7 @@ impl Backend for Vulkan {
         } else {
             None
         };
-        self.weights.push(DevWeight { format: w.format, rows: w.rows, cols: w.cols, store, byte, f32_store });
+        self.weights.push(DevWeight { format: w.format, rows: w.rows, cols: w.cols, store, byte, f32_store, int });
         Ok(WeightId(self.weights.len() as u32 - 1))
     }
 
@@ -1238,6 +1275,27 @@ impl Vulkan {
                 let wt = self.weight_ref(table);
                 let (cols, fmt, row_bytes) = (wt.cols, wt.format, wt.format.bytes_for(wt.cols).unwrap_or(0));
                 let (ta, tb) = self.weight_at(table);
+                if let Some((p, scales, zeros)) = self.int_parts(table) {
+                    let push = EmbedIntPush {
+                        table: ta,
+                        out: self.addr_of(out.buf),
+                        step: self.step_addr(),
+                        scales,
+                        zeros,
+                        t_byte: tb,
+                        row_bytes: row_bytes as u32,
+                        cols: cols as u32,
+                        rows: rows as u32,
+                        out_off: out.offset as u32,
+                        tokens_off: l.tokens,
+                        scale,
+                        group: p.group.unwrap_or(cols) as u32,
+                        groups: p.groups(cols).unwrap_or(1) as u32,
+                        iflags: int_flags(p),
+                    };
+                    let acc = Access::new().w(id(out.buf), out.offset, rows * cols);
+                    return self.dispatch(cb, hz, "embed_int", &[], &push, [groups(cols, 256), rows as u32, 1], acc);
+                }
                 let push = EmbedPush {
                     table: ta,
                     out: self.addr_of(out.buf),
@@ -1794,6 +1852,20 @@ impl Vulkan {
             x_stride: x_stride as u32,
         };
         let acc = Access::new().r(x.1, x.2, n * x_stride).w(out.buf.0, out.offset, n * wrows);
+        if let Some((p, scales, zeros)) = self.int_parts(w) {
+            let push = MmIntPush {
+                mm: push,
+                scales,
+                zeros,
+                group: p.group.unwrap_or(cols) as u32,
+                groups: p.groups(cols).unwrap_or(1) as u32,
+                iflags: int_flags(p),
+            };
+            let tokens = n.clamp(1, 16).next_power_of_two() as u32;
+            let wg: u32 = if wrows * n.min(16) < 32768 { 64 } else { 256 };
+            let grid = [groups(wrows, wg as usize / 8), groups(n, tokens as usize), 1];
+            return self.dispatch(cb, hz, "mm_int", &[tokens, wg], &push, grid, acc);
+        }
         if q8 && n <= 16 && self.split {
             // Decode: the split kernel loads a workgroup's weights in one wave (mm_split.comp).
             let t = n.next_power_of_two();

@@ -26,6 +26,9 @@ layout(push_constant) uniform Push {
     uint n;           // tokens
     uint row_bytes;   // bytes of one weight row
     uint x_stride;    // words per token of x
+#ifdef MM_PUSH_EXTRA
+    MM_PUSH_EXTRA     // an includer's own fields after the common ones
+#endif
 } pc;
 
 // Lane 0 of each row gathers its 8 lanes and writes reduce_lanes(acc) + off per token.

@@ -1,0 +1,41 @@
+#version 460
+// MatMul with f32 activations over compressed-tensors integer weights: dot_int_row, element i
+// in lane i % 8 (each element dequantized as dequantize_int_row does, then the lane's chain).
+#include "common/base.glsl"
+#include "common/exact.glsl"
+#include "common/int.glsl"
+#define MM_PUSH_EXTRA \
+    uvec2 scales;     \
+    uvec2 zeros;      \
+    uint group;       \
+    uint groups;      \
+    uint iflags;
+#include "common/mm.glsl"
+
+void main() {
+    uint lane = gl_LocalInvocationID.x & 7u, row_l = gl_LocalInvocationID.x >> 3;
+    uint r = gl_WorkGroupID.x * ROWS + row_l;
+    uint t0 = gl_WorkGroupID.y * TOKENS;
+    uint nt = min(TOKENS, pc.n - t0);
+    float acc[TOKENS], off[TOKENS];
+    [[unroll]] for (uint t = 0u; t < TOKENS; t++) {
+        acc[t] = 0.0;
+        off[t] = 0.0;
+    }
+    if (r < pc.rows) {
+        Words w = Words(pc.w), s = Words(pc.scales), z = Words(pc.zeros);
+        Floats x = Floats(pc.x);
+        uint row = pc.w_byte + r * pc.row_bytes;
+        uint xa = pc.x_off + t0 * pc.x_stride;
+        for (uint i = lane; i < pc.cols; i += 8u) {
+            float wv = int_deq(w, row, s, z, r, i, pc.group, pc.groups, pc.iflags);
+            [[unroll]] for (uint t = 0u; t < TOKENS; t++) {
+                if (t < nt) {
+                    precise float acc_t = acc[t] + wv * x.v[xa + t * pc.x_stride + i];
+                    acc[t] = acc_t;
+                }
+            }
+        }
+    }
+    finish(r, lane, t0, nt, acc, off);
+}
