@@ -347,3 +347,40 @@ fn vulkan_device_lost_503_then_served() {
     let log = srv.log_text();
     assert!(log.contains("loading the model again"), "{log}");
 }
+
+const PAGE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/page_browser.py");
+
+/// Debian's Chromium, if installed; without it the browser test is skipped with a line, unless
+/// `PUREHW_REQUIRE_BROWSER=1` (CI installs it), where that is a failure.
+fn chromium(test: &str) -> Option<String> {
+    let found = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|c| Command::new(c).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success()));
+    if found.is_none() {
+        assert!(std::env::var("PUREHW_REQUIRE_BROWSER").as_deref() != Ok("1"), "{test}: chromium is not installed");
+        eprintln!("{test}: SKIPPED, chromium is not installed");
+    }
+    found.map(String::from)
+}
+
+/// The page at `/` in headless Chromium, on a server with `--api-key`: it asks for the key, its
+/// requests all go to the server, a message gets a streamed reply, markup stays text, the plots
+/// show the request. The screenshot lands in the test's temporary directory.
+#[test]
+fn page_in_a_browser() {
+    let Some(browser) = chromium("page_in_a_browser") else { return };
+    let srv = Server::start(SMOL, &["--api-key", "page-key"]);
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("page.png");
+    let out = Command::new("python3")
+        .arg(PAGE)
+        .args(["--base-url", &format!("http://127.0.0.1:{}", srv.port), "--chromium", &browser])
+        .args(["--api-key", "page-key", "--screenshot"])
+        .arg(&shot)
+        .env("PYTHONUNBUFFERED", "1")
+        .output()
+        .expect("running python3");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{text}");
+    assert!(out.status.success() && text.contains("PASS"), "page_browser.py failed:\n{text}\n--- server log:\n{}", srv.log_text());
+    assert!(shot.metadata().is_ok_and(|m| m.len() > 1000), "no screenshot at {}", shot.display());
+}

@@ -132,6 +132,8 @@ struct ReqLog {
 pub fn app(state: Arc<AppState>) -> Router {
     let limit = state.max_body;
     Router::new()
+        .route("/", get(super::page::index))
+        .route("/v1/stats", get(super::page::stats))
         .route("/health", get(health))
         .route("/metrics", get(metrics_page))
         .route("/v1/models", get(list_models))
@@ -211,7 +213,9 @@ async fn shutdown_signal() {
 
 /// The metrics label of a path: its route, or `other` (so unknown URLs cannot grow the table).
 fn route_of(path: &str) -> &'static str {
-    const ROUTES: [&str; 12] = [
+    const ROUTES: [&str; 14] = [
+        "/",
+        "/v1/stats",
         "/health",
         "/metrics",
         "/v1/models",
@@ -242,7 +246,8 @@ fn route_of(path: &str) -> &'static str {
 async fn around(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let ctx =
         ReqCtx { id: new_id(), start: Instant::now(), method: req.method().clone(), route: route_of(req.uri().path()) };
-    let open = matches!(ctx.route, "/health" | "/metrics");
+    // The page itself is open (it asks for the key); everything it then fetches is not.
+    let open = matches!(ctx.route, "/" | "/health" | "/metrics");
     // Logs and counts the request if the client goes away before the response (hyper then drops
     // this future): status 499, as nginx logs it.
     let mut pending = Pending { ctx: ctx.clone(), state: state.clone(), done: false };

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod json_guard;
 pub mod json_schema;
 pub mod metrics;
+pub mod page;
 pub mod template;
 pub mod tools;
 
