@@ -129,7 +129,10 @@ def main():
         assert b.js("document.querySelectorAll('#log b, #log img, #log script').length") == 0, "markup became elements"
         b.js("document.getElementById('clear').click(); true")
 
-        b.js("document.getElementById('input').value = 'What is the capital of France?'; "
+        # The live view has its first sample (counters to take rates from) before the request.
+        b.wait("prev !== null", 30, "the first /v1/stats sample")
+        b.js("document.getElementById('temp').value = '0'; document.getElementById('maxtok').value = '48'; "
+             "document.getElementById('input').value = 'What is the capital of France?'; "
              "document.getElementById('chat').requestSubmit(); true")
         b.wait("document.querySelector('#log .msg.assistant .meta') !== null", a.timeout, "the streamed reply")
         reply = b.js("document.querySelector('#log .msg.assistant .text').textContent")
