@@ -128,7 +128,12 @@ fn config_json(c: &ModelConfig) -> serde_json::Value {
 
 /// `--tokenizer`, else the tokenizer.json beside the model, else the GGUF's own vocabulary.
 fn tokenizer_for(a: &ModelArgs, r: &Resolved, src: &ModelSource) -> CliResult<Tokenizer> {
-    if let Some(p) = a.tokenizer.as_ref().or(r.tokenizer.as_ref()) {
+    tokenizer_from(a.tokenizer.as_ref(), r, src)
+}
+
+/// `explicit`, else the tokenizer.json beside the model, else the GGUF's own vocabulary.
+pub fn tokenizer_from(explicit: Option<&std::path::PathBuf>, r: &Resolved, src: &ModelSource) -> CliResult<Tokenizer> {
+    if let Some(p) = explicit.or(r.tokenizer.as_ref()) {
         return Ok(Tokenizer::from_file(p)?);
     }
     match src.gguf() {
