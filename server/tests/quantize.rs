@@ -394,3 +394,38 @@ fn errors_are_clear_and_leave_nothing_behind() {
     user_error(&purehw(&["quantize", s(&bad), s(&out), "--shard-size", "1"]), &[down, "NaN"]);
     only(tmp.path(), &["bad-model"]);
 }
+
+/// A GGUF becomes a genuine HF checkpoint: SmolLM2 (Llama) has its Q/K rows un-permuted and a
+/// config written from the metadata, so that our loader, reading it the HF way (rotate-half
+/// RoPE), gives the GGUF's own logits up to the INT8 quantization.
+#[test]
+fn gguf_llama_becomes_an_hf_checkpoint() {
+    let gguf = purehw_conformance::model_file("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("smol-w8");
+    ok(&purehw(&["quantize", s(&gguf), s(&out), "--scheme", "w8"]));
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "llama");
+    assert_eq!(config["architectures"], json!(["LlamaForCausalLM"]));
+    let (a, b) = (ModelSource::open(&gguf).unwrap(), ModelSource::open(&out).unwrap());
+    let (ca, cb) = (&a.config, &b.config);
+    assert_eq!(
+        (ca.vocab, ca.hidden, ca.layers, ca.heads, ca.kv_heads, ca.head_dim, ca.ffn, ca.max_ctx, ca.tied_embeddings),
+        (cb.vocab, cb.hidden, cb.layers, cb.heads, cb.kv_heads, cb.head_dim, cb.ffn, cb.max_ctx, cb.tied_embeddings)
+    );
+    assert_eq!(
+        (ca.eps, ca.rope_full, ca.attn_scale, &ca.eos, ca.bos),
+        (cb.eps, cb.rope_full, cb.attn_scale, &cb.eos, cb.bos)
+    );
+    let cases = read_json(&fixture("smollm2-135m/cases.json"));
+    let ids: Vec<u32> =
+        cases["cases"][0]["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let (want, got) = (logits(&gguf, &ids), logits(&out, &ids));
+    let vocab = ca.vocab;
+    for (p, (w, g)) in want.chunks(vocab).zip(got.chunks(vocab)).enumerate() {
+        let e = nmse(g, w);
+        assert!(e < 1e-2, "position {p}: NMSE {e:.3e} against the GGUF");
+    }
+    let last = |v: &[f32]| purehw_conformance::argmax(&v[v.len() - vocab..]);
+    assert_eq!(last(&got), last(&want));
+}

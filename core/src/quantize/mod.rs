@@ -18,6 +18,10 @@
 //! * tokenizer files and `generation_config.json`, copied from beside the input (or written from
 //!   the GGUF's metadata).
 //!
+//! Each group is quantized by [`rtn::quantize_group`]: compressed-tensors' min-max
+//! round-to-nearest, then a search over nearby scales and least-squares refits keeping the
+//! smallest squared error (`PUREHW_QUANTIZE_RTN=1` turns the search off, to measure what it buys).
+//!
 //! A GGUF's tensors are turned back into the HF checkpoint they were converted from: HF names,
 //! Gemma's norm weights without the `+1` llama.cpp folds in, Llama's Q/K rows un-permuted (the
 //! converter interleaves each head's two halves for ggml's RoPE).
@@ -294,6 +298,23 @@ pub fn quantize(input: &Path, out: &Path, opts: &Options, progress: &dyn Progres
         return Err(unsupported("the checkpoint is already quantized (config.json has a quantization_config)".into()));
     }
     let items = plan(&src, &c, opts.scheme, progress)?;
+    // What the text model does not use (a vision tower, an old `rotary_emb.inv_freq`) is not
+    // carried over: the output is a text-only checkpoint.
+    let all = src.tensors();
+    if all.len() > items.len() {
+        let used: Vec<String> = Role::ALL
+            .iter()
+            .flat_map(|&r| (0..if r.per_layer() { c.layers } else { 1 }).map(move |l| (r, l)))
+            .map(|(r, l)| src.tensor_name(r, l))
+            .collect();
+        let left: Vec<&str> = all.iter().map(|t| t.name.as_str()).filter(|n| !used.iter().any(|u| u == n)).collect();
+        if let Some(first) = left.first() {
+            progress.note(&format!(
+                "{} tensors of the input are not part of the text model and are not written (`{first}`, …)",
+                left.len()
+            ));
+        }
+    }
 
     // Shards: each layer whole; the shared tensors on their own.
     let layer_bytes: Vec<u64> =
@@ -481,13 +502,18 @@ fn convert(
             msg: format!("element [{}, {}] is {}; cannot quantize", i / cols, i % cols, x[i]),
         });
     }
-    let gs = GroupSpec { bits: spec.bits, symmetric: spec.symmetric, scale: it.dtype.scale(), search: true };
+    let search = std::env::var_os("PUREHW_QUANTIZE_RTN").is_none();
+    let gs = GroupSpec { bits: spec.bits, symmetric: spec.symmetric, scale: it.dtype.scale(), search };
     let group = spec.group.unwrap_or(cols);
     let groups = cols / group;
     let k = 32 / spec.bits as usize;
     let mut packed = vec![0u32; rows * cols / k];
     let mut scales = vec![0f32; rows * groups];
     let mut zeros = vec![0u8; rows * groups];
+    // No importances: weighting by the preceding norm's gains (a data-free stand-in for an
+    // activation importance matrix) was measured worse on Gemma 3 270M (mean KL 0.235 against
+    // 0.172 for `seed`).
+    let importance: &Option<Vec<f32>> = &None;
     let per = rows.div_ceil(threads.max(1)).max(1);
     std::thread::scope(|s| {
         let parts =
@@ -499,11 +525,9 @@ fn convert(
                 for r in 0..sc.len() / groups {
                     let xr = &x[r * cols..(r + 1) * cols];
                     for g in 0..groups {
-                        let (s, zp) = rtn::quantize_group(
-                            gs,
-                            &xr[g * group..(g + 1) * group],
-                            &mut u[g * group..(g + 1) * group],
-                        );
+                        let cols_g = g * group..(g + 1) * group;
+                        let imp = importance.as_deref().map(|w| &w[cols_g.clone()]);
+                        let (s, zp) = rtn::quantize_group(gs, &xr[cols_g.clone()], imp, &mut u[cols_g]);
                         sc[r * groups + g] = s;
                         z[r * groups + g] = zp as u8;
                     }
@@ -764,7 +788,8 @@ mod tests {
 
     #[test]
     fn groups_fall_back_to_a_divisor() {
-        assert_eq!(fitting_group(128, 160, 8), Some(32));
+        assert_eq!(fitting_group(128, 160, 8), Some(80));
+        assert_eq!(fitting_group(64, 160, 8), Some(40));
         assert_eq!(fitting_group(128, 64, 8), Some(64));
         assert_eq!(fitting_group(32, 12, 8), None);
     }

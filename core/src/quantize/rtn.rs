@@ -53,33 +53,42 @@ pub struct GroupSpec {
     pub search: bool,
 }
 
-/// Codes `u` of `x` for scale `s` and zero point `z` (unsigned domain), and the squared error.
-fn codes_for(x: &[f32], s: f32, z: i32, nmax: i32, u: &mut [u8]) -> f64 {
+/// Weight `j` of the error (1 without importances).
+#[inline]
+fn wt(w: Option<&[f32]>, j: usize) -> f64 {
+    w.map_or(1.0, |w| w[j] as f64)
+}
+
+/// Codes `u` of `x` for scale `s` and zero point `z` (unsigned domain), and the (weighted)
+/// squared error.
+fn codes_for(x: &[f32], w: Option<&[f32]>, s: f32, z: i32, nmax: i32, u: &mut [u8]) -> f64 {
     let mut err = 0f64;
-    for (u, &x) in u.iter_mut().zip(x) {
+    for (j, (u, &x)) in u.iter_mut().zip(x).enumerate() {
         // Divided, as compressed-tensors does (a product by 1/s rounds differently at ties).
         let q = (libm::rintf(x / s) as i32 + z).clamp(0, nmax);
         *u = q as u8;
         let d = x - (q - z) as f32 * s;
-        err += (d as f64) * (d as f64);
+        err += wt(w, j) * (d as f64) * (d as f64);
     }
     err
 }
 
-/// The least-squares scale for fixed codes: `Σ x·(u − z) / Σ (u − z)²`.
-fn refit(x: &[f32], u: &[u8], z: i32) -> Option<f32> {
+/// The (weighted) least-squares scale for fixed codes: `Σ w·x·(u − z) / Σ w·(u − z)²`.
+fn refit(x: &[f32], w: Option<&[f32]>, u: &[u8], z: i32) -> Option<f32> {
     let (mut num, mut den) = (0f64, 0f64);
-    for (&x, &u) in x.iter().zip(u) {
+    for (j, (&x, &u)) in x.iter().zip(u).enumerate() {
         let c = (u as i32 - z) as f64;
-        num += x as f64 * c;
-        den += c * c;
+        num += wt(w, j) * x as f64 * c;
+        den += wt(w, j) * c * c;
     }
     (den > 0.0).then(|| (num / den) as f32)
 }
 
 /// Quantize one group `x` into `u` (unsigned codes); returns the stored scale and the unsigned
-/// zero point `z`. `x` must be finite (the caller checks the tensor).
-pub fn quantize_group(spec: GroupSpec, x: &[f32], u: &mut [u8]) -> (f32, i32) {
+/// zero point `z`. `x` must be finite (the caller checks the tensor). `importance` (one
+/// non-negative weight per element, e.g. the mean square of the activation it multiplies)
+/// weights the squared error the search minimises; `None` weighs every element alike.
+pub fn quantize_group(spec: GroupSpec, x: &[f32], importance: Option<&[f32]>, u: &mut [u8]) -> (f32, i32) {
     let nmax = (1i32 << spec.bits) - 1;
     let half = 1i32 << (spec.bits - 1);
     // compressed-tensors forces the range to include 0, so that 0 is exact.
@@ -92,7 +101,7 @@ pub fn quantize_group(spec: GroupSpec, x: &[f32], u: &mut [u8]) -> (f32, i32) {
         u.fill(half as u8);
         return (eps(spec.scale), half);
     }
-    let mut c = Search { x, nmax, ty: spec.scale, tmp: [0u8; 256], best: None };
+    let mut c = Search { x, w: importance, nmax, ty: spec.scale, tmp: [0u8; 256], best: None };
     let zero_for = |s: f32| libm::rintf(-lo / s) as i32;
     if spec.symmetric {
         let amax = hi.max(-lo);
@@ -121,7 +130,7 @@ pub fn quantize_group(spec: GroupSpec, x: &[f32], u: &mut [u8]) -> (f32, i32) {
     if spec.search {
         for _ in 0..3 {
             let Some((_, s0, z)) = c.best else { break };
-            let Some(s) = refit(x, u, z) else { break };
+            let Some(s) = refit(x, importance, u, z) else { break };
             c.try_one(s, z, u);
             if c.best.is_some_and(|b| b.1 == s0) {
                 break;
@@ -134,7 +143,7 @@ pub fn quantize_group(spec: GroupSpec, x: &[f32], u: &mut [u8]) -> (f32, i32) {
         None => {
             // Only when no candidate was storable (a range beyond the scale dtype).
             let s = eps(spec.scale);
-            codes_for(x, s, half, nmax, u);
+            codes_for(x, None, s, half, nmax, u);
             (s, half)
         }
     }
@@ -144,6 +153,7 @@ pub fn quantize_group(spec: GroupSpec, x: &[f32], u: &mut [u8]) -> (f32, i32) {
 /// the caller's `u`.
 struct Search<'a> {
     x: &'a [f32],
+    w: Option<&'a [f32]>,
     nmax: i32,
     ty: ScaleType,
     tmp: [u8; 256],
@@ -154,21 +164,21 @@ impl Search<'_> {
     /// Score `(s, z)` with `s` as stored; when it is the best so far, its codes go to `u`.
     fn try_one(&mut self, s: f32, z: i32, u: &mut [u8]) {
         let Some(s) = storable(self.ty, s) else { return };
-        let (x, nmax) = (self.x, self.nmax);
+        let (x, w, nmax) = (self.x, self.w, self.nmax);
         let z = z.clamp(0, nmax);
         let better = |e: f64, best: Option<(f64, f32, i32)>| best.is_none_or(|b| e < b.0);
         if x.len() <= self.tmp.len() {
             let t = &mut self.tmp[..x.len()];
-            let e = codes_for(x, s, z, nmax, t);
+            let e = codes_for(x, w, s, z, nmax, t);
             if better(e, self.best) {
                 u.copy_from_slice(t);
                 self.best = Some((e, s, z));
             }
         } else {
             // Long groups (per channel): score first, write the codes of a winner only.
-            let e = score(x, s, z, nmax);
+            let e = score(x, w, s, z, nmax);
             if better(e, self.best) {
-                codes_for(x, s, z, nmax, u);
+                codes_for(x, w, s, z, nmax, u);
                 self.best = Some((e, s, z));
             }
         }
@@ -176,12 +186,13 @@ impl Search<'_> {
 }
 
 /// Squared error of `x` quantized with `(s, z)`, codes not kept.
-fn score(x: &[f32], s: f32, z: i32, nmax: i32) -> f64 {
+fn score(x: &[f32], w: Option<&[f32]>, s: f32, z: i32, nmax: i32) -> f64 {
     x.iter()
-        .map(|&x| {
+        .enumerate()
+        .map(|(j, &x)| {
             let q = (libm::rintf(x / s) as i32 + z).clamp(0, nmax);
             let d = (x - (q - z) as f32 * s) as f64;
-            d * d
+            wt(w, j) * d * d
         })
         .sum()
 }
@@ -242,8 +253,8 @@ mod tests {
                     x[3] = 0.0;
                     let spec = GroupSpec { bits, symmetric, scale: ScaleType::BF16, search: false };
                     let (mut u0, mut u1) = (vec![0u8; 32], vec![0u8; 32]);
-                    let (s0, z0) = quantize_group(spec, &x, &mut u0);
-                    let (s1, z1) = quantize_group(GroupSpec { search: true, ..spec }, &x, &mut u1);
+                    let (s0, z0) = quantize_group(spec, &x, None, &mut u0);
+                    let (s1, z1) = quantize_group(GroupSpec { search: true, ..spec }, &x, None, &mut u1);
                     let (d0, d1) = (dequant(&u0, s0, z0), dequant(&u1, s1, z1));
                     assert!(sse(&x, &d1) <= sse(&x, &d0), "{spec:?} seed {seed}");
                     assert_eq!(d1[3], 0.0);
@@ -262,16 +273,38 @@ mod tests {
     /// division agree: absmax/7.5, and +absmax clamps to code 7.
     #[test]
     fn rtn_is_the_library_rule() {
-        let x = [0.75f32, -0.25, 0.0, 0.5];
+        let x = [0.75f32, -0.25, 0.0, 0.53];
         let mut u = [0u8; 4];
-        let (s, z) =
-            quantize_group(GroupSpec { bits: 4, symmetric: true, scale: ScaleType::F32, search: false }, &x, &mut u);
+        let (s, z) = quantize_group(
+            GroupSpec { bits: 4, symmetric: true, scale: ScaleType::F32, search: false },
+            &x,
+            None,
+            &mut u,
+        );
         assert_eq!((s, z), (0.1, 8));
         assert_eq!(u.map(|u| u as i32 - 8), [7, -2, 0, 5]);
-        let (s, z) =
-            quantize_group(GroupSpec { bits: 4, symmetric: false, scale: ScaleType::F32, search: false }, &x, &mut u);
+        let (s, z) = quantize_group(
+            GroupSpec { bits: 4, symmetric: false, scale: ScaleType::F32, search: false },
+            &x,
+            None,
+            &mut u,
+        );
         assert_eq!((s, z), (1.0 / 15.0, 4));
         assert_eq!(u, [15, 0, 4, 12]);
+    }
+
+    /// An element weighted far above the others is reproduced more closely than unweighted.
+    #[test]
+    fn importance_weights_the_error() {
+        let x = sample(32, 7);
+        let spec = GroupSpec { bits: 4, symmetric: true, scale: ScaleType::F32, search: true };
+        let mut w = vec![1e-3f32; 32];
+        w[5] = 1.0;
+        let (mut u0, mut u1) = (vec![0u8; 32], vec![0u8; 32]);
+        let (s0, z0) = quantize_group(spec, &x, None, &mut u0);
+        let (s1, z1) = quantize_group(spec, &x, Some(&w), &mut u1);
+        let e = |u: &[u8], s: f32, z: i32| (x[5] - (u[5] as i32 - z) as f32 * s).abs();
+        assert!(e(&u1, s1, z1) <= e(&u0, s0, z0));
     }
 
     #[test]
@@ -280,6 +313,7 @@ mod tests {
         let (s, z) = quantize_group(
             GroupSpec { bits: 4, symmetric: false, scale: ScaleType::BF16, search: true },
             &[0.0; 8],
+            None,
             &mut u,
         );
         assert!(s > 0.0 && dequant(&u, s, z).iter().all(|&v| v == 0.0));
