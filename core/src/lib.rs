@@ -8,12 +8,14 @@
 //! * [`model`]: Gemma 3 and Llama, prefill and decode with a KV cache.
 //! * [`sampling`]: greedy, temperature, top-k/p, min-p, penalties, seeded RNG.
 //! * [`tokenizer`] (`std`): tokenizer.json, or built from a GGUF's vocabulary.
+//! * [`quantize`] (`std`): a float checkpoint or GGUF written as a compressed-tensors one.
 //!
 //! Dependencies beyond the kept list: `serde`/`serde_json` read `config.json` and safetensors
 //! headers without `std`; `libm` gives f32 math without `std`. The `safetensors` crate is not
 //! used for parsing: it accepts duplicate header keys and its errors do not always name the
 //! tensor, and every malformed header must be an error naming the tensor and the file.
-//! `memmap2` maps weight files (one `unsafe` call, in `source.rs`).
+//! `memmap2` maps weight files (one `unsafe` call, in `source.rs`). The `safetensors` crate does
+//! write: `quantize`'s output, whose tensors we make ourselves.
 #![no_std]
 
 extern crate alloc;
@@ -26,6 +28,8 @@ pub mod generate;
 pub mod gguf;
 pub mod model;
 pub mod quantization;
+#[cfg(feature = "std")]
+pub mod quantize;
 pub mod safetensors;
 pub mod sampling;
 pub mod source;

@@ -262,8 +262,10 @@ impl ModelSource {
             }
         }
 
-        let Some(prefix) = HF_PREFIXES.into_iter().find(|p| index.contains_key(&format!("{p}embed_tokens.weight")))
-        else {
+        // A quantized (`pack-quantized`) table has `weight_packed` in place of `weight`.
+        let has_embed =
+            |p: &str| ["weight", "weight_packed"].iter().any(|w| index.contains_key(&format!("{p}embed_tokens.{w}")));
+        let Some(prefix) = HF_PREFIXES.into_iter().find(|p| has_embed(p)) else {
             return Err(Error::format(
                 label,
                 "no token embedding tensor (model.embed_tokens.weight) in the checkpoint",
@@ -641,6 +643,15 @@ fn gguf_name(role: Role, l: usize) -> String {
         Role::FfnUp => per("ffn_up"),
         Role::FfnDown => per("ffn_down"),
         Role::PostFfnNorm => per("post_ffw_norm"),
+    }
+}
+
+/// The name a text-only HF checkpoint (`Gemma3ForCausalLM`, `LlamaForCausalLM`) gives `role`'s
+/// tensor: `model.layers.3.self_attn.q_proj.weight`, `lm_head.weight`.
+pub fn hf_tensor_name(role: Role, layer: usize, arch: Arch) -> String {
+    match role {
+        Role::Output => HF_LM_HEADS[0].to_string(),
+        _ => format!("model.{}", hf_name(role, layer, arch)),
     }
 }
 

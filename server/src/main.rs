@@ -1,10 +1,10 @@
-//! `purehw`: pull, inspect, run, benchmark and serve models.
+//! `purehw`: pull, inspect, run, benchmark, quantize and serve models.
 //!
 //! Dependencies beyond the kept set (clap, serde, tokenizers, axum/tokio, minijinja, tracing):
 //! `tokio-stream` and `futures-util` turn the engine's token channel into the SSE response stream
 //! axum wants; `minijinja-contrib` (pycompat) supplies the Python string/dict methods that real
 //! HF chat templates call (`.strip()`, `.startswith()`, `.items()`); `sha2` verifies pulled
-//! models; dev-only: `tower` (calling the router without a socket), `tempfile`. serde_json's
+//! models; `indicatif` draws `quantize`'s progress bar; dev-only: `tower` (calling the router without a socket), `tempfile`. serde_json's
 //! `preserve_order` (indexmap, already here through minijinja, and foldhash) keeps a request's key
 //! order: a JSON schema's properties are written in the order given, and templates print objects
 //! as Python's dicts would.
@@ -16,6 +16,8 @@ mod commands;
 mod error;
 mod models;
 mod out;
+mod quality;
+mod quantize;
 mod serve;
 
 use std::path::PathBuf;
@@ -60,6 +62,10 @@ enum Cmd {
     Bench(BenchArgs),
     /// Serve models over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Write a model as a compressed-tensors INT8/INT4 checkpoint (transformers and vLLM read it).
+    Quantize(quantize::QuantizeArgs),
+    /// Compare a quantized model with its reference: top-1 agreement, mean KL, perplexity.
+    Quality(quality::QualityArgs),
     /// List the compute backends and devices of this machine, or why one is unavailable.
     Devices {
         /// Print one JSON object instead of text.
@@ -257,6 +263,8 @@ fn dispatch(cli: Cli) -> CliResult {
         Cmd::Logits(a) => commands::logits(&a),
         Cmd::Bench(a) => bench::bench(&a),
         Cmd::Serve(a) => serve::serve(&a),
+        Cmd::Quantize(a) => quantize::quantize(&a),
+        Cmd::Quality(a) => quality::quality(&a),
         Cmd::Devices { json } => backends::devices(json),
     }
 }
