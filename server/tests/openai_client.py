@@ -803,6 +803,101 @@ def case_concurrency(c):
         check(speedup >= 3.0, f"aggregate speed-up {speedup:.2f}x < 3x")
 
 
+CHAT_SYSTEM = "You are a helpful assistant. Answer briefly."
+CONVERSATIONS = [
+    ["Hi! Who are you?", "What is the capital of France?", "Tell me one fact about it.",
+     "What river runs through it?", "Name a famous museum there.", "Thanks! Sum up our chat in one sentence."],
+    ["What is 2 + 2?", "And 3 + 5?", "Which of those is larger?", "Is 8 an even number?",
+     "Name a prime number.", "Thank you, goodbye."],
+    ["Name a colour.", "Name a fruit of that colour.", "Is it sweet?", "Where does it grow?",
+     "Name an animal.", "What does it eat?"],
+]
+
+
+def conversation(c, turns, max_tokens):
+    """(replies, usages) of a conversation sent whole each turn, as chat UIs do; the even turns
+    streamed with stream_options.include_usage."""
+    msgs = [{"role": "system", "content": CHAT_SYSTEM}]
+    replies, usages = [], []
+    for i, t in enumerate(turns):
+        msgs.append({"role": "user", "content": t})
+        kw = dict(model=c.model, messages=msgs, temperature=0, max_tokens=max_tokens)
+        if i % 2:
+            text, usage = "", None
+            for ch in c.client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+                if ch.usage is not None:
+                    usage = ch.usage
+                for x in ch.choices:
+                    if x.delta and x.delta.content:
+                        text += x.delta.content
+        else:
+            r = c.client.chat.completions.create(**kw)
+            text, usage = r.choices[0].message.content, r.usage
+        check_usage(usage, max_tokens, f"turn {i + 1}")
+        replies.append(text)
+        usages.append(usage)
+        msgs.append({"role": "assistant", "content": text})
+    return replies, usages
+
+
+def check_cached(usages, on, where):
+    """With the cache on, turns 2.. report cached prompt tokens; off, none."""
+    for i, u in enumerate(usages):
+        d = u.prompt_tokens_details
+        check(d is not None and d.cached_tokens is not None, f"{where} turn {i + 1}: no prompt_tokens_details.cached_tokens", u)
+        n = d.cached_tokens
+        check(0 <= n < u.prompt_tokens, f"{where} turn {i + 1}: cached_tokens {n} of {u.prompt_tokens}")
+        if on and i > 0:
+            check(n > 0, f"{where} turn {i + 1}: cached_tokens = 0 with the prompt cache on", u)
+        if not on:
+            check(n == 0, f"{where} turn {i + 1}: cached_tokens = {n} with --no-prompt-cache", u)
+
+
+def case_prompt_cache(c):
+    """A 6-turn conversation at temperature 0, alone and then three at once. Run against a server
+    with the prompt cache (PUREHW_PROMPT_CACHE=on, the default) and one with --no-prompt-cache
+    (=off): the replies (written to $PUREHW_REPLIES_OUT for the caller to compare) must not
+    change; with the cache, turns 2-6 report prompt_tokens_details.cached_tokens > 0."""
+    on = os.environ.get("PUREHW_PROMPT_CACHE", "on") != "off"
+    mt = c.mt(24)
+    before = metrics_text(c)
+    alone, usages = conversation(c, CONVERSATIONS[0], mt)
+    for i, (u, r) in enumerate(zip(usages, alone)):
+        print(f"  turn {i + 1}: prompt {u.prompt_tokens} ({u.prompt_tokens_details.cached_tokens} cached), "
+              f"reply {u.completion_tokens}: {r!r}")
+    check_cached(usages, on, "alone")
+    res = [None] * len(CONVERSATIONS)
+
+    def worker(i):
+        try:
+            res[i] = conversation(c, CONVERSATIONS[i], mt)
+        except Exception as e:  # noqa: BLE001
+            res[i] = e
+
+    th = [threading.Thread(target=worker, args=(i,)) for i in range(len(CONVERSATIONS))]
+    for x in th:
+        x.start()
+    for x in th:
+        x.join()
+    for i, r in enumerate(res):
+        check(not isinstance(r, Exception), f"batched conversation {i}: {r!r}")
+        check_cached(r[1], on, f"batched conversation {i}")
+        print(f"  batched conversation {i}: cached " + ", ".join(str(u.prompt_tokens_details.cached_tokens) for u in r[1]))
+    check(res[0][0] == alone, "the conversation's replies differ in a batch from alone",
+          f"alone:   {alone!r}", f"batched: {res[0][0]!r}")
+    m = metrics_text(c)
+    delta = {k: metric(m, k) - (metric(before, k) or 0.0) for k in
+             ["purehw_prompt_tokens_total", "purehw_prompt_tokens_cached_total", "purehw_prompt_tokens_computed_total"]}
+    print(f"  /metrics: {delta}")
+    check(delta["purehw_prompt_tokens_cached_total"] + delta["purehw_prompt_tokens_computed_total"] == delta["purehw_prompt_tokens_total"],
+          f"cached + computed != prompt tokens: {delta}")
+    check((delta["purehw_prompt_tokens_cached_total"] > 0) == on, f"cached prompt tokens with the cache {'on' if on else 'off'}: {delta}")
+    out = os.environ.get("PUREHW_REPLIES_OUT")
+    if out:
+        with open(out, "w") as f:
+            json.dump({"alone": alone, "batched": [r[0] for r in res]}, f, indent=1)
+
+
 def case_errors(c):
     chat_body = {"model": c.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
     seen = []
@@ -1137,6 +1232,7 @@ CASES = {
     "context": case_context,
     "device_metrics": case_device_metrics,
     "device_lost": case_device_lost,
+    "prompt_cache": case_prompt_cache,
 }
 
 

@@ -300,6 +300,23 @@ fn concurrency_gemma() {
     srv.run_env(&["concurrency"], &[("PUREHW_ASSERT_SPEEDUP", assert.as_str())]);
 }
 
+/// Prompt caching through the SDK: a 6-turn conversation at temperature 0, alone and three at
+/// once, on a server with the cache and on one with `--no-prompt-cache`: the same replies; with
+/// the cache turns 2-6 report `prompt_tokens_details.cached_tokens` > 0, without it 0.
+#[test]
+fn prompt_cache_same_replies_on_and_off() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut replies = Vec::new();
+    for (flags, mode) in [(&[][..], "on"), (&["--no-prompt-cache"][..], "off")] {
+        let out = dir.path().join(format!("{mode}.json"));
+        let out_s = out.to_str().expect("a UTF-8 temp path");
+        let srv = Server::start(SMOL, flags);
+        srv.run_env(&["prompt_cache"], &[("PUREHW_PROMPT_CACHE", mode), ("PUREHW_REPLIES_OUT", out_s)]);
+        replies.push(std::fs::read_to_string(&out).expect("the client's replies"));
+    }
+    assert_eq!(replies[0], replies[1], "the replies differ with the prompt cache on and off");
+}
+
 /// Whether `purehw devices` finds a Vulkan device for `test`. Without one the test is skipped
 /// with a printed line, unless `PUREHW_REQUIRE_VULKAN=1`, where that is a failure.
 fn vulkan_present(test: &str) -> bool {

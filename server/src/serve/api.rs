@@ -123,6 +123,8 @@ struct ReqCtx {
 struct ReqLog {
     model: String,
     prompt_tokens: usize,
+    /// Of the prompt tokens, those taken from the KV cache.
+    cached_tokens: usize,
     completion_tokens: usize,
     /// The stream logs itself when it ends.
     streamed: bool,
@@ -281,6 +283,7 @@ async fn around(State(state): State<Arc<AppState>>, mut req: Request, next: Next
             model = %log.model,
             status,
             prompt_tokens = log.prompt_tokens,
+            cached_tokens = log.cached_tokens,
             completion_tokens = log.completion_tokens,
             latency_ms = ctx.start.elapsed().as_millis() as u64,
             "request"
@@ -1215,8 +1218,14 @@ impl TextLogprobs {
     }
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// OpenAI's `usage`: `cached` of the `prompt` tokens came from the KV cache (prompt caching).
+fn usage(prompt: usize, cached: usize, completion: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
 }
 
 /// `finish_reason` of a reply with tool calls: `tool_calls`, unless it ran out of tokens.
@@ -1238,7 +1247,7 @@ async fn collect(mut rx: UnboundedReceiver<Event>, m: Meta) -> ApiResult {
     let mut chat_lps: Vec<Value> = Vec::new();
     let mut text_lps = TextLogprobs::default();
     let mut any_lp = false;
-    let (finish, prompt_tokens, completion_tokens) = loop {
+    let (finish, prompt_tokens, cached_tokens, completion_tokens) = loop {
         match rx.recv().await {
             Some(Event::Token { text: t, logprob }) => {
                 if let Some(l) = logprob {
@@ -1250,8 +1259,8 @@ async fn collect(mut rx: UnboundedReceiver<Event>, m: Meta) -> ApiResult {
                 }
                 text.push_str(&t);
             }
-            Some(Event::Done { finish, prompt_tokens, completion_tokens }) => {
-                break (finish, prompt_tokens, completion_tokens);
+            Some(Event::Done { finish, prompt_tokens, cached_tokens, completion_tokens }) => {
+                break (finish, prompt_tokens, cached_tokens, completion_tokens);
             }
             Some(Event::Error { message, unavailable }) => return Err(engine_error(message, unavailable)),
             None => return Err(ApiError::server("the engine stopped before the generation finished")),
@@ -1288,7 +1297,7 @@ async fn collect(mut rx: UnboundedReceiver<Event>, m: Meta) -> ApiResult {
                     "logprobs": if any_lp { json!({"content": chat_lps}) } else { Value::Null },
                     "finish_reason": finish,
                 }],
-                "usage": usage(prompt_tokens, completion_tokens),
+                "usage": usage(prompt_tokens, cached_tokens, completion_tokens),
                 "system_fingerprint": m.fingerprint,
             })
         }
@@ -1303,12 +1312,18 @@ async fn collect(mut rx: UnboundedReceiver<Event>, m: Meta) -> ApiResult {
                 "logprobs": if any_lp { text_lps.to_json() } else { Value::Null },
                 "finish_reason": finish.as_str(),
             }],
-            "usage": usage(prompt_tokens, completion_tokens),
+            "usage": usage(prompt_tokens, cached_tokens, completion_tokens),
             "system_fingerprint": m.fingerprint,
         }),
     };
     let mut r = Json(body).into_response();
-    r.extensions_mut().insert(ReqLog { model: m.model, prompt_tokens, completion_tokens, streamed: false });
+    r.extensions_mut().insert(ReqLog {
+        model: m.model,
+        prompt_tokens,
+        cached_tokens,
+        completion_tokens,
+        streamed: false,
+    });
     Ok(r)
 }
 
@@ -1317,6 +1332,7 @@ struct StreamLog {
     rc: ReqCtx,
     model: String,
     prompt_tokens: usize,
+    cached_tokens: usize,
     completion_tokens: usize,
     outcome: &'static str,
 }
@@ -1330,6 +1346,7 @@ impl Drop for StreamLog {
             model = %self.model,
             status = 200u16,
             prompt_tokens = self.prompt_tokens,
+            cached_tokens = self.cached_tokens,
             completion_tokens = self.completion_tokens,
             latency_ms = self.rc.start.elapsed().as_millis() as u64,
             outcome = self.outcome,
@@ -1430,8 +1447,9 @@ impl Streamer {
                 let c = self.chunk(Some(&text), lps, Value::Null);
                 self.push(&c);
             }
-            Some(Event::Done { finish: fin, prompt_tokens, completion_tokens }) => {
+            Some(Event::Done { finish: fin, prompt_tokens, cached_tokens, completion_tokens }) => {
                 self.log.prompt_tokens = prompt_tokens;
+                self.log.cached_tokens = cached_tokens;
                 self.log.completion_tokens = completion_tokens;
                 self.log.outcome = "done";
                 let mut finish = fin.as_str();
@@ -1467,7 +1485,7 @@ impl Streamer {
                 if self.m.include_usage {
                     let mut u = self.chunk(None, Value::Null, Value::Null);
                     u["choices"] = json!([]);
-                    u["usage"] = usage(prompt_tokens, completion_tokens);
+                    u["usage"] = usage(prompt_tokens, cached_tokens, completion_tokens);
                     self.push(&u);
                 }
                 self.queue.push_back(SseEvent::default().data("[DONE]"));
@@ -1489,7 +1507,14 @@ impl Streamer {
 }
 
 fn stream_response(rx: UnboundedReceiver<Event>, m: Meta, rc: ReqCtx, prompt_tokens: usize) -> Response {
-    let log = StreamLog { rc, model: m.model.clone(), prompt_tokens, completion_tokens: 0, outcome: "cancelled" };
+    let log = StreamLog {
+        rc,
+        model: m.model.clone(),
+        prompt_tokens,
+        cached_tokens: 0,
+        completion_tokens: 0,
+        outcome: "cancelled",
+    };
     let model = m.model.clone();
     let forced = m.forced.then(ForcedStream::new);
     let tools = if m.forced { None } else { m.tools.clone().map(ToolStream::new) };
@@ -1517,7 +1542,7 @@ fn stream_response(rx: UnboundedReceiver<Event>, m: Meta, rc: ReqCtx, prompt_tok
         }
     });
     let mut r = Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response();
-    r.extensions_mut().insert(ReqLog { model, prompt_tokens, completion_tokens: 0, streamed: true });
+    r.extensions_mut().insert(ReqLog { model, prompt_tokens, cached_tokens: 0, completion_tokens: 0, streamed: true });
     r
 }
 
@@ -1672,7 +1697,7 @@ mod tests {
     use super::*;
 
     fn state(api_key: Option<&str>, max_body: usize) -> Arc<AppState> {
-        let cfg = EngineConfig { parallel: 1, ctx: 64, prefill_chunk: 16, queue: 1 };
+        let cfg = EngineConfig { parallel: 1, ctx: 64, prefill_chunk: 16, queue: 1, prompt_cache: true };
         let engine = Engine::start::<CpuRef, _>(cfg, || Err("no model in tests".into()));
         Arc::new(AppState {
             models: vec![ServedModel {

@@ -35,6 +35,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::json_guard::{JsonGuard, Rules, TokenTexts};
 use super::json_schema::Schema;
 use super::metrics::Stats;
+use crate::chat::common_prefix;
 
 /// Per-request generation settings (already validated by the HTTP layer).
 #[derive(Clone, Debug, Default)]
@@ -109,13 +110,12 @@ impl Finish {
 pub enum Event {
     /// New text (possibly empty: held back while it may start a stop string or a UTF-8
     /// sequence). `logprob` is set when requested and the event carries a generated token.
-    Token {
-        text: String,
-        logprob: Option<TokenLogprob>,
-    },
+    Token { text: String, logprob: Option<TokenLogprob> },
     Done {
         finish: Finish,
         prompt_tokens: usize,
+        /// Prompt tokens whose K/V were already in the slot (not computed again).
+        cached_tokens: usize,
         completion_tokens: usize,
     },
     Error {
@@ -146,6 +146,9 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Jobs that may wait for a slot.
     pub queue: usize,
+    /// Reuse what a slot's KV cache already holds: a job goes to the free slot sharing the
+    /// longest prefix with its prompt, and only the rest is computed (off: `--no-prompt-cache`).
+    pub prompt_cache: bool,
 }
 
 /// What the HTTP layer needs of a loaded model.
@@ -347,6 +350,8 @@ struct Seq<'t> {
     slot: usize,
     /// Prompt tokens already in the cache.
     fed: usize,
+    /// Of those, the ones the slot held from an earlier sequence (not computed for this one).
+    cached: usize,
     generated: Vec<u32>,
     /// The token to feed next (after the prompt).
     next: Option<u32>,
@@ -417,6 +422,55 @@ fn serve_on<B: Backend>(
     }
 }
 
+/// What each slot's KV cache holds: the tokens at its positions `0..len`, in order, kept after
+/// its sequence ends so the next one sharing a prefix computes only the rest. Every step's fed
+/// tokens are appended once the step has run; a step that fails forgets them all.
+struct Held {
+    /// (slot, tokens) the tokens whose K/V are in the slot.
+    tokens: Vec<Vec<u32>>,
+    /// (slot) when the slot was last taken or freed, on a counter: ties go to the least recent.
+    used: Vec<u64>,
+    clock: u64,
+}
+
+impl Held {
+    fn new(slots: usize) -> Held {
+        Held { tokens: vec![Vec::new(); slots], used: vec![0; slots], clock: 0 }
+    }
+
+    /// The free slot for `prompt` and how many of its tokens to take from it: the free slot
+    /// with the longest common prefix (ties, and `reuse` off: the least recently used), taken up
+    /// to all but the prompt's last token (its logits pick the first new token).
+    fn pick(&self, slots: &[Option<Seq<'_>>], prompt: &[u32], reuse: bool) -> (usize, usize) {
+        let free = (0..slots.len()).filter(|&i| slots[i].is_none());
+        let prefix = |i: usize| if reuse { common_prefix(&self.tokens[i], prompt) } else { 0 };
+        free.map(|i| (prefix(i), i))
+            .max_by_key(|&(n, i)| (n, std::cmp::Reverse(self.used[i])))
+            .map(|(n, i)| (i, n.min(prompt.len() - 1)))
+            .expect("a free slot")
+    }
+
+    /// A sequence takes `slot`, keeping its first `keep` tokens.
+    fn take(&mut self, slot: usize, keep: usize) {
+        self.tokens[slot].truncate(keep);
+        self.touch(slot);
+    }
+
+    /// The sequence in `slot` is gone; what it computed stays.
+    fn free(&mut self, slot: usize) {
+        self.touch(slot);
+    }
+
+    fn touch(&mut self, slot: usize) {
+        self.clock += 1;
+        self.used[slot] = self.clock;
+    }
+
+    fn forget_all(&mut self) {
+        self.tokens.iter_mut().for_each(Vec::clear);
+    }
+}
+
 /// What a step asks of a row: nothing before the prompt's last chunk; the device's argmax where
 /// that is what sampling would pick (plain greedy, no logprobs, no JSON guard); else the logits.
 fn want_of(seq: &Seq<'_>, sample_now: bool) -> Want {
@@ -446,11 +500,14 @@ fn run<B: Backend>(
     let mut inputs_meta: Vec<(usize, bool)> = Vec::with_capacity(cfg.parallel);
     let mut wants: Vec<Want> = Vec::with_capacity(cfg.parallel);
     let mut feed: Vec<Vec<u32>> = (0..cfg.parallel).map(|_| Vec::new()).collect();
+    // A new model (after a lost device) starts with empty caches.
+    let mut held = Held::new(cfg.parallel);
     loop {
-        // Clients that went away free their slot now.
-        for s in slots.iter_mut() {
+        // Clients that went away free their slot now (what it computed stays reusable).
+        for (slot, s) in slots.iter_mut().enumerate() {
             if s.as_ref().is_some_and(|q| q.job.events.is_closed()) {
                 *s = None;
+                held.free(slot);
                 stats.cancelled.fetch_add(1, Relaxed);
             }
         }
@@ -475,10 +532,7 @@ fn run<B: Backend>(
                 waiting.push_back(job);
             }
         }
-        for (slot, entry) in slots.iter_mut().enumerate() {
-            if entry.is_some() {
-                continue;
-            }
+        while slots.iter().any(Option::is_none) {
             let Some(job) = waiting.pop_front() else { break };
             if job.prompt.is_empty() || job.prompt.len() >= ctx {
                 let _ = job.events.send(Event::Error {
@@ -501,11 +555,17 @@ fn run<B: Backend>(
             });
             let sampler = Sampler::new(job.params.sampling, vocab).with_logit_bias(job.params.logit_bias.clone());
             let stops = StopMatcher { stops: job.params.stop.clone(), held: String::new() };
+            // The slot keeps the longest prefix it shares with the prompt; the rest is computed.
+            let (slot, cached) = held.pick(&slots, &job.prompt, cfg.prompt_cache);
+            held.take(slot, cached);
             stats.prompt_tokens.fetch_add(job.prompt.len() as u64, Relaxed);
-            *entry = Some(Seq {
+            stats.prompt_tokens_cached.fetch_add(cached as u64, Relaxed);
+            stats.prompt_tokens_computed.fetch_add((job.prompt.len() - cached) as u64, Relaxed);
+            slots[slot] = Some(Seq {
                 job,
                 slot,
-                fed: 0,
+                fed: cached,
+                cached,
                 generated: Vec::new(),
                 next: None,
                 sampler,
@@ -547,6 +607,7 @@ fn run<B: Backend>(
             .iter()
             .map(|&(slot, _)| {
                 let s = slots[slot].as_ref().expect("active slot");
+                debug_assert_eq!(held.tokens[slot].len(), s.pos(), "slot {slot}: what it holds is where it goes on");
                 SeqInput { slot, pos: s.pos(), tokens: &feed[slot] }
             })
             .collect();
@@ -566,6 +627,8 @@ fn run<B: Backend>(
                         q.send(Event::Error { message: msg.clone(), unavailable: lost });
                     }
                 }
+                // The failed step may have written part of its rows: trust no slot's cache.
+                held.forget_all();
                 stats.active.store(0, Relaxed);
                 stats.kv_used.store(0, Relaxed);
                 if lost {
@@ -574,6 +637,9 @@ fn run<B: Backend>(
                 continue;
             }
         };
+        for &(slot, _) in &inputs_meta {
+            held.tokens[slot].extend_from_slice(&feed[slot]);
+        }
         sample_rows(&mut slots, &inputs_meta, &out);
         for (row, &(slot, sample_now)) in inputs_meta.iter().enumerate() {
             let seq = slots[slot].as_mut().expect("active slot");
@@ -586,6 +652,7 @@ fn run<B: Backend>(
             }
             if let Some(fin) = step_token(seq, out.logits(row), loaded, ctx, stats) {
                 let s = slots[slot].take().expect("active slot");
+                held.free(slot);
                 finish(s, fin, stats);
             }
         }
@@ -713,7 +780,12 @@ fn finish(mut seq: Seq<'_>, fin: Finish, stats: &Stats) {
     }
     stats.finished.fetch_add(1, Relaxed);
     stats.e2e.observe(seq.job.accepted.elapsed());
-    seq.send(Event::Done { finish: fin, prompt_tokens: seq.job.prompt.len(), completion_tokens: seq.generated.len() });
+    seq.send(Event::Done {
+        finish: fin,
+        prompt_tokens: seq.job.prompt.len(),
+        cached_tokens: seq.cached,
+        completion_tokens: seq.generated.len(),
+    });
 }
 
 /// Log-softmax of the raw logits at `id`, and the `k` most likely tokens.
@@ -864,7 +936,7 @@ mod engine_tests {
         }
     }
 
-    const CFG: EngineConfig = EngineConfig { parallel: 2, ctx: 64, prefill_chunk: 16, queue: 4 };
+    const CFG: EngineConfig = EngineConfig { parallel: 2, ctx: 64, prefill_chunk: 16, queue: 4, prompt_cache: true };
 
     fn smol() -> PathBuf {
         purehw_conformance::model_file("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -955,6 +1027,100 @@ mod engine_tests {
         let (a, b) = (submit(&e, &p, greedy(6)), submit(&e, &p, with_logprobs));
         assert_eq!(outcome(a).0, argmax_text);
         assert_eq!(outcome(b).0, argmax_text);
+    }
+
+    /// What a job streamed: its text, each generated token's logprob and alternatives (as bits:
+    /// compared exactly), and how many prompt tokens came from the cache.
+    fn traced(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (String, Vec<(u32, Vec<u32>)>, usize) {
+        let (mut text, mut lps) = (String::new(), Vec::new());
+        loop {
+            match rx.blocking_recv() {
+                Some(Event::Token { text: t, logprob }) => {
+                    text.push_str(&t);
+                    if let Some(l) = logprob {
+                        lps.push((l.logprob.to_bits(), l.top.iter().map(|t| t.2.to_bits()).collect()));
+                    }
+                }
+                Some(Event::Done { cached_tokens, .. }) => return (text, lps, cached_tokens),
+                other => panic!("the job ended with {other:?}"),
+            }
+        }
+    }
+
+    /// Prompt caching: a prompt that extends what a slot holds computes only the rest, and every
+    /// position computed from the cache has the logits of a fresh prefill, bit for bit (compared
+    /// through each token's logprob and its 5 alternatives), alone, in a batch, in chunks, and
+    /// after a sequence was cancelled mid-reply.
+    #[test]
+    fn a_cached_prefix_gives_the_logits_of_a_fresh_prefill() {
+        let cpu = || load_on(Cpu::new(1).map_err(|e| e.to_string())?);
+        let on = Engine::start(CFG, cpu);
+        let off = Engine::start(EngineConfig { prompt_cache: false, ..CFG }, cpu);
+        let l = wait_loaded(&on);
+        wait_loaded(&off);
+        let enc = |s: &str| l.tokenizer.encode(s, true).expect("encoding");
+        let params = GenParams { logprobs: Some(5), ..greedy(6) };
+        // Longer than a prefill chunk (16), so the cached and computed parts each span chunks.
+        let p1 = enc("One, two, three, four, five, six, seven, eight, nine, ten, eleven,");
+        let p2 = enc("One, two, three, four, five, six, seven, eight, nine, ten, eleven, twelve, thirteen,");
+        let p3 = enc("One, two, three, four, five, six, seven, eight, nine, ten, eleven, twelve, thirteen, fourteen,");
+        let q1 = enc("Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday, Monday, Tuesday,");
+        let q2 = enc("Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday, Monday, Tuesday, Wednesday,");
+        assert!(p1.len() > CFG.prefill_chunk && p3.len() + 6 < CFG.ctx, "{} {}", p1.len(), p3.len());
+        let expect = |p: &[u32]| {
+            let (text, lps, cached) = traced(submit(&off, p, params.clone()));
+            assert_eq!(cached, 0, "--no-prompt-cache took tokens from the cache");
+            (text, lps)
+        };
+        // Two at once into the two empty slots.
+        let (a, b) = (submit(&on, &p1, params.clone()), submit(&on, &q1, params.clone()));
+        let ((ta, la, _), (tb, lb, _)) = (traced(a), traced(b));
+        assert_eq!((ta, la), expect(&p1));
+        assert_eq!((tb, lb), expect(&q1));
+        let (text, lps, cached) = traced(submit(&on, &p2, params.clone()));
+        assert!(cached + 1 >= p1.len(), "p2 reused {cached} of p1's {} tokens", p1.len());
+        assert_eq!((text, lps), expect(&p2), "p2 from the cache differs from p2 computed");
+        // Two at once, each extending what one slot holds.
+        let (a, b) = (submit(&on, &p3, params.clone()), submit(&on, &q2, params.clone()));
+        let ((ta, la, ca), (tb, lb, cb)) = (traced(a), traced(b));
+        assert!(ca > p2.len() / 2 && cb > q1.len() / 2, "cached {ca} of p3, {cb} of q2");
+        assert_eq!((ta, la), expect(&p3), "p3 (batched) from the cache differs");
+        assert_eq!((tb, lb), expect(&q2), "q2 (batched) from the cache differs");
+        // A reply cancelled after its first token: what its slot holds stays true.
+        let mut rx = submit(&on, &p3, greedy(40));
+        assert!(matches!(rx.blocking_recv(), Some(Event::Token { .. })));
+        drop(rx);
+        let t = Instant::now();
+        while on.stats.active.load(Relaxed) > 0 {
+            assert!(t.elapsed() < Duration::from_secs(30), "the cancelled sequence stays");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (text, lps, cached) = traced(submit(&on, &p3, params.clone()));
+        assert!(cached > 0);
+        assert_eq!((text, lps), expect(&p3), "p3 after a cancelled reply differs");
+        let computed = on.stats.prompt_tokens_computed.load(Relaxed);
+        let reused = on.stats.prompt_tokens_cached.load(Relaxed);
+        assert_eq!(computed + reused, on.stats.prompt_tokens.load(Relaxed));
+        assert!(reused > computed, "{reused} cached, {computed} computed");
+    }
+
+    /// The free slot sharing the longest prefix wins; ties go to the least recently used; never
+    /// the whole prompt (its last token is computed for its logits); nothing when reuse is off.
+    #[test]
+    fn slots_are_picked_by_longest_prefix_then_least_recent() {
+        let slots: Vec<Option<Seq<'_>>> = (0..3).map(|_| None).collect();
+        let mut held = Held::new(3);
+        held.tokens = vec![vec![1, 2, 3], vec![1, 2, 9], vec![7]];
+        (held.used, held.clock) = (vec![5, 4, 6], 6);
+        assert_eq!(held.pick(&slots, &[1, 2, 3, 4], true), (0, 3));
+        assert_eq!(held.pick(&slots, &[1, 2, 3], true), (0, 2));
+        // 0 and 1 share two tokens: 1 is older.
+        assert_eq!(held.pick(&slots, &[1, 2, 5], true), (1, 2));
+        assert_eq!(held.pick(&slots, &[8], true), (1, 0));
+        assert_eq!(held.pick(&slots, &[1, 2, 3, 4], false), (1, 0));
+        held.take(1, 1);
+        assert_eq!(held.tokens[1], [1]);
+        assert!(held.used[1] > 6);
     }
 
     /// A lost device: the job in flight ends with an `unavailable` error (503); the model is

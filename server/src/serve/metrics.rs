@@ -82,6 +82,10 @@ pub struct Stats {
     /// Bytes of KV cache and activations the backend holds (its device memory).
     pub backend_bytes: AtomicU64,
     pub prompt_tokens: AtomicU64,
+    /// Of the prompt tokens, those a slot's KV cache already held (prompt caching).
+    pub prompt_tokens_cached: AtomicU64,
+    /// Of the prompt tokens, those computed.
+    pub prompt_tokens_computed: AtomicU64,
     pub completion_tokens: AtomicU64,
     pub finished: AtomicU64,
     pub cancelled: AtomicU64,
@@ -136,6 +140,8 @@ impl Default for Stats {
             kv_capacity: AtomicUsize::new(0),
             backend_bytes: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
+            prompt_tokens_cached: AtomicU64::new(0),
+            prompt_tokens_computed: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
@@ -177,6 +183,16 @@ pub fn render(requests: &Requests, models: &[(&str, &str, &Stats)]) -> String {
     };
     gauge(&mut out, "purehw_prompt_tokens_total", "Prompt tokens processed.", "counter", &|s| {
         s.prompt_tokens.load(Relaxed) as f64
+    });
+    gauge(
+        &mut out,
+        "purehw_prompt_tokens_cached_total",
+        "Prompt tokens whose K/V a slot already held (prompt caching): not computed.",
+        "counter",
+        &|s| s.prompt_tokens_cached.load(Relaxed) as f64,
+    );
+    gauge(&mut out, "purehw_prompt_tokens_computed_total", "Prompt tokens computed.", "counter", &|s| {
+        s.prompt_tokens_computed.load(Relaxed) as f64
     });
     gauge(&mut out, "purehw_generation_tokens_total", "Tokens generated.", "counter", &|s| {
         s.completion_tokens.load(Relaxed) as f64

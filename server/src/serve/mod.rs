@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// Context per sequence (0: the model's, capped at 4096).
     #[arg(short = 'c', long, default_value_t = 0)]
     pub ctx_size: usize,
+    /// Compute each request's whole prompt instead of reusing the longest prefix a KV-cache slot
+    /// already holds (the replies are the same; for comparison).
+    #[arg(long)]
+    pub no_prompt_cache: bool,
     /// Requests that may wait for a free slot before new ones get 429.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
@@ -133,7 +137,8 @@ pub fn serve(a: &ServeArgs) -> CliResult {
     if a.parallel == 0 {
         return err("--parallel must be at least 1");
     }
-    let specs = if a.models.is_empty() { DEFAULT_MODELS.iter().map(|m| m.to_string()).collect() } else { a.models.clone() };
+    let specs =
+        if a.models.is_empty() { DEFAULT_MODELS.iter().map(|m| m.to_string()).collect() } else { a.models.clone() };
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let template_override = match &a.chat_template {
         Some(p) => Some(std::fs::read_to_string(p).context(|| format!("reading {}", p.display()))?),
@@ -174,7 +179,13 @@ impl WithBackend for ServeOn<'_> {
         let a = self.a;
         let mut served = Vec::new();
         for (id, r) in self.models {
-            let cfg = EngineConfig { parallel: a.parallel, ctx: a.ctx_size, prefill_chunk: 256, queue: a.queue };
+            let cfg = EngineConfig {
+                parallel: a.parallel,
+                ctx: a.ctx_size,
+                prefill_chunk: 256,
+                queue: a.queue,
+                prompt_cache: !a.no_prompt_cache,
+            };
             let job = LoadJob {
                 path: r.path.clone(),
                 tokenizer: a.tokenizer.clone().or(r.tokenizer.clone()),
