@@ -53,6 +53,8 @@ pub async fn stats(State(st): State<Arc<AppState>>) -> Json<Value> {
                 "kv_used": s.kv_used.load(Relaxed),
                 "kv_capacity": s.kv_capacity.load(Relaxed),
                 "prompt_tokens": s.prompt_tokens.load(Relaxed),
+                "cached_prompt_tokens": s.prompt_tokens_cached.load(Relaxed),
+                "computed_prompt_tokens": s.prompt_tokens_computed.load(Relaxed),
                 "completion_tokens": s.completion_tokens.load(Relaxed),
                 "finished": s.finished.load(Relaxed),
                 "cancelled": s.cancelled.load(Relaxed),
