@@ -92,7 +92,66 @@ pub fn bench(a: &BenchArgs) -> CliResult {
         logit_rows: 1,
         act: ActQuant::default(),
     };
-    backends::dispatch(&a.backend, BenchOn { a, path: &r.path, src: &src, opts })
+    if a.threads_sweep.is_empty() {
+        backends::dispatch(&a.backend, BenchOn { a, path: &r.path, src: &src, opts, quiet: false })?;
+        return Ok(());
+    }
+    sweep(a, &r.path, &src, opts)
+}
+
+/// `--threads-sweep`: the tests at each thread count, then one table (or one JSON object).
+fn sweep(a: &BenchArgs, path: &Path, src: &ModelSource, opts: ModelOptions) -> CliResult {
+    if a.backend.kind != backends::BackendKind::Cpu {
+        return err("--threads-sweep measures the cpu backend's threads: leave out --backend, or pass --backend cpu");
+    }
+    if a.threads_sweep.contains(&0) {
+        return err("--threads-sweep: every thread count must be at least 1");
+    }
+    let mut rows = Vec::new();
+    for &t in &a.threads_sweep {
+        let b = backends::BackendArgs { threads: t, ..a.backend.clone() };
+        if !a.json {
+            eprintln!("{t} thread{}…", if t == 1 { "" } else { "s" });
+        }
+        rows.push(backends::dispatch(&b, BenchOn { a, path, src, opts, quiet: true })?);
+    }
+    if a.json {
+        let s = serde_json::to_string(&serde_json::json!({ "model": path.display().to_string(), "sweep": rows }))
+            .context(|| "encoding the --json output".into())?;
+        return out::print_all(&format!("{s}\n"));
+    }
+    let (pp, tg) = (format!("pp{}", a.n_prompt), format!("tg{}", a.n_gen));
+    let mut t = format!(
+        "| threads | {pp:>9} t/s | {tg:>9} t/s | tg speed-up | read GB/s | tg roofline t/s | of roofline |\n\
+         | ------: | ------------: | ------------: | ----------: | --------: | --------------: | ----------: |\n"
+    );
+    let base = rows.first().map_or(0.0, |r: &Summary| r.tg.tps_mean);
+    for r in &rows {
+        let up = if base > 0.0 { r.tg.tps_mean / base } else { 0.0 };
+        let _ = writeln!(
+            t,
+            "| {:>7} | {:>13.2} | {:>13.2} | {:>10.2}x | {:>9.1} | {:>15.1} | {:>10.0}% |",
+            r.threads,
+            r.pp.tps_mean,
+            r.tg.tps_mean,
+            up,
+            r.mem_read_gbps,
+            r.tg_roofline_tps,
+            100.0 * r.tg_roofline_fraction
+        );
+    }
+    out::print_all(&t)
+}
+
+/// One thread count's results (`--threads-sweep`).
+#[derive(Serialize)]
+struct Summary {
+    threads: usize,
+    pp: Rate,
+    tg: Rate,
+    mem_read_gbps: f64,
+    tg_roofline_tps: f64,
+    tg_roofline_fraction: f64,
 }
 
 /// `bench`'s body on one backend.
@@ -102,18 +161,22 @@ struct BenchOn<'a> {
     src: &'a ModelSource,
     /// Everything but `act`, which is the backend's.
     opts: ModelOptions,
+    /// Print nothing (the sweep prints one table at the end).
+    quiet: bool,
 }
 
 impl WithBackend for BenchOn<'_> {
-    type Out = ();
+    type Out = Summary;
 
-    fn run<B: Registered>(self, make: Maker<B>) -> CliResult {
+    fn run<B: Registered>(self, make: Maker<B>) -> CliResult<Summary> {
         let backend = make.make()?;
         let hw = backend.hw();
-        bench_on(backend, B::NAME, &hw, self.a, self.path, self.src, ModelOptions { act: make.act, ..self.opts })
+        let opts = ModelOptions { act: make.act, ..self.opts };
+        bench_on(backend, B::NAME, &hw, self.a, self.path, self.src, opts, self.quiet)
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench_on<B: Registered>(
     backend: B,
     name: &'static str,
@@ -122,7 +185,9 @@ fn bench_on<B: Registered>(
     path: &Path,
     src: &ModelSource,
     opts: ModelOptions,
-) -> CliResult {
+    quiet: bool,
+) -> CliResult<Summary> {
+    let show = !a.json && !quiet;
     let tensors = src.tensors();
     let model_bytes: usize = tensors.iter().map(|t| t.bytes).sum();
     let params: usize = tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
@@ -132,7 +197,7 @@ fn bench_on<B: Registered>(
     };
     let file = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
     let table = Table { file, size: fmt_size(model_bytes), params: fmt_params(params), name, hw, act };
-    if !a.json {
+    if show {
         out::print_all(&table.header())?;
     }
 
@@ -157,7 +222,7 @@ fn bench_on<B: Registered>(
             Ok(t.elapsed().as_secs_f64())
         })
         .context(|| format!("pp{}", a.n_prompt))?;
-        if !a.json {
+        if show {
             out::print_all(&table.row(&format!("pp{}", a.n_prompt), &pp))?;
         }
     }
@@ -188,7 +253,7 @@ fn bench_on<B: Registered>(
         })
         .context(|| format!("tg{}", a.n_gen))?;
         counts = model.backend().step_counts();
-        if !a.json {
+        if show {
             out::print_all(&table.row(&format!("tg{}", a.n_gen), &tg))?;
         }
     }
@@ -205,6 +270,17 @@ fn bench_on<B: Registered>(
     let bw = read_bandwidth(probe_threads, 1 << 30, 5);
     let roof = bw / decode_bytes.max(1) as f64;
     let frac = tg.tps_mean / roof;
+    let summary = Summary {
+        threads: hw.threads,
+        pp,
+        tg,
+        mem_read_gbps: bw / 1e9,
+        tg_roofline_tps: roof,
+        tg_roofline_fraction: frac,
+    };
+    if quiet {
+        return Ok(summary);
+    }
     if a.json {
         let model_path = path.display().to_string();
         let v = BenchJson {
@@ -229,7 +305,8 @@ fn bench_on<B: Registered>(
             tg_device_seconds: tg_device,
         };
         let s = serde_json::to_string(&v).context(|| "encoding the --json output".into())?;
-        return out::print_all(&format!("{s}\n"));
+        out::print_all(&format!("{s}\n"))?;
+        return Ok(summary);
     }
     let mut device = String::new();
     if let Some(d) = &hw.device {
@@ -248,7 +325,8 @@ fn bench_on<B: Registered>(
         bw / 1e9,
         decode_bytes as f64 / 1e6,
         if tg.n > 0 { format!(", reached {:.0}%", 100.0 * frac) } else { String::new() }
-    ))
+    ))?;
+    Ok(summary)
 }
 
 /// Memory read bandwidth in bytes/s: `threads` threads each stream their share of a `bytes`

@@ -214,6 +214,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Run the tests at each of these thread counts (cpu backend) and print the scaling table:
+    /// tokens/s, speed-up over the first count and the share of the memory roofline reached.
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
+    pub threads_sweep: Vec<usize>,
 }
 
 /// The last panic's message. `main` prints it only if the panic reaches `main`: one the engine

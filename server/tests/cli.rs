@@ -299,6 +299,23 @@ fn bench_json_cpu() {
     assert!(text.contains("t/s") && text.contains("peak RSS"), "{text}");
 }
 
+/// `--threads-sweep`: one table row (or JSON entry) per thread count, the cpu backend only.
+#[test]
+fn bench_threads_sweep() {
+    let m = model_file(SMOL.0, SMOL.1);
+    let text = ok(&purehw(&["bench", "-m", path_str(&m), "-p", "4", "-n", "2", "-r", "1", "--threads-sweep", "1,2"]));
+    assert!(text.contains("| threads |") && text.contains("of roofline"), "{text}");
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("|       ")).collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    assert!(rows[0].contains("1.00x"), "{text}");
+    let v = json(ok(&purehw(&["bench", "-m", path_str(&m), "-p", "0", "-n", "2", "-r", "1", "--threads-sweep", "2,1", "--json"])).trim());
+    let sweep = v["sweep"].as_array().expect("a sweep array");
+    assert_eq!(sweep.iter().map(|r| r["threads"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 1]);
+    assert!(sweep.iter().all(|r| r["tg"]["tps_mean"].as_f64().unwrap() > 0.0), "{v}");
+    let e = purehw(&["bench", "-m", path_str(&m), "--backend", "cpu-ref", "--threads-sweep", "1"]);
+    assert!(!e.status.success() && stderr(&e).contains("--threads-sweep"), "{}", stderr(&e));
+}
+
 #[test]
 fn bench_json_cpu_ref() {
     let m = model_file(SMOL.0, SMOL.1);
