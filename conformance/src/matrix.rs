@@ -64,6 +64,8 @@ pub fn vulkan_gpu_kernels() -> Vulkan {
     let mut o = vulkan_options();
     o.split_matvec = Some(true);
     o.prologues = Some((true, true));
+    // Block attention's widest blocks, which the default takes only for long prefills.
+    o.attention_rows = Some(8);
     Vulkan::new(&o).unwrap_or_else(|e| panic!("{e}"))
 }
 

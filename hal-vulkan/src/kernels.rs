@@ -306,8 +306,16 @@ pub struct AttnPush {
     pub qout: Addr,
     pub qout_off: u32,
     pub qmode: u32,
+    /// Rows of the step (`attention_blk.comp`'s last block may be partial).
+    pub rows: u32,
+    pub pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<AttnPush>() == 104);
+const _: () = assert!(core::mem::size_of::<AttnPush>() == 112);
+
+/// `attention_blk.comp`: the most rows per workgroup (its `QB`), and the fewest rows a step
+/// needs to take it (below, one row per workgroup keeps more workgroups in flight).
+pub const ATTN_BLK_ROWS: usize = 8;
+pub const ATTN_BLK_MIN_ROWS: usize = 32;
 
 /// `attention.comp`'s largest head.
 pub const ATTN_MAX_HEAD_DIM: usize = 512;

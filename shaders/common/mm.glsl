@@ -14,22 +14,7 @@ layout(constant_id = 1) const uint WG = 256;
 layout(local_size_x_id = 1) in;
 const uint ROWS = WG / 8u;
 
-layout(push_constant) uniform Push {
-    uvec2 w;          // weight buffer
-    uvec2 x;          // activations: f32 rows, or quantized blocks (Q8A/Q8K words)
-    uvec2 out_;       // f32 output
-    uint w_byte;      // byte offset of weight row 0
-    uint x_off;       // word offset of token 0's activations
-    uint out_off;     // element offset of out[0, 0]
-    uint rows;        // weight rows (output features)
-    uint cols;        // weight columns
-    uint n;           // tokens
-    uint row_bytes;   // bytes of one weight row
-    uint x_stride;    // words per token of x
-#ifdef MM_PUSH_EXTRA
-    MM_PUSH_EXTRA     // an includer's own fields after the common ones
-#endif
-} pc;
+#include "common/mm_push.glsl"
 
 // Lane 0 of each row gathers its 8 lanes and writes reduce_lanes(acc) + off per token.
 void finish(uint r, uint lane, uint t0, uint nt, float acc[TOKENS], float off[TOKENS]) {

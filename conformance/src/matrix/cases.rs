@@ -380,6 +380,15 @@ fn attention(rng: &mut Rng) -> Vec<Group> {
                 SeqSpan { row: 16, len: 1, cache_row: 640, pos0: 612 },
             ],
         ),
+        (
+            // Blocks of prefill rows whose keys cross the 512-key chunk, and a sequence that
+            // starts inside a block.
+            "prefill blocks on a long context",
+            vec![
+                SeqSpan { row: 0, len: 37, cache_row: 0, pos0: 490 },
+                SeqSpan { row: 37, len: 3, cache_row: 640, pos0: 100 },
+            ],
+        ),
     ];
     let mut groups = Vec::new();
     for (what, seqs) in &steps {
