@@ -36,35 +36,7 @@ layout(push_constant) uniform Push {
     float eps;
 } pc;
 
-shared float lanes[8];
-shared float inv_s;
-
-
-// 1/sqrt(mean(v²) + eps) of the row held in `row` (shared), with the reference's 8-lane order;
-// every thread gets the value.
-float rms_inv_row() {
-    uint tid = gl_LocalInvocationID.x;
-    if (tid < 8u) {
-        // Lane tid's chain over elements tid, tid + 8, …; eight at a time, loads first.
-        precise float acc = 0.0;
-        uint i = tid;
-        for (; i + 56u < pc.dim; i += 64u) {
-            float v[8];
-            [[unroll]] for (uint u = 0u; u < 8u; u++) v[u] = row[i + 8u * u];
-            [[unroll]] for (uint u = 0u; u < 8u; u++) acc = acc + v[u] * v[u];
-        }
-        for (; i < pc.dim; i += 8u) acc = acc + row[i] * row[i];
-        lanes[tid] = acc;
-    }
-    barrier();
-    if (tid == 0u) {
-        precise float ss = reduce_lanes(lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7]);
-        precise float ms = div_rn(ss, float(pc.dim));
-        inv_s = div_rn(1.0, sqrt_rn(ms + pc.eps));
-    }
-    barrier();
-    return inv_s;
-}
+#include "common/rownorm.glsl"
 
 #define MAX_PER (MAX_DIM / 256u)
 
@@ -92,7 +64,7 @@ void main() {
         }
         barrier();
         if (post) {
-            float inv = rms_inv_row();
+            float inv = row_rms_inv(pc.dim, pc.eps);
             [[unroll]] for (uint j = 0u; j < MAX_PER; j++) {
                 uint i = tid + 256u * j;
                 if (j < per && i < dim) {
@@ -119,7 +91,7 @@ void main() {
         }
     }
     barrier();
-    float inv = rms_inv_row();
+    float inv = row_rms_inv(pc.dim, pc.eps);
     Floats o = Floats(pc.out_);
     [[unroll]] for (uint j = 0u; j < MAX_PER; j++) {
         uint i = tid + 256u * j;
