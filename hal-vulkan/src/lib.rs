@@ -1253,7 +1253,7 @@ impl Vulkan {
     /// `vkCmdCopyBuffer` of `len` f32 from `src` to `out` (checked: in range, not overlapping),
     /// after a barrier when it touches what a command since the last barrier wrote, or writes
     /// what one read (the barrier orders transfers and dispatches both ways).
-    fn record_copy(&mut self, cb: raw::CommandBuffer, hz: &mut Hazards, out: View<BufId>, src: View<BufId>, len: usize) {
+    fn record_copy(&self, cb: raw::CommandBuffer, hz: &mut Hazards, out: View<BufId>, src: View<BufId>, len: usize) {
         if len == 0 {
             return; // a zero-sized region is invalid in Vulkan
         }
@@ -1267,7 +1267,8 @@ impl Vulkan {
         }
         hz.read.extend_from_slice(reads);
         hz.written.extend_from_slice(writes);
-        let region = [raw::BufferCopy { src_offset: 4 * src.offset as u64, dst_offset: 4 * out.offset as u64, size: 4 * len as u64 }];
+        let (src_offset, dst_offset, size) = (4 * src.offset as u64, 4 * out.offset as u64, 4 * len as u64);
+        let region = [raw::BufferCopy { src_offset, dst_offset, size }];
         self.gpu.copy(cb, &self.bufs[src.buf.0 as usize].raw, &self.bufs[out.buf.0 as usize].raw, &region);
     }
 
