@@ -485,6 +485,7 @@ fn map_op<B2: Copy, W2: Copy>(op: &Op<Buf, Wt>, fb: &impl Fn(Buf) -> B2, fw: &im
         Op::SiluMul { out, gate, up, len } => Op::SiluMul { out: v(out), gate: v(gate), up: v(up), len },
         Op::Softcap { x, len, cap } => Op::Softcap { x: v(x), len, cap },
         Op::Argmax { out, x, rows, cols } => Op::Argmax { out: v(out), x: v(x), rows, cols },
+        Op::Copy { out, src, len } => Op::Copy { out: v(out), src: v(src), len },
         Op::AddRmsNorm { x, x_out, branch, post, out, w, quant: q, rows, dim, eps } => Op::AddRmsNorm {
             x: v(x),
             x_out: v(x_out),

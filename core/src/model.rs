@@ -229,6 +229,44 @@ impl<B: Backend> Model<B> {
         &self.backend
     }
 
+    /// Whether the backend runs [`copy_kv`](Model::copy_kv) (`Op::Copy`).
+    pub fn can_copy_kv(&self) -> bool {
+        self.backend.supports(OpKind::Copy)
+    }
+
+    /// Copy what slot `src` caches at `positions` into slot `dst` at the same positions: every
+    /// layer's K and V rows (sliding-window layers included: each layer keeps all `ctx`
+    /// positions of a slot, so a later reuse of a shorter prefix finds its window intact), as
+    /// one step of copies on the device. A prompt prefix another slot holds is moved this way
+    /// instead of computed again; since the kernels are row-independent, the copy holds exactly
+    /// what computing those positions in `dst` would have written. An empty range does nothing.
+    pub fn copy_kv(&mut self, src: usize, dst: usize, positions: core::ops::Range<usize>) -> Result<()> {
+        let (o, s, h) = (&self.opts, &self.state, &mut self.host);
+        if src >= o.slots || dst >= o.slots {
+            return Err(Error::Invalid(format!("copy_kv: slot {} out of range (have {})", src.max(dst), o.slots)));
+        }
+        if src == dst {
+            return Err(Error::Invalid(format!("copy_kv: slot {src} onto itself")));
+        }
+        if positions.start > positions.end || positions.end > o.ctx {
+            return Err(Error::Invalid(format!("copy_kv: positions {positions:?} outside the context of {}", o.ctx)));
+        }
+        if positions.is_empty() {
+            return Ok(());
+        }
+        let kvd = self.config.kv_heads * self.config.head_dim;
+        // Slot `i`'s position `p` is row `i·ctx + p` of each layer's cache: (slots·ctx, kvd).
+        let row = |slot: usize| (slot * o.ctx + positions.start) * kvd;
+        let len = positions.len() * kvd;
+        h.ops.clear();
+        for cache in s.k_cache.iter().chain(&s.v_cache) {
+            h.ops.push(Op::Copy { out: View::new(*cache, row(dst)), src: View::new(*cache, row(src)), len });
+        }
+        let step = Step { tokens: &[], positions: &[], seqs: &[] };
+        let name = &self.backend_name;
+        self.backend.submit(&step, &h.ops).map_err(|e| Error::backend(name, e))
+    }
+
     /// Feed `tokens` of sequence `slot` starting at position `pos` (earlier positions must
     /// already be cached) and return the logits of the last token, `(vocab)`. Chunks before the
     /// last skip the LM head.

@@ -271,6 +271,10 @@ impl CpuRef {
                 })?;
             }
 
+            Op::Copy { out, src, len } => {
+                host.with_out(out, len, |o, inputs, _| o.copy_from_slice(inputs.slice(src, len)))?;
+            }
+
             _ => return Err(CpuRefError::UnsupportedOp),
         }
         Ok(())

@@ -47,6 +47,7 @@ fn name_supports_alloc_write_read() {
         OpKind::GeluTanhMul,
         OpKind::SiluMul,
         OpKind::Softcap,
+        OpKind::Copy,
     ] {
         assert!(b.supports(k), "{k:?}");
     }
@@ -468,6 +469,20 @@ fn errors_for_bad_views_tokens_handles() {
     // Partial overlap between out and an input.
     let e = b.submit(&NO_STEP, &[Op::Add { out: View::new(a, 0), a: View::new(a, 3), b: v(c), len: 5 }]).unwrap_err();
     assert!(matches!(e, CpuRefError::Contract(CheckError::Overlap { .. })), "{e}");
+    // Copy: within one buffer apart is fine; overlapping (even exactly: no in-place copy) or
+    // past the end is not.
+    b.write(v(a), &(0..10).map(|i| i as f32).collect::<Vec<_>>()).unwrap();
+    b.submit(&NO_STEP, &[Op::Copy { out: View::new(a, 6), src: View::new(a, 1), len: 4 }]).unwrap();
+    assert_eq!(b.buffer(a).unwrap(), [0., 1., 2., 3., 4., 5., 1., 2., 3., 4.]);
+    for (out, src) in [(4, 1), (1, 1), (0, 3)] {
+        let op = Op::Copy { out: View::new(a, out), src: View::new(a, src), len: 4 };
+        let e = b.submit(&NO_STEP, &[op]).unwrap_err();
+        assert!(matches!(e, CpuRefError::Contract(CheckError::Overlap { .. })), "{out} {src}: {e}");
+    }
+    let e = b.submit(&NO_STEP, &[Op::Copy { out: View::new(a, 7), src: v(c), len: 4 }]).unwrap_err();
+    assert!(matches!(e, CpuRefError::Contract(CheckError::OutOfRange { .. })), "{e}");
+    let e = b.submit(&NO_STEP, &[Op::Copy { out: v(a), src: View::new(a, 7), len: 4 }]).unwrap_err();
+    assert!(matches!(e, CpuRefError::Contract(CheckError::OutOfRange { .. })), "{e}");
 
     // An unknown handle (from another backend with more buffers).
     let mut other = CpuRef::new();

@@ -93,6 +93,14 @@ impl Cpu {
                 })?;
                 Ok(())
             }
+            Op::Copy { out, src, len } => {
+                let Cpu { host, pool, .. } = self;
+                host.with_out(out, len, |o, inputs, _| {
+                    let s = inputs.slice(src, len);
+                    par_elems(pool, o, |r, o| o.copy_from_slice(&s[r]));
+                })?;
+                Ok(())
+            }
             _ => Err(CpuError::UnsupportedOp),
         }
     }

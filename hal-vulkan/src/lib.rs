@@ -911,6 +911,9 @@ impl Vulkan {
             purehw_hal::check::in_range(*v, dst.len(), len, "read")?;
         }
         self.settle()?;
+        if reads.is_empty() && !ops.is_empty() && ops.iter().all(|o| matches!(o, Op::Copy { .. })) {
+            return self.copy_step(ops);
+        }
         let si = self.shape_for(step, ops, reads)?;
         // Per-step data into the step buffer, then replay.
         // Lent out of the shape (no copy: a decode step allocates nothing).
@@ -1245,6 +1248,49 @@ impl Vulkan {
         Ok(())
     }
 
+    /// A step of copies only (KV-cache rows moved between slots): recorded afresh into the
+    /// one-shot command buffer and not kept as a shape, since its regions differ from call to
+    /// call and would push the decode steps' recordings out of the cache.
+    fn copy_step(&mut self, ops: &[Op<BufId, WeightId>]) -> Result<()> {
+        let cb = self.once;
+        self.gpu.begin(cb).map_err(|e| self.err(e))?;
+        let mut hz = Hazards::default();
+        for op in ops {
+            if let Op::Copy { out, src, len } = *op {
+                self.record_copy(cb, &mut hz, out, src, len);
+            }
+        }
+        self.gpu.end(cb).map_err(|e| self.err(e))?;
+        if let Err(e) = self.gpu.submit(cb, self.fence) {
+            self.lost |= e == VkError::DeviceLost;
+            return Err(self.err(e));
+        }
+        self.pending = true;
+        Ok(())
+    }
+
+    /// `vkCmdCopyBuffer` of `len` f32 from `src` to `out` (checked: in range, not overlapping),
+    /// after a barrier when it touches what a command since the last barrier wrote, or writes
+    /// what one read (the barrier orders transfers and dispatches both ways).
+    fn record_copy(&self, cb: raw::CommandBuffer, hz: &mut Hazards, out: View<BufId>, src: View<BufId>, len: usize) {
+        if len == 0 {
+            return; // a zero-sized region is invalid in Vulkan
+        }
+        let acc = Access::new().r(src.buf.0, src.offset, len).w(out.buf.0, out.offset, len);
+        let (reads, writes) = (&acc.reads[..acc.nr], &acc.writes[..acc.nw]);
+        if hz.conflicts(reads, writes) {
+            self.gpu.barrier(cb);
+            hz.barriers += 1;
+            hz.written.clear();
+            hz.read.clear();
+        }
+        hz.read.extend_from_slice(reads);
+        hz.written.extend_from_slice(writes);
+        let (src_offset, dst_offset, size) = (4 * src.offset as u64, 4 * out.offset as u64, 4 * len as u64);
+        let region = [raw::BufferCopy { src_offset, dst_offset, size }];
+        self.gpu.copy(cb, &self.bufs[src.buf.0 as usize].raw, &self.bufs[out.buf.0 as usize].raw, &region);
+    }
+
     fn addr_of(&self, b: BufId) -> Addr {
         addr(self.buf(b).raw.addr)
     }
@@ -1476,6 +1522,10 @@ impl Vulkan {
                 self.dispatch(cb, hz, "argmax.1", &[], &push, [chunks as u32, nr as u32, 1], acc)?;
                 let acc = Access::new().r(SCRATCH_ID, 0, 2 * nr * chunks).w(id(out.buf), out.offset, nr);
                 self.dispatch(cb, hz, "argmax.2", &[], &push, [1, nr as u32, 1], acc)
+            }
+            Op::Copy { out, src, len } => {
+                self.record_copy(cb, hz, out, src, len);
+                Ok(())
             }
             Op::Qkv { x, wq, wk, wv, q, k, v, n, heads, kv_heads, head_dim, q_norm, k_norm, eps, rope, k_cache, v_cache } => {
                 // The three projections (independent: no barrier between them), then the epilogue.

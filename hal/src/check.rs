@@ -305,6 +305,10 @@ fn primitive_regions<B: Copy, W: Copy>(
             regs.push(out, rows, "Argmax out", Use::Out);
             regs.push(x, mul(rows, cols, OP)?, "Argmax x", Use::In);
         }
+        Op::Copy { out, src, len } => {
+            regs.push(out, len, "Copy out", Use::Out);
+            regs.push(src, len, "Copy src", Use::In);
+        }
         _ => return Err(invalid("op", "unknown op")),
     }
     Ok(())

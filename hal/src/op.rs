@@ -168,6 +168,10 @@ pub enum Op<B, W> {
     /// `out[r] = argmax(x[r, :])` for `rows` rows of `cols` (`kernels::ops::argmax`: NaN counts as
     /// −∞, first index on ties), stored as an f32 holding the index exactly (`cols ≤ 2^24`).
     Argmax { out: View<B>, x: View<B>, rows: usize, cols: usize },
+    /// `out[i] = src[i]` for `i < len`, bit for bit: `out` and `src` may lie in one buffer but
+    /// must not overlap. Moves KV-cache rows between slots (a prompt prefix held by one slot,
+    /// copied into another instead of computed again).
+    Copy { out: View<B>, src: View<B>, len: usize },
 
     // ---- fused ops: each is defined by its expansion ----
     /// The residual junction between two blocks: `x_out = x + rmsnorm(branch, post)` (or
@@ -243,6 +247,7 @@ pub enum OpKind {
     SiluMul,
     Softcap,
     Argmax,
+    Copy,
     AddRmsNorm,
     Qkv,
     GatedFfn,
@@ -264,6 +269,7 @@ impl OpKind {
                 | OpKind::SiluMul
                 | OpKind::Softcap
                 | OpKind::Argmax
+                | OpKind::Copy
                 | OpKind::AddRmsNorm
                 | OpKind::Qkv
                 | OpKind::GatedFfn
@@ -289,6 +295,7 @@ impl<B: Copy, W: Copy> Op<B, W> {
             Op::SiluMul { .. } => OpKind::SiluMul,
             Op::Softcap { .. } => OpKind::Softcap,
             Op::Argmax { .. } => OpKind::Argmax,
+            Op::Copy { .. } => OpKind::Copy,
             Op::AddRmsNorm { .. } => OpKind::AddRmsNorm,
             Op::Qkv { .. } => OpKind::Qkv,
             Op::GatedFfn { .. } => OpKind::GatedFfn,

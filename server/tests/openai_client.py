@@ -898,6 +898,58 @@ def case_prompt_cache(c):
             json.dump({"alone": alone, "batched": [r[0] for r in res]}, f, indent=1)
 
 
+COPY_SYSTEM = (CHAT_SYSTEM + " You work for a small museum of clocks in a quiet town by a river. Visitors ask"
+               " about opening hours (nine to five, closed on Mondays), tickets (five euros, children free), the"
+               " oldest clock (a water clock from 1620), the workshop where clocks are repaired, the garden with"
+               " its sundial, and the cafe on the first floor. Keep every answer short and friendly, and never"
+               " invent facts that are not written here.")
+
+
+def case_prompt_copy(c):
+    """Two chats sharing a long system prompt on different KV slots: the second arrives while the
+    first is still replying (streamed), so the second's slot holds none of the prefix and the
+    server copies it from the first's slot on the device. Run against a server with the cache
+    (PUREHW_PROMPT_CACHE=on) and one with --no-prompt-cache (=off): the temperature-0 replies
+    (written to $PUREHW_REPLIES_OUT for the caller to compare) must not change; with the cache the
+    second reports cached_tokens > 0 and purehw_prompt_tokens_copied_total grows (by at most that)."""
+    on = os.environ.get("PUREHW_PROMPT_CACHE", "on") != "off"
+    before = metrics_text(c)
+    msgs = lambda q: [{"role": "system", "content": COPY_SYSTEM}, {"role": "user", "content": q}]
+    # Not capped by --max-tokens: the first reply must still run when the second is scheduled.
+    stream = c.client.chat.completions.create(model=c.model, messages=msgs("Count from 1 to 80, separated by commas."),
+                                              temperature=0, max_tokens=160, stream=True,
+                                              stream_options={"include_usage": True})
+    first, first_usage = "", None
+    for ch in stream:
+        if ch.choices and ch.choices[0].delta.content:
+            first += ch.choices[0].delta.content
+            break
+    second = c.client.chat.completions.create(model=c.model, messages=msgs("When is the museum open?"),
+                                              temperature=0, max_tokens=c.mt(24))
+    for ch in stream:
+        if ch.choices and ch.choices[0].delta.content:
+            first += ch.choices[0].delta.content
+        if ch.usage is not None:
+            first_usage = ch.usage
+    u = second.usage
+    cached = u.prompt_tokens_details.cached_tokens
+    print(f"  first: {first_usage.completion_tokens} tokens {first[:60]!r}...; second: prompt {u.prompt_tokens} "
+          f"({cached} cached): {second.choices[0].message.content!r}")
+    check(first_usage.completion_tokens > 20, "the first reply ended too soon to overlap the second", first)
+    m = metrics_text(c)
+    copied = metric(m, "purehw_prompt_tokens_copied_total") - (metric(before, "purehw_prompt_tokens_copied_total") or 0.0)
+    print(f"  copied prompt tokens: {copied:.0f}")
+    if on:
+        check(cached > u.prompt_tokens // 2, f"the second request reused {cached} of {u.prompt_tokens} prompt tokens")
+        check(0 < copied <= cached, f"{copied} tokens copied, {cached} cached (from the first request's slot)")
+    else:
+        check(cached == 0 and copied == 0, f"--no-prompt-cache: {cached} cached, {copied} copied")
+    out = os.environ.get("PUREHW_REPLIES_OUT")
+    if out:
+        with open(out, "w") as f:
+            json.dump({"first": first, "second": second.choices[0].message.content}, f, indent=1)
+
+
 def case_errors(c):
     chat_body = {"model": c.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
     seen = []
@@ -1233,6 +1285,7 @@ CASES = {
     "device_metrics": case_device_metrics,
     "device_lost": case_device_lost,
     "prompt_cache": case_prompt_cache,
+    "prompt_copy": case_prompt_copy,
 }
 
 

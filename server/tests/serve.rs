@@ -317,6 +317,24 @@ fn prompt_cache_same_replies_on_and_off() {
     assert_eq!(replies[0], replies[1], "the replies differ with the prompt cache on and off");
 }
 
+/// A prefix copied between KV slots through the SDK: a chat arriving while another sharing its
+/// long system prompt still replies gets that prefix copied from the other's slot
+/// (`cached_tokens` > 0, `purehw_prompt_tokens_copied_total` as many); the temperature-0 replies
+/// equal those of a server with `--no-prompt-cache`.
+#[test]
+fn prompt_copy_same_replies_on_and_off() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut replies = Vec::new();
+    for (flags, mode) in [(&[][..], "on"), (&["--no-prompt-cache"][..], "off")] {
+        let out = dir.path().join(format!("{mode}.json"));
+        let out_s = out.to_str().expect("a UTF-8 temp path");
+        let srv = Server::start(SMOL, flags);
+        srv.run_env(&["prompt_copy"], &[("PUREHW_PROMPT_CACHE", mode), ("PUREHW_REPLIES_OUT", out_s)]);
+        replies.push(std::fs::read_to_string(&out).expect("the client's replies"));
+    }
+    assert_eq!(replies[0], replies[1], "the replies differ with the prompt cache on and off");
+}
+
 /// Whether `purehw devices` finds a Vulkan device for `test`. Without one the test is skipped
 /// with a printed line, unless `PUREHW_REQUIRE_VULKAN=1`, where that is a failure.
 fn vulkan_present(test: &str) -> bool {

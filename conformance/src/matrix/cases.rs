@@ -32,6 +32,7 @@ pub(super) fn all() -> Vec<Group> {
     groups.extend(attention(&mut rng));
     groups.push(elementwise(&mut rng));
     groups.push(argmax(&mut rng));
+    groups.push(copy(&mut rng));
     groups.push(add_rms_norm(&mut rng));
     groups.extend(qkv(&mut rng));
     groups.extend(gated_ffn(&mut rng));
@@ -526,6 +527,61 @@ fn argmax(rng: &mut Rng) -> Group {
         cases.push(c);
     }
     Group { name: "Argmax".into(), cases }
+}
+
+/// Copy: between buffers and within one (a KV cache's slots, either way round), lengths around
+/// the CPU backend's split into threads; values a careless copy would change (subnormals, −0);
+/// a chain of copies through one region and copies mixed with a compute op in one step (the
+/// ordering a device needs barriers for).
+fn copy(rng: &mut Rng) -> Group {
+    let mut cases = Vec::new();
+    let data = |rng: &mut Rng, len: usize| {
+        let mut v = rng.vec(len, 8.0);
+        let odd = [-0.0, 1e-40, -3e-39, f32::MIN_POSITIVE, f32::MAX, -f32::MAX];
+        v.iter_mut().step_by(5).zip(odd.iter().cycle()).for_each(|(x, &o)| *x = o);
+        v
+    };
+    for len in [1, 7, 1000, 4099, 3 * 4096 + 5] {
+        let mut c = Case::new(format!("Copy len={len} between buffers"), StepData::one_seq(1, 0));
+        let d = data(rng, len);
+        let src = c.input_at(rng, &d, 3);
+        let out = c.output_at(rng, len, 1, "out", Check::Exact);
+        c.op(Op::Copy { out, src, len });
+        cases.push(c);
+        // Slot 0 to slot 2 and slot 2 to slot 1 of one cache of 3 slots (`len` rows each).
+        for (from, to) in [(0, 2), (2, 1)] {
+            let mut c = Case::new(format!("Copy len={len} slot {from} to {to} of one buffer"), StepData::one_seq(1, 0));
+            let d = data(rng, 3 * len + 4);
+            let cache = c.input_at(rng, &d, 2);
+            let out = cache.at(to * len + 1);
+            c.out(out, len, "cache", Check::Exact);
+            c.op(Op::Copy { out, src: cache.at(from * len + 1), len });
+            cases.push(c);
+        }
+    }
+    // a → b, then b → c, then c → a's second half: each copy reads what the one before wrote.
+    let len = 515;
+    let mut c = Case::new("Copy chain through one buffer", StepData::one_seq(1, 0));
+    let d = data(rng, 4 * len);
+    let buf = c.input_at(rng, &d, 1);
+    c.out(buf.at(len), 3 * len, "buffer", Check::Exact);
+    c.op(Op::Copy { out: buf.at(len), src: buf, len });
+    c.op(Op::Copy { out: buf.at(3 * len), src: buf.at(len), len });
+    c.op(Op::Copy { out: buf.at(2 * len), src: buf.at(3 * len), len });
+    cases.push(c);
+    // Compute, copy its result, compute on the copy.
+    let mut c = Case::new("Copy between Adds in one step", StepData::one_seq(1, 0));
+    let (da, db) = (rng.vec(len, 8.0), rng.vec(len, 8.0));
+    let a = c.input_at(rng, &da, 3);
+    let b = c.input_at(rng, &db, 1);
+    let t = c.output_at(rng, len, 2, "sum", Check::Float);
+    let copied = c.output_at(rng, len, 0, "copied sum", Check::Float);
+    let again = c.output_at(rng, len, 4, "sum again", Check::Float);
+    c.op(Op::Add { out: t, a, b, len });
+    c.op(Op::Copy { out: copied, src: t, len });
+    c.op(Op::Add { out: again, a: copied, b, len });
+    cases.push(c);
+    Group { name: "Copy".into(), cases }
 }
 
 // ---- fused ops ----

@@ -114,7 +114,8 @@ pub enum Event {
     Done {
         finish: Finish,
         prompt_tokens: usize,
-        /// Prompt tokens whose K/V were already in the slot (not computed again).
+        /// Prompt tokens whose K/V were already in the slot or copied into it from another slot
+        /// (not computed again).
         cached_tokens: usize,
         completion_tokens: usize,
     },
@@ -147,7 +148,8 @@ pub struct EngineConfig {
     /// Jobs that may wait for a slot.
     pub queue: usize,
     /// Reuse what a slot's KV cache already holds: a job goes to the free slot sharing the
-    /// longest prefix with its prompt, and only the rest is computed (off: `--no-prompt-cache`).
+    /// longest prefix with its prompt, a longer prefix another slot holds is copied into it on
+    /// the device, and only the rest is computed (off: `--no-prompt-cache`).
     pub prompt_cache: bool,
 }
 
@@ -350,7 +352,8 @@ struct Seq<'t> {
     slot: usize,
     /// Prompt tokens already in the cache.
     fed: usize,
-    /// Of those, the ones the slot held from an earlier sequence (not computed for this one).
+    /// Of those, the ones the slot held from an earlier sequence or had copied from another
+    /// slot (not computed for this one).
     cached: usize,
     generated: Vec<u32>,
     /// The token to feed next (after the prompt).
@@ -438,16 +441,45 @@ impl Held {
         Held { tokens: vec![Vec::new(); slots], used: vec![0; slots], clock: 0 }
     }
 
-    /// The free slot for `prompt` and how many of its tokens to take from it: the free slot
-    /// with the longest common prefix (ties, and `reuse` off: the least recently used), taken up
-    /// to all but the prompt's last token (its logits pick the first new token).
-    fn pick(&self, slots: &[Option<Seq<'_>>], prompt: &[u32], reuse: bool) -> (usize, usize) {
-        let free = (0..slots.len()).filter(|&i| slots[i].is_none());
+    /// Where a sequence for `prompt` goes ([`Place`]). The free slot with the longest common
+    /// prefix (ties, and `reuse` off: the least recently used), taking up to all but the
+    /// prompt's last token (its logits pick the first new token). With `copy` (the backend runs
+    /// `Op::Copy`) a longer prefix is copied in from the slot holding it:
+    /// * a busy slot holds more of the prompt than any free one: copied from it;
+    /// * the free slot with the prefix would lose tokens past it (a conversation's history, when
+    ///   a title or tag request shares only its start) while another free slot loses fewer:
+    ///   that one is taken and the prefix copied into it, so the history stays for its next turn.
+    fn pick<T>(&self, slots: &[Option<T>], prompt: &[u32], reuse: bool, copy: bool) -> Place {
+        let limit = prompt.len() - 1;
         let prefix = |i: usize| if reuse { common_prefix(&self.tokens[i], prompt) } else { 0 };
-        free.map(|i| (prefix(i), i))
+        let free = || (0..slots.len()).filter(|&i| slots[i].is_none());
+        let (own, slot) = free()
+            .map(|i| (prefix(i), i))
             .max_by_key(|&(n, i)| (n, std::cmp::Reverse(self.used[i])))
-            .map(|(n, i)| (i, n.min(prompt.len() - 1)))
-            .expect("a free slot")
+            .expect("a free slot");
+        let place = Place { slot, keep: own.min(limit), copy: None };
+        if !reuse || !copy {
+            return place;
+        }
+        // A busy slot's computed positions count too.
+        let (best, holder) = (0..slots.len()).map(|i| (prefix(i), i)).max_by_key(|&(n, _)| n).expect("a slot");
+        if best.min(limit) > place.keep {
+            return Place { copy: Some((holder, best.min(limit))), ..place };
+        }
+        let loss = |i: usize| self.tokens[i].len() - prefix(i);
+        if place.keep == 0 || loss(slot) == 0 {
+            return place;
+        }
+        let other = free()
+            .filter(|&i| i != slot && loss(i) < loss(slot))
+            .min_by_key(|&i| (loss(i), std::cmp::Reverse(prefix(i)), self.used[i]));
+        match other {
+            Some(t) => {
+                let keep = prefix(t).min(limit);
+                Place { slot: t, keep, copy: (keep < place.keep).then_some((slot, place.keep)) }
+            }
+            None => place,
+        }
     }
 
     /// A sequence takes `slot`, keeping its first `keep` tokens.
@@ -469,6 +501,15 @@ impl Held {
     fn forget_all(&mut self) {
         self.tokens.iter_mut().for_each(Vec::clear);
     }
+}
+
+/// Where a new sequence goes: its slot, the tokens of the slot's own it keeps (positions
+/// `0..keep`), and a prefix to copy in from another slot (`(from, end)`: positions `keep..end`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+struct Place {
+    slot: usize,
+    keep: usize,
+    copy: Option<(usize, usize)>,
 }
 
 /// What a step asks of a row: nothing before the prompt's last chunk; the device's argmax where
@@ -502,6 +543,7 @@ fn run<B: Backend>(
     let mut feed: Vec<Vec<u32>> = (0..cfg.parallel).map(|_| Vec::new()).collect();
     // A new model (after a lost device) starts with empty caches.
     let mut held = Held::new(cfg.parallel);
+    let can_copy = model.can_copy_kv();
     loop {
         // Clients that went away free their slot now (what it computed stays reusable).
         for (slot, s) in slots.iter_mut().enumerate() {
@@ -555,9 +597,24 @@ fn run<B: Backend>(
             });
             let sampler = Sampler::new(job.params.sampling, vocab).with_logit_bias(job.params.logit_bias.clone());
             let stops = StopMatcher { stops: job.params.stop.clone(), held: String::new() };
-            // The slot keeps the longest prefix it shares with the prompt; the rest is computed.
-            let (slot, cached) = held.pick(&slots, &job.prompt, cfg.prompt_cache);
-            held.take(slot, cached);
+            // The slot keeps the longest prefix it shares with the prompt, a longer one another
+            // slot holds is copied in; the rest is computed.
+            let place = held.pick(&slots, &job.prompt, cfg.prompt_cache, can_copy);
+            let slot = place.slot;
+            held.take(slot, place.keep);
+            let mut cached = place.keep;
+            if let Some((from, end)) = place.copy {
+                match model.copy_kv(from, slot, place.keep..end) {
+                    Ok(()) => {
+                        held.tokens[slot].extend_from_slice(&job.prompt[place.keep..end]);
+                        stats.prompt_tokens_copied.fetch_add((end - place.keep) as u64, Relaxed);
+                        cached = end;
+                    }
+                    // Positions past `keep` are computed again, whatever the copy left there (a
+                    // lost device shows at the next step).
+                    Err(e) => tracing::warn!("copying a cached prefix from slot {from} failed, computing it: {e}"),
+                }
+            }
             stats.prompt_tokens.fetch_add(job.prompt.len() as u64, Relaxed);
             stats.prompt_tokens_cached.fetch_add(cached as u64, Relaxed);
             stats.prompt_tokens_computed.fetch_add((job.prompt.len() - cached) as u64, Relaxed);
@@ -1108,19 +1165,86 @@ mod engine_tests {
     /// the whole prompt (its last token is computed for its logits); nothing when reuse is off.
     #[test]
     fn slots_are_picked_by_longest_prefix_then_least_recent() {
-        let slots: Vec<Option<Seq<'_>>> = (0..3).map(|_| None).collect();
+        let slots = [None::<()>; 3];
         let mut held = Held::new(3);
         held.tokens = vec![vec![1, 2, 3], vec![1, 2, 9], vec![7]];
         (held.used, held.clock) = (vec![5, 4, 6], 6);
-        assert_eq!(held.pick(&slots, &[1, 2, 3, 4], true), (0, 3));
-        assert_eq!(held.pick(&slots, &[1, 2, 3], true), (0, 2));
-        // 0 and 1 share two tokens: 1 is older.
-        assert_eq!(held.pick(&slots, &[1, 2, 5], true), (1, 2));
-        assert_eq!(held.pick(&slots, &[8], true), (1, 0));
-        assert_eq!(held.pick(&slots, &[1, 2, 3, 4], false), (1, 0));
+        let at = |slot, keep| Place { slot, keep, copy: None };
+        for copy in [false, true] {
+            assert_eq!(held.pick(&slots, &[1, 2, 3, 4], true, copy), at(0, 3));
+            assert_eq!(held.pick(&slots, &[1, 2, 3], true, copy), at(0, 2));
+            // 0 and 1 share two tokens: 1 is older (and no other slot would lose fewer).
+            assert_eq!(held.pick(&slots, &[1, 2, 5], true, copy), at(1, 2));
+            assert_eq!(held.pick(&slots, &[8], true, copy), at(1, 0));
+            assert_eq!(held.pick(&slots, &[1, 2, 3, 4], false, copy), at(1, 0));
+        }
         held.take(1, 1);
         assert_eq!(held.tokens[1], [1]);
         assert!(held.used[1] > 6);
+    }
+
+    /// A longer prefix than any free slot's, held by a busy slot, is copied from it; a free slot
+    /// whose history the prompt shares only the start of keeps it, the prefix copied into the
+    /// free slot that loses fewest tokens; never with reuse off or without `Op::Copy`.
+    #[test]
+    fn a_prefix_in_another_slot_is_copied() {
+        let mut held = Held::new(3);
+        held.tokens = vec![vec![1, 2, 3, 4, 5], vec![1, 2, 9], vec![]];
+        (held.used, held.clock) = (vec![5, 4, 6], 6);
+        let slots = [Some(()), None, None];
+        // Slot 0 (busy) holds 4 of the prompt, free slot 1 two: 2..4 copied into slot 1.
+        assert_eq!(held.pick(&slots, &[1, 2, 3, 4, 8], true, true), Place { slot: 1, keep: 2, copy: Some((0, 4)) });
+        // Never the prompt's last token.
+        assert_eq!(held.pick(&slots, &[1, 2, 3, 4], true, true), Place { slot: 1, keep: 2, copy: Some((0, 3)) });
+        assert_eq!(held.pick(&slots, &[1, 2, 3, 4, 8], true, false), Place { slot: 1, keep: 2, copy: None });
+        assert_eq!(held.pick(&slots, &[1, 2, 3, 4, 8], false, true), Place { slot: 1, keep: 0, copy: None });
+        // All free: slot 0 holds the longest prefix (2) but would lose 3 tokens; empty slot 2
+        // loses none: the prefix goes there and slot 0 keeps its history.
+        let free = [None::<()>; 3];
+        assert_eq!(held.pick(&free, &[1, 2, 3, 7, 7], true, true), Place { slot: 2, keep: 0, copy: Some((0, 3)) });
+        // A prompt extending slot 0's history takes slot 0 itself.
+        assert_eq!(held.pick(&free, &[1, 2, 3, 4, 5, 6], true, true), Place { slot: 0, keep: 5, copy: None });
+        // Slot 0 is older, but slot 1 shares as much and loses less: taken, nothing to copy.
+        held.tokens[2] = vec![5; 9];
+        held.used = vec![3, 4, 6];
+        assert_eq!(held.pick(&free, &[1, 2, 7], true, true), Place { slot: 1, keep: 2, copy: None });
+    }
+
+    /// A prompt sharing a long prefix with one still replying in the other slot: the prefix is
+    /// copied on the device (counted as cached and as copied), and every generated token's
+    /// logprobs equal those of the whole prompt computed, bit for bit; on cpu-ref and cpu.
+    #[test]
+    fn a_prefix_copied_from_a_busy_slot_gives_the_logits_of_a_fresh_prefill() {
+        fn check<B: Backend + 'static>(make: fn() -> Result<B, String>) {
+            let on = Engine::start(CFG, move || load_on(make()?));
+            let off = Engine::start(EngineConfig { prompt_cache: false, ..CFG }, move || load_on(make()?));
+            let l = wait_loaded(&on);
+            wait_loaded(&off);
+            let enc = |s: &str| l.tokenizer.encode(s, true).expect("encoding");
+            let params = GenParams { logprobs: Some(5), ..greedy(4) };
+            let long = "One, two, three, four, five, six, seven, eight, nine, ten, eleven, twelve,";
+            let a = enc(&format!("{long} thirteen,"));
+            let b = enc(&format!("{long} and then"));
+            let shared = common_prefix(&a, &b);
+            assert!(
+                shared > CFG.prefill_chunk && a.len() + 30 < CFG.ctx && b.len() + 4 < CFG.ctx,
+                "{shared} {}",
+                a.len()
+            );
+            // `a` replies long; once its first token is out, its prompt is in its slot.
+            let mut ra = submit(&on, &a, greedy(30));
+            assert!(matches!(ra.blocking_recv(), Some(Event::Token { .. })));
+            let (text, lps, cached) = traced(submit(&on, &b, params.clone()));
+            assert_eq!(cached, shared, "b's prefix held by the busy slot");
+            assert_eq!(on.stats.prompt_tokens_copied.load(Relaxed), shared as u64);
+            let _ = outcome(ra);
+            let (t_off, l_off, c_off) = traced(submit(&off, &b, params.clone()));
+            assert_eq!(c_off, 0);
+            assert_eq!((text, lps), (t_off, l_off), "b after the copy differs from b computed");
+            assert_eq!(off.stats.prompt_tokens_copied.load(Relaxed), 0);
+        }
+        check(|| Ok(purehw_hal_cpu_ref::CpuRef::new()));
+        check(|| Cpu::new(1).map_err(|e| e.to_string()));
     }
 
     /// A lost device: the job in flight ends with an `unavailable` error (503); the model is

@@ -86,6 +86,8 @@ pub struct Stats {
     pub prompt_tokens_cached: AtomicU64,
     /// Of the prompt tokens, those computed.
     pub prompt_tokens_computed: AtomicU64,
+    /// Of the cached prompt tokens, those copied from another slot's KV cache on the device.
+    pub prompt_tokens_copied: AtomicU64,
     pub completion_tokens: AtomicU64,
     pub finished: AtomicU64,
     pub cancelled: AtomicU64,
@@ -142,6 +144,7 @@ impl Default for Stats {
             prompt_tokens: AtomicU64::new(0),
             prompt_tokens_cached: AtomicU64::new(0),
             prompt_tokens_computed: AtomicU64::new(0),
+            prompt_tokens_copied: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
@@ -194,6 +197,13 @@ pub fn render(requests: &Requests, models: &[(&str, &str, &Stats)]) -> String {
     gauge(&mut out, "purehw_prompt_tokens_computed_total", "Prompt tokens computed.", "counter", &|s| {
         s.prompt_tokens_computed.load(Relaxed) as f64
     });
+    gauge(
+        &mut out,
+        "purehw_prompt_tokens_copied_total",
+        "Cached prompt tokens copied from another slot's KV cache on the device (counted in cached too).",
+        "counter",
+        &|s| s.prompt_tokens_copied.load(Relaxed) as f64,
+    );
     gauge(&mut out, "purehw_generation_tokens_total", "Tokens generated.", "counter", &|s| {
         s.completion_tokens.load(Relaxed) as f64
     });

@@ -61,7 +61,7 @@ pub struct ServeArgs {
     #[arg(short = 'c', long, default_value_t = 0)]
     pub ctx_size: usize,
     /// Compute each request's whole prompt instead of reusing the longest prefix a KV-cache slot
-    /// already holds (the replies are the same; for comparison).
+    /// already holds or copying it from another slot (the replies are the same; for comparison).
     #[arg(long)]
     pub no_prompt_cache: bool,
     /// Requests that may wait for a free slot before new ones get 429.

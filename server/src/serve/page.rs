@@ -55,6 +55,7 @@ pub async fn stats(State(st): State<Arc<AppState>>) -> Json<Value> {
                 "prompt_tokens": s.prompt_tokens.load(Relaxed),
                 "cached_prompt_tokens": s.prompt_tokens_cached.load(Relaxed),
                 "computed_prompt_tokens": s.prompt_tokens_computed.load(Relaxed),
+                "copied_prompt_tokens": s.prompt_tokens_copied.load(Relaxed),
                 "completion_tokens": s.completion_tokens.load(Relaxed),
                 "finished": s.finished.load(Relaxed),
                 "cancelled": s.cancelled.load(Relaxed),
