@@ -13,9 +13,9 @@
 //! Under `std` the prefetches run on a background thread (fed through a bounded channel, so
 //! asking neither blocks nor allocates); without `std` they run inline.
 
-use alloc::format;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use purehw_hal::HostBytes;
 
@@ -51,20 +51,27 @@ pub enum Plan {
     Stream { pinned: usize, ahead: usize },
 }
 
+impl Needs {
+    /// What stays resident whatever the budget: shared weights, KV cache, activations.
+    pub fn fixed(&self) -> usize {
+        self.shared.saturating_add(self.kv_cache).saturating_add(self.buffers)
+    }
+
+    /// The smallest budget: [`fixed`](Self::fixed) and two layers (the one computing and the
+    /// next, read meanwhile).
+    pub fn least(&self) -> usize {
+        self.fixed().saturating_add(self.layer.saturating_mul(2))
+    }
+}
+
 impl Plan {
-    /// Split `budget` bytes for a model of `layers` layers needing `n`; an error naming every
-    /// number when it cannot hold the shared weights, the KV cache, the activations and two
-    /// layers (the one computing and the next, read meanwhile).
+    /// Split `budget` bytes for a model of `layers` layers needing `n`; [`Error::Budget`] when
+    /// it is below [`Needs::least`].
     pub fn new(budget: usize, layers: usize, n: Needs) -> Result<Plan> {
-        let fixed = n.shared.saturating_add(n.kv_cache).saturating_add(n.buffers);
-        let least = fixed.saturating_add(n.layer.saturating_mul(2));
-        if budget < least {
-            return Err(Error::Invalid(format!(
-                "memory budget of {budget} bytes is too small: this model needs at least {least} bytes \
-                 (shared weights {} + KV cache {} + activations {} + two decoder layers of {} each)",
-                n.shared, n.kv_cache, n.buffers, n.layer
-            )));
+        if budget < n.least() {
+            return Err(Error::Budget { budget, needs: n });
         }
+        let fixed = n.fixed();
         let slots = (budget - fixed) / n.layer.max(1);
         if slots >= layers {
             return Ok(Plan::Resident);
@@ -121,6 +128,9 @@ pub struct Streamer {
     layers: usize,
     pinned: usize,
     ahead: usize,
+    /// Streamed layers begun so far: the `d`-th streamed layer after the one running now
+    /// begins at `ticks + d`, so a prefetch that comes too late is skipped.
+    ticks: Arc<AtomicUsize>,
     prefetcher: Prefetcher,
 }
 
@@ -130,10 +140,11 @@ impl Streamer {
     pub fn new(spans: LayerSpans, pinned: usize, ahead: usize) -> Result<Streamer> {
         let layers = spans.0.len();
         let spans = Arc::new(spans);
-        let prefetcher = Prefetcher::new(spans.clone(), layers)?;
-        let s = Streamer { spans, layers, pinned, ahead, prefetcher };
-        for l in (pinned..layers).take(ahead) {
-            s.prefetcher.ask(l);
+        let ticks = Arc::new(AtomicUsize::new(0));
+        let prefetcher = Prefetcher::new(spans.clone(), ticks.clone(), layers)?;
+        let s = Streamer { spans, layers, pinned, ahead, ticks, prefetcher };
+        for (d, l) in (pinned..layers).take(ahead).enumerate() {
+            s.prefetcher.ask(Ask { layer: l, due: d + 1 });
         }
         Ok(s)
     }
@@ -154,10 +165,11 @@ impl Streamer {
         if l < self.pinned {
             return;
         }
+        let now = self.ticks.fetch_add(1, Ordering::Relaxed) + 1;
         let n = self.layers - self.pinned;
         let j = l - self.pinned;
         for d in 1..=self.ahead {
-            self.prefetcher.ask(self.pinned + (j + d) % n);
+            self.prefetcher.ask(Ask { layer: self.pinned + (j + d) % n, due: now + d });
         }
     }
 
@@ -169,33 +181,44 @@ impl Streamer {
     }
 }
 
+/// A prefetch request: `layer`, which begins when the streamer's ticks reach `due`.
+#[derive(Copy, Clone, Debug)]
+struct Ask {
+    layer: usize,
+    due: usize,
+}
+
 /// Runs prefetches off the computing thread.
 #[cfg(feature = "std")]
 struct Prefetcher {
-    tx: Option<std::sync::mpsc::SyncSender<usize>>,
+    tx: Option<std::sync::mpsc::SyncSender<Ask>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 #[cfg(feature = "std")]
 impl Prefetcher {
-    fn new(spans: Arc<LayerSpans>, layers: usize) -> Result<Prefetcher> {
+    fn new(spans: Arc<LayerSpans>, ticks: Arc<AtomicUsize>, layers: usize) -> Result<Prefetcher> {
         // Room for every layer: a request is dropped only when that many are already waiting.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<usize>(layers.max(1));
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Ask>(layers.max(1));
         let thread = std::thread::Builder::new()
             .name("purehw-prefetch".into())
             .spawn(move || {
-                while let Ok(l) = rx.recv() {
-                    spans.prefetch(l);
+                while let Ok(a) = rx.recv() {
+                    // A layer already begun faults in as it is used (and may be released by now:
+                    // reading it again would only hold memory past the budget).
+                    if ticks.load(Ordering::Relaxed) < a.due {
+                        spans.prefetch(a.layer);
+                    }
                 }
             })
-            .map_err(|e| Error::Invalid(format!("starting the layer prefetch thread: {e}")))?;
+            .map_err(|e| Error::Invalid(alloc::format!("starting the layer prefetch thread: {e}")))?;
         Ok(Prefetcher { tx: Some(tx), thread: Some(thread) })
     }
 
-    /// Queue layer `l` without waiting (a full queue drops it: the layer then faults in as used).
-    fn ask(&self, l: usize) {
+    /// Queue a request without waiting (a full queue drops it: the layer then faults in as used).
+    fn ask(&self, a: Ask) {
         if let Some(tx) = &self.tx {
-            let _ = tx.try_send(l);
+            let _ = tx.try_send(a);
         }
     }
 }
@@ -216,12 +239,12 @@ struct Prefetcher(Arc<LayerSpans>);
 
 #[cfg(not(feature = "std"))]
 impl Prefetcher {
-    fn new(spans: Arc<LayerSpans>, _layers: usize) -> Result<Prefetcher> {
+    fn new(spans: Arc<LayerSpans>, _ticks: Arc<AtomicUsize>, _layers: usize) -> Result<Prefetcher> {
         Ok(Prefetcher(spans))
     }
 
-    fn ask(&self, l: usize) {
-        self.0.prefetch(l);
+    fn ask(&self, a: Ask) {
+        self.0.prefetch(a.layer);
     }
 }
 

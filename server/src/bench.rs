@@ -50,6 +50,17 @@ struct BenchJson<'a> {
     tg: Rate,
     /// `None` (JSON null) where the OS does not report it.
     peak_rss_bytes: Option<u64>,
+    /// Bytes this process read from storage per generated token over the tg runs (warm-up
+    /// included; /proc/self/io `read_bytes`): what a weight budget costs in disk reads. Pages
+    /// already in the page cache cost none. `None` where the OS does not report it.
+    disk_read_bytes_per_token: Option<f64>,
+    /// `--memory-budget` in bytes, when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_budget_bytes: Option<usize>,
+    /// With a budget that does not hold every layer: the layers kept resident and how many are
+    /// read ahead (the others are streamed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    streaming: Option<Streaming>,
     /// Measured memory read bandwidth with the same thread count (GB/s = 1e9 bytes/s).
     mem_read_gbps: f64,
     /// Weight bytes one decode step streams (every matmul weight, the LM head included).
@@ -143,6 +154,14 @@ fn sweep(a: &BenchArgs, path: &Path, src: &ModelSource, opts: ModelOptions) -> C
     out::print_all(&t)
 }
 
+/// How a budgeted model streams its layers.
+#[derive(Serialize, Copy, Clone)]
+struct Streaming {
+    layers: usize,
+    pinned_layers: usize,
+    read_ahead: usize,
+}
+
 /// One thread count's results (`--threads-sweep`).
 #[derive(Serialize)]
 struct Summary {
@@ -172,13 +191,14 @@ impl WithBackend for BenchOn<'_> {
         let backend = make.make()?;
         let hw = backend.hw();
         let opts = ModelOptions { act: make.act, ..self.opts };
-        bench_on(backend, B::NAME, &hw, self.a, self.path, self.src, opts, self.quiet)
+        bench_on(backend, make.budget, B::NAME, &hw, self.a, self.path, self.src, opts, self.quiet)
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn bench_on<B: Registered>(
     backend: B,
+    budget: Option<usize>,
     name: &'static str,
     hw: &Hw,
     a: &BenchArgs,
@@ -197,11 +217,16 @@ fn bench_on<B: Registered>(
     };
     let file = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
     let table = Table { file, size: fmt_size(model_bytes), params: fmt_params(params), name, hw, act };
+    // Loaded before the header is printed: a budget too small is then the only output.
+    let mut model = Model::load_with_budget(backend, src, opts, budget)?;
     if show {
         out::print_all(&table.header())?;
     }
-
-    let mut model = Model::load(backend, src, opts)?;
+    let streaming = model.streaming().map(|(pinned_layers, read_ahead)| Streaming {
+        layers: model.config().layers,
+        pinned_layers,
+        read_ahead,
+    });
     let c = model.config();
     // A decode step reads every matmul weight once; the embedding table only when it is also
     // the LM head (otherwise one row of it).
@@ -230,6 +255,7 @@ fn bench_on<B: Registered>(
     // Device seconds of the decode steps (summed, counted), where the backend times its steps.
     let mut device_time = (0f64, 0usize);
     let mut counts = None;
+    let mut disk_per_token = None;
     if a.n_gen > 0 {
         // llama-bench: from an empty context, BOS first, then random tokens.
         let mut steps: Vec<u32> = (0..a.n_gen).map(|_| ids.next()).collect();
@@ -237,6 +263,7 @@ fn bench_on<B: Registered>(
             steps[0] = b;
         }
         let mut runs = 0;
+        let read_before = disk_read_bytes();
         tg = measure(a.n_gen, a.repetitions, || {
             let t = Instant::now();
             let warm = runs > 0;
@@ -252,6 +279,8 @@ fn bench_on<B: Registered>(
             Ok(t.elapsed().as_secs_f64())
         })
         .context(|| format!("tg{}", a.n_gen))?;
+        let tokens = (a.n_gen * (a.repetitions + 1)) as f64;
+        disk_per_token = read_before.zip(disk_read_bytes()).map(|(b, e)| e.saturating_sub(b) as f64 / tokens);
         counts = model.backend().step_counts();
         if show {
             out::print_all(&table.row(&format!("tg{}", a.n_gen), &tg))?;
@@ -296,6 +325,9 @@ fn bench_on<B: Registered>(
             pp,
             tg,
             peak_rss_bytes: peak,
+            disk_read_bytes_per_token: disk_per_token,
+            memory_budget_bytes: budget,
+            streaming,
             mem_read_gbps: bw / 1e9,
             decode_bytes_per_token: decode_bytes,
             tg_roofline_tps: roof,
@@ -318,9 +350,22 @@ fn bench_on<B: Registered>(
             let _ = write!(device, "; {:.3} ms of device time per decode step", s * 1e3);
         }
     }
-    let rss = peak.map_or_else(|| "unknown".into(), |b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64));
+    let mib = |b: f64| format!("{:.1} MiB", b / (1u64 << 20) as f64);
+    let rss = peak.map_or_else(|| "unknown".into(), |b| mib(b as f64));
+    let disk = disk_per_token.map_or_else(|| "unknown".into(), |b| format!("{:.2} MB/token", b / 1e6));
+    let stream = match (budget, streaming) {
+        (None, _) => String::new(),
+        (Some(b), None) => format!("; memory budget {} holds every layer", mib(b as f64)),
+        (Some(b), Some(s)) => format!(
+            "; memory budget {}: {} of {} layers resident, the rest streamed ({} read ahead)",
+            mib(b as f64),
+            s.pinned_layers,
+            s.layers,
+            s.read_ahead
+        ),
+    };
     out::print_all(&format!(
-        "{device}\npeak RSS: {rss}\nmemory read bandwidth ({} threads): {:.1} GB/s; decode reads {:.1} MB/token -> tg roofline {roof:.1} t/s{}\n",
+        "{device}\npeak RSS: {rss}; read from disk during tg: {disk}{stream}\nmemory read bandwidth ({} threads): {:.1} GB/s; decode reads {:.1} MB/token -> tg roofline {roof:.1} t/s{}\n",
         probe_threads,
         bw / 1e9,
         decode_bytes as f64 / 1e6,
@@ -422,6 +467,12 @@ impl TokenIds {
         }
         id
     }
+}
+
+/// Bytes this process has read from storage so far (`read_bytes` of /proc/self/io).
+fn disk_read_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines().find_map(|l| l.strip_prefix("read_bytes:")).and_then(|v| v.trim().parse().ok())
 }
 
 /// The peak resident set (VmHWM) of this process, from /proc/self/status.
