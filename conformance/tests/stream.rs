@@ -189,3 +189,23 @@ fn first_tensor_offset(src: &ModelSource) -> usize {
     }
     first
 }
+
+/// A streamed decode step allocates nothing either (per-layer submissions, prefetch requests
+/// through a bounded channel, residency calls).
+#[test]
+fn streamed_decode_step_allocates_nothing() {
+    let src = open(&smollm2());
+    let o = opts(ActQuant::Int8);
+    let n = needs(matrix::cpu(2), &src, o);
+    let mut m = Model::load_with_budget(matrix::cpu(2), &src, o, Some(n.least())).unwrap_or_else(|e| panic!("{e}"));
+    assert!(m.streaming().is_some());
+    m.forward(0, 0, &[1, 10, 20, 30]).unwrap();
+    m.forward(0, 4, &[40]).unwrap(); // warm-up: the first decode-shaped step
+    let info = allocation_counter::measure(|| {
+        for p in 5..12 {
+            let l = m.forward(0, p, &[p as u32]).unwrap();
+            assert!(l[0].is_finite());
+        }
+    });
+    assert_eq!(info.count_total, 0, "streamed decode allocated: {info:?}");
+}

@@ -183,6 +183,7 @@ impl Streamer {
 
 /// A prefetch request: `layer`, which begins when the streamer's ticks reach `due`.
 #[derive(Copy, Clone, Debug)]
+#[cfg_attr(not(feature = "std"), allow(dead_code))]
 struct Ask {
     layer: usize,
     due: usize,
