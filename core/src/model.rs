@@ -119,9 +119,9 @@ struct StepHost<Buf, W> {
     ops: Vec<Op<Buf, W>>,
     /// Per sequence of the step: its row of logits / ids, if it wants one.
     out_row: Vec<Option<u32>>, // (sequences)
-    logits: Vec<f32>,          // (logit_rows, vocab)
-    ids_f: Vec<f32>,           // (logit_rows)
-    ids: Vec<u32>,             // (logit_rows)
+    logits: Vec<f32>, // (logit_rows, vocab)
+    ids_f: Vec<f32>,  // (logit_rows)
+    ids: Vec<u32>,    // (logit_rows)
     /// Where each layer's ops end in `ops`, but the last's (streamed steps submit per layer).
     layer_end: Vec<usize>, // (layers - 1)
 }
@@ -789,11 +789,7 @@ struct StateSizes {
     buffers: usize,
 }
 
-fn alloc_state<B: Backend>(
-    b: &mut B,
-    c: &ModelConfig,
-    o: &ModelOptions,
-) -> Result<(RunState<B::Buffer>, StateSizes)> {
+fn alloc_state<B: Backend>(b: &mut B, c: &ModelConfig, o: &ModelOptions) -> Result<(RunState<B::Buffer>, StateSizes)> {
     let name = String::from(b.name());
     let mut elems = 0usize; // every buffer's f32 elements so far
     // Sizes come from files and options: overflow is an error, not a wrap.

@@ -259,7 +259,9 @@ mod tests {
     #[test]
     fn too_small_a_budget_names_every_number() {
         let e = Plan::new(1399, 10, N).unwrap_err().to_string();
-        for part in ["1399", "1400", "shared weights 1000", "KV cache 200", "activations 100", "two decoder layers of 50"] {
+        for part in
+            ["1399", "1400", "shared weights 1000", "KV cache 200", "activations 100", "two decoder layers of 50"]
+        {
             assert!(e.contains(part), "{part:?} not in {e:?}");
         }
         assert_eq!(Plan::new(1400, 10, N).unwrap(), Plan::Stream { pinned: 0, ahead: 1 });
