@@ -54,6 +54,10 @@ struct BenchJson<'a> {
     /// included; /proc/self/io `read_bytes`): what a weight budget costs in disk reads. Pages
     /// already in the page cache cost none. `None` where the OS does not report it.
     disk_read_bytes_per_token: Option<f64>,
+    /// The disk's sequential read rate under the model's file (GB/s), read past the page cache
+    /// (`O_DIRECT`): the ceiling on streaming layers that are not cached. `None` where the file
+    /// system or OS does not allow direct reads.
+    disk_read_gbps: Option<f64>,
     /// `--memory-budget` in bytes, when given.
     #[serde(skip_serializing_if = "Option::is_none")]
     memory_budget_bytes: Option<usize>,
@@ -297,6 +301,7 @@ fn bench_on<B: Registered>(
         None => hw.threads,
     };
     let bw = read_bandwidth(probe_threads, 1 << 30, 5);
+    let disk_gbps = disk_read_rate(path, 256 << 20).map(|r| r / 1e9);
     let roof = bw / decode_bytes.max(1) as f64;
     let frac = tg.tps_mean / roof;
     let summary = Summary {
@@ -326,6 +331,7 @@ fn bench_on<B: Registered>(
             tg,
             peak_rss_bytes: peak,
             disk_read_bytes_per_token: disk_per_token,
+            disk_read_gbps: disk_gbps,
             memory_budget_bytes: budget,
             streaming,
             mem_read_gbps: bw / 1e9,
@@ -353,6 +359,7 @@ fn bench_on<B: Registered>(
     let mib = |b: f64| format!("{:.1} MiB", b / (1u64 << 20) as f64);
     let rss = peak.map_or_else(|| "unknown".into(), |b| mib(b as f64));
     let disk = disk_per_token.map_or_else(|| "unknown".into(), |b| format!("{:.2} MB/token", b / 1e6));
+    let disk_rate = disk_gbps.map_or_else(|| "unknown".into(), |r| format!("{r:.2} GB/s"));
     let stream = match (budget, streaming) {
         (None, _) => String::new(),
         (Some(b), None) => format!("; memory budget {} holds every layer", mib(b as f64)),
@@ -365,7 +372,7 @@ fn bench_on<B: Registered>(
         ),
     };
     out::print_all(&format!(
-        "{device}\npeak RSS: {rss}; read from disk during tg: {disk}{stream}\nmemory read bandwidth ({} threads): {:.1} GB/s; decode reads {:.1} MB/token -> tg roofline {roof:.1} t/s{}\n",
+        "{device}\npeak RSS: {rss}; read from disk during tg: {disk} (the disk reads {disk_rate}){stream}\nmemory read bandwidth ({} threads): {:.1} GB/s; decode reads {:.1} MB/token -> tg roofline {roof:.1} t/s{}\n",
         probe_threads,
         bw / 1e9,
         decode_bytes as f64 / 1e6,
@@ -467,6 +474,50 @@ impl TokenIds {
         }
         id
     }
+}
+
+/// The disk's sequential read rate (bytes/s) under `model` (a file, or a folder's largest
+/// `.safetensors` file): up to `most` bytes read with `O_DIRECT`, past the page cache, in 8 MiB
+/// blocks. `None` where direct reads are refused (tmpfs, some overlays) or not Linux.
+fn disk_read_rate(model: &Path, most: usize) -> Option<f64> {
+    let file = if model.is_dir() {
+        std::fs::read_dir(model)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .max_by_key(|p| p.metadata().map_or(0, |m| m.len()))?
+    } else {
+        model.to_path_buf()
+    };
+    direct_read_rate(&file, most)
+}
+
+#[cfg(target_os = "linux")]
+fn direct_read_rate(file: &Path, most: usize) -> Option<f64> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    const BLOCK: usize = 8 << 20;
+    const ALIGN: usize = 4096; // O_DIRECT wants the buffer, offset and length aligned
+    let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(file).ok()?;
+    let mut buf = vec![0u8; BLOCK + ALIGN];
+    let start = buf.as_ptr().align_offset(ALIGN);
+    let block = &mut buf[start..start + BLOCK];
+    let t = Instant::now();
+    let mut total = 0;
+    while total < most {
+        match f.read(block) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(_) => return None,
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    (total > 0 && secs > 0.0).then(|| total as f64 / secs)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn direct_read_rate(_file: &Path, _most: usize) -> Option<f64> {
+    None
 }
 
 /// Bytes this process has read from storage so far (`read_bytes` of /proc/self/io).

@@ -345,6 +345,8 @@ fn memory_budget_streams_and_refuses_clearly() {
     assert_eq!(v["streaming"]["layers"], 30, "{v}");
     assert!(v["streaming"]["pinned_layers"].as_u64().unwrap() < 30, "{v}");
     assert!(v["disk_read_bytes_per_token"].as_f64().is_some_and(|b| b >= 0.0), "{v}");
+    // The disk's rate is null only where direct reads are refused (tmpfs, some overlays).
+    assert!(v["disk_read_gbps"].is_null() || v["disk_read_gbps"].as_f64().is_some_and(|r| r > 0.0), "{v}");
     let v = check_bench(&["bench", "-m", path_str(&m), "-p", "8", "-n", "2", "-r", "1", "--json"], "cpu", 8, 2);
     assert!(v.get("streaming").is_none() && v.get("memory_budget_bytes").is_none(), "{v}");
 
