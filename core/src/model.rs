@@ -117,13 +117,13 @@ struct StepHost<Buf, W> {
     positions: Vec<u32>, // (rows)
     seqs: Vec<SeqSpan>,  // (sequences)
     ops: Vec<Op<Buf, W>>,
-    /// Per sequence of the step: its row of logits / ids, if it wants one.
-    out_row: Vec<Option<u32>>, // (sequences)
-    logits: Vec<f32>, // (logit_rows, vocab)
-    ids_f: Vec<f32>,  // (logit_rows)
-    ids: Vec<u32>,    // (logit_rows)
     /// Where each layer's ops end in `ops`, but the last's (streamed steps submit per layer).
     layer_end: Vec<usize>, // (layers - 1)
+    /// Per sequence of the step: its row of logits / ids, if it wants one.
+    out_row: Vec<Option<u32>>, // (sequences)
+    logits: Vec<f32>,          // (logit_rows, vocab)
+    ids_f: Vec<f32>,           // (logit_rows)
+    ids: Vec<u32>,             // (logit_rows)
 }
 
 /// A sequence's share of a batched step: its slot, the position of its first new token, and
