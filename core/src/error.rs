@@ -24,6 +24,13 @@ pub enum Error {
     /// The backend failed.
     #[error("backend {backend}: {msg} ({kind:?})")]
     Backend { backend: String, kind: ErrorKind, msg: String },
+    /// A weight budget cannot hold what every step needs (`needs`, each part named).
+    #[error(
+        "memory budget of {budget} bytes is too small: this model needs at least {} bytes \
+         (shared weights {} + KV cache {} + activations {} + two decoder layers of {} each)",
+        needs.least(), needs.shared, needs.kv_cache, needs.buffers, needs.layer
+    )]
+    Budget { budget: usize, needs: crate::stream::Needs },
     /// A caller's argument is out of range (prompt longer than the context, unknown token id, …).
     #[error("{0}")]
     Invalid(String),

@@ -6,6 +6,7 @@
 //!   `text_config`) or GGUF metadata.
 //! * [`source`]: a model's files opened (`std`): config, tensors by role, tokenizer hints.
 //! * [`model`]: Gemma 3 and Llama, prefill and decode with a KV cache.
+//! * [`stream`]: a weight budget: layers read ahead and released around the step that uses them.
 //! * [`sampling`]: greedy, temperature, top-k/p, min-p, penalties, seeded RNG.
 //! * [`tokenizer`] (`std`): tokenizer.json, or built from a GGUF's vocabulary.
 //! * [`quantize`] (`std`): a float checkpoint or GGUF written as a compressed-tensors one.
@@ -14,7 +15,8 @@
 //! headers without `std`; `libm` gives f32 math without `std`. The `safetensors` crate is not
 //! used for parsing: it accepts duplicate header keys and its errors do not always name the
 //! tensor, and every malformed header must be an error naming the tensor and the file.
-//! `memmap2` maps weight files (one `unsafe` call, in `source.rs`). The `safetensors` crate does
+//! `memmap2` maps weight files and advises their pages (the `unsafe` calls, in `source.rs`;
+//! `libc` gives the page size). The `safetensors` crate does
 //! write: `quantize`'s output, whose tensors we make ourselves.
 #![no_std]
 
@@ -33,6 +35,7 @@ pub mod quantize;
 pub mod safetensors;
 pub mod sampling;
 pub mod source;
+pub mod stream;
 #[cfg(feature = "std")]
 pub mod tokenizer;
 

@@ -20,6 +20,7 @@ use purehw_hal::{
 use crate::config::{Arch, LayerKind, ModelConfig};
 pub use crate::generate::{generate, generate_from};
 use crate::source::{ModelSource, Role};
+use crate::stream::{LayerSpans, Needs, Plan, Streamer};
 use crate::{Error, Result};
 
 /// Sizes chosen at load time; every buffer is allocated for them once.
@@ -116,6 +117,8 @@ struct StepHost<Buf, W> {
     positions: Vec<u32>, // (rows)
     seqs: Vec<SeqSpan>,  // (sequences)
     ops: Vec<Op<Buf, W>>,
+    /// Where each layer's ops end in `ops`, but the last's (streamed steps submit per layer).
+    layer_end: Vec<usize>, // (layers - 1)
     /// Per sequence of the step: its row of logits / ids, if it wants one.
     out_row: Vec<Option<u32>>, // (sequences)
     logits: Vec<f32>,          // (logit_rows, vocab)
@@ -175,11 +178,30 @@ pub struct Model<B: Backend> {
     state: RunState<B::Buffer>,
     host: StepHost<B::Buffer, B::Weight>,
     fused: Fusions,
+    /// With a weight budget too small for every layer: moves layers in and out per step.
+    stream: Option<Streamer>,
 }
 
 impl<B: Backend> Model<B> {
     /// Load `source`'s weights into `backend` and size every buffer for `opts`.
-    pub fn load(mut backend: B, source: &ModelSource, opts: ModelOptions) -> Result<Self> {
+    pub fn load(backend: B, source: &ModelSource, opts: ModelOptions) -> Result<Self> {
+        Self::load_with_budget(backend, source, opts, None)
+    }
+
+    /// As [`load`](Self::load), keeping at most `weight_budget` bytes resident (where given):
+    /// the shared weights, the KV cache and the activations always, and as many decoder layers as
+    /// the rest holds; the others are streamed per step ([`crate::stream`]), which then runs as
+    /// one submission per layer. Residency is the weight owners' (a file's map), so this bounds
+    /// host memory on backends that compute on the weights in place (`cpu`, `cpu-ref`); a
+    /// backend that copies weights at load keeps its copies whole. A budget that holds every
+    /// layer changes nothing. Errors when it cannot hold the shared weights, the KV cache, the
+    /// activations and two layers, naming each.
+    pub fn load_with_budget(
+        mut backend: B,
+        source: &ModelSource,
+        opts: ModelOptions,
+        weight_budget: Option<usize>,
+    ) -> Result<Self> {
         let c = source.config.clone();
         if opts.slots == 0 || opts.max_batch == 0 || opts.logit_rows == 0 || opts.ctx == 0 {
             return Err(Error::Invalid("ctx, slots, max_batch and logit_rows must be at least 1".into()));
@@ -191,8 +213,27 @@ impl<B: Backend> Model<B> {
         if opts.slots.checked_mul(opts.ctx).is_none_or(|rows| rows > u32::MAX as usize) {
             return Err(Error::Invalid(format!("{} slots of {} positions is too many", opts.slots, opts.ctx)));
         }
-        let weights = load_weights(&mut backend, source, &c, opts.act)?;
-        let state = alloc_state(&mut backend, &c, &opts)?;
+        let mut spans = Spans::default();
+        let weights = load_weights(&mut backend, source, &c, opts.act, &mut spans)?;
+        let (state, sizes) = alloc_state(&mut backend, &c, &opts)?;
+        let stream = match weight_budget {
+            None => None,
+            Some(budget) => {
+                let layer_spans = LayerSpans::new(spans.layers);
+                let layer = (0..c.layers).map(|l| layer_spans.bytes(l)).max().unwrap_or(0);
+                let logits_host = opts.logit_rows.saturating_mul(c.vocab).saturating_mul(4);
+                let needs = Needs {
+                    shared: spans.shared,
+                    kv_cache: sizes.kv_cache,
+                    buffers: sizes.buffers.saturating_add(logits_host),
+                    layer,
+                };
+                match Plan::new(budget, c.layers, needs)? {
+                    Plan::Resident => None,
+                    Plan::Stream { pinned, ahead } => Some(Streamer::new(layer_spans, pinned, ahead)?),
+                }
+            }
+        };
         let ops_per_step = 8 + c.layers * 24 + 4 * opts.logit_rows;
         let no_mem = |what: &str| Error::Invalid(format!("no memory for {what}"));
         let mut logits = Vec::new();
@@ -207,6 +248,7 @@ impl<B: Backend> Model<B> {
             logits,
             ids_f: alloc::vec![0.0; opts.logit_rows],
             ids: alloc::vec![0; opts.logit_rows],
+            layer_end: Vec::with_capacity(c.layers),
         };
         let fused = Fusions {
             add_norm: backend.supports(OpKind::AddRmsNorm),
@@ -214,7 +256,13 @@ impl<B: Backend> Model<B> {
             ffn: backend.supports(OpKind::GatedFfn),
         };
         let backend_name = String::from(backend.name());
-        Ok(Model { config: c, opts, backend, backend_name, weights, state, host, fused })
+        Ok(Model { config: c, opts, backend, backend_name, weights, state, host, fused, stream })
+    }
+
+    /// With a weight budget that does not hold every layer: `(pinned, ahead)`, the layers kept
+    /// resident (`0..pinned`) and how many streamed layers are read ahead. `None` otherwise.
+    pub fn streaming(&self) -> Option<(usize, usize)> {
+        self.stream.as_ref().map(|s| (s.pinned(), s.ahead()))
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -408,6 +456,8 @@ impl<B: Backend> Model<B> {
         let quant = |buf, q8: Option<ActLayout>| q8.map(|layout| QuantOut { out: View::new(buf, 0), layout });
         let ops = &mut h.ops;
         ops.clear();
+        h.layer_end.clear();
+        let pushed = core::cell::Cell::new(0); // ops so far
         let mut push = |op: Op<B::Buffer, B::Weight>| {
             let native = match op {
                 Op::AddRmsNorm { .. } => fused.add_norm,
@@ -423,6 +473,7 @@ impl<B: Backend> Model<B> {
                     Ok::<(), ()>(())
                 });
             }
+            pushed.set(ops.len());
         };
 
         // Embedding: x = embed[tokens] · embed_scale; then the first layer's pre-norm. The
@@ -543,6 +594,9 @@ impl<B: Backend> Model<B> {
                 dim: c.hidden,
                 eps: c.eps,
             });
+            if next.is_some() {
+                h.layer_end.push(pushed.get());
+            }
             xi = 1 - xi;
         }
 
@@ -584,7 +638,21 @@ impl<B: Backend> Model<B> {
 
         let step = Step { tokens: &h.tokens, positions: &h.positions, seqs: &h.seqs };
         let name = &self.backend_name;
-        self.backend.submit(&step, ops).map_err(|e| Error::backend(name, e))?;
+        match &self.stream {
+            None => self.backend.submit(&step, ops).map_err(|e| Error::backend(name, e))?,
+            // One submission per layer (the embedding with the first, the LM head with the last),
+            // each layer read ahead before and released after.
+            Some(st) => {
+                let mut start = 0;
+                for l in 0..c.layers {
+                    let end = h.layer_end.get(l).copied().unwrap_or(ops.len());
+                    st.before(l);
+                    self.backend.submit(&step, &ops[start..end]).map_err(|e| Error::backend(name, e))?;
+                    st.after(l);
+                    start = end;
+                }
+            }
+        }
         if read_ids {
             let out = &mut h.ids_f[..logit_rows];
             self.backend.read(View::new(s.ids, 0), out).map_err(|e| Error::backend(name, e))?;
@@ -610,41 +678,67 @@ fn shared_q8(act: ActQuant, formats: &[Format]) -> Option<ActLayout> {
     formats.iter().all(|f| f.act_layout() == Some(first)).then_some(first)
 }
 
+/// Where the loaded weights' bytes are, for a weight budget: the bytes every token reads, and
+/// each layer's matrices (norms are copied into owned f32 at load and count as shared).
+#[derive(Default)]
+struct Spans {
+    shared: usize,
+    layers: Vec<Vec<HostBytes>>, // (layers) each matrix's codes, scales, zero points
+}
+
+impl Spans {
+    fn add(&mut self, w: &HostWeight, layer: Option<usize>) {
+        let parts = [Some(&w.data), w.parts.scales.as_ref(), w.parts.zeros.as_ref()];
+        for p in parts.into_iter().flatten() {
+            match layer {
+                Some(l) => {
+                    if self.layers.len() <= l {
+                        self.layers.resize_with(l + 1, Vec::new);
+                    }
+                    self.layers[l].push(p.clone());
+                }
+                None => self.shared += p.len(),
+            }
+        }
+    }
+}
+
 /// Load every weight the architecture needs, checking shapes, formats and backend support.
 fn load_weights<B: Backend>(
     backend: &mut B,
     src: &ModelSource,
     c: &ModelConfig,
     act: ActQuant,
+    spans: &mut Spans,
 ) -> Result<Weights<B::Weight>> {
     let gemma = c.arch == Arch::Gemma3;
-    let (embed, embed_fmt) = matrix(backend, src, Role::TokenEmbd, None)?;
+    let (embed, embed_fmt) = matrix(backend, src, Role::TokenEmbd, None, spans)?;
     let (output, output_fmt) =
-        if c.tied_embeddings { (embed, embed_fmt) } else { matrix(backend, src, Role::Output, None)? };
+        if c.tied_embeddings { (embed, embed_fmt) } else { matrix(backend, src, Role::Output, None, spans)? };
     if c.layers == 0 {
         return Err(Error::format(src.label.clone(), "the model has no layers"));
     }
-    let out_norm = norm(backend, src, c, Role::OutputNorm, None)?;
+    let out_norm = norm(backend, src, c, Role::OutputNorm, None, spans)?;
     let mut layers = Vec::with_capacity(c.layers);
     for l in 0..c.layers {
         let li = Some(l);
         // Gemma's extra norms (QK-norm, post-attention, post-MLP); Llama has none.
-        let gemma_norm = |b: &mut B, role: Role| -> Result<Option<B::Weight>> {
-            if gemma { norm(b, src, c, role, li).map(Some) } else { Ok(None) }
+        let gemma_norm = |b: &mut B, role: Role, sp: &mut Spans| -> Result<Option<B::Weight>> {
+            if gemma { norm(b, src, c, role, li, sp).map(Some) } else { Ok(None) }
         };
-        let attn_norm = norm(backend, src, c, Role::AttnNorm, li)?;
-        let (wq, fq) = matrix(backend, src, Role::AttnQ, li)?;
-        let (wk, fk) = matrix(backend, src, Role::AttnK, li)?;
-        let (wv, fv) = matrix(backend, src, Role::AttnV, li)?;
-        let (wo, fo) = matrix(backend, src, Role::AttnOut, li)?;
-        let q_norm = gemma_norm(backend, Role::AttnQNorm)?;
-        let k_norm = gemma_norm(backend, Role::AttnKNorm)?;
-        let post_attn_norm = gemma_norm(backend, Role::PostAttnNorm)?;
-        let ffn_norm = norm(backend, src, c, Role::FfnNorm, li)?;
-        let (gate, fg) = matrix(backend, src, Role::FfnGate, li)?;
-        let (up, fu) = matrix(backend, src, Role::FfnUp, li)?;
-        let (down, fd) = matrix(backend, src, Role::FfnDown, li)?;
-        let post_ffn_norm = gemma_norm(backend, Role::PostFfnNorm)?;
+        let attn_norm = norm(backend, src, c, Role::AttnNorm, li, spans)?;
+        let (wq, fq) = matrix(backend, src, Role::AttnQ, li, spans)?;
+        let (wk, fk) = matrix(backend, src, Role::AttnK, li, spans)?;
+        let (wv, fv) = matrix(backend, src, Role::AttnV, li, spans)?;
+        let (wo, fo) = matrix(backend, src, Role::AttnOut, li, spans)?;
+        let q_norm = gemma_norm(backend, Role::AttnQNorm, spans)?;
+        let k_norm = gemma_norm(backend, Role::AttnKNorm, spans)?;
+        let post_attn_norm = gemma_norm(backend, Role::PostAttnNorm, spans)?;
+        let ffn_norm = norm(backend, src, c, Role::FfnNorm, li, spans)?;
+        let (gate, fg) = matrix(backend, src, Role::FfnGate, li, spans)?;
+        let (up, fu) = matrix(backend, src, Role::FfnUp, li, spans)?;
+        let (down, fd) = matrix(backend, src, Role::FfnDown, li, spans)?;
+        let post_ffn_norm = gemma_norm(backend, Role::PostFfnNorm, spans)?;
         layers.push(Layer {
             kind: c.layer_kinds.get(l).copied().unwrap_or(LayerKind::Full),
             attn_norm,
@@ -683,6 +777,7 @@ fn matrix<B: Backend>(
     src: &ModelSource,
     role: Role,
     layer: Option<usize>,
+    spans: &mut Spans,
 ) -> Result<(B::Weight, Format)> {
     let hw = required(src, role, layer)?;
     let embed_ok = role != Role::TokenEmbd || b.supports(OpKind::Embed(hw.format));
@@ -694,6 +789,7 @@ fn matrix<B: Backend>(
         ));
     }
     let w = b.load_weight(&hw).map_err(|e| Error::backend(b.name(), e))?;
+    spans.add(&hw, layer);
     Ok((w, hw.format))
 }
 
@@ -705,6 +801,7 @@ fn norm<B: Backend>(
     c: &ModelConfig,
     role: Role,
     layer: Option<usize>,
+    spans: &mut Spans,
 ) -> Result<B::Weight> {
     let hw = required(src, role, layer)?;
     if hw.rows != 1 {
@@ -720,18 +817,30 @@ fn norm<B: Backend>(
     let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
     let f = HostWeight::new(Format::F32, 1, hw.cols, HostBytes::from_vec(bytes))
         .ok_or_else(|| Error::format(src.label.clone(), format!("{role:?}: bad norm size")))?;
+    spans.add(&f, None);
     b.load_weight(&f).map_err(|e| Error::backend(b.name(), e))
 }
 
-fn alloc_state<B: Backend>(b: &mut B, c: &ModelConfig, o: &ModelOptions) -> Result<RunState<B::Buffer>> {
+/// Bytes of a model's buffers, for a weight budget.
+struct StateSizes {
+    kv_cache: usize,
+    buffers: usize,
+}
+
+fn alloc_state<B: Backend>(b: &mut B, c: &ModelConfig, o: &ModelOptions) -> Result<(RunState<B::Buffer>, StateSizes)> {
     let name = String::from(b.name());
+    let mut elems = 0usize; // every buffer's f32 elements so far
     // Sizes come from files and options: overflow is an error, not a wrap.
     let mul = |dims: &[usize]| {
         dims.iter()
             .try_fold(1usize, |n, &d| n.checked_mul(d))
             .ok_or_else(|| Error::Invalid(format!("buffer of {dims:?} elements is too large")))
     };
-    let mut a = |dims: &[usize]| -> Result<B::Buffer> { b.alloc(mul(dims)?).map_err(|e| Error::backend(&name, e)) };
+    let mut a = |dims: &[usize]| -> Result<B::Buffer> {
+        let n = mul(dims)?;
+        elems = elems.saturating_add(n);
+        b.alloc(n).map_err(|e| Error::backend(&name, e))
+    };
     let (qd, kvd, mb) = (mul(&[c.heads, c.head_dim])?, mul(&[c.kv_heads, c.head_dim])?, o.max_batch);
     let x = [a(&[mb, c.hidden])?, a(&[mb, c.hidden])?];
     let xb = a(&[mb, c.hidden])?;
@@ -755,5 +864,7 @@ fn alloc_state<B: Backend>(b: &mut B, c: &ModelConfig, o: &ModelOptions) -> Resu
         k_cache.push(a(&[o.slots, o.ctx, kvd])?);
         v_cache.push(a(&[o.slots, o.ctx, kvd])?);
     }
-    Ok(RunState { x, xb, xn, xq, xq_wide, q, k, v, att, gate, up, act, logits, ids, k_cache, v_cache })
+    let kv = mul(&[2, c.layers, o.slots, o.ctx, kvd])?;
+    let sizes = StateSizes { kv_cache: kv.saturating_mul(4), buffers: elems.saturating_sub(kv).saturating_mul(4) };
+    Ok((RunState { x, xb, xn, xq, xq_wide, q, k, v, att, gate, up, act, logits, ids, k_cache, v_cache }, sizes))
 }

@@ -10,7 +10,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use purehw_hal::{Codes, Format, HostBytes, HostWeight, PackedInt, ScaleType, WeightParts};
+use purehw_hal::{ByteOwner, Codes, Format, HostBytes, HostWeight, PackedInt, PlainBytes, ScaleType, WeightParts};
 
 use crate::config::{Arch, ModelConfig};
 use crate::gguf::{self, GgufFile};
@@ -20,6 +20,9 @@ use crate::{Error, Result};
 
 /// Bytes of one file, shared with every weight cut from it.
 pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// A file's bytes as the source keeps them: with a say over residency where the file is mapped.
+type Owned = Arc<dyn ByteOwner>;
 
 /// What a tensor is for, independent of the file's naming scheme.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -135,14 +138,14 @@ struct Shard {
     name: String,
     /// What errors call it (`<label>/<name>`).
     display: String,
-    bytes: SharedBytes,
+    bytes: Owned,
     header: Header,
 }
 
 enum Store {
     Gguf {
         file: GgufFile,
-        bytes: SharedBytes,
+        bytes: Owned,
     },
     Safetensors {
         shards: Vec<Shard>,
@@ -178,6 +181,10 @@ const HF_LM_HEADS: [&str; 2] = ["lm_head.weight", "language_model.lm_head.weight
 impl ModelSource {
     /// A GGUF file's bytes. `label` names it in errors.
     pub fn from_gguf_bytes(label: &str, bytes: SharedBytes) -> Result<ModelSource> {
+        Self::from_gguf_owner(label, Arc::new(PlainBytes(bytes)))
+    }
+
+    fn from_gguf_owner(label: &str, bytes: Owned) -> Result<ModelSource> {
         let file = gguf::parse((*bytes).as_ref()).map_err(|m| Error::format(label, m))?;
         let config = ModelConfig::from_gguf(label, &file)?;
         let chat_template = file.get_str("tokenizer.chat_template").map(String::from);
@@ -209,6 +216,7 @@ impl ModelSource {
         shards: Vec<(String, SharedBytes)>,
     ) -> Result<ModelSource> {
         let weight_map = index_json.map(|json| parse_index(label, json)).transpose()?;
+        let shards = shards.into_iter().map(|(n, b)| (n, Arc::new(PlainBytes(b)) as Owned)).collect();
         Self::from_hf_parts(label, config_json, weight_map.as_deref(), shards)
     }
 
@@ -217,7 +225,7 @@ impl ModelSource {
         label: &str,
         config_json: &str,
         weight_map: Option<&[(String, String)]>,
-        shards: Vec<(String, SharedBytes)>,
+        shards: Vec<(String, Owned)>,
     ) -> Result<ModelSource> {
         let config_file = format!("{label}/config.json");
         let config = ModelConfig::from_hf_json(&config_file, config_json)?;
@@ -313,8 +321,8 @@ impl ModelSource {
     /// vector is `1, n`), or `Ok(None)` when the model does not have it (e.g. `Output` when tied).
     /// Shape and byte size are checked; a mismatch is an error naming the tensor and the file.
     /// `range` of `bytes` as a weight's bytes, marked as mapped when the source maps files.
-    fn host_bytes(&self, bytes: &SharedBytes, range: core::ops::Range<usize>) -> Option<HostBytes> {
-        if self.mapped { HostBytes::new_mapped(bytes.clone(), range) } else { HostBytes::new(bytes.clone(), range) }
+    fn host_bytes(&self, bytes: &Owned, range: core::ops::Range<usize>) -> Option<HostBytes> {
+        HostBytes::from_owner(bytes.clone(), range, self.mapped)
     }
 
     pub fn weight(&self, role: Role, layer: Option<usize>) -> Result<Option<HostWeight>> {
@@ -699,17 +707,83 @@ mod open {
         fs::read_to_string(path).map_err(|e| io(path, e))
     }
 
-    /// Memory-map a weight file read-only; weights are never copied wholesale. This is the
-    /// workspace's one `unsafe` call (`memmap2::Mmap::map`).
+    /// Memory-map a weight file read-only; weights are never copied wholesale. This and
+    /// [`MappedFile`]'s residency calls are the workspace's only `unsafe` outside FFI and SIMD.
     #[allow(unsafe_code)]
-    fn map_file(path: &Path) -> Result<SharedBytes> {
+    fn map_file(path: &Path) -> Result<Owned> {
         let f = fs::File::open(path).map_err(|e| io(path, e))?;
         // SAFETY: the mapping is read-only and private to this process. The one hazard is another
         // process truncating or rewriting the file while it is mapped (as with every mmap-based
         // engine); model files are treated as immutable, and `purehw pull` replaces files by
         // atomic rename, which leaves existing mappings intact.
         let m = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| io(path, e))?;
-        Ok(Arc::new(m))
+        Ok(Arc::new(MappedFile(m)))
+    }
+
+    /// A weight file's read-only map, whose pages can be read ahead and given back
+    /// (`madvise`), so a model loaded with a memory budget streams its layers.
+    struct MappedFile(memmap2::Mmap);
+
+    impl AsRef<[u8]> for MappedFile {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    /// The OS page size (`sysconf`), read once.
+    #[cfg(unix)]
+    #[allow(unsafe_code)]
+    fn page_size() -> usize {
+        static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        // SAFETY: sysconf reads a constant of the system; it takes no pointers.
+        *PAGE.get_or_init(|| usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1))
+    }
+
+    /// `range` widened to whole pages (the map starts on a page), clamped to `len`: every page
+    /// holding a byte of it. `None` when empty.
+    pub(crate) fn pages_around(range: core::ops::Range<usize>, page: usize, len: usize) -> Option<(usize, usize)> {
+        let end = range.end.min(len);
+        if range.start >= end {
+            return None;
+        }
+        let start = range.start - range.start % page;
+        let end = end.div_ceil(page).saturating_mul(page).min(len);
+        (start < end).then(|| (start, end - start))
+    }
+
+    /// `range` narrowed to whole pages: only pages holding nothing but bytes of it (a page shared
+    /// with a neighbouring tensor stays). The last page of the file counts as whole. `None` when
+    /// no page is.
+    pub(crate) fn pages_within(range: core::ops::Range<usize>, page: usize, len: usize) -> Option<(usize, usize)> {
+        let end = range.end.min(len);
+        let start = range.start.div_ceil(page).saturating_mul(page);
+        let end = if end == len { end } else { end - end % page };
+        (start < end).then(|| (start, end - start))
+    }
+
+    impl ByteOwner for MappedFile {
+        #[cfg(unix)]
+        fn prefetch(&self, range: core::ops::Range<usize>) {
+            if let Some((off, len)) = pages_around(range, page_size(), self.0.len()) {
+                // Start the reads, then map the pages in (Linux 5.14+; older kernels refuse it and
+                // the pages fault in on first touch). Hints: failures change nothing but speed.
+                let _ = self.0.advise_range(memmap2::Advice::WillNeed, off, len);
+                #[cfg(target_os = "linux")]
+                let _ = self.0.advise_range(memmap2::Advice::PopulateRead, off, len);
+            }
+        }
+
+        #[cfg(unix)]
+        #[allow(unsafe_code)]
+        fn release(&self, range: core::ops::Range<usize>) {
+            if let Some((off, len)) = pages_within(range, page_size(), self.0.len()) {
+                // SAFETY: MADV_DONTNEED drops these pages from this process's map. The map is
+                // read-only and private, never written, so the next touch reads the same bytes
+                // from the file again (the hazard is the one `map_file` names: the file changing
+                // underneath). `off` is page-aligned and `off + len` lies inside the map.
+                let _ = unsafe { self.0.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, len) };
+            }
+        }
     }
 
     fn is_gguf(path: &Path) -> bool {
@@ -774,7 +848,7 @@ mod open {
     }
 
     fn open_gguf(path: &Path) -> Result<ModelSource> {
-        let mut s = ModelSource::from_gguf_bytes(&path.display().to_string(), map_file(path)?)?;
+        let mut s = ModelSource::from_gguf_owner(&path.display().to_string(), map_file(path)?)?;
         s.dir = path.parent().map(Path::to_path_buf);
         s.mapped = true;
         Ok(s)
@@ -837,5 +911,25 @@ mod open {
             s.chat_template = Some(read_text(&jinja)?);
         }
         Ok(())
+    }
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::open::{pages_around, pages_within};
+
+    #[test]
+    fn prefetch_widens_to_pages_and_release_narrows() {
+        // A 10-page file; a tensor from the middle of page 1 to the middle of page 3.
+        let (p, len) = (4096, 10 * 4096);
+        assert_eq!(pages_around(6000..14000, p, len), Some((4096, 3 * 4096)));
+        assert_eq!(pages_within(6000..14000, p, len), Some((8192, 4096)));
+        // Whole pages stay as they are; nothing whole inside a page-sized range that straddles.
+        assert_eq!(pages_within(4096..12288, p, len), Some((4096, 8192)));
+        assert_eq!(pages_within(100..4196, p, len), None);
+        // The file's last, partial page counts as whole; nothing past the end.
+        assert_eq!(pages_within(9 * 4096..len - 10, p, len - 10), Some((9 * 4096, 4086)));
+        assert_eq!(pages_around(len - 10..len, p, len), Some((9 * 4096, 4096)));
+        assert_eq!(pages_around(5..5, p, len), None);
     }
 }

@@ -8,10 +8,36 @@ use purehw_kernels::quant::{IntRow, dequantize_int_row, dequantize_row, dot_int_
 
 use crate::Format;
 
+/// What holds weight bytes (a file's memory map, a `Vec`), and, where it can, says which of them
+/// stay in memory. Both calls are hints about residency only: the bytes stay readable and equal
+/// whatever is asked (a released page of a file's map is read again on the next touch). Owners
+/// that are not maps keep the defaults, which do nothing.
+pub trait ByteOwner: AsRef<[u8]> + Send + Sync {
+    /// Bring `range` (of [`as_ref`](AsRef::as_ref)) into memory ahead of its use. May block
+    /// while it reads: a caller that must not wait calls it from another thread.
+    fn prefetch(&self, _range: Range<usize>) {}
+
+    /// `range` is not needed for now: the memory behind it may be given back.
+    fn release(&self, _range: Range<usize>) {}
+}
+
+impl ByteOwner for Vec<u8> {}
+
+/// An owner known only by its bytes (no say over residency).
+pub struct PlainBytes(pub Arc<dyn AsRef<[u8]> + Send + Sync>);
+
+impl AsRef<[u8]> for PlainBytes {
+    fn as_ref(&self) -> &[u8] {
+        (*self.0).as_ref()
+    }
+}
+
+impl ByteOwner for PlainBytes {}
+
 /// Bytes owned elsewhere (an mmap, a `Vec`), kept alive by reference counting.
 #[derive(Clone)]
 pub struct HostBytes {
-    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    owner: Arc<dyn ByteOwner>,
     range: Range<usize>,
     mapped: bool,
 }
@@ -19,15 +45,22 @@ pub struct HostBytes {
 impl HostBytes {
     /// `range` of `owner`, or `None` when it does not lie inside.
     pub fn new(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Option<Self> {
-        let len = (*owner).as_ref().len();
-        (range.start <= range.end && range.end <= len).then_some(HostBytes { owner, range, mapped: false })
+        Self::from_owner(Arc::new(PlainBytes(owner)), range, false)
     }
 
     /// As [`new`](Self::new) for an owner that is a memory map of a whole file: its start is
     /// page-aligned and the pages around any range of it are mapped, so a device that shares
     /// memory with the host may import them in place instead of copying.
     pub fn new_mapped(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Option<Self> {
-        Self::new(owner, range).map(|b| HostBytes { mapped: true, ..b })
+        Self::from_owner(Arc::new(PlainBytes(owner)), range, true)
+    }
+
+    /// `range` of an owner that may manage its residency ([`prefetch`](Self::prefetch),
+    /// [`release`](Self::release)); `mapped` as for [`new_mapped`](Self::new_mapped). `None` when
+    /// the range does not lie inside.
+    pub fn from_owner(owner: Arc<dyn ByteOwner>, range: Range<usize>, mapped: bool) -> Option<Self> {
+        let len = (*owner).as_ref().len();
+        (range.start <= range.end && range.end <= len).then_some(HostBytes { owner, range, mapped })
     }
 
     /// Owned bytes (small tensors converted at load time, tests).
@@ -57,6 +90,30 @@ impl HostBytes {
 
     pub fn is_empty(&self) -> bool {
         self.range.is_empty()
+    }
+
+    /// Ask the owner to bring these bytes into memory (see [`ByteOwner::prefetch`]).
+    pub fn prefetch(&self) {
+        self.owner.prefetch(self.range.clone());
+    }
+
+    /// Tell the owner these bytes are not needed for now (see [`ByteOwner::release`]).
+    pub fn release(&self) {
+        self.owner.release(self.range.clone());
+    }
+
+    /// One range covering `self` and `other` when both are of the same owner and at most `gap`
+    /// bytes apart (e.g. a file's alignment padding), so residency calls can cover both at once.
+    pub fn merged(&self, other: &HostBytes, gap: usize) -> Option<HostBytes> {
+        if !Arc::ptr_eq(&self.owner, &other.owner) {
+            return None;
+        }
+        let (a, b) = if self.range.start <= other.range.start { (self, other) } else { (other, self) };
+        (b.range.start <= a.range.end.saturating_add(gap)).then(|| HostBytes {
+            owner: self.owner.clone(),
+            range: a.range.start..a.range.end.max(b.range.end),
+            mapped: self.mapped,
+        })
     }
 }
 

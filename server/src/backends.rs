@@ -13,6 +13,8 @@ use std::fmt::Write as _;
 use std::marker::PhantomData;
 
 use clap::{Args, ValueEnum};
+use purehw_core::model::{Model, ModelOptions};
+use purehw_core::source::ModelSource;
 use purehw_hal::{ActQuant, Backend};
 use purehw_hal_cpu::Cpu;
 use purehw_hal_cpu_ref::CpuRef;
@@ -57,6 +59,18 @@ pub struct BackendArgs {
     /// Matmul activations (default: int8 on `cpu` and `vulkan`, f32 on `cpu-ref`).
     #[arg(long, value_enum)]
     pub act: Option<ActArg>,
+    /// Most bytes of a model kept in memory (e.g. 800M, 2GiB): the shared weights, the KV cache
+    /// and as many decoder layers as fit stay resident, the other layers are read per token
+    /// (`cpu` and `cpu-ref`; per model when serving several).
+    #[arg(long, value_name = "SIZE", value_parser = parse_budget)]
+    pub memory_budget: Option<usize>,
+}
+
+/// `--memory-budget SIZE`.
+fn parse_budget(s: &str) -> Result<usize, String> {
+    crate::quantize::parse_size(s)
+        .and_then(|b| usize::try_from(b).ok())
+        .ok_or_else(|| format!("{s:?} is not a size such as 800M, 2G or 4GiB"))
 }
 
 /// What the CLI shows of a backend's hardware.
@@ -87,6 +101,10 @@ pub trait Registered: Backend + Sized + 'static {
     fn step_counts(&self) -> Option<(usize, usize)> {
         None
     }
+
+    /// Whether the backend computes on the weights' host memory in place, so that
+    /// `--memory-budget` (releasing and prefetching the file's pages) bounds what it holds.
+    const STREAMS_WEIGHTS: bool = true;
 }
 
 impl Registered for Cpu {
@@ -134,6 +152,9 @@ impl Registered for Vulkan {
     fn step_counts(&self) -> Option<(usize, usize)> {
         Some(self.last_step_counts())
     }
+
+    // Weights are copied to the device at load; a ring of device buffers is still to come.
+    const STREAMS_WEIGHTS: bool = false;
 }
 
 /// Builds backends of type `B`, as often as asked.
@@ -141,12 +162,14 @@ pub struct Maker<B: Registered> {
     cfg: B::Config,
     /// `--act`, or the backend's default.
     pub act: ActQuant,
+    /// `--memory-budget` in bytes (for `Model::load_with_budget`).
+    pub budget: Option<usize>,
     _b: PhantomData<fn() -> B>,
 }
 
 impl<B: Registered> Clone for Maker<B> {
     fn clone(&self) -> Self {
-        Maker { cfg: self.cfg.clone(), act: self.act, _b: PhantomData }
+        Maker { cfg: self.cfg.clone(), act: self.act, budget: self.budget, _b: PhantomData }
     }
 }
 
@@ -157,11 +180,27 @@ impl<B: Registered> Maker<B> {
             Some(ActArg::Int8) => ActQuant::Int8,
             None => B::DEFAULT_ACT,
         };
-        Maker { cfg, act, _b: PhantomData }
+        Maker { cfg, act, budget: None, _b: PhantomData }
+    }
+
+    /// With `--memory-budget`: an error on a backend that cannot stream its weights yet.
+    fn with_budget(self, budget: Option<usize>) -> CliResult<Self> {
+        if budget.is_some() && !B::STREAMS_WEIGHTS {
+            return crate::error::err(format!(
+                "--memory-budget is not supported on --backend {} yet (layer streaming runs on cpu and cpu-ref)",
+                B::NAME
+            ));
+        }
+        Ok(Maker { budget, ..self })
     }
 
     pub fn make(&self) -> CliResult<B> {
         B::build(&self.cfg)
+    }
+
+    /// Load `src` on a new backend, within `--memory-budget` when given.
+    pub fn load(&self, src: &ModelSource, opts: ModelOptions) -> CliResult<Model<B>> {
+        Ok(Model::load_with_budget(self.make()?, src, opts, self.budget)?)
     }
 
     pub fn name(&self) -> &'static str {
@@ -177,15 +216,16 @@ pub trait WithBackend {
 
 /// Resolve `--backend` and run `v` with a maker for it.
 pub fn dispatch<V: WithBackend>(b: &BackendArgs, v: V) -> CliResult<V::Out> {
+    let budget = b.memory_budget;
     match b.kind {
-        BackendKind::Cpu => v.run(Maker::<Cpu>::new(b.threads, b.act)),
-        BackendKind::CpuRef => v.run(Maker::<CpuRef>::new((), b.act)),
-        BackendKind::Vulkan => v.run(Maker::<Vulkan>::new(VulkanOptions::from_env(), b.act)),
+        BackendKind::Cpu => v.run(Maker::<Cpu>::new(b.threads, b.act).with_budget(budget)?),
+        BackendKind::CpuRef => v.run(Maker::<CpuRef>::new((), b.act).with_budget(budget)?),
+        BackendKind::Vulkan => v.run(Maker::<Vulkan>::new(VulkanOptions::from_env(), b.act).with_budget(budget)?),
         BackendKind::Auto => match auto_gpu() {
-            Ok(opts) => v.run(Maker::<Vulkan>::new(opts, b.act)),
+            Ok(opts) => v.run(Maker::<Vulkan>::new(opts, b.act).with_budget(budget)?),
             Err(why) => {
                 eprintln!("purehw: --backend auto: {why}; using cpu");
-                v.run(Maker::<Cpu>::new(b.threads, b.act))
+                v.run(Maker::<Cpu>::new(b.threads, b.act).with_budget(budget)?)
             }
         },
     }
@@ -193,7 +233,7 @@ pub fn dispatch<V: WithBackend>(b: &BackendArgs, v: V) -> CliResult<V::Out> {
 
 /// The `cpu` backend the server falls back to when a lost device cannot be made again.
 pub fn cpu_fallback(b: &BackendArgs) -> Maker<Cpu> {
-    Maker::new(b.threads, b.act)
+    Maker { budget: b.memory_budget, ..Maker::new(b.threads, b.act) }
 }
 
 /// Vulkan options that take a discrete or integrated GPU (never a CPU device), or why there is

@@ -50,6 +50,21 @@ struct BenchJson<'a> {
     tg: Rate,
     /// `None` (JSON null) where the OS does not report it.
     peak_rss_bytes: Option<u64>,
+    /// Bytes this process read from storage per generated token over the tg runs (warm-up
+    /// included; /proc/self/io `read_bytes`): what a weight budget costs in disk reads. Pages
+    /// already in the page cache cost none. `None` where the OS does not report it.
+    disk_read_bytes_per_token: Option<f64>,
+    /// The disk's sequential read rate under the model's file (GB/s), read past the page cache
+    /// (`O_DIRECT`): the ceiling on streaming layers that are not cached. `None` where the file
+    /// system or OS does not allow direct reads.
+    disk_read_gbps: Option<f64>,
+    /// `--memory-budget` in bytes, when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_budget_bytes: Option<usize>,
+    /// With a budget that does not hold every layer: the layers kept resident and how many are
+    /// read ahead (the others are streamed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    streaming: Option<Streaming>,
     /// Measured memory read bandwidth with the same thread count (GB/s = 1e9 bytes/s).
     mem_read_gbps: f64,
     /// Weight bytes one decode step streams (every matmul weight, the LM head included).
@@ -143,6 +158,14 @@ fn sweep(a: &BenchArgs, path: &Path, src: &ModelSource, opts: ModelOptions) -> C
     out::print_all(&t)
 }
 
+/// How a budgeted model streams its layers.
+#[derive(Serialize, Copy, Clone)]
+struct Streaming {
+    layers: usize,
+    pinned_layers: usize,
+    read_ahead: usize,
+}
+
 /// One thread count's results (`--threads-sweep`).
 #[derive(Serialize)]
 struct Summary {
@@ -172,13 +195,14 @@ impl WithBackend for BenchOn<'_> {
         let backend = make.make()?;
         let hw = backend.hw();
         let opts = ModelOptions { act: make.act, ..self.opts };
-        bench_on(backend, B::NAME, &hw, self.a, self.path, self.src, opts, self.quiet)
+        bench_on(backend, make.budget, B::NAME, &hw, self.a, self.path, self.src, opts, self.quiet)
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn bench_on<B: Registered>(
     backend: B,
+    budget: Option<usize>,
     name: &'static str,
     hw: &Hw,
     a: &BenchArgs,
@@ -197,11 +221,16 @@ fn bench_on<B: Registered>(
     };
     let file = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
     let table = Table { file, size: fmt_size(model_bytes), params: fmt_params(params), name, hw, act };
+    // Loaded before the header is printed: a budget too small is then the only output.
+    let mut model = Model::load_with_budget(backend, src, opts, budget)?;
     if show {
         out::print_all(&table.header())?;
     }
-
-    let mut model = Model::load(backend, src, opts)?;
+    let streaming = model.streaming().map(|(pinned_layers, read_ahead)| Streaming {
+        layers: model.config().layers,
+        pinned_layers,
+        read_ahead,
+    });
     let c = model.config();
     // A decode step reads every matmul weight once; the embedding table only when it is also
     // the LM head (otherwise one row of it).
@@ -230,6 +259,7 @@ fn bench_on<B: Registered>(
     // Device seconds of the decode steps (summed, counted), where the backend times its steps.
     let mut device_time = (0f64, 0usize);
     let mut counts = None;
+    let mut disk_per_token = None;
     if a.n_gen > 0 {
         // llama-bench: from an empty context, BOS first, then random tokens.
         let mut steps: Vec<u32> = (0..a.n_gen).map(|_| ids.next()).collect();
@@ -237,6 +267,7 @@ fn bench_on<B: Registered>(
             steps[0] = b;
         }
         let mut runs = 0;
+        let read_before = disk_read_bytes();
         tg = measure(a.n_gen, a.repetitions, || {
             let t = Instant::now();
             let warm = runs > 0;
@@ -252,6 +283,8 @@ fn bench_on<B: Registered>(
             Ok(t.elapsed().as_secs_f64())
         })
         .context(|| format!("tg{}", a.n_gen))?;
+        let tokens = (a.n_gen * (a.repetitions + 1)) as f64;
+        disk_per_token = read_before.zip(disk_read_bytes()).map(|(b, e)| e.saturating_sub(b) as f64 / tokens);
         counts = model.backend().step_counts();
         if show {
             out::print_all(&table.row(&format!("tg{}", a.n_gen), &tg))?;
@@ -268,6 +301,7 @@ fn bench_on<B: Registered>(
         None => hw.threads,
     };
     let bw = read_bandwidth(probe_threads, 1 << 30, 5);
+    let disk_gbps = disk_read_rate(path, 256 << 20).map(|r| r / 1e9);
     let roof = bw / decode_bytes.max(1) as f64;
     let frac = tg.tps_mean / roof;
     let summary = Summary {
@@ -296,6 +330,10 @@ fn bench_on<B: Registered>(
             pp,
             tg,
             peak_rss_bytes: peak,
+            disk_read_bytes_per_token: disk_per_token,
+            disk_read_gbps: disk_gbps,
+            memory_budget_bytes: budget,
+            streaming,
             mem_read_gbps: bw / 1e9,
             decode_bytes_per_token: decode_bytes,
             tg_roofline_tps: roof,
@@ -318,9 +356,23 @@ fn bench_on<B: Registered>(
             let _ = write!(device, "; {:.3} ms of device time per decode step", s * 1e3);
         }
     }
-    let rss = peak.map_or_else(|| "unknown".into(), |b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64));
+    let mib = |b: f64| format!("{:.1} MiB", b / (1u64 << 20) as f64);
+    let rss = peak.map_or_else(|| "unknown".into(), |b| mib(b as f64));
+    let disk = disk_per_token.map_or_else(|| "unknown".into(), |b| format!("{:.2} MB/token", b / 1e6));
+    let disk_rate = disk_gbps.map_or_else(|| "unknown".into(), |r| format!("{r:.2} GB/s"));
+    let stream = match (budget, streaming) {
+        (None, _) => String::new(),
+        (Some(b), None) => format!("; memory budget {} holds every layer", mib(b as f64)),
+        (Some(b), Some(s)) => format!(
+            "; memory budget {}: {} of {} layers resident, the rest streamed ({} read ahead)",
+            mib(b as f64),
+            s.pinned_layers,
+            s.layers,
+            s.read_ahead
+        ),
+    };
     out::print_all(&format!(
-        "{device}\npeak RSS: {rss}\nmemory read bandwidth ({} threads): {:.1} GB/s; decode reads {:.1} MB/token -> tg roofline {roof:.1} t/s{}\n",
+        "{device}\npeak RSS: {rss}; read from disk during tg: {disk} (the disk reads {disk_rate}){stream}\nmemory read bandwidth ({} threads): {:.1} GB/s; decode reads {:.1} MB/token -> tg roofline {roof:.1} t/s{}\n",
         probe_threads,
         bw / 1e9,
         decode_bytes as f64 / 1e6,
@@ -422,6 +474,56 @@ impl TokenIds {
         }
         id
     }
+}
+
+/// The disk's sequential read rate (bytes/s) under `model` (a file, or a folder's largest
+/// `.safetensors` file): up to `most` bytes read with `O_DIRECT`, past the page cache, in 8 MiB
+/// blocks. `None` where direct reads are refused (tmpfs, some overlays) or not Linux.
+fn disk_read_rate(model: &Path, most: usize) -> Option<f64> {
+    let file = if model.is_dir() {
+        std::fs::read_dir(model)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .max_by_key(|p| p.metadata().map_or(0, |m| m.len()))?
+    } else {
+        model.to_path_buf()
+    };
+    direct_read_rate(&file, most)
+}
+
+#[cfg(target_os = "linux")]
+fn direct_read_rate(file: &Path, most: usize) -> Option<f64> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    const BLOCK: usize = 8 << 20;
+    const ALIGN: usize = 4096; // O_DIRECT wants the buffer, offset and length aligned
+    let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(file).ok()?;
+    let mut buf = vec![0u8; BLOCK + ALIGN];
+    let start = buf.as_ptr().align_offset(ALIGN);
+    let block = &mut buf[start..start + BLOCK];
+    let t = Instant::now();
+    let mut total = 0;
+    while total < most {
+        match f.read(block) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(_) => return None,
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    (total > 0 && secs > 0.0).then(|| total as f64 / secs)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn direct_read_rate(_file: &Path, _most: usize) -> Option<f64> {
+    None
+}
+
+/// Bytes this process has read from storage so far (`read_bytes` of /proc/self/io).
+fn disk_read_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines().find_map(|l| l.strip_prefix("read_bytes:")).and_then(|v| v.trim().parse().ok())
 }
 
 /// The peak resident set (VmHWM) of this process, from /proc/self/status.

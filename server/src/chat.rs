@@ -91,7 +91,7 @@ impl WithBackend for ChatOn<'_> {
     fn run<B: Registered>(self, make: Maker<B>) -> CliResult {
         let ChatOn { a, src, tok, template, ctx, params } = self;
         let opts = ModelOptions { ctx, slots: 1, act: make.act, ..ModelOptions::default() };
-        let model = Model::load(make.make()?, src, opts)?;
+        let model = make.load(src, opts)?;
         let vocab = model.config().vocab;
         let mut chat = Chat {
             model,

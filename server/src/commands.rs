@@ -206,7 +206,7 @@ impl WithBackend for RunOn<'_> {
     fn run<B: Registered>(self, make: Maker<B>) -> CliResult {
         let RunOn { a, src, tok, prompt_ids, ctx, params } = self;
         let opts = ModelOptions { ctx, slots: 1, act: make.act, ..ModelOptions::default() };
-        let model = Model::load(make.make()?, src, opts)?;
+        let model = make.load(src, opts)?;
         generate_and_print(model, a, tok, prompt_ids, params)
     }
 }
@@ -332,7 +332,7 @@ impl WithBackend for LogitsOn<'_> {
 
     fn run<B: Registered>(self, make: Maker<B>) -> CliResult<Vec<f32>> {
         let LogitsOn { src, opts, ids, all } = self;
-        let mut model = Model::load(make.make()?, src, ModelOptions { act: make.act, ..opts })?;
+        let mut model = make.load(src, ModelOptions { act: make.act, ..opts })?;
         if all {
             let mut v = Vec::with_capacity(ids.len() * src.config.vocab);
             model.forward_all(0, 0, ids, &mut v)?;

@@ -325,6 +325,39 @@ fn bench_json_cpu_ref() {
     assert_eq!(v["pp"]["tps_std"], 0.0, "one repetition has no spread");
 }
 
+/// `--memory-budget`: a budget below the layers streams them with the same tokens, `bench`
+/// says so with its disk reads; too small a budget, a bad size and `--backend vulkan` are clear
+/// errors.
+#[test]
+fn memory_budget_streams_and_refuses_clearly() {
+    let m = model_file(SMOL.0, SMOL.1);
+    let base = ["run", "-m", path_str(&m), "-p", "The capital of France is", "-n", "6", "--json"];
+    let run = |extra: &[&str]| json(&ok(&purehw(&[&base[..], extra].concat())));
+    let whole = run(&[]);
+    // SmolLM2 needs ~40 MB (30 MB of shared weights, 2.2 MB a layer); its 30 layers are 66 MB.
+    assert_eq!(ids(&run(&["--memory-budget", "45M"])["ids"]), ids(&whole["ids"]));
+    let reference = |extra: &[&str]| run(&[&["--backend", "cpu-ref", "--act", "int8"], extra].concat());
+    assert_eq!(ids(&reference(&["--memory-budget", "45M"])["ids"]), ids(&whole["ids"]));
+
+    let args = ["bench", "-m", path_str(&m), "-p", "8", "-n", "2", "-r", "1", "--json", "--memory-budget", "45MB"];
+    let v = check_bench(&args, "cpu", 8, 2);
+    assert_eq!(v["memory_budget_bytes"], 45_000_000, "{v}");
+    assert_eq!(v["streaming"]["layers"], 30, "{v}");
+    assert!(v["streaming"]["pinned_layers"].as_u64().unwrap() < 30, "{v}");
+    assert!(v["disk_read_bytes_per_token"].as_f64().is_some_and(|b| b >= 0.0), "{v}");
+    // The disk's rate is null only where direct reads are refused (tmpfs, some overlays).
+    assert!(v["disk_read_gbps"].is_null() || v["disk_read_gbps"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+    let v = check_bench(&["bench", "-m", path_str(&m), "-p", "8", "-n", "2", "-r", "1", "--json"], "cpu", 8, 2);
+    assert!(v.get("streaming").is_none() && v.get("memory_budget_bytes").is_none(), "{v}");
+
+    let too_small = purehw(&[&base[..], &["--memory-budget", "20M"]].concat());
+    user_error(&too_small, "memory budget of 20000000 bytes is too small: this model needs at least");
+    assert!(stderr(&too_small).contains("two decoder layers of 2211840 each"), "{}", stderr(&too_small));
+    user_error(&purehw(&[&base[..], &["--memory-budget", "lots"]].concat()), "is not a size");
+    let vk = purehw(&[&base[..], &["--backend", "vulkan", "--memory-budget", "1G"]].concat());
+    user_error(&vk, "--memory-budget is not supported on --backend vulkan yet");
+}
+
 /// A fresh cache holding a verified copy: `pull` does nothing (no pip, no network: PATH is
 /// empty), and a damaged copy is noticed (then fetching fails clearly without python3).
 #[test]

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use purehw_core::model::{Model, ModelOptions};
+use purehw_core::model::ModelOptions;
 use purehw_core::source::ModelSource;
 use serde_json::json;
 
@@ -160,8 +160,8 @@ impl WithBackend for QualityOn<'_> {
         let QualityOn { reference, quant, ids } = self;
         let d = ModelOptions::default();
         let opts = ModelOptions { ctx: ids.len(), slots: 1, logit_rows: d.max_batch, act: make.act, ..d };
-        let mut mr = Model::load(make.make()?, reference, opts.clone())?;
-        let mut mq = Model::load(make.make()?, quant, opts)?;
+        let mut mr = make.load(reference, opts.clone())?;
+        let mut mq = make.load(quant, opts)?;
         let vocab = reference.config.vocab;
         // Positions 0 .. n-1 each predict the next token.
         let inputs = &ids[..ids.len() - 1];

@@ -193,6 +193,7 @@ impl WithBackend for ServeOn<'_> {
                 template: self.template.clone(),
                 cfg: cfg.clone(),
                 act: make.act,
+                budget: make.budget,
                 meta: Arc::new(OnceLock::new()),
             };
             let load = {
@@ -242,6 +243,8 @@ struct LoadJob {
     template: Option<String>,
     cfg: EngineConfig,
     act: ActQuant,
+    /// `--memory-budget` in bytes.
+    budget: Option<usize>,
     meta: Arc<OnceLock<Meta>>,
 }
 
@@ -273,7 +276,7 @@ impl LoadJob {
             logit_rows: self.cfg.parallel,
             act: self.act,
         };
-        let model = Model::load(backend, &src, opts).map_err(|e| e.to_string())?;
+        let model = Model::load_with_budget(backend, &src, opts, self.budget).map_err(|e| e.to_string())?;
         tracing::info!(
             model = %self.path.display(),
             backend = model.backend().name(),
