@@ -1,4 +1,4 @@
-//! `purehw synth` end to end: each `--like` model, cut to a layer or two, is written in
+//! `purehw synth` end to end: each `--like` model, cut to a few layers, is written in
 //! `quantize`'s layout with the real config's quirks, loads, steps to finite logits and runs
 //! `bench`; the same seed gives the same tensors whatever the thread count or sharding; bad
 //! arguments are clear errors that write nothing.
@@ -111,7 +111,7 @@ fn finite_logits(dir: &Path, vocab: usize) {
 }
 
 #[test]
-fn gemma3_4b_two_layers_in_quantizes_layout_loads_and_is_deterministic() {
+fn gemma3_4b_six_layers_in_quantizes_layout_loads_and_is_deterministic() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let tok = model_file("gemma3-270m", "tokenizer.json");
@@ -120,7 +120,7 @@ fn gemma3_4b_two_layers_in_quantizes_layout_loads_and_is_deterministic() {
         "--like",
         "gemma3-4b",
         "--layers",
-        "2",
+        "6",
         "--seed",
         "7",
         "-t",
@@ -135,7 +135,7 @@ fn gemma3_4b_two_layers_in_quantizes_layout_loads_and_is_deterministic() {
         "--like",
         "gemma3-4b",
         "--layers",
-        "2",
+        "6",
         "--seed",
         "7",
         "-t",
@@ -170,8 +170,12 @@ fn gemma3_4b_two_layers_in_quantizes_layout_loads_and_is_deterministic() {
         [
             "config.json",
             "generation_config.json",
-            "model-00001-of-00002.safetensors",
-            "model-00002-of-00002.safetensors",
+            "model-00001-of-00006.safetensors",
+            "model-00002-of-00006.safetensors",
+            "model-00003-of-00006.safetensors",
+            "model-00004-of-00006.safetensors",
+            "model-00005-of-00006.safetensors",
+            "model-00006-of-00006.safetensors",
             "model-shared.safetensors",
             "model.safetensors.index.json"
         ]
@@ -191,7 +195,7 @@ fn gemma3_4b_two_layers_in_quantizes_layout_loads_and_is_deterministic() {
     assert_eq!(shape("model.layers.0.self_attn.q_norm.weight"), [256]);
     assert_eq!(ta["model.norm.weight"].0, "BF16");
     assert!(!ta.contains_key("lm_head.weight") && !ta.contains_key("lm_head.weight_packed"));
-    assert_eq!(ta.len(), 4 + 1 + 2 * (7 * 3 + 6));
+    assert_eq!(ta.len(), 4 + 1 + 6 * (7 * 3 + 6));
 
     // The config's quirks, as the HF config writes them.
     let c = read_json(&a.join("config.json"));
@@ -200,7 +204,7 @@ fn gemma3_4b_two_layers_in_quantizes_layout_loads_and_is_deterministic() {
         ("vocab_size", 262_208.0),
         ("hidden_size", 2560.0),
         ("intermediate_size", 10240.0),
-        ("num_hidden_layers", 2.0),
+        ("num_hidden_layers", 6.0),
         ("num_attention_heads", 8.0),
         ("num_key_value_heads", 4.0),
         ("head_dim", 256.0),
@@ -214,6 +218,9 @@ fn gemma3_4b_two_layers_in_quantizes_layout_loads_and_is_deterministic() {
         assert_eq!(c[k].as_f64(), Some(v), "{k}");
     }
     assert_eq!(c["rope_scaling"]["factor"].as_f64(), Some(8.0));
+    // Five local layers, then a global one (run below: RoPE ×8 at theta 1M).
+    let kinds: Vec<&str> = c["layer_types"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(kinds, [["sliding_attention"; 5].as_slice(), &["full_attention"]].concat());
     assert_eq!(c["rope_parameters"]["full_attention"]["factor"].as_f64(), Some(8.0));
     assert_eq!(c["final_logit_softcapping"], Value::Null);
     assert_eq!(c["tie_word_embeddings"], true);
