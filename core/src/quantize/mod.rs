@@ -336,6 +336,9 @@ pub fn quantize(input: &Path, out: &Path, opts: &Options, progress: &dyn Progres
     write_checkpoint(out, &items, c.layers, opts.shard_size, &config, progress, &produce, &side)
 }
 
+/// An item's output tensors, made (`quantize`: from the input; `synth`: generated) and encoded.
+type Produce<'a> = dyn Fn(&Item) -> Result<Vec<(String, OutTensor)>, QuantizeError> + 'a;
+
 /// Write `items` into the new folder `out` as compressed-tensors does: the shared tensors into
 /// `model-shared.safetensors`, whole layers into `model-NNNNN-of-MMMMM.safetensors` (at most
 /// `shard_size` bytes of layers each, one shard in memory at a time), the index, `config`, and
@@ -348,7 +351,7 @@ fn write_checkpoint(
     shard_size: u64,
     config: &Map<String, Value>,
     progress: &dyn Progress,
-    produce: &dyn Fn(&Item) -> Result<Vec<(String, OutTensor)>, QuantizeError>,
+    produce: &Produce<'_>,
     side: &dyn Fn(&Path) -> Result<(), QuantizeError>,
 ) -> Result<(), QuantizeError> {
     let unsupported = |msg: String| QuantizeError::Unsupported { model: out.display().to_string(), msg };
