@@ -617,7 +617,7 @@ fn check_found(file: &str, name: &str, want: (usize, usize), found: (usize, usiz
 }
 
 /// `(rows, cols)` the config implies for `role`.
-fn expected_shape(c: &ModelConfig, role: Role) -> (usize, usize) {
+pub fn expected_shape(c: &ModelConfig, role: Role) -> (usize, usize) {
     let q = c.heads * c.head_dim;
     let kv = c.kv_heads * c.head_dim;
     match role {

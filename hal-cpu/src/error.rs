@@ -29,6 +29,10 @@ pub enum CpuError {
     /// The worker threads could not be started.
     #[error("could not start {threads} worker threads")]
     Threads { threads: usize },
+    /// `--pin`: no CPU topology to pin by (not Linux, or `/sys` hidden), or the OS refused a
+    /// binding.
+    #[error("could not pin {threads} worker threads to CPUs (no readable CPU topology, or the OS refused the binding)")]
+    Pin { threads: usize },
 }
 
 impl From<purehw_hal_host::OutOfMemory> for CpuError {

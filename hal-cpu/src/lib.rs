@@ -19,6 +19,7 @@ pub mod pool;
 pub mod simd;
 #[cfg(test)]
 mod tests;
+pub mod topology;
 
 use std::sync::Mutex;
 
@@ -95,15 +96,30 @@ impl std::fmt::Debug for Cpu {
 }
 
 impl Cpu {
-    /// A backend on `threads` threads (0: one per available core) with the best SIMD kernels.
+    /// A backend on `threads` threads (0: one per available physical core) with the best SIMD
+    /// kernels.
     pub fn new(threads: usize) -> Result<Cpu, CpuError> {
-        Cpu::with_kernels(threads, Kernels::detect())
+        Cpu::with_options(CpuOptions { threads, pin: false })
+    }
+
+    /// A backend as `opts` says, with the best SIMD kernels.
+    pub fn with_options(opts: CpuOptions) -> Result<Cpu, CpuError> {
+        Cpu::build(opts, Kernels::detect())
     }
 
     /// As [`new`](Self::new) with a given kernel set (tests compare sets).
     pub fn with_kernels(threads: usize, k: Kernels) -> Result<Cpu, CpuError> {
-        let threads = if threads == 0 { default_threads() } else { threads };
-        let pool = Pool::new(threads).map_err(|_| CpuError::Threads { threads })?;
+        Cpu::build(CpuOptions { threads, pin: false }, k)
+    }
+
+    fn build(opts: CpuOptions, k: Kernels) -> Result<Cpu, CpuError> {
+        let threads = if opts.threads == 0 { default_threads() } else { opts.threads };
+        let pins = match opts.pin {
+            false => Vec::new(),
+            true => topology::detect().map(|t| t.pin_order()).ok_or(CpuError::Pin { threads })?,
+        };
+        let pool = Pool::pinned(threads, &pins)
+            .map_err(|_| if opts.pin { CpuError::Pin { threads } } else { CpuError::Threads { threads } })?;
         let scratch = (0..threads).map(|_| Mutex::new(Scratch::default())).collect();
         let profile = std::env::var("PUREHW_PROFILE").is_ok_and(|v| v == "1").then(Vec::new);
         Ok(Cpu {
@@ -161,9 +177,25 @@ fn format_supported(f: Format) -> bool {
     ) || matches!(f, Format::Int(p) if p.is_valid())
 }
 
-/// One thread per available core.
+/// How the [`Cpu`] backend's pool is set up.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct CpuOptions {
+    /// Threads in all (0: [`default_threads`]).
+    pub threads: usize,
+    /// Bind thread `i` to the `i`-th CPU of [`topology::Topology::pin_order`] (also set by
+    /// `PUREHW_PIN=1` where the caller reads it).
+    pub pin: bool,
+}
+
+/// One thread per physical core this process may run on (SMT siblings not counted), at most
+/// what the OS offers the process (`available_parallelism` also counts a cgroup CPU quota);
+/// every available CPU where the topology is unreadable.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    let offered = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match topology::detect() {
+        Some(t) => t.physical_cores().clamp(1, offered),
+        None => offered,
+    }
 }
 
 impl ErrorType for Cpu {

@@ -8,8 +8,12 @@
 //! Workers spin briefly between jobs (a decode step submits a few hundred small ops back to back)
 //! and then sleep on a condition variable, so an idle pool costs nothing.
 //!
-//! The job's lifetime is erased to hand it to the workers: that, and [`Disjoint`] (threads writing
-//! disjoint parts of one output), are the module's only `unsafe`.
+//! With a pin list, thread `i` (the caller is 0) is bound to CPU `pins[i % len]` when the pool
+//! starts ([`Pool::pinned`]; the order comes from [`crate::topology`]).
+//!
+//! The job's lifetime is erased to hand it to the workers: that, [`Disjoint`] (threads writing
+//! disjoint parts of one output) and the affinity system calls ([`affinity`], [`pin_current_thread`])
+//! are the module's only `unsafe`.
 #![allow(unsafe_code)]
 
 use std::marker::PhantomData;
@@ -64,6 +68,16 @@ impl std::fmt::Debug for Pool {
 impl Pool {
     /// A pool of `threads` threads in all (the caller counts as one; `threads >= 1`).
     pub fn new(threads: usize) -> std::io::Result<Pool> {
+        Pool::pinned(threads, &[])
+    }
+
+    /// As [`new`](Self::new), thread `i` bound to CPU `pins[i % pins.len()]` (the calling thread
+    /// too, as thread 0); `pins` empty: no binding. A binding the OS refuses is an error.
+    pub fn pinned(threads: usize, pins: &[usize]) -> std::io::Result<Pool> {
+        let pin_of = |i: usize| (!pins.is_empty()).then(|| pins[i % pins.len()]);
+        if let Some(cpu) = pin_of(0) {
+            pin_current_thread(cpu)?;
+        }
         let shared = Arc::new(Shared {
             job: Mutex::new(None),
             generation: AtomicU64::new(0),
@@ -76,12 +90,26 @@ impl Pool {
             wake: Condvar::new(),
         });
         let mut workers = Vec::new();
+        let (tx, rx) = std::sync::mpsc::channel();
         for id in 1..threads.max(1) {
             let s = Arc::clone(&shared);
-            let h = std::thread::Builder::new().name(format!("purehw-cpu-{id}")).spawn(move || worker(&s, id))?;
+            let (tx, pin) = (tx.clone(), pin_of(id));
+            let h = std::thread::Builder::new().name(format!("purehw-cpu-{id}")).spawn(move || {
+                if let Some(cpu) = pin {
+                    let _ = tx.send(pin_current_thread(cpu));
+                }
+                drop(tx);
+                worker(&s, id)
+            })?;
             workers.push(h);
         }
-        Ok(Pool { shared, workers })
+        drop(tx);
+        let pool = Pool { shared, workers };
+        // Every worker's binding, before any job runs (a refused one stops the pool on drop).
+        for r in rx {
+            r?;
+        }
+        Ok(pool)
     }
 
     /// Threads in the pool, the caller included.
@@ -147,6 +175,50 @@ impl Drop for Pool {
             let _ = h.join();
         }
     }
+}
+
+/// The CPUs the calling thread may run on (`sched_getaffinity`), ascending; `None` where the
+/// OS does not say.
+#[cfg(target_os = "linux")]
+pub fn affinity() -> Option<Vec<usize>> {
+    // SAFETY: `cpu_set_t` is a plain bit array, valid all zero.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is the calling thread; the size is the set's own and the pointer is to it.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: every index is below CPU_SETSIZE, the set's size in bits.
+    Some((0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect())
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn affinity() -> Option<Vec<usize>> {
+    None
+}
+
+/// Bind the calling thread to `cpu` (`sched_setaffinity`).
+#[cfg(target_os = "linux")]
+pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("CPU {cpu} is beyond the set size")));
+    }
+    // SAFETY: `cpu_set_t` is a plain bit array, valid all zero.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (checked above).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; the size is the set's own and the pointer is to it.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(e.kind(), format!("binding a thread to CPU {cpu}: {e}")));
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn pin_current_thread(_cpu: usize) -> std::io::Result<()> {
+    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "binding threads to CPUs is supported on Linux only"))
 }
 
 /// A poisoned lock only means another thread panicked while holding it; the data is `()` or a

@@ -16,7 +16,7 @@ use clap::{Args, ValueEnum};
 use purehw_core::model::{Model, ModelOptions};
 use purehw_core::source::ModelSource;
 use purehw_hal::{ActQuant, Backend};
-use purehw_hal_cpu::Cpu;
+use purehw_hal_cpu::{Cpu, CpuOptions};
 use purehw_hal_cpu_ref::CpuRef;
 use purehw_hal_vulkan::{DeviceInfo, Vulkan, VulkanOptions};
 use serde_json::json;
@@ -52,10 +52,14 @@ pub struct BackendArgs {
     /// Compute backend (`purehw devices` lists what this machine has).
     #[arg(long = "backend", value_name = "NAME", value_enum, default_value = "cpu")]
     pub kind: BackendKind,
-    /// Worker threads for `cpu` (0 = one per core; `cpu-ref` is single-threaded, `vulkan`
+    /// Worker threads for `cpu` (0 = one per physical core; `cpu-ref` is single-threaded, `vulkan`
     /// ignores it).
     #[arg(short = 't', long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
+    /// Pin the `cpu` backend's threads to CPUs: one per physical core, spread across NUMA nodes,
+    /// SMT siblings last (also `PUREHW_PIN=1`).
+    #[arg(long)]
+    pub pin: bool,
     /// Matmul activations (default: int8 on `cpu` and `vulkan`, f32 on `cpu-ref`).
     #[arg(long, value_enum)]
     pub act: Option<ActArg>,
@@ -110,11 +114,11 @@ pub trait Registered: Backend + Sized + 'static {
 impl Registered for Cpu {
     const NAME: &'static str = "cpu";
     const DEFAULT_ACT: ActQuant = ActQuant::Int8;
-    /// Threads (0: one per core).
-    type Config = usize;
+    /// Threads (0: one per physical core) and pinning.
+    type Config = CpuOptions;
 
-    fn build(threads: &usize) -> CliResult<Self> {
-        Cpu::new(*threads).context(|| "starting the cpu backend".into())
+    fn build(opts: &CpuOptions) -> CliResult<Self> {
+        Cpu::with_options(*opts).context(|| "starting the cpu backend".into())
     }
 
     fn hw(&self) -> Hw {
@@ -218,14 +222,14 @@ pub trait WithBackend {
 pub fn dispatch<V: WithBackend>(b: &BackendArgs, v: V) -> CliResult<V::Out> {
     let budget = b.memory_budget;
     match b.kind {
-        BackendKind::Cpu => v.run(Maker::<Cpu>::new(b.threads, b.act).with_budget(budget)?),
+        BackendKind::Cpu => v.run(Maker::<Cpu>::new(cpu_options(b), b.act).with_budget(budget)?),
         BackendKind::CpuRef => v.run(Maker::<CpuRef>::new((), b.act).with_budget(budget)?),
         BackendKind::Vulkan => v.run(Maker::<Vulkan>::new(VulkanOptions::from_env(), b.act).with_budget(budget)?),
         BackendKind::Auto => match auto_gpu() {
             Ok(opts) => v.run(Maker::<Vulkan>::new(opts, b.act).with_budget(budget)?),
             Err(why) => {
                 eprintln!("purehw: --backend auto: {why}; using cpu");
-                v.run(Maker::<Cpu>::new(b.threads, b.act).with_budget(budget)?)
+                v.run(Maker::<Cpu>::new(cpu_options(b), b.act).with_budget(budget)?)
             }
         },
     }
@@ -233,7 +237,13 @@ pub fn dispatch<V: WithBackend>(b: &BackendArgs, v: V) -> CliResult<V::Out> {
 
 /// The `cpu` backend the server falls back to when a lost device cannot be made again.
 pub fn cpu_fallback(b: &BackendArgs) -> Maker<Cpu> {
-    Maker { budget: b.memory_budget, ..Maker::new(b.threads, b.act) }
+    Maker { budget: b.memory_budget, ..Maker::new(cpu_options(b), b.act) }
+}
+
+/// The `cpu` backend's options: `-t`, and `--pin` or `PUREHW_PIN=1`.
+fn cpu_options(b: &BackendArgs) -> CpuOptions {
+    let env_pin = std::env::var("PUREHW_PIN").is_ok_and(|v| v == "1");
+    CpuOptions { threads: b.threads, pin: b.pin || env_pin }
 }
 
 /// Vulkan options that take a discrete or integrated GPU (never a CPU device), or why there is
@@ -406,7 +416,7 @@ mod tests {
     /// Each backend's default `--act`, and `--act` overriding it.
     #[test]
     fn act_defaults() {
-        assert_eq!(Maker::<Cpu>::new(1, None).act, ActQuant::Int8);
+        assert_eq!(Maker::<Cpu>::new(CpuOptions { threads: 1, pin: false }, None).act, ActQuant::Int8);
         assert_eq!(Maker::<CpuRef>::new((), None).act, ActQuant::F32);
         assert_eq!(Maker::<Vulkan>::new(VulkanOptions::default(), None).act, ActQuant::Int8);
         assert_eq!(Maker::<Vulkan>::new(VulkanOptions::default(), Some(ActArg::F32)).act, ActQuant::F32);

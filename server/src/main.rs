@@ -4,7 +4,7 @@
 //! `tokio-stream` and `futures-util` turn the engine's token channel into the SSE response stream
 //! axum wants; `minijinja-contrib` (pycompat) supplies the Python string/dict methods that real
 //! HF chat templates call (`.strip()`, `.startswith()`, `.items()`); `sha2` verifies pulled
-//! models; `indicatif` draws `quantize`'s progress bar; dev-only: `tower` (calling the router without a socket), `tempfile`. serde_json's
+//! models; `indicatif` draws `quantize`'s and `synth`'s progress bars; dev-only: `tower` (calling the router without a socket), `tempfile`. serde_json's
 //! `preserve_order` (indexmap, already here through minijinja, and foldhash) keeps a request's key
 //! order: a JSON schema's properties are written in the order given, and templates print objects
 //! as Python's dicts would.
@@ -66,6 +66,8 @@ enum Cmd {
     Quantize(quantize::QuantizeArgs),
     /// Compare a quantized model with its reference: top-1 agreement, mean KL, perplexity.
     Quality(quality::QualityArgs),
+    /// Write a random-weight checkpoint shaped like a real model, as quantize writes one.
+    Synth(quantize::SynthArgs),
     /// List the compute backends and devices of this machine, or why one is unavailable.
     Devices {
         /// Print one JSON object instead of text.
@@ -269,6 +271,7 @@ fn dispatch(cli: Cli) -> CliResult {
         Cmd::Serve(a) => serve::serve(&a),
         Cmd::Quantize(a) => quantize::quantize(&a),
         Cmd::Quality(a) => quality::quality(&a),
+        Cmd::Synth(a) => quantize::synth(&a),
         Cmd::Devices { json } => backends::devices(json),
     }
 }

@@ -1,11 +1,13 @@
-//! `purehw quantize`: the command around [`purehw_core::quantize`] (which holds the work): model
-//! name resolution, `--shard-size` parsing and a progress bar on a terminal.
+//! `purehw quantize` and `purehw synth`: the commands around [`purehw_core::quantize`] (which
+//! holds the work): model name resolution, `--shard-size` parsing and a progress bar on a
+//! terminal.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use purehw_core::quantize::synth::{self, Like, SynthOptions};
 use purehw_core::quantize::{self, Options, Progress, Scheme};
 
 use crate::error::{CliError, CliResult, err};
@@ -70,6 +72,74 @@ impl Progress for Bar {
     }
 }
 
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    /// The model whose shapes and config to copy: gemma3-4b, gemma3-12b, gemma3-27b.
+    #[arg(long)]
+    pub like: String,
+    /// The checkpoint folder to write (must not exist).
+    pub output: PathBuf,
+    /// As quantize's --scheme: seed, w8, w4g32, w4g64, w4g128; each also with -asym.
+    #[arg(long, default_value = "seed")]
+    pub scheme: String,
+    /// Seed of the pseudo-random weights (same seed, same bytes).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write only the first N decoder layers (default: all of the model's).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Most bytes of decoder layers per shard file (e.g. 2GiB, 500MB); a layer is never split.
+    #[arg(long, default_value = "2GiB")]
+    pub shard_size: String,
+    /// A tokenizer.json to copy into the output (default: none; bench runs on token ids).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Worker threads (0 = one per core).
+    #[arg(short = 't', long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+fn bar() -> Bar {
+    let bar = if std::io::stderr().is_terminal() { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} tensors {wide_msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    Bar(bar)
+}
+
+pub fn synth(a: &SynthArgs) -> CliResult {
+    let cli = |e: quantize::QuantizeError| CliError(format!("synth: {e}"));
+    let like: Like = a.like.parse().map_err(cli)?;
+    let scheme: Scheme = a.scheme.parse().map_err(cli)?;
+    let Some(shard_size) = parse_size(&a.shard_size) else {
+        return err(format!("--shard-size {:?}: expected a size such as 2GiB or 500MB", a.shard_size));
+    };
+    let opts = SynthOptions {
+        like,
+        scheme,
+        seed: a.seed,
+        layers: a.layers,
+        shard_size,
+        tokenizer: a.tokenizer.clone(),
+        threads: a.threads,
+    };
+    let bar = bar();
+    let res = synth::synth(&a.output, &opts, &bar);
+    bar.0.finish_and_clear();
+    res.map_err(cli)?;
+    eprintln!(
+        "purehw: wrote {} (random weights like {}, {} layers, seed {}, scheme {}, compressed-tensors pack-quantized)",
+        a.output.display(),
+        a.like,
+        a.layers.unwrap_or(like.layers()),
+        a.seed,
+        a.scheme
+    );
+    Ok(())
+}
+
 pub fn quantize(a: &QuantizeArgs) -> CliResult {
     // Cheap arguments first, before anything is loaded or pulled.
     let scheme: Scheme = a.scheme.parse().map_err(|e: quantize::QuantizeError| CliError(e.to_string()))?;
@@ -81,13 +151,7 @@ pub fn quantize(a: &QuantizeArgs) -> CliResult {
     }
     let r = models::resolve(&a.input)?;
     let opts = Options { scheme, shard_size, tokenizer: a.tokenizer.clone().or(r.tokenizer), threads: a.threads };
-    let bar = if std::io::stderr().is_terminal() { ProgressBar::new(0) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} tensors {wide_msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    let bar = Bar(bar);
+    let bar = bar();
     let res = quantize::quantize(&r.path, &a.output, &opts, &bar);
     bar.0.finish_and_clear();
     res.map_err(|e| CliError(format!("quantize: {e}")))?;

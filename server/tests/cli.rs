@@ -316,6 +316,20 @@ fn bench_threads_sweep() {
     assert!(!e.status.success() && stderr(&e).contains("--threads-sweep"), "{}", stderr(&e));
 }
 
+/// `--pin` / `PUREHW_PIN=1` bind the cpu threads to CPUs and change nothing computed.
+#[test]
+fn pinned_threads_same_tokens() {
+    let m = model_file(SMOL.0, SMOL.1);
+    let args = ["run", "-m", path_str(&m), "-p", "The capital of France is", "-n", "6", "--json", "-t", "2"];
+    let free = json(ok(&purehw(&args)).trim());
+    let pinned = json(ok(&purehw(&[&args[..], &["--pin"]].concat())).trim());
+    let env = json(ok(&purehw_env(&args, &[("PUREHW_PIN", "1")])).trim());
+    assert_eq!(free["ids"], pinned["ids"]);
+    assert_eq!(free["ids"], env["ids"]);
+    let bench = ["bench", "-m", path_str(&m), "-p", "4", "-n", "2", "-r", "1", "-t", "2", "--pin", "--json"];
+    assert_eq!(json(ok(&purehw(&bench)).trim())["threads"], 2);
+}
+
 #[test]
 fn bench_json_cpu_ref() {
     let m = model_file(SMOL.0, SMOL.1);

@@ -28,6 +28,7 @@
 
 mod hf_config;
 pub mod rtn;
+pub mod synth;
 
 use alloc::collections::BTreeMap;
 use alloc::format;
@@ -226,7 +227,10 @@ struct Item {
     layer: Option<usize>,
     /// HF name, `….weight`.
     name: String,
-    w: HostWeight,
+    rows: usize,
+    cols: usize,
+    /// The input's tensor (`quantize`); `None` for generated weights (`synth`).
+    w: Option<HostWeight>,
     dtype: FloatTy,
     /// `None`: written as a float tensor.
     int: Option<IntSpec>,
@@ -239,7 +243,7 @@ impl Item {
 
     /// Bytes this tensor takes in the output.
     fn out_bytes(&self) -> u64 {
-        let (rows, cols) = (self.w.rows as u64, self.w.cols as u64);
+        let (rows, cols) = (self.rows as u64, self.cols as u64);
         match self.int {
             None => rows * cols * self.dtype.bytes() as u64,
             Some(s) => {
@@ -316,13 +320,48 @@ pub fn quantize(input: &Path, out: &Path, opts: &Options, progress: &dyn Progres
         }
     }
 
+    // config.json: the input's own, or one written from the hyper-parameters.
+    let mut config = match hf_json {
+        Some(m) => m,
+        None => hf_config::from_model(&c, src.gguf()).map_err(unsupported)?,
+    };
+    config.insert("quantization_config".into(), quantization_config(&items));
+    let threads = match opts.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let search = std::env::var_os("PUREHW_QUANTIZE_RTN").is_none();
+    let produce = |it: &Item| convert(&src, &c, it, threads, search);
+    let side = |dir: &Path| side_files(&src, &c, opts, dir, progress);
+    write_checkpoint(out, &items, c.layers, opts.shard_size, &config, progress, &produce, &side)
+}
+
+/// An item's output tensors, made (`quantize`: from the input; `synth`: generated) and encoded.
+type Produce<'a> = dyn Fn(&Item) -> Result<Vec<(String, OutTensor)>, QuantizeError> + 'a;
+
+/// Write `items` into the new folder `out` as compressed-tensors does: the shared tensors into
+/// `model-shared.safetensors`, whole layers into `model-NNNNN-of-MMMMM.safetensors` (at most
+/// `shard_size` bytes of layers each, one shard in memory at a time), the index, `config`, and
+/// what `side` adds; all through a temporary folder renamed at the end.
+#[allow(clippy::too_many_arguments)]
+fn write_checkpoint(
+    out: &Path,
+    items: &[Item],
+    layers: usize,
+    shard_size: u64,
+    config: &Map<String, Value>,
+    progress: &dyn Progress,
+    produce: &Produce<'_>,
+    side: &dyn Fn(&Path) -> Result<(), QuantizeError>,
+) -> Result<(), QuantizeError> {
+    let unsupported = |msg: String| QuantizeError::Unsupported { model: out.display().to_string(), msg };
     // Shards: each layer whole; the shared tensors on their own.
     let layer_bytes: Vec<u64> =
-        (0..c.layers).map(|l| items.iter().filter(|i| i.layer == Some(l)).map(Item::out_bytes).sum()).collect();
-    let mut shard_of_layer = vec![0usize; c.layers];
+        (0..layers).map(|l| items.iter().filter(|i| i.layer == Some(l)).map(Item::out_bytes).sum()).collect();
+    let mut shard_of_layer = vec![0usize; layers];
     let (mut shard, mut filled) = (0usize, 0u64);
     for (l, &b) in layer_bytes.iter().enumerate() {
-        if filled > 0 && filled + b > opts.shard_size {
+        if filled > 0 && filled + b > shard_size {
             shard += 1;
             filled = 0;
         }
@@ -346,10 +385,6 @@ pub fn quantize(input: &Path, out: &Path, opts: &Options, progress: &dyn Progres
     }
     let out_name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = TempDir::create(parent.join(format!(".{out_name}.partial-{}", std::process::id())))?;
-    let threads = match opts.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
 
     progress.start(items.len() as u64);
     let mut weight_map = BTreeMap::new();
@@ -368,30 +403,24 @@ pub fn quantize(input: &Path, out: &Path, opts: &Options, progress: &dyn Progres
     // The shared tensors, then the layers in order, one shard in memory at a time.
     let mut pending = Vec::new();
     for it in items.iter().filter(|i| i.layer.is_none()) {
-        pending.extend(convert(&src, &c, it, threads)?);
+        pending.extend(produce(it)?);
         progress.tensor_done(&it.name);
     }
     flush(SHARED, &mut pending)?;
-    for l in 0..c.layers {
+    for l in 0..layers {
         for it in items.iter().filter(|i| i.layer == Some(l)) {
-            pending.extend(convert(&src, &c, it, threads)?);
+            pending.extend(produce(it)?);
             progress.tensor_done(&it.name);
         }
-        if l + 1 == c.layers || shard_of_layer[l + 1] != shard_of_layer[l] {
+        if l + 1 == layers || shard_of_layer[l + 1] != shard_of_layer[l] {
             flush(&shard_name(shard_of_layer[l]), &mut pending)?;
         }
     }
     let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
     write_json(&tmp.0.join("model.safetensors.index.json"), &index)?;
 
-    // config.json: the input's own, or one written from the hyper-parameters.
-    let mut config = match hf_json {
-        Some(m) => m,
-        None => hf_config::from_model(&c, src.gguf()).map_err(unsupported)?,
-    };
-    config.insert("quantization_config".into(), quantization_config(&items));
-    write_json(&tmp.0.join("config.json"), &Value::Object(config))?;
-    side_files(&src, &c, opts, &tmp.0, progress)?;
+    write_json(&tmp.0.join("config.json"), &Value::Object(config.clone()))?;
+    side(&tmp.0)?;
 
     // Files readable by all, as any checkpoint (copies keep a read-only source's mode; the
     // safetensors writer makes owner-only files).
@@ -442,44 +471,64 @@ fn plan(
                     msg: format!("`{name}` is already quantized"),
                 });
             }
-            let mut int = scheme.spec_for(role);
-            if let Some(s) = &mut int {
-                let k = 32 / s.bits as usize;
-                if !w.cols.is_multiple_of(k) {
-                    return Err(QuantizeError::Tensor {
-                        tensor: name,
-                        msg: format!("{} columns are not a whole number of {k}-code int32 words", w.cols),
-                    });
-                }
-                if let Some(g) = s.group
-                    && !w.cols.is_multiple_of(g)
-                {
-                    s.group = fitting_group(g, w.cols, k);
-                    let suffix = name.rsplit('.').nth(1).unwrap_or_default().to_string();
-                    fallbacks.insert((suffix, w.cols), s.group);
-                }
-            }
+            let int = spec_fitting(scheme, role, &name, w.cols, &mut fallbacks)?;
             let dtype = FloatTy::of(w.format);
-            items.push(Item { role, layer, name, w, dtype, int });
+            items.push(Item { role, layer, name, rows: w.rows, cols: w.cols, w: Some(w), dtype, int });
         }
     }
+    note_fallbacks(&fallbacks, progress);
+    Ok(items)
+}
+
+/// `scheme`'s storage for `role`'s tensor `name` of `cols` columns; a group that does not divide
+/// the columns falls back to the largest one that does (recorded in `fallbacks`).
+fn spec_fitting(
+    scheme: Scheme,
+    role: Role,
+    name: &str,
+    cols: usize,
+    fallbacks: &mut BTreeMap<(String, usize), Option<usize>>,
+) -> Result<Option<IntSpec>, QuantizeError> {
+    let mut int = scheme.spec_for(role);
+    if let Some(s) = &mut int {
+        let k = 32 / s.bits as usize;
+        if !cols.is_multiple_of(k) {
+            return Err(QuantizeError::Tensor {
+                tensor: name.to_string(),
+                msg: format!("{cols} columns are not a whole number of {k}-code int32 words"),
+            });
+        }
+        if let Some(g) = s.group
+            && !cols.is_multiple_of(g)
+        {
+            s.group = fitting_group(g, cols, k);
+            let suffix = name.rsplit('.').nth(1).unwrap_or_default().to_string();
+            fallbacks.insert((suffix, cols), s.group);
+        }
+    }
+    Ok(int)
+}
+
+fn note_fallbacks(fallbacks: &BTreeMap<(String, usize), Option<usize>>, progress: &dyn Progress) {
     for ((module, cols), g) in fallbacks {
         let to = g.map_or("per channel".to_string(), |g| format!("group {g}"));
         progress.note(&format!("{module}: the group size does not divide its {cols} columns; quantized with {to}"));
     }
-    Ok(items)
 }
 
-/// One item's output tensors: the float tensor, or `weight_packed`, `weight_scale`,
-/// `weight_shape` and (asymmetric) `weight_zero_point`.
+/// One input tensor's output tensors: its values as the HF checkpoint holds them, encoded.
 fn convert(
     src: &ModelSource,
     c: &ModelConfig,
     it: &Item,
     threads: usize,
+    search: bool,
 ) -> Result<Vec<(String, OutTensor)>, QuantizeError> {
-    let (rows, cols) = (it.w.rows, it.w.cols);
-    let mut x = dequantize(&it.w, threads);
+    let Some(w) = &it.w else {
+        return Err(QuantizeError::Tensor { tensor: it.name.clone(), msg: "internal: no input tensor".into() });
+    };
+    let cols = it.cols;
+    let mut x = dequantize(w, threads);
     // GGUF → HF: Gemma's norm weights lose the folded-in +1; Llama's Q/K rows are un-permuted.
     let is_norm = !matches!(it.role.hf_class(c.arch), "Linear" | "Embedding");
     if is_norm && c.arch == Arch::Gemma3 && !c.norm_add_one {
@@ -492,17 +541,39 @@ fn convert(
             _ => {}
         }
     }
-    let shape = if rows == 1 && is_norm { vec![cols] } else { vec![rows, cols] };
+    encode(it, c.arch, threads, search, &|r, row| row.copy_from_slice(&x[r * cols..(r + 1) * cols]))
+}
+
+/// One item's output tensors: the float tensor, or `weight_packed`, `weight_scale`,
+/// `weight_shape` and (asymmetric) `weight_zero_point`. `fill(r, row)` writes row `r`'s values;
+/// rows are made and encoded a few at a time on `threads` threads, so only the output is held.
+fn encode(
+    it: &Item,
+    arch: Arch,
+    threads: usize,
+    search: bool,
+    fill: &(dyn Fn(usize, &mut [f32]) + Sync),
+) -> Result<Vec<(String, OutTensor)>, QuantizeError> {
+    let (rows, cols) = (it.rows, it.cols);
+    let per = rows.div_ceil(threads.max(1)).max(1);
+    let is_norm = !matches!(it.role.hf_class(arch), "Linear" | "Embedding");
     let Some(spec) = it.int else {
-        return Ok(vec![(it.name.clone(), OutTensor { dtype: it.dtype.st(), shape, data: it.dtype.encode(&x) })]);
-    };
-    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-        return Err(QuantizeError::Tensor {
-            tensor: it.name.clone(),
-            msg: format!("element [{}, {}] is {}; cannot quantize", i / cols, i % cols, x[i]),
+        let shape = if rows == 1 && is_norm { vec![cols] } else { vec![rows, cols] };
+        let rb = cols * it.dtype.bytes();
+        let mut data = vec![0u8; rows * rb];
+        std::thread::scope(|s| {
+            for (i, chunk) in data.chunks_mut(per * rb).enumerate() {
+                s.spawn(move || {
+                    let mut x = vec![0f32; cols];
+                    for (r, out) in chunk.chunks_mut(rb).enumerate() {
+                        fill(i * per + r, &mut x);
+                        out.copy_from_slice(&it.dtype.encode(&x));
+                    }
+                });
+            }
         });
-    }
-    let search = std::env::var_os("PUREHW_QUANTIZE_RTN").is_none();
+        return Ok(vec![(it.name.clone(), OutTensor { dtype: it.dtype.st(), shape, data })]);
+    };
     let gs = GroupSpec { bits: spec.bits, symmetric: spec.symmetric, scale: it.dtype.scale(), search };
     let group = spec.group.unwrap_or(cols);
     let groups = cols / group;
@@ -514,38 +585,56 @@ fn convert(
     // (a data-free stand-in for an activation importance matrix) was measured worse on Gemma 3
     // 270M (`seed` mean KL 0.235 against 0.172 unweighted; rms + |w| alone gives 0.165).
     let importance: &Option<Vec<f32>> = &None;
-    let per = rows.div_ceil(threads.max(1)).max(1);
-    std::thread::scope(|s| {
+    // The first element that is not finite: (row, column, value).
+    let bad: Option<(usize, usize, f32)> = std::thread::scope(|s| {
         let parts =
             packed.chunks_mut(per * cols / k).zip(scales.chunks_mut(per * groups)).zip(zeros.chunks_mut(per * groups));
-        for (i, ((p, sc), z)) in parts.enumerate() {
-            let x = &x[i * per * cols..];
-            s.spawn(move || {
-                let mut u = vec![0u8; cols];
-                let mut mag = Vec::with_capacity(group);
-                for r in 0..sc.len() / groups {
-                    let xr = &x[r * cols..(r + 1) * cols];
-                    for g in 0..groups {
-                        let cols_g = g * group..(g + 1) * group;
-                        let xg = &xr[cols_g.clone()];
-                        // llama.cpp's weighting without an importance matrix (make_qkx2_quants):
-                        // rms + |w|, so large weights are kept closer.
-                        let rms = (xg.iter().map(|v| v * v).sum::<f32>() / xg.len() as f32).sqrt();
-                        mag.clear();
-                        mag.extend(xg.iter().map(|v| rms + v.abs()));
-                        if let Some(w) = importance.as_deref() {
-                            mag.iter_mut().zip(&w[cols_g.clone()]).for_each(|(m, w)| *m *= w);
+        let handles: Vec<_> = parts
+            .enumerate()
+            .map(|(i, ((p, sc), z))| {
+                s.spawn(move || {
+                    let mut xr = vec![0f32; cols];
+                    let mut u = vec![0u8; cols];
+                    let mut mag = Vec::with_capacity(group);
+                    for r in 0..sc.len() / groups {
+                        fill(i * per + r, &mut xr);
+                        if let Some(j) = xr.iter().position(|v| !v.is_finite()) {
+                            return Some((i * per + r, j, xr[j]));
                         }
-                        let imp = Some(&mag[..]);
-                        let (s, zp) = rtn::quantize_group(gs, &xr[cols_g.clone()], imp, &mut u[cols_g]);
-                        sc[r * groups + g] = s;
-                        z[r * groups + g] = zp as u8;
+                        for g in 0..groups {
+                            let cols_g = g * group..(g + 1) * group;
+                            let xg = &xr[cols_g.clone()];
+                            // llama.cpp's weighting without an importance matrix
+                            // (make_qkx2_quants): rms + |w|, so large weights are kept closer.
+                            mag.clear();
+                            if search {
+                                let rms = (xg.iter().map(|v| v * v).sum::<f32>() / xg.len() as f32).sqrt();
+                                mag.extend(xg.iter().map(|v| rms + v.abs()));
+                            }
+                            if let Some(w) = importance.as_deref().filter(|_| search) {
+                                mag.iter_mut().zip(&w[cols_g.clone()]).for_each(|(m, w)| *m *= w);
+                            }
+                            // Weights only rank the search's candidates; plain RTN has one.
+                            let imp = search.then_some(&mag[..]);
+                            let (s, zp) = rtn::quantize_group(gs, &xr[cols_g.clone()], imp, &mut u[cols_g]);
+                            sc[r * groups + g] = s;
+                            z[r * groups + g] = zp as u8;
+                        }
+                        rtn::pack_row(spec.bits, &u, &mut p[r * cols / k..(r + 1) * cols / k]);
                     }
-                    rtn::pack_row(spec.bits, &u, &mut p[r * cols / k..(r + 1) * cols / k]);
-                }
-            });
-        }
+                    None
+                })
+            })
+            .collect();
+        // Chunks are in row order, so the first one found is the first in the tensor.
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).find_map(|b| b)
     });
+    if let Some((r, j, v)) = bad {
+        return Err(QuantizeError::Tensor {
+            tensor: it.name.clone(),
+            msg: format!("element [{r}, {j}] is {v}; cannot quantize"),
+        });
+    }
     let m = it.module();
     let words = |w: &[u32]| w.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>();
     let mut out = vec![
@@ -700,36 +789,7 @@ fn side_files(
     dir: &Path,
     progress: &dyn Progress,
 ) -> Result<(), QuantizeError> {
-    const FILES: [&str; 10] = [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "tokenizer.model",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "vocab.json",
-        "merges.txt",
-        "generation_config.json",
-        "chat_template.jinja",
-        "chat_template.json",
-    ];
-    let from: Vec<PathBuf> = opts
-        .tokenizer
-        .as_ref()
-        .and_then(|t| t.parent().map(Path::to_path_buf))
-        .into_iter()
-        .chain(src.dir().map(Path::to_path_buf))
-        .collect();
-    if let Some(t) = &opts.tokenizer {
-        fs::copy(t, dir.join("tokenizer.json")).map_err(io(t))?;
-    }
-    for f in FILES {
-        if dir.join(f).exists() {
-            continue;
-        }
-        if let Some(p) = from.iter().map(|d| d.join(f)).find(|p| p.is_file()) {
-            fs::copy(&p, dir.join(f)).map_err(io(&p))?;
-        }
-    }
+    copy_tokenizer_files(opts.tokenizer.as_deref(), src.dir(), dir)?;
     if let Some(g) = src.gguf() {
         if !dir.join("generation_config.json").exists() {
             let eos = match c.eos.as_slice() {
@@ -747,6 +807,40 @@ fn side_files(
     }
     if !dir.join("tokenizer.json").exists() {
         progress.note("no tokenizer.json beside the input: the output has none (pass --tokenizer FILE to add one)");
+    }
+    Ok(())
+}
+
+/// `tokenizer` (as `tokenizer.json`) and the tokenizer and generation files beside it, else
+/// beside the input folder `input_dir`, into `dir`.
+fn copy_tokenizer_files(tokenizer: Option<&Path>, input_dir: Option<&Path>, dir: &Path) -> Result<(), QuantizeError> {
+    const FILES: [&str; 10] = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "generation_config.json",
+        "chat_template.jinja",
+        "chat_template.json",
+    ];
+    let from: Vec<PathBuf> = tokenizer
+        .and_then(|t| t.parent().map(Path::to_path_buf))
+        .into_iter()
+        .chain(input_dir.map(Path::to_path_buf))
+        .collect();
+    if let Some(t) = tokenizer {
+        fs::copy(t, dir.join("tokenizer.json")).map_err(io(t))?;
+    }
+    for f in FILES {
+        if dir.join(f).exists() {
+            continue;
+        }
+        if let Some(p) = from.iter().map(|d| d.join(f)).find(|p| p.is_file()) {
+            fs::copy(&p, dir.join(f)).map_err(io(&p))?;
+        }
     }
     Ok(())
 }

@@ -101,8 +101,22 @@ pub fn quantize_group(spec: GroupSpec, x: &[f32], importance: Option<&[f32]>, u:
         u.fill(half as u8);
         return (eps(spec.scale), half);
     }
-    let mut c = Search { x, w: importance, nmax, ty: spec.scale, tmp: [0u8; 256], best: None };
     let zero_for = |s: f32| libm::rintf(-lo / s) as i32;
+    if !spec.search {
+        // One candidate: it wins when storable, so it is not scored (the same codes, less work).
+        let (s, z) = if spec.symmetric {
+            (hi.max(-lo) / (half as f32 - 0.5), half)
+        } else {
+            let s = (hi - lo) / nmax as f32;
+            (s, zero_for(s))
+        };
+        if let Some(s) = storable(spec.scale, s) {
+            let z = z.clamp(0, nmax);
+            codes_for(x, None, s, z, nmax, u);
+            return (s, z);
+        }
+    }
+    let mut c = Search { x, w: importance, nmax, ty: spec.scale, tmp: [0u8; 256], best: None };
     if spec.symmetric {
         let amax = hi.max(-lo);
         // compressed-tensors' RTN: absmax / ((qmax − qmin)/2), e.g. /7.5 for int4.
