@@ -64,8 +64,8 @@ pub fn vulkan_gpu_kernels() -> Vulkan {
     let mut o = vulkan_options();
     o.split_matvec = Some(true);
     o.prologues = Some((true, true));
-    // Block attention's widest blocks, which the default takes only for long prefills.
-    o.attention_rows = Some(8);
+    // Block attention's smaller blocks (chosen per step), which the default does not take.
+    o.attention_rows = Some(0);
     Vulkan::new(&o).unwrap_or_else(|e| panic!("{e}"))
 }
 

@@ -34,7 +34,7 @@ matrix_tests! {
     vulkan => matrix::vulkan, matrix::vulkan_tolerance(), if matrix::vulkan_present, then Report::add_validation_messages;
 }
 
-/// The kernels a GPU takes (split matmuls, norm and gate prologues, block attention's widest
+/// The kernels a GPU takes (split matmuls, norm and gate prologues, block attention's smaller
 /// blocks) on whatever Vulkan device is there: on lavapipe in CI they would otherwise run only
 /// on the lent GPU.
 #[test]

@@ -73,8 +73,8 @@ pub struct VulkanOptions {
     /// Which prologues decode steps use, (norm, gate); `None`: the measured default.
     /// `PUREHW_VK_PRO=none|norm|gate|all` sets it.
     pub prologues: Option<(bool, bool)>,
-    /// Rows per workgroup of block attention (1–8, at least 256 / head_dim); `None`: chosen per
-    /// step for enough workgroups. `PUREHW_VK_ATTN_QB` sets it.
+    /// Rows per workgroup of block attention (1–8, at least 256 / head_dim); `None`: 8; `Some(0)`:
+    /// chosen per step for enough workgroups. `PUREHW_VK_ATTN_QB` sets it.
     pub attention_rows: Option<usize>,
 }
 
@@ -1697,9 +1697,11 @@ impl Vulkan {
                 // Prefill rows in blocks (each key and value loaded serves a block's queries), for
                 // the head sizes its value chains tile.
                 if self.attn_blk && rows >= ATTN_BLK_MIN_ROWS && (32..=256).contains(&head_dim) && 256 % head_dim == 0 {
-                    // Rows per workgroup: fewer where that leaves few workgroups (QB·head_dim ≥ 256).
+                    // Rows per workgroup: 8 (measured); with `attention_rows` 0, fewer where that
+                    // leaves few workgroups (QB·head_dim ≥ 256), not yet measured on a GPU.
                     let mut qb = self.attn_qb.unwrap_or(ATTN_BLK_ROWS);
-                    if self.attn_qb.is_none() {
+                    if qb == 0 {
+                        qb = ATTN_BLK_ROWS;
                         while qb > 1 && rows.div_ceil(qb) * heads < 1024 && (qb / 2) * head_dim >= 256 {
                             qb /= 2;
                         }
