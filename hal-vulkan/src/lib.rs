@@ -1697,8 +1697,9 @@ impl Vulkan {
                 // Prefill rows in blocks (each key and value loaded serves a block's queries), for
                 // the head sizes its value chains tile.
                 if self.attn_blk && rows >= ATTN_BLK_MIN_ROWS && (32..=256).contains(&head_dim) && 256 % head_dim == 0 {
-                    // Rows per workgroup: 8 (measured); with `attention_rows` 0, fewer where that
-                    // leaves few workgroups (QB·head_dim ≥ 256), not yet measured on a GPU.
+                    // Rows per workgroup: 8; with `attention_rows` 0, fewer where that leaves few
+                    // workgroups (QB·head_dim ≥ 256). H100, pp512 Gemma 3 270M / SmolLM2: 8 →
+                    // 33.9k / 31.0k tokens/s, chosen per step → 33.0k / 31.9k (within noise).
                     let mut qb = self.attn_qb.unwrap_or(ATTN_BLK_ROWS);
                     if qb == 0 {
                         qb = ATTN_BLK_ROWS;
