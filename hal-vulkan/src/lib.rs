@@ -1225,15 +1225,7 @@ impl Vulkan {
         acc: Access,
     ) -> Result<()> {
         let p = self.pipeline(name, spec)?;
-        let (reads, writes) = (&acc.reads[..acc.nr], &acc.writes[..acc.nw]);
-        if hz.conflicts(reads, writes) {
-            self.gpu.barrier(cb);
-            hz.barriers += 1;
-            hz.written.clear();
-            hz.read.clear();
-        }
-        hz.read.extend_from_slice(reads);
-        hz.written.extend_from_slice(writes);
+        self.order(cb, hz, &acc);
         hz.dispatches += 1;
         if groups.iter().all(|&g| g > 0) {
             self.gpu.dispatch(cb, p, push_bytes(push), groups);
@@ -1246,6 +1238,21 @@ impl Vulkan {
             hz.read.clear();
         }
         Ok(())
+    }
+
+    /// Record `acc`'s regions as touched, after a barrier when a command since the last one
+    /// wrote what they touch or read what they write (the barrier orders transfers and
+    /// dispatches both ways).
+    fn order(&self, cb: raw::CommandBuffer, hz: &mut Hazards, acc: &Access) {
+        let (reads, writes) = (&acc.reads[..acc.nr], &acc.writes[..acc.nw]);
+        if hz.conflicts(reads, writes) {
+            self.gpu.barrier(cb);
+            hz.barriers += 1;
+            hz.written.clear();
+            hz.read.clear();
+        }
+        hz.read.extend_from_slice(reads);
+        hz.written.extend_from_slice(writes);
     }
 
     /// A step of copies only (KV-cache rows moved between slots): recorded afresh into the
@@ -1270,22 +1277,13 @@ impl Vulkan {
     }
 
     /// `vkCmdCopyBuffer` of `len` f32 from `src` to `out` (checked: in range, not overlapping),
-    /// after a barrier when it touches what a command since the last barrier wrote, or writes
-    /// what one read (the barrier orders transfers and dispatches both ways).
+    /// ordered as a dispatch is.
     fn record_copy(&self, cb: raw::CommandBuffer, hz: &mut Hazards, out: View<BufId>, src: View<BufId>, len: usize) {
         if len == 0 {
             return; // a zero-sized region is invalid in Vulkan
         }
         let acc = Access::new().r(src.buf.0, src.offset, len).w(out.buf.0, out.offset, len);
-        let (reads, writes) = (&acc.reads[..acc.nr], &acc.writes[..acc.nw]);
-        if hz.conflicts(reads, writes) {
-            self.gpu.barrier(cb);
-            hz.barriers += 1;
-            hz.written.clear();
-            hz.read.clear();
-        }
-        hz.read.extend_from_slice(reads);
-        hz.written.extend_from_slice(writes);
+        self.order(cb, hz, &acc);
         let (src_offset, dst_offset, size) = (4 * src.offset as u64, 4 * out.offset as u64, 4 * len as u64);
         let region = [raw::BufferCopy { src_offset, dst_offset, size }];
         self.gpu.copy(cb, &self.bufs[src.buf.0 as usize].raw, &self.bufs[out.buf.0 as usize].raw, &region);

@@ -305,16 +305,22 @@ fn concurrency_gemma() {
 /// the cache turns 2-6 report `prompt_tokens_details.cached_tokens` > 0, without it 0.
 #[test]
 fn prompt_cache_same_replies_on_and_off() {
+    same_replies_on_and_off("prompt_cache");
+}
+
+/// Run the client's `case` on a server with the prompt cache and on one with
+/// `--no-prompt-cache`; the replies it writes must be the same.
+fn same_replies_on_and_off(case: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut replies = Vec::new();
     for (flags, mode) in [(&[][..], "on"), (&["--no-prompt-cache"][..], "off")] {
         let out = dir.path().join(format!("{mode}.json"));
         let out_s = out.to_str().expect("a UTF-8 temp path");
         let srv = Server::start(SMOL, flags);
-        srv.run_env(&["prompt_cache"], &[("PUREHW_PROMPT_CACHE", mode), ("PUREHW_REPLIES_OUT", out_s)]);
+        srv.run_env(&[case], &[("PUREHW_PROMPT_CACHE", mode), ("PUREHW_REPLIES_OUT", out_s)]);
         replies.push(std::fs::read_to_string(&out).expect("the client's replies"));
     }
-    assert_eq!(replies[0], replies[1], "the replies differ with the prompt cache on and off");
+    assert_eq!(replies[0], replies[1], "{case}: the replies differ with the prompt cache on and off");
 }
 
 /// A prefix copied between KV slots through the SDK: a chat arriving while another sharing its
@@ -323,16 +329,7 @@ fn prompt_cache_same_replies_on_and_off() {
 /// equal those of a server with `--no-prompt-cache`.
 #[test]
 fn prompt_copy_same_replies_on_and_off() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut replies = Vec::new();
-    for (flags, mode) in [(&[][..], "on"), (&["--no-prompt-cache"][..], "off")] {
-        let out = dir.path().join(format!("{mode}.json"));
-        let out_s = out.to_str().expect("a UTF-8 temp path");
-        let srv = Server::start(SMOL, flags);
-        srv.run_env(&["prompt_copy"], &[("PUREHW_PROMPT_CACHE", mode), ("PUREHW_REPLIES_OUT", out_s)]);
-        replies.push(std::fs::read_to_string(&out).expect("the client's replies"));
-    }
-    assert_eq!(replies[0], replies[1], "the replies differ with the prompt cache on and off");
+    same_replies_on_and_off("prompt_copy");
 }
 
 /// Whether `purehw devices` finds a Vulkan device for `test`. Without one the test is skipped
