@@ -1,5 +1,5 @@
 #version 460
-// variants: FMT=Q4_0|Q4_1|Q5_0|Q5_1|Q8_0|Q4_K|Q5_K|Q6_K DOT=0|1 PRO=0|1|2
+// variants: FMT=Q4_0|Q4_1|Q5_0|Q5_1|Q8_0|Q4_K|Q5_K|Q6_K DOT=0|1 PRO=0|1|2|3|4|5
 // MatMulQ8 for up to 16 tokens (decode, batched decode): the same sums as mm_q8, split for latency. Phase 1: every
 // (row, block, lane) of the workgroup's rows is one item, spread over all threads and loaded in
 // one wave (neighbouring threads read neighbouring bytes of a row); each item's integer lane sum
@@ -12,12 +12,21 @@
 // from the inputs of that op, and one workgroup of one dispatch writes that op's outputs.
 //   PRO=1, AddRmsNorm: x_out = x_in + rmsnorm(branch, post); out = rmsnorm(x_out, w); quantized.
 //   PRO=2, GatedFfn's tail: act = gelu_tanh(gate)·up (or silu); quantized.
+//
+// PRO=3 and PRO=4 (one token) take the op after the matmul into a tail instead, run once by
+// whichever workgroup of the group (this dispatch, or the gate and up dispatches together)
+// finishes last, counted on a device counter; it reads the others' results through coherent
+// loads. Each op then costs no dispatch and no barrier of its own, and is computed once.
+//   PRO=3, AddRmsNorm whose branch is this matmul's output (the output projections).
+//   PRO=4, GatedFfn's activation and quantization over the gate and up outputs.
+//   PRO=5, Qkv's epilogue over the q, k and v outputs: per-head norms, RoPE, the caches (as
+//   qkv_post.comp, every head at once).
 #include "common/base.glsl"
 #include "common/exact.glsl"
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_shuffle : require
 #include "common/quant.glsl"
-#if PRO != 0
+#if PRO == 1 || PRO == 2
 #define PRO_MAX 2048u
 shared float row[PRO_MAX];
 shared uint sact[640];    // BlockQ8A words of PRO_MAX values (BlockQ8K needs fewer)
@@ -26,8 +35,29 @@ shared uint sact[640];    // BlockQ8A words of PRO_MAX values (BlockQ8K needs fe
 #include "common/quantize.glsl"
 #include "common/rownorm.glsl"
 #define ACT(i) sact[i]
+#elif PRO == 5
+#define QKV_MAX 2048u     // q and k values of one token (32 KiB of shared memory in all)
+shared float hq[QKV_MAX];
+shared float hl[512];     // [head][lane] norm chains, 64 heads
+shared float hinv[64];
+#define ACT(i) a.v[i]
+#elif PRO >= 3
+#define PRO_MAX 2048u
+shared float row[PRO_MAX];
+#define QROW PRO_MAX
+#include "common/quantize.glsl"
+#include "common/rownorm.glsl"
+#define ACT(i) a.v[i]
 #else
 #define ACT(i) a.v[i]
+#endif
+
+#if PRO >= 3
+// Results of the group's other workgroups (written in this dispatch or its siblings) and the
+// counter: past every cache that is not coherent across the device.
+layout(buffer_reference, std430, buffer_reference_align = 4) coherent buffer CFloats { float v[]; };
+layout(buffer_reference, std430, buffer_reference_align = 4) coherent buffer Counter { uint v[]; };
+shared bool s_last;
 #endif
 
 layout(local_size_x = 256) in;
@@ -78,6 +108,68 @@ layout(push_constant) uniform Push {
     uint act_off;
     uint flags;       // 1 silu (else gelu_tanh), 4 BlockQ8K, 8 this dispatch writes the outputs
 } pc;
+#elif PRO == 3
+// Addresses carry their offsets (the push block stays within 128 bytes).
+layout(push_constant) uniform Push {
+    uvec2 w;
+    uvec2 x;          // quantized input
+    uvec2 out_;       // this matmul's output: the AddRmsNorm's branch
+    uvec2 q;          // the AddRmsNorm's quantized output
+    uvec2 x_in;
+    uvec2 post;       // f32
+    uvec2 nw;         // f32 norm weight
+    uvec2 x_out;
+    uvec2 nout;       // the normed row (f32)
+    uvec2 ctr;        // the group's counter
+    uint w_byte;
+    uint rows;        // also the norm's dim
+    uint cols;
+    uint row_bytes;
+    uint total;       // workgroups in the group
+    uint flags;       // 2 post, 4 BlockQ8K
+    float eps;
+} pc;
+#elif PRO == 4
+layout(push_constant) uniform Push {
+    uvec2 w;
+    uvec2 x;          // quantized input
+    uvec2 out_;       // this matmul's output (gate or up)
+    uvec2 q;          // the GatedFfn's quantized output
+    uvec2 gate;
+    uvec2 up;
+    uvec2 act;        // the gate's result (f32)
+    uvec2 ctr;        // the group's counter
+    uint w_byte;
+    uint rows;
+    uint cols;
+    uint row_bytes;
+    uint total;       // workgroups in the group (gate's and up's)
+    uint flags;       // 1 silu (else gelu_tanh), 4 BlockQ8K
+} pc;
+#elif PRO == 5
+// The weight's byte offset is folded into its address too (a multiple of 4).
+layout(push_constant) uniform Push {
+    uvec2 w;
+    uvec2 x;          // quantized input
+    uvec2 out_;       // this matmul's output (q, k or v)
+    uvec2 q;
+    uvec2 k;
+    uvec2 v;
+    uvec2 qn;         // f32 q-norm weight
+    uvec2 kn;
+    uvec2 kc;         // k cache (row 0)
+    uvec2 vc;
+    uvec2 step;
+    uvec2 ctr;        // the group's counter
+    uint rows;
+    uint cols;
+    uint row_bytes;
+    uint total;       // workgroups of the q, k and v matmuls
+    uint shape;       // heads | kv_heads << 8 | head_dim << 16
+    uint flags_table; // qkv_post's flags | the RoPE table's word offset << 8
+    float eps;
+} pc;
+#define W_BYTE 0u
 #else
 layout(push_constant) uniform Push {
     uvec2 w;
@@ -94,7 +186,11 @@ layout(push_constant) uniform Push {
 } pc;
 #endif
 
-#if PRO != 0
+#ifndef W_BYTE
+#define W_BYTE pc.w_byte
+#endif
+
+#if PRO == 1 || PRO == 2
 // The prologue: the quantized activations of the one token into `sact`; the writer (workgroup 0
 // of the dispatch flagged so) stores the op's outputs.
 void prologue() {
@@ -154,6 +250,128 @@ void prologue() {
 }
 #endif
 
+#if PRO == 5
+// Qkv's epilogue, in the group's last workgroup: every head of the token at once, each exactly
+// as qkv_post.comp computes it (the step layout of one row: row_seq at word 2, its span at 3).
+void tail() {
+    uint tid = gl_LocalInvocationID.x;
+    uint heads = pc.shape & 0xFFu, kvh = (pc.shape >> 8) & 0xFFu, hd = pc.shape >> 16, half_ = hd / 2u;
+    uint flags = pc.flags_table & 0xFFu, table = pc.flags_table >> 8;
+    uint nq = heads * hd, nk = kvh * hd, nh = heads + kvh;
+    CFloats q = CFloats(pc.q), k = CFloats(pc.k), v = CFloats(pc.v);
+    for (uint i = tid; i < nq + nk; i += 256u) hq[i] = i < nq ? q.v[i] : k.v[i - nq];
+    barrier();
+    bool qnorm = (flags & 1u) != 0u, knorm = (flags & 2u) != 0u;
+    if (qnorm || knorm) {
+        for (uint u = tid; u < nh * 8u; u += 256u) {
+            uint hh = u >> 3, lane = u & 7u;
+            if (hh < heads ? qnorm : knorm) {
+                precise float acc = 0.0;
+                for (uint i = lane; i < hd; i += 8u) acc = acc + hq[hh * hd + i] * hq[hh * hd + i];
+                hl[u] = acc;
+            }
+        }
+        barrier();
+        for (uint hh = tid; hh < nh; hh += 256u) {
+            if (hh < heads ? qnorm : knorm) {
+                uint b = hh * 8u;
+                precise float ss = reduce_lanes(hl[b], hl[b + 1u], hl[b + 2u], hl[b + 3u], hl[b + 4u], hl[b + 5u], hl[b + 6u], hl[b + 7u]);
+                precise float ms = div_rn(ss, float(hd));
+                hinv[hh] = div_rn(1.0, sqrt_rn(ms + pc.eps));
+            }
+        }
+        barrier();
+        Floats qw = Floats(pc.qn), kw = Floats(pc.kn);
+        for (uint i = tid; i < nq + nk; i += 256u) {
+            uint hh = i / hd;
+            bool isq = hh < heads;
+            if (isq ? qnorm : knorm) {
+                precise float r = hq[i] * hinv[hh] * (isq ? qw.v[i % hd] : kw.v[i % hd]);
+                hq[i] = r;
+            }
+        }
+        barrier();
+    }
+    if ((flags & 4u) != 0u) {
+        bool neox = (flags & 8u) != 0u;
+        Words st = Words(pc.step);
+        for (uint u = tid; u < nh * half_; u += 256u) {
+            uint hh = u / half_, i = u % half_;
+            uint ia = hh * hd + (neox ? i : 2u * i), ib = hh * hd + (neox ? i + half_ : 2u * i + 1u);
+            float rc = uintBitsToFloat(st.v[table + 2u * i]), rs = uintBitsToFloat(st.v[table + 2u * i + 1u]);
+            float a = hq[ia], b = hq[ib];
+            precise float ra = a * rc - b * rs;
+            precise float rb = b * rc + a * rs;
+            hq[ia] = ra;
+            hq[ib] = rb;
+        }
+        barrier();
+    }
+    for (uint i = tid; i < nq + nk; i += 256u) {
+        if (i < nq) q.v[i] = hq[i];
+        else k.v[i - nq] = hq[i];
+    }
+    Words st = Words(pc.step);
+    uint s = st.v[2u];
+    if (s == 0xFFFFFFFFu) return;
+    uint srow = st.v[3u + 4u * s], cache_row = st.v[3u + 4u * s + 2u], pos0 = st.v[3u + 4u * s + 3u];
+    uint dst = (cache_row + pos0 - srow) * nk;
+    Floats kc = Floats(pc.kc), vc = Floats(pc.vc);
+    bool kcache = (flags & 16u) != 0u, vcache = (flags & 32u) != 0u;
+    for (uint i = tid; i < nk; i += 256u) {
+        if (kcache) kc.v[dst + i] = hq[nq + i];
+        if (vcache) vc.v[dst + i] = v.v[i];
+    }
+}
+#elif PRO >= 3
+// The tail, in the group's last workgroup: the op's outputs from the finished matmul results.
+void tail() {
+    uint tid = gl_LocalInvocationID.x;
+    bool k = (pc.flags & 4u) != 0u;
+#if PRO == 3
+    uint dim = pc.rows;
+    CFloats br = CFloats(pc.out_);
+    Floats xi = Floats(pc.x_in), xo = Floats(pc.x_out);
+    for (uint i = tid; i < dim; i += 256u) row[i] = br.v[i];
+    barrier();
+    if ((pc.flags & 2u) != 0u) {
+        float inv = row_rms_inv(dim, pc.eps);
+        Floats pw = Floats(pc.post);
+        for (uint i = tid; i < dim; i += 256u) {
+            precise float b = row[i] * inv * pw.v[i];
+            row[i] = b;
+        }
+    }
+    for (uint i = tid; i < dim; i += 256u) {
+        precise float s = xi.v[i] + row[i];
+        row[i] = s;
+        xo.v[i] = s;
+    }
+    barrier();
+    float inv = row_rms_inv(dim, pc.eps);
+    Floats nw = Floats(pc.nw), no = Floats(pc.nout);
+    for (uint i = tid; i < dim; i += 256u) {
+        precise float v = row[i] * inv * nw.v[i];
+        row[i] = v;
+        no.v[i] = v;
+    }
+#else
+    uint dim = pc.rows;
+    CFloats g = CFloats(pc.gate), u = CFloats(pc.up);
+    Floats ao = Floats(pc.act);
+    bool silu = (pc.flags & 1u) != 0u;
+    for (uint i = tid; i < dim; i += 256u) {
+        float x = g.v[i];
+        precise float v = (silu ? silu_ref(x) : gelu_ref(x)) * u.v[i];
+        row[i] = v;
+        ao.v[i] = v;
+    }
+#endif
+    barrier();
+    quantize_row(Words(pc.q), 0u, dim, k);
+}
+#endif
+
 shared float prod[4096];   // [row][token][block][lane]
 shared float offp[512];    // [row][token][block]
 
@@ -163,8 +381,11 @@ void main() {
     uint t0 = gl_WorkGroupID.y * TOKENS;
     uint nb = pc.cols / BLOCK_ELEMS;
     Words w = Words(pc.w);
-#if PRO != 0
+#if PRO == 1 || PRO == 2
     prologue();
+    uint nt = 1u, xa = 0u, x_stride = 0u;
+#elif PRO >= 3
+    Words a = Words(pc.x);
     uint nt = 1u, xa = 0u, x_stride = 0u;
 #else
     Words a = Words(pc.x);
@@ -186,7 +407,7 @@ void main() {
             bool live = r < R && b < nc && r0 + r < pc.rows;
             r = min(r, R - 1u);
             b = min(b, nc - 1u);
-            uint row = pc.w_byte + min(r0 + r, pc.rows - 1u) * pc.row_bytes;
+            uint row = W_BYTE + min(r0 + r, pc.rows - 1u) * pc.row_bytes;
 #if BLOCK_ELEMS == 32
             uint codes;
             float dw, mw;
@@ -257,6 +478,25 @@ void main() {
     if (chain && c_lane == 0u && c_t < nt && r < pc.rows) {
         precise float s = reduce_lanes(acc, l1, l2, l3, l4, l5, l6, l7);
         precise float res = s + off;
+#if PRO >= 3
+        CFloats(pc.out_).v[r] = res;
+#else
         Floats(pc.out_).v[pc.out_off + (t0 + c_t) * pc.rows + r] = res;
+#endif
     }
+#if PRO >= 3
+    // This workgroup's results are out; the group's last workgroup to finish runs the tail and
+    // leaves the counter at zero for the next replay.
+    memoryBarrierBuffer();
+    barrier();
+    if (tid == 0u) {
+        uint done = atomicAdd(Counter(pc.ctr).v[0], 1u);
+        s_last = done + 1u == pc.total;
+    }
+    barrier();
+    if (!s_last) return;
+    memoryBarrierBuffer();
+    if (tid == 0u) Counter(pc.ctr).v[0] = 0u;
+    tail();
+#endif
 }

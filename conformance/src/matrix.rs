@@ -58,14 +58,25 @@ pub fn vulkan() -> Vulkan {
     Vulkan::new(&vulkan_options()).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// The Vulkan backend with the GPUs' decode kernels forced on (split matmuls and both
-/// prologues), so that a CPU device such as lavapipe checks them too.
+/// The Vulkan backend with the GPUs' decode kernels forced on (split matmuls and their tails),
+/// so that a CPU device such as lavapipe checks them too.
 pub fn vulkan_gpu_kernels() -> Vulkan {
     let mut o = vulkan_options();
     o.split_matvec = Some(true);
-    o.prologues = Some((true, true));
+    o.tails = Some(true);
+    o.prologues = Some((false, false));
     // Block attention's smaller blocks (chosen per step), which the default does not take.
     o.attention_rows = Some(0);
+    Vulkan::new(&o).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The Vulkan backend with split matmuls and both prologues instead of tails (the decode
+/// kernels `PUREHW_VK_PRO` chooses).
+pub fn vulkan_gpu_prologues() -> Vulkan {
+    let mut o = vulkan_options();
+    o.split_matvec = Some(true);
+    o.tails = Some(false);
+    o.prologues = Some((true, true));
     Vulkan::new(&o).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -303,7 +314,7 @@ pub fn check_groups<B: Backend>(make: impl Fn() -> B, tol: Tolerance, pick: impl
     let t0 = Instant::now();
     let mut report = Report::default();
     let mut needed_missing = BTreeSet::new();
-    for group in matrix().into_iter().filter(|g| pick(&g.name)) {
+    for group in matrix().iter().filter(|g| pick(&g.name)) {
         let tg = Instant::now();
         // Mapped weights of the group's cases, alive while the backend is (declared first, so
         // dropped after it).

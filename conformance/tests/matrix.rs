@@ -34,16 +34,28 @@ matrix_tests! {
     vulkan => matrix::vulkan, matrix::vulkan_tolerance(), if matrix::vulkan_present, then Report::add_validation_messages;
 }
 
-/// The kernels a GPU takes (split matmuls, norm and gate prologues, block attention's smaller
-/// blocks) on whatever Vulkan device is there: on lavapipe in CI they would otherwise run only
-/// on the lent GPU.
+/// The kernels a GPU takes (split matmuls and their tails, block attention's smaller blocks)
+/// on whatever Vulkan device is there: on lavapipe in CI they would otherwise run only on the
+/// lent GPU.
 #[test]
 fn vulkan_gpu_kernels() {
     if !matrix::vulkan_present("vulkan_gpu_kernels") {
         return;
     }
-    let pick = |g: &str| g.starts_with("MatMulQ8") || g.starts_with("Prologue") || g.starts_with("Attention");
+    let pick = |g: &str| ["MatMulQ8", "Prologue", "Tail", "Attention", "Qkv"].iter().any(|p| g.starts_with(p));
     let mut report = matrix::check_groups(matrix::vulkan_gpu_kernels, matrix::vulkan_tolerance(), pick);
+    report.add_validation_messages();
+    report.assert_ok();
+}
+
+/// The norm and gate prologues (`PUREHW_VK_PRO`) in place of the tails.
+#[test]
+fn vulkan_gpu_prologues() {
+    if !matrix::vulkan_present("vulkan_gpu_prologues") {
+        return;
+    }
+    let pick = |g: &str| g.starts_with("Prologue") || g.starts_with("Tail");
+    let mut report = matrix::check_groups(matrix::vulkan_gpu_prologues, matrix::vulkan_tolerance(), pick);
     report.add_validation_messages();
     report.assert_ok();
 }

@@ -178,6 +178,88 @@ pub struct SplitGatePush {
 }
 const _: () = assert!(core::mem::size_of::<SplitGatePush>() == 88);
 
+/// `mm_split.comp` with PRO=3: the AddRmsNorm after the matmul (its branch) as the group's tail.
+/// Addresses carry their offsets.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct TailNormPush {
+    pub w: Addr,
+    pub x: Addr,
+    pub out: Addr,
+    pub q: Addr,
+    pub x_in: Addr,
+    pub post: Addr,
+    pub nw: Addr,
+    pub x_out: Addr,
+    pub nout: Addr,
+    pub ctr: Addr,
+    pub w_byte: u32,
+    pub rows: u32,
+    pub cols: u32,
+    pub row_bytes: u32,
+    pub total: u32,
+    pub flags: u32,
+    pub eps: f32,
+}
+const _: () = assert!(core::mem::size_of::<TailNormPush>() == 108);
+
+/// `mm_split.comp` with PRO=4: GatedFfn's activation and quantization as the tail of the gate
+/// and up matmuls.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct TailGatePush {
+    pub w: Addr,
+    pub x: Addr,
+    pub out: Addr,
+    pub q: Addr,
+    pub gate: Addr,
+    pub up: Addr,
+    pub act: Addr,
+    pub ctr: Addr,
+    pub w_byte: u32,
+    pub rows: u32,
+    pub cols: u32,
+    pub row_bytes: u32,
+    pub total: u32,
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<TailGatePush>() == 88);
+
+/// `mm_split.comp` with PRO=5: Qkv's epilogue as the tail of the q, k and v matmuls. Addresses
+/// carry their offsets, the weight's too.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct TailQkvPush {
+    pub w: Addr,
+    pub x: Addr,
+    pub out: Addr,
+    pub q: Addr,
+    pub k: Addr,
+    pub v: Addr,
+    pub qn: Addr,
+    pub kn: Addr,
+    pub kc: Addr,
+    pub vc: Addr,
+    pub step: Addr,
+    pub ctr: Addr,
+    pub rows: u32,
+    pub cols: u32,
+    pub row_bytes: u32,
+    pub total: u32,
+    /// heads | kv_heads << 8 | head_dim << 16.
+    pub shape: u32,
+    /// `QP_*` flags | the RoPE table's word offset << 8.
+    pub flags_table: u32,
+    pub eps: f32,
+}
+const _: () = assert!(core::mem::size_of::<TailQkvPush>() == 124);
+/// The most q and k values of one token the Qkv tail holds (`QKV_MAX`), and heads (`hinv`).
+pub const TAIL_QKV_MAX: usize = 2048;
+pub const TAIL_QKV_HEADS: usize = 64;
+
+/// Counters the tails of one step may use (one per tail group).
+pub const TAIL_COUNTERS: usize = 1024;
+
 /// Prologue flags of `mm_split.comp`.
 pub const PRO_BRANCH: u32 = 1;
 pub const PRO_POST: u32 = 2;

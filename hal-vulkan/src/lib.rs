@@ -76,6 +76,11 @@ pub struct VulkanOptions {
     /// Rows per workgroup of block attention (1–8, at least 256 / head_dim); `None`: 8; `Some(0)`:
     /// chosen per step for enough workgroups. `PUREHW_VK_ATTN_QB` sets it.
     pub attention_rows: Option<usize>,
+    /// Decode steps run the residual junction after an output projection, and the gated MLP's
+    /// activation, as tails of the matmuls before them (run by the last workgroup to finish: no
+    /// dispatch or barrier of their own). `None`: wherever the split matmuls run.
+    /// `PUREHW_VK_TAIL=0|1` sets it.
+    pub tails: Option<bool>,
 }
 
 impl VulkanOptions {
@@ -94,6 +99,7 @@ impl VulkanOptions {
                 _ => None,
             },
             attention_rows: std::env::var("PUREHW_VK_ATTN_QB").ok().and_then(|v| v.parse().ok()),
+            tails: std::env::var("PUREHW_VK_TAIL").ok().map(|v| v != "0"),
         }
     }
 }
@@ -221,6 +227,8 @@ struct Hazards {
     read: Vec<(u32, u64, u64)>,
     barriers: usize,
     dispatches: usize,
+    /// A barrier since the last dispatch (`PUREHW_VK_TRACE`).
+    fresh: bool,
 }
 
 impl Hazards {
@@ -236,13 +244,13 @@ impl Hazards {
 struct Access {
     reads: [(u32, u64, u64); 6],
     nr: usize,
-    writes: [(u32, u64, u64); 4],
+    writes: [(u32, u64, u64); 6],
     nw: usize,
 }
 
 impl Access {
     fn new() -> Self {
-        Access { reads: [(0, 0, 0); 6], nr: 0, writes: [(0, 0, 0); 4], nw: 0 }
+        Access { reads: [(0, 0, 0); 6], nr: 0, writes: [(0, 0, 0); 6], nw: 0 }
     }
     fn r(mut self, id: u32, off: usize, len: usize) -> Self {
         self.reads[self.nr] = (id, 4 * off as u64, 4 * (off + len) as u64);
@@ -280,8 +288,9 @@ pub struct Vulkan {
     pending: bool,
     once: raw::CommandBuffer,
     host_step: Vec<u32>,
-    /// One RoPE table's frequencies (reused, so a step does not allocate).
-    rope_freqs: Vec<f32>,
+    /// Each RoPE table's frequencies, by (theta, scale, head_dim) bits: computed once, not per
+    /// step (a decode step then allocates nothing and calls no `powf`).
+    rope_freqs: Vec<((u32, u32, usize), Vec<f32>)>,
     mem_used: u64,
     budget: u64,
     lost: bool,
@@ -310,6 +319,14 @@ pub struct Vulkan {
     attn_blk: bool,
     /// Rows per block-attention workgroup (see [`VulkanOptions::attention_rows`]).
     attn_qb: Option<usize>,
+    /// Decode matmuls' tails (see [`VulkanOptions::tails`]).
+    tails: bool,
+    /// The tails' counters (`TAIL_COUNTERS` words, zero between steps).
+    counters: Option<RawBuffer>,
+    /// Tail groups of the step being recorded (each takes the next counter).
+    rec_tails: usize,
+    /// `PUREHW_VK_TRACE=1`: print each dispatch to stderr as a step shape is recorded.
+    trace: bool,
     /// `PUREHW_VK_PROFILE=1`: device time per kernel (every dispatch then ends with a barrier and
     /// a timestamp), printed on drop.
     profile: Option<HashMap<String, (f64, usize)>>,
@@ -344,10 +361,15 @@ impl Vulkan {
             Some(sel) => {
                 let by_index = sel.parse::<usize>().ok().and_then(|i| devs.iter().find(|(_, d)| d.index == i));
                 let lower = sel.to_lowercase();
-                by_index.or_else(|| devs.iter().find(|(_, d)| d.name.to_lowercase().contains(&lower))).ok_or_else(|| {
-                    let names: Vec<String> = devs.iter().map(|(_, d)| format!("{}: {}", d.index, d.name)).collect();
-                    vk_err(VkError::NoDevice(format!("PUREHW_VK_DEVICE={sel:?} matches none of [{}]", names.join(", "))))
-                })?
+                by_index.or_else(|| devs.iter().find(|(_, d)| d.name.to_lowercase().contains(&lower))).ok_or_else(
+                    || {
+                        let names: Vec<String> = devs.iter().map(|(_, d)| format!("{}: {}", d.index, d.name)).collect();
+                        vk_err(VkError::NoDevice(format!(
+                            "PUREHW_VK_DEVICE={sel:?} matches none of [{}]",
+                            names.join(", ")
+                        )))
+                    },
+                )?
             }
             None => devs
                 .iter()
@@ -405,6 +427,10 @@ impl Vulkan {
             },
             attn_blk: std::env::var("PUREHW_VK_ATTN_BLK").map_or(true, |v| v != "0"),
             attn_qb: opts.attention_rows,
+            tails: opts.tails.unwrap_or(split) && split,
+            counters: None,
+            rec_tails: 0,
+            trace: std::env::var("PUREHW_VK_TRACE").is_ok_and(|v| v == "1"),
             profile: std::env::var("PUREHW_VK_PROFILE").is_ok_and(|v| v == "1").then(HashMap::new),
             prof_names: Vec::new(),
             rec_rows: 0,
@@ -434,7 +460,13 @@ impl Vulkan {
     }
 
     fn oom(&self, what: String, need: u64) -> VulkanError {
-        VulkanError::OutOfMemory { device: self.gpu.info.name.clone(), what, need, used: self.mem_used, budget: self.budget }
+        VulkanError::OutOfMemory {
+            device: self.gpu.info.name.clone(),
+            what,
+            need,
+            used: self.mem_used,
+            budget: self.budget,
+        }
     }
 
     fn check_alive(&self) -> Result<()> {
@@ -552,7 +584,8 @@ impl Vulkan {
             self.settle()?;
             let st = self.staging.as_ref().expect("staging");
             self.gpu.write_mapped(st, 0, part).map_err(|e| self.err(e))?;
-            let region = [raw::BufferCopy { src_offset: 0, dst_offset: at + (i * CHUNK) as u64, size: part.len() as u64 }];
+            let region =
+                [raw::BufferCopy { src_offset: 0, dst_offset: at + (i * CHUNK) as u64, size: part.len() as u64 }];
             let st = self.staging.take().expect("staging");
             let r = self.one_shot(|g, cb| g.copy(cb, &st, dst, &region));
             self.staging = Some(st);
@@ -660,7 +693,18 @@ impl Drop for Vulkan {
             .drain(..)
             .map(|b| b.raw)
             .chain(self.wstore.drain(..))
-            .chain([self.staging.take(), self.readback.take(), self.step_up.take(), self.step_dev.take(), self.scratch.take()].into_iter().flatten())
+            .chain(
+                [
+                    self.staging.take(),
+                    self.readback.take(),
+                    self.step_up.take(),
+                    self.step_dev.take(),
+                    self.scratch.take(),
+                    self.counters.take(),
+                ]
+                .into_iter()
+                .flatten(),
+            )
             .collect();
         for b in bufs {
             self.gpu.destroy_buffer(b);
@@ -727,7 +771,12 @@ impl Backend for Vulkan {
             w.check().map_err(|e| VulkanError::Unsupported(format!("a {}x{} weight: {e}", w.rows, w.cols)))?;
         }
         if !w.is_consistent() {
-            return Err(VulkanError::BadWeight { format: w.format.name(), rows: w.rows, cols: w.cols, bytes: w.data.len() });
+            return Err(VulkanError::BadWeight {
+                format: w.format.name(),
+                rows: w.rows,
+                cols: w.cols,
+                bytes: w.data.len(),
+            });
         }
         let bytes = w.data.as_slice();
         if bytes.len() as u64 >= 1 << 31 {
@@ -760,7 +809,8 @@ impl Backend for Vulkan {
                     self.wstore.push(raw);
                     Ok(self.wstore.len() - 1)
                 };
-                let missing = || VulkanError::Unsupported(format!("a {}x{} integer weight without scales", w.rows, w.cols));
+                let missing =
+                    || VulkanError::Unsupported(format!("a {}x{} integer weight without scales", w.rows, w.cols));
                 let scales = part(w.parts.scales.as_ref().ok_or_else(missing)?, "scales")?;
                 let zeros = match &w.parts.zeros {
                     Some(z) => Some(part(z, "zero points")?),
@@ -803,7 +853,10 @@ impl Backend for Vulkan {
         if self.buf(src.buf).raw.is_mapped() {
             self.settle()?;
             let b = &self.bufs[src.buf.0 as usize].raw;
-            return self.gpu.read_mapped(b, 4 * src.offset as u64, bytemuck::cast_slice_mut(dst)).map_err(|e| self.err(e));
+            return self
+                .gpu
+                .read_mapped(b, 4 * src.offset as u64, bytemuck::cast_slice_mut(dst))
+                .map_err(|e| self.err(e));
         }
         self.readback(bytes)?;
         let rb = self.readback.take().expect("readback");
@@ -976,8 +1029,9 @@ impl Vulkan {
         ops: &[Op<BufId, WeightId>],
         reads: &[(View<BufId>, &mut [f32])],
     ) -> Result<usize> {
-        let same_reads =
-            |s: &Shape| s.reads.len() == reads.len() && s.reads.iter().zip(reads).all(|(a, b)| a.0 == b.0 && a.1 == b.1.len());
+        let same_reads = |s: &Shape| {
+            s.reads.len() == reads.len() && s.reads.iter().zip(reads).all(|(a, b)| a.0 == b.0 && a.1 == b.1.len())
+        };
         if let Some(i) = self.shapes.iter().position(|s| {
             s.rows == step.rows()
                 && s.positions == step.positions.len()
@@ -998,6 +1052,7 @@ impl Vulkan {
             self.readback(read_bytes)?;
         }
         self.ensure_scratch(step, ops)?;
+        self.ensure_counters()?;
         let cb = self.gpu.command_buffer().map_err(|e| self.err(e))?;
         let mut read_at = Vec::with_capacity(reads.len());
         let r = self.record(cb, step, ops, reads, &layout, &mut read_at);
@@ -1061,6 +1116,17 @@ impl Vulkan {
         Ok(())
     }
 
+    /// The tails' counters, zeroed once (each tail leaves its counter at zero).
+    fn ensure_counters(&mut self) -> Result<()> {
+        if self.counters.is_some() || !self.tails {
+            return Ok(());
+        }
+        let buf = self.raw_buffer(4 * TAIL_COUNTERS as u64, Mem::Device, || "the tail counters".into())?;
+        self.one_shot(|g, cb| g.fill_zero(cb, &buf))?;
+        self.counters = Some(buf);
+        Ok(())
+    }
+
     /// Scratch for the quantized activations of the step's `MatMul { act: Int8 }` ops and the
     /// partial results of its `Argmax` ops.
     fn ensure_scratch(&mut self, _step: &Step<'_>, ops: &[Op<BufId, WeightId>]) -> Result<()> {
@@ -1099,7 +1165,8 @@ impl Vulkan {
         h.resize(l.words, 0);
         let rows = step.rows();
         h[l.tokens as usize..][..rows].copy_from_slice(step.tokens);
-        h[l.positions as usize..][..step.positions.len().min(rows)].copy_from_slice(&step.positions[..step.positions.len().min(rows)]);
+        h[l.positions as usize..][..step.positions.len().min(rows)]
+            .copy_from_slice(&step.positions[..step.positions.len().min(rows)]);
         h[l.row_seq as usize..][..rows].fill(u32::MAX);
         for (i, s) in step.seqs.iter().enumerate() {
             let at = l.seqs as usize + 4 * i;
@@ -1109,11 +1176,18 @@ impl Vulkan {
             }
         }
         for &(theta, scale, hd, at) in &l.rope {
-            let (theta, scale) = (f32::from_bits(theta), f32::from_bits(scale));
-            let half = hd / 2;
-            let freqs = &mut *rope_freqs;
-            freqs.clear();
-            freqs.extend((0..half).map(|i| purehw_kernels::ops::rope_inv_freq(i, hd, theta, scale)));
+            let key = (theta, scale, hd);
+            let i = match rope_freqs.iter().position(|(k, _)| *k == key) {
+                Some(i) => i,
+                None => {
+                    let (th, sc) = (f32::from_bits(theta), f32::from_bits(scale));
+                    let f = (0..hd / 2).map(|i| purehw_kernels::ops::rope_inv_freq(i, hd, th, sc)).collect();
+                    rope_freqs.push((key, f));
+                    rope_freqs.len() - 1
+                }
+            };
+            let freqs = &rope_freqs[i].1;
+            let half = freqs.len();
             for (t, &pos) in step.positions.iter().enumerate() {
                 for (i, &f) in freqs.iter().enumerate() {
                     let (c, s) = purehw_kernels::ops::rope_cos_sin_at(f, pos);
@@ -1147,6 +1221,7 @@ impl Vulkan {
         let mut hz = Hazards::default();
         self.prof_names.clear();
         self.rec_rows = step.rows();
+        self.rec_tails = 0;
         // The step is submitted whole, so neighbouring ops may run as one kernel: the result is
         // both ops' by construction (each such pair is checked in the backend's tests).
         let mut i = 0;
@@ -1156,8 +1231,10 @@ impl Vulkan {
             let next = ops.get(i + 1);
             i += 1;
             // Attention then the QuantizeAct of its output.
-            if let (Op::Attention { out, heads, head_dim, .. }, Some(&Op::QuantizeAct { out: qo, x, rows, cols, layout: ql })) =
-                (*op, next)
+            if let (
+                Op::Attention { out, heads, head_dim, .. },
+                Some(&Op::QuantizeAct { out: qo, x, rows, cols, layout: ql }),
+            ) = (*op, next)
                 && x == out
                 && rows == step.rows()
                 && cols == heads * head_dim
@@ -1167,6 +1244,22 @@ impl Vulkan {
             {
                 self.attention(cb, step, op, Some((qo, ql)), layout, &mut hz)?;
                 i += 1;
+                continue;
+            }
+            // An output projection and the residual junction after it: the junction as its tail.
+            if pro.is_none() && self.tail_norm(op, next, step) {
+                self.matmul_tail_norm(cb, op, next.expect("checked"), &mut hz)?;
+                i += 1;
+                continue;
+            }
+            // The q/k/v projections: their epilogue as the matmuls' tail.
+            if pro.is_none() && self.tail_qkv(op, step, layout) {
+                self.qkv_tail(cb, op, layout, &mut hz)?;
+                continue;
+            }
+            // The gated MLP: its activation as the tail of the gate and up matmuls.
+            if pro.is_none() && self.tail_gate(op, step) {
+                self.gated_tail(cb, op, &mut hz)?;
                 continue;
             }
             // A residual junction whose quantized output feeds the next matmuls: their prologue.
@@ -1224,9 +1317,26 @@ impl Vulkan {
         groups: [u32; 3],
         acc: Access,
     ) -> Result<()> {
-        let p = self.pipeline(name, spec)?;
         self.order(cb, hz, &acc);
+        self.dispatch_raw(cb, hz, name, spec, push, groups)
+    }
+
+    /// Record one dispatch, ordered already (by [`order`](Self::order) on its group's accesses).
+    fn dispatch_raw<T: Pod>(
+        &mut self,
+        cb: raw::CommandBuffer,
+        hz: &mut Hazards,
+        name: &str,
+        spec: &[u32],
+        push: &T,
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let p = self.pipeline(name, spec)?;
         hz.dispatches += 1;
+        if self.trace {
+            // One line per dispatch of each step shape recorded; `|`: a barrier before it.
+            eprintln!("{} {name} {spec:?} {groups:?}", if std::mem::take(&mut hz.fresh) { "|" } else { " " });
+        }
         if groups.iter().all(|&g| g > 0) {
             self.gpu.dispatch(cb, p, push_bytes(push), groups);
         }
@@ -1248,6 +1358,7 @@ impl Vulkan {
         if hz.conflicts(reads, writes) {
             self.gpu.barrier(cb);
             hz.barriers += 1;
+            hz.fresh = true;
             hz.written.clear();
             hz.read.clear();
         }
@@ -1372,7 +1483,15 @@ impl Vulkan {
                     scale,
                 };
                 let acc = Access::new().w(id(out.buf), out.offset, rows * cols);
-                self.dispatch(cb, hz, &format!("embed.{}", fmt_name(fmt)), &[], &push, [groups(cols, 256), rows as u32, 1], acc)
+                self.dispatch(
+                    cb,
+                    hz,
+                    &format!("embed.{}", fmt_name(fmt)),
+                    &[],
+                    &push,
+                    [groups(cols, 256), rows as u32, 1],
+                    acc,
+                )
             }
             Op::RmsNorm { out, x, w, rows: nr, dim, eps } => {
                 let push = NormPush {
@@ -1398,7 +1517,11 @@ impl Vulkan {
             Op::AddRmsNorm { x, x_out, branch, post, out, w, quant, rows: nr, dim, eps } => {
                 let len = nr * dim;
                 let mut flags = NORM_SHARED;
-                let mut acc = Access::new().r(id(x.buf), x.offset, len).w(id(x_out.buf), x_out.offset, len).w(id(out.buf), out.offset, len);
+                let mut acc = Access::new().r(id(x.buf), x.offset, len).w(id(x_out.buf), x_out.offset, len).w(
+                    id(out.buf),
+                    out.offset,
+                    len,
+                );
                 if let Some(b) = branch {
                     flags |= NORM_BRANCH;
                     acc = acc.r(id(b.buf), b.offset, len);
@@ -1444,7 +1567,15 @@ impl Vulkan {
                     (ActQuant::Int8, Some(layout)) => {
                         // Quantize into scratch (the activation op), then the integer matmul.
                         let sc = addr(self.scratch.as_ref().expect("scratch").addr);
-                        self.quantize(cb, hz, (self.addr_of(x.buf), id(x.buf), x.offset), (sc, SCRATCH_ID, 0), n, cols, layout)?;
+                        self.quantize(
+                            cb,
+                            hz,
+                            (self.addr_of(x.buf), id(x.buf), x.offset),
+                            (sc, SCRATCH_ID, 0),
+                            n,
+                            cols,
+                            layout,
+                        )?;
                         self.matmul(cb, hz, w, (sc, SCRATCH_ID, 0), true, n, out)
                     }
                     _ => {
@@ -1525,7 +1656,25 @@ impl Vulkan {
                 self.record_copy(cb, hz, out, src, len);
                 Ok(())
             }
-            Op::Qkv { x, wq, wk, wv, q, k, v, n, heads, kv_heads, head_dim, q_norm, k_norm, eps, rope, k_cache, v_cache } => {
+            Op::Qkv {
+                x,
+                wq,
+                wk,
+                wv,
+                q,
+                k,
+                v,
+                n,
+                heads,
+                kv_heads,
+                head_dim,
+                q_norm,
+                k_norm,
+                eps,
+                rope,
+                k_cache,
+                v_cache,
+            } => {
                 // The three projections (independent: no barrier between them), then the epilogue.
                 let input = match x {
                     MatIn::Q8(xq) => Some((self.addr_of(xq.buf), id(xq.buf), xq.offset)),
@@ -1556,7 +1705,11 @@ impl Vulkan {
                 flags |= if q_norm.is_some() { QP_QNORM } else { 0 } | if k_norm.is_some() { QP_KNORM } else { 0 };
                 flags |= if k_cache.is_some() { QP_KCACHE } else { 0 } | if v_cache.is_some() { QP_VCACHE } else { 0 };
                 let (qd, kvd) = (heads * head_dim, kv_heads * head_dim);
-                let mut acc = Access::new().w(id(q.buf), q.offset, n * qd).w(id(k.buf), k.offset, n * kvd).r(id(v.buf), v.offset, n * kvd);
+                let mut acc = Access::new().w(id(q.buf), q.offset, n * qd).w(id(k.buf), k.offset, n * kvd).r(
+                    id(v.buf),
+                    v.offset,
+                    n * kvd,
+                );
                 for c in [k_cache, v_cache].into_iter().flatten() {
                     acc = acc.w(id(c.buf), c.offset, self.buf(c.buf).len - c.offset);
                 }
@@ -1651,66 +1804,66 @@ impl Vulkan {
         let rows = step.rows();
         let id = |b: BufId| b.0;
 
-                if head_dim > ATTN_MAX_HEAD_DIM {
-                    return Err(VulkanError::Unsupported(format!("attention with head_dim {head_dim} > {ATTN_MAX_HEAD_DIM}")));
+        if head_dim > ATTN_MAX_HEAD_DIM {
+            return Err(VulkanError::Unsupported(format!("attention with head_dim {head_dim} > {ATTN_MAX_HEAD_DIM}")));
+        }
+        let push = AttnPush {
+            out: self.addr_of(out.buf),
+            q: self.addr_of(q.buf),
+            k: self.addr_of(k.buf),
+            v: self.addr_of(v.buf),
+            step: self.step_addr(),
+            out_off: out.offset as u32,
+            q_off: q.offset as u32,
+            k_off: k.offset as u32,
+            v_off: v.offset as u32,
+            heads: heads as u32,
+            kv_heads: kv_heads as u32,
+            head_dim: head_dim as u32,
+            window: window as u32,
+            row_seq_off: l.row_seq,
+            seqs_off: l.seqs,
+            scale,
+            softcap,
+            qout: quant.map_or([0; 2], |(qo, _)| self.addr_of(qo.buf)),
+            qout_off: quant.map_or(0, |(qo, _)| qo.offset as u32),
+            qmode: match quant {
+                None => 0,
+                Some((_, ActLayout::Q8A)) => 1,
+                Some((_, ActLayout::Q8K)) => 2,
+            },
+            rows: rows as u32,
+            pad: 0,
+        };
+        let qlen = rows * heads * head_dim;
+        let (kl, vl) = (self.buf(k.buf).len - k.offset, self.buf(v.buf).len - v.offset);
+        let mut acc = Access::new()
+            .r(id(q.buf), q.offset, qlen)
+            .r(id(k.buf), k.offset, kl)
+            .r(id(v.buf), v.offset, vl)
+            .w(id(out.buf), out.offset, qlen);
+        if let Some((qo, layout)) = quant {
+            acc = acc.w(id(qo.buf), qo.offset, rows * heads * head_dim / act_block(layout) * act_words(layout));
+        }
+        // Prefill rows in blocks (each key and value loaded serves a block's queries), for
+        // the head sizes its value chains tile.
+        if self.attn_blk && rows >= ATTN_BLK_MIN_ROWS && (32..=256).contains(&head_dim) && 256 % head_dim == 0 {
+            // Rows per workgroup: 8; with `attention_rows` 0, fewer where that leaves few
+            // workgroups (QB·head_dim ≥ 256). H100, pp512 Gemma 3 270M / SmolLM2: 8 →
+            // 33.9k / 31.0k tokens/s, chosen per step → 33.0k / 31.9k (within noise).
+            let mut qb = self.attn_qb.unwrap_or(ATTN_BLK_ROWS);
+            if qb == 0 {
+                qb = ATTN_BLK_ROWS;
+                while qb > 1 && rows.div_ceil(qb) * heads < 1024 && (qb / 2) * head_dim >= 256 {
+                    qb /= 2;
                 }
-                let push = AttnPush {
-                    out: self.addr_of(out.buf),
-                    q: self.addr_of(q.buf),
-                    k: self.addr_of(k.buf),
-                    v: self.addr_of(v.buf),
-                    step: self.step_addr(),
-                    out_off: out.offset as u32,
-                    q_off: q.offset as u32,
-                    k_off: k.offset as u32,
-                    v_off: v.offset as u32,
-                    heads: heads as u32,
-                    kv_heads: kv_heads as u32,
-                    head_dim: head_dim as u32,
-                    window: window as u32,
-                    row_seq_off: l.row_seq,
-                    seqs_off: l.seqs,
-                    scale,
-                    softcap,
-                    qout: quant.map_or([0; 2], |(qo, _)| self.addr_of(qo.buf)),
-                    qout_off: quant.map_or(0, |(qo, _)| qo.offset as u32),
-                    qmode: match quant {
-                        None => 0,
-                        Some((_, ActLayout::Q8A)) => 1,
-                        Some((_, ActLayout::Q8K)) => 2,
-                    },
-                    rows: rows as u32,
-                    pad: 0,
-                };
-                let qlen = rows * heads * head_dim;
-                let (kl, vl) = (self.buf(k.buf).len - k.offset, self.buf(v.buf).len - v.offset);
-                let mut acc = Access::new()
-                    .r(id(q.buf), q.offset, qlen)
-                    .r(id(k.buf), k.offset, kl)
-                    .r(id(v.buf), v.offset, vl)
-                    .w(id(out.buf), out.offset, qlen);
-                if let Some((qo, layout)) = quant {
-                    acc = acc.w(id(qo.buf), qo.offset, rows * heads * head_dim / act_block(layout) * act_words(layout));
-                }
-                // Prefill rows in blocks (each key and value loaded serves a block's queries), for
-                // the head sizes its value chains tile.
-                if self.attn_blk && rows >= ATTN_BLK_MIN_ROWS && (32..=256).contains(&head_dim) && 256 % head_dim == 0 {
-                    // Rows per workgroup: 8; with `attention_rows` 0, fewer where that leaves few
-                    // workgroups (QB·head_dim ≥ 256). H100, pp512 Gemma 3 270M / SmolLM2: 8 →
-                    // 33.9k / 31.0k tokens/s, chosen per step → 33.0k / 31.9k (within noise).
-                    let mut qb = self.attn_qb.unwrap_or(ATTN_BLK_ROWS);
-                    if qb == 0 {
-                        qb = ATTN_BLK_ROWS;
-                        while qb > 1 && rows.div_ceil(qb) * heads < 1024 && (qb / 2) * head_dim >= 256 {
-                            qb /= 2;
-                        }
-                    }
-                    let qb = qb.clamp((256 / head_dim).max(1), ATTN_BLK_ROWS);
-                    let grid = [groups(rows, qb), heads as u32, 1];
-                    return self.dispatch(cb, hz, "attention_blk", &[head_dim as u32, qb as u32], &push, grid, acc);
-                }
-                self.dispatch(cb, hz, "attention", &[head_dim as u32], &push, [rows as u32, heads as u32, 1], acc)
-                }
+            }
+            let qb = qb.clamp((256 / head_dim).max(1), ATTN_BLK_ROWS);
+            let grid = [groups(rows, qb), heads as u32, 1];
+            return self.dispatch(cb, hz, "attention_blk", &[head_dim as u32, qb as u32], &push, grid, acc);
+        }
+        self.dispatch(cb, hz, "attention", &[head_dim as u32], &push, [rows as u32, heads as u32, 1], acc)
+    }
 
     /// `x` (address, resource id, word offset) quantized into `q` for `n` rows of `cols`.
     #[allow(clippy::too_many_arguments)]
@@ -1771,9 +1924,282 @@ impl Vulkan {
     /// Whether `op` (an AddRmsNorm) can run as the prologue of `next`'s matmuls: one token, the
     /// split kernel, a separate `x_out` (the matmuls' workgroups read `x` while one writes it), a
     /// row that fits the prologue, and `next` reading exactly its quantized output.
+    /// Whether `op` (a one-token split matmul) can take `next` (the AddRmsNorm whose branch it
+    /// writes) as its tail.
+    fn tail_norm(&self, op: &Op<BufId, WeightId>, next: Option<&Op<BufId, WeightId>>, step: &Step<'_>) -> bool {
+        let Op::MatMulQ8 { out, w, n: 1, .. } = *op else { return false };
+        let Some(&Op::AddRmsNorm { branch: Some(b), quant: Some(q), rows: 1, dim, .. }) = next else { return false };
+        let wt = self.weight_ref(w);
+        self.tails_here(step)
+            && b == out
+            && wt.rows == dim
+            && dim <= PRO_MAX_DIM
+            && dim.is_multiple_of(act_block(q.layout))
+            && wt.format.act_layout().is_some()
+            && self.int_parts(w).is_none()
+    }
+
+    /// Whether `op` (a one-token GatedFfn on split matmuls, quantized output) takes its
+    /// activation as the matmuls' tail.
+    fn tail_gate(&self, op: &Op<BufId, WeightId>, step: &Step<'_>) -> bool {
+        let Op::GatedFfn { x: MatIn::Q8(_), w_gate, w_up, n: 1, ffn, quant: Some(q), .. } = *op else { return false };
+        let split = |w: WeightId| self.weight_ref(w).format.act_layout().is_some() && self.int_parts(w).is_none();
+        self.tails_here(step)
+            && split(w_gate)
+            && split(w_up)
+            && ffn <= PRO_MAX_DIM
+            && ffn.is_multiple_of(act_block(q.layout))
+    }
+
+    /// Whether `op` (a one-token Qkv on split matmuls) takes its epilogue as the matmuls' tail.
+    fn tail_qkv(&self, op: &Op<BufId, WeightId>, step: &Step<'_>, l: &StepLayout) -> bool {
+        let Op::Qkv { x: MatIn::Q8(_), wq, wk, wv, n: 1, heads, kv_heads, head_dim, .. } = *op else { return false };
+        // The weight's byte offset joins its address (a multiple of 4, as the GGUF's alignment is).
+        let split = |w: WeightId| {
+            self.weight_ref(w).format.act_layout().is_some()
+                && self.int_parts(w).is_none()
+                && self.weight_at(w).1.is_multiple_of(4)
+        };
+        self.tails_here(step)
+            && split(wq)
+            && split(wk)
+            && split(wv)
+            && (l.row_seq, l.seqs) == (2, 3)
+            && heads < 256
+            && heads + kv_heads <= TAIL_QKV_HEADS
+            && (heads + kv_heads) * head_dim <= TAIL_QKV_MAX
+            && head_dim.is_multiple_of(2)
+    }
+
+    fn tails_here(&self, step: &Step<'_>) -> bool {
+        self.tails
+            && self.split
+            && step.rows() == 1
+            && self.rec_tails < TAIL_COUNTERS
+            && self.gpu.info.max_shared >= 32768
+    }
+
+    /// `(spec, workgroups)` of a one-token split matmul over `w`.
+    fn split_shape(&self, w: WeightId) -> ([u32; 3], u32) {
+        let wt = self.weight_ref(w);
+        let nbc = (wt.cols / wt.format.block_elems()).min(32);
+        let r = self.split_rows(wt.rows, 1usize << (32usize).min(512 / nbc).max(1).ilog2());
+        ([1, r as u32, nbc as u32], groups(wt.rows, r))
+    }
+
+    /// Device address of a view's first element.
+    fn addr_at(&self, v: View<BufId>) -> Addr {
+        addr(self.buf(v.buf).raw.addr + 4 * v.offset as u64)
+    }
+
+    /// The next tail group's counter.
+    fn next_counter(&mut self) -> Addr {
+        let at = self.counters.as_ref().expect("counters").addr + 4 * self.rec_tails as u64;
+        self.rec_tails += 1;
+        addr(at)
+    }
+
+    /// A one-token matmul with the AddRmsNorm after it (`norm`, its branch the matmul's output)
+    /// as its tail.
+    fn matmul_tail_norm(
+        &mut self,
+        cb: raw::CommandBuffer,
+        op: &Op<BufId, WeightId>,
+        norm: &Op<BufId, WeightId>,
+        hz: &mut Hazards,
+    ) -> Result<()> {
+        let (
+            &Op::MatMulQ8 { out, xq, w, .. },
+            &Op::AddRmsNorm { x, x_out, post, out: nout, w: nw, quant: Some(q), dim, eps, .. },
+        ) = (op, norm)
+        else {
+            return Err(VulkanError::Unsupported("not a matmul and its junction".into()));
+        };
+        let wt = self.weight_ref(w);
+        let (fmt, cols) = (wt.format, wt.cols);
+        let layout = fmt.act_layout().expect("checked");
+        let (wa, wb) = self.weight_at(w);
+        let (spec, total) = self.split_shape(w);
+        let qk = q.layout == ActLayout::Q8K;
+        let push = TailNormPush {
+            w: wa,
+            x: self.addr_at(xq),
+            out: self.addr_at(out),
+            q: self.addr_at(q.out),
+            x_in: self.addr_at(x),
+            post: post.map_or([0; 2], |p| self.vector_at(p)),
+            nw: self.vector_at(nw),
+            x_out: self.addr_at(x_out),
+            nout: self.addr_at(nout),
+            ctr: self.next_counter(),
+            w_byte: wb,
+            rows: dim as u32,
+            cols: cols as u32,
+            row_bytes: fmt.bytes_for(cols).unwrap_or(0) as u32,
+            total,
+            flags: if post.is_some() { PRO_POST } else { 0 } | if qk { PRO_QK } else { 0 },
+            eps,
+        };
+        let id = |b: BufId| b.0;
+        let words = dim / act_block(q.layout) * act_words(q.layout);
+        let acc = Access::new()
+            .r(id(xq.buf), xq.offset, cols / act_block(layout) * act_words(layout))
+            .r(id(x.buf), x.offset, dim)
+            .w(id(out.buf), out.offset, dim)
+            .w(id(x_out.buf), x_out.offset, dim)
+            .w(id(nout.buf), nout.offset, dim)
+            .w(id(q.out.buf), q.out.offset, words);
+        let name = format!("mm_split.{}.{}.3", fmt_name(fmt), self.dot as u32);
+        self.dispatch(cb, hz, &name, &spec, &push, [total, 1, 1], acc)
+    }
+
+    /// A one-token Qkv: the q, k and v matmuls (no barrier between them), the epilogue (norms,
+    /// RoPE, the caches) as the tail of whichever of their workgroups finishes last.
+    fn qkv_tail(
+        &mut self,
+        cb: raw::CommandBuffer,
+        op: &Op<BufId, WeightId>,
+        l: &StepLayout,
+        hz: &mut Hazards,
+    ) -> Result<()> {
+        let &Op::Qkv {
+            x: MatIn::Q8(xq),
+            wq,
+            wk,
+            wv,
+            q,
+            k,
+            v,
+            heads,
+            kv_heads,
+            head_dim,
+            q_norm,
+            k_norm,
+            eps,
+            rope,
+            k_cache,
+            v_cache,
+            ..
+        } = op
+        else {
+            return Err(VulkanError::Unsupported("not a Qkv".into()));
+        };
+        let mut flags = 0;
+        let table = match rope {
+            Some(r) => {
+                flags |= QP_ROPE | if r.mode == RopeMode::Neox { QP_NEOX } else { 0 };
+                let key = (r.theta.to_bits(), r.scale.to_bits(), head_dim);
+                l.rope.iter().find(|e| (e.0, e.1, e.2) == key).map_or(0, |e| e.3)
+            }
+            None => 0,
+        };
+        flags |= if q_norm.is_some() { QP_QNORM } else { 0 } | if k_norm.is_some() { QP_KNORM } else { 0 };
+        flags |= if k_cache.is_some() { QP_KCACHE } else { 0 } | if v_cache.is_some() { QP_VCACHE } else { 0 };
+        let shapes = [wq, wk, wv].map(|w| self.split_shape(w));
+        let total = shapes.iter().map(|s| s.1).sum();
+        let ctr = self.next_counter();
+        let id = |b: BufId| b.0;
+        let (qd, kvd) = (heads * head_dim, kv_heads * head_dim);
+        let cols = self.weight_ref(wq).cols;
+        let layout = self.weight_ref(wq).format.act_layout().expect("checked");
+        let mut acc = Access::new()
+            .r(id(xq.buf), xq.offset, cols / act_block(layout) * act_words(layout))
+            .w(id(q.buf), q.offset, qd)
+            .w(id(k.buf), k.offset, kvd)
+            .w(id(v.buf), v.offset, kvd);
+        for c in [k_cache, v_cache].into_iter().flatten() {
+            acc = acc.w(id(c.buf), c.offset, self.buf(c.buf).len - c.offset);
+        }
+        self.order(cb, hz, &acc);
+        for ((w, out), (spec, groups)) in [(wq, q), (wk, k), (wv, v)].into_iter().zip(shapes) {
+            let wt = self.weight_ref(w);
+            let (fmt, cols) = (wt.format, wt.cols);
+            let (wa, wb) = self.weight_at(w);
+            let push = TailQkvPush {
+                w: addr((wa[0] as u64 | (wa[1] as u64) << 32) + wb as u64),
+                x: self.addr_at(xq),
+                out: self.addr_at(out),
+                q: self.addr_at(q),
+                k: self.addr_at(k),
+                v: self.addr_at(v),
+                qn: q_norm.map_or([0; 2], |w| self.vector_at(w)),
+                kn: k_norm.map_or([0; 2], |w| self.vector_at(w)),
+                kc: k_cache.map_or([0; 2], |c| self.addr_at(c)),
+                vc: v_cache.map_or([0; 2], |c| self.addr_at(c)),
+                step: self.step_addr(),
+                ctr,
+                rows: wt.rows as u32,
+                cols: cols as u32,
+                row_bytes: fmt.bytes_for(cols).unwrap_or(0) as u32,
+                total,
+                shape: heads as u32 | (kv_heads as u32) << 8 | (head_dim as u32) << 16,
+                flags_table: flags | table << 8,
+                eps,
+            };
+            let name = format!("mm_split.{}.{}.5", fmt_name(fmt), self.dot as u32);
+            self.dispatch_raw(cb, hz, &name, &spec, &push, [groups, 1, 1])?;
+        }
+        Ok(())
+    }
+
+    /// A one-token GatedFfn: the gate and up matmuls (no barrier between them), the activation
+    /// and its quantization as the tail of whichever workgroup of the two finishes last.
+    fn gated_tail(&mut self, cb: raw::CommandBuffer, op: &Op<BufId, WeightId>, hz: &mut Hazards) -> Result<()> {
+        let &Op::GatedFfn { x: MatIn::Q8(xq), w_gate, w_up, gate, up, out: act, ffn, kind, quant: Some(q), .. } = op
+        else {
+            return Err(VulkanError::Unsupported("not a gated MLP".into()));
+        };
+        let (sg, tg) = self.split_shape(w_gate);
+        let (su, tu) = self.split_shape(w_up);
+        let ctr = self.next_counter();
+        let qk = q.layout == ActLayout::Q8K;
+        let flags = if kind == Gate::Silu { PRO_SILU } else { 0 } | if qk { PRO_QK } else { 0 };
+        let id = |b: BufId| b.0;
+        let cols = self.weight_ref(w_gate).cols;
+        let layout = self.weight_ref(w_gate).format.act_layout().expect("checked");
+        let words = ffn / act_block(q.layout) * act_words(q.layout);
+        let acc = Access::new()
+            .r(id(xq.buf), xq.offset, cols / act_block(layout) * act_words(layout))
+            .w(id(gate.buf), gate.offset, ffn)
+            .w(id(up.buf), up.offset, ffn)
+            .w(id(act.buf), act.offset, ffn)
+            .w(id(q.out.buf), q.out.offset, words);
+        self.order(cb, hz, &acc);
+        for (w, out, spec, groups) in [(w_gate, gate, sg, tg), (w_up, up, su, tu)] {
+            let wt = self.weight_ref(w);
+            let (fmt, cols) = (wt.format, wt.cols);
+            let (wa, wb) = self.weight_at(w);
+            let push = TailGatePush {
+                w: wa,
+                x: self.addr_at(xq),
+                out: self.addr_at(out),
+                q: self.addr_at(q.out),
+                gate: self.addr_at(gate),
+                up: self.addr_at(up),
+                act: self.addr_at(act),
+                ctr,
+                w_byte: wb,
+                rows: ffn as u32,
+                cols: cols as u32,
+                row_bytes: fmt.bytes_for(cols).unwrap_or(0) as u32,
+                total: tg + tu,
+                flags,
+            };
+            let name = format!("mm_split.{}.{}.4", fmt_name(fmt), self.dot as u32);
+            self.dispatch_raw(cb, hz, &name, &spec, &push, [groups, 1, 1])?;
+        }
+        Ok(())
+    }
+
     fn prologue_norm(&self, op: &Op<BufId, WeightId>, next: Option<&Op<BufId, WeightId>>, step: &Step<'_>) -> bool {
         let Op::AddRmsNorm { x, x_out, branch: Some(_), quant: Some(q), rows: 1, dim, .. } = *op else { return false };
-        if !self.prologues.0 || !self.split || step.rows() != 1 || x_out == x || dim > PRO_MAX_DIM || self.gpu.info.max_shared < 32768 {
+        if !self.prologues.0
+            || !self.split
+            || step.rows() != 1
+            || x_out == x
+            || dim > PRO_MAX_DIM
+            || self.gpu.info.max_shared < 32768
+        {
             return false;
         }
         // Every workgroup repeats the prologue: worth it for the layers' matrices, not for the
@@ -1796,7 +2222,13 @@ impl Vulkan {
     /// projection reading its quantized output): one token, a separate `out`, a row that fits.
     fn prologue_gate(&self, op: &Op<BufId, WeightId>, next: Option<&Op<BufId, WeightId>>, step: &Step<'_>) -> bool {
         let Op::GatedFfn { gate, out, quant: Some(q), n: 1, ffn, .. } = *op else { return false };
-        if !self.prologues.1 || !self.split || step.rows() != 1 || out == gate || ffn > PRO_MAX_DIM || self.gpu.info.max_shared < 32768 {
+        if !self.prologues.1
+            || !self.split
+            || step.rows() != 1
+            || out == gate
+            || ffn > PRO_MAX_DIM
+            || self.gpu.info.max_shared < 32768
+        {
             return false;
         }
         matches!(next, Some(&Op::MatMulQ8 { xq, w, n: 1, .. })
@@ -1826,10 +2258,13 @@ impl Vulkan {
         let id = |b: BufId| b.0;
         let wflag = if writer { PRO_WRITER } else { 0 };
         match p {
-            Pro::Norm(Op::AddRmsNorm { x, x_out, branch, post, out: nout, w: nw, quant: Some(q), dim, eps, .. }) => {
+            Pro::Norm(Op::AddRmsNorm {
+                x, x_out, branch, post, out: nout, w: nw, quant: Some(q), dim, eps, ..
+            }) => {
                 let b = branch.ok_or_else(|| VulkanError::Unsupported("a norm prologue without a branch".into()))?;
                 let qk = q.layout == ActLayout::Q8K;
-                let flags = PRO_BRANCH | if post.is_some() { PRO_POST } else { 0 } | if qk { PRO_QK } else { 0 } | wflag;
+                let flags =
+                    PRO_BRANCH | if post.is_some() { PRO_POST } else { 0 } | if qk { PRO_QK } else { 0 } | wflag;
                 let push = SplitNormPush {
                     w: wa,
                     q: self.addr_of(q.out.buf),
@@ -1853,10 +2288,18 @@ impl Vulkan {
                     flags,
                     eps,
                 };
-                let mut acc = Access::new().r(id(x.buf), x.offset, dim).r(id(b.buf), b.offset, dim).w(id(out.buf), out.offset, wrows);
+                let mut acc = Access::new().r(id(x.buf), x.offset, dim).r(id(b.buf), b.offset, dim).w(
+                    id(out.buf),
+                    out.offset,
+                    wrows,
+                );
                 if writer {
                     let words = dim / act_block(q.layout) * act_words(q.layout);
-                    acc = acc.w(id(x_out.buf), x_out.offset, dim).w(id(nout.buf), nout.offset, dim).w(id(q.out.buf), q.out.offset, words);
+                    acc = acc.w(id(x_out.buf), x_out.offset, dim).w(id(nout.buf), nout.offset, dim).w(
+                        id(q.out.buf),
+                        q.out.offset,
+                        words,
+                    );
                 }
                 let name = format!("mm_split.{}.{}.1", fmt_name(fmt), self.dot as u32);
                 self.dispatch(cb, hz, &name, &spec, &push, grid, acc)
@@ -1882,7 +2325,11 @@ impl Vulkan {
                     act_off: act.offset as u32,
                     flags,
                 };
-                let mut acc = Access::new().r(id(gate.buf), gate.offset, ffn).r(id(up.buf), up.offset, ffn).w(id(out.buf), out.offset, wrows);
+                let mut acc = Access::new().r(id(gate.buf), gate.offset, ffn).r(id(up.buf), up.offset, ffn).w(
+                    id(out.buf),
+                    out.offset,
+                    wrows,
+                );
                 if writer {
                     let words = ffn / act_block(q.layout) * act_words(q.layout);
                     acc = acc.w(id(act.buf), act.offset, ffn).w(id(q.out.buf), q.out.offset, words);
@@ -2035,11 +2482,7 @@ fn parse_tile(v: &str) -> Option<[u32; 5]> {
     let p: Vec<u32> = v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
     let t: [u32; 5] = p.try_into().ok()?;
     let [r, tk, gr, kc, _] = t;
-    let ok = (1..=16).contains(&r)
-        && (1..=16).contains(&tk)
-        && gr.is_power_of_two()
-        && gr <= 32
-        && kc >= 1;
+    let ok = (1..=16).contains(&r) && (1..=16).contains(&tk) && gr.is_power_of_two() && gr <= 32 && kc >= 1;
     ok.then_some(t)
 }
 

@@ -37,6 +37,7 @@ pub(super) fn all() -> Vec<Group> {
     groups.extend(qkv(&mut rng));
     groups.extend(gated_ffn(&mut rng));
     groups.extend(prologues(&mut rng));
+    groups.extend(tails(&mut rng));
     groups
 }
 
@@ -799,7 +800,10 @@ fn prologues(rng: &mut Rng) -> Vec<Group> {
         let mut cases = Vec::new();
         let (dim, rows) = (768, 300);
         for post in [false, true] {
-            let mut c = Case::new(format!("AddRmsNorm (post norm: {post}) → MatMulQ8 {fmt:?} dim={dim}"), StepData::one_seq(1, 0));
+            let mut c = Case::new(
+                format!("AddRmsNorm (post norm: {post}) → MatMulQ8 {fmt:?} dim={dim}"),
+                StepData::one_seq(1, 0),
+            );
             let w = c.weight(norm_weight(rng, dim));
             let post = post.then(|| c.weight(norm_weight(rng, dim)));
             let wm = c.weight(weight(rng, fmt, rows, dim));
@@ -826,13 +830,159 @@ fn prologues(rng: &mut Rng) -> Vec<Group> {
             let up = c.output_at(rng, ffn, 0, "up", Check::Float);
             let out = c.output_at(rng, ffn, 0, "act(gate)·up", Check::Float);
             let len = ffn / act_block(layout) * act_words(layout);
-            let q = QuantOut { out: c.output_at(rng, len, 0, "quantized activation", Check::DerivedBlocks(layout)), layout };
+            let q = QuantOut {
+                out: c.output_at(rng, len, 0, "quantized activation", Check::DerivedBlocks(layout)),
+                layout,
+            };
             c.op(Op::GatedFfn { x, w_gate, w_up, gate, up, out, n: 1, ffn, kind, quant: Some(q) });
             let mm = c.output_at(rng, rows, 1, "matmul out", Check::Exact);
             c.op(Op::MatMulQ8 { out: mm, xq: q.out, w: wd, n: 1 });
             cases.push(c);
         }
         groups.push(Group { name: format!("Prologue {fmt:?}"), cases });
+    }
+    groups
+}
+
+/// One token's output projection, the residual junction after it (its branch the projection),
+/// the gated MLP, the down projection and the next junction: the ops a GPU backend records with
+/// each junction and the MLP's activation as tails of the matmuls before them (several tails in
+/// one step, residuals in place and not).
+fn tails(rng: &mut Rng) -> Vec<Group> {
+    let (dim, ffn, attn, vocab) = (768, 1024, 512, 300);
+    let mut groups = Vec::new();
+    for [fa, fb, fc] in [
+        [Format::Q5_0, Format::Q5_0, Format::Q6_K],
+        [Format::Q4_1, Format::Q4_1, Format::Q4_1],
+        [Format::Q4_K, Format::Q8_0, Format::Q5_K],
+        [Format::Q6_K, Format::Q4_K, Format::Q5_1],
+        [Format::Q4_0, Format::Q5_1, Format::Q8_0],
+    ] {
+        let [la, lb, lc] = [fa, fb, fc].map(|f| f.act_layout().expect("a block format"));
+        let words = |len: usize, l: ActLayout| len / act_block(l) * act_words(l);
+        let mut cases = Vec::new();
+        for (post, in_place, kind) in [(true, false, Gate::GeluTanh), (false, true, Gate::Silu)] {
+            let mut c = Case::new(
+                format!(
+                    "MatMulQ8 {fa:?} → AddRmsNorm (post norm: {post}, in place: {in_place}) → GatedFfn {fb:?} {kind:?} → MatMulQ8 {fc:?} → AddRmsNorm → MatMulQ8"
+                ),
+                StepData::one_seq(1, 0),
+            );
+            let wo = c.weight(weight(rng, fa, dim, attn));
+            let wg = c.weight(weight(rng, fb, ffn, dim));
+            let wu = c.weight(weight(rng, fb, ffn, dim));
+            let wd = c.weight(weight(rng, fc, dim, ffn));
+            let wh = c.weight(weight(rng, fa, vocab, dim));
+            let (n1, n2) = (c.weight(norm_weight(rng, dim)), c.weight(norm_weight(rng, dim)));
+            let p1 = post.then(|| c.weight(norm_weight(rng, dim)));
+            let p2 = post.then(|| c.weight(norm_weight(rng, dim)));
+            let a = activations(rng, 1, attn);
+            let xa = c.buf(quantize_rows(&a, 1, attn, la));
+            let x = if in_place {
+                c.output_at(rng, dim, 3, "residual", Check::Float)
+            } else {
+                c.random_at(rng, dim, 4.0, 3)
+            };
+            let o = c.output_at(rng, dim, 1, "o projection", Check::Exact);
+            c.op(Op::MatMulQ8 { out: o, xq: xa, w: wo, n: 1 });
+            let x1 = if in_place { x } else { c.output_at(rng, dim, 0, "x + o", Check::Float) };
+            let xn1 = c.output_at(rng, dim, 1, "normed", Check::Float);
+            let q1 = QuantOut {
+                out: c.output_at(rng, words(dim, lb), 0, "quantized normed", Check::DerivedBlocks(lb)),
+                layout: lb,
+            };
+            c.op(Op::AddRmsNorm {
+                x,
+                x_out: x1,
+                branch: Some(o),
+                post: p1,
+                out: xn1,
+                w: n1,
+                quant: Some(q1),
+                rows: 1,
+                dim,
+                eps: 1e-6,
+            });
+            let gate = c.output_at(rng, ffn, 1, "gate", Check::Float);
+            let up = c.output_at(rng, ffn, 0, "up", Check::Float);
+            let act = c.output_at(rng, ffn, 0, "act(gate)·up", Check::Float);
+            let q2 = QuantOut {
+                out: c.output_at(rng, words(ffn, lc), 0, "quantized activation", Check::DerivedBlocks(lc)),
+                layout: lc,
+            };
+            c.op(Op::GatedFfn {
+                x: MatIn::Q8(q1.out),
+                w_gate: wg,
+                w_up: wu,
+                gate,
+                up,
+                out: act,
+                n: 1,
+                ffn,
+                kind,
+                quant: Some(q2),
+            });
+            let d = c.output_at(rng, dim, 1, "down projection", Check::Exact);
+            c.op(Op::MatMulQ8 { out: d, xq: q2.out, w: wd, n: 1 });
+            let x2 = if in_place { x1 } else { c.output_at(rng, dim, 0, "x + down", Check::Float) };
+            let xn2 = c.output_at(rng, dim, 1, "normed 2", Check::Float);
+            let q3 = QuantOut {
+                out: c.output_at(rng, words(dim, la), 0, "quantized normed 2", Check::DerivedBlocks(la)),
+                layout: la,
+            };
+            c.op(Op::AddRmsNorm {
+                x: x1,
+                x_out: x2,
+                branch: Some(d),
+                post: p2,
+                out: xn2,
+                w: n2,
+                quant: Some(q3),
+                rows: 1,
+                dim,
+                eps: 1e-6,
+            });
+            let h = c.output_at(rng, vocab, 1, "head", Check::Exact);
+            c.op(Op::MatMulQ8 { out: h, xq: q3.out, w: wh, n: 1 });
+            cases.push(c);
+        }
+        // Gemma's attention shape: one token's Qkv (norms, Neox RoPE, caches), 256-wide heads.
+        let (heads, kv_heads, hd) = (4, 1, 256);
+        let seqs = [SeqSpan { row: 0, len: 1, cache_row: 3, pos0: 37 }];
+        let mut c = Case::new(format!("Qkv {fa:?} one token, head_dim {hd}"), StepData::of_seqs(&seqs));
+        let wq = c.weight(weight(rng, fa, heads * hd, dim));
+        let wk = c.weight(weight(rng, fa, kv_heads * hd, dim));
+        let wv = c.weight(weight(rng, fa, kv_heads * hd, dim));
+        let (q_norm, k_norm) = (Some(c.weight(norm_weight(rng, hd))), Some(c.weight(norm_weight(rng, hd))));
+        let x = activations(rng, 1, dim);
+        let x = mat_in(&mut c, rng, &x, 1, dim, Input::Q8, Some(la));
+        let q = c.output_at(rng, heads * hd, 3, "q", Check::Float);
+        let k = c.output_at(rng, kv_heads * hd, 0, "k", Check::Float);
+        let v = c.output_at(rng, kv_heads * hd, 1, "v", Check::Float);
+        let k_cache = Some(c.output_at(rng, 48 * kv_heads * hd, 0, "k cache", Check::Float));
+        let v_cache = Some(c.output_at(rng, 48 * kv_heads * hd, 2, "v cache", Check::Float));
+        let rope = Some(RopeSpec { theta: 1e6, scale: 1.0, mode: RopeMode::Neox });
+        c.op(Op::Qkv {
+            x,
+            wq,
+            wk,
+            wv,
+            q,
+            k,
+            v,
+            n: 1,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            q_norm,
+            k_norm,
+            eps: 1e-6,
+            rope,
+            k_cache,
+            v_cache,
+        });
+        cases.push(c);
+        groups.push(Group { name: format!("Tail {fa:?} {fb:?} {fc:?}"), cases });
     }
     groups
 }
