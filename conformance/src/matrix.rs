@@ -28,7 +28,7 @@ use purehw_hal::{
 };
 use purehw_hal_cpu::Cpu;
 use purehw_hal_cpu_ref::CpuRef;
-use purehw_hal_vulkan::{Vulkan, VulkanOptions};
+use purehw_hal_vulkan::{Tails, Vulkan, VulkanOptions};
 use purehw_kernels::quant::{BlockQ8A, BlockQ8K};
 
 mod cases;
@@ -63,7 +63,7 @@ pub fn vulkan() -> Vulkan {
 pub fn vulkan_gpu_kernels() -> Vulkan {
     let mut o = vulkan_options();
     o.split_matvec = Some(true);
-    o.tails = Some(true);
+    o.tails = Some(Tails::ALL);
     o.prologues = Some((false, false));
     // Block attention's smaller blocks (chosen per step), which the default does not take.
     o.attention_rows = Some(0);
@@ -75,7 +75,7 @@ pub fn vulkan_gpu_kernels() -> Vulkan {
 pub fn vulkan_gpu_prologues() -> Vulkan {
     let mut o = vulkan_options();
     o.split_matvec = Some(true);
-    o.tails = Some(false);
+    o.tails = Some(Tails::NONE);
     o.prologues = Some((true, true));
     Vulkan::new(&o).unwrap_or_else(|e| panic!("{e}"))
 }

@@ -79,8 +79,8 @@ pub struct VulkanOptions {
     /// Decode steps run the residual junction after an output projection, and the gated MLP's
     /// activation, as tails of the matmuls before them (run by the last workgroup to finish: no
     /// dispatch or barrier of their own). `None`: wherever the split matmuls run.
-    /// `PUREHW_VK_TAIL=0|1` sets it.
-    pub tails: Option<bool>,
+    /// `PUREHW_VK_TAIL=0|1|qkv,norm,gate` sets it (the last: only those named).
+    pub tails: Option<Tails>,
 }
 
 impl VulkanOptions {
@@ -99,8 +99,37 @@ impl VulkanOptions {
                 _ => None,
             },
             attention_rows: std::env::var("PUREHW_VK_ATTN_QB").ok().and_then(|v| v.parse().ok()),
-            tails: std::env::var("PUREHW_VK_TAIL").ok().map(|v| v != "0"),
+            tails: std::env::var("PUREHW_VK_TAIL").ok().map(|v| Tails::parse(&v)),
         }
+    }
+}
+
+/// Which decode ops run as tails of the matmuls before them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tails {
+    /// Qkv's epilogue (per-head norms, RoPE, the caches) after the q/k/v matmuls.
+    pub qkv: bool,
+    /// A residual junction (AddRmsNorm) after the matmul writing its branch.
+    pub norm: bool,
+    /// The gated MLP's activation and quantization after the gate and up matmuls.
+    pub gate: bool,
+}
+
+impl Tails {
+    pub const ALL: Tails = Tails { qkv: true, norm: true, gate: true };
+    pub const NONE: Tails = Tails { qkv: false, norm: false, gate: false };
+
+    /// `0` none, `1` all, else a comma list of `qkv`, `norm`, `gate`.
+    pub fn parse(v: &str) -> Tails {
+        match v {
+            "0" => Tails::NONE,
+            "1" => Tails::ALL,
+            _ => Tails { qkv: v.contains("qkv"), norm: v.contains("norm"), gate: v.contains("gate") },
+        }
+    }
+
+    fn any(self) -> bool {
+        self.qkv || self.norm || self.gate
     }
 }
 
@@ -320,7 +349,7 @@ pub struct Vulkan {
     /// Rows per block-attention workgroup (see [`VulkanOptions::attention_rows`]).
     attn_qb: Option<usize>,
     /// Decode matmuls' tails (see [`VulkanOptions::tails`]).
-    tails: bool,
+    tails: Tails,
     /// The tails' counters (`TAIL_COUNTERS` words, zero between steps).
     counters: Option<RawBuffer>,
     /// Tail groups of the step being recorded (each takes the next counter).
@@ -427,7 +456,7 @@ impl Vulkan {
             },
             attn_blk: std::env::var("PUREHW_VK_ATTN_BLK").map_or(true, |v| v != "0"),
             attn_qb: opts.attention_rows,
-            tails: opts.tails.unwrap_or(split) && split,
+            tails: if split { opts.tails.unwrap_or(Tails::ALL) } else { Tails::NONE },
             counters: None,
             rec_tails: 0,
             trace: std::env::var("PUREHW_VK_TRACE").is_ok_and(|v| v == "1"),
@@ -1118,7 +1147,7 @@ impl Vulkan {
 
     /// The tails' counters, zeroed once (each tail leaves its counter at zero).
     fn ensure_counters(&mut self) -> Result<()> {
-        if self.counters.is_some() || !self.tails {
+        if self.counters.is_some() || !self.tails.any() {
             return Ok(());
         }
         let buf = self.raw_buffer(4 * TAIL_COUNTERS as u64, Mem::Device, || "the tail counters".into())?;
@@ -1671,7 +1700,7 @@ impl Vulkan {
                 q_norm,
                 k_norm,
                 eps,
-                rope,
+                rope: _,
                 k_cache,
                 v_cache,
             } => {
@@ -1693,26 +1722,14 @@ impl Vulkan {
                         _ => unreachable!("MatIn is F32 or Q8"),
                     }
                 }
-                let mut flags = 0;
-                let table = match rope {
-                    Some(r) => {
-                        flags |= QP_ROPE | if r.mode == RopeMode::Neox { QP_NEOX } else { 0 };
-                        let key = (r.theta.to_bits(), r.scale.to_bits(), head_dim);
-                        l.rope.iter().find(|e| (e.0, e.1, e.2) == key).map_or(0, |e| e.3)
-                    }
-                    None => 0,
-                };
-                flags |= if q_norm.is_some() { QP_QNORM } else { 0 } | if k_norm.is_some() { QP_KNORM } else { 0 };
-                flags |= if k_cache.is_some() { QP_KCACHE } else { 0 } | if v_cache.is_some() { QP_VCACHE } else { 0 };
+                let (flags, table) = qkv_flags(op, l);
                 let (qd, kvd) = (heads * head_dim, kv_heads * head_dim);
-                let mut acc = Access::new().w(id(q.buf), q.offset, n * qd).w(id(k.buf), k.offset, n * kvd).r(
+                let acc = Access::new().w(id(q.buf), q.offset, n * qd).w(id(k.buf), k.offset, n * kvd).r(
                     id(v.buf),
                     v.offset,
                     n * kvd,
                 );
-                for c in [k_cache, v_cache].into_iter().flatten() {
-                    acc = acc.w(id(c.buf), c.offset, self.buf(c.buf).len - c.offset);
-                }
+                let acc = self.cache_writes(acc, [k_cache, v_cache]);
                 let push = QkvPostPush {
                     q: self.addr_of(q.buf),
                     k: self.addr_of(k.buf),
@@ -1930,7 +1947,8 @@ impl Vulkan {
         let Op::MatMulQ8 { out, w, n: 1, .. } = *op else { return false };
         let Some(&Op::AddRmsNorm { branch: Some(b), quant: Some(q), rows: 1, dim, .. }) = next else { return false };
         let wt = self.weight_ref(w);
-        self.tails_here(step)
+        self.tails.norm
+            && self.tails_here(step)
             && b == out
             && wt.rows == dim
             && dim <= PRO_MAX_DIM
@@ -1944,11 +1962,21 @@ impl Vulkan {
     fn tail_gate(&self, op: &Op<BufId, WeightId>, step: &Step<'_>) -> bool {
         let Op::GatedFfn { x: MatIn::Q8(_), w_gate, w_up, n: 1, ffn, quant: Some(q), .. } = *op else { return false };
         let split = |w: WeightId| self.weight_ref(w).format.act_layout().is_some() && self.int_parts(w).is_none();
-        self.tails_here(step)
+        self.tails.gate
+            && self.tails_here(step)
             && split(w_gate)
             && split(w_up)
             && ffn <= PRO_MAX_DIM
             && ffn.is_multiple_of(act_block(q.layout))
+    }
+
+    /// `acc` with the caches given written (from their offsets to the buffers' ends: the rows
+    /// a step stores depend on its spans).
+    fn cache_writes(&self, mut acc: Access, caches: [Option<View<BufId>>; 2]) -> Access {
+        for c in caches.into_iter().flatten() {
+            acc = acc.w(c.buf.0, c.offset, self.buf(c.buf).len - c.offset);
+        }
+        acc
     }
 
     /// Whether `op` (a one-token Qkv on split matmuls) takes its epilogue as the matmuls' tail.
@@ -1960,7 +1988,8 @@ impl Vulkan {
                 && self.int_parts(w).is_none()
                 && self.weight_at(w).1.is_multiple_of(4)
         };
-        self.tails_here(step)
+        self.tails.qkv
+            && self.tails_here(step)
             && split(wq)
             && split(wk)
             && split(wv)
@@ -1972,8 +2001,7 @@ impl Vulkan {
     }
 
     fn tails_here(&self, step: &Step<'_>) -> bool {
-        self.tails
-            && self.split
+        self.split
             && step.rows() == 1
             && self.rec_tails < TAIL_COUNTERS
             && self.gpu.info.max_shared >= 32768
@@ -2076,7 +2104,7 @@ impl Vulkan {
             q_norm,
             k_norm,
             eps,
-            rope,
+            rope: _,
             k_cache,
             v_cache,
             ..
@@ -2084,17 +2112,7 @@ impl Vulkan {
         else {
             return Err(VulkanError::Unsupported("not a Qkv".into()));
         };
-        let mut flags = 0;
-        let table = match rope {
-            Some(r) => {
-                flags |= QP_ROPE | if r.mode == RopeMode::Neox { QP_NEOX } else { 0 };
-                let key = (r.theta.to_bits(), r.scale.to_bits(), head_dim);
-                l.rope.iter().find(|e| (e.0, e.1, e.2) == key).map_or(0, |e| e.3)
-            }
-            None => 0,
-        };
-        flags |= if q_norm.is_some() { QP_QNORM } else { 0 } | if k_norm.is_some() { QP_KNORM } else { 0 };
-        flags |= if k_cache.is_some() { QP_KCACHE } else { 0 } | if v_cache.is_some() { QP_VCACHE } else { 0 };
+        let (flags, table) = qkv_flags(op, l);
         let shapes = [wq, wk, wv].map(|w| self.split_shape(w));
         let total = shapes.iter().map(|s| s.1).sum();
         let ctr = self.next_counter();
@@ -2102,14 +2120,12 @@ impl Vulkan {
         let (qd, kvd) = (heads * head_dim, kv_heads * head_dim);
         let cols = self.weight_ref(wq).cols;
         let layout = self.weight_ref(wq).format.act_layout().expect("checked");
-        let mut acc = Access::new()
+        let acc = Access::new()
             .r(id(xq.buf), xq.offset, cols / act_block(layout) * act_words(layout))
             .w(id(q.buf), q.offset, qd)
             .w(id(k.buf), k.offset, kvd)
             .w(id(v.buf), v.offset, kvd);
-        for c in [k_cache, v_cache].into_iter().flatten() {
-            acc = acc.w(id(c.buf), c.offset, self.buf(c.buf).len - c.offset);
-        }
+        let acc = self.cache_writes(acc, [k_cache, v_cache]);
         self.order(cb, hz, &acc);
         for ((w, out), (spec, groups)) in [(wq, q), (wk, k), (wv, v)].into_iter().zip(shapes) {
             let wt = self.weight_ref(w);
@@ -2470,6 +2486,23 @@ impl Vulkan {
         let gx = total.clamp(1, 65535);
         self.dispatch(cb, hz, "eltwise", &[], &push, [gx, total.div_ceil(gx).max(1), 1], acc)
     }
+}
+
+/// A Qkv's epilogue flags (`QP_*`) and the word offset of its RoPE table in the step buffer.
+fn qkv_flags(op: &Op<BufId, WeightId>, l: &StepLayout) -> (u32, u32) {
+    let Op::Qkv { head_dim, q_norm, k_norm, rope, k_cache, v_cache, .. } = *op else { return (0, 0) };
+    let mut flags = 0;
+    let table = match rope {
+        Some(r) => {
+            flags |= QP_ROPE | if r.mode == RopeMode::Neox { QP_NEOX } else { 0 };
+            let key = (r.theta.to_bits(), r.scale.to_bits(), head_dim);
+            l.rope.iter().find(|e| (e.0, e.1, e.2) == key).map_or(0, |e| e.3)
+        }
+        None => 0,
+    };
+    flags |= if q_norm.is_some() { QP_QNORM } else { 0 } | if k_norm.is_some() { QP_KNORM } else { 0 };
+    flags |= if k_cache.is_some() { QP_KCACHE } else { 0 } | if v_cache.is_some() { QP_VCACHE } else { 0 };
+    (flags, table)
 }
 
 /// Words of shared memory `mm_tile.comp` stages activations in (its `SA_WORDS`).
