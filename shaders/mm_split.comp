@@ -253,15 +253,37 @@ void prologue() {
 #if PRO == 5
 // Qkv's epilogue, in the group's last workgroup: every head of the token at once, each exactly
 // as qkv_post.comp computes it (the step layout of one row: row_seq at word 2, its span at 3).
+// Every global load is issued first, in one wave (a tail adds its latency to the step's).
+#define QPER (QKV_MAX / 256u)
 void tail() {
     uint tid = gl_LocalInvocationID.x;
     uint heads = pc.shape & 0xFFu, kvh = (pc.shape >> 8) & 0xFFu, hd = pc.shape >> 16, half_ = hd / 2u;
     uint flags = pc.flags_table & 0xFFu, table = pc.flags_table >> 8;
-    uint nq = heads * hd, nk = kvh * hd, nh = heads + kvh;
+    uint nq = heads * hd, nk = kvh * hd, nh = heads + kvh, n = nq + nk;
+    bool qnorm = (flags & 1u) != 0u, knorm = (flags & 2u) != 0u, rope = (flags & 4u) != 0u;
     CFloats q = CFloats(pc.q), k = CFloats(pc.k), v = CFloats(pc.v);
-    for (uint i = tid; i < nq + nk; i += 256u) hq[i] = i < nq ? q.v[i] : k.v[i - nq];
+    Floats qw = Floats(pc.qn), kw = Floats(pc.kn);
+    Words st = Words(pc.step);
+    float xv[QPER], wv[QPER], vv[QPER], rc[QPER / 2u], rs[QPER / 2u];
+    [[unroll]] for (uint j = 0u; j < QPER; j++) {
+        uint i = min(tid + 256u * j, n - 1u);
+        bool isq = i < nq;
+        xv[j] = isq ? q.v[i] : k.v[i - nq];
+        wv[j] = (isq ? qnorm : knorm) ? (isq ? qw.v[i % hd] : kw.v[i % hd]) : 0.0;
+        vv[j] = v.v[min(tid + 256u * j, nk - 1u)];
+    }
+    [[unroll]] for (uint j = 0u; j < QPER / 2u; j++) {
+        uint i = (tid + 256u * j) % half_;
+        rc[j] = rope ? uintBitsToFloat(st.v[table + 2u * i]) : 0.0;
+        rs[j] = rope ? uintBitsToFloat(st.v[table + 2u * i + 1u]) : 0.0;
+    }
+    uint s = st.v[2u], sc = s == 0xFFFFFFFFu ? 0u : s;
+    uint srow = st.v[3u + 4u * sc], cache_row = st.v[3u + 4u * sc + 2u], pos0 = st.v[3u + 4u * sc + 3u];
+    [[unroll]] for (uint j = 0u; j < QPER; j++) {
+        uint i = tid + 256u * j;
+        if (i < n) hq[i] = xv[j];
+    }
     barrier();
-    bool qnorm = (flags & 1u) != 0u, knorm = (flags & 2u) != 0u;
     if (qnorm || knorm) {
         for (uint u = tid; u < nh * 8u; u += 256u) {
             uint hh = u >> 3, lane = u & 7u;
@@ -281,90 +303,117 @@ void tail() {
             }
         }
         barrier();
-        Floats qw = Floats(pc.qn), kw = Floats(pc.kn);
-        for (uint i = tid; i < nq + nk; i += 256u) {
-            uint hh = i / hd;
-            bool isq = hh < heads;
-            if (isq ? qnorm : knorm) {
-                precise float r = hq[i] * hinv[hh] * (isq ? qw.v[i % hd] : kw.v[i % hd]);
+        [[unroll]] for (uint j = 0u; j < QPER; j++) {
+            uint i = tid + 256u * j, hh = i / hd;
+            if (i < n && (hh < heads ? qnorm : knorm)) {
+                precise float r = hq[i] * hinv[hh] * wv[j];
                 hq[i] = r;
             }
         }
         barrier();
     }
-    if ((flags & 4u) != 0u) {
+    if (rope) {
         bool neox = (flags & 8u) != 0u;
-        Words st = Words(pc.step);
-        for (uint u = tid; u < nh * half_; u += 256u) {
-            uint hh = u / half_, i = u % half_;
-            uint ia = hh * hd + (neox ? i : 2u * i), ib = hh * hd + (neox ? i + half_ : 2u * i + 1u);
-            float rc = uintBitsToFloat(st.v[table + 2u * i]), rs = uintBitsToFloat(st.v[table + 2u * i + 1u]);
-            float a = hq[ia], b = hq[ib];
-            precise float ra = a * rc - b * rs;
-            precise float rb = b * rc + a * rs;
-            hq[ia] = ra;
-            hq[ib] = rb;
+        [[unroll]] for (uint j = 0u; j < QPER / 2u; j++) {
+            uint u = tid + 256u * j;
+            if (u < nh * half_) {
+                uint hh = u / half_, i = u % half_;
+                uint ia = hh * hd + (neox ? i : 2u * i), ib = hh * hd + (neox ? i + half_ : 2u * i + 1u);
+                float a = hq[ia], b = hq[ib];
+                precise float ra = a * rc[j] - b * rs[j];
+                precise float rb = b * rc[j] + a * rs[j];
+                hq[ia] = ra;
+                hq[ib] = rb;
+            }
         }
         barrier();
     }
-    for (uint i = tid; i < nq + nk; i += 256u) {
-        if (i < nq) q.v[i] = hq[i];
-        else k.v[i - nq] = hq[i];
-    }
-    Words st = Words(pc.step);
-    uint s = st.v[2u];
-    if (s == 0xFFFFFFFFu) return;
-    uint srow = st.v[3u + 4u * s], cache_row = st.v[3u + 4u * s + 2u], pos0 = st.v[3u + 4u * s + 3u];
-    uint dst = (cache_row + pos0 - srow) * nk;
     Floats kc = Floats(pc.kc), vc = Floats(pc.vc);
-    bool kcache = (flags & 16u) != 0u, vcache = (flags & 32u) != 0u;
-    for (uint i = tid; i < nk; i += 256u) {
-        if (kcache) kc.v[dst + i] = hq[nq + i];
-        if (vcache) vc.v[dst + i] = v.v[i];
+    bool kcache = (flags & 16u) != 0u && s != 0xFFFFFFFFu, vcache = (flags & 32u) != 0u && s != 0xFFFFFFFFu;
+    uint dst = (cache_row + pos0 - srow) * nk;
+    [[unroll]] for (uint j = 0u; j < QPER; j++) {
+        uint i = tid + 256u * j;
+        if (i < n) {
+            float h = hq[i];
+            if (i < nq) q.v[i] = h;
+            else {
+                k.v[i - nq] = h;
+                if (kcache) kc.v[dst + i - nq] = h;
+            }
+        }
+        if (vcache && i < nk) vc.v[dst + i] = vv[j];
     }
 }
 #elif PRO >= 3
 // The tail, in the group's last workgroup: the op's outputs from the finished matmul results.
+// Every global load is issued first, in one wave (a tail adds its latency to the step's).
+#define TPER (PRO_MAX / 256u)
 void tail() {
-    uint tid = gl_LocalInvocationID.x;
+    uint tid = gl_LocalInvocationID.x, dim = pc.rows;
     bool k = (pc.flags & 4u) != 0u;
 #if PRO == 3
-    uint dim = pc.rows;
     CFloats br = CFloats(pc.out_);
-    Floats xi = Floats(pc.x_in), xo = Floats(pc.x_out);
-    for (uint i = tid; i < dim; i += 256u) row[i] = br.v[i];
+    Floats xi = Floats(pc.x_in), xo = Floats(pc.x_out), pw = Floats(pc.post), nw = Floats(pc.nw), no = Floats(pc.nout);
+    bool post = (pc.flags & 2u) != 0u;
+    float brv[TPER], xv[TPER], pv[TPER], wv[TPER];
+    [[unroll]] for (uint j = 0u; j < TPER; j++) {
+        uint i = min(tid + 256u * j, dim - 1u);
+        brv[j] = br.v[i];
+        xv[j] = xi.v[i];
+        pv[j] = post ? pw.v[i] : 0.0;
+        wv[j] = nw.v[i];
+    }
+    [[unroll]] for (uint j = 0u; j < TPER; j++) {
+        uint i = tid + 256u * j;
+        if (i < dim) row[i] = brv[j];
+    }
     barrier();
-    if ((pc.flags & 2u) != 0u) {
+    if (post) {
         float inv = row_rms_inv(dim, pc.eps);
-        Floats pw = Floats(pc.post);
-        for (uint i = tid; i < dim; i += 256u) {
-            precise float b = row[i] * inv * pw.v[i];
-            row[i] = b;
+        [[unroll]] for (uint j = 0u; j < TPER; j++) {
+            uint i = tid + 256u * j;
+            if (i < dim) {
+                precise float b = row[i] * inv * pv[j];
+                row[i] = b;
+            }
         }
     }
-    for (uint i = tid; i < dim; i += 256u) {
-        precise float s = xi.v[i] + row[i];
-        row[i] = s;
-        xo.v[i] = s;
+    [[unroll]] for (uint j = 0u; j < TPER; j++) {
+        uint i = tid + 256u * j;
+        if (i < dim) {
+            precise float s = xv[j] + row[i];
+            row[i] = s;
+            xo.v[i] = s;
+        }
     }
     barrier();
     float inv = row_rms_inv(dim, pc.eps);
-    Floats nw = Floats(pc.nw), no = Floats(pc.nout);
-    for (uint i = tid; i < dim; i += 256u) {
-        precise float v = row[i] * inv * nw.v[i];
-        row[i] = v;
-        no.v[i] = v;
+    [[unroll]] for (uint j = 0u; j < TPER; j++) {
+        uint i = tid + 256u * j;
+        if (i < dim) {
+            precise float v = row[i] * inv * wv[j];
+            row[i] = v;
+            no.v[i] = v;
+        }
     }
 #else
-    uint dim = pc.rows;
     CFloats g = CFloats(pc.gate), u = CFloats(pc.up);
     Floats ao = Floats(pc.act);
     bool silu = (pc.flags & 1u) != 0u;
-    for (uint i = tid; i < dim; i += 256u) {
-        float x = g.v[i];
-        precise float v = (silu ? silu_ref(x) : gelu_ref(x)) * u.v[i];
-        row[i] = v;
-        ao.v[i] = v;
+    float gv[TPER], uv[TPER];
+    [[unroll]] for (uint j = 0u; j < TPER; j++) {
+        uint i = min(tid + 256u * j, dim - 1u);
+        gv[j] = g.v[i];
+        uv[j] = u.v[i];
+    }
+    [[unroll]] for (uint j = 0u; j < TPER; j++) {
+        uint i = tid + 256u * j;
+        if (i < dim) {
+            float x = gv[j];
+            precise float v = (silu ? silu_ref(x) : gelu_ref(x)) * uv[j];
+            row[i] = v;
+            ao.v[i] = v;
+        }
     }
 #endif
     barrier();
