@@ -1,5 +1,5 @@
 #version 460
-// variants: FMT=Q4_0|Q4_1|Q5_0|Q5_1|Q8_0|Q4_K|Q5_K|Q6_K DOT=0|1 PRO=0|1|2|3|4|5
+// variants: FMT=Q4_0|Q4_1|Q5_0|Q5_1|Q8_0|Q4_K|Q5_K|Q6_K DOT=0|1 PRO=0|1|2|3|4|5|6
 // MatMulQ8 for up to 16 tokens (decode, batched decode): the same sums as mm_q8, split for latency. Phase 1: every
 // (row, block, lane) of the workgroup's rows is one item, spread over all threads and loaded in
 // one wave (neighbouring threads read neighbouring bytes of a row); each item's integer lane sum
@@ -21,6 +21,8 @@
 //   PRO=4, GatedFfn's activation and quantization over the gate and up outputs.
 //   PRO=5, Qkv's epilogue over the q, k and v outputs: per-head norms, RoPE, the caches (as
 //   qkv_post.comp, every head at once).
+//   PRO=6, the Argmax over this matmul's output (the LM head): each workgroup leaves its best
+//   (key, index), the last reduces them (as argmax.comp's two stages).
 #include "common/base.glsl"
 #include "common/exact.glsl"
 #extension GL_KHR_shader_subgroup_basic : require
@@ -41,6 +43,10 @@ shared float hq[QKV_MAX];
 shared float hl[512];     // [head][lane] norm chains, 64 heads
 shared float hinv[64];
 #define ACT(i) a.v[i]
+#elif PRO == 6
+shared float sk[256];
+shared uint si[256];
+#define ACT(i) a.v[i]
 #elif PRO >= 3
 #define PRO_MAX 2048u
 shared float row[PRO_MAX];
@@ -57,6 +63,7 @@ shared float row[PRO_MAX];
 // counter: past every cache that is not coherent across the device.
 layout(buffer_reference, std430, buffer_reference_align = 4) coherent buffer CFloats { float v[]; };
 layout(buffer_reference, std430, buffer_reference_align = 4) coherent buffer Counter { uint v[]; };
+layout(buffer_reference, std430, buffer_reference_align = 4) coherent buffer CWords { uint v[]; };
 shared bool s_last;
 #endif
 
@@ -170,6 +177,20 @@ layout(push_constant) uniform Push {
     float eps;
 } pc;
 #define W_BYTE 0u
+#elif PRO == 6
+layout(push_constant) uniform Push {
+    uvec2 w;
+    uvec2 x;          // quantized input
+    uvec2 out_;       // this matmul's output: the logits
+    uvec2 part;       // (key bits, index) per workgroup
+    uvec2 amax;       // the argmax, an f32 index
+    uvec2 ctr;        // the dispatch's counter
+    uint w_byte;
+    uint rows;
+    uint cols;
+    uint row_bytes;
+    uint total;       // workgroups
+} pc;
 #else
 layout(push_constant) uniform Push {
     uvec2 w;
@@ -343,6 +364,37 @@ void tail() {
         }
         if (vcache && i < nk) vc.v[dst + i] = vv[j];
     }
+}
+#elif PRO == 6
+// Keep the better of the current pair and (k, i): the largest key, the first index on ties.
+void better(inout float bk, inout uint bi, float k, uint i) {
+    if (i != 0xFFFFFFFFu && (bi == 0xFFFFFFFFu || k > bk || (k == bk && i < bi))) {
+        bk = k;
+        bi = i;
+    }
+}
+
+// The workgroups' pairs, reduced in the last one.
+void tail() {
+    uint tid = gl_LocalInvocationID.x;
+    CWords part = CWords(pc.part);
+    float bk = uintBitsToFloat(0xFF800000u);
+    uint bi = 0xFFFFFFFFu;
+    for (uint g = tid; g < pc.total; g += 256u) better(bk, bi, uintBitsToFloat(part.v[2u * g]), part.v[2u * g + 1u]);
+    sk[tid] = bk;
+    si[tid] = bi;
+    barrier();
+    for (uint w = 128u; w > 0u; w >>= 1) {
+        if (tid < w) {
+            float k = sk[tid];
+            uint i = si[tid];
+            better(k, i, sk[tid + w], si[tid + w]);
+            sk[tid] = k;
+            si[tid] = i;
+        }
+        barrier();
+    }
+    if (tid == 0u) Floats(pc.amax).v[0] = float(si[0] == 0xFFFFFFFFu ? 0u : si[0]);
 }
 #elif PRO >= 3
 // The tail, in the group's last workgroup: the op's outputs from the finished matmul results.
@@ -527,12 +579,27 @@ void main() {
     if (chain && c_lane == 0u && c_t < nt && r < pc.rows) {
         precise float s = reduce_lanes(acc, l1, l2, l3, l4, l5, l6, l7);
         precise float res = s + off;
-#if PRO >= 3
+#if PRO == 6
+        Floats(pc.out_).v[r] = res;
+        sk[c_r] = argmax_key(res);
+#elif PRO >= 3
         CFloats(pc.out_).v[r] = res;
 #else
         Floats(pc.out_).v[pc.out_off + (t0 + c_t) * pc.rows + r] = res;
 #endif
     }
+#if PRO == 6
+    // This workgroup's best row (its rows in order: the first of equal keys).
+    barrier();
+    if (tid == 0u) {
+        float bk = uintBitsToFloat(0xFF800000u);
+        uint bi = 0xFFFFFFFFu;
+        for (uint j = 0u; j < R && r0 + j < pc.rows; j++) better(bk, bi, sk[j], r0 + j);
+        CWords part = CWords(pc.part);
+        part.v[2u * gl_WorkGroupID.x] = floatBitsToUint(bk);
+        part.v[2u * gl_WorkGroupID.x + 1u] = bi;
+    }
+#endif
 #if PRO >= 3
     // This workgroup's results are out; the group's last workgroup to finish runs the tail and
     // leaves the counter at zero for the next replay.

@@ -257,6 +257,24 @@ const _: () = assert!(core::mem::size_of::<TailQkvPush>() == 124);
 pub const TAIL_QKV_MAX: usize = 2048;
 pub const TAIL_QKV_HEADS: usize = 64;
 
+/// `mm_split.comp` with PRO=6: the Argmax of the matmul's output as its tail.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct TailArgmaxPush {
+    pub w: Addr,
+    pub x: Addr,
+    pub out: Addr,
+    pub part: Addr,
+    pub amax: Addr,
+    pub ctr: Addr,
+    pub w_byte: u32,
+    pub rows: u32,
+    pub cols: u32,
+    pub row_bytes: u32,
+    pub total: u32,
+}
+const _: () = assert!(core::mem::size_of::<TailArgmaxPush>() == 68);
+
 /// Counters the tails of one step may use (one per tail group).
 pub const TAIL_COUNTERS: usize = 1024;
 

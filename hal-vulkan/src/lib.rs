@@ -113,23 +113,30 @@ pub struct Tails {
     pub norm: bool,
     /// The gated MLP's activation and quantization after the gate and up matmuls.
     pub gate: bool,
+    /// An Argmax after the matmul writing its input (the LM head of greedy decoding).
+    pub argmax: bool,
 }
 
 impl Tails {
-    pub const ALL: Tails = Tails { qkv: true, norm: true, gate: true };
-    pub const NONE: Tails = Tails { qkv: false, norm: false, gate: false };
+    pub const ALL: Tails = Tails { qkv: true, norm: true, gate: true, argmax: true };
+    pub const NONE: Tails = Tails { qkv: false, norm: false, gate: false, argmax: false };
 
-    /// `0` none, `1` all, else a comma list of `qkv`, `norm`, `gate`.
+    /// `0` none, `1` all, else a comma list of `qkv`, `norm`, `gate`, `argmax`.
     pub fn parse(v: &str) -> Tails {
         match v {
             "0" => Tails::NONE,
             "1" => Tails::ALL,
-            _ => Tails { qkv: v.contains("qkv"), norm: v.contains("norm"), gate: v.contains("gate") },
+            _ => Tails {
+                qkv: v.contains("qkv"),
+                norm: v.contains("norm"),
+                gate: v.contains("gate"),
+                argmax: v.contains("argmax"),
+            },
         }
     }
 
     fn any(self) -> bool {
-        self.qkv || self.norm || self.gate
+        self.qkv || self.norm || self.gate || self.argmax
     }
 }
 
@@ -1169,7 +1176,11 @@ impl Vulkan {
                             words = words.max(n * (wt.cols / act_block(l)) * act_words(l));
                         }
                     }
-                    Op::Argmax { rows, cols, .. } => words = words.max(2 * rows * cols.div_ceil(ARGMAX_CHUNK)),
+                    // Two stages' pairs, or (the argmax as the LM head's tail) one per workgroup.
+                    Op::Argmax { rows, cols, .. } => {
+                        let tail = if self.tails.argmax && rows == 1 { cols } else { 0 };
+                        words = words.max(2 * rows * cols.div_ceil(ARGMAX_CHUNK)).max(2 * tail)
+                    }
                     _ => {}
                 }
                 Ok::<(), ()>(())
@@ -1278,6 +1289,12 @@ impl Vulkan {
             // An output projection and the residual junction after it: the junction as its tail.
             if pro.is_none() && self.tail_norm(op, next, step) {
                 self.matmul_tail_norm(cb, op, next.expect("checked"), &mut hz)?;
+                i += 1;
+                continue;
+            }
+            // The LM head and the argmax of its logits: the argmax as its tail.
+            if pro.is_none() && self.tail_argmax(op, next, step) {
+                self.matmul_tail_argmax(cb, op, next.expect("checked"), &mut hz)?;
                 i += 1;
                 continue;
             }
@@ -1957,6 +1974,20 @@ impl Vulkan {
             && self.int_parts(w).is_none()
     }
 
+    /// Whether `op` (a one-token split matmul) can take `next` (the Argmax of its output) as its
+    /// tail.
+    fn tail_argmax(&self, op: &Op<BufId, WeightId>, next: Option<&Op<BufId, WeightId>>, step: &Step<'_>) -> bool {
+        let Op::MatMulQ8 { out, w, n: 1, .. } = *op else { return false };
+        let Some(&Op::Argmax { x, rows: 1, cols, .. }) = next else { return false };
+        let wt = self.weight_ref(w);
+        self.tails.argmax
+            && self.tails_here(step)
+            && x == out
+            && wt.rows == cols
+            && wt.format.act_layout().is_some()
+            && self.int_parts(w).is_none()
+    }
+
     /// Whether `op` (a one-token GatedFfn on split matmuls, quantized output) takes its
     /// activation as the matmuls' tail.
     fn tail_gate(&self, op: &Op<BufId, WeightId>, step: &Step<'_>) -> bool {
@@ -2078,6 +2109,46 @@ impl Vulkan {
             .w(id(nout.buf), nout.offset, dim)
             .w(id(q.out.buf), q.out.offset, words);
         let name = format!("mm_split.{}.{}.3", fmt_name(fmt), self.dot as u32);
+        self.dispatch(cb, hz, &name, &spec, &push, [total, 1, 1], acc)
+    }
+
+    /// A one-token matmul with the Argmax of its output as its tail: each workgroup leaves its
+    /// best (key, index) in scratch, the last reduces them.
+    fn matmul_tail_argmax(
+        &mut self,
+        cb: raw::CommandBuffer,
+        op: &Op<BufId, WeightId>,
+        am: &Op<BufId, WeightId>,
+        hz: &mut Hazards,
+    ) -> Result<()> {
+        let (&Op::MatMulQ8 { out, xq, w, .. }, &Op::Argmax { out: aout, cols, .. }) = (op, am) else {
+            return Err(VulkanError::Unsupported("not a matmul and its argmax".into()));
+        };
+        let wt = self.weight_ref(w);
+        let (fmt, wcols) = (wt.format, wt.cols);
+        let layout = fmt.act_layout().expect("checked");
+        let (wa, wb) = self.weight_at(w);
+        let (spec, total) = self.split_shape(w);
+        let push = TailArgmaxPush {
+            w: wa,
+            x: self.addr_at(xq),
+            out: self.addr_at(out),
+            part: addr(self.scratch.as_ref().expect("scratch").addr),
+            amax: self.addr_at(aout),
+            ctr: self.next_counter(),
+            w_byte: wb,
+            rows: cols as u32,
+            cols: wcols as u32,
+            row_bytes: fmt.bytes_for(wcols).unwrap_or(0) as u32,
+            total,
+        };
+        let id = |b: BufId| b.0;
+        let acc = Access::new()
+            .r(id(xq.buf), xq.offset, wcols / act_block(layout) * act_words(layout))
+            .w(id(out.buf), out.offset, cols)
+            .w(id(aout.buf), aout.offset, 1)
+            .w(SCRATCH_ID, 0, 2 * total as usize);
+        let name = format!("mm_split.{}.{}.6", fmt_name(fmt), self.dot as u32);
         self.dispatch(cb, hz, &name, &spec, &push, [total, 1, 1], acc)
     }
 
