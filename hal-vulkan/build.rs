@@ -14,7 +14,8 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed={}", root.display());
     let compiler = glslang::Compiler::acquire().expect("glslang initialises");
-    let mut table = String::from("/// (name, SPIR-V) of every compiled shader variant.\npub static SPIRV: &[(&str, &[u8])] = &[\n");
+    let mut table =
+        String::from("/// (name, SPIR-V) of every compiled shader variant.\npub static SPIRV: &[(&str, &[u8])] = &[\n");
     let mut files: Vec<_> = std::fs::read_dir(&root)
         .expect("shaders/ exists")
         .map(|e| e.unwrap().path())

@@ -18,9 +18,10 @@
 // finishes last, counted on a device counter; it reads the others' results through coherent
 // loads. Each op then costs no dispatch and no barrier of its own, and is computed once.
 //   PRO=3, AddRmsNorm whose branch is this matmul's output (the output projections).
-//   PRO=4, GatedFfn's activation and quantization over the gate and up outputs.
-//   PRO=5, Qkv's epilogue over the q, k and v outputs: per-head norms, RoPE, the caches (as
-//   qkv_post.comp, every head at once).
+//   PRO=4, GatedFfn's activation and quantization, per block of the quantized output: the last
+//   workgroup of the gate and up rows of a block (one exact GELU or SiLU an invocation).
+//   PRO=5, Qkv's epilogue per head (norm, RoPE, the caches, as qkv_post.comp): the last
+//   workgroup of the head's rows.
 //   PRO=6, the Argmax over this matmul's output (the LM head): each workgroup leaves its best
 //   (key, index), the last reduces them (as argmax.comp's two stages).
 #include "common/base.glsl"
@@ -38,10 +39,13 @@ shared uint sact[640];    // BlockQ8A words of PRO_MAX values (BlockQ8K needs fe
 #include "common/rownorm.glsl"
 #define ACT(i) sact[i]
 #elif PRO == 5
-#define QKV_MAX 2048u     // q and k values of one token (32 KiB of shared memory in all)
-shared float hq[QKV_MAX];
-shared float hl[512];     // [head][lane] norm chains, 64 heads
-shared float hinv[64];
+#define MAX_HD 512u
+shared float h[MAX_HD];
+shared float lanes[8];
+shared float inv_s;
+#define ACT(i) a.v[i]
+#elif PRO == 4
+#include "common/quantize.glsl"
 #define ACT(i) a.v[i]
 #elif PRO == 6
 shared float sk[256];
@@ -145,12 +149,12 @@ layout(push_constant) uniform Push {
     uvec2 gate;
     uvec2 up;
     uvec2 act;        // the gate's result (f32)
-    uvec2 ctr;        // the group's counter
+    uvec2 ctr;        // block 0's counter (the gate and up dispatches share them)
     uint w_byte;
     uint rows;
     uint cols;
     uint row_bytes;
-    uint total;       // workgroups in the group (gate's and up's)
+    uint total;       // workgroups a block's rows span, gate's and up's
     uint flags;       // 1 silu (else gelu_tanh), 4 BlockQ8K
 } pc;
 #elif PRO == 5
@@ -167,13 +171,13 @@ layout(push_constant) uniform Push {
     uvec2 kc;         // k cache (row 0)
     uvec2 vc;
     uvec2 step;
-    uvec2 ctr;        // the group's counter
+    uvec2 ctr;        // this dispatch's head 0 counter
     uint rows;
     uint cols;
     uint row_bytes;
-    uint total;       // workgroups of the q, k and v matmuls
+    uint total;       // workgroups a head's rows span
     uint shape;       // heads | kv_heads << 8 | head_dim << 16
-    uint flags_table; // qkv_post's flags | the RoPE table's word offset << 8
+    uint flags_table; // qkv_post's flags | kind (0 q, 1 k, 2 v) << 6 | the RoPE table's word offset << 8
     float eps;
 } pc;
 #define W_BYTE 0u
@@ -272,98 +276,69 @@ void prologue() {
 #endif
 
 #if PRO == 5
-// Qkv's epilogue, in the group's last workgroup: every head of the token at once, each exactly
-// as qkv_post.comp computes it (the step layout of one row: row_seq at word 2, its span at 3).
-// Every global load is issued first, in one wave (a tail adds its latency to the step's).
-#define QPER (QKV_MAX / 256u)
-void tail() {
+// Qkv's epilogue for one head of this dispatch's kind, exactly as qkv_post.comp's workgroup for
+// it (the step layout of one row: row_seq at word 2, its span at 3). Every global load first.
+void tail(uint head) {
     uint tid = gl_LocalInvocationID.x;
-    uint heads = pc.shape & 0xFFu, kvh = (pc.shape >> 8) & 0xFFu, hd = pc.shape >> 16, half_ = hd / 2u;
-    uint flags = pc.flags_table & 0xFFu, table = pc.flags_table >> 8;
-    uint nq = heads * hd, nk = kvh * hd, nh = heads + kvh, n = nq + nk;
-    bool qnorm = (flags & 1u) != 0u, knorm = (flags & 2u) != 0u, rope = (flags & 4u) != 0u;
-    CFloats q = CFloats(pc.q), k = CFloats(pc.k), v = CFloats(pc.v);
-    Floats qw = Floats(pc.qn), kw = Floats(pc.kn);
+    uint heads = pc.shape & 0xFFu, kvh = (pc.shape >> 8) & 0xFFu, hd = pc.shape >> 16;
+    uint flags = pc.flags_table & 0x3Fu, kind = (pc.flags_table >> 6) & 3u, table = pc.flags_table >> 8;
+    uint half_ = hd / 2u, width = kind == 0u ? heads * hd : kvh * hd;
+    CFloats x = CFloats(kind == 0u ? pc.q : (kind == 1u ? pc.k : pc.v));
+    uint xo = head * hd;
+    float x0 = x.v[xo + min(tid, hd - 1u)], x1 = x.v[xo + min(tid + 256u, hd - 1u)];
+    bool norm = kind < 2u && (flags & (kind == 0u ? 1u : 2u)) != 0u;
+    bool rope = kind < 2u && (flags & 4u) != 0u;
+    Floats wn = Floats(kind == 0u ? pc.qn : pc.kn);
+    float wn0 = norm ? wn.v[min(tid, hd - 1u)] : 0.0, wn1 = norm ? wn.v[min(tid + 256u, hd - 1u)] : 0.0;
     Words st = Words(pc.step);
-    float xv[QPER], wv[QPER], vv[QPER], rc[QPER / 2u], rs[QPER / 2u];
-    [[unroll]] for (uint j = 0u; j < QPER; j++) {
-        uint i = min(tid + 256u * j, n - 1u);
-        bool isq = i < nq;
-        xv[j] = isq ? q.v[i] : k.v[i - nq];
-        wv[j] = (isq ? qnorm : knorm) ? (isq ? qw.v[i % hd] : kw.v[i % hd]) : 0.0;
-        vv[j] = v.v[min(tid + 256u * j, nk - 1u)];
-    }
-    [[unroll]] for (uint j = 0u; j < QPER / 2u; j++) {
-        uint i = (tid + 256u * j) % half_;
-        rc[j] = rope ? uintBitsToFloat(st.v[table + 2u * i]) : 0.0;
-        rs[j] = rope ? uintBitsToFloat(st.v[table + 2u * i + 1u]) : 0.0;
-    }
+    uint ti = table + min(tid, half_ - 1u) * 2u;
+    float rc = rope ? uintBitsToFloat(st.v[ti]) : 0.0, rs = rope ? uintBitsToFloat(st.v[ti + 1u]) : 0.0;
     uint s = st.v[2u], sc = s == 0xFFFFFFFFu ? 0u : s;
     uint srow = st.v[3u + 4u * sc], cache_row = st.v[3u + 4u * sc + 2u], pos0 = st.v[3u + 4u * sc + 3u];
-    [[unroll]] for (uint j = 0u; j < QPER; j++) {
-        uint i = tid + 256u * j;
-        if (i < n) hq[i] = xv[j];
-    }
+    if (tid < hd) h[tid] = x0;
+    if (tid + 256u < hd) h[tid + 256u] = x1;
     barrier();
-    if (qnorm || knorm) {
-        for (uint u = tid; u < nh * 8u; u += 256u) {
-            uint hh = u >> 3, lane = u & 7u;
-            if (hh < heads ? qnorm : knorm) {
+    if (kind < 2u) {
+        if (norm) {
+            if (tid < 8u) {
                 precise float acc = 0.0;
-                for (uint i = lane; i < hd; i += 8u) acc = acc + hq[hh * hd + i] * hq[hh * hd + i];
-                hl[u] = acc;
+                for (uint i = tid; i < hd; i += 8u) acc = acc + h[i] * h[i];
+                lanes[tid] = acc;
             }
-        }
-        barrier();
-        for (uint hh = tid; hh < nh; hh += 256u) {
-            if (hh < heads ? qnorm : knorm) {
-                uint b = hh * 8u;
-                precise float ss = reduce_lanes(hl[b], hl[b + 1u], hl[b + 2u], hl[b + 3u], hl[b + 4u], hl[b + 5u], hl[b + 6u], hl[b + 7u]);
+            barrier();
+            if (tid == 0u) {
+                precise float ss = reduce_lanes(lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7]);
                 precise float ms = div_rn(ss, float(hd));
-                hinv[hh] = div_rn(1.0, sqrt_rn(ms + pc.eps));
+                inv_s = div_rn(1.0, sqrt_rn(ms + pc.eps));
             }
-        }
-        barrier();
-        [[unroll]] for (uint j = 0u; j < QPER; j++) {
-            uint i = tid + 256u * j, hh = i / hd;
-            if (i < n && (hh < heads ? qnorm : knorm)) {
-                precise float r = hq[i] * hinv[hh] * wv[j];
-                hq[i] = r;
+            barrier();
+            float inv = inv_s;
+            for (uint i = tid; i < hd; i += 256u) {
+                precise float r = h[i] * inv * (i == tid ? wn0 : wn1);
+                h[i] = r;
             }
+            barrier();
         }
-        barrier();
+        if (rope) {
+            bool neox = (flags & 8u) != 0u;
+            uint i = tid;
+            if (i < half_) {
+                uint ia = neox ? i : 2u * i, ib = neox ? i + half_ : 2u * i + 1u;
+                float a = h[ia], b = h[ib];
+                precise float ra = a * rc - b * rs;
+                precise float rb = b * rc + a * rs;
+                h[ia] = ra;
+                h[ib] = rb;
+            }
+            barrier();
+        }
+        for (uint i = tid; i < hd; i += 256u) x.v[xo + i] = h[i];
     }
-    if (rope) {
-        bool neox = (flags & 8u) != 0u;
-        [[unroll]] for (uint j = 0u; j < QPER / 2u; j++) {
-            uint u = tid + 256u * j;
-            if (u < nh * half_) {
-                uint hh = u / half_, i = u % half_;
-                uint ia = hh * hd + (neox ? i : 2u * i), ib = hh * hd + (neox ? i + half_ : 2u * i + 1u);
-                float a = hq[ia], b = hq[ib];
-                precise float ra = a * rc[j] - b * rs[j];
-                precise float rb = b * rc[j] + a * rs[j];
-                hq[ia] = ra;
-                hq[ib] = rb;
-            }
-        }
-        barrier();
-    }
-    Floats kc = Floats(pc.kc), vc = Floats(pc.vc);
-    bool kcache = (flags & 16u) != 0u && s != 0xFFFFFFFFu, vcache = (flags & 32u) != 0u && s != 0xFFFFFFFFu;
-    uint dst = (cache_row + pos0 - srow) * nk;
-    [[unroll]] for (uint j = 0u; j < QPER; j++) {
-        uint i = tid + 256u * j;
-        if (i < n) {
-            float h = hq[i];
-            if (i < nq) q.v[i] = h;
-            else {
-                k.v[i - nq] = h;
-                if (kcache) kc.v[dst + i - nq] = h;
-            }
-        }
-        if (vcache && i < nk) vc.v[dst + i] = vv[j];
-    }
+    bool store = (kind == 1u && (flags & 16u) != 0u) || (kind == 2u && (flags & 32u) != 0u);
+    if (!store || s == 0xFFFFFFFFu) return;
+    Floats c = Floats(kind == 1u ? pc.kc : pc.vc);
+    uint co = (cache_row + pos0 - srow) * width + head * hd;
+    for (uint i = tid; i < hd; i += 256u) c.v[co + i] = h[i];
 }
 #elif PRO == 6
 // Keep the better of the current pair and (k, i): the largest key, the first index on ties.
@@ -375,7 +350,7 @@ void better(inout float bk, inout uint bi, float k, uint i) {
 }
 
 // The workgroups' pairs, reduced in the last one.
-void tail() {
+void tail(uint seg) {
     uint tid = gl_LocalInvocationID.x;
     CWords part = CWords(pc.part);
     float bk = uintBitsToFloat(0xFF800000u);
@@ -396,14 +371,27 @@ void tail() {
     }
     if (tid == 0u) Floats(pc.amax).v[0] = float(si[0] == 0xFFFFFFFFu ? 0u : si[0]);
 }
-#elif PRO >= 3
-// The tail, in the group's last workgroup: the op's outputs from the finished matmul results.
+#elif PRO == 4
+// GatedFfn's activation and quantization for one block of the quantized output: one value an
+// invocation, as act_quant.comp.
+void tail(uint blk) {
+    uint tid = gl_LocalInvocationID.x;
+    bool k = (pc.flags & 4u) != 0u, silu = (pc.flags & 1u) != 0u;
+    uint be = k ? 256u : 32u, bw = k ? 73u : 10u, i = blk * be + min(tid, be - 1u);
+    float g = CFloats(pc.gate).v[i], u = CFloats(pc.up).v[i];
+    precise float v = (silu ? silu_ref(g) : gelu_ref(g)) * u;
+    if (tid < be) Floats(pc.act).v[i] = v;
+    qv[tid] = tid < be ? v : 0.0;
+    barrier();
+    quantize_seg(Words(pc.q), blk * bw, be, k);
+}
+#elif PRO == 3
+// The residual junction, in the last workgroup: its outputs from the finished matmul results.
 // Every global load is issued first, in one wave (a tail adds its latency to the step's).
 #define TPER (PRO_MAX / 256u)
-void tail() {
+void tail(uint seg) {
     uint tid = gl_LocalInvocationID.x, dim = pc.rows;
     bool k = (pc.flags & 4u) != 0u;
-#if PRO == 3
     CFloats br = CFloats(pc.out_);
     Floats xi = Floats(pc.x_in), xo = Floats(pc.x_out), pw = Floats(pc.post), nw = Floats(pc.nw), no = Floats(pc.nout);
     bool post = (pc.flags & 2u) != 0u;
@@ -448,26 +436,6 @@ void tail() {
             no.v[i] = v;
         }
     }
-#else
-    CFloats g = CFloats(pc.gate), u = CFloats(pc.up);
-    Floats ao = Floats(pc.act);
-    bool silu = (pc.flags & 1u) != 0u;
-    float gv[TPER], uv[TPER];
-    [[unroll]] for (uint j = 0u; j < TPER; j++) {
-        uint i = min(tid + 256u * j, dim - 1u);
-        gv[j] = g.v[i];
-        uv[j] = u.v[i];
-    }
-    [[unroll]] for (uint j = 0u; j < TPER; j++) {
-        uint i = tid + 256u * j;
-        if (i < dim) {
-            float x = gv[j];
-            precise float v = (silu ? silu_ref(x) : gelu_ref(x)) * uv[j];
-            row[i] = v;
-            ao.v[i] = v;
-        }
-    }
-#endif
     barrier();
     quantize_row(Words(pc.q), 0u, dim, k);
 }
@@ -603,16 +571,25 @@ void main() {
 #if PRO >= 3
     // This workgroup's results are out; the group's last workgroup to finish runs the tail and
     // leaves the counter at zero for the next replay.
+    // Per-segment tails (PRO 4: a block of the quantized output, 5: a head) count the
+    // workgroups of the segment's rows (the rows of a workgroup never span two segments).
+#if PRO == 4
+    uint seg = r0 / (((pc.flags & 4u) != 0u) ? 256u : 32u);
+#elif PRO == 5
+    uint seg = r0 / (pc.shape >> 16);
+#else
+    uint seg = 0u;
+#endif
     memoryBarrierBuffer();
     barrier();
     if (tid == 0u) {
-        uint done = atomicAdd(Counter(pc.ctr).v[0], 1u);
+        uint done = atomicAdd(Counter(pc.ctr).v[seg], 1u);
         s_last = done + 1u == pc.total;
     }
     barrier();
     if (!s_last) return;
     memoryBarrierBuffer();
-    if (tid == 0u) Counter(pc.ctr).v[0] = 0u;
-    tail();
+    if (tid == 0u) Counter(pc.ctr).v[seg] = 0u;
+    tail(seg);
 #endif
 }

@@ -25,7 +25,11 @@ fn vulkan_decode_step_allocates_nothing() {
         return;
     }
     check(&fixture("tiny-gemma3"), ActQuant::F32, purehw_conformance::matrix::vulkan);
-    check(&model_file("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf"), ActQuant::Int8, purehw_conformance::matrix::vulkan);
+    check(
+        &model_file("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ActQuant::Int8,
+        purehw_conformance::matrix::vulkan,
+    );
 }
 
 /// Load, warm up (prefill and one decode step), then count allocations over decode steps.

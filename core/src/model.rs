@@ -121,9 +121,9 @@ struct StepHost<Buf, W> {
     layer_end: Vec<usize>, // (layers - 1)
     /// Per sequence of the step: its row of logits / ids, if it wants one.
     out_row: Vec<Option<u32>>, // (sequences)
-    logits: Vec<f32>,          // (logit_rows, vocab)
-    ids_f: Vec<f32>,           // (logit_rows)
-    ids: Vec<u32>,             // (logit_rows)
+    logits: Vec<f32>, // (logit_rows, vocab)
+    ids_f: Vec<f32>,  // (logit_rows)
+    ids: Vec<u32>,    // (logit_rows)
 }
 
 /// A sequence's share of a batched step: its slot, the position of its first new token, and

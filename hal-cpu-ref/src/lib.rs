@@ -12,8 +12,8 @@ mod exec;
 use core::fmt;
 
 use purehw_hal::{Backend, ErrorType, Format, HostWeight, Op, OpKind, Step, View};
-pub use purehw_hal_host::{BufId, WeightId};
 use purehw_hal_host::Host;
+pub use purehw_hal_host::{BufId, WeightId};
 use purehw_kernels::quant::{BlockQ8A, BlockQ8K, Codes32, CodesK};
 
 pub use error::CpuRefError;

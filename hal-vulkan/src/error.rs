@@ -13,7 +13,9 @@ pub enum VkError {
     NoLoader(String),
     #[error("no usable Vulkan device: {0}")]
     NoDevice(String),
-    #[error("the Vulkan validation layer VK_LAYER_KHRONOS_validation is not installed (PUREHW_VK_VALIDATION=1 needs it)")]
+    #[error(
+        "the Vulkan validation layer VK_LAYER_KHRONOS_validation is not installed (PUREHW_VK_VALIDATION=1 needs it)"
+    )]
     NoValidationLayer,
     #[error("no suitable memory type")]
     NoMemoryType,
@@ -38,7 +40,9 @@ impl VkError {
                 VkError::OutOfMemory { bytes: 0 }
             }
             vk::Result::ERROR_INCOMPATIBLE_DRIVER => VkError::NoDevice("no Vulkan driver found (no ICD)".into()),
-            vk::Result::ERROR_INITIALIZATION_FAILED => VkError::NoDevice("the Vulkan driver failed to initialise".into()),
+            vk::Result::ERROR_INITIALIZATION_FAILED => {
+                VkError::NoDevice("the Vulkan driver failed to initialise".into())
+            }
             r => VkError::Api(r),
         }
     }

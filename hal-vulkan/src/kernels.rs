@@ -248,14 +248,11 @@ pub struct TailQkvPush {
     pub total: u32,
     /// heads | kv_heads << 8 | head_dim << 16.
     pub shape: u32,
-    /// `QP_*` flags | the RoPE table's word offset << 8.
+    /// `QP_*` flags | kind (0 q, 1 k, 2 v) << 6 | the RoPE table's word offset << 8.
     pub flags_table: u32,
     pub eps: f32,
 }
 const _: () = assert!(core::mem::size_of::<TailQkvPush>() == 124);
-/// The most q and k values of one token the Qkv tail holds (`QKV_MAX`), and heads (`hinv`).
-pub const TAIL_QKV_MAX: usize = 2048;
-pub const TAIL_QKV_HEADS: usize = 64;
 
 /// `mm_split.comp` with PRO=6: the Argmax of the matmul's output as its tail.
 #[repr(C)]
@@ -275,8 +272,10 @@ pub struct TailArgmaxPush {
 }
 const _: () = assert!(core::mem::size_of::<TailArgmaxPush>() == 68);
 
-/// Counters the tails of one step may use (one per tail group).
-pub const TAIL_COUNTERS: usize = 1024;
+/// Counters the tails of one step may use (one per segment of each tail group), and the most
+/// segments one group may have.
+pub const TAIL_COUNTERS: usize = 8192;
+pub const TAIL_GROUP_MAX: usize = 512;
 
 /// Prologue flags of `mm_split.comp`.
 pub const PRO_BRANCH: u32 = 1;

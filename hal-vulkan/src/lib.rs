@@ -1999,12 +1999,14 @@ impl Vulkan {
     fn tail_gate(&self, op: &Op<BufId, WeightId>, step: &Step<'_>) -> bool {
         let Op::GatedFfn { x: MatIn::Q8(_), w_gate, w_up, n: 1, ffn, quant: Some(q), .. } = *op else { return false };
         let split = |w: WeightId| self.weight_ref(w).format.act_layout().is_some() && self.int_parts(w).is_none();
+        let be = act_block(q.layout);
         self.tails.gate
             && self.tails_here(step)
             && split(w_gate)
             && split(w_up)
-            && ffn <= PRO_MAX_DIM
-            && ffn.is_multiple_of(act_block(q.layout))
+            && ffn.is_multiple_of(be)
+            && ffn / be <= TAIL_GROUP_MAX
+            && [w_gate, w_up].iter().all(|&w| be.is_multiple_of(self.split_shape(w).0[1] as usize))
     }
 
     /// `acc` with the caches given written (from their offsets to the buffers' ends: the rows
@@ -2032,15 +2034,17 @@ impl Vulkan {
             && split(wv)
             && (l.row_seq, l.seqs) == (2, 3)
             && heads < 256
-            && heads + kv_heads <= TAIL_QKV_HEADS
-            && (heads + kv_heads) * head_dim <= TAIL_QKV_MAX
+            && kv_heads < 256
+            && heads + 2 * kv_heads <= TAIL_GROUP_MAX
+            && head_dim <= QP_MAX_HEAD_DIM
             && head_dim.is_multiple_of(2)
+            && [wq, wk, wv].iter().all(|&w| head_dim.is_multiple_of(self.split_shape(w).0[1] as usize))
     }
 
     fn tails_here(&self, step: &Step<'_>) -> bool {
         self.split
             && step.rows() == 1
-            && self.rec_tails < TAIL_COUNTERS
+            && self.rec_tails + TAIL_GROUP_MAX <= TAIL_COUNTERS
             && self.gpu.info.max_shared >= 32768
     }
 
@@ -2057,10 +2061,10 @@ impl Vulkan {
         addr(self.buf(v.buf).raw.addr + 4 * v.offset as u64)
     }
 
-    /// The next tail group's counter.
-    fn next_counter(&mut self) -> Addr {
+    /// The next tail group's `n` counters (one a segment).
+    fn next_counters(&mut self, n: usize) -> Addr {
         let at = self.counters.as_ref().expect("counters").addr + 4 * self.rec_tails as u64;
-        self.rec_tails += 1;
+        self.rec_tails += n;
         addr(at)
     }
 
@@ -2096,7 +2100,7 @@ impl Vulkan {
             nw: self.vector_at(nw),
             x_out: self.addr_at(x_out),
             nout: self.addr_at(nout),
-            ctr: self.next_counter(),
+            ctr: self.next_counters(1),
             w_byte: wb,
             rows: dim as u32,
             cols: cols as u32,
@@ -2141,7 +2145,7 @@ impl Vulkan {
             out: self.addr_at(out),
             part: addr(self.scratch.as_ref().expect("scratch").addr),
             amax: self.addr_at(aout),
-            ctr: self.next_counter(),
+            ctr: self.next_counters(1),
             w_byte: wb,
             rows: cols as u32,
             cols: wcols as u32,
@@ -2191,8 +2195,9 @@ impl Vulkan {
         };
         let (flags, table) = qkv_flags(op, l);
         let shapes = [wq, wk, wv].map(|w| self.split_shape(w));
-        let total = shapes.iter().map(|s| s.1).sum();
-        let ctr = self.next_counter();
+        // One counter a head: q's, then k's, then v's.
+        let ctr0 = self.next_counters(heads + 2 * kv_heads);
+        let base = u64::from(ctr0[0]) | u64::from(ctr0[1]) << 32;
         let id = |b: BufId| b.0;
         let (qd, kvd) = (heads * head_dim, kv_heads * head_dim);
         let cols = self.weight_ref(wq).cols;
@@ -2204,7 +2209,8 @@ impl Vulkan {
             .w(id(v.buf), v.offset, kvd);
         let acc = self.cache_writes(acc, [k_cache, v_cache]);
         self.order(cb, hz, &acc);
-        for ((w, out), (spec, groups)) in [(wq, q), (wk, k), (wv, v)].into_iter().zip(shapes) {
+        let firsts = [0, heads, heads + kv_heads];
+        for (kind, ((w, out), (spec, groups))) in [(wq, q), (wk, k), (wv, v)].into_iter().zip(shapes).enumerate() {
             let wt = self.weight_ref(w);
             let (fmt, cols) = (wt.format, wt.cols);
             let (wa, wb) = self.weight_at(w);
@@ -2220,13 +2226,13 @@ impl Vulkan {
                 kc: k_cache.map_or([0; 2], |c| self.addr_at(c)),
                 vc: v_cache.map_or([0; 2], |c| self.addr_at(c)),
                 step: self.step_addr(),
-                ctr,
+                ctr: addr(base + 4 * firsts[kind] as u64),
                 rows: wt.rows as u32,
                 cols: cols as u32,
                 row_bytes: fmt.bytes_for(cols).unwrap_or(0) as u32,
-                total,
+                total: (head_dim / spec[1] as usize) as u32,
                 shape: heads as u32 | (kv_heads as u32) << 8 | (head_dim as u32) << 16,
-                flags_table: flags | table << 8,
+                flags_table: flags | (kind as u32) << 6 | table << 8,
                 eps,
             };
             let name = format!("mm_split.{}.{}.5", fmt_name(fmt), self.dot as u32);
@@ -2244,7 +2250,10 @@ impl Vulkan {
         };
         let (sg, tg) = self.split_shape(w_gate);
         let (su, tu) = self.split_shape(w_up);
-        let ctr = self.next_counter();
+        let be = act_block(q.layout) as u32;
+        let ctr = self.next_counters(ffn / be as usize);
+        // The workgroups of one block's rows: the gate dispatch's and the up dispatch's.
+        let total = be / sg[1] + be / su[1];
         let qk = q.layout == ActLayout::Q8K;
         let flags = if kind == Gate::Silu { PRO_SILU } else { 0 } | if qk { PRO_QK } else { 0 };
         let id = |b: BufId| b.0;
@@ -2275,7 +2284,7 @@ impl Vulkan {
                 rows: ffn as u32,
                 cols: cols as u32,
                 row_bytes: fmt.bytes_for(cols).unwrap_or(0) as u32,
-                total: tg + tu,
+                total,
                 flags,
             };
             let name = format!("mm_split.{}.{}.4", fmt_name(fmt), self.dot as u32);

@@ -124,7 +124,8 @@ impl Instance {
     fn new(validation: bool) -> Result<Instance> {
         let entry = load_entry()?;
         // SAFETY: a plain query on a loaded entry.
-        let version = unsafe { entry.try_enumerate_instance_version() }.map_err(VkError::api)?.unwrap_or(vk::API_VERSION_1_0);
+        let version =
+            unsafe { entry.try_enumerate_instance_version() }.map_err(VkError::api)?.unwrap_or(vk::API_VERSION_1_0);
         if version < vk::API_VERSION_1_2 {
             return Err(VkError::NoDevice(format!(
                 "the Vulkan loader offers {}.{}, need 1.2",
@@ -202,7 +203,8 @@ impl Instance {
         let mut host = vk::PhysicalDeviceExternalMemoryHostPropertiesEXT::default();
         let mut p12 = vk::PhysicalDeviceVulkan12Properties::default();
         let ext_host = has_ext(&exts, ash::ext::external_memory_host::NAME);
-        let mut props2 = vk::PhysicalDeviceProperties2::default().push_next(&mut sub).push_next(&mut drv).push_next(&mut p12);
+        let mut props2 =
+            vk::PhysicalDeviceProperties2::default().push_next(&mut sub).push_next(&mut drv).push_next(&mut p12);
         if ext_host {
             props2 = props2.push_next(&mut host);
         }
@@ -226,7 +228,8 @@ impl Instance {
             .collect();
         // SAFETY: as above.
         let qf = unsafe { i.get_physical_device_queue_family_properties(pd) };
-        let timestamps = qf.iter().any(|q| q.queue_flags.contains(vk::QueueFlags::COMPUTE) && q.timestamp_valid_bits > 0);
+        let timestamps =
+            qf.iter().any(|q| q.queue_flags.contains(vk::QueueFlags::COMPUTE) && q.timestamp_valid_bits > 0);
         let driver = format!(
             "{} {}",
             drv.driver_name_as_c_str().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -351,7 +354,9 @@ impl Gpu {
         // Prefer a compute-only family (no graphics work shares it), else any with compute.
         let fam = qf
             .iter()
-            .position(|q| q.queue_flags.contains(vk::QueueFlags::COMPUTE) && !q.queue_flags.contains(vk::QueueFlags::GRAPHICS))
+            .position(|q| {
+                q.queue_flags.contains(vk::QueueFlags::COMPUTE) && !q.queue_flags.contains(vk::QueueFlags::GRAPHICS)
+            })
             .or_else(|| qf.iter().position(|q| q.queue_flags.contains(vk::QueueFlags::COMPUTE)))
             .ok_or_else(|| VkError::NoDevice(format!("{}: no compute queue", info.name)))? as u32;
         let prio = [1.0f32];
@@ -374,7 +379,8 @@ impl Gpu {
         if info.int8_dot {
             f2 = f2.push_next(&mut f13);
         }
-        let di = vk::DeviceCreateInfo::default().queue_create_infos(&qi).enabled_extension_names(&exts).push_next(&mut f2);
+        let di =
+            vk::DeviceCreateInfo::default().queue_create_infos(&qi).enabled_extension_names(&exts).push_next(&mut f2);
         // SAFETY: the create info and its chain live until the call returns; the features asked
         // for were reported by this device.
         let device = unsafe { i.create_device(pd, &di, None) }.map_err(VkError::api)?;
@@ -383,7 +389,8 @@ impl Gpu {
         let host_ext = info.external_memory_host.then(|| ash::ext::external_memory_host::Device::new(i, &device));
         // SAFETY: `pd` came from this instance.
         let mem = unsafe { i.get_physical_device_memory_properties(pd) };
-        let range = [vk::PushConstantRange::default().stage_flags(vk::ShaderStageFlags::COMPUTE).offset(0).size(PUSH_BYTES)];
+        let range =
+            [vk::PushConstantRange::default().stage_flags(vk::ShaderStageFlags::COMPUTE).offset(0).size(PUSH_BYTES)];
         let li = vk::PipelineLayoutCreateInfo::default().push_constant_ranges(&range);
         let pi = vk::CommandPoolCreateInfo::default()
             .queue_family_index(fam)
@@ -441,12 +448,10 @@ impl Gpu {
                 .filter(|_| self.info.unified())
                 .or_else(|| self.memory_type(bits, F::DEVICE_LOCAL, none))
                 .or_else(|| self.memory_type(bits, none, none)),
-            Mem::Upload => self
-                .memory_type(bits, hv, F::DEVICE_LOCAL)
-                .or_else(|| self.memory_type(bits, hv, none)),
-            Mem::Readback => self
-                .memory_type(bits, hv | F::HOST_CACHED, none)
-                .or_else(|| self.memory_type(bits, hv, none)),
+            Mem::Upload => self.memory_type(bits, hv, F::DEVICE_LOCAL).or_else(|| self.memory_type(bits, hv, none)),
+            Mem::Readback => {
+                self.memory_type(bits, hv | F::HOST_CACHED, none).or_else(|| self.memory_type(bits, hv, none))
+            }
         }?;
         let flags = self.mem.memory_types[found as usize].property_flags;
         Some((found, flags.contains(hv)))
@@ -470,7 +475,8 @@ impl Gpu {
             return Err(VkError::NoMemoryType);
         };
         let mut flags = vk::MemoryAllocateFlagsInfo::default().flags(vk::MemoryAllocateFlags::DEVICE_ADDRESS);
-        let ai = vk::MemoryAllocateInfo::default().allocation_size(req.size).memory_type_index(ty).push_next(&mut flags);
+        let ai =
+            vk::MemoryAllocateInfo::default().allocation_size(req.size).memory_type_index(ty).push_next(&mut flags);
         // SAFETY: valid allocate info; on failure the buffer is destroyed before returning.
         let memory = match unsafe { self.device.allocate_memory(&ai, None) } {
             Ok(m) => m,
@@ -546,7 +552,8 @@ impl Gpu {
         // SAFETY: `buffer` was just created on this device.
         let req = unsafe { self.device.get_buffer_memory_requirements(buffer) };
         let bits = req.memory_type_bits & props.memory_type_bits;
-        let Some(ty) = self.memory_type(bits, vk::MemoryPropertyFlags::empty(), vk::MemoryPropertyFlags::empty()) else {
+        let Some(ty) = self.memory_type(bits, vk::MemoryPropertyFlags::empty(), vk::MemoryPropertyFlags::empty())
+        else {
             // SAFETY: the buffer is unused.
             unsafe { self.device.destroy_buffer(buffer, None) };
             return Err(VkError::NoImport);
@@ -703,9 +710,7 @@ impl Gpu {
             )];
         let stages = vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::TRANSFER;
         // SAFETY: `cb` is recording.
-        unsafe {
-            self.device.cmd_pipeline_barrier(cb, stages, stages, vk::DependencyFlags::empty(), &mb, &[], &[])
-        };
+        unsafe { self.device.cmd_pipeline_barrier(cb, stages, stages, vk::DependencyFlags::empty(), &mb, &[], &[]) };
     }
 
     /// Device writes made visible to host reads of mapped memory.
@@ -716,7 +721,15 @@ impl Gpu {
         let src = vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::TRANSFER;
         // SAFETY: `cb` is recording.
         unsafe {
-            self.device.cmd_pipeline_barrier(cb, src, vk::PipelineStageFlags::HOST, vk::DependencyFlags::empty(), &mb, &[], &[])
+            self.device.cmd_pipeline_barrier(
+                cb,
+                src,
+                vk::PipelineStageFlags::HOST,
+                vk::DependencyFlags::empty(),
+                &mb,
+                &[],
+                &[],
+            )
         };
     }
 
@@ -825,7 +838,6 @@ impl Drop for Gpu {
         }
     }
 }
-
 
 /// A buffer record with no Vulkan objects, standing in while a real one is lent out.
 pub fn placeholder_buffer() -> RawBuffer {

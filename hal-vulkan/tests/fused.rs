@@ -98,13 +98,23 @@ fn compare(name: &str, step: &Step<'_>, setup: Setup<'_>) {
     let b = run(vulkan(), step, setup);
     for (k, (x, y)) in a.iter().zip(&b).enumerate() {
         if let Some(i) = (0..x.len()).find(|&i| x[i].to_bits() != y[i].to_bits()) {
-            panic!("{name}: output {k} differs first at {i}: {} vs {} (bits {:08x} vs {:08x})", x[i], y[i], x[i].to_bits(), y[i].to_bits());
+            panic!(
+                "{name}: output {k} differs first at {i}: {} vs {} (bits {:08x} vs {:08x})",
+                x[i],
+                y[i],
+                x[i].to_bits(),
+                y[i].to_bits()
+            );
         }
     }
     assert!(purehw_hal_vulkan::validation_messages().is_empty(), "{:?}", purehw_hal_vulkan::validation_messages());
 }
 
-fn map_op<B: Copy, W: Copy>(op: &Op<usize, usize>, v: &dyn Fn(View<usize>) -> View<B>, w: &dyn Fn(usize) -> W) -> Op<B, W> {
+fn map_op<B: Copy, W: Copy>(
+    op: &Op<usize, usize>,
+    v: &dyn Fn(View<usize>) -> View<B>,
+    w: &dyn Fn(usize) -> W,
+) -> Op<B, W> {
     let q = |q: Option<QuantOut<usize>>| q.map(|q| QuantOut { out: v(q.out), layout: q.layout });
     let mi = |x: MatIn<usize>| match x {
         MatIn::F32 { x, act } => MatIn::F32 { x: v(x), act },
@@ -123,7 +133,25 @@ fn map_op<B: Copy, W: Copy>(op: &Op<usize, usize>, v: &dyn Fn(View<usize>) -> Vi
             dim,
             eps,
         },
-        Op::Qkv { x, wq, wk, wv, q: qq, k, v: vv, n, heads, kv_heads, head_dim, q_norm, k_norm, eps, rope, k_cache, v_cache } => Op::Qkv {
+        Op::Qkv {
+            x,
+            wq,
+            wk,
+            wv,
+            q: qq,
+            k,
+            v: vv,
+            n,
+            heads,
+            kv_heads,
+            head_dim,
+            q_norm,
+            k_norm,
+            eps,
+            rope,
+            k_cache,
+            v_cache,
+        } => Op::Qkv {
             x: mi(x),
             wq: w(wq),
             wk: w(wk),
@@ -157,18 +185,9 @@ fn map_op<B: Copy, W: Copy>(op: &Op<usize, usize>, v: &dyn Fn(View<usize>) -> Vi
         Op::QuantizeAct { out, x, rows, cols, layout } => Op::QuantizeAct { out: v(out), x: v(x), rows, cols, layout },
         Op::MatMulQ8 { out, xq, w: ww, n } => Op::MatMulQ8 { out: v(out), xq: v(xq), w: w(ww), n },
         Op::Argmax { out, x, rows, cols } => Op::Argmax { out: v(out), x: v(x), rows, cols },
-        Op::Attention { out, q, k, v: vv, heads, kv_heads, head_dim, scale, window, softcap } => Op::Attention {
-            out: v(out),
-            q: v(q),
-            k: v(k),
-            v: v(vv),
-            heads,
-            kv_heads,
-            head_dim,
-            scale,
-            window,
-            softcap,
-        },
+        Op::Attention { out, q, k, v: vv, heads, kv_heads, head_dim, scale, window, softcap } => {
+            Op::Attention { out: v(out), q: v(q), k: v(k), v: v(vv), heads, kv_heads, head_dim, scale, window, softcap }
+        }
         _ => unimplemented!(),
     }
 }
@@ -237,7 +256,16 @@ fn fused_ops_equal_reference() {
                         quant: Some(QuantOut { out: View::new(q, 0), layout }),
                     },
                 ];
-                (ops, vec![(xq, words(layout, n, cols)), (gate, n * ffn), (up, n * ffn), (act, n * ffn), (q, words(layout, n, ffn))])
+                (
+                    ops,
+                    vec![
+                        (xq, words(layout, n, cols)),
+                        (gate, n * ffn),
+                        (up, n * ffn),
+                        (act, n * ffn),
+                        (q, words(layout, n, ffn)),
+                    ],
+                )
             });
         }
         for (heads, kv, hd) in [(4usize, 1usize, 256usize), (8, 2, 64)] {
@@ -288,7 +316,10 @@ fn fused_ops_equal_reference() {
     // then the MLP then the down projection, a junction then an LM head.
     let one = [SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 3 }];
     let step1 = Step { tokens: &[0], positions: &[3], seqs: &one };
-    for (layout, fmt, dfmt, dim, ffn) in [(ActLayout::Q8A, Format::Q5_0, Format::Q6_K, 640usize, 512usize), (ActLayout::Q8K, Format::Q4_K, Format::Q4_K, 512, 768)] {
+    for (layout, fmt, dfmt, dim, ffn) in [
+        (ActLayout::Q8A, Format::Q5_0, Format::Q6_K, 640usize, 512usize),
+        (ActLayout::Q8K, Format::Q4_K, Format::Q4_K, 512, 768),
+    ] {
         compare(&format!("prologues {layout:?}"), &step1, &|alloc, load| {
             let mut rng = Rng(23);
             let (heads, kv, hd) = (4usize, 1usize, 128usize);
@@ -392,7 +423,9 @@ fn fused_ops_equal_reference() {
         });
     }
     // Attention then the quantization of its output (one kernel on the GPU).
-    for (layout, heads, kv, hd) in [(ActLayout::Q8A, 4usize, 1usize, 256usize), (ActLayout::Q8K, 4, 1, 256), (ActLayout::Q8A, 8, 2, 64)] {
+    for (layout, heads, kv, hd) in
+        [(ActLayout::Q8A, 4usize, 1usize, 256usize), (ActLayout::Q8K, 4, 1, 256), (ActLayout::Q8A, 8, 2, 64)]
+    {
         compare(&format!("Attention+QuantizeAct {layout:?} {heads}/{kv}x{hd}"), &step, &|alloc, _load| {
             let mut rng = Rng(17);
             let (qd, kvd) = (heads * hd, kv * hd);

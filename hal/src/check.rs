@@ -50,10 +50,9 @@ impl core::fmt::Display for CheckError {
             CheckError::OutOfRange { what, start, end, len } => {
                 write!(f, "{what}: elements {start}..{end} are out of range (buffer has {len} elements)")
             }
-            CheckError::Overlap { what, with } => write!(
-                f,
-                "{what} overlaps {with} (only exact in-place aliasing is allowed, where the op allows it)"
-            ),
+            CheckError::Overlap { what, with } => {
+                write!(f, "{what} overlaps {with} (only exact in-place aliasing is allowed, where the op allows it)")
+            }
             CheckError::TokenOutOfRange { token, row, rows } => {
                 write!(f, "token id {token} at step row {row} is out of range for an embedding table of {rows} rows")
             }

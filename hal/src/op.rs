@@ -7,10 +7,10 @@
 use crate::Format;
 /// How RoPE pairs the dimensions of a head; the kernels' own type, so backends pass it straight on.
 pub use purehw_kernels::ops::RopeMode;
-/// How a matmul treats its activations; the kernels' own type.
-pub use purehw_kernels::quant::ActQuant;
 /// Which quantized-activation blocks a weight format's integer dot reads.
 pub use purehw_kernels::quant::ActLayout;
+/// How a matmul treats its activations; the kernels' own type.
+pub use purehw_kernels::quant::ActQuant;
 
 /// A region of a buffer: the handle and an element offset. The op's shape gives its length.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]

@@ -308,7 +308,23 @@ fn bench_threads_sweep() {
     let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("|       ")).collect();
     assert_eq!(rows.len(), 2, "{text}");
     assert!(rows[0].contains("1.00x"), "{text}");
-    let v = json(ok(&purehw(&["bench", "-m", path_str(&m), "-p", "0", "-n", "2", "-r", "1", "--threads-sweep", "2,1", "--json"])).trim());
+    let v = json(
+        ok(&purehw(&[
+            "bench",
+            "-m",
+            path_str(&m),
+            "-p",
+            "0",
+            "-n",
+            "2",
+            "-r",
+            "1",
+            "--threads-sweep",
+            "2,1",
+            "--json",
+        ]))
+        .trim(),
+    );
     let sweep = v["sweep"].as_array().expect("a sweep array");
     assert_eq!(sweep.iter().map(|r| r["threads"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 1]);
     assert!(sweep.iter().all(|r| r["tg"]["tps_mean"].as_f64().unwrap() > 0.0), "{v}");

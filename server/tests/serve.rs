@@ -385,9 +385,9 @@ const PAGE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/page_browser.py")
 /// Debian's Chromium, if installed; without it the browser test is skipped with a line, unless
 /// `PUREHW_REQUIRE_BROWSER=1` (CI installs it), where that is a failure.
 fn chromium(test: &str) -> Option<String> {
-    let found = ["chromium", "chromium-browser"]
-        .into_iter()
-        .find(|c| Command::new(c).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success()));
+    let found = ["chromium", "chromium-browser"].into_iter().find(|c| {
+        Command::new(c).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    });
     if found.is_none() {
         assert!(std::env::var("PUREHW_REQUIRE_BROWSER").as_deref() != Ok("1"), "{test}: chromium is not installed");
         eprintln!("{test}: SKIPPED, chromium is not installed");
@@ -413,6 +413,10 @@ fn page_in_a_browser() {
         .expect("running python3");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     println!("{text}");
-    assert!(out.status.success() && text.contains("PASS"), "page_browser.py failed:\n{text}\n--- server log:\n{}", srv.log_text());
+    assert!(
+        out.status.success() && text.contains("PASS"),
+        "page_browser.py failed:\n{text}\n--- server log:\n{}",
+        srv.log_text()
+    );
     assert!(shot.metadata().is_ok_and(|m| m.len() > 1000), "no screenshot at {}", shot.display());
 }
