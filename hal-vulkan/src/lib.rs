@@ -121,11 +121,11 @@ pub struct Tails {
 impl Tails {
     pub const ALL: Tails = Tails { qkv: true, norm: true, gate: true, argmax: true };
     pub const NONE: Tails = Tails { qkv: false, norm: false, gate: false, argmax: false };
-    /// The junctions only. A tail runs in one workgroup, so it pays off only where its work is
-    /// short per invocation: H100, tg128 Gemma 3 270M / SmolLM2 (tokens/s): none 762 / 574,
-    /// norm 785 / 598, qkv 693 / 538, gate 695 / 530 (2048 exact GELUs, 8 an invocation),
-    /// argmax 731 / 575 (16k pairs, 64 an invocation), all 639 / 515.
-    pub const DEFAULT: Tails = Tails { qkv: false, norm: true, gate: false, argmax: false };
+    /// The junctions, the gate and Qkv per segment; not the argmax (16k pairs in one workgroup,
+    /// 64 an invocation). H100, tg128 Gemma 3 270M / SmolLM2, device time per decode step: none
+    /// 1.261 / 1.680 ms, norm 1.223 / 1.619, norm+gate 1.210 / 1.610, norm+qkv 1.216 / 1.611,
+    /// these three 1.202 / 1.589, all four 1.247 / 1.593.
+    pub const DEFAULT: Tails = Tails { qkv: true, norm: true, gate: true, argmax: false };
 
     /// `0` none, `1` all, else a comma list of `qkv`, `norm`, `gate`, `argmax`.
     pub fn parse(v: &str) -> Tails {
