@@ -13,7 +13,7 @@ use purehw_hal::{
 };
 use purehw_kernels::testing::{Rng, random_int_weight, random_row};
 
-use super::{Buf, Case, Check, Group, StepData, quantize_rows};
+use super::{Buf, Case, Check, Group, StepData, Wt, quantize_rows};
 
 /// Every group of the matrix.
 pub(super) fn all() -> Vec<Group> {
@@ -73,6 +73,28 @@ fn weight(rng: &mut Rng, fmt: Format, rows: usize, cols: usize) -> HostWeight {
     }
     let bytes = (0..rows).flat_map(|_| random_row(rng, fmt, cols)).collect();
     HostWeight::new(fmt, rows, cols, HostBytes::from_vec(bytes)).expect("consistent weight")
+}
+
+/// The width of the tails cases' residual stream.
+const TAILS_DIM: usize = 768;
+
+/// A tails case's residual junction: `(x, branch, norm weight, post-norm weight)` into x_out (in
+/// place or not), the normed row and its quantization in `layout`; `what` names the three.
+fn junction(
+    c: &mut Case,
+    rng: &mut Rng,
+    (x, branch, w, post): (View<Buf>, View<Buf>, Wt, Option<Wt>),
+    in_place: bool,
+    layout: ActLayout,
+    what: [&'static str; 3],
+) -> (View<Buf>, QuantOut<Buf>) {
+    let dim = TAILS_DIM;
+    let x_out = if in_place { x } else { c.output_at(rng, dim, 0, what[0], Check::Float) };
+    let out = c.output_at(rng, dim, 1, what[1], Check::Float);
+    let len = dim / act_block(layout) * act_words(layout);
+    let q = QuantOut { out: c.output_at(rng, len, 0, what[2], Check::DerivedBlocks(layout)), layout };
+    c.op(Op::AddRmsNorm { x, x_out, branch: Some(branch), post, out, w, quant: Some(q), rows: 1, dim, eps: 1e-6 });
+    (x_out, q)
 }
 
 /// `w` with row `to` a copy of row `from`, for each pair.
@@ -859,7 +881,7 @@ fn prologues(rng: &mut Rng) -> Vec<Group> {
 /// each junction and the MLP's activation as tails of the matmuls before them (several tails in
 /// one step, residuals in place and not).
 fn tails(rng: &mut Rng) -> Vec<Group> {
-    let (dim, ffn, attn, vocab) = (768, 1024, 512, 300);
+    let (dim, ffn, attn, vocab) = (TAILS_DIM, 1024, 512, 300);
     let mut groups = Vec::new();
     for [fa, fb, fc] in [
         [Format::Q5_0, Format::Q5_0, Format::Q6_K],
@@ -896,24 +918,7 @@ fn tails(rng: &mut Rng) -> Vec<Group> {
             };
             let o = c.output_at(rng, dim, 1, "o projection", Check::Exact);
             c.op(Op::MatMulQ8 { out: o, xq: xa, w: wo, n: 1 });
-            let x1 = if in_place { x } else { c.output_at(rng, dim, 0, "x + o", Check::Float) };
-            let xn1 = c.output_at(rng, dim, 1, "normed", Check::Float);
-            let q1 = QuantOut {
-                out: c.output_at(rng, words(dim, lb), 0, "quantized normed", Check::DerivedBlocks(lb)),
-                layout: lb,
-            };
-            c.op(Op::AddRmsNorm {
-                x,
-                x_out: x1,
-                branch: Some(o),
-                post: p1,
-                out: xn1,
-                w: n1,
-                quant: Some(q1),
-                rows: 1,
-                dim,
-                eps: 1e-6,
-            });
+            let (x1, q1) = junction(&mut c, rng, (x, o, n1, p1), in_place, lb, ["x + o", "normed", "quantized normed"]);
             let gate = c.output_at(rng, ffn, 1, "gate", Check::Float);
             let up = c.output_at(rng, ffn, 0, "up", Check::Float);
             let act = c.output_at(rng, ffn, 0, "act(gate)·up", Check::Float);
@@ -935,24 +940,7 @@ fn tails(rng: &mut Rng) -> Vec<Group> {
             });
             let d = c.output_at(rng, dim, 1, "down projection", Check::Exact);
             c.op(Op::MatMulQ8 { out: d, xq: q2.out, w: wd, n: 1 });
-            let x2 = if in_place { x1 } else { c.output_at(rng, dim, 0, "x + down", Check::Float) };
-            let xn2 = c.output_at(rng, dim, 1, "normed 2", Check::Float);
-            let q3 = QuantOut {
-                out: c.output_at(rng, words(dim, la), 0, "quantized normed 2", Check::DerivedBlocks(la)),
-                layout: la,
-            };
-            c.op(Op::AddRmsNorm {
-                x: x1,
-                x_out: x2,
-                branch: Some(d),
-                post: p2,
-                out: xn2,
-                w: n2,
-                quant: Some(q3),
-                rows: 1,
-                dim,
-                eps: 1e-6,
-            });
+            let (_, q3) = junction(&mut c, rng, (x1, d, n2, p2), in_place, la, ["x + down", "normed 2", "quantized normed 2"]);
             let h = c.output_at(rng, vocab, 1, "head", Check::Exact);
             c.op(Op::MatMulQ8 { out: h, xq: q3.out, w: wh, n: 1 });
             let am = c.output_at(rng, 1, 0, "argmax", Check::Exact);
