@@ -2352,11 +2352,8 @@ impl Vulkan {
         let (fmt, wrows, cols) = (wt.format, wt.rows, wt.cols);
         let row_bytes = fmt.bytes_for(cols).unwrap_or(0) as u32;
         let (wa, wb) = self.weight_at(w);
-        let nb = cols / fmt.block_elems();
-        let nbc = nb.min(32);
-        let r = self.split_rows(wrows, 1usize << (32usize).min(512 / nbc).max(1).ilog2());
-        let spec = [1u32, r as u32, nbc as u32];
-        let grid = [groups(wrows, r), 1, 1];
+        let (spec, total) = self.split_shape(w);
+        let grid = [total, 1, 1];
         let id = |b: BufId| b.0;
         let wflag = if writer { PRO_WRITER } else { 0 };
         match p {
