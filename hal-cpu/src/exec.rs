@@ -427,46 +427,63 @@ impl Cpu {
         let cache_rows = host.buffer(kc.buf).map_or(0, <[f32]>::len) / kvw;
         let q_len = step.rows() * qw;
         let kv_len = cache_rows_needed(step, "Attention")? * kvw;
+        // Rows per task: consecutive rows of one sequence share every key and value read from the
+        // cache (prefill); one row per task when there are few rows to spread (decode).
+        let rows_total = step.seqs.iter().map(|s| s.len as usize).sum::<usize>();
+        let per =
+            (rows_total * kv_heads).div_ceil(pool.threads() * 4).clamp(1, BLOCK_ROWS).min((MAX_QUERIES / group).max(1));
         // Longest key range of any query, and the scores scratch sized once for the whole cache
         // (so a growing context never allocates).
         let longest = step.seqs.iter().map(|s| (s.pos0 + s.len) as usize).max().unwrap_or(0);
         let longest = if window > 0 { longest.min(window) } else { longest };
+        let ld = longest.max(cache_rows);
         for s in scratch.iter() {
-            grow(&mut lock(s).scores, group * longest.max(cache_rows))?;
+            grow(&mut lock(s).scores, per * group * ld)?;
         }
         host.with_out(out, q_len, |o, inputs, _| {
             let qs = inputs.slice(q, q_len);
             let ks = inputs.slice(kc, kv_len);
             let vs = inputs.slice(vc, kv_len);
-            // One task per (query row, kv head): the group of query heads reading that kv head
-            // shares each key and value load. Tasks are numbered across the step's sequences.
-            let tasks = step.seqs.iter().map(|s| s.len as usize).sum::<usize>() * kv_heads;
+            // One task per (block of rows, kv head): the group of query heads reading that kv
+            // head, in every row of the block, shares each key and value load. Blocks are
+            // numbered across the step's sequences.
+            let blocks = step.seqs.iter().map(|s| (s.len as usize).div_ceil(per)).sum::<usize>();
+            let tasks = blocks * kv_heads;
             let d = Disjoint::new(o);
             let run = |range: Range<usize>, sc: &mut Scratch| {
                 for task in range {
-                    let (mut row, g) = (task / kv_heads, task % kv_heads);
+                    let (mut blk, g) = (task / kv_heads, task % kv_heads);
                     let Some(seq) = step.seqs.iter().find(|s| {
-                        let hit = row < s.len as usize;
+                        let nb = (s.len as usize).div_ceil(per);
+                        let hit = blk < nb;
                         if !hit {
-                            row -= s.len as usize;
+                            blk -= nb;
                         }
                         hit
                     }) else {
                         return;
                     };
-                    let t = seq.row as usize + row;
-                    let p = seq.pos0 as usize + row;
-                    let first = if window > 0 { (p + 1).saturating_sub(window) } else { 0 };
+                    let row0 = blk * per;
+                    let m = per.min(seq.len as usize - row0);
                     let base = seq.cache_row as usize * kvw + g * head_dim;
-                    let qo = t * qw + g * group * head_dim;
                     let w = group * head_dim;
-                    // SAFETY: each (row, kv head) task owns its group's heads out[qo..qo + w].
-                    let dst = unsafe { d.part(qo, w) };
-                    let keys = Keys { k: &ks[base..], v: &vs[base..], stride: kvw, range: first..p + 1 };
-                    attend_group(&k, dst, &qs[qo..qo + w], head_dim, keys, scale, cap, &mut sc.scores);
+                    let mut rows: [BlockRow<'_>; BLOCK_ROWS] = Default::default();
+                    for (r, br) in rows.iter_mut().enumerate().take(m) {
+                        let t = seq.row as usize + row0 + r;
+                        let p = seq.pos0 as usize + row0 + r;
+                        let first = if window > 0 { (p + 1).saturating_sub(window) } else { 0 };
+                        let qo = t * qw + g * group * head_dim;
+                        // SAFETY: each (row, kv head) pair belongs to exactly one task, which owns
+                        // its group's heads out[qo..qo + w].
+                        br.out = unsafe { d.part(qo, w) };
+                        br.q = &qs[qo..qo + w];
+                        br.keys = first..p + 1;
+                    }
+                    let kv = Keys { k: &ks[base..], v: &vs[base..], stride: kvw };
+                    attend_block(&k, &mut rows[..m], head_dim, &kv, scale, cap, &mut sc.scores, ld);
                 }
             };
-            if tasks * longest * head_dim < SERIAL_BYTES {
+            if tasks * per * longest * head_dim < SERIAL_BYTES {
                 run(0..tasks, &mut lock(&scratch[0]));
             } else {
                 let chunks = Chunks::new(tasks, (tasks / (pool.threads() * 8)).max(1));
@@ -481,6 +498,14 @@ impl Cpu {
         Ok(())
     }
 }
+
+/// Most rows an attention task takes together.
+const BLOCK_ROWS: usize = 8;
+/// Most (row, query head) pairs an attention task holds statistics for.
+const MAX_QUERIES: usize = 64;
+/// Keys a task scores (or adds the values of) for all its rows before moving on: their keys and
+/// values stay in the core's caches meanwhile.
+const KEY_BLOCK: usize = 64;
 
 /// `f(range, out[range])` over `out` in parts, split across the pool when it is long: for
 /// elementwise ops, whose parts compute exactly what the whole would.
@@ -505,64 +530,108 @@ struct Keys<'a> {
     k: &'a [f32],
     v: &'a [f32],
     stride: usize,
-    range: std::ops::Range<usize>,
 }
 
-/// `purehw_kernels::ops::attend` for each of the query heads in `q` (`q.len() / d` heads sharing
-/// one kv head), bit for bit: each head's scores once into scratch (the reference computes them
-/// twice, identically), `exp` in key order, `out += e·v` as a product then a sum, then divide.
+/// One row of an attention task: its query heads (a group sharing one kv head), where they go,
+/// and the keys the row sees.
+#[derive(Default)]
+struct BlockRow<'a> {
+    out: &'a mut [f32],
+    q: &'a [f32],
+    keys: Range<usize>,
+}
+
+/// `purehw_kernels::ops::attend` for each query head of each row, bit for bit: each head's scores
+/// once into scratch (the reference computes them twice, identically), `exp` in key order,
+/// `out += e·v` as a product then a sum in key order, then divide. Keys go in blocks of
+/// `KEY_BLOCK`, each block taken by every row that sees it. Row `r`'s scores for head `h` are
+/// `scores[(r·group + h)·ld ..]`, key `j` of its range at offset `j − keys.start`.
 #[allow(clippy::too_many_arguments)]
-fn attend_group(
+fn attend_block(
     k: &Kernels,
-    out: &mut [f32],
-    q: &[f32],
+    rows: &mut [BlockRow<'_>],
     d: usize,
-    keys: Keys<'_>,
+    kv: &Keys<'_>,
     scale: f32,
     cap: f32,
     scores: &mut [f32],
+    ld: usize,
 ) {
-    let group = q.len() / d;
-    out.fill(0.0);
-    let n = keys.range.len();
-    if n == 0 {
+    let Some(group) = rows.first().map(|r| r.q.len() / d) else {
+        return;
+    };
+    if rows.len() * group > MAX_QUERIES {
+        // Wider groups than any model has: one row and head at a time.
+        for r in rows.iter_mut() {
+            for h in 0..group {
+                let mut one = [BlockRow {
+                    out: &mut r.out[h * d..(h + 1) * d],
+                    q: &r.q[h * d..(h + 1) * d],
+                    keys: r.keys.clone(),
+                }];
+                attend_block(k, &mut one, d, kv, scale, cap, scores, ld);
+            }
+        }
         return;
     }
-    let scores = &mut scores[..group * n];
-    let mut max = [f32::NEG_INFINITY; 16];
-    let mut sum = [0f32; 16];
-    if group > max.len() {
-        // Wider groups than any model has: one head at a time.
-        for h in 0..group {
-            let keys = Keys { range: keys.range.clone(), ..keys };
-            attend_group(k, &mut out[h * d..(h + 1) * d], &q[h * d..(h + 1) * d], d, keys, scale, cap, scores);
+    let (lo, hi) =
+        (rows.iter().map(|r| r.keys.start).min().unwrap_or(0), rows.iter().map(|r| r.keys.end).max().unwrap_or(0));
+    let stride = kv.stride;
+    let mut max = [f32::NEG_INFINITY; MAX_QUERIES];
+    let mut sum = [0f32; MAX_QUERIES];
+    for row in rows.iter_mut() {
+        row.out.fill(0.0);
+    }
+    // Scores, key block by key block.
+    let mut jb = lo;
+    while jb < hi {
+        let je = (jb + KEY_BLOCK).min(hi);
+        for (r, row) in rows.iter().enumerate() {
+            let (a, b) = (jb.max(row.keys.start), je.min(row.keys.end));
+            if a < b {
+                let at = r * group * ld + (a - row.keys.start);
+                (k.dot_keys)(row.q, d, &kv.k[a * stride..], stride, b - a, &mut scores[at..], ld);
+            }
         }
-        return;
+        jb = je;
     }
-    for (i, j) in keys.range.clone().enumerate() {
-        let kj = &keys.k[j * keys.stride..j * keys.stride + d];
+    // Scale, softcap, max; exp(s − max) per head (elementwise, so vectorised exactly), summed in
+    // key order.
+    for (r, row) in rows.iter().enumerate() {
+        let n = row.keys.len();
         for h in 0..group {
-            let v = (k.dot_f32)(&q[h * d..(h + 1) * d], kj) * scale;
-            let s = if cap > 0.0 { softcap(v, cap) } else { v };
-            scores[h * n + i] = s;
-            max[h] = max[h].max(s);
+            let i = r * group + h;
+            let sc = &mut scores[i * ld..i * ld + n];
+            for s in sc.iter_mut() {
+                let v = *s * scale;
+                *s = if cap > 0.0 { softcap(v, cap) } else { v };
+                max[i] = max[i].max(*s);
+            }
+            (k.exp_sub)(sc, max[i]);
+            sum[i] = sc.iter().fold(0f32, |acc, &e| acc + e);
         }
     }
-    // exp(s − max) per head (elementwise, so vectorised exactly), summed in key order.
-    for h in 0..group {
-        let e = &mut scores[h * n..(h + 1) * n];
-        (k.exp_sub)(e, max[h]);
-        sum[h] = e.iter().fold(0f32, |acc, &e| acc + e);
-    }
-    for (i, j) in keys.range.enumerate() {
-        let vj = &keys.v[j * keys.stride..j * keys.stride + d];
-        for h in 0..group {
-            (k.axpy)(&mut out[h * d..(h + 1) * d], scores[h * n + i], vj);
+    // Values, key block by key block (each output element's chain stays in key order).
+    let mut jb = lo;
+    while jb < hi {
+        let je = (jb + KEY_BLOCK).min(hi);
+        for (r, row) in rows.iter_mut().enumerate() {
+            let (a, b) = (jb.max(row.keys.start), je.min(row.keys.end));
+            if a < b {
+                let at = r * group * ld + (a - row.keys.start);
+                (k.axpy_keys)(row.out, d, &scores[at..], ld, b - a, &kv.v[a * stride..], stride);
+            }
         }
+        jb = je;
     }
-    for h in 0..group {
-        for o in &mut out[h * d..(h + 1) * d] {
-            *o /= sum[h];
+    for (r, row) in rows.iter_mut().enumerate() {
+        if row.keys.is_empty() {
+            continue;
+        }
+        for h in 0..group {
+            for o in &mut row.out[h * d..(h + 1) * d] {
+                *o /= sum[r * group + h];
+            }
         }
     }
 }

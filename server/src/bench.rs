@@ -44,6 +44,8 @@ struct BenchJson<'a> {
     threads: usize,
     act: &'static str,
     repetitions: usize,
+    /// Tokens in the context before each test (`-d`).
+    depth: usize,
     model_bytes: usize,
     params: usize,
     pp: Rate,
@@ -95,12 +97,13 @@ pub fn bench(a: &BenchArgs) -> CliResult {
     let src = ModelSource::open(&r.path)?;
     let max_ctx = src.config.max_ctx;
     for (flag, n) in [("-p", a.n_prompt), ("-n", a.n_gen)] {
-        if max_ctx > 0 && n > max_ctx {
-            return err(format!("{flag} {n} exceeds the model's context of {max_ctx} tokens"));
+        if max_ctx > 0 && a.depth + n > max_ctx {
+            let at = if a.depth > 0 { format!(" after -d {}", a.depth) } else { String::new() };
+            return err(format!("{flag} {n}{at} exceeds the model's context of {max_ctx} tokens"));
         }
     }
     let opts = ModelOptions {
-        ctx: a.n_prompt.max(a.n_gen).max(1),
+        ctx: a.depth + a.n_prompt.max(a.n_gen).max(1),
         slots: 1,
         // The whole prompt in one step, as llama-bench's default batch does.
         max_batch: a.n_prompt.max(1),
@@ -135,7 +138,7 @@ fn sweep(a: &BenchArgs, path: &Path, src: &ModelSource, opts: ModelOptions) -> C
             .context(|| "encoding the --json output".into())?;
         return out::print_all(&format!("{s}\n"));
     }
-    let (pp, tg) = (format!("pp{}", a.n_prompt), format!("tg{}", a.n_gen));
+    let (pp, tg) = (test_name("pp", a.n_prompt, a.depth), test_name("tg", a.n_gen, a.depth));
     let mut t = format!(
         "| threads | {pp:>9} t/s | {tg:>9} t/s | tg speed-up | read GB/s | tg roofline t/s | of roofline |\n\
          | ------: | ------------: | ------------: | ----------: | --------: | --------------: | ----------: |\n"
@@ -238,21 +241,33 @@ fn bench_on<B: Registered>(
     let decode_bytes = model_bytes - if c.tied_embeddings { 0 } else { embed_bytes.map_or(0, |t| t.bytes) };
     let mut ids = TokenIds::new(c.vocab, c.bos, &c.eos);
     let (bos, add_bos) = (c.bos, c.add_bos);
+    // The context's first `depth` tokens, once: the tests below only overwrite what follows.
+    let depth = a.depth;
+    if depth > 0 {
+        let mut history: Vec<u32> = (0..depth).map(|_| ids.next()).collect();
+        if let (Some(b), true) = (bos, add_bos) {
+            history[0] = b;
+        }
+        for (i, chunk) in history.chunks(opts.max_batch.max(1)).enumerate() {
+            model.forward(0, i * opts.max_batch.max(1), chunk).context(|| format!("prefilling -d {depth}"))?;
+        }
+    }
+    let (pp_name, tg_name) = (test_name("pp", a.n_prompt, depth), test_name("tg", a.n_gen, depth));
     let mut pp = Rate::default();
     if a.n_prompt > 0 {
         // llama-bench: BOS first where the model adds one, then random tokens.
         let mut prompt: Vec<u32> = (0..a.n_prompt).map(|_| ids.next()).collect();
-        if let (Some(b), true) = (bos, add_bos) {
+        if let (Some(b), true, 0) = (bos, add_bos, depth) {
             prompt[0] = b;
         }
         pp = measure(a.n_prompt, a.repetitions, || {
             let t = Instant::now();
-            model.forward(0, 0, &prompt)?;
+            model.forward(0, depth, &prompt)?;
             Ok(t.elapsed().as_secs_f64())
         })
-        .context(|| format!("pp{}", a.n_prompt))?;
+        .context(|| pp_name.clone())?;
         if show {
-            out::print_all(&table.row(&format!("pp{}", a.n_prompt), &pp))?;
+            out::print_all(&table.row(&pp_name, &pp))?;
         }
     }
     let mut tg = Rate::default();
@@ -261,9 +276,10 @@ fn bench_on<B: Registered>(
     let mut counts = None;
     let mut disk_per_token = None;
     if a.n_gen > 0 {
-        // llama-bench: from an empty context, BOS first, then random tokens.
+        // llama-bench: from an empty context (or after the depth's tokens), BOS first where the
+        // context is empty, then random tokens.
         let mut steps: Vec<u32> = (0..a.n_gen).map(|_| ids.next()).collect();
-        if let Some(b) = bos {
+        if let (Some(b), 0) = (bos, depth) {
             steps[0] = b;
         }
         let mut runs = 0;
@@ -274,7 +290,7 @@ fn bench_on<B: Registered>(
             runs += 1;
             for (pos, id) in steps.iter().enumerate() {
                 // As llama-bench's tg: the step's logits are not read back, only the argmax.
-                model.forward_argmax(0, pos, core::slice::from_ref(id))?;
+                model.forward_argmax(0, depth + pos, core::slice::from_ref(id))?;
                 if warm && let Some(s) = model.backend().stats().last_step_seconds {
                     device_time.0 += s;
                     device_time.1 += 1;
@@ -282,12 +298,12 @@ fn bench_on<B: Registered>(
             }
             Ok(t.elapsed().as_secs_f64())
         })
-        .context(|| format!("tg{}", a.n_gen))?;
+        .context(|| tg_name.clone())?;
         let tokens = (a.n_gen * (a.repetitions + 1)) as f64;
         disk_per_token = read_before.zip(disk_read_bytes()).map(|(b, e)| e.saturating_sub(b) as f64 / tokens);
         counts = model.backend().step_counts();
         if show {
-            out::print_all(&table.row(&format!("tg{}", a.n_gen), &tg))?;
+            out::print_all(&table.row(&tg_name, &tg))?;
         }
     }
     let tg_device = (device_time.1 > 0).then(|| device_time.0 / device_time.1 as f64);
@@ -325,6 +341,7 @@ fn bench_on<B: Registered>(
             threads: hw.threads,
             act,
             repetitions: a.repetitions,
+            depth: a.depth,
             model_bytes,
             params,
             pp,
@@ -428,6 +445,11 @@ fn measure(
     }
     let (tps_mean, tps_std) = mean_std(&tps);
     Ok(Rate { n, tps_mean, tps_std })
+}
+
+/// A test's name as llama-bench prints it: `pp512`, or `pp512 @ d800` after a depth.
+fn test_name(kind: &str, n: usize, depth: usize) -> String {
+    if depth > 0 { format!("{kind}{n} @ d{depth}") } else { format!("{kind}{n}") }
 }
 
 /// Mean and sample standard deviation (0 for fewer than two samples, as llama-bench reports).

@@ -210,6 +210,11 @@ pub struct BenchArgs {
     /// Tokens generated one at a time (the `tgN` test; 0 = skip it).
     #[arg(short = 'n', long = "n-gen", value_name = "N", default_value_t = 128)]
     pub n_gen: usize,
+    /// Tokens already in the context before each test (llama-bench's `-d`): they are prefilled
+    /// once, untimed, and the tests run after them (`pp512 @ d800`), so attention over a long
+    /// history is part of what is measured.
+    #[arg(short = 'd', long = "n-depth", value_name = "N", default_value_t = 0)]
+    pub depth: usize,
     /// Timed repetitions of each test, after one untimed warm-up.
     #[arg(short = 'r', long, value_name = "N", default_value_t = 5)]
     pub repetitions: usize,

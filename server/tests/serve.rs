@@ -177,6 +177,14 @@ impl Server {
         if let Some(n) = &cap {
             cmd.args(["--max-tokens", n]);
         }
+        // A slow backend (lavapipe) takes minutes for what the CPU does in seconds: the client's
+        // per-request timeout follows `PUREHW_TEST_TIMEOUT`, else 20 minutes on another backend.
+        let timeout = std::env::var("PUREHW_TEST_TIMEOUT")
+            .ok()
+            .or_else(|| std::env::var("PUREHW_TEST_BACKEND").ok().map(|_| "1200".to_string()));
+        if let Some(t) = &timeout {
+            cmd.args(["--timeout", t]);
+        }
         cmd.args(client_args).args(cases).env("PYTHONUNBUFFERED", "1");
         for (k, v) in env {
             cmd.env(k, v);

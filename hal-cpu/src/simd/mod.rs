@@ -50,6 +50,13 @@ pub struct Kernels {
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
     /// `y[i] += a · x[i]` (a product then a sum, as the reference attention does).
     pub axpy: fn(y: &mut [f32], a: f32, x: &[f32]),
+    /// Scores of a group of `q.len() / d` queries (query `h` at `q[h·d..][..d]`) against `n`
+    /// consecutive keys (key `j` at `k[j·stride..][..d]`): `out[h·ld + j] = dot_f32(query h, key
+    /// j)`. Keys are taken a few at a time for every query, so each is read once.
+    pub dot_keys: DotKeys,
+    /// `y[h·d + i] += e[h·ld + j] · v[j·stride + i]` for every query `h` of the group and every
+    /// key `j < n` in order: each element's chain in key order, as repeated `axpy` computes it.
+    pub axpy_keys: AxpyKeys,
     /// `out[i] = gelu_tanh(gate[i]) · up[i]` (`gate` `None`: `out` holds the gate).
     pub gelu_mul: Gated,
     /// `out[i] = silu(gate[i]) · up[i]` (`gate` `None`: in place).
@@ -57,6 +64,11 @@ pub struct Kernels {
     /// `x[i] = exp(x[i] − m)` (`purehw_kernels::ops::exp`).
     pub exp_sub: fn(x: &mut [f32], m: f32),
 }
+
+/// `(q, d, k, stride, n, out, ld)`; see [`Kernels::dot_keys`].
+pub type DotKeys = fn(&[f32], usize, &[f32], usize, usize, &mut [f32], usize);
+/// `(y, d, e, ld, n, v, stride)`; see [`Kernels::axpy_keys`].
+pub type AxpyKeys = fn(&mut [f32], usize, &[f32], usize, usize, &[f32], usize);
 
 /// A gated activation; see [`Kernels::gelu_mul`].
 pub type Gated = fn(out: &mut [f32], gate: Option<&[f32]>, up: &[f32]);

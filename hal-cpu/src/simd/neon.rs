@@ -49,6 +49,20 @@ pub(super) fn kernels() -> Option<Kernels> {
         gemm_f32,
         dot_f32,
         axpy,
+        dot_keys: |q, d, k, stride, n, out, ld| {
+            for (h, qh) in q.chunks_exact(d.max(1)).enumerate() {
+                for j in 0..n {
+                    out[h * ld + j] = dot_f32(qh, &k[j * stride..j * stride + d]);
+                }
+            }
+        },
+        axpy_keys: |y, d, e, ld, n, v, stride| {
+            for (h, yh) in y.chunks_exact_mut(d.max(1)).enumerate() {
+                for j in 0..n {
+                    axpy(yh, e[h * ld + j], &v[j * stride..j * stride + d]);
+                }
+            }
+        },
         // No NEON twins yet: the reference elementwise functions.
         gelu_mul: super::scalar::gelu_mul,
         silu_mul: super::scalar::silu_mul,

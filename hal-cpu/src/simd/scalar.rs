@@ -15,6 +15,8 @@ pub(crate) const KERNELS: Kernels = Kernels {
     gemm_f32,
     dot_f32: q::dot_f32,
     axpy,
+    dot_keys,
+    axpy_keys,
     gelu_mul,
     silu_mul,
     exp_sub,
@@ -73,5 +75,21 @@ pub(crate) fn gemm_f32(fmt: Format, w: &[u8], rows: usize, cols: usize, x: &[f32
 pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (y, &x) in y.iter_mut().zip(x) {
         *y += a * x;
+    }
+}
+
+pub(crate) fn dot_keys(q: &[f32], d: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32], ld: usize) {
+    for (h, qh) in q.chunks_exact(d.max(1)).enumerate() {
+        for j in 0..n {
+            out[h * ld + j] = q::dot_f32(qh, &k[j * stride..j * stride + d]);
+        }
+    }
+}
+
+pub(crate) fn axpy_keys(y: &mut [f32], d: usize, e: &[f32], ld: usize, n: usize, v: &[f32], stride: usize) {
+    for (h, yh) in y.chunks_exact_mut(d.max(1)).enumerate() {
+        for j in 0..n {
+            axpy(yh, e[h * ld + j], &v[j * stride..j * stride + d]);
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! AVX-512 (F+BW+VL) + VNNI twins of the integer GEMMs (x86-64), bit-exact with
-//! `purehw_kernels::quant::{dot_row_q8a, dot_row_q8k}`. Everything else (quantization, the float
-//! kernels) is the AVX2 set of [`super::x86`].
+//! `purehw_kernels::quant::{dot_row_q8a, dot_row_q8k}`, and of attention's two float kernels
+//! (`dot_keys`, `axpy_keys`). Everything else (quantization, the other float kernels) is the AVX2
+//! set of [`super::x86`].
 //!
 //! This module needs `unsafe` for two things only: calling the `#[target_feature]` functions
 //! (sound because they are reachable only through [`kernels`], which checked the CPU features
@@ -56,7 +57,153 @@ pub(super) fn kernels() -> Option<Kernels> {
         return None;
     }
     let base = super::x86::kernels()?;
-    Some(Kernels { name: "avx512vnni", gemm_q8a, gemm_q8k, ..base })
+    // The attention kernels' key pairs need AVX-512 DQ (every VNNI CPU has it; checked anyway).
+    let dq = is_x86_feature_detected!("avx512dq");
+    Some(Kernels {
+        name: "avx512vnni",
+        gemm_q8a,
+        gemm_q8k,
+        dot_keys: if dq { dot_keys } else { base.dot_keys },
+        axpy_keys,
+        ..base
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention's float kernels: `dot_keys` with two keys per 16-lane register (lanes 0..8 one key's
+// 8-lane chain, 8..16 the next key's: `dot_f32`'s chains, bit for bit), `axpy_keys` 16 outputs a
+// register (elementwise: the lanes are independent).
+
+/// `Kernels::dot_keys`. Head sizes that are not a multiple of 8 take the AVX2 kernel.
+fn dot_keys(q: &[f32], d: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32], ld: usize) {
+    use super::x86_f32::rows_fit;
+    let g = q.len().checked_div(d).unwrap_or(0);
+    let fits = d > 0
+        && d.is_multiple_of(8)
+        && q.len().is_multiple_of(d)
+        && rows_fit(g, n, ld, out.len())
+        && rows_fit(n, d, stride, k.len());
+    if !fits {
+        return super::x86_f32::dot_keys(q, d, k, stride, n, out, ld);
+    }
+    let mut j = 0;
+    while j + 4 <= n {
+        let mut h = 0;
+        while h < g {
+            // SAFETY: reachable only through `kernels()`, which checked AVX-512 F and DQ and the
+            // AVX2 set; every access is a checked slice index.
+            unsafe {
+                match g - h {
+                    1 => dot4::<1>(q, d, h, k, stride, j, out, ld),
+                    2 => dot4::<2>(q, d, h, k, stride, j, out, ld),
+                    3 => dot4::<3>(q, d, h, k, stride, j, out, ld),
+                    _ => dot4::<4>(q, d, h, k, stride, j, out, ld),
+                }
+            }
+            h += 4;
+        }
+        j += 4;
+    }
+    if j < n {
+        // The last keys, fewer than four.
+        let ks = &k[j * stride..];
+        for (hq, qh) in q.chunks_exact(d).enumerate() {
+            super::x86_f32::dot_keys(qh, d, ks, stride, n - j, &mut out[hq * ld + j..], ld);
+        }
+    }
+}
+
+/// 8 floats of `s` at `o`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512dq")]
+fn ld8(s: &[f32], o: usize) -> __m256 {
+    let a: &[f32; 8] = s[o..o + 8].try_into().unwrap();
+    // SAFETY: `a` is 8 readable f32s; `loadu` has no alignment requirement.
+    unsafe { _mm256_loadu_ps(a.as_ptr()) }
+}
+
+/// Keys `j..j + 4` (as two pairs) for queries `h0..h0 + H`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512dq")]
+unsafe fn dot4<const H: usize>(
+    q: &[f32],
+    d: usize,
+    h0: usize,
+    k: &[f32],
+    stride: usize,
+    j: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; H];
+    let kb = j * stride;
+    for i in (0..d).step_by(8) {
+        let p0 = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(ld8(k, kb + i)), ld8(k, kb + stride + i));
+        let p1 =
+            _mm512_insertf32x8::<1>(_mm512_castps256_ps512(ld8(k, kb + 2 * stride + i)), ld8(k, kb + 3 * stride + i));
+        for (hh, a) in acc.iter_mut().enumerate() {
+            let qb = _mm512_broadcast_f32x8(ld8(q, (h0 + hh) * d + i));
+            a[0] = _mm512_add_ps(a[0], _mm512_mul_ps(qb, p0));
+            a[1] = _mm512_add_ps(a[1], _mm512_mul_ps(qb, p1));
+        }
+    }
+    for (hh, a) in acc.iter().enumerate() {
+        let o = (h0 + hh) * ld + j;
+        out[o] = reduce_lanes(_mm512_castps512_ps256(a[0]));
+        out[o + 1] = reduce_lanes(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a[0]))));
+        out[o + 2] = reduce_lanes(_mm512_castps512_ps256(a[1]));
+        out[o + 3] = reduce_lanes(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a[1]))));
+    }
+}
+
+/// `Kernels::axpy_keys`: 128 outputs at a time in eight registers, every key added in order.
+fn axpy_keys(y: &mut [f32], d: usize, e: &[f32], ld: usize, n: usize, v: &[f32], stride: usize) {
+    use super::x86_f32::rows_fit;
+    let g = y.len().checked_div(d).unwrap_or(0);
+    let fits = d > 0 && y.len().is_multiple_of(d) && rows_fit(g, n, ld, e.len()) && rows_fit(n, d, stride, v.len());
+    if !fits {
+        return super::x86_f32::axpy_keys(y, d, e, ld, n, v, stride);
+    }
+    const W: usize = 128;
+    for (h, yh) in y.chunks_exact_mut(d).enumerate() {
+        let eh = &e[h * ld..h * ld + n];
+        let mut c0 = 0;
+        while c0 + W <= d {
+            // SAFETY: reachable only through `kernels()`, which checked AVX-512 F and the AVX2
+            // set; every access is a checked slice index.
+            unsafe { axpy128(&mut yh[c0..c0 + W], eh, v, stride, c0) };
+            c0 += W;
+        }
+        if c0 < d {
+            super::x86_f32::axpy_keys(&mut yh[c0..], d - c0, eh, n, n, &v[c0..], stride);
+        }
+    }
+}
+
+/// `y[i] += e[j]·v[j·stride + c0 + i]` for `i < 128`, keys in order.
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+unsafe fn axpy128(y: &mut [f32], e: &[f32], v: &[f32], stride: usize, c0: usize) {
+    let ld16 = |s: &[f32], o: usize| -> __m512 {
+        let a: &[f32; 16] = s[o..o + 16].try_into().unwrap();
+        // SAFETY: `a` is 16 readable f32s; `loadu` has no alignment requirement.
+        unsafe { _mm512_loadu_ps(a.as_ptr()) }
+    };
+    let mut acc = [_mm512_setzero_ps(); 8];
+    for (r, a) in acc.iter_mut().enumerate() {
+        *a = ld16(y, 16 * r);
+    }
+    for (j, &ej) in e.iter().enumerate() {
+        let ev = _mm512_set1_ps(ej);
+        let at = j * stride + c0;
+        for (r, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_add_ps(*a, _mm512_mul_ps(ev, ld16(v, at + 16 * r)));
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        let o: &mut [f32; 16] = (&mut y[16 * r..16 * r + 16]).try_into().unwrap();
+        // SAFETY: `o` is 16 writable f32s; `storeu` has no alignment requirement.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *a) };
+    }
 }
 
 /// Tokens per tile (one f32 lane each in the per-tile scale vectors).
@@ -813,6 +960,38 @@ mod tests {
             None => eprintln!("x86_512::{test}: no AVX-512 F/BW/VL/VNNI on this CPU, NOT exercised (skipped)"),
         }
         k
+    }
+
+    #[test]
+    fn attention_kernels_match_scalar_bitwise() {
+        let Some(k) = have("attention_kernels_match_scalar_bitwise") else {
+            return;
+        };
+        let mut rng = Rng(0x7A7A_0101_3C3C_5E5E);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (d, g, n, stride) in [
+            (64, 3, 9, 192),
+            (256, 4, 77, 256),
+            (128, 5, 6, 256),
+            (72, 2, 5, 75),
+            (8, 1, 4, 8),
+            (136, 1, 3, 136),
+            (64, 3, 0, 64),
+        ] {
+            let ld = n + 2;
+            let q: Vec<f32> = (0..g * d).map(|_| rng.unit() * 3.0).collect();
+            let kc: Vec<f32> = (0..n * stride + d).map(|_| rng.unit() * 3.0).collect();
+            let (mut got, mut want) = (vec![0f32; g * ld], vec![0f32; g * ld]);
+            (k.dot_keys)(&q, d, &kc, stride, n, &mut got, ld);
+            crate::simd::scalar::dot_keys(&q, d, &kc, stride, n, &mut want, ld);
+            assert_eq!(bits(&got), bits(&want), "dot_keys d={d} g={g} n={n}");
+            let e: Vec<f32> = (0..g * ld).map(|_| rng.unit()).collect();
+            let y0: Vec<f32> = (0..g * d).map(|_| rng.unit() * 3.0).collect();
+            let (mut got, mut want) = (y0.clone(), y0.clone());
+            (k.axpy_keys)(&mut got, d, &e, ld, n, &kc, stride);
+            crate::simd::scalar::axpy_keys(&mut want, d, &e, ld, n, &kc, stride);
+            assert_eq!(bits(&got), bits(&want), "axpy_keys d={d} g={g} n={n}");
+        }
     }
 
     fn f16(v: f32) -> [u8; 2] {

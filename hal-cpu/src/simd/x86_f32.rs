@@ -62,6 +62,33 @@ pub(super) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     unsafe { axpy_avx2(y, a, x) }
 }
 
+/// Whether `n` rows of `d` at `stride` lie inside `len` elements.
+pub(super) fn rows_fit(n: usize, d: usize, stride: usize, len: usize) -> bool {
+    n == 0 || (n - 1).checked_mul(stride).and_then(|o| o.checked_add(d)).is_some_and(|e| e <= len)
+}
+
+/// A group of queries' `dot_f32` against `n` keys (see `Kernels::dot_keys`).
+pub(super) fn dot_keys(q: &[f32], d: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32], ld: usize) {
+    let g = q.len().checked_div(d).unwrap_or(0);
+    let fits = d > 0 && q.len().is_multiple_of(d) && rows_fit(g, n, ld, out.len()) && rows_fit(n, d, stride, k.len());
+    if !available() || !fits {
+        return super::scalar::dot_keys(q, d, k, stride, n, out, ld);
+    }
+    // SAFETY: `available()` confirmed AVX2, FMA and F16C; every key lies inside `k` (checked).
+    unsafe { dot_keys_avx2(q, d, k, stride, n, out, ld) }
+}
+
+/// A group of queries' `e·v` over `n` keys, in key order (see `Kernels::axpy_keys`).
+pub(super) fn axpy_keys(y: &mut [f32], d: usize, e: &[f32], ld: usize, n: usize, v: &[f32], stride: usize) {
+    let g = y.len().checked_div(d).unwrap_or(0);
+    let fits = d > 0 && y.len().is_multiple_of(d) && rows_fit(g, n, ld, e.len()) && rows_fit(n, d, stride, v.len());
+    if !available() || !fits {
+        return super::scalar::axpy_keys(y, d, e, ld, n, v, stride);
+    }
+    // SAFETY: as above; every value row lies inside `v` (checked).
+    unsafe { axpy_keys_avx2(y, d, e, ld, n, v, stride) }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Loads and small helpers (safe to call from code compiled with the same features).
 
@@ -510,6 +537,98 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     reduce_lanes(&lanes)
 }
 
+/// Four keys at a time for every query of the group: four independent 8-lane chains per query
+/// (one chain alone waits on each add), the four keys read from L1 by all queries. Each chain is
+/// `dot_avx2`'s, bit for bit.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_keys_avx2(q: &[f32], d: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32], ld: usize) {
+    let key = |j: usize| &k[j * stride..j * stride + d];
+    let mut j = 0;
+    while j + 4 <= n {
+        let ks = [
+            key(j).as_chunks::<LANES>(),
+            key(j + 1).as_chunks::<LANES>(),
+            key(j + 2).as_chunks::<LANES>(),
+            key(j + 3).as_chunks::<LANES>(),
+        ];
+        for (h, qh) in q.chunks_exact(d).enumerate() {
+            let (qc, qt) = qh.as_chunks::<LANES>();
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (i, x) in qc.iter().enumerate() {
+                let xv = ld_ps(x);
+                for (a, kc) in acc.iter_mut().zip(&ks) {
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(xv, ld_ps(&kc.0[i])));
+                }
+            }
+            for (c, (a, kc)) in acc.iter().zip(&ks).enumerate() {
+                let mut lanes = [0f32; LANES];
+                st_ps(&mut lanes, *a);
+                for (l, (x, y)) in qt.iter().zip(kc.1).enumerate() {
+                    lanes[l] += x * y;
+                }
+                out[h * ld + j + c] = reduce_lanes(&lanes);
+            }
+        }
+        j += 4;
+    }
+    for j in j..n {
+        for (h, qh) in q.chunks_exact(d).enumerate() {
+            // SAFETY: this function's own contract (AVX2, FMA, F16C).
+            out[h * ld + j] = unsafe { dot_avx2(qh, key(j)) };
+        }
+    }
+}
+
+/// Keys in blocks whose values stay in L1 while every query of the group takes them; within a
+/// block, 64 outputs at a time held in eight vectors while each key's `e·v` is added in key order
+/// (a product, then a sum: `axpy`'s operations, element by element).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_keys_avx2(y: &mut [f32], d: usize, e: &[f32], ld: usize, n: usize, v: &[f32], stride: usize) {
+    const KB: usize = 32;
+    const W: usize = 8 * LANES;
+    let mut j0 = 0;
+    while j0 < n {
+        let j1 = (j0 + KB).min(n);
+        for (h, yh) in y.chunks_exact_mut(d).enumerate() {
+            let eh = &e[h * ld + j0..h * ld + j1];
+            let mut c0 = 0;
+            while c0 + W <= d {
+                let (yc, _) = yh[c0..c0 + W].as_chunks_mut::<LANES>();
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (a, yv) in acc.iter_mut().zip(yc.iter()) {
+                    *a = ld_ps(yv);
+                }
+                for (jj, &ej) in eh.iter().enumerate() {
+                    let ev = _mm256_set1_ps(ej);
+                    let at = (j0 + jj) * stride + c0;
+                    let (vc, _) = v[at..at + W].as_chunks::<LANES>();
+                    for (a, x) in acc.iter_mut().zip(vc) {
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(ev, ld_ps(x)));
+                    }
+                }
+                for (a, yv) in acc.iter().zip(yc.iter_mut()) {
+                    st_ps(yv, *a);
+                }
+                c0 += W;
+            }
+            if c0 < d {
+                for (jj, &ej) in eh.iter().enumerate() {
+                    let at = (j0 + jj) * stride;
+                    // SAFETY: this function's own contract (AVX2, FMA, F16C).
+                    unsafe { axpy_avx2(&mut yh[c0..], ej, &v[at + c0..at + d]) };
+                }
+            }
+        }
+        j0 = j1;
+    }
+}
+
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -590,6 +709,32 @@ mod tests {
             let a: Vec<f32> = (0..len).map(|_| rng.unit() * 3.0).collect();
             let b: Vec<f32> = (0..len).map(|_| rng.unit() * 3.0).collect();
             assert_eq!(dot_f32(&a, &b).to_bits(), ref_dot(&a, &b).to_bits(), "len={len}");
+        }
+    }
+
+    #[test]
+    fn dot_keys_and_axpy_keys_match_scalar_bitwise() {
+        if !available() {
+            return;
+        }
+        let mut rng = Rng(0x5151_2323_7777_0101);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (d, g, n, stride) in
+            [(64, 3, 9, 192), (256, 4, 77, 256), (70, 2, 5, 75), (8, 1, 4, 8), (130, 1, 1, 130), (64, 3, 0, 64)]
+        {
+            let q: Vec<f32> = (0..g * d).map(|_| rng.unit() * 3.0).collect();
+            let k: Vec<f32> = (0..n * stride + d).map(|_| rng.unit() * 3.0).collect();
+            let ld = n + 3;
+            let (mut got, mut want) = (vec![0f32; g * ld], vec![0f32; g * ld]);
+            dot_keys(&q, d, &k, stride, n, &mut got, ld);
+            super::super::scalar::dot_keys(&q, d, &k, stride, n, &mut want, ld);
+            assert_eq!(bits(&got), bits(&want), "dot d={d} g={g} n={n}");
+            let e: Vec<f32> = (0..g * ld).map(|_| rng.unit()).collect();
+            let y0: Vec<f32> = (0..g * d).map(|_| rng.unit() * 3.0).collect();
+            let (mut got, mut want) = (y0.clone(), y0.clone());
+            axpy_keys(&mut got, d, &e, ld, n, &k, stride);
+            super::super::scalar::axpy_keys(&mut want, d, &e, ld, n, &k, stride);
+            assert_eq!(bits(&got), bits(&want), "axpy d={d} g={g} n={n}");
         }
     }
 
