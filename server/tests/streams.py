@@ -11,7 +11,7 @@ import argparse
 import http.client
 import json
 import sys
-import threading
+import multiprocessing as mp
 import time
 import urllib.parse
 
@@ -49,6 +49,14 @@ def stream(base, model, prompt, max_tokens, out, i):
         out[i] = {"error": f"{type(e).__name__}: {e}"}
 
 
+def stream_proc(base, model, prompt, max_tokens, go, q, i):
+    """`stream` in a child process: waits for `go`, then puts (i, result) on `q`."""
+    out = [None]
+    go.wait()
+    stream(base, model, prompt, max_tokens, out, 0)
+    q.put((i, out[0]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base-url", required=True)
@@ -68,12 +76,19 @@ def main():
         sys.exit(1)
     single = a["tokens"] / a["secs"]
     res = [None] * args.streams
-    t = time.time()
-    th = [threading.Thread(target=stream, args=(args.base_url, args.model, p, args.max_tokens, res, i))
-          for i, p in enumerate(prompts)]
-    for x in th:
+    ctx = mp.get_context("fork")
+    go, q = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=stream_proc, args=(args.base_url, args.model, p, args.max_tokens, go, q, i))
+             for i, p in enumerate(prompts)]
+    for x in procs:
         x.start()
-    for x in th:
+    time.sleep(0.5)
+    t = time.time()
+    go.set()
+    for _ in procs:
+        i, r = q.get()
+        res[i] = r
+    for x in procs:
         x.join()
     wall = time.time() - t
     errors = [r["error"] for r in res if "error" in r]
