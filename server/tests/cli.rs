@@ -299,6 +299,20 @@ fn bench_json_cpu() {
     assert!(text.contains("t/s") && text.contains("peak RSS"), "{text}");
 }
 
+/// `-d N`: the tests run after N tokens of context (named `pp4 @ d20`, `depth` in the JSON); a
+/// depth past the model's context is a clear error.
+#[test]
+fn bench_depth() {
+    let m = model_file(SMOL.0, SMOL.1);
+    let text = ok(&purehw(&["bench", "-m", path_str(&m), "-p", "4", "-n", "2", "-d", "20", "-r", "1"]));
+    assert!(text.contains(" pp4 @ d20 ") && text.contains(" tg2 @ d20 "), "{text}");
+    let v = json(ok(&purehw(&["bench", "-m", path_str(&m), "-p", "4", "-n", "2", "-d", "20", "-r", "1", "--json"])).trim());
+    assert_eq!(v["depth"], 20);
+    assert!(v["pp"]["tps_mean"].as_f64().unwrap() > 0.0 && v["tg"]["tps_mean"].as_f64().unwrap() > 0.0, "{v}");
+    let e = purehw(&["bench", "-m", path_str(&m), "-p", "4", "-n", "2", "-d", "100000", "-r", "1"]);
+    assert!(!e.status.success() && stderr(&e).contains("after -d 100000"), "{}", stderr(&e));
+}
+
 /// `--threads-sweep`: one table row (or JSON entry) per thread count, the cpu backend only.
 #[test]
 fn bench_threads_sweep() {
