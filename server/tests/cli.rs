@@ -306,7 +306,8 @@ fn bench_depth() {
     let m = model_file(SMOL.0, SMOL.1);
     let text = ok(&purehw(&["bench", "-m", path_str(&m), "-p", "4", "-n", "2", "-d", "20", "-r", "1"]));
     assert!(text.contains(" pp4 @ d20 ") && text.contains(" tg2 @ d20 "), "{text}");
-    let v = json(ok(&purehw(&["bench", "-m", path_str(&m), "-p", "4", "-n", "2", "-d", "20", "-r", "1", "--json"])).trim());
+    let v =
+        json(ok(&purehw(&["bench", "-m", path_str(&m), "-p", "4", "-n", "2", "-d", "20", "-r", "1", "--json"])).trim());
     assert_eq!(v["depth"], 20);
     assert!(v["pp"]["tps_mean"].as_f64().unwrap() > 0.0 && v["tg"]["tps_mean"].as_f64().unwrap() > 0.0, "{v}");
     let e = purehw(&["bench", "-m", path_str(&m), "-p", "4", "-n", "2", "-d", "100000", "-r", "1"]);
