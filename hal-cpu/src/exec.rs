@@ -574,31 +574,26 @@ fn attend_block(
         }
         return;
     }
-    let (lo, hi) =
-        (rows.iter().map(|r| r.keys.start).min().unwrap_or(0), rows.iter().map(|r| r.keys.end).max().unwrap_or(0));
     let stride = kv.stride;
+    let mut ranges: [Range<usize>; BLOCK_ROWS] = Default::default();
+    for (k, row) in ranges.iter_mut().zip(rows.iter()) {
+        *k = row.keys.clone();
+    }
+    let ranges = &ranges[..rows.len()];
     let mut max = [f32::NEG_INFINITY; MAX_QUERIES];
     let mut sum = [0f32; MAX_QUERIES];
     for row in rows.iter_mut() {
         row.out.fill(0.0);
     }
-    // Scores, key block by key block.
-    let mut jb = lo;
-    while jb < hi {
-        let je = (jb + KEY_BLOCK).min(hi);
-        for (r, row) in rows.iter().enumerate() {
-            let (a, b) = (jb.max(row.keys.start), je.min(row.keys.end));
-            if a < b {
-                let at = r * group * ld + (a - row.keys.start);
-                (k.dot_keys)(row.q, d, &kv.k[a * stride..], stride, b - a, &mut scores[at..], ld);
-            }
-        }
-        jb = je;
-    }
+    // Scores.
+    each_key_block(ranges, |r, a, b| {
+        let at = r * group * ld + (a - ranges[r].start);
+        (k.dot_keys)(rows[r].q, d, &kv.k[a * stride..], stride, b - a, &mut scores[at..], ld);
+    });
     // Scale, softcap, max; exp(s − max) per head (elementwise, so vectorised exactly), summed in
     // key order.
-    for (r, row) in rows.iter().enumerate() {
-        let n = row.keys.len();
+    for (r, keys) in ranges.iter().enumerate() {
+        let n = keys.len();
         for h in 0..group {
             let i = r * group + h;
             let sc = &mut scores[i * ld..i * ld + n];
@@ -611,19 +606,11 @@ fn attend_block(
             sum[i] = sc.iter().fold(0f32, |acc, &e| acc + e);
         }
     }
-    // Values, key block by key block (each output element's chain stays in key order).
-    let mut jb = lo;
-    while jb < hi {
-        let je = (jb + KEY_BLOCK).min(hi);
-        for (r, row) in rows.iter_mut().enumerate() {
-            let (a, b) = (jb.max(row.keys.start), je.min(row.keys.end));
-            if a < b {
-                let at = r * group * ld + (a - row.keys.start);
-                (k.axpy_keys)(row.out, d, &scores[at..], ld, b - a, &kv.v[a * stride..], stride);
-            }
-        }
-        jb = je;
-    }
+    // Values (each output element's chain stays in key order).
+    each_key_block(ranges, |r, a, b| {
+        let at = r * group * ld + (a - ranges[r].start);
+        (k.axpy_keys)(rows[r].out, d, &scores[at..], ld, b - a, &kv.v[a * stride..], stride);
+    });
     for (r, row) in rows.iter_mut().enumerate() {
         if row.keys.is_empty() {
             continue;
@@ -633,6 +620,24 @@ fn attend_block(
                 *o /= sum[r * group + h];
             }
         }
+    }
+}
+
+/// `f(r, a, b)` for each block of `KEY_BLOCK` keys, in key order, and each row `r` whose keys
+/// (`ranges[r]`) meet the block: `a..b` is the part of the block that row sees.
+fn each_key_block(ranges: &[Range<usize>], mut f: impl FnMut(usize, usize, usize)) {
+    let lo = ranges.iter().map(|r| r.start).min().unwrap_or(0);
+    let hi = ranges.iter().map(|r| r.end).max().unwrap_or(0);
+    let mut jb = lo;
+    while jb < hi {
+        let je = (jb + KEY_BLOCK).min(hi);
+        for (r, keys) in ranges.iter().enumerate() {
+            let (a, b) = (jb.max(keys.start), je.min(keys.end));
+            if a < b {
+                f(r, a, b);
+            }
+        }
+        jb = je;
     }
 }
 
