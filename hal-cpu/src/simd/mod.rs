@@ -7,7 +7,8 @@
 //! * `quantize_q8a` / `quantize_q8k` = `purehw_kernels::quant::quantize_q8a` / `quantize_q8k`;
 //! * `gemm_q8a` / `gemm_q8k`: `out[t·rows + r] = dot_row_q8a/q8k(fmt, row r, act of token t)`;
 //! * `gemm_f32`: `out[t·rows + r] = dot_row(fmt, row r, x[t·cols..][..cols])`;
-//! * `dot_f32`, `axpy` (`y[i] += a·x[i]`, no fused multiply-add): the canonical float order;
+//! * `dot_f32`, `dot_keys`, `axpy_keys` (`y[i] += e·v[i]` over keys, no fused multiply-add): the
+//!   canonical float order of scores and attention outputs;
 //! * `gelu_mul`, `silu_mul`, `exp_sub`: `purehw_kernels::ops` elementwise, through its own `exp`.
 
 use purehw_kernels::Format;
@@ -48,8 +49,6 @@ pub struct Kernels {
     pub gemm_f32: GemmF,
     /// `purehw_kernels::quant::dot_f32`, bit for bit.
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
-    /// `y[i] += a · x[i]` (a product then a sum, as the reference attention does).
-    pub axpy: fn(y: &mut [f32], a: f32, x: &[f32]),
     /// Scores of a group of `q.len() / d` queries (query `h` at `q[h·d..][..d]`) against `n`
     /// consecutive keys (key `j` at `k[j·stride..][..d]`): `out[h·ld + j] = dot_f32(query h, key
     /// j)`. Keys are taken a few at a time for every query, so each is read once.

@@ -48,7 +48,6 @@ pub(super) fn kernels() -> Option<Kernels> {
         gemm_q8k: if sdot { gemm_q8k_sdot } else { gemm_q8k_mull },
         gemm_f32,
         dot_f32,
-        axpy,
         dot_keys: |q, d, k, stride, n, out, ld| {
             for (h, qh) in q.chunks_exact(d.max(1)).enumerate() {
                 for j in 0..n {
@@ -1253,7 +1252,7 @@ mod tests {
             let mut want = b.clone();
             super::super::scalar::axpy(&mut want, 0.3, &a);
             let mut got = b.clone();
-            (k.axpy)(&mut got, 0.3, &a);
+            axpy(&mut got, 0.3, &a);
             assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "len={len}");
         }
     }

@@ -14,7 +14,6 @@ pub(crate) const KERNELS: Kernels = Kernels {
     gemm_q8k,
     gemm_f32,
     dot_f32: q::dot_f32,
-    axpy,
     dot_keys,
     axpy_keys,
     gelu_mul,

@@ -38,7 +38,6 @@ pub(super) fn kernels() -> Option<Kernels> {
             gemm_q8k,
             gemm_f32: super::x86_f32::gemm_f32,
             dot_f32: super::x86_f32::dot_f32,
-            axpy: super::x86_f32::axpy,
             dot_keys: super::x86_f32::dot_keys,
             axpy_keys: super::x86_f32::axpy_keys,
             gelu_mul: super::x86_act::gelu_mul,

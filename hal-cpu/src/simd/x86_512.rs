@@ -76,16 +76,10 @@ pub(super) fn kernels() -> Option<Kernels> {
 
 /// `Kernels::dot_keys`. Head sizes that are not a multiple of 8 take the AVX2 kernel.
 fn dot_keys(q: &[f32], d: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32], ld: usize) {
-    use super::x86_f32::rows_fit;
-    let g = q.len().checked_div(d).unwrap_or(0);
-    let fits = d > 0
-        && d.is_multiple_of(8)
-        && q.len().is_multiple_of(d)
-        && rows_fit(g, n, ld, out.len())
-        && rows_fit(n, d, stride, k.len());
-    if !fits {
+    if !d.is_multiple_of(8) || !super::x86_f32::keys_fit(q.len(), d, n, ld, out.len(), stride, k.len()) {
         return super::x86_f32::dot_keys(q, d, k, stride, n, out, ld);
     }
+    let g = q.len() / d;
     let mut j = 0;
     while j + 4 <= n {
         let mut h = 0;
@@ -158,10 +152,7 @@ unsafe fn dot4<const H: usize>(
 
 /// `Kernels::axpy_keys`: 128 outputs at a time in eight registers, every key added in order.
 fn axpy_keys(y: &mut [f32], d: usize, e: &[f32], ld: usize, n: usize, v: &[f32], stride: usize) {
-    use super::x86_f32::rows_fit;
-    let g = y.len().checked_div(d).unwrap_or(0);
-    let fits = d > 0 && y.len().is_multiple_of(d) && rows_fit(g, n, ld, e.len()) && rows_fit(n, d, stride, v.len());
-    if !fits {
+    if !super::x86_f32::keys_fit(y.len(), d, n, ld, e.len(), stride, v.len()) {
         return super::x86_f32::axpy_keys(y, d, e, ld, n, v, stride);
     }
     const W: usize = 128;

@@ -53,25 +53,29 @@ pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     unsafe { dot_avx2(a, b) }
 }
 
-/// `y[i] += a · x[i]` (a product, then a sum), over the shorter of the two.
-pub(super) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    if !available() {
-        return super::scalar::axpy(y, a, x);
-    }
-    // SAFETY: `available()` confirmed AVX2, FMA and F16C on this CPU.
-    unsafe { axpy_avx2(y, a, x) }
+/// Whether `n` rows of `d` at `stride` lie inside `len` elements.
+fn rows_fit(n: usize, d: usize, stride: usize, len: usize) -> bool {
+    n == 0 || (n - 1).checked_mul(stride).and_then(|o| o.checked_add(d)).is_some_and(|e| e <= len)
 }
 
-/// Whether `n` rows of `d` at `stride` lie inside `len` elements.
-pub(super) fn rows_fit(n: usize, d: usize, stride: usize, len: usize) -> bool {
-    n == 0 || (n - 1).checked_mul(stride).and_then(|o| o.checked_add(d)).is_some_and(|e| e <= len)
+/// Whether `dot_keys`/`axpy_keys` arguments fit their slices: a group of `group_len / d` queries
+/// (or outputs), their `n` scores (or weights) at `ld` inside `scores_len`, and `n` keys (or
+/// values) of `d` at `stride` inside `kv_len`.
+pub(super) fn keys_fit(
+    group_len: usize,
+    d: usize,
+    n: usize,
+    ld: usize,
+    scores_len: usize,
+    stride: usize,
+    kv_len: usize,
+) -> bool {
+    d > 0 && group_len.is_multiple_of(d) && rows_fit(group_len / d, n, ld, scores_len) && rows_fit(n, d, stride, kv_len)
 }
 
 /// A group of queries' `dot_f32` against `n` keys (see `Kernels::dot_keys`).
 pub(super) fn dot_keys(q: &[f32], d: usize, k: &[f32], stride: usize, n: usize, out: &mut [f32], ld: usize) {
-    let g = q.len().checked_div(d).unwrap_or(0);
-    let fits = d > 0 && q.len().is_multiple_of(d) && rows_fit(g, n, ld, out.len()) && rows_fit(n, d, stride, k.len());
-    if !available() || !fits {
+    if !available() || !keys_fit(q.len(), d, n, ld, out.len(), stride, k.len()) {
         return super::scalar::dot_keys(q, d, k, stride, n, out, ld);
     }
     // SAFETY: `available()` confirmed AVX2, FMA and F16C; every key lies inside `k` (checked).
@@ -80,9 +84,7 @@ pub(super) fn dot_keys(q: &[f32], d: usize, k: &[f32], stride: usize, n: usize, 
 
 /// A group of queries' `e·v` over `n` keys, in key order (see `Kernels::axpy_keys`).
 pub(super) fn axpy_keys(y: &mut [f32], d: usize, e: &[f32], ld: usize, n: usize, v: &[f32], stride: usize) {
-    let g = y.len().checked_div(d).unwrap_or(0);
-    let fits = d > 0 && y.len().is_multiple_of(d) && rows_fit(g, n, ld, e.len()) && rows_fit(n, d, stride, v.len());
-    if !available() || !fits {
+    if !available() || !keys_fit(y.len(), d, n, ld, e.len(), stride, v.len()) {
         return super::scalar::axpy_keys(y, d, e, ld, n, v, stride);
     }
     // SAFETY: as above; every value row lies inside `v` (checked).
@@ -753,7 +755,8 @@ mod tests {
                 *y += a * x;
             }
             let mut got = y0.clone();
-            axpy(&mut got, a, &x);
+            // SAFETY: `available()` confirmed AVX2, FMA and F16C above.
+            unsafe { axpy_avx2(&mut got, a, &x) };
             let (gb, wb): (Vec<u32>, Vec<u32>) =
                 (got.iter().map(|v| v.to_bits()).collect(), want.iter().map(|v| v.to_bits()).collect());
             assert_eq!(gb, wb, "len={len}");
