@@ -105,8 +105,9 @@ pub fn bench(a: &BenchArgs) -> CliResult {
     let opts = ModelOptions {
         ctx: a.depth + a.n_prompt.max(a.n_gen).max(1),
         slots: 1,
-        // The whole prompt in one step, as llama-bench's default batch does.
-        max_batch: a.n_prompt.max(1),
+        // The whole prompt in one step, as llama-bench's default batch does; the depth's tokens
+        // in steps of up to 512 (with `-p 0` too).
+        max_batch: a.n_prompt.max(a.depth.min(512)).max(1),
         logit_rows: 1,
         act: ActQuant::default(),
     };
@@ -248,8 +249,8 @@ fn bench_on<B: Registered>(
         if let (Some(b), true) = (bos, add_bos) {
             history[0] = b;
         }
-        for (i, chunk) in history.chunks(opts.max_batch.max(1)).enumerate() {
-            model.forward(0, i * opts.max_batch.max(1), chunk).context(|| format!("prefilling -d {depth}"))?;
+        for (i, chunk) in history.chunks(opts.max_batch).enumerate() {
+            model.forward(0, i * opts.max_batch, chunk).context(|| format!("prefilling -d {depth}"))?;
         }
     }
     let (pp_name, tg_name) = (test_name("pp", a.n_prompt, depth), test_name("tg", a.n_gen, depth));
