@@ -13,6 +13,7 @@ use purehw_hal::{ActLayout, ActQuant, Format, HostWeight, Op, RopeMode, Step, Vi
 use purehw_hal_host::{Src, q8a_blocks, q8a_blocks_mut, q8k_blocks, q8k_blocks_mut};
 use purehw_kernels::ops as k;
 use purehw_kernels::ops::softcap;
+use purehw_kernels::quant::PackedInt;
 
 use crate::pool::{Chunks, Disjoint, Pool, lock};
 use crate::simd::Kernels;
@@ -316,9 +317,9 @@ impl Cpu {
         let k = *k;
         let wt = host.weight(w).ok_or(CheckError::UnknownWeight { what: "MatMul weight" })?;
         let (rows, cols, fmt, rb) = (wt.rows, wt.cols, wt.format, wt.row_bytes());
-        if let Format::Int(_) = fmt {
+        if let Format::Int(p) = fmt {
             // No integer dot for these yet: f32 activations whatever `act` says (as the reference).
-            return self.matmul_int(out, x, w, n);
+            return self.matmul_int(out, x, w, n, p);
         }
         let layout = if act == ActQuant::Int8 { fmt.act_layout() } else { None };
         let key = layout.map(|l| ActKey { x, n, cols, k: l == ActLayout::Q8K });
@@ -360,13 +361,14 @@ impl Cpu {
     }
 
     /// A [`Format::Int`] weight times f32 rows: row chunks across the pool; each thread expands
-    /// a weight row into its scratch once (the kernels' `dequantize_int_row`) and dots it with
+    /// a weight row into its scratch once (`dequant_int`, the kernels' `dequantize_int_row`) and dots it with
     /// every token (`dot_f32`'s twin), exactly as the reference does.
-    fn matmul_int(&mut self, out: View<BufId>, x: View<BufId>, w: WeightId, n: usize) -> Result<()> {
+    fn matmul_int(&mut self, out: View<BufId>, x: View<BufId>, w: WeightId, n: usize, p: PackedInt) -> Result<()> {
         let Cpu { host, pool, k, scratch, .. } = self;
-        let dot = k.dot_f32;
+        let (dot, expand) = (k.dot_f32, k.dequant_int);
         let wt = host.weight(w).ok_or(CheckError::UnknownWeight { what: "MatMul weight" })?;
         let (rows, cols) = (wt.rows, wt.cols);
+
         if n == 0 || rows == 0 {
             return Ok(());
         }
@@ -391,7 +393,7 @@ impl Cpu {
                 for r in &chunks {
                     let len = r.len();
                     for (i, row) in r.clone().enumerate() {
-                        wt.dequantize_row(row, wrow);
+                        expand(p, wt.int_row(row), wrow);
                         for t in 0..n {
                             tile[t * len + i] = dot(wrow, &xs[t * cols..(t + 1) * cols]);
                         }

@@ -9,10 +9,11 @@
 //! * `gemm_f32`: `out[t·rows + r] = dot_row(fmt, row r, x[t·cols..][..cols])`;
 //! * `dot_f32`, `dot_keys`, `axpy_keys` (`y[i] += e·v[i]` over keys, no fused multiply-add): the
 //!   canonical float order of scores and attention outputs;
+//! * `dequant_int` = `purehw_kernels::quant::dequantize_int_row` (compressed-tensors codes);
 //! * `gelu_mul`, `silu_mul`, `exp_sub`: `purehw_kernels::ops` elementwise, through its own `exp`.
 
 use purehw_kernels::Format;
-use purehw_kernels::quant::{BlockQ8A, BlockQ8K};
+use purehw_kernels::quant::{BlockQ8A, BlockQ8K, IntRow, PackedInt};
 
 #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
 mod neon;
@@ -25,6 +26,8 @@ mod x86_512;
 mod x86_act;
 #[cfg(target_arch = "x86_64")]
 mod x86_f32;
+#[cfg(target_arch = "x86_64")]
+mod x86_int;
 
 /// Quantize a row of activations (`x.len() == block · out.len()`).
 pub type QuantizeA = fn(x: &[f32], out: &mut [BlockQ8A]);
@@ -56,6 +59,8 @@ pub struct Kernels {
     /// `y[h·d + i] += e[h·ld + j] · v[j·stride + i]` for every query `h` of the group and every
     /// key `j < n` in order: each element's chain in key order, as repeated `axpy` computes it.
     pub axpy_keys: AxpyKeys,
+    /// One row of a compressed-tensors weight expanded to f32 (`out.len()` columns).
+    pub dequant_int: fn(PackedInt, IntRow<'_>, &mut [f32]),
     /// `out[i] = gelu_tanh(gate[i]) · up[i]` (`gate` `None`: `out` holds the gate).
     pub gelu_mul: Gated,
     /// `out[i] = silu(gate[i]) · up[i]` (`gate` `None`: in place).

@@ -16,6 +16,7 @@ pub(crate) const KERNELS: Kernels = Kernels {
     dot_f32: q::dot_f32,
     dot_keys,
     axpy_keys,
+    dequant_int: q::dequantize_int_row,
     gelu_mul,
     silu_mul,
     exp_sub,

@@ -44,7 +44,7 @@ impl ScaleType {
 
     /// Scale `i` of `s` widened to f32 (0 past the end: a caller error, never a panic).
     #[inline]
-    fn read(self, s: &[u8], i: usize) -> f32 {
+    pub fn read(self, s: &[u8], i: usize) -> f32 {
         let n = self.bytes();
         let Some(b) = s.get(i * n..i * n + n) else { return 0.0 };
         match self {
