@@ -273,6 +273,11 @@ impl<B: Backend> Model<B> {
         &self.opts
     }
 
+    /// The backend back, the model dropped.
+    pub fn into_backend(self) -> B {
+        self.backend
+    }
+
     pub fn backend(&self) -> &B {
         &self.backend
     }

@@ -25,7 +25,7 @@ pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
 type Owned = Arc<dyn ByteOwner>;
 
 /// What a tensor is for, independent of the file's naming scheme.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
     /// `(vocab, hidden)`
     TokenEmbd,

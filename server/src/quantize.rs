@@ -10,7 +10,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use purehw_core::quantize::synth::{self, Like, SynthOptions};
 use purehw_core::quantize::{self, Options, Progress, Scheme};
 
-use crate::error::{CliError, CliResult, err};
+use purehw_core::source::{ModelSource, Role};
+use purehw_hal_cpu::Cpu;
+
+use crate::commands::tokenizer_for;
+use crate::error::{CliError, CliResult, Context, err};
 use crate::models;
 
 #[derive(Args, Debug)]
@@ -32,7 +36,20 @@ pub struct QuantizeArgs {
     /// Worker threads (0 = one per core).
     #[arg(short = 't', long, default_value_t = 0)]
     pub threads: usize,
+    /// A text to calibrate the INT4 modules on (default: a built-in English text of ~1,300
+    /// tokens): the model runs over it and each INT4 module is quantized by GPTQ against its
+    /// inputs' statistics.
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+    /// Round every module on its own (no calibration run, no GPTQ).
+    #[arg(long, conflicts_with = "calibration")]
+    pub no_calibrate: bool,
 }
+
+/// The built-in calibration text: original, and unlike `purehw quality`'s text.
+const CALIBRATION: &str = include_str!("calibration.txt");
+/// Most bytes of input Hessians a calibration run holds (4 bytes per entry of each `cols²`).
+const HESSIAN_BYTES: usize = 2 << 30;
 
 /// `SIZE`: bytes, or a number with `K`/`M`/`G`/`T` (powers of 1000) or `KiB`/`MiB`/`GiB`/`TiB`.
 pub fn parse_size(s: &str) -> Option<u64> {
@@ -150,11 +167,68 @@ pub fn quantize(a: &QuantizeArgs) -> CliResult {
         return Err(CliError(quantize::QuantizeError::OutExists(a.output.clone()).to_string()));
     }
     let r = models::resolve(&a.input)?;
-    let opts = Options { scheme, shard_size, tokenizer: a.tokenizer.clone().or(r.tokenizer), threads: a.threads };
+    let hessians = if a.no_calibrate { None } else { calibrate(a, &r, scheme)? };
+    let opts =
+        Options { scheme, shard_size, tokenizer: a.tokenizer.clone().or(r.tokenizer), threads: a.threads, hessians };
     let bar = bar();
     let res = quantize::quantize(&r.path, &a.output, &opts, &bar);
     bar.0.finish_and_clear();
     res.map_err(|e| CliError(format!("quantize: {e}")))?;
     eprintln!("purehw: wrote {} (scheme {}, compressed-tensors pack-quantized)", a.output.display(), a.scheme);
     Ok(())
+}
+
+/// The input Hessians of the modules `scheme` stores in 4 bits, from a run of the model over
+/// the calibration text on the `cpu` backend; `None` (with a note) when there are none or they
+/// would not fit [`HESSIAN_BYTES`].
+fn calibrate(
+    a: &QuantizeArgs,
+    r: &models::Resolved,
+    scheme: Scheme,
+) -> CliResult<Option<quantize::calibrate::Hessians>> {
+    let src = ModelSource::open(&r.path)?;
+    let c = &src.config;
+    let roles: Vec<Role> = Role::ALL
+        .iter()
+        .copied()
+        .filter(|&role| scheme.spec_for(role).is_some_and(|s| s.bits == 4) && role.per_layer())
+        .collect();
+    if roles.is_empty() {
+        return Ok(None);
+    }
+    let mut bytes = 0usize;
+    for &role in &roles {
+        if let Some(w) = src.weight(role, Some(0))? {
+            bytes = bytes.saturating_add(w.cols.saturating_mul(w.cols).saturating_mul(4).saturating_mul(c.layers));
+        }
+    }
+    if bytes > HESSIAN_BYTES {
+        eprintln!(
+            "purehw: the INT4 modules' input statistics would take {:.1} GiB (more than {} GiB); rounding them without calibration",
+            bytes as f64 / (1u64 << 30) as f64,
+            HESSIAN_BYTES >> 30
+        );
+        return Ok(None);
+    }
+    let text = match &a.calibration {
+        Some(p) => std::fs::read_to_string(p).context(|| format!("reading {}", p.display()))?,
+        None => CALIBRATION.to_string(),
+    };
+    let tok = match tokenizer_for(a.tokenizer.as_deref(), r, &src) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("purehw: no tokenizer for the calibration text ({e}); rounding without calibration");
+            return Ok(None);
+        }
+    };
+    let mut ids = tok.encode(&text, c.add_bos)?;
+    ids.truncate(c.max_ctx.max(1));
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= c.vocab) {
+        return err(format!("the tokenizer gave id {bad}, outside the vocabulary ({})", c.vocab));
+    }
+    let started = std::time::Instant::now();
+    let cpu = Cpu::new(a.threads).context(|| "starting the cpu backend for calibration".into())?;
+    let h = quantize::calibrate::calibrate(cpu, &src, &ids, &roles)?;
+    eprintln!("purehw: calibrated on {} tokens in {:.1} s", ids.len(), started.elapsed().as_secs_f64());
+    Ok(Some(h))
 }

@@ -233,7 +233,7 @@ pub fn synth(out: &Path, opts: &SynthOptions, progress: &dyn Progress) -> Result
     let produce = |it: &Item| {
         let std = std_of(&c, it.role, it.cols);
         let base = seed ^ fnv1a(it.name.as_bytes());
-        encode(it, c.arch, threads, false, &|r, row| fill_row(base, r, std, row))
+        encode(it, c.arch, threads, false, None, &|r, row| fill_row(base, r, std, row))
     };
     let side = |dir: &Path| {
         copy_tokenizer_files(opts.tokenizer.as_deref(), None, dir)?;

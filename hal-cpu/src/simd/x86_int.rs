@@ -51,7 +51,8 @@ unsafe fn dequant_avx2(p: PackedInt, w: IntRow<'_>, groups: usize, out: &mut [f3
                     let word = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i32;
                     let u = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), nib);
                     let v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, off)), vs);
-                    _mm256_storeu_ps(out[j..j + 8].as_mut_ptr(), v);
+                    // SAFETY: `out[j..j + 8]` is 8 writable f32 (sliced, so bounds-checked).
+                    unsafe { _mm256_storeu_ps(out[j..j + 8].as_mut_ptr(), v) };
                     j += 8;
                 }
             }
@@ -64,7 +65,8 @@ unsafe fn dequant_avx2(p: PackedInt, w: IntRow<'_>, groups: usize, out: &mut [f3
                     let raw = unsafe { _mm_loadl_epi64(b.as_ptr().cast()) };
                     let u = if signed { _mm256_cvtepi8_epi32(raw) } else { _mm256_cvtepu8_epi32(raw) };
                     let v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, off)), vs);
-                    _mm256_storeu_ps(out[j..j + 8].as_mut_ptr(), v);
+                    // SAFETY: `out[j..j + 8]` is 8 writable f32 (sliced, so bounds-checked).
+                    unsafe { _mm256_storeu_ps(out[j..j + 8].as_mut_ptr(), v) };
                     j += 8;
                 }
             }
