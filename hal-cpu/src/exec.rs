@@ -365,7 +365,7 @@ impl Cpu {
     /// every token (`dot_f32`'s twin), exactly as the reference does.
     fn matmul_int(&mut self, out: View<BufId>, x: View<BufId>, w: WeightId, n: usize, p: PackedInt) -> Result<()> {
         let Cpu { host, pool, k, scratch, .. } = self;
-        let (dot, expand) = (k.dot_f32, k.dequant_int);
+        let (dot, expand, dot_rows) = (k.dot_f32, k.dequant_int, k.dot_int);
         let wt = host.weight(w).ok_or(CheckError::UnknownWeight { what: "MatMul weight" })?;
         let (rows, cols) = (wt.rows, wt.cols);
 
@@ -392,7 +392,18 @@ impl Cpu {
                 let wrow = &mut wrow[..cols];
                 for r in &chunks {
                     let len = r.len();
-                    for (i, row) in r.clone().enumerate() {
+                    if n == 1 {
+                        // One token: a few rows' chains at once, each row read once, unexpanded.
+                        let x = &xs[..cols];
+                        let mut row = r.start;
+                        while row < r.end {
+                            let m = (r.end - row).min(4);
+                            let rows: [_; 4] = core::array::from_fn(|i| wt.int_row((row + i).min(r.end - 1)));
+                            dot_rows(p, &rows[..m], x, &mut tile[row - r.start..row - r.start + m]);
+                            row += m;
+                        }
+                    }
+                    for (i, row) in r.clone().enumerate().filter(|_| n > 1) {
                         expand(p, wt.int_row(row), wrow);
                         for t in 0..n {
                             tile[t * len + i] = dot(wrow, &xs[t * cols..(t + 1) * cols]);

@@ -9,7 +9,8 @@
 //! * `gemm_f32`: `out[t·rows + r] = dot_row(fmt, row r, x[t·cols..][..cols])`;
 //! * `dot_f32`, `dot_keys`, `axpy_keys` (`y[i] += e·v[i]` over keys, no fused multiply-add): the
 //!   canonical float order of scores and attention outputs;
-//! * `dequant_int` = `purehw_kernels::quant::dequantize_int_row` (compressed-tensors codes);
+//! * `dequant_int` = `purehw_kernels::quant::dequantize_int_row` (compressed-tensors codes),
+//!   `dot_int`: `dot_int_row` of several rows;
 //! * `gelu_mul`, `silu_mul`, `exp_sub`: `purehw_kernels::ops` elementwise, through its own `exp`.
 
 use purehw_kernels::Format;
@@ -61,6 +62,8 @@ pub struct Kernels {
     pub axpy_keys: AxpyKeys,
     /// One row of a compressed-tensors weight expanded to f32 (`out.len()` columns).
     pub dequant_int: fn(PackedInt, IntRow<'_>, &mut [f32]),
+    /// `out[i] = dot_int_row(p, rows[i], x)` (a one-token matmul over a few rows at once).
+    pub dot_int: fn(PackedInt, &[IntRow<'_>], &[f32], &mut [f32]),
     /// `out[i] = gelu_tanh(gate[i]) · up[i]` (`gate` `None`: `out` holds the gate).
     pub gelu_mul: Gated,
     /// `out[i] = silu(gate[i]) · up[i]` (`gate` `None`: in place).

@@ -64,6 +64,7 @@ pub(super) fn kernels() -> Option<Kernels> {
         },
         // No NEON twins yet: the reference functions.
         dequant_int: purehw_kernels::quant::dequantize_int_row,
+        dot_int: super::scalar::dot_int,
         gelu_mul: super::scalar::gelu_mul,
         silu_mul: super::scalar::silu_mul,
         exp_sub: super::scalar::exp_sub,

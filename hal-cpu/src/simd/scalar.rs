@@ -17,10 +17,17 @@ pub(crate) const KERNELS: Kernels = Kernels {
     dot_keys,
     axpy_keys,
     dequant_int: q::dequantize_int_row,
+    dot_int,
     gelu_mul,
     silu_mul,
     exp_sub,
 };
+
+pub(crate) fn dot_int(p: q::PackedInt, rows: &[q::IntRow<'_>], x: &[f32], out: &mut [f32]) {
+    for (o, r) in out.iter_mut().zip(rows) {
+        *o = q::dot_int_row(p, *r, x);
+    }
+}
 
 pub(crate) fn gelu_mul(out: &mut [f32], gate: Option<&[f32]>, up: &[f32]) {
     match gate {

@@ -41,6 +41,7 @@ pub(super) fn kernels() -> Option<Kernels> {
             dot_keys: super::x86_f32::dot_keys,
             axpy_keys: super::x86_f32::axpy_keys,
             dequant_int: super::x86_int::dequant_int,
+            dot_int: super::x86_int::dot_int,
             gelu_mul: super::x86_act::gelu_mul,
             silu_mul: super::x86_act::silu_mul,
             exp_sub: super::x86_act::exp_sub,
