@@ -372,6 +372,8 @@ fn errors_are_clear_and_leave_nothing_behind() {
         &["unknown scheme `w3`", "seed", "w4g128-asym"],
     );
     user_error(&purehw(&["quantize", s(&tiny), s(&out), "--shard-size", "lots"]), &["--shard-size"]);
+    let text = tmp.path().join("no-such-text.txt");
+    user_error(&purehw(&["quantize", s(&tiny), s(&out), "--calibration", s(&text)]), &["no-such-text.txt"]);
     only(tmp.path(), &[]);
 
     std::fs::create_dir(&out).unwrap();
