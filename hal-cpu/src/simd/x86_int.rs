@@ -190,6 +190,19 @@ mod tests {
 
     use super::*;
 
+    /// The rows of a weight made by `random_int_weight`.
+    fn int_rows<'a>(
+        p: PackedInt,
+        (c, s, z): (&'a [u8], &'a [u8], &'a [u8]),
+        rows: usize,
+        cols: usize,
+    ) -> Vec<IntRow<'a>> {
+        let (rb, sb) = (c.len() / rows, p.scale_bytes(1, cols).unwrap());
+        (0..rows)
+            .map(|r| IntRow { codes: &c[r * rb..(r + 1) * rb], scales: &s[r * sb..(r + 1) * sb], zeros: z, row: r })
+            .collect()
+    }
+
     #[test]
     fn dot_matches_the_reference_bitwise() {
         if !super::super::x86_f32::available() {
@@ -207,16 +220,7 @@ mod tests {
                         let rows = 11;
                         let (c, s, z) = random_int_weight(&mut rng, p, rows, cols);
                         let x: Vec<f32> = (0..cols).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
-                        let sb = p.scale_bytes(1, cols).unwrap();
-                        let rb = c.len() / rows;
-                        let rs: Vec<IntRow<'_>> = (0..rows)
-                            .map(|r| IntRow {
-                                codes: &c[r * rb..(r + 1) * rb],
-                                scales: &s[r * sb..(r + 1) * sb],
-                                zeros: &z,
-                                row: r,
-                            })
-                            .collect();
+                        let rs = int_rows(p, (&c, &s, &z), rows, cols);
                         let mut got = vec![0f32; rows];
                         dot_int(p, &rs, &x, &mut got);
                         for (r, g) in got.iter().enumerate() {
@@ -246,15 +250,8 @@ mod tests {
                             let rows = 9;
                             let (c, s, z) = random_int_weight(&mut rng, p, rows, cols);
                             let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
-                            let sb = p.scale_bytes(1, cols).unwrap();
-                            let rb = c.len() / rows;
-                            for r in 0..rows {
-                                let w = IntRow {
-                                    codes: &c[r * rb..(r + 1) * rb],
-                                    scales: &s[r * sb..(r + 1) * sb],
-                                    zeros: &z,
-                                    row: r,
-                                };
+                            for w in int_rows(p, (&c, &s, &z), rows, cols) {
+                                let r = w.row;
                                 dequantize_int_row(p, w, &mut a);
                                 dequant_int(p, w, &mut b);
                                 let (ab, bb): (Vec<u32>, Vec<u32>) =
