@@ -5,7 +5,7 @@
 //! partial output behind.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use purehw_conformance::{fixture, nmse, read_json};
