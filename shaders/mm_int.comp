@@ -12,6 +12,17 @@
     uint iflags;
 #include "common/mm.glsl"
 
+// One element's step of every token's chain: acc[t] = acc[t] + wv·x[t] (x[t] at `xi` + t rows),
+// the product and the sum each rounded once.
+void accumulate(inout float acc[TOKENS], float wv, Floats x, uint xi, uint nt) {
+    [[unroll]] for (uint t = 0u; t < TOKENS; t++) {
+        if (t < nt) {
+            precise float acc_t = acc[t] + wv * x.v[xi + t * pc.x_stride];
+            acc[t] = acc_t;
+        }
+    }
+}
+
 void main() {
     uint lane = gl_LocalInvocationID.x & 7u, row_l = gl_LocalInvocationID.x >> 3;
     uint r = gl_WorkGroupID.x * ROWS + row_l;
@@ -47,23 +58,13 @@ void main() {
                     }
                     precise float wv = float(q - zp) * sc;
                     uint i = 8u * k + lane;
-                    [[unroll]] for (uint t = 0u; t < TOKENS; t++) {
-                        if (t < nt) {
-                            precise float acc_t = acc[t] + wv * x.v[xa + t * pc.x_stride + i];
-                            acc[t] = acc_t;
-                        }
-                    }
+                    accumulate(acc, wv, x, xa + i, nt);
                 }
             }
         } else {
             for (uint i = lane; i < pc.cols; i += 8u) {
                 float wv = int_deq(w, row, s, z, r, i, pc.group, pc.groups, pc.iflags);
-                [[unroll]] for (uint t = 0u; t < TOKENS; t++) {
-                    if (t < nt) {
-                        precise float acc_t = acc[t] + wv * x.v[xa + t * pc.x_stride + i];
-                        acc[t] = acc_t;
-                    }
-                }
+                accumulate(acc, wv, x, xa + i, nt);
             }
         }
     }

@@ -368,7 +368,6 @@ impl Cpu {
         let (dot, expand, dot_rows) = (k.dot_f32, k.dequant_int, k.dot_int);
         let wt = host.weight(w).ok_or(CheckError::UnknownWeight { what: "MatMul weight" })?;
         let (rows, cols) = (wt.rows, wt.cols);
-
         if n == 0 || rows == 0 {
             return Ok(());
         }
@@ -393,17 +392,17 @@ impl Cpu {
                 for r in &chunks {
                     let len = r.len();
                     if n == 1 {
-                        // One token: a few rows' chains at once, each row read once, unexpanded.
-                        let x = &xs[..cols];
-                        let mut row = r.start;
-                        while row < r.end {
-                            let m = (r.end - row).min(4);
-                            let rows: [_; 4] = core::array::from_fn(|i| wt.int_row((row + i).min(r.end - 1)));
-                            dot_rows(p, &rows[..m], x, &mut tile[row - r.start..row - r.start + m]);
-                            row += m;
+                        // One token: four rows' chains at once, each row read once, unexpanded,
+                        // straight into the output.
+                        // SAFETY: row range r is handed to exactly one thread.
+                        let dst = unsafe { d.part(r.start, len) };
+                        for (a, o) in r.clone().step_by(4).zip(dst.chunks_mut(4)) {
+                            let rows: [_; 4] = core::array::from_fn(|i| wt.int_row((a + i).min(r.end - 1)));
+                            dot_rows(p, &rows[..o.len()], &xs[..cols], o);
                         }
+                        continue;
                     }
-                    for (i, row) in r.clone().enumerate().filter(|_| n > 1) {
+                    for (i, row) in r.clone().enumerate() {
                         expand(p, wt.int_row(row), wrow);
                         for t in 0..n {
                             tile[t * len + i] = dot(wrow, &xs[t * cols..(t + 1) * cols]);

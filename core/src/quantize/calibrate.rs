@@ -42,14 +42,14 @@ pub fn calibrate<B: Backend>(backend: B, src: &ModelSource, tokens: &[u32], role
 
 /// A weight as the wrapper hands it to the model: the inner handle and its tap, if any.
 #[derive(Copy, Clone, Debug)]
-pub struct TapWeight<W> {
+struct TapWeight<W> {
     w: W,
     tap: Option<usize>,
 }
 
 /// What the wrapper adds to the inner backend's errors.
 #[derive(Debug, thiserror::Error)]
-pub enum TapError<E> {
+enum TapError<E> {
     #[error(transparent)]
     Inner(E),
     #[error("calibration: the step used an op the calibration backend declines ({0})")]

@@ -49,13 +49,6 @@ impl Hessian {
         (0..self.cols).map(|i| self.h[i * self.cols + i]).collect()
     }
 
-    /// `U` (row-major `cols × cols`, upper) with `Uᵀ·U = (H + λ·I)⁻¹`, `λ = damp · mean(diag)`;
-    /// a column no token reached gets `H_ii = 1`. `None` when `H + λ·I` is not positive definite
-    /// (a larger `damp` helps).
-    pub fn factor(&self, damp: f64) -> Option<Vec<f32>> {
-        self.factor_in(damp, None)
-    }
-
     /// Columns in decreasing order of their diagonal (GPTQ's "activation order").
     pub fn act_order(&self) -> Vec<usize> {
         let d = self.diag();
@@ -64,15 +57,16 @@ impl Hessian {
         p
     }
 
-    /// [`factor`](Self::factor) of `H` with rows and columns taken in `order` (`order[i]` is the
-    /// original column at position `i`).
-    pub fn factor_in(&self, damp: f64, order: Option<&[usize]>) -> Option<Vec<f32>> {
+    /// `U` (row-major `cols × cols`, upper) with `Uᵀ·U = (H + λ·I)⁻¹`, `λ = damp · mean(diag)`,
+    /// `H`'s rows and columns taken in `order` (`order[i]` is the original column at position
+    /// `i`); a column no token reached gets `H_ii = 1`. `None` when `H + λ·I` is not positive
+    /// definite (a larger `damp` helps).
+    pub fn factor(&self, damp: f64, order: &[usize]) -> Option<Vec<f32>> {
         let n = self.cols;
-        let at = |i: usize| order.map_or(i, |o| o[i]);
         let mut a = vec![0f64; n * n];
         for i in 0..n {
             for j in i..n {
-                let (p, q) = (at(i), at(j));
+                let (p, q) = (order[i], order[j]);
                 let v = self.h[p.min(q) * n + p.max(q)] as f64;
                 a[i * n + j] = v;
                 a[j * n + i] = v;
@@ -128,62 +122,44 @@ impl Hessian {
     }
 }
 
-/// Quantize one row `w` (`cols` values; overwritten as the walk updates it) in groups of
-/// `group` columns with the factor `u` of [`Hessian::factor`]: each group's scale (and zero
-/// point) is chosen by [`rtn::quantize_group`] on the group's values as updated so far (with
-/// `importance` weighting its search), then each column is rounded with it and its error,
-/// divided by `U[j][j]`, is taken off the later columns along `U[j]`. Writes the unsigned codes
-/// to `u8s` and each group's scale and unsigned zero point.
+/// Quantize one row `w` (`cols` values) in groups of `group` columns with the factor `u` of
+/// [`Hessian::factor`] in `order`. Static groups: every group's scale (and zero point) is
+/// chosen first by [`rtn::quantize_group`] on the values as given (with `importance` weighting
+/// its search), so groups stay contiguous in the file; then the columns are walked in `order`,
+/// each rounded with its group's scale and its error, divided by `U[i][i]`, taken off the later
+/// columns along `U[i]`. Writes the unsigned codes to `codes` and each group's scale and
+/// unsigned zero point.
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_row(
     spec: GroupSpec,
     group: usize,
     u: &[f32],
-    w: &mut [f32],
+    w: &[f32],
     importance: Option<&[f32]>,
     codes: &mut [u8],
     scales: &mut [f32],
     zeros: &mut [u8],
-    order: Option<&[usize]>,
+    order: &[usize],
 ) {
     let n = w.len();
     let nmax = (1i32 << spec.bits) - 1;
-    if let Some(order) = order {
-        // Static groups: every group's scale from the values as given, then the walk in `order`
-        // (`u` is the factor in that order), so groups stay contiguous in the file.
-        for (g, (s_out, z_out)) in scales.iter_mut().zip(zeros.iter_mut()).enumerate() {
-            let cols = g * group..(g + 1) * group;
-            let imp = importance.map(|i| &i[cols.clone()]);
-            let (s, z) = rtn::quantize_group(spec, &w[cols.clone()], imp, &mut codes[cols]);
-            *s_out = s;
-            *z_out = z as u8;
-        }
-        let mut wp: Vec<f32> = order.iter().map(|&j| w[j]).collect();
-        for (i, &j) in order.iter().enumerate() {
-            let (s, z) = (scales[j / group], zeros[j / group] as i32);
-            let q = (libm::rintf(wp[i] / s) as i32 + z).clamp(0, nmax);
-            codes[j] = q as u8;
-            let e = (wp[i] - (q - z) as f32 * s) / u[i * n + i];
-            if e != 0.0 {
-                wp[i + 1..].iter_mut().zip(&u[i * n + i + 1..(i + 1) * n]).for_each(|(v, &ui)| *v -= e * ui);
-            }
-        }
-        return;
-    }
     for (g, (s_out, z_out)) in scales.iter_mut().zip(zeros.iter_mut()).enumerate() {
         let cols = g * group..(g + 1) * group;
         let imp = importance.map(|i| &i[cols.clone()]);
-        let (s, z) = rtn::quantize_group(spec, &w[cols.clone()], imp, &mut codes[cols.clone()]);
+        let (s, z) = rtn::quantize_group(spec, &w[cols.clone()], imp, &mut codes[cols]);
         *s_out = s;
         *z_out = z as u8;
-        for j in cols {
-            // The same rounding as `rtn` (division by the stored scale), on the updated value.
-            let q = (libm::rintf(w[j] / s) as i32 + z).clamp(0, nmax);
-            codes[j] = q as u8;
-            let e = (w[j] - (q - z) as f32 * s) / u[j * n + j];
-            if e != 0.0 {
-                w[j + 1..].iter_mut().zip(&u[j * n + j + 1..(j + 1) * n]).for_each(|(v, &uj)| *v -= e * uj);
-            }
+    }
+    // The row in walking order, updated as the walk goes.
+    let mut wp: Vec<f32> = order.iter().map(|&j| w[j]).collect();
+    for (i, &j) in order.iter().enumerate() {
+        let (s, z) = (scales[j / group], zeros[j / group] as i32);
+        // The same rounding as `rtn` (division by the stored scale), on the updated value.
+        let q = (libm::rintf(wp[i] / s) as i32 + z).clamp(0, nmax);
+        codes[j] = q as u8;
+        let e = (wp[i] - (q - z) as f32 * s) / u[i * n + i];
+        if e != 0.0 {
+            wp[i + 1..].iter_mut().zip(&u[i * n + i + 1..(i + 1) * n]).for_each(|(v, &ui)| *v -= e * ui);
         }
     }
 }
@@ -206,7 +182,8 @@ mod tests {
         let x: Vec<f32> = (0..40 * n).map(|_| rng(&mut seed)).collect();
         h.add(&x);
         assert_eq!(h.tokens, 40);
-        let u = h.factor(0.01).unwrap();
+        let order: Vec<usize> = (0..n).collect();
+        let u = h.factor(0.01, &order).unwrap();
         let mean = h.diag().iter().map(|&v| v as f64).sum::<f64>() / n as f64;
         let full = |i: usize, j: usize| {
             let v = h.h[i.min(j) * n + i.max(j)] as f64;
@@ -243,7 +220,8 @@ mod tests {
             h.add(&x);
             xs.push(x);
         }
-        let u = h.factor(0.01).unwrap();
+        let order = h.act_order();
+        let u = h.factor(0.01, &order).unwrap();
         let spec = GroupSpec { bits: 4, symmetric: true, scale: ScaleType::F32, search: false };
         let (mut e_rtn, mut e_gptq) = (0f64, 0f64);
         for _ in 0..rows {
@@ -258,8 +236,7 @@ mod tests {
                 z[g] = zg as u8;
             }
             let d_rtn = deq(&c, &s, &z);
-            let mut wg = w.clone();
-            quantize_row(spec, 32, &u, &mut wg, None, &mut c, &mut s, &mut z, None);
+            quantize_row(spec, 32, &u, &w, None, &mut c, &mut s, &mut z, &order);
             let d_gptq = deq(&c, &s, &z);
             for x in &xs {
                 let err = |d: &[f32]| x.iter().zip(&w).zip(d).map(|((x, w), d)| (x * (w - d)) as f64).sum::<f64>();

@@ -594,17 +594,19 @@ fn encode(
     let mut packed = vec![0u32; rows * cols / k];
     let mut scales = vec![0f32; rows * groups];
     let mut zeros = vec![0u8; rows * groups];
-    // No importances beyond the weights' own magnitudes: weighting by the preceding norm's gains
-    // (a data-free stand-in for an activation importance matrix) was measured worse on Gemma 3
-    // 270M (`seed` mean KL 0.235 against 0.172 unweighted; rms + |w| alone gives 0.165).
-    let importance: &Option<Vec<f32>> = &None;
     // With a Hessian of the module's width: GPTQ in activation order with static groups, its
     // factor dampened more when 1% of the mean diagonal leaves it singular.
     let gptq = hess.filter(|h| h.cols == cols && h.tokens > 0).and_then(|h| {
         let order = h.act_order();
-        let u = [0.01, 0.1, 1.0].iter().find_map(|&d| h.factor_in(d, Some(&order)))?;
+        let u = [0.01, 0.1, 1.0].iter().find_map(|&d| h.factor(d, &order))?;
         Some((u, order, h.diag()))
     });
+    // Column weights of the scale search beyond the weights' own magnitudes: the input energy
+    // when calibrated (Gemma 3 270M `seed` with GPTQ, measured before activation order: mean KL
+    // 0.083, against 0.097 with `rms + |w|` alone, 0.096 unweighted). Without calibration none:
+    // the preceding norm's gains as a data-free stand-in was measured worse (`seed` mean KL 0.235
+    // against 0.172 unweighted; `rms + |w|` alone gives 0.165).
+    let col_w: Option<&[f32]> = gptq.as_ref().map(|g| &g.2[..]);
     let gptq = &gptq;
     // The first element that is not finite: (row, column, value).
     let bad: Option<(usize, usize, f32)> = std::thread::scope(|s| {
@@ -616,50 +618,38 @@ fn encode(
                 s.spawn(move || {
                     let mut xr = vec![0f32; cols];
                     let mut u = vec![0u8; cols];
-                    let mut mag = Vec::with_capacity(group);
-                    let mut imp = Vec::with_capacity(if gptq.is_some() { cols } else { 0 });
+                    let mut mag = Vec::with_capacity(cols);
                     for r in 0..sc.len() / groups {
                         fill(i * per + r, &mut xr);
                         if let Some(j) = xr.iter().position(|v| !v.is_finite()) {
                             return Some((i * per + r, j, xr[j]));
                         }
-                        if let Some((fu, order, diag)) = gptq {
-                            // The scale search weighs `rms + |w|` by the column's summed squared
-                            // input (Gemma 3 270M `seed`, measured before activation order: mean
-                            // KL 0.083, against 0.097 with `rms + |w|` alone, 0.096 unweighted).
-                            if search {
-                                imp.clear();
-                                for xg in xr.chunks(group) {
-                                    let rms = (xg.iter().map(|v| v * v).sum::<f32>() / xg.len() as f32).sqrt();
-                                    imp.extend(xg.iter().map(|v| rms + v.abs()));
-                                }
-                                imp.iter_mut().zip(diag).for_each(|(m, d)| *m *= d);
-                            }
-                            let imp = search.then_some(&imp[..]);
-                            let gz = r * groups..(r + 1) * groups;
-                            let (scr, zr) = (&mut sc[gz.clone()], &mut z[gz]);
-                            gptq::quantize_row(gs, group, fu, &mut xr, imp, &mut u, scr, zr, Some(order));
-                            rtn::pack_row(spec.bits, &u, &mut p[r * cols / k..(r + 1) * cols / k]);
-                            continue;
-                        }
-                        for g in 0..groups {
-                            let cols_g = g * group..(g + 1) * group;
-                            let xg = &xr[cols_g.clone()];
-                            // llama.cpp's weighting without an importance matrix
-                            // (make_qkx2_quants): rms + |w|, so large weights are kept closer.
-                            mag.clear();
-                            if search {
+                        // llama.cpp's weighting without an importance matrix (make_qkx2_quants):
+                        // rms + |w| per group, so large weights are kept closer; times the column
+                        // weights. Weights only rank the search's candidates; plain RTN has one.
+                        mag.clear();
+                        if search {
+                            for xg in xr.chunks(group) {
                                 let rms = (xg.iter().map(|v| v * v).sum::<f32>() / xg.len() as f32).sqrt();
                                 mag.extend(xg.iter().map(|v| rms + v.abs()));
                             }
-                            if let Some(w) = importance.as_deref().filter(|_| search) {
-                                mag.iter_mut().zip(&w[cols_g.clone()]).for_each(|(m, w)| *m *= w);
+                            if let Some(w) = col_w {
+                                mag.iter_mut().zip(w).for_each(|(m, w)| *m *= w);
                             }
-                            // Weights only rank the search's candidates; plain RTN has one.
-                            let imp = search.then_some(&mag[..]);
-                            let (s, zp) = rtn::quantize_group(gs, &xr[cols_g.clone()], imp, &mut u[cols_g]);
-                            sc[r * groups + g] = s;
-                            z[r * groups + g] = zp as u8;
+                        }
+                        let imp = search.then_some(&mag[..]);
+                        let gz = r * groups..(r + 1) * groups;
+                        if let Some((fu, order, _)) = gptq {
+                            let (scr, zr) = (&mut sc[gz.clone()], &mut z[gz]);
+                            gptq::quantize_row(gs, group, fu, &xr, imp, &mut u, scr, zr, order);
+                        } else {
+                            for (g, (sg, zg)) in sc[gz.clone()].iter_mut().zip(&mut z[gz]).enumerate() {
+                                let cols_g = g * group..(g + 1) * group;
+                                let imp_g = imp.map(|m| &m[cols_g.clone()]);
+                                let (s, zp) = rtn::quantize_group(gs, &xr[cols_g.clone()], imp_g, &mut u[cols_g]);
+                                *sg = s;
+                                *zg = zp as u8;
+                            }
                         }
                         rtn::pack_row(spec.bits, &u, &mut p[r * cols / k..(r + 1) * cols / k]);
                     }

@@ -13,7 +13,7 @@ use purehw_kernels::quant::{
     Codes, IntRow, LANES, PackedInt, code, dequantize_int_row, dot_int_row, reduce_lanes, zero_point,
 };
 
-/// `dequantize_int_row(p, w, out)`, bit for bit.
+/// `dequantize_int_row(p, w, out)`, bit for bit (8 elements at a time through `eight`).
 pub(super) fn dequant_int(p: PackedInt, w: IntRow<'_>, out: &mut [f32]) {
     let cols = out.len();
     let groups = p.groups(cols);
@@ -68,10 +68,11 @@ pub(super) fn dot_int(p: PackedInt, rows: &[IntRow<'_>], x: &[f32], out: &mut [f
     }
 }
 
-/// Elements `j..j + 8` of a row (`j` a multiple of 8 inside one group), as `dequant_avx2` makes them.
+/// Elements `j..j + 8` of a row's codes (`j` even at 4 bits), each `(code − zp)·scale` with
+/// `off` from [`offset`]: `dequantize_int_row`'s values. Out-of-range codes panic (sliced).
 ///
 /// # Safety
-/// AVX2; `j + 8` codes must lie inside `codes`.
+/// The CPU must support AVX2.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn eight(p: PackedInt, codes: &[u8], j: usize, off: __m256i, scale: __m256) -> __m256 {
@@ -140,41 +141,16 @@ unsafe fn dot4_avx2(p: PackedInt, rows: [IntRow<'_>; 4], x: &[f32], out: &mut [f
 unsafe fn dequant_avx2(p: PackedInt, w: IntRow<'_>, groups: usize, out: &mut [f32]) {
     let cols = out.len();
     let group = p.group.unwrap_or(cols).max(1);
-    let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    let nib = _mm256_set1_epi32(0x0F);
     for g in 0..groups {
         let scale = p.scale.read(w.scales, g);
         let zp = zero_point(p, w.zeros, groups, w.row, g);
-        let (vs, start, end) = (_mm256_set1_ps(scale), g * group, (g + 1) * group);
-        let mut j = start;
-        match (p.codes, p.bits) {
-            (Codes::Packed, 4) => {
-                // Groups start on whole words (8 codes), so `j` is always even here.
-                let off = _mm256_set1_epi32(8 + zp);
-                while j + 8 <= end {
-                    let b = &w.codes[j / 2..j / 2 + 4];
-                    let word = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i32;
-                    let u = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), nib);
-                    let v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, off)), vs);
-                    // SAFETY: `out[j..j + 8]` is 8 writable f32 (sliced, so bounds-checked).
-                    unsafe { _mm256_storeu_ps(out[j..j + 8].as_mut_ptr(), v) };
-                    j += 8;
-                }
-            }
-            (codes, _) => {
-                let signed = codes == Codes::I8;
-                let off = _mm256_set1_epi32(if signed { zp } else { 128 + zp });
-                while j + 8 <= end {
-                    let b = &w.codes[j..j + 8];
-                    // SAFETY: `b` is 8 readable bytes (sliced just above).
-                    let raw = unsafe { _mm_loadl_epi64(b.as_ptr().cast()) };
-                    let u = if signed { _mm256_cvtepi8_epi32(raw) } else { _mm256_cvtepu8_epi32(raw) };
-                    let v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, off)), vs);
-                    // SAFETY: `out[j..j + 8]` is 8 writable f32 (sliced, so bounds-checked).
-                    unsafe { _mm256_storeu_ps(out[j..j + 8].as_mut_ptr(), v) };
-                    j += 8;
-                }
-            }
+        let (vs, off, end) = (_mm256_set1_ps(scale), _mm256_set1_epi32(offset(p, zp)), (g + 1) * group);
+        // Groups start on whole words (8 codes at 4 bits), so `j` is even where `eight` needs it.
+        let mut j = g * group;
+        while j + 8 <= end {
+            // SAFETY: AVX2 confirmed by the caller; `eight` and the store slice their ranges.
+            unsafe { _mm256_storeu_ps(out[j..j + 8].as_mut_ptr(), eight(p, w.codes, j, off, vs)) };
+            j += 8;
         }
         // A group's last few columns (not a whole vector), as the reference computes them.
         for (i, o) in out[j..end].iter_mut().enumerate() {
