@@ -9,7 +9,9 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 use purehw_hal::check::{CheckError, cache_rows_needed};
-use purehw_hal::{ActLayout, ActQuant, Format, HostWeight, Op, RopeMode, Step, View, act_block, act_words};
+use purehw_hal::{
+    ActLayout, ActQuant, Format, Gate, HostWeight, MatIn, Op, RopeMode, Step, View, act_block, act_words,
+};
 use purehw_hal_host::{Src, q8a_blocks, q8a_blocks_mut, q8k_blocks, q8k_blocks_mut};
 use purehw_kernels::ops as k;
 use purehw_kernels::ops::softcap;
@@ -86,10 +88,11 @@ impl Cpu {
                 Ok(())
             }
             Op::Argmax { out, x, rows, cols } => {
-                self.host.with_out(out, rows, |o, inputs, _| {
+                let Cpu { host, pool, .. } = self;
+                host.with_out(out, rows, |o, inputs, _| {
                     let xs = inputs.slice(x, rows * cols);
                     for (r, o) in o.iter_mut().enumerate() {
-                        *o = k::argmax(&xs[r * cols..(r + 1) * cols]) as f32;
+                        *o = par_argmax(pool, &xs[r * cols..(r + 1) * cols]) as f32;
                     }
                 })?;
                 Ok(())
@@ -458,13 +461,18 @@ impl Cpu {
             let vs = inputs.slice(vc, kv_len);
             // One task per (block of rows, kv head): the group of query heads reading that kv
             // head, in every row of the block, shares each key and value load. Blocks are
-            // numbered across the step's sequences.
+            // numbered across the step's sequences. With fewer such tasks than threads (decode
+            // with few kv heads: Gemma 3 270M has one), each group is split into `split` parts
+            // of `sub` heads; every head's result is computed alone either way.
             let blocks = step.seqs.iter().map(|s| (s.len as usize).div_ceil(per)).sum::<usize>();
-            let tasks = blocks * kv_heads;
+            let want = pool.threads().div_ceil(blocks * kv_heads);
+            let split = (1..=group.min(want)).rev().find(|d| group % d == 0).unwrap_or(1);
+            let sub = group / split;
+            let tasks = blocks * kv_heads * split;
             let d = Disjoint::new(o);
             let run = |range: Range<usize>, sc: &mut Scratch| {
                 for task in range {
-                    let (mut blk, g) = (task / kv_heads, task % kv_heads);
+                    let (mut blk, g, part) = (task / (kv_heads * split), task / split % kv_heads, task % split);
                     let Some(seq) = step.seqs.iter().find(|s| {
                         let nb = (s.len as usize).div_ceil(per);
                         let hit = blk < nb;
@@ -478,15 +486,15 @@ impl Cpu {
                     let row0 = blk * per;
                     let m = per.min(seq.len as usize - row0);
                     let base = seq.cache_row as usize * kvw + g * head_dim;
-                    let w = group * head_dim;
+                    let w = sub * head_dim;
                     let mut rows: [BlockRow<'_>; BLOCK_ROWS] = Default::default();
                     for (r, br) in rows.iter_mut().enumerate().take(m) {
                         let t = seq.row as usize + row0 + r;
                         let p = seq.pos0 as usize + row0 + r;
                         let first = if window > 0 { (p + 1).saturating_sub(window) } else { 0 };
-                        let qo = t * qw + g * group * head_dim;
-                        // SAFETY: each (row, kv head) pair belongs to exactly one task, which owns
-                        // its group's heads out[qo..qo + w].
+                        let qo = t * qw + (g * group + part * sub) * head_dim;
+                        // SAFETY: each (row, kv head, part) belongs to exactly one task, which
+                        // owns its heads out[qo..qo + w].
                         br.out = unsafe { d.part(qo, w) };
                         br.q = &qs[qo..qo + w];
                         br.keys = first..p + 1;
@@ -495,7 +503,7 @@ impl Cpu {
                     attend_block(&k, &mut rows[..m], head_dim, &kv, scale, cap, &mut sc.scores, ld);
                 }
             };
-            if tasks * per * longest * head_dim < SERIAL_BYTES {
+            if blocks * kv_heads * group * per * longest * head_dim < SERIAL_BYTES {
                 run(0..tasks, &mut lock(&scratch[0]));
             } else {
                 let chunks = Chunks::new(tasks, (tasks / (pool.threads() * 8)).max(1));
@@ -535,6 +543,64 @@ fn par_elems(pool: &Pool, out: &mut [f32], f: impl Fn(Range<usize>, &mut [f32]) 
             f(r.clone(), unsafe { d.part(r.start, r.len()) });
         }
     });
+}
+
+/// `kernels::ops::argmax` of a row: a vocabulary-long row (Gemma's 262,144 logits) is split
+/// across the pool, each part giving its largest key and that key's first index, and the
+/// largest of those wins, the first on ties. Argmax does not depend on the order in which values
+/// are compared, so this is the reference's index.
+fn par_argmax(pool: &Pool, x: &[f32]) -> u32 {
+    const PART: usize = 16 << 10;
+    if x.len() < 4 * PART || pool.threads() == 1 {
+        let (key, i) = lanes_argmax(x);
+        return if key == f32::NEG_INFINITY { 0 } else { i as u32 };
+    }
+    let best = Mutex::new((f32::NEG_INFINITY, usize::MAX));
+    let chunks = Chunks::new(x.len(), PART);
+    pool.run(&|_| {
+        let mut mine = (f32::NEG_INFINITY, usize::MAX);
+        for r in &chunks {
+            let (key, i) = lanes_argmax(&x[r.clone()]);
+            mine = first_max(mine, (key, r.start + i));
+        }
+        let mut b = lock(&best);
+        *b = first_max(*b, mine);
+    });
+    let (key, i) = *lock(&best);
+    // All keys −∞ (or NaN): the reference's 0.
+    if key == f32::NEG_INFINITY { 0 } else { i as u32 }
+}
+
+/// The larger key of two (key, index) pairs, the smaller index on ties.
+fn first_max(a: (f32, usize), b: (f32, usize)) -> (f32, usize) {
+    if b.0 > a.0 || b.0 == a.0 && b.1 < a.1 { b } else { a }
+}
+
+/// The largest [`k::argmax_key`] of `x` and its first index, over 16 independent lanes so that
+/// the compiler vectorises the selects (`v > MAX` maps +∞ to `f32::MAX`; a NaN is never greater,
+/// as its key −∞ would not be), then the lanes combined by [`first_max`].
+fn lanes_argmax(x: &[f32]) -> (f32, usize) {
+    const L: usize = 16;
+    let mut key = [f32::NEG_INFINITY; L];
+    let mut idx = [u32::MAX; L];
+    let whole = x.len() / L * L;
+    for (c, vals) in x[..whole].chunks_exact(L).enumerate() {
+        let base = (c * L) as u32;
+        for j in 0..L {
+            let v = if vals[j] > f32::MAX { f32::MAX } else { vals[j] };
+            let gt = v > key[j];
+            key[j] = if gt { v } else { key[j] };
+            idx[j] = if gt { base + j as u32 } else { idx[j] };
+        }
+    }
+    let mut best = (f32::NEG_INFINITY, usize::MAX);
+    for j in 0..L {
+        best = first_max(best, (key[j], idx[j] as usize));
+    }
+    for (i, &v) in x.iter().enumerate().skip(whole) {
+        best = first_max(best, (k::argmax_key(v), i));
+    }
+    best
 }
 
 /// The keys a query sees: key `j` is `k[j·stride..][..d]`, its value `v[j·stride..][..d]`.
@@ -750,4 +816,192 @@ fn par_gemm<A: Sync>(
         pool.run(&work)
     }
     Ok(())
+}
+
+/// One matmul of a fused decode group: its weight's rows and the output region they fill.
+struct Mat<'a> {
+    fmt: Format,
+    w: &'a [u8],
+    rows: usize,
+    row_bytes: usize,
+    out: Disjoint<'a, f32>,
+    /// Rows per chunk handed out.
+    chunk: usize,
+}
+
+/// The activation a fused gate/up pair applies on each chunk: into `out`, or in place into the
+/// gate's rows (`None`).
+struct Epilogue<'a> {
+    out: Option<Disjoint<'a, f32>>,
+    f: crate::simd::Gated,
+}
+
+impl Cpu {
+    /// A fused op's own decode path where there is one: q/k/v, or gate/up and the activation, as
+    /// one pool job; the rest of its expansion then runs op by op. `Ok(false)`: none here, the
+    /// caller runs the whole expansion.
+    pub(crate) fn fused(&mut self, step: &Step<'_>, op: &Op<BufId, WeightId>) -> Result<bool> {
+        let done = match *op {
+            Op::Qkv { x: MatIn::Q8(xq), wq, wk, wv, q, k, v, n: 1, .. } => {
+                self.fused_q8(xq, &[(q, wq), (k, wk), (v, wv)], None)?
+            }
+            Op::GatedFfn { x: MatIn::Q8(xq), w_gate, w_up, gate, up, out, n: 1, kind, .. } => {
+                let f = match kind {
+                    Gate::GeluTanh => self.k.gelu_mul,
+                    Gate::Silu => self.k.silu_mul,
+                };
+                self.fused_q8(xq, &[(gate, w_gate), (up, w_up)], Some((out, f)))?
+            }
+            _ => false,
+        };
+        if done {
+            self.held = None;
+            op.expand(|o| match o {
+                Op::MatMulQ8 { .. } | Op::GeluTanhMul { .. } | Op::SiluMul { .. } => Ok(()),
+                o => self.run(step, &o),
+            })?;
+        }
+        Ok(done)
+    }
+
+    /// Decode (one token): the matmuls of `mats` all read the quantized activations in `xq`, and
+    /// run as one pool job whose chunks cover every weight's rows, so a small k or v projection
+    /// costs no dispatch and barrier of its own. With `gate` (`mats` = gate, up), each chunk
+    /// takes the same rows of both and applies the activation to them. Each output row is the
+    /// same `gemm` call on the same row as [`Self::matmul_q8`]'s, so the results are identical.
+    /// `Ok(false)`: this case is not covered (outputs sharing a buffer, weights of two
+    /// activation layouts); the caller expands the op instead.
+    pub(crate) fn fused_q8(
+        &mut self,
+        xq: View<BufId>,
+        mats: &[(View<BufId>, WeightId)],
+        gate: Option<(View<BufId>, crate::simd::Gated)>,
+    ) -> Result<bool> {
+        const MAX: usize = 3;
+        let Cpu { host, pool, k, .. } = self;
+        let (k, threads) = (*k, pool.threads());
+        let Some(&(_, w0)) = mats.first() else { return Ok(true) };
+        let cols = host.weight(w0).map_or(0, |w| w.cols);
+        let layout = host.weight(w0).and_then(|w| w.format.act_layout());
+        let Some(layout) = layout else { return Ok(false) };
+        let mut bufs_out = heapless::Vec::<u32, { MAX + 1 }>::new();
+        let mut bytes = 0;
+        for &(out, w) in mats {
+            let Some(wt) = host.weight(w) else { return Ok(false) };
+            if mats.len() > MAX || wt.format.act_layout() != Some(layout) || wt.cols != cols {
+                return Ok(false);
+            }
+            bytes += wt.rows * wt.row_bytes();
+            let _ = bufs_out.push(out.buf.0);
+        }
+        // The activation goes to its own buffer, or in place over the gate's rows.
+        let act_out = match gate {
+            Some((out, _)) if out == mats[0].0 => None,
+            Some((out, _)) => {
+                let _ = bufs_out.push(out.buf.0);
+                Some(out)
+            }
+            None => None,
+        };
+        let distinct = bufs_out.iter().enumerate().all(|(i, b)| !bufs_out[..i].contains(b));
+        if !distinct || bufs_out.contains(&xq.buf.0) || gate.is_some() && mats.len() != 2 {
+            return Ok(false);
+        }
+        let words = cols / act_block(layout) * act_words(layout);
+        let min = |rb: usize| (16 << 10) / rb.max(1);
+        let serial = threads == 1 || bytes < SERIAL_BYTES;
+
+        // Lend each output buffer out of the arena for the job (`mem::take`: no allocation).
+        let (bufs, weights) = host.parts_mut();
+        let mut taken: [Vec<f32>; MAX + 1] = Default::default();
+        for (t, &b) in taken.iter_mut().zip(bufs_out.iter()) {
+            *t = std::mem::take(&mut bufs[b as usize]);
+        }
+        {
+            let xs = &bufs[xq.buf.0 as usize][xq.offset..xq.offset + words];
+            let mut outs = taken.iter_mut();
+            let mut list = heapless::Vec::<Mat<'_>, MAX>::new();
+            for &(out, w) in mats {
+                let wt = weight(weights, w);
+                let (rows, rb) = (wt.rows, wt.row_bytes());
+                let o = outs.next().expect("one buffer per output");
+                let chunk = rows.div_ceil(threads * 8).max(min(rb)).max(1).next_multiple_of(8);
+                let out = Disjoint::new(&mut o[out.offset..out.offset + rows]);
+                let _ = list.push(Mat { fmt: wt.format, w: wt.data.as_slice(), rows, row_bytes: rb, out, chunk });
+            }
+            let epi = gate.map(|(_, f)| Epilogue {
+                out: act_out.map(|v| {
+                    let o = outs.next().expect("the activation's buffer");
+                    Disjoint::new(&mut o[v.offset..v.offset + list[0].rows])
+                }),
+                f,
+            });
+            if gate.is_some() {
+                // Gate and up share one chunk size, so a chunk's rows of both are its own.
+                let c = list.iter().map(|m| m.chunk).max().unwrap_or(1);
+                list.iter_mut().for_each(|m| m.chunk = c);
+            }
+            match layout {
+                ActLayout::Q8A => fused_job(pool, serial, &list, epi.as_ref(), cols, q8a_blocks(xs), k.gemm_q8a),
+                ActLayout::Q8K => fused_job(pool, serial, &list, epi.as_ref(), cols, q8k_blocks(xs), k.gemm_q8k),
+            }
+        }
+        for (t, &b) in taken.iter_mut().zip(bufs_out.iter()) {
+            bufs[b as usize] = std::mem::take(t);
+        }
+        Ok(true)
+    }
+}
+
+/// The chunks of every matmul in `mats` (with `epi`: of the gate/up pair, each chunk both and
+/// then the activation) as one pool job, or on this thread when `serial`.
+fn fused_job<A: Sync>(
+    pool: &Pool,
+    serial: bool,
+    mats: &[Mat<'_>],
+    epi: Option<&Epilogue<'_>>,
+    cols: usize,
+    act: &[A],
+    gemm: Gemm<A>,
+) {
+    let rows = |m: &Mat<'_>, c: usize| c * m.chunk..((c + 1) * m.chunk).min(m.rows);
+    /// Rows `r` of `m` into their output, which is returned.
+    #[allow(clippy::mut_from_ref)] // a `Disjoint` part, handed to one thread
+    fn part<'m, A>(m: &'m Mat<'_>, r: Range<usize>, cols: usize, act: &[A], gemm: Gemm<A>) -> &'m mut [f32] {
+        // SAFETY: each chunk of each matmul is handed to exactly one thread (`fused_job`).
+        let dst = unsafe { m.out.part(r.start, r.len()) };
+        gemm(m.fmt, &m.w[r.start * m.row_bytes..r.end * m.row_bytes], r.len(), cols, act, 1, dst);
+        dst
+    }
+    let part = |m, r| part(m, r, cols, act, gemm);
+    let total: usize = match epi {
+        Some(_) => mats[0].rows.div_ceil(mats[0].chunk),
+        None => mats.iter().map(|m| m.rows.div_ceil(m.chunk)).sum(),
+    };
+    let chunks = Chunks::new(total, 1);
+    let job = |_| {
+        for i in &chunks {
+            let mut c = i.start;
+            if let Some(e) = epi {
+                let r = rows(&mats[0], c);
+                let g = part(&mats[0], r.clone());
+                let u = part(&mats[1], r.clone());
+                match &e.out {
+                    // SAFETY: as the gate's rows: this chunk's alone.
+                    Some(o) => (e.f)(unsafe { o.part(r.start, r.len()) }, Some(&*g), u),
+                    None => (e.f)(g, None, u),
+                }
+                continue;
+            }
+            for m in mats {
+                let n = m.rows.div_ceil(m.chunk);
+                if c < n {
+                    part(m, rows(m, c));
+                    break;
+                }
+                c -= n;
+            }
+        }
+    };
+    if serial { job(0) } else { pool.run(&job) }
 }

@@ -74,6 +74,9 @@ pub struct Cpu {
     pub(crate) rope: Vec<RopeTable>,
     /// `PUREHW_PROFILE=1`: seconds and calls per op kind (and matmul format), printed on drop.
     profile: Option<Vec<(String, f64, usize)>>,
+    /// The fused decode paths (`Cpu::fused`); `PUREHW_CPU_FUSED=0` turns them off, to measure
+    /// what they save.
+    fused: bool,
 }
 
 impl Drop for Cpu {
@@ -133,6 +136,7 @@ impl Cpu {
             scratch,
             profile,
             rope: Vec::new(),
+            fused: std::env::var("PUREHW_CPU_FUSED").map_or(true, |v| v != "0"),
         })
     }
 
@@ -255,7 +259,17 @@ impl Backend for Cpu {
         for op in ops {
             purehw_hal::check::op(&self.host, step, op)?;
             if self.profile.is_none() {
-                op.expand(|o| self.run(step, &o))?;
+                if !(self.fused && self.fused(step, op)?) {
+                    op.expand(|o| self.run(step, &o))?;
+                }
+            } else if self.fused && op.is_fused() {
+                // The fused path (or the expansion where there is none) timed as one.
+                let t = std::time::Instant::now();
+                if !self.fused(step, op)? {
+                    op.expand(|o| self.run(step, &o))?;
+                }
+                let n = if step.rows() > 1 { " n>1" } else { "" };
+                self.record(format!("{:?}{n}", op.kind(|_| Format::F32)), t.elapsed().as_secs_f64());
             } else {
                 op.expand(|o| self.run_profiled(step, &o))?;
             }
@@ -275,7 +289,13 @@ impl Cpu {
             OpKind::MatMulQ8(f) if step.rows() > 1 => format!("MatMulQ8 {f:?} n>1"),
             k => format!("{k:?}"),
         };
-        let p = self.profile.as_mut().expect("profiling");
+        self.record(key, dt);
+        Ok(())
+    }
+
+    /// Add `dt` seconds and a call to the profile's entry `key`.
+    fn record(&mut self, key: String, dt: f64) {
+        let Some(p) = self.profile.as_mut() else { return };
         match p.iter_mut().find(|e| e.0 == key) {
             Some(e) => {
                 e.1 += dt;
@@ -283,6 +303,5 @@ impl Cpu {
             }
             None => p.push((key, dt, 1)),
         }
-        Ok(())
     }
 }

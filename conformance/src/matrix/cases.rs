@@ -519,7 +519,8 @@ fn elementwise(rng: &mut Rng) -> Group {
 fn argmax(rng: &mut Rng) -> Group {
     let (nan, inf) = (f32::NAN, f32::INFINITY);
     let mut cases = Vec::new();
-    for (rows, cols) in [(1, 1), (9, 7), (5, 1000), (2, 4099), (1, 262_144)] {
+    // Rows of 70,003: every pattern where the CPU backend splits a row across threads.
+    for (rows, cols) in [(1, 1), (9, 7), (5, 1000), (2, 4099), (1, 262_144), (9, 70_003)] {
         let mut x = rng.vec(rows * cols, 10.0);
         for (r, row) in x.chunks_exact_mut(cols).enumerate() {
             let last = cols - 1;
@@ -940,7 +941,8 @@ fn tails(rng: &mut Rng) -> Vec<Group> {
             });
             let d = c.output_at(rng, dim, 1, "down projection", Check::Exact);
             c.op(Op::MatMulQ8 { out: d, xq: q2.out, w: wd, n: 1 });
-            let (_, q3) = junction(&mut c, rng, (x1, d, n2, p2), in_place, la, ["x + down", "normed 2", "quantized normed 2"]);
+            let (_, q3) =
+                junction(&mut c, rng, (x1, d, n2, p2), in_place, la, ["x + down", "normed 2", "quantized normed 2"]);
             let h = c.output_at(rng, vocab, 1, "head", Check::Exact);
             c.op(Op::MatMulQ8 { out: h, xq: q3.out, w: wh, n: 1 });
             let am = c.output_at(rng, 1, 0, "argmax", Check::Exact);

@@ -160,7 +160,7 @@ impl WithBackend for QualityOn<'_> {
         let QualityOn { reference, quant, ids } = self;
         let d = ModelOptions::default();
         let opts = ModelOptions { ctx: ids.len(), slots: 1, logit_rows: d.max_batch, act: make.act, ..d };
-        let mut mr = make.load(reference, opts.clone())?;
+        let mut mr = make.load(reference, opts)?;
         let mut mq = make.load(quant, opts)?;
         let vocab = reference.config.vocab;
         // Positions 0 .. n-1 each predict the next token.
