@@ -82,6 +82,81 @@ fn smollm2_cpu_streamed_logits_equal_whole() {
     check_same_logits(&smollm2(), ActQuant::Int8, || matrix::cpu(2));
 }
 
+/// On a device that shares memory with the host (lavapipe in CI), Vulkan computes on the file's
+/// pages in place, so it streams them as the CPU backends do.
+#[test]
+fn gemma3_vulkan_streamed_logits_equal_whole() {
+    if vulkan_in_place("gemma3_vulkan_streamed_logits_equal_whole") {
+        check_same_logits(&gemma3(), ActQuant::Int8, matrix::vulkan);
+    }
+}
+
+/// A device present and using the weights in place (a discrete GPU copies them: no streaming).
+fn vulkan_in_place(test: &str) -> bool {
+    if !matrix::vulkan_present(test) {
+        return false;
+    }
+    let in_place = matrix::vulkan().weights_in_place();
+    if !in_place {
+        eprintln!("{test}: SKIPPED, the Vulkan device copies weights (a discrete GPU)");
+    }
+    in_place
+}
+
+/// A backend that copies its weights (as a discrete GPU does) refuses a budget at load, saying
+/// why, instead of holding more than the budget.
+#[test]
+fn a_backend_that_copies_weights_refuses_a_budget() {
+    let src = open(&smollm2());
+    let e = match Model::load_with_budget(Copying(CpuRef::new()), &src, opts(ActQuant::F32), Some(usize::MAX)) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a budget was accepted by a backend that copies its weights"),
+    };
+    for part in ["memory budget", "copies them", "cpu-ref"] {
+        assert!(e.contains(part), "{part:?} not in {e:?}");
+    }
+}
+
+/// `CpuRef` claiming to copy its weights.
+struct Copying(CpuRef);
+
+impl purehw_hal::ErrorType for Copying {
+    type Error = <CpuRef as purehw_hal::ErrorType>::Error;
+}
+
+impl Backend for Copying {
+    type Buffer = <CpuRef as Backend>::Buffer;
+    type Weight = <CpuRef as Backend>::Weight;
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn supports(&self, op: purehw_hal::OpKind) -> bool {
+        self.0.supports(op)
+    }
+    fn alloc(&mut self, len: usize) -> Result<Self::Buffer, Self::Error> {
+        self.0.alloc(len)
+    }
+    fn load_weight(&mut self, w: &purehw_hal::HostWeight) -> Result<Self::Weight, Self::Error> {
+        self.0.load_weight(w)
+    }
+    fn write(&mut self, dst: purehw_hal::View<Self::Buffer>, src: &[f32]) -> Result<(), Self::Error> {
+        self.0.write(dst, src)
+    }
+    fn read(&mut self, src: purehw_hal::View<Self::Buffer>, dst: &mut [f32]) -> Result<(), Self::Error> {
+        self.0.read(src, dst)
+    }
+    fn submit(
+        &mut self,
+        step: &purehw_hal::Step<'_>,
+        ops: &[purehw_hal::Op<Self::Buffer, Self::Weight>],
+    ) -> Result<(), Self::Error> {
+        self.0.submit(step, ops)
+    }
+    fn weights_in_place(&self) -> bool {
+        false
+    }
+}
+
 #[test]
 fn gemma3_cpu_ref_streamed_logits_equal_whole() {
     check_same_logits(&gemma3(), ActQuant::F32, CpuRef::new);
@@ -143,14 +218,13 @@ fn mapping_rss(addr: usize) -> usize {
 /// file's header (read at open), a page at each end of each layer's ranges and one more layer
 /// (a prefetch the background thread may be part-way through); loaded whole, it is all
 /// resident, far above that bound.
-#[test]
 #[cfg(target_os = "linux")]
-fn resident_file_pages_stay_within_the_budget() {
+fn check_resident_pages<B: Backend>(make: impl Fn() -> B) {
     let path = smollm2();
     let o = opts(ActQuant::Int8);
     let src = open(&path);
-    let n = needs(matrix::cpu(2), &src, o);
-    let mut m = Model::load_with_budget(matrix::cpu(2), &src, o, Some(n.least())).unwrap_or_else(|e| panic!("{e}"));
+    let n = needs(make(), &src, o);
+    let mut m = Model::load_with_budget(make(), &src, o, Some(n.least())).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(m.streaming(), Some((0, 1)));
     run(&mut m);
     let embd = src.weight(Role::TokenEmbd, None).expect("embedding").expect("embedding");
@@ -163,12 +237,27 @@ fn resident_file_pages_stay_within_the_budget() {
     assert!(rss <= bound, "streamed: {rss} bytes of the file resident, bound {bound} ({n:?}, slack {slack})");
 
     let src_whole = open(&path);
-    let mut whole = Model::load(matrix::cpu(2), &src_whole, o).unwrap_or_else(|e| panic!("{e}"));
+    let mut whole = Model::load(make(), &src_whole, o).unwrap_or_else(|e| panic!("{e}"));
     run(&mut whole);
     let embd = src_whole.weight(Role::TokenEmbd, None).expect("embedding").expect("embedding");
     let rss_whole = mapping_rss(embd.data.owner().0.as_ptr() as usize);
     assert!(rss_whole > bound + 8 * n.layer, "whole: {rss_whole} bytes resident, streamed bound {bound}");
     eprintln!("file pages resident after decoding: streamed {rss} (bound {bound}), whole {rss_whole}");
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn resident_file_pages_stay_within_the_budget() {
+    check_resident_pages(|| matrix::cpu(2));
+}
+
+/// The same on Vulkan where it imports the file: the device's weights are those pages.
+#[test]
+#[cfg(target_os = "linux")]
+fn vulkan_resident_file_pages_stay_within_the_budget() {
+    if vulkan_in_place("vulkan_resident_file_pages_stay_within_the_budget") {
+        check_resident_pages(matrix::vulkan);
+    }
 }
 
 /// Where the first tensor's bytes start in the file: what lies before is the header.

@@ -213,6 +213,14 @@ impl<B: Backend> Model<B> {
         if opts.slots.checked_mul(opts.ctx).is_none_or(|rows| rows > u32::MAX as usize) {
             return Err(Error::Invalid(format!("{} slots of {} positions is too many", opts.slots, opts.ctx)));
         }
+        if weight_budget.is_some() && !backend.weights_in_place() {
+            return Err(Error::Invalid(format!(
+                "a memory budget needs a backend that computes on the weights' host memory in place; \
+                 {} copies them into memory of its own (a discrete GPU), and streaming layers through \
+                 device buffers is not supported yet",
+                backend.name()
+            )));
+        }
         let mut spans = Spans::default();
         let weights = load_weights(&mut backend, source, &c, opts.act, &mut spans)?;
         let (state, sizes) = alloc_state(&mut backend, &c, &opts)?;
@@ -653,6 +661,8 @@ impl<B: Backend> Model<B> {
                     let end = h.layer_end.get(l).copied().unwrap_or(ops.len());
                     st.before(l);
                     self.backend.submit(&step, &ops[start..end]).map_err(|e| Error::backend(name, e))?;
+                    // The layer's bytes are released only once nothing reads them.
+                    self.backend.finish().map_err(|e| Error::backend(name, e))?;
                     st.after(l);
                     start = end;
                 }

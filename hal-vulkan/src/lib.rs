@@ -383,8 +383,9 @@ pub struct Vulkan {
 /// 270M / SmolLM2 without prologues: 0 → 556 / 398, 256 → 690 / 544, 512 → 663 / 541 tokens/s.
 const SPLIT_WG: usize = 256;
 
-/// Recorded step shapes kept.
-const SHAPES: usize = 32;
+/// Recorded step shapes kept: enough for a streamed model's per-layer submissions (one shape per
+/// layer for decode, one for prefill) next to the whole-step ones.
+const SHAPES: usize = 160;
 
 impl std::fmt::Debug for Vulkan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -927,6 +928,17 @@ impl Backend for Vulkan {
         self.run_step(step, ops, reads, true)
     }
 
+    /// On a device that shares memory with the host and imports mapped files (lavapipe, an
+    /// integrated GPU), the weights are the file's pages; elsewhere they are device copies.
+    fn weights_in_place(&self) -> bool {
+        let info = &self.gpu.info;
+        info.unified() && info.external_memory_host && info.min_import_align as usize <= PAGE
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.settle()
+    }
+
     fn stats(&self) -> Stats {
         Stats {
             device: Some(self.gpu.info.name.clone()),
@@ -947,8 +959,7 @@ impl Vulkan {
     /// Returns (store, byte offset of the weight in it).
     fn import(&mut self, w: &HostWeight) -> Result<Option<(usize, u64)>> {
         let info = &self.gpu.info;
-        if !w.data.is_mapped() || !info.unified() || !info.external_memory_host || info.min_import_align as usize > PAGE
-        {
+        if !w.data.is_mapped() || !self.weights_in_place() {
             return Ok(None);
         }
         let (owner, range) = w.data.owner();

@@ -96,6 +96,19 @@ pub trait Backend: ErrorType {
         Ok(())
     }
 
+    /// Whether `submit` reads weights from their host bytes in place (the CPU backends; a device
+    /// that shares memory with the host and imports the mapped file), so that releasing and
+    /// prefetching those bytes bounds what the backend holds. A backend that copies weights into
+    /// memory of its own (a discrete GPU) answers `false`: a weight budget would not bound it.
+    fn weights_in_place(&self) -> bool {
+        true
+    }
+
+    /// Wait until every submitted op is done (before the host releases bytes those ops read).
+    fn finish(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
     /// What the backend can tell about its device (memory, time of the last step), for metrics.
     fn stats(&self) -> Stats {
         Stats::default()

@@ -105,10 +105,6 @@ pub trait Registered: Backend + Sized + 'static {
     fn step_counts(&self) -> Option<(usize, usize)> {
         None
     }
-
-    /// Whether the backend computes on the weights' host memory in place, so that
-    /// `--memory-budget` (releasing and prefetching the file's pages) bounds what it holds.
-    const STREAMS_WEIGHTS: bool = true;
 }
 
 impl Registered for Cpu {
@@ -156,9 +152,6 @@ impl Registered for Vulkan {
     fn step_counts(&self) -> Option<(usize, usize)> {
         Some(self.last_step_counts())
     }
-
-    // Weights are copied to the device at load; a ring of device buffers is still to come.
-    const STREAMS_WEIGHTS: bool = false;
 }
 
 /// Builds backends of type `B`, as often as asked.
@@ -187,14 +180,8 @@ impl<B: Registered> Maker<B> {
         Maker { cfg, act, budget: None, _b: PhantomData }
     }
 
-    /// With `--memory-budget`: an error on a backend that cannot stream its weights yet.
+    /// With `--memory-budget` (a backend that copies its weights refuses it at load).
     fn with_budget(self, budget: Option<usize>) -> CliResult<Self> {
-        if budget.is_some() && !B::STREAMS_WEIGHTS {
-            return crate::error::err(format!(
-                "--memory-budget is not supported on --backend {} yet (layer streaming runs on cpu and cpu-ref)",
-                B::NAME
-            ));
-        }
         Ok(Maker { budget, ..self })
     }
 
