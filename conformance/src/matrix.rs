@@ -58,6 +58,14 @@ pub fn vulkan() -> Vulkan {
     Vulkan::new(&vulkan_options()).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The Vulkan backend copying weights into device buffers even where it could use them in
+/// place (as a discrete GPU does), so lavapipe checks that path.
+pub fn vulkan_copying() -> Vulkan {
+    let mut o = vulkan_options();
+    o.import = Some(false);
+    Vulkan::new(&o).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// The Vulkan backend with the GPUs' decode kernels forced on (split matmuls and their tails),
 /// so that a CPU device such as lavapipe checks them too.
 pub fn vulkan_gpu_kernels() -> Vulkan {

@@ -191,10 +191,11 @@ impl<B: Backend> Model<B> {
     /// As [`load`](Self::load), keeping at most `weight_budget` bytes resident (where given):
     /// the shared weights, the KV cache and the activations always, and as many decoder layers as
     /// the rest holds; the others are streamed per step ([`crate::stream`]), which then runs as
-    /// one submission per layer. Residency is the weight owners' (a file's map), so this bounds
-    /// host memory on backends that compute on the weights in place (`cpu`, `cpu-ref`); a
-    /// backend that copies weights at load keeps its copies whole. A budget that holds every
-    /// layer changes nothing. Errors when it cannot hold the shared weights, the KV cache, the
+    /// one submission per layer. On a backend that computes on the weights in place (`cpu`,
+    /// `cpu-ref`, Vulkan on shared memory) residency is the weight owners' (a file's map); a
+    /// backend that copies weights holds the streamed layers in slots of its own
+    /// ([`Backend::stream_slots`]), each filled before its layer runs (and one that cannot is
+    /// an error). A budget that holds every layer changes nothing. Errors when it cannot hold the shared weights, the KV cache, the
     /// activations and two layers, naming each.
     pub fn load_with_budget(
         mut backend: B,
@@ -213,30 +214,46 @@ impl<B: Backend> Model<B> {
         if opts.slots.checked_mul(opts.ctx).is_none_or(|rows| rows > u32::MAX as usize) {
             return Err(Error::Invalid(format!("{} slots of {} positions is too many", opts.slots, opts.ctx)));
         }
-        if weight_budget.is_some() && !backend.weights_in_place() {
-            return Err(Error::Invalid(format!(
-                "a memory budget needs a backend that computes on the weights' host memory in place; \
-                 {} copies them into memory of its own (a discrete GPU), and streaming layers through \
-                 device buffers is not supported yet",
-                backend.name()
-            )));
+        // A backend that copies weights streams through buffers of its own (`ring`: the first
+        // streamed layer, and how many slots); one that computes on the file's pages streams them.
+        let (state, sizes) = alloc_state(&mut backend, &c, &opts)?;
+        let logits_host = opts.logit_rows.saturating_mul(c.vocab).saturating_mul(4);
+        let mut ring = None;
+        let mut copied_plan = None;
+        if let Some(budget) = weight_budget
+            && !backend.weights_in_place()
+        {
+            let (shared, layer) = source_sizes(source, &c)?;
+            let needs =
+                Needs { shared, kv_cache: sizes.kv_cache, buffers: sizes.buffers.saturating_add(logits_host), layer };
+            let plan = Plan::new(budget, c.layers, needs)?;
+            if let Plan::Stream { pinned, ahead } = plan {
+                let slots = 1 + ahead;
+                if !backend.stream_slots(slots, layer).map_err(|e| Error::backend(backend.name(), e))? {
+                    return Err(Error::Invalid(format!(
+                        "a memory budget needs a backend that computes on the weights' host memory in place \
+                         or streams layers through buffers of its own; {} does neither",
+                        backend.name()
+                    )));
+                }
+                ring = Some((pinned, slots));
+            }
+            copied_plan = Some(plan);
         }
         let mut spans = Spans::default();
-        let weights = load_weights(&mut backend, source, &c, opts.act, &mut spans)?;
-        let (state, sizes) = alloc_state(&mut backend, &c, &opts)?;
+        let weights = load_weights(&mut backend, source, &c, opts.act, &mut spans, ring)?;
         let stream = match weight_budget {
             None => None,
             Some(budget) => {
                 let layer_spans = LayerSpans::new(spans.layers);
                 let layer = (0..c.layers).map(|l| layer_spans.bytes(l)).max().unwrap_or(0);
-                let logits_host = opts.logit_rows.saturating_mul(c.vocab).saturating_mul(4);
                 let needs = Needs {
                     shared: spans.shared,
                     kv_cache: sizes.kv_cache,
                     buffers: sizes.buffers.saturating_add(logits_host),
                     layer,
                 };
-                match Plan::new(budget, c.layers, needs)? {
+                match copied_plan.map_or_else(|| Plan::new(budget, c.layers, needs), Ok)? {
                     Plan::Resident => None,
                     Plan::Stream { pinned, ahead } => Some(Streamer::new(layer_spans, pinned, ahead)?),
                 }
@@ -660,6 +677,9 @@ impl<B: Backend> Model<B> {
                 for l in 0..c.layers {
                     let end = h.layer_end.get(l).copied().unwrap_or(ops.len());
                     st.before(l);
+                    if l >= st.pinned() {
+                        self.backend.fill_slot(l).map_err(|e| Error::backend(name, e))?;
+                    }
                     self.backend.submit(&step, &ops[start..end]).map_err(|e| Error::backend(name, e))?;
                     // The layer's bytes are released only once nothing reads them.
                     self.backend.finish().map_err(|e| Error::backend(name, e))?;
@@ -725,11 +745,12 @@ fn load_weights<B: Backend>(
     c: &ModelConfig,
     act: ActQuant,
     spans: &mut Spans,
+    ring: Option<(usize, usize)>,
 ) -> Result<Weights<B::Weight>> {
     let gemma = c.arch == Arch::Gemma3;
-    let (embed, embed_fmt) = matrix(backend, src, Role::TokenEmbd, None, spans)?;
+    let (embed, embed_fmt) = matrix(backend, src, Role::TokenEmbd, None, spans, None)?;
     let (output, output_fmt) =
-        if c.tied_embeddings { (embed, embed_fmt) } else { matrix(backend, src, Role::Output, None, spans)? };
+        if c.tied_embeddings { (embed, embed_fmt) } else { matrix(backend, src, Role::Output, None, spans, None)? };
     if c.layers == 0 {
         return Err(Error::format(src.label.clone(), "the model has no layers"));
     }
@@ -741,18 +762,20 @@ fn load_weights<B: Backend>(
         let gemma_norm = |b: &mut B, role: Role, sp: &mut Spans| -> Result<Option<B::Weight>> {
             if gemma { norm(b, src, c, role, li, sp).map(Some) } else { Ok(None) }
         };
+        // A streamed layer's slot where the backend streams through buffers of its own.
+        let slot = ring.and_then(|(pinned, slots)| (l >= pinned).then(|| (l - pinned) % slots));
         let attn_norm = norm(backend, src, c, Role::AttnNorm, li, spans)?;
-        let (wq, fq) = matrix(backend, src, Role::AttnQ, li, spans)?;
-        let (wk, fk) = matrix(backend, src, Role::AttnK, li, spans)?;
-        let (wv, fv) = matrix(backend, src, Role::AttnV, li, spans)?;
-        let (wo, fo) = matrix(backend, src, Role::AttnOut, li, spans)?;
+        let (wq, fq) = matrix(backend, src, Role::AttnQ, li, spans, slot)?;
+        let (wk, fk) = matrix(backend, src, Role::AttnK, li, spans, slot)?;
+        let (wv, fv) = matrix(backend, src, Role::AttnV, li, spans, slot)?;
+        let (wo, fo) = matrix(backend, src, Role::AttnOut, li, spans, slot)?;
         let q_norm = gemma_norm(backend, Role::AttnQNorm, spans)?;
         let k_norm = gemma_norm(backend, Role::AttnKNorm, spans)?;
         let post_attn_norm = gemma_norm(backend, Role::PostAttnNorm, spans)?;
         let ffn_norm = norm(backend, src, c, Role::FfnNorm, li, spans)?;
-        let (gate, fg) = matrix(backend, src, Role::FfnGate, li, spans)?;
-        let (up, fu) = matrix(backend, src, Role::FfnUp, li, spans)?;
-        let (down, fd) = matrix(backend, src, Role::FfnDown, li, spans)?;
+        let (gate, fg) = matrix(backend, src, Role::FfnGate, li, spans, slot)?;
+        let (up, fu) = matrix(backend, src, Role::FfnUp, li, spans, slot)?;
+        let (down, fd) = matrix(backend, src, Role::FfnDown, li, spans, slot)?;
         let post_ffn_norm = gemma_norm(backend, Role::PostFfnNorm, spans)?;
         layers.push(Layer {
             kind: c.layer_kinds.get(l).copied().unwrap_or(LayerKind::Full),
@@ -778,6 +801,38 @@ fn load_weights<B: Backend>(
     Ok(Weights { embed, layers, out_norm, output, output_q8: shared_q8(act, &[output_fmt]) })
 }
 
+/// What a weight budget plans with, from the source alone (for a backend that copies weights,
+/// before anything is loaded): the bytes of the weights every token reads (norms as the f32
+/// vectors they are loaded as) and the largest layer's matrix parts.
+fn source_sizes(src: &ModelSource, c: &ModelConfig) -> Result<(usize, usize)> {
+    let parts = |w: &HostWeight| {
+        w.data.len()
+            + w.parts.scales.as_ref().map_or(0, HostBytes::len)
+            + w.parts.zeros.as_ref().map_or(0, HostBytes::len)
+    };
+    let (mut shared, mut layer) = (0usize, 0usize);
+    for role in Role::ALL.into_iter().filter(|r| r.used_by(c.arch) && !r.per_layer()) {
+        if role == Role::Output && c.tied_embeddings {
+            continue;
+        }
+        let w = required(src, role, None)?;
+        shared += if w.rows == 1 { w.cols * 4 } else { parts(&w) };
+    }
+    for l in 0..c.layers {
+        let mut bytes = 0;
+        for role in Role::ALL.into_iter().filter(|r| r.used_by(c.arch) && r.per_layer()) {
+            let w = required(src, role, Some(l))?;
+            if w.rows == 1 {
+                shared += w.cols * 4;
+            } else {
+                bytes += parts(&w);
+            }
+        }
+        layer = layer.max(bytes);
+    }
+    Ok((shared, layer))
+}
+
 fn required(src: &ModelSource, role: Role, layer: Option<usize>) -> Result<HostWeight> {
     src.weight(role, layer)?.ok_or_else(|| {
         let at = layer.map(|l| format!(" of layer {l}")).unwrap_or_default();
@@ -793,6 +848,7 @@ fn matrix<B: Backend>(
     role: Role,
     layer: Option<usize>,
     spans: &mut Spans,
+    slot: Option<usize>,
 ) -> Result<(B::Weight, Format)> {
     let hw = required(src, role, layer)?;
     let embed_ok = role != Role::TokenEmbd || b.supports(OpKind::Embed(hw.format));
@@ -803,7 +859,11 @@ fn matrix<B: Backend>(
             format!("backend {} cannot compute {:?}{at} stored as {}", b.name(), role, hw.format.name()),
         ));
     }
-    let w = b.load_weight(&hw).map_err(|e| Error::backend(b.name(), e))?;
+    let w = match (layer, slot) {
+        (Some(l), Some(slot)) => b.load_streamed(&hw, l, slot),
+        _ => b.load_weight(&hw),
+    };
+    let w = w.map_err(|e| Error::backend(b.name(), e))?;
     spans.add(&hw, layer);
     Ok((w, hw.format))
 }

@@ -82,6 +82,10 @@ pub struct VulkanOptions {
     /// run.
     /// `PUREHW_VK_TAIL=0|1|qkv,norm,gate` sets it (the last: only those named).
     pub tails: Option<Tails>,
+    /// Use mapped weights in place where the device shares memory with the host (the default);
+    /// `Some(false)` copies them as on a discrete GPU (so lavapipe checks that path).
+    /// `PUREHW_VK_IMPORT=0` sets it.
+    pub import: Option<bool>,
 }
 
 impl VulkanOptions {
@@ -101,6 +105,7 @@ impl VulkanOptions {
             },
             attention_rows: std::env::var("PUREHW_VK_ATTN_QB").ok().and_then(|v| v.parse().ok()),
             tails: std::env::var("PUREHW_VK_TAIL").ok().map(|v| Tails::parse(&v)),
+            import: std::env::var("PUREHW_VK_IMPORT").ok().map(|v| v != "0"),
         }
     }
 }
@@ -375,7 +380,26 @@ pub struct Vulkan {
     prof_names: Vec<String>,
     /// Rows of the step being recorded (profile keys).
     rec_rows: usize,
+    /// Whether mapped weights may be imported (see [`VulkanOptions::import`]).
+    import: bool,
+    /// Streamed layers' slots (see [`Backend::stream_slots`]).
+    ring: Option<Ring>,
 }
+
+/// Device buffers that streamed layers take turns in: layer weights are placed at the same
+/// offsets whichever time they are copied in, so recorded steps stay valid.
+struct Ring {
+    /// The slots' weight stores.
+    slots: Vec<usize>,
+    slot_bytes: u64,
+    /// Per layer: its slot, the next free byte there, and each weight's bytes and offset.
+    layers: HashMap<usize, (usize, u64, Vec<(purehw_hal::HostBytes, u64)>)>,
+    /// The layer each slot holds now.
+    holds: Vec<Option<usize>>,
+}
+
+/// Alignment of a weight's rows in a slot (at least any shader's widest load).
+const SLOT_ALIGN: u64 = 256;
 
 /// The workgroups a decode matmul aims for (see `split_rows`; 0 keeps the largest rows per
 /// workgroup that shared memory allows). A decode step's matmuls are latency-bound: with fewer
@@ -470,6 +494,8 @@ impl Vulkan {
             },
             attn_blk: std::env::var("PUREHW_VK_ATTN_BLK").map_or(true, |v| v != "0"),
             attn_qb: opts.attention_rows,
+            import: opts.import.unwrap_or(true),
+            ring: None,
             tails: if split { opts.tails.unwrap_or(Tails::DEFAULT) } else { Tails::NONE },
             counters: None,
             rec_tails: 0,
@@ -828,54 +854,7 @@ impl Backend for Vulkan {
                 bytes.len()
             )));
         }
-        let (store, byte) = match self.import(w)? {
-            Some(at) => at,
-            None => {
-                let size = (bytes.len() as u64).next_multiple_of(4);
-                let raw = self.raw_buffer(size, Mem::Device, || {
-                    format!("a {}x{} {} weight ({} bytes)", w.rows, w.cols, w.format.name(), bytes.len())
-                })?;
-                self.upload(&raw, 0, bytes)?;
-                self.wstore.push(raw);
-                (self.wstore.len() - 1, 0)
-            }
-        };
-        // An integer weight's scales and zero points: small, always copied.
-        let int = match w.format {
-            Format::Int(_) => {
-                let mut part = |b: &purehw_hal::HostBytes, what: &str| -> Result<usize> {
-                    let bytes = b.as_slice();
-                    let raw = self.raw_buffer((bytes.len() as u64).next_multiple_of(4).max(4), Mem::Device, || {
-                        format!("the {what} of a {}x{} weight ({} bytes)", w.rows, w.cols, bytes.len())
-                    })?;
-                    self.upload(&raw, 0, bytes)?;
-                    self.wstore.push(raw);
-                    Ok(self.wstore.len() - 1)
-                };
-                let missing =
-                    || VulkanError::Unsupported(format!("a {}x{} integer weight without scales", w.rows, w.cols));
-                let scales = part(w.parts.scales.as_ref().ok_or_else(missing)?, "scales")?;
-                let zeros = match &w.parts.zeros {
-                    Some(z) => Some(part(z, "zero points")?),
-                    None => None,
-                };
-                Some(IntParts { scales, zeros })
-            }
-            _ => None,
-        };
-        let f32_store = if w.rows == 1 && w.format != Format::F32 && int.is_none() {
-            let mut v = vec![0f32; w.cols];
-            purehw_kernels::quant::dequantize_row(w.format, bytes, &mut v);
-            let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            let raw = self.raw_buffer(b.len() as u64, Mem::Device, || "a norm weight".into())?;
-            self.upload(&raw, 0, &b)?;
-            self.wstore.push(raw);
-            Some(self.wstore.len() - 1)
-        } else {
-            None
-        };
-        self.weights.push(DevWeight { format: w.format, rows: w.rows, cols: w.cols, store, byte, f32_store, int });
-        Ok(WeightId(self.weights.len() as u32 - 1))
+        self.load_at(w, None)
     }
 
     fn write(&mut self, dst: View<BufId>, src: &[f32]) -> Result<()> {
@@ -932,11 +911,74 @@ impl Backend for Vulkan {
     /// integrated GPU), the weights are the file's pages; elsewhere they are device copies.
     fn weights_in_place(&self) -> bool {
         let info = &self.gpu.info;
-        info.unified() && info.external_memory_host && info.min_import_align as usize <= PAGE
+        self.import && info.unified() && info.external_memory_host && info.min_import_align as usize <= PAGE
     }
 
     fn finish(&mut self) -> Result<()> {
         self.settle()
+    }
+
+    fn stream_slots(&mut self, slots: usize, slot_bytes: usize) -> Result<bool> {
+        self.check_alive()?;
+        // Room for each weight's alignment (a layer has a handful of matrices).
+        let size = (slot_bytes as u64 + 64 * SLOT_ALIGN).next_multiple_of(4);
+        let mut ring = Ring { slots: Vec::new(), slot_bytes: size, layers: HashMap::new(), holds: vec![None; slots] };
+        for i in 0..slots {
+            let raw =
+                self.raw_buffer(size, Mem::Device, || format!("streamed-layer slot {i} of {slots} ({size} bytes)"))?;
+            self.wstore.push(raw);
+            ring.slots.push(self.wstore.len() - 1);
+        }
+        self.ring = Some(ring);
+        Ok(true)
+    }
+
+    fn load_streamed(&mut self, w: &HostWeight, layer: usize, slot: usize) -> Result<WeightId> {
+        self.check_alive()?;
+        let Some(ring) = self.ring.as_mut().filter(|r| slot < r.slots.len()) else {
+            return Err(VulkanError::Unsupported(format!("no streaming slot {slot} (stream_slots first)")));
+        };
+        let e = ring.layers.entry(layer).or_insert((slot, 0, Vec::new()));
+        let at = e.1.next_multiple_of(SLOT_ALIGN);
+        let len = w.data.len() as u64;
+        if e.0 != slot || at + len > ring.slot_bytes {
+            return Err(VulkanError::Unsupported(format!(
+                "layer {layer}'s weights do not fit its streaming slot of {} bytes",
+                ring.slot_bytes
+            )));
+        }
+        e.1 = at + len;
+        e.2.push((w.data.clone(), at));
+        let store = ring.slots[slot];
+        self.load_at(w, Some((store, at)))
+    }
+
+    fn fill_slot(&mut self, layer: usize) -> Result<()> {
+        let Some(ring) = self.ring.as_mut() else { return Ok(()) };
+        let Some(&(slot, _, _)) = ring.layers.get(&layer) else { return Ok(()) };
+        if ring.holds[slot] == Some(layer) {
+            return Ok(());
+        }
+        ring.holds[slot] = None;
+        // Lent out of the ring while copying (no allocation: the entry goes back in place).
+        let (k, entry) = ring.layers.remove_entry(&layer).expect("present");
+        let store = ring.slots[slot];
+        // Every submitted op is done with the slot's previous layer before it is overwritten.
+        let raw = std::mem::replace(&mut self.wstore[store], placeholder());
+        let mut r = self.settle();
+        for (bytes, at) in &entry.2 {
+            if r.is_err() {
+                break;
+            }
+            r = self.upload(&raw, *at, bytes.as_slice());
+        }
+        self.wstore[store] = raw;
+        let ring = self.ring.as_mut().expect("ring");
+        ring.layers.insert(k, entry);
+        if r.is_ok() {
+            ring.holds[slot] = Some(layer);
+        }
+        r
     }
 
     fn stats(&self) -> Stats {
@@ -955,6 +997,63 @@ fn placeholder() -> RawBuffer {
 }
 
 impl Vulkan {
+    /// Place a checked weight: at `placed` (a streaming slot, copied in later), else imported in
+    /// place or copied to a buffer of its own; then its scales, zero points or f32 vector copy.
+    fn load_at(&mut self, w: &HostWeight, placed: Option<(usize, u64)>) -> Result<WeightId> {
+        let bytes = w.data.as_slice();
+        let (store, byte) = match placed {
+            Some(at) => at,
+            None => match self.import(w)? {
+                Some(at) => at,
+                None => {
+                    let size = (bytes.len() as u64).next_multiple_of(4);
+                    let raw = self.raw_buffer(size, Mem::Device, || {
+                        format!("a {}x{} {} weight ({} bytes)", w.rows, w.cols, w.format.name(), bytes.len())
+                    })?;
+                    self.upload(&raw, 0, bytes)?;
+                    self.wstore.push(raw);
+                    (self.wstore.len() - 1, 0)
+                }
+            },
+        };
+        // An integer weight's scales and zero points: small, always copied.
+        let int = match w.format {
+            Format::Int(_) => {
+                let mut part = |b: &purehw_hal::HostBytes, what: &str| -> Result<usize> {
+                    let bytes = b.as_slice();
+                    let raw = self.raw_buffer((bytes.len() as u64).next_multiple_of(4).max(4), Mem::Device, || {
+                        format!("the {what} of a {}x{} weight ({} bytes)", w.rows, w.cols, bytes.len())
+                    })?;
+                    self.upload(&raw, 0, bytes)?;
+                    self.wstore.push(raw);
+                    Ok(self.wstore.len() - 1)
+                };
+                let missing =
+                    || VulkanError::Unsupported(format!("a {}x{} integer weight without scales", w.rows, w.cols));
+                let scales = part(w.parts.scales.as_ref().ok_or_else(missing)?, "scales")?;
+                let zeros = match &w.parts.zeros {
+                    Some(z) => Some(part(z, "zero points")?),
+                    None => None,
+                };
+                Some(IntParts { scales, zeros })
+            }
+            _ => None,
+        };
+        let f32_store = if w.rows == 1 && w.format != Format::F32 && int.is_none() {
+            let mut v = vec![0f32; w.cols];
+            purehw_kernels::quant::dequantize_row(w.format, bytes, &mut v);
+            let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let raw = self.raw_buffer(b.len() as u64, Mem::Device, || "a norm weight".into())?;
+            self.upload(&raw, 0, &b)?;
+            self.wstore.push(raw);
+            Some(self.wstore.len() - 1)
+        } else {
+            None
+        };
+        self.weights.push(DevWeight { format: w.format, rows: w.rows, cols: w.cols, store, byte, f32_store, int });
+        Ok(WeightId(self.weights.len() as u32 - 1))
+    }
+
     /// Import the mapped pages holding `w` in place, when the device shares memory with the host.
     /// Returns (store, byte offset of the weight in it).
     fn import(&mut self, w: &HostWeight) -> Result<Option<(usize, u64)>> {

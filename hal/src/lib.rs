@@ -104,6 +104,27 @@ pub trait Backend: ErrorType {
         true
     }
 
+    /// For a backend that copies weights ([`weights_in_place`](Backend::weights_in_place)
+    /// `false`): hold streamed layers in `slots` buffers of its own, each room for `slot_bytes`
+    /// of one layer's weight parts (codes, scales, zero points) plus whatever alignment the
+    /// backend adds. `Ok(false)`: the backend cannot (the default).
+    fn stream_slots(&mut self, _slots: usize, _slot_bytes: usize) -> Result<bool, Self::Error> {
+        Ok(false)
+    }
+
+    /// Make a streamed layer's weight available to ops from slot `slot` (of
+    /// [`stream_slots`](Backend::stream_slots)) without copying it yet: the copy is
+    /// [`fill_slot`](Backend::fill_slot)'s, before each submission of `layer`.
+    fn load_streamed(&mut self, w: &HostWeight, _layer: usize, _slot: usize) -> Result<Self::Weight, Self::Error> {
+        self.load_weight(w)
+    }
+
+    /// Copy `layer`'s streamed weights into their slot, after every submitted op has finished
+    /// with that slot's previous layer. Nothing to do for a layer that is not streamed.
+    fn fill_slot(&mut self, _layer: usize) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
     /// Wait until every submitted op is done (before the host releases bytes those ops read).
     fn finish(&mut self) -> Result<(), Self::Error> {
         Ok(())
