@@ -393,10 +393,13 @@ struct Ring {
     slots: Vec<usize>,
     slot_bytes: u64,
     /// Per layer: its slot, the next free byte there, and each weight's bytes and offset.
-    layers: HashMap<usize, (usize, u64, Vec<(purehw_hal::HostBytes, u64)>)>,
+    layers: HashMap<usize, SlotLayer>,
     /// The layer each slot holds now.
     holds: Vec<Option<usize>>,
 }
+
+/// A streamed layer: its slot, the next free byte there, and each weight's bytes and offset.
+type SlotLayer = (usize, u64, Vec<(purehw_hal::HostBytes, u64)>);
 
 /// Alignment of a weight's rows in a slot (at least any shader's widest load).
 const SLOT_ALIGN: u64 = 256;
