@@ -65,7 +65,8 @@ pub struct BackendArgs {
     pub act: Option<ActArg>,
     /// Most bytes of a model kept in memory (e.g. 800M, 2GiB): the shared weights, the KV cache
     /// and as many decoder layers as fit stay resident, the other layers are read per token
-    /// (`cpu` and `cpu-ref`; per model when serving several).
+    /// (host memory on `cpu`/`cpu-ref`, device memory on `vulkan`; per model when serving
+    /// several).
     #[arg(long, value_name = "SIZE", value_parser = parse_budget)]
     pub memory_budget: Option<usize>,
 }
