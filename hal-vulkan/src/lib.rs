@@ -396,6 +396,8 @@ struct Ring {
     layers: HashMap<usize, SlotLayer>,
     /// The layer each slot holds now.
     holds: Vec<Option<usize>>,
+    /// Bytes copied into slots so far, and the seconds it took.
+    copied: (u64, f64),
 }
 
 /// A streamed layer: its slot, the next free byte there, and each weight's bytes and offset.
@@ -925,7 +927,13 @@ impl Backend for Vulkan {
         self.check_alive()?;
         // Room for each weight's alignment (a layer has a handful of matrices).
         let size = (slot_bytes as u64 + 64 * SLOT_ALIGN).next_multiple_of(4);
-        let mut ring = Ring { slots: Vec::new(), slot_bytes: size, layers: HashMap::new(), holds: vec![None; slots] };
+        let mut ring = Ring {
+            slots: Vec::new(),
+            slot_bytes: size,
+            layers: HashMap::new(),
+            holds: vec![None; slots],
+            copied: (0, 0.0),
+        };
         for i in 0..slots {
             let raw =
                 self.raw_buffer(size, Mem::Device, || format!("streamed-layer slot {i} of {slots} ({size} bytes)"))?;
@@ -969,6 +977,7 @@ impl Backend for Vulkan {
         // Every submitted op is done with the slot's previous layer before it is overwritten.
         let raw = std::mem::replace(&mut self.wstore[store], placeholder());
         let mut r = self.settle();
+        let t = std::time::Instant::now();
         for (bytes, at) in &entry.2 {
             if r.is_err() {
                 break;
@@ -977,6 +986,8 @@ impl Backend for Vulkan {
         }
         self.wstore[store] = raw;
         let ring = self.ring.as_mut().expect("ring");
+        ring.copied.0 += entry.2.iter().map(|(b, _)| b.len() as u64).sum::<u64>();
+        ring.copied.1 += t.elapsed().as_secs_f64();
         ring.layers.insert(k, entry);
         if r.is_ok() {
             ring.holds[slot] = Some(layer);
@@ -990,6 +1001,7 @@ impl Backend for Vulkan {
             memory_used: Some(self.mem_used),
             memory_budget: Some(self.budget),
             last_step_seconds: self.last_step_ns.map(|ns| ns * 1e-9),
+            streamed: self.ring.as_ref().map(|r| r.copied),
         }
     }
 }

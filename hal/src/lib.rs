@@ -148,4 +148,7 @@ pub struct Stats {
     pub memory_budget: Option<u64>,
     /// Device time of the last step, in seconds (timestamp queries).
     pub last_step_seconds: Option<f64>,
+    /// Bytes copied into streaming slots so far ([`Backend::fill_slot`]), and the seconds
+    /// those copies took (host→device through staging).
+    pub streamed: Option<(u64, f64)>,
 }

@@ -60,6 +60,13 @@ struct BenchJson<'a> {
     /// (`O_DIRECT`): the ceiling on streaming layers that are not cached. `None` where the file
     /// system or OS does not allow direct reads.
     disk_read_gbps: Option<f64>,
+    /// With a budget on a backend that copies weights (a discrete GPU): bytes copied into its
+    /// streaming slots per generated token over the tg runs, and the rate of those copies (GB/s,
+    /// host→device through staging).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_copy_bytes_per_token: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_copy_gbps: Option<f64>,
     /// `--memory-budget` in bytes, when given.
     #[serde(skip_serializing_if = "Option::is_none")]
     memory_budget_bytes: Option<usize>,
@@ -276,6 +283,7 @@ fn bench_on<B: Registered>(
     let mut device_time = (0f64, 0usize);
     let mut counts = None;
     let mut disk_per_token = None;
+    let mut copy: Option<(f64, Option<f64>)> = None;
     if a.n_gen > 0 {
         // llama-bench: from an empty context (or after the depth's tokens), BOS first where the
         // context is empty, then random tokens.
@@ -285,6 +293,7 @@ fn bench_on<B: Registered>(
         }
         let mut runs = 0;
         let read_before = disk_read_bytes();
+        let copied_before = model.backend().stats().streamed;
         tg = measure(a.n_gen, a.repetitions, || {
             let t = Instant::now();
             let warm = runs > 0;
@@ -302,6 +311,10 @@ fn bench_on<B: Registered>(
         .context(|| tg_name.clone())?;
         let tokens = (a.n_gen * (a.repetitions + 1)) as f64;
         disk_per_token = read_before.zip(disk_read_bytes()).map(|(b, e)| e.saturating_sub(b) as f64 / tokens);
+        if let (Some(b), Some(e)) = (copied_before, model.backend().stats().streamed) {
+            let (bytes, secs) = (e.0.saturating_sub(b.0) as f64, e.1 - b.1);
+            copy = Some((bytes / tokens, (secs > 0.0).then(|| bytes / secs / 1e9)));
+        }
         counts = model.backend().step_counts();
         if show {
             out::print_all(&table.row(&tg_name, &tg))?;
@@ -350,6 +363,8 @@ fn bench_on<B: Registered>(
             peak_rss_bytes: peak,
             disk_read_bytes_per_token: disk_per_token,
             disk_read_gbps: disk_gbps,
+            device_copy_bytes_per_token: copy.map(|c| c.0),
+            device_copy_gbps: copy.and_then(|c| c.1),
             memory_budget_bytes: budget,
             streaming,
             mem_read_gbps: bw / 1e9,
@@ -388,6 +403,14 @@ fn bench_on<B: Registered>(
             s.layers,
             s.read_ahead
         ),
+    };
+    let stream = match copy {
+        Some((b, r)) => format!(
+            "{stream}; copied into device slots during tg: {:.2} MB/token{}",
+            b / 1e6,
+            r.map_or_else(String::new, |r| format!(" at {r:.2} GB/s host→device"))
+        ),
+        None => stream,
     };
     out::print_all(&format!(
         "{device}\npeak RSS: {rss}; read from disk during tg: {disk} (the disk reads {disk_rate}){stream}\nmemory read bandwidth ({} threads): {:.1} GB/s; decode reads {:.1} MB/token -> tg roofline {roof:.1} t/s{}\n",
