@@ -38,7 +38,8 @@ fn needs<B: Backend>(backend: B, src: &ModelSource, o: ModelOptions) -> Needs {
 
 /// Prefill a prompt, then decode a few tokens greedily; every step's logits.
 fn run<B: Backend>(m: &mut Model<B>) -> Vec<Vec<f32>> {
-    let prompt = [1u32, 415, 5279, 302, 4843, 349, 264, 1486];
+    let vocab = m.config().vocab as u32;
+    let prompt = [1u32, 415, 5279, 302, 4843, 349, 264, 1486].map(|t| t % vocab);
     let mut out = vec![m.forward(0, 0, &prompt).unwrap_or_else(|e| panic!("{e}")).to_vec()];
     for i in 0..4 {
         let last = out.last().expect("a step");
@@ -128,6 +129,30 @@ fn gemma3_vulkan_copied_streamed_logits_equal_whole() {
     eprintln!("device memory after decoding: streamed {streamed}, whole {whole} ({n:?})");
     // Two slots instead of every layer (each slot a little larger for alignment).
     assert!(streamed + ((layers - 3) * n.layer) as u64 <= whole, "streamed {streamed}, whole {whole}, {n:?}");
+}
+
+/// A compressed-tensors checkpoint (codes, scales and zero points: three parts a matrix) streams
+/// too: on the CPU, and on Vulkan copying every part into the slots.
+#[test]
+fn int_checkpoint_streamed_logits_equal_whole() {
+    let path = purehw_conformance::fixtures_dir().join("compressed-tensors/w4a16-g32-asym");
+    smallest_budget_same_logits(&path, || matrix::cpu(2));
+    if matrix::vulkan_present("int_checkpoint_streamed_logits_equal_whole") {
+        smallest_budget_same_logits(&path, matrix::vulkan_copying);
+    }
+}
+
+/// The logits with the smallest budget `make`'s backend accepts equal the whole model's.
+fn smallest_budget_same_logits<B: Backend>(path: &std::path::Path, make: impl Fn() -> B) {
+    let (src, o) = (open(path), opts(ActQuant::F32));
+    let whole = run(&mut Model::load(make(), &src, o).unwrap_or_else(|e| panic!("{e}")));
+    let budget = needs(make(), &src, o).least();
+    let mut m = Model::load_with_budget(make(), &src, o, Some(budget)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(m.streaming().is_some());
+    let streamed = run(&mut m);
+    for (step, (a, b)) in streamed.iter().zip(&whole).enumerate() {
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "step {step} differs");
+    }
 }
 
 /// A backend that copies its weights and cannot stream them refuses a budget at load, saying

@@ -224,8 +224,9 @@ struct DevWeight {
 
 #[derive(Copy, Clone, Debug)]
 struct IntParts {
-    scales: usize,
-    zeros: Option<usize>,
+    /// (weight store, byte offset) of the scales and of the zero points.
+    scales: (usize, u64),
+    zeros: Option<(usize, u64)>,
 }
 
 /// A recorded step: its command buffer and the key it was recorded for.
@@ -715,8 +716,9 @@ impl Vulkan {
     fn int_parts(&self, w: WeightId) -> Option<(purehw_kernels::quant::PackedInt, Addr, Addr)> {
         let wt = self.weight_ref(w);
         let (Format::Int(p), Some(parts)) = (wt.format, wt.int) else { return None };
-        let scales = addr(self.wstore[parts.scales].addr);
-        Some((p, scales, parts.zeros.map_or(scales, |z| addr(self.wstore[z].addr))))
+        let at = |(store, byte): (usize, u64)| addr(self.wstore[store].addr + byte);
+        let scales = at(parts.scales);
+        Some((p, scales, parts.zeros.map_or(scales, at)))
     }
 }
 
@@ -840,25 +842,7 @@ impl Backend for Vulkan {
     }
 
     fn load_weight(&mut self, w: &HostWeight) -> Result<WeightId> {
-        self.check_alive()?;
-        if matches!(w.format, Format::Int(_)) {
-            w.check().map_err(|e| VulkanError::Unsupported(format!("a {}x{} weight: {e}", w.rows, w.cols)))?;
-        }
-        if !w.is_consistent() {
-            return Err(VulkanError::BadWeight {
-                format: w.format.name(),
-                rows: w.rows,
-                cols: w.cols,
-                bytes: w.data.len(),
-            });
-        }
-        let bytes = w.data.as_slice();
-        if bytes.len() as u64 >= 1 << 31 {
-            return Err(VulkanError::Unsupported(format!(
-                "a weight of {} bytes (more than 2 GiB in one tensor is not supported yet)",
-                bytes.len()
-            )));
-        }
+        self.check_weight(w)?;
         self.load_at(w, None)
     }
 
@@ -945,23 +929,32 @@ impl Backend for Vulkan {
     }
 
     fn load_streamed(&mut self, w: &HostWeight, layer: usize, slot: usize) -> Result<WeightId> {
-        self.check_alive()?;
+        self.check_weight(w)?;
         let Some(ring) = self.ring.as_mut().filter(|r| slot < r.slots.len()) else {
             return Err(VulkanError::Unsupported(format!("no streaming slot {slot} (stream_slots first)")));
         };
         let e = ring.layers.entry(layer).or_insert((slot, 0, Vec::new()));
-        let at = e.1.next_multiple_of(SLOT_ALIGN);
-        let len = w.data.len() as u64;
-        if e.0 != slot || at + len > ring.slot_bytes {
-            return Err(VulkanError::Unsupported(format!(
-                "layer {layer}'s weights do not fit its streaming slot of {} bytes",
-                ring.slot_bytes
-            )));
+        if e.0 != slot {
+            return Err(VulkanError::Unsupported(format!("layer {layer} given two streaming slots")));
         }
-        e.1 = at + len;
-        e.2.push((w.data.clone(), at));
+        // Codes, scales and zero points each at the next aligned byte of the layer's slot.
         let store = ring.slots[slot];
-        self.load_at(w, Some((store, at)))
+        let mut placed = [(store, 0); 3];
+        let parts = [Some(&w.data), w.parts.scales.as_ref(), w.parts.zeros.as_ref()];
+        for (i, b) in parts.into_iter().enumerate() {
+            let Some(b) = b else { continue };
+            let at = e.1.next_multiple_of(SLOT_ALIGN);
+            if at + b.len() as u64 > ring.slot_bytes {
+                return Err(VulkanError::Unsupported(format!(
+                    "layer {layer}'s weights do not fit its streaming slot of {} bytes",
+                    ring.slot_bytes
+                )));
+            }
+            e.1 = at + b.len() as u64;
+            e.2.push((b.clone(), at));
+            placed[i] = (store, at);
+        }
+        self.load_at(w, Some(placed))
     }
 
     fn fill_slot(&mut self, layer: usize) -> Result<()> {
@@ -1012,12 +1005,36 @@ fn placeholder() -> RawBuffer {
 }
 
 impl Vulkan {
-    /// Place a checked weight: at `placed` (a streaming slot, copied in later), else imported in
-    /// place or copied to a buffer of its own; then its scales, zero points or f32 vector copy.
-    fn load_at(&mut self, w: &HostWeight, placed: Option<(usize, u64)>) -> Result<WeightId> {
+    /// A weight this backend can hold and compute with (its parts consistent, under 2 GiB).
+    fn check_weight(&self, w: &HostWeight) -> Result<()> {
+        self.check_alive()?;
+        if matches!(w.format, Format::Int(_)) {
+            w.check().map_err(|e| VulkanError::Unsupported(format!("a {}x{} weight: {e}", w.rows, w.cols)))?;
+        }
+        if !w.is_consistent() {
+            return Err(VulkanError::BadWeight {
+                format: w.format.name(),
+                rows: w.rows,
+                cols: w.cols,
+                bytes: w.data.len(),
+            });
+        }
+        if w.data.len() as u64 >= 1 << 31 {
+            return Err(VulkanError::Unsupported(format!(
+                "a weight of {} bytes (more than 2 GiB in one tensor is not supported yet)",
+                w.data.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Place a checked weight: at `placed` (its codes, scales and zero points in a streaming
+    /// slot, copied in later), else imported in place or copied to a buffer of its own; then its
+    /// scales, zero points or f32 vector copy.
+    fn load_at(&mut self, w: &HostWeight, placed: Option<[(usize, u64); 3]>) -> Result<WeightId> {
         let bytes = w.data.as_slice();
         let (store, byte) = match placed {
-            Some(at) => at,
+            Some(at) => at[0],
             None => match self.import(w)? {
                 Some(at) => at,
                 None => {
@@ -1034,20 +1051,23 @@ impl Vulkan {
         // An integer weight's scales and zero points: small, always copied.
         let int = match w.format {
             Format::Int(_) => {
-                let mut part = |b: &purehw_hal::HostBytes, what: &str| -> Result<usize> {
+                let mut part = |b: &purehw_hal::HostBytes, what: &str, i: usize| -> Result<(usize, u64)> {
+                    if let Some(at) = placed {
+                        return Ok(at[i]);
+                    }
                     let bytes = b.as_slice();
                     let raw = self.raw_buffer((bytes.len() as u64).next_multiple_of(4).max(4), Mem::Device, || {
                         format!("the {what} of a {}x{} weight ({} bytes)", w.rows, w.cols, bytes.len())
                     })?;
                     self.upload(&raw, 0, bytes)?;
                     self.wstore.push(raw);
-                    Ok(self.wstore.len() - 1)
+                    Ok((self.wstore.len() - 1, 0))
                 };
                 let missing =
                     || VulkanError::Unsupported(format!("a {}x{} integer weight without scales", w.rows, w.cols));
-                let scales = part(w.parts.scales.as_ref().ok_or_else(missing)?, "scales")?;
+                let scales = part(w.parts.scales.as_ref().ok_or_else(missing)?, "scales", 1)?;
                 let zeros = match &w.parts.zeros {
-                    Some(z) => Some(part(z, "zero points")?),
+                    Some(z) => Some(part(z, "zero points", 2)?),
                     None => None,
                 };
                 Some(IntParts { scales, zeros })
