@@ -385,6 +385,8 @@ pub struct Vulkan {
     import: bool,
     /// Streamed layers' slots (see [`Backend::stream_slots`]).
     ring: Option<Ring>,
+    /// Two command buffers and fences for filling slots through two halves of staging.
+    copy_sync: Option<([raw::CommandBuffer; 2], [raw::Fence; 2])>,
 }
 
 /// Device buffers that streamed layers take turns in: layer weights are placed at the same
@@ -502,6 +504,7 @@ impl Vulkan {
             attn_qb: opts.attention_rows,
             import: opts.import.unwrap_or(true),
             ring: None,
+            copy_sync: None,
             tails: if split { opts.tails.unwrap_or(Tails::DEFAULT) } else { Tails::NONE },
             counters: None,
             rec_tails: 0,
@@ -669,6 +672,63 @@ impl Vulkan {
         Ok(())
     }
 
+    /// Copy each `(bytes, at)` into device buffer `dst` at `at`, through the two halves of the
+    /// staging buffer in turn: the host fills one half while the device copies the other.
+    fn upload_parts(&mut self, dst: &RawBuffer, parts: &[(purehw_hal::HostBytes, u64)]) -> Result<()> {
+        const HALF: usize = 16 << 20;
+        self.settle()?;
+        self.staging(2 * HALF as u64)?;
+        if self.copy_sync.is_none() {
+            let make = || -> std::result::Result<_, VkError> { Ok((self.gpu.command_buffer()?, self.gpu.fence()?)) };
+            let (a, b) = (make().map_err(|e| self.err(e))?, make().map_err(|e| self.err(e))?);
+            self.copy_sync = Some(([a.0, b.0], [a.1, b.1]));
+        }
+        let (cbs, fences) = self.copy_sync.expect("made above");
+        let st = self.staging.take().expect("staging");
+        let mut busy = [false; 2];
+        let mut k = 0;
+        let mut r: std::result::Result<(), VkError> = Ok(());
+        'parts: for (bytes, at) in parts {
+            for (i, piece) in bytes.as_slice().chunks(HALF).enumerate() {
+                let h = k % 2;
+                k += 1;
+                let g = &self.gpu;
+                let region = [raw::BufferCopy {
+                    src_offset: (h * HALF) as u64,
+                    dst_offset: at + (i * HALF) as u64,
+                    size: piece.len() as u64,
+                }];
+                r = (|| {
+                    if busy[h] {
+                        busy[h] = false;
+                        g.wait(fences[h])?;
+                    }
+                    g.write_mapped(&st, (h * HALF) as u64, piece)?;
+                    g.begin(cbs[h])?;
+                    g.copy(cbs[h], &st, dst, &region);
+                    g.end(cbs[h])?;
+                    g.submit(cbs[h], fences[h])?;
+                    busy[h] = true;
+                    Ok(())
+                })();
+                if r.is_err() {
+                    break 'parts;
+                }
+            }
+        }
+        for h in 0..2 {
+            if busy[h] {
+                let w = self.gpu.wait(fences[h]);
+                r = r.and(w);
+            }
+        }
+        self.staging = Some(st);
+        r.map_err(|e| {
+            self.lost |= e == VkError::DeviceLost;
+            self.err(e)
+        })
+    }
+
     /// The pipeline of shader variant `name` with specialization constants `spec`.
     fn pipeline(&mut self, name: &str, spec: &[u32]) -> Result<Pipeline> {
         let key = (name.to_string(), spec.to_vec());
@@ -787,6 +847,12 @@ impl Drop for Vulkan {
         }
         self.gpu.free_command_buffer(self.once);
         self.gpu.destroy_fence(self.fence);
+        if let Some((cbs, fences)) = self.copy_sync.take() {
+            for (cb, f) in cbs.into_iter().zip(fences) {
+                self.gpu.free_command_buffer(cb);
+                self.gpu.destroy_fence(f);
+            }
+        }
     }
 }
 
@@ -969,14 +1035,8 @@ impl Backend for Vulkan {
         let store = ring.slots[slot];
         // Every submitted op is done with the slot's previous layer before it is overwritten.
         let raw = std::mem::replace(&mut self.wstore[store], placeholder());
-        let mut r = self.settle();
         let t = std::time::Instant::now();
-        for (bytes, at) in &entry.2 {
-            if r.is_err() {
-                break;
-            }
-            r = self.upload(&raw, *at, bytes.as_slice());
-        }
+        let r = self.upload_parts(&raw, &entry.2);
         self.wstore[store] = raw;
         let ring = self.ring.as_mut().expect("ring");
         ring.copied.0 += entry.2.iter().map(|(b, _)| b.len() as u64).sum::<u64>();
