@@ -12,6 +12,8 @@
     uint iflags;
 #include "common/mm.glsl"
 
+layout(buffer_reference, std430, buffer_reference_align = 16) buffer Quads { uvec4 v[]; };
+
 // One element's step of every token's chain: acc[t] = acc[t] + wv·x[t] (x[t] at `xi` + t rows),
 // the product and the sum each rounded once.
 void accumulate(inout float acc[TOKENS], float wv, Floats x, uint xi, uint nt) {
@@ -39,7 +41,54 @@ void main() {
         uint row = pc.w_byte + r * pc.row_bytes;
         uint xa = pc.x_off + t0 * pc.x_stride;
         bool whole = (row & 3u) == 0u && (pc.row_bytes & 3u) == 0u && pc.group % 8u == 0u && pc.cols % 8u == 0u;
-        if (whole) {
+        bool wide = whole && ((pc.w.x | row | pc.row_bytes) & 15u) == 0u;
+        if (wide) {
+            // Rows of whole 16-byte pieces: a row's 8 lanes load 128 neighbouring bytes at once,
+            // each lane one piece (the next chunk's load in flight while this one is summed), and
+            // step k's word comes to every lane by a shuffle (a move) from the lane that loaded it.
+            // The same values and the same chains as below.
+            bool four = (pc.iflags & INT_4BIT) != 0u, i8 = (pc.iflags & INT_I8) != 0u;
+            Quads wq = Quads(pc.w);
+            uint src = gl_SubgroupInvocationID - lane;
+            uint qbase = row >> 4, nq = pc.row_bytes >> 4;
+            uint steps = pc.cols / 8u, gsteps = pc.group / 8u;
+            uint piece_steps = four ? 4u : 2u;   // 16 bytes: 32 four-bit or 16 eight-bit codes
+            uint g = 0u, gnext = gsteps;
+            float sc = int_scale(s, r * pc.groups, pc.iflags);
+            int zp = int_zero(z, r, 0u, pc.groups, pc.iflags);
+            uvec4 cur = lane < nq ? wq.v[qbase + lane] : uvec4(0u);
+            for (uint c0 = 0u; c0 < nq; c0 += 8u) {
+                uint pn = c0 + 8u + lane;
+                uvec4 nxt = pn < nq ? wq.v[qbase + pn] : uvec4(0u);
+                uint k0 = c0 * piece_steps, k1 = min(steps, k0 + 8u * piece_steps);
+                for (uint p = 0u; k0 + p * piece_steps < k1; p++) {
+                    [[unroll]] for (uint j = 0u; j < 4u; j++) {
+                        uint k = k0 + p * piece_steps + j;
+                        if (j < piece_steps && k < k1) {
+                            if (k == gnext) {
+                                g++;
+                                gnext += gsteps;
+                                sc = int_scale(s, r * pc.groups + g, pc.iflags);
+                                zp = int_zero(z, r, g, pc.groups, pc.iflags);
+                            }
+                            int q;
+                            if (four) {
+                                uint word = subgroupShuffle(cur[j], src + p);
+                                q = int((word >> (4u * lane)) & 15u) - 8;
+                            } else {
+                                // step 2p' + j' of the piece pair: words 2j', 2j' + 1 of piece p
+                                uvec2 pair = subgroupShuffle(j == 0u ? cur.xy : cur.zw, src + p);
+                                uint word = (lane >> 2) == 0u ? pair.x : pair.y;
+                                q = i8 ? sbyte(word, lane & 3u) : int((word >> (8u * (lane & 3u))) & 255u) - 128;
+                            }
+                            precise float wv = float(q - zp) * sc;
+                            accumulate(acc, wv, x, xa + 8u * k + lane, nt);
+                        }
+                    }
+                }
+                cur = nxt;
+            }
+        } else if (whole) {
             // Whole words and groups of whole 8-element steps: each group's scale and zero point
             // read once, then step k gives this lane element 8k + lane from one word (the same
             // word for the row's 8 lanes with 4-bit codes, two with 8-bit).

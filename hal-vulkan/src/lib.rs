@@ -530,6 +530,46 @@ impl Vulkan {
         self.last_counts
     }
 
+    /// The device memory's bandwidth in bytes/s, for a decode roofline: the best of `reps`
+    /// copies of `bytes` between two buffers of its own, timed on the device, counting the bytes
+    /// read and written. `None` where the device is the CPU or uses the host's memory for
+    /// weights (the host's probe measures that), has no timestamps, or could not hold the buffers.
+    pub fn memory_bandwidth(&mut self, bytes: u64, reps: usize) -> Result<Option<f64>> {
+        if self.weights_in_place() || !self.gpu.info.is_gpu() || !self.gpu.info.timestamps {
+            return Ok(None);
+        }
+        let Ok(src) = self.raw_buffer(bytes, Mem::Device, || "bandwidth probe".into()) else { return Ok(None) };
+        let dst = match self.raw_buffer(bytes, Mem::Device, || "bandwidth probe".into()) {
+            Ok(d) => d,
+            Err(_) => {
+                self.free(src, true);
+                return Ok(None);
+            }
+        };
+        let mut best: Option<f64> = None;
+        let mut run = || -> Result<()> {
+            // The first copy touches every page; the rest are timed.
+            for i in 0..=reps {
+                let region = [raw::BufferCopy { src_offset: 0, dst_offset: 0, size: bytes }];
+                self.one_shot(|g, cb| {
+                    g.reset_queries(cb);
+                    g.timestamp(cb, 0);
+                    g.copy(cb, &src, &dst, &region);
+                    g.timestamp(cb, 1);
+                })?;
+                if let Some(ns) = self.gpu.step_ns().filter(|ns| i > 0 && *ns > 0.0) {
+                    let rate = 2.0 * bytes as f64 / (ns * 1e-9);
+                    best = Some(best.map_or(rate, |b| b.max(rate)));
+                }
+            }
+            Ok(())
+        };
+        let r = run();
+        self.free(src, true);
+        self.free(dst, true);
+        r.map(|_| best)
+    }
+
     fn err(&self, e: VkError) -> VulkanError {
         match e {
             VkError::DeviceLost => VulkanError::DeviceLost { device: self.gpu.info.name.clone() },

@@ -106,6 +106,12 @@ pub trait Registered: Backend + Sized + 'static {
     fn step_counts(&self) -> Option<(usize, usize)> {
         None
     }
+
+    /// The bandwidth (bytes/s) of the memory the weights are read from, where that is the
+    /// device's own (a discrete GPU); `None`: the host's memory, probed by the caller.
+    fn device_bandwidth(&mut self) -> CliResult<Option<f64>> {
+        Ok(None)
+    }
 }
 
 impl Registered for Cpu {
@@ -152,6 +158,10 @@ impl Registered for Vulkan {
 
     fn step_counts(&self) -> Option<(usize, usize)> {
         Some(self.last_step_counts())
+    }
+
+    fn device_bandwidth(&mut self) -> CliResult<Option<f64>> {
+        self.memory_bandwidth(1 << 30, 5).context(|| "measuring the device's memory bandwidth".into())
     }
 }
 

@@ -74,7 +74,9 @@ struct BenchJson<'a> {
     /// read ahead (the others are streamed).
     #[serde(skip_serializing_if = "Option::is_none")]
     streaming: Option<Streaming>,
-    /// Measured memory read bandwidth with the same thread count (GB/s = 1e9 bytes/s).
+    /// Measured bandwidth of the memory the weights are read from (GB/s = 1e9 bytes/s): the
+    /// host's, read with the same thread count, or a discrete device's own (a copy, counting
+    /// bytes read and written).
     mem_read_gbps: f64,
     /// Weight bytes one decode step streams (every matmul weight, the LM head included).
     decode_bytes_per_token: usize,
@@ -212,7 +214,7 @@ impl WithBackend for BenchOn<'_> {
 
 #[allow(clippy::too_many_arguments)]
 fn bench_on<B: Registered>(
-    backend: B,
+    mut backend: B,
     budget: Option<usize>,
     name: &'static str,
     hw: &Hw,
@@ -232,6 +234,8 @@ fn bench_on<B: Registered>(
     };
     let file = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
     let table = Table { file, size: fmt_size(model_bytes), params: fmt_params(params), name, hw, act };
+    // Before the model takes the device's memory: the probe needs two buffers of 1 GiB.
+    let device_bw = if quiet { None } else { backend.device_bandwidth()? };
     // Loaded before the header is printed: a budget too small is then the only output.
     let mut model = Model::load_with_budget(backend, src, opts, budget)?;
     if show {
@@ -330,7 +334,7 @@ fn bench_on<B: Registered>(
         Some(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
         None => hw.threads,
     };
-    let bw = read_bandwidth(probe_threads, 1 << 30, 5);
+    let bw = device_bw.unwrap_or_else(|| read_bandwidth(probe_threads, 1 << 30, 5));
     let disk_gbps = disk_read_rate(path, 256 << 20).map(|r| r / 1e9);
     let roof = bw / decode_bytes.max(1) as f64;
     let frac = tg.tps_mean / roof;
@@ -413,8 +417,11 @@ fn bench_on<B: Registered>(
         None => stream,
     };
     out::print_all(&format!(
-        "{device}\npeak RSS: {rss}; read from disk during tg: {disk} (the disk reads {disk_rate}){stream}\nmemory read bandwidth ({} threads): {:.1} GB/s; decode reads {:.1} MB/token -> tg roofline {roof:.1} t/s{}\n",
-        probe_threads,
+        "{device}\npeak RSS: {rss}; read from disk during tg: {disk} (the disk reads {disk_rate}){stream}\n{}: {:.1} GB/s; decode reads {:.1} MB/token -> tg roofline {roof:.1} t/s{}\n",
+        match device_bw {
+            Some(_) => "device memory bandwidth (a copy between its buffers, bytes read + written)".to_string(),
+            None => format!("memory read bandwidth ({probe_threads} threads)"),
+        },
         bw / 1e9,
         decode_bytes as f64 / 1e6,
         if tg.n > 0 { format!(", reached {:.0}%", 100.0 * frac) } else { String::new() }
