@@ -8,7 +8,7 @@ use purehw_core::Error;
 use purehw_core::model::{Model, ModelOptions};
 use purehw_core::source::{ModelSource, Role};
 use purehw_core::stream::Needs;
-use purehw_hal::{ActQuant, Backend};
+use purehw_hal::{ActQuant, Backend, Stats};
 use purehw_hal_cpu_ref::CpuRef;
 
 fn gemma3() -> std::path::PathBuf {
@@ -50,17 +50,22 @@ fn run<B: Backend>(m: &mut Model<B>) -> Vec<Vec<f32>> {
 }
 
 /// Logits with the smallest budget (nothing pinned, one layer read ahead) and with one that
-/// pins some layers equal the whole model's, bit for bit.
-fn check_same_logits<B: Backend>(path: &std::path::Path, act: ActQuant, make: impl Fn() -> B) {
+/// pins some layers equal the whole model's, bit for bit. The backends' stats after decoding,
+/// whole and with the smallest budget, and what a budget must hold.
+fn check_same_logits<B: Backend>(path: &std::path::Path, act: ActQuant, make: impl Fn() -> B) -> (Stats, Stats, Needs) {
     let src = open(path);
     let o = opts(act);
-    let whole = run(&mut Model::load(make(), &src, o).unwrap_or_else(|e| panic!("{e}")));
+    let mut m = Model::load(make(), &src, o).unwrap_or_else(|e| panic!("{e}"));
+    let whole = run(&mut m);
+    let mut stats = vec![m.backend().stats()];
+    drop(m);
     let n = needs(make(), &src, o);
     let layers = src.config.layers;
     for (budget, plan) in [(n.least(), (0, 1)), (n.least() + 4 * n.layer, (3, 2))] {
         let mut m = Model::load_with_budget(make(), &src, o, Some(budget)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(m.streaming(), Some(plan), "budget {budget} of {n:?}, {layers} layers");
         let streamed = run(&mut m);
+        stats.push(m.backend().stats());
         for (step, (a, b)) in streamed.iter().zip(&whole).enumerate() {
             if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
                 panic!("budget {budget}: step {step} logit {i}: streamed {} whole {}", a[i], b[i]);
@@ -71,6 +76,8 @@ fn check_same_logits<B: Backend>(path: &std::path::Path, act: ActQuant, make: im
     let all = n.fixed() + layers * n.layer;
     let m = Model::load_with_budget(make(), &src, o, Some(all)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(m.streaming(), None);
+    let least = stats.swap_remove(1);
+    (stats.swap_remove(0), least, n)
 }
 
 #[test]
@@ -113,19 +120,10 @@ fn gemma3_vulkan_copied_streamed_logits_equal_whole() {
         return;
     }
     assert!(!matrix::vulkan_copying().weights_in_place());
-    check_same_logits(&gemma3(), ActQuant::Int8, matrix::vulkan_copying);
-    let src = open(&gemma3());
-    let o = opts(ActQuant::Int8);
-    let n = needs(matrix::vulkan_copying(), &src, o);
-    let used = |m: &mut Model<purehw_hal_vulkan::Vulkan>| {
-        run(m);
-        m.backend().stats().memory_used.expect("device memory in use")
-    };
-    let whole = used(&mut Model::load(matrix::vulkan_copying(), &src, o).unwrap_or_else(|e| panic!("{e}")));
-    let mut m =
-        Model::load_with_budget(matrix::vulkan_copying(), &src, o, Some(n.least())).unwrap_or_else(|e| panic!("{e}"));
-    let streamed = used(&mut m);
-    let layers = src.config.layers;
+    let (whole, least, n) = check_same_logits(&gemma3(), ActQuant::Int8, matrix::vulkan_copying);
+    let used = |s: Stats| s.memory_used.expect("device memory in use");
+    let (whole, streamed) = (used(whole), used(least));
+    let layers = open(&gemma3()).config.layers;
     eprintln!("device memory after decoding: streamed {streamed}, whole {whole} ({n:?})");
     // Two slots instead of every layer (each slot a little larger for alignment).
     assert!(streamed + ((layers - 3) * n.layer) as u64 <= whole, "streamed {streamed}, whole {whole}, {n:?}");

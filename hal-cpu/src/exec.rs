@@ -753,6 +753,13 @@ fn par_rows<T: Send>(
 /// `out[t·rows + r] = gemm(row r, token t)` for all rows and tokens, rows split across the pool.
 /// `act` holds `per` items per token (`f32` values or quantized blocks).
 #[allow(clippy::too_many_arguments)]
+/// Rows per chunk of a one-token matmul over `threads`: about eight chunks a thread, but at
+/// least 16 KiB of weights (enough to stream), whole 8-row groups (the SIMD dots' row tiles).
+fn decode_chunk(rows: usize, row_bytes: usize, threads: usize) -> usize {
+    let min = (16 << 10) / row_bytes.max(1);
+    rows.div_ceil(threads * 8).max(min).max(1).next_multiple_of(8)
+}
+
 fn par_gemm<A: Sync>(
     pool: &Pool,
     scratch: &[Mutex<Scratch>],
@@ -777,9 +784,7 @@ fn par_gemm<A: Sync>(
             gemm(fmt, w, rows, cols, act, 1, out);
             return Ok(());
         }
-        let min = (16 << 10) / row_bytes.max(1);
-        let chunk = rows.div_ceil(threads * 8).max(min).max(1).next_multiple_of(4);
-        let chunks = Chunks::new(rows, chunk);
+        let chunks = Chunks::new(rows, decode_chunk(rows, row_bytes, threads));
         let d = Disjoint::new(out);
         pool.run(&|_| {
             for r in &chunks {
@@ -908,7 +913,6 @@ impl Cpu {
             return Ok(false);
         }
         let words = cols / act_block(layout) * act_words(layout);
-        let min = |rb: usize| (16 << 10) / rb.max(1);
         let serial = threads == 1 || bytes < SERIAL_BYTES;
 
         // Lend each output buffer out of the arena for the job (`mem::take`: no allocation).
@@ -925,7 +929,7 @@ impl Cpu {
                 let wt = weight(weights, w);
                 let (rows, rb) = (wt.rows, wt.row_bytes());
                 let o = outs.next().expect("one buffer per output");
-                let chunk = rows.div_ceil(threads * 8).max(min(rb)).max(1).next_multiple_of(8);
+                let chunk = decode_chunk(rows, rb, threads);
                 let out = Disjoint::new(&mut o[out.offset..out.offset + rows]);
                 let _ = list.push(Mat { fmt: wt.format, w: wt.data.as_slice(), rows, row_bytes: rb, out, chunk });
             }

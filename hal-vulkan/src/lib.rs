@@ -696,25 +696,12 @@ impl Vulkan {
             self.settle()?;
             return self.gpu.write_mapped(dst, at, src).map_err(|e| self.err(e));
         }
-        const CHUNK: usize = 64 << 20;
-        self.staging(src.len().min(CHUNK) as u64)?;
-        for (i, part) in src.chunks(CHUNK).enumerate() {
-            self.settle()?;
-            let st = self.staging.as_ref().expect("staging");
-            self.gpu.write_mapped(st, 0, part).map_err(|e| self.err(e))?;
-            let region =
-                [raw::BufferCopy { src_offset: 0, dst_offset: at + (i * CHUNK) as u64, size: part.len() as u64 }];
-            let st = self.staging.take().expect("staging");
-            let r = self.one_shot(|g, cb| g.copy(cb, &st, dst, &region));
-            self.staging = Some(st);
-            r?;
-        }
-        Ok(())
+        self.upload_parts(dst, [(src, at)])
     }
 
     /// Copy each `(bytes, at)` into device buffer `dst` at `at`, through the two halves of the
     /// staging buffer in turn: the host fills one half while the device copies the other.
-    fn upload_parts(&mut self, dst: &RawBuffer, parts: &[(purehw_hal::HostBytes, u64)]) -> Result<()> {
+    fn upload_parts<'a>(&mut self, dst: &RawBuffer, parts: impl IntoIterator<Item = (&'a [u8], u64)>) -> Result<()> {
         const HALF: usize = 16 << 20;
         self.settle()?;
         self.staging(2 * HALF as u64)?;
@@ -729,7 +716,7 @@ impl Vulkan {
         let mut k = 0;
         let mut r: std::result::Result<(), VkError> = Ok(());
         'parts: for (bytes, at) in parts {
-            for (i, piece) in bytes.as_slice().chunks(HALF).enumerate() {
+            for (i, piece) in bytes.chunks(HALF).enumerate() {
                 let h = k % 2;
                 k += 1;
                 let g = &self.gpu;
@@ -1076,7 +1063,7 @@ impl Backend for Vulkan {
         // Every submitted op is done with the slot's previous layer before it is overwritten.
         let raw = std::mem::replace(&mut self.wstore[store], placeholder());
         let t = std::time::Instant::now();
-        let r = self.upload_parts(&raw, &entry.2);
+        let r = self.upload_parts(&raw, entry.2.iter().map(|(b, at)| (b.as_slice(), *at)));
         self.wstore[store] = raw;
         let ring = self.ring.as_mut().expect("ring");
         ring.copied.0 += entry.2.iter().map(|(b, _)| b.len() as u64).sum::<u64>();
