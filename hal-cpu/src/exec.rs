@@ -750,9 +750,6 @@ fn par_rows<T: Send>(
     });
 }
 
-/// `out[t·rows + r] = gemm(row r, token t)` for all rows and tokens, rows split across the pool.
-/// `act` holds `per` items per token (`f32` values or quantized blocks).
-#[allow(clippy::too_many_arguments)]
 /// Rows per chunk of a one-token matmul over `threads`: about eight chunks a thread, but at
 /// least 16 KiB of weights (enough to stream), whole 8-row groups (the SIMD dots' row tiles).
 fn decode_chunk(rows: usize, row_bytes: usize, threads: usize) -> usize {
@@ -760,6 +757,9 @@ fn decode_chunk(rows: usize, row_bytes: usize, threads: usize) -> usize {
     rows.div_ceil(threads * 8).max(min).max(1).next_multiple_of(8)
 }
 
+/// `out[t·rows + r] = gemm(row r, token t)` for all rows and tokens, rows split across the pool.
+/// `act` holds `per` items per token (`f32` values or quantized blocks).
+#[allow(clippy::too_many_arguments)]
 fn par_gemm<A: Sync>(
     pool: &Pool,
     scratch: &[Mutex<Scratch>],
