@@ -18,7 +18,7 @@
 
 use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -33,8 +33,10 @@ const ADMITTED: u64 = CLOSED - 1;
 const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
 
 struct Shared {
-    /// The current job: set before `generation` is bumped, cleared after every worker is done.
-    job: Mutex<Option<JobPtr>>,
+    /// The current job, as a pointer to the caller's `&dyn Fn` (a thin pointer, so one atomic
+    /// holds it): set before `generation` is bumped, cleared after every worker is done. An
+    /// atomic, not a lock: sixteen workers taking a lock at once would queue (and sleep) on it.
+    job: AtomicPtr<&'static Job>,
     generation: AtomicU64,
     /// Admission to the current job: `generation << 32 | CLOSED | workers admitted`.
     gate: AtomicU64,
@@ -46,12 +48,6 @@ struct Shared {
     sleep: Mutex<()>,
     wake: Condvar,
 }
-
-/// A job pointer with its lifetime erased.
-#[derive(Copy, Clone)]
-struct JobPtr(*const Job);
-// SAFETY: the pointee is `Sync` (`Job: Sync`) and outlives every use (see `Pool::run`).
-unsafe impl Send for JobPtr {}
 
 /// The pool. Dropping it stops and joins the workers.
 pub struct Pool {
@@ -79,7 +75,7 @@ impl Pool {
             pin_current_thread(cpu)?;
         }
         let shared = Arc::new(Shared {
-            job: Mutex::new(None),
+            job: AtomicPtr::new(std::ptr::null_mut()),
             generation: AtomicU64::new(0),
             gate: AtomicU64::new(CLOSED),
             done: AtomicUsize::new(0),
@@ -132,8 +128,9 @@ impl Pool {
         // (normally or by unwinding: the caller's own part runs under catch_unwind) before it has
         // closed the gate and every admitted worker has incremented `done`; so `job` outlives
         // every use.
-        let ptr = JobPtr(unsafe { std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const Job>(job) });
-        *lock(&s.job) = Some(ptr);
+        let job: &'static Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), &'static Job>(job) };
+        // The reference itself lives on this frame, which outlives the job as `job` does.
+        s.job.store((&job as *const &'static Job).cast_mut(), SeqCst);
         s.done.store(0, SeqCst);
         let generation = s.generation.load(SeqCst).wrapping_add(1);
         s.gate.store((generation & 0xFFFF_FFFF) << 32, SeqCst);
@@ -153,7 +150,7 @@ impl Pool {
                 std::thread::yield_now();
             }
         }
-        *lock(&s.job) = None;
+        s.job.store(std::ptr::null_mut(), SeqCst);
         if let Err(p) = mine {
             std::panic::resume_unwind(p);
         }
@@ -253,10 +250,12 @@ fn worker(s: &Shared, id: usize) {
         if !admit(&s.gate, seen) {
             continue; // the caller finished without this thread
         }
-        let job = *lock(&s.job);
-        if let Some(JobPtr(p)) = job {
-            // SAFETY: `run` keeps the job alive until this thread increments `done` below.
-            let f = unsafe { &*p };
+        let p = s.job.load(SeqCst);
+        if !p.is_null() {
+            // SAFETY: `run` stored `p` (a reference on its frame to the job) before opening
+            // generation `seen`, and keeps both alive until this admitted thread increments
+            // `done` below.
+            let f: &Job = unsafe { *p };
             if catch_unwind(AssertUnwindSafe(|| f(id))).is_err() {
                 s.panicked.store(true, SeqCst);
             }
