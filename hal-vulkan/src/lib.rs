@@ -531,8 +531,8 @@ impl Vulkan {
     }
 
     /// The device memory's bandwidth in bytes/s, for a decode roofline: the best of `reps`
-    /// copies of `bytes` between two buffers of its own, timed on the device, counting the bytes
-    /// read and written. `None` where the device is the CPU or uses the host's memory for
+    /// rounds of copies of `bytes` between two buffers of its own, timed on the device, counting
+    /// the bytes read and written. `None` where the device is the CPU or uses the host's memory for
     /// weights (the host's probe measures that), has no timestamps, or could not hold the buffers.
     pub fn memory_bandwidth(&mut self, bytes: u64, reps: usize) -> Result<Option<f64>> {
         if self.weights_in_place() || !self.gpu.info.is_gpu() || !self.gpu.info.timestamps {
@@ -546,19 +546,26 @@ impl Vulkan {
                 return Ok(None);
             }
         };
+        // Each submission copies `COPIES` times, so a timed stretch lasts milliseconds (a GPU
+        // leaving its idle clocks needs that); the first touches every page and is not counted.
+        const COPIES: u64 = 8;
         let mut best: Option<f64> = None;
         let mut run = || -> Result<()> {
-            // The first copy touches every page; the rest are timed.
             for i in 0..=reps {
                 let region = [raw::BufferCopy { src_offset: 0, dst_offset: 0, size: bytes }];
                 self.one_shot(|g, cb| {
                     g.reset_queries(cb);
                     g.timestamp(cb, 0);
-                    g.copy(cb, &src, &dst, &region);
+                    for c in 0..COPIES {
+                        if c > 0 {
+                            g.barrier(cb);
+                        }
+                        g.copy(cb, &src, &dst, &region);
+                    }
                     g.timestamp(cb, 1);
                 })?;
                 if let Some(ns) = self.gpu.step_ns().filter(|ns| i > 0 && *ns > 0.0) {
-                    let rate = 2.0 * bytes as f64 / (ns * 1e-9);
+                    let rate = 2.0 * (COPIES * bytes) as f64 / (ns * 1e-9);
                     best = Some(best.map_or(rate, |b| b.max(rate)));
                 }
             }
