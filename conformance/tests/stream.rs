@@ -57,27 +57,31 @@ fn check_same_logits<B: Backend>(path: &std::path::Path, act: ActQuant, make: im
     let o = opts(act);
     let mut m = Model::load(make(), &src, o).unwrap_or_else(|e| panic!("{e}"));
     let whole = run(&mut m);
-    let mut stats = vec![m.backend().stats()];
+    let whole_stats = m.backend().stats();
     drop(m);
     let n = needs(make(), &src, o);
     let layers = src.config.layers;
+    let mut least_stats = None;
     for (budget, plan) in [(n.least(), (0, 1)), (n.least() + 4 * n.layer, (3, 2))] {
         let mut m = Model::load_with_budget(make(), &src, o, Some(budget)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(m.streaming(), Some(plan), "budget {budget} of {n:?}, {layers} layers");
-        let streamed = run(&mut m);
-        stats.push(m.backend().stats());
-        for (step, (a, b)) in streamed.iter().zip(&whole).enumerate() {
-            if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
-                panic!("budget {budget}: step {step} logit {i}: streamed {} whole {}", a[i], b[i]);
-            }
-        }
+        assert_same_logits(&run(&mut m), &whole, &format!("budget {budget}"));
+        least_stats.get_or_insert_with(|| m.backend().stats());
     }
     // A budget that holds every layer streams nothing.
     let all = n.fixed() + layers * n.layer;
     let m = Model::load_with_budget(make(), &src, o, Some(all)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(m.streaming(), None);
-    let least = stats.swap_remove(1);
-    (stats.swap_remove(0), least, n)
+    (whole_stats, least_stats.expect("the smallest budget ran"), n)
+}
+
+/// Every step's logits bit for bit equal (`what` names the streamed run).
+fn assert_same_logits(streamed: &[Vec<f32>], whole: &[Vec<f32>], what: &str) {
+    for (step, (a, b)) in streamed.iter().zip(whole).enumerate() {
+        if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
+            panic!("{what}: step {step} logit {i}: streamed {} whole {}", a[i], b[i]);
+        }
+    }
 }
 
 #[test]
@@ -147,10 +151,7 @@ fn smallest_budget_same_logits<B: Backend>(path: &std::path::Path, make: impl Fn
     let budget = needs(make(), &src, o).least();
     let mut m = Model::load_with_budget(make(), &src, o, Some(budget)).unwrap_or_else(|e| panic!("{e}"));
     assert!(m.streaming().is_some());
-    let streamed = run(&mut m);
-    for (step, (a, b)) in streamed.iter().zip(&whole).enumerate() {
-        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "step {step} differs");
-    }
+    assert_same_logits(&run(&mut m), &whole, &format!("budget {budget}"));
 }
 
 /// A backend that copies its weights and cannot stream them refuses a budget at load, saying

@@ -723,8 +723,7 @@ struct Spans {
 
 impl Spans {
     fn add(&mut self, w: &HostWeight, layer: Option<usize>) {
-        let parts = [Some(&w.data), w.parts.scales.as_ref(), w.parts.zeros.as_ref()];
-        for p in parts.into_iter().flatten() {
+        for p in w.byte_parts().into_iter().flatten() {
             match layer {
                 Some(l) => {
                     if self.layers.len() <= l {
@@ -805,18 +804,13 @@ fn load_weights<B: Backend>(
 /// before anything is loaded): the bytes of the weights every token reads (norms as the f32
 /// vectors they are loaded as) and the largest layer's matrix parts.
 fn source_sizes(src: &ModelSource, c: &ModelConfig) -> Result<(usize, usize)> {
-    let parts = |w: &HostWeight| {
-        w.data.len()
-            + w.parts.scales.as_ref().map_or(0, HostBytes::len)
-            + w.parts.zeros.as_ref().map_or(0, HostBytes::len)
-    };
     let (mut shared, mut layer) = (0usize, 0usize);
     for role in Role::ALL.into_iter().filter(|r| r.used_by(c.arch) && !r.per_layer()) {
         if role == Role::Output && c.tied_embeddings {
             continue;
         }
         let w = required(src, role, None)?;
-        shared += if w.rows == 1 { w.cols * 4 } else { parts(&w) };
+        shared += if w.rows == 1 { w.cols * 4 } else { w.total_bytes() };
     }
     for l in 0..c.layers {
         let mut bytes = 0;
@@ -825,7 +819,7 @@ fn source_sizes(src: &ModelSource, c: &ModelConfig) -> Result<(usize, usize)> {
             if w.rows == 1 {
                 shared += w.cols * 4;
             } else {
-                bytes += parts(&w);
+                bytes += w.total_bytes();
             }
         }
         layer = layer.max(bytes);

@@ -1040,8 +1040,7 @@ impl Backend for Vulkan {
         // Codes, scales and zero points each at the next aligned byte of the layer's slot.
         let store = ring.slots[slot];
         let mut placed = [(store, 0); 3];
-        let parts = [Some(&w.data), w.parts.scales.as_ref(), w.parts.zeros.as_ref()];
-        for (i, b) in parts.into_iter().enumerate() {
+        for (i, b) in w.byte_parts().into_iter().enumerate() {
             let Some(b) = b else { continue };
             let at = e.1.next_multiple_of(SLOT_ALIGN);
             if at + b.len() as u64 > ring.slot_bytes {

@@ -192,6 +192,17 @@ impl HostWeight {
         w.check().map(|()| w)
     }
 
+    /// The weight's byte parts in order: codes (or the whole data), scales, zero points; `None`
+    /// where absent.
+    pub fn byte_parts(&self) -> [Option<&HostBytes>; 3] {
+        [Some(&self.data), self.parts.scales.as_ref(), self.parts.zeros.as_ref()]
+    }
+
+    /// Bytes of every part together.
+    pub fn total_bytes(&self) -> usize {
+        self.byte_parts().into_iter().flatten().map(HostBytes::len).sum()
+    }
+
     /// Whether every part is exactly the size the format and shape imply (what
     /// [`new`](Self::new) checks; the fields are public, so a weight built directly may not be).
     pub fn is_consistent(&self) -> bool {
