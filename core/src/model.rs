@@ -195,8 +195,8 @@ impl<B: Backend> Model<B> {
     /// `cpu-ref`, Vulkan on shared memory) residency is the weight owners' (a file's map); a
     /// backend that copies weights holds the streamed layers in slots of its own
     /// ([`Backend::stream_slots`]), each filled before its layer runs (and one that cannot is
-    /// an error). A budget that holds every layer changes nothing. Errors when it cannot hold the shared weights, the KV cache, the
-    /// activations and two layers, naming each.
+    /// an error). A budget that holds every layer changes nothing. Errors when it cannot hold
+    /// the shared weights, the KV cache, the activations and two layers, naming each.
     pub fn load_with_budget(
         mut backend: B,
         source: &ModelSource,
@@ -218,15 +218,19 @@ impl<B: Backend> Model<B> {
         // streamed layer, and how many slots); one that computes on the file's pages streams them.
         let (state, sizes) = alloc_state(&mut backend, &c, &opts)?;
         let logits_host = opts.logit_rows.saturating_mul(c.vocab).saturating_mul(4);
+        let needs = |shared, layer| Needs {
+            shared,
+            kv_cache: sizes.kv_cache,
+            buffers: sizes.buffers.saturating_add(logits_host),
+            layer,
+        };
         let mut ring = None;
         let mut copied_plan = None;
         if let Some(budget) = weight_budget
             && !backend.weights_in_place()
         {
             let (shared, layer) = source_sizes(source, &c)?;
-            let needs =
-                Needs { shared, kv_cache: sizes.kv_cache, buffers: sizes.buffers.saturating_add(logits_host), layer };
-            let plan = Plan::new(budget, c.layers, needs)?;
+            let plan = Plan::new(budget, c.layers, needs(shared, layer))?;
             if let Plan::Stream { pinned, ahead } = plan {
                 let slots = 1 + ahead;
                 if !backend.stream_slots(slots, layer).map_err(|e| Error::backend(backend.name(), e))? {
@@ -247,13 +251,7 @@ impl<B: Backend> Model<B> {
             Some(budget) => {
                 let layer_spans = LayerSpans::new(spans.layers);
                 let layer = (0..c.layers).map(|l| layer_spans.bytes(l)).max().unwrap_or(0);
-                let needs = Needs {
-                    shared: spans.shared,
-                    kv_cache: sizes.kv_cache,
-                    buffers: sizes.buffers.saturating_add(logits_host),
-                    layer,
-                };
-                match copied_plan.map_or_else(|| Plan::new(budget, c.layers, needs), Ok)? {
+                match copied_plan.map_or_else(|| Plan::new(budget, c.layers, needs(spans.shared, layer)), Ok)? {
                     Plan::Resident => None,
                     Plan::Stream { pinned, ahead } => Some(Streamer::new(layer_spans, pinned, ahead)?),
                 }
