@@ -12,6 +12,22 @@
     uint iflags;
 #include "common/mm.glsl"
 
+// The decode fast path (one token, whole 16-byte-aligned rows, chunks of whole groups), chosen
+// by the host: FBITS 4 or 8 (0: the element-wise path below), FGROUP the columns per scale (0:
+// one per row). The workgroup copies each chunk of its rows' codes (32 words a row, one uvec4 a
+// thread) and of x into shared memory with coalesced loads, the next chunk's loads in flight
+// while this one is computed; every lane still walks its own elements in the reference's order.
+layout(constant_id = 2) const uint FBITS = 0;
+layout(constant_id = 3) const uint FGROUP = 0;
+const uint CE = FBITS == 4u ? 256u : 128u;         // columns a chunk
+const uint STEPS = CE / 8u;                       // a lane's elements a chunk
+const uint GPC = FGROUP == 0u ? 1u : CE / FGROUP; // scale groups a chunk
+const uint XPT = (CE + WG - 1u) / WG;             // x values each thread copies
+const uint WSTRIDE = 34u;                         // words a row in shared memory: 32 + 2 (banks)
+layout(buffer_reference, std430, buffer_reference_align = 16) buffer Quads { uvec4 v[]; };
+shared uint wsh[2][ROWS * WSTRIDE];
+shared float xsh[2][CE];
+
 // One element's step of every token's chain: acc[t] = acc[t] + wv·x[t] (x[t] at `xi` + t rows),
 // the product and the sum each rounded once.
 void accumulate(inout float acc[TOKENS], float wv, Floats x, uint xi, uint nt) {
@@ -23,7 +39,93 @@ void accumulate(inout float acc[TOKENS], float wv, Floats x, uint xi, uint nt) {
     }
 }
 
+// Scales (and zero points) of chunk c's groups.
+void chunk_params(Words s, Words z, uint r, uint c, out float sc[GPC], out int zp[GPC]) {
+    [[unroll]] for (uint j = 0u; j < GPC; j++) {
+        uint g = FGROUP == 0u ? 0u : c * GPC + j;
+        sc[j] = int_scale(s, r * pc.groups + g, pc.iflags);
+        zp[j] = int_zero(z, r, g, pc.groups, pc.iflags);
+    }
+}
+
+void fast() {
+    uint tid = gl_LocalInvocationID.x, lane = tid & 7u, row_l = tid >> 3;
+    uint r = gl_WorkGroupID.x * ROWS + row_l;
+    bool live = r < pc.rows;
+    Quads w = Quads(pc.w);
+    Words s = Words(pc.scales), z = Words(pc.zeros);
+    Floats x = Floats(pc.x);
+    uint chunks = pc.cols / CE;
+    // This thread's quarter-row of codes: uvec4 `lane` of the row's 32-word chunk.
+    uint q0 = (pc.w_byte + (live ? r : 0u) * pc.row_bytes) / 16u + lane;
+    uvec4 wreg = live ? w.v[q0] : uvec4(0u);
+    float xreg[XPT];
+    [[unroll]] for (uint j = 0u; j < XPT; j++) {
+        uint e = tid + j * WG;
+        xreg[j] = e < CE ? x.v[pc.x_off + e] : 0.0;
+    }
+    float sc[GPC];
+    int zp[GPC];
+    chunk_params(s, z, live ? r : 0u, 0u, sc, zp);
+    float acc = 0.0;
+    bool four = FBITS == 4u, i8 = (pc.iflags & INT_I8) != 0u;
+    for (uint c = 0u; c < chunks; c++) {
+        uint b = c & 1u;
+        uint wo = row_l * WSTRIDE + 4u * lane;
+        wsh[b][wo] = wreg.x;
+        wsh[b][wo + 1u] = wreg.y;
+        wsh[b][wo + 2u] = wreg.z;
+        wsh[b][wo + 3u] = wreg.w;
+        [[unroll]] for (uint j = 0u; j < XPT; j++) {
+            uint e = tid + j * WG;
+            if (e < CE) xsh[b][e] = xreg[j];
+        }
+        barrier();
+        // The next chunk's loads go out before this chunk's arithmetic.
+        float nsc[GPC];
+        int nzp[GPC];
+        if (c + 1u < chunks) {
+            if (live) wreg = w.v[q0 + 8u * (c + 1u)];
+            [[unroll]] for (uint j = 0u; j < XPT; j++) {
+                uint e = tid + j * WG;
+                if (e < CE) xreg[j] = x.v[pc.x_off + (c + 1u) * CE + e];
+            }
+            if (FGROUP != 0u) chunk_params(s, z, live ? r : 0u, c + 1u, nsc, nzp);
+        }
+        uint rb = row_l * WSTRIDE;
+        [[unroll]] for (uint e = 0u; e < STEPS; e++) {
+            int q;
+            if (four) {
+                q = int((wsh[b][rb + e] >> (4u * lane)) & 15u) - 8;
+            } else {
+                uint word = wsh[b][rb + 2u * e + (lane >> 2)];
+                q = i8 ? sbyte(word, lane & 3u) : int((word >> (8u * (lane & 3u))) & 255u) - 128;
+            }
+            uint g = FGROUP == 0u ? 0u : (8u * e) / FGROUP;
+            precise float wv = float(q - zp[g]) * sc[g];
+            precise float a = acc + wv * xsh[b][8u * e + lane];
+            acc = a;
+        }
+        if (FGROUP != 0u && c + 1u < chunks) {
+            [[unroll]] for (uint j = 0u; j < GPC; j++) {
+                sc[j] = nsc[j];
+                zp[j] = nzp[j];
+            }
+        }
+    }
+    float accs[TOKENS], off[TOKENS];
+    [[unroll]] for (uint t = 0u; t < TOKENS; t++) {
+        accs[t] = t == 0u ? acc : 0.0;
+        off[t] = 0.0;
+    }
+    finish(r, lane, 0u, 1u, accs, off);
+}
+
 void main() {
+    if (FBITS != 0u) {
+        fast();
+        return;
+    }
     uint lane = gl_LocalInvocationID.x & 7u, row_l = gl_LocalInvocationID.x >> 3;
     uint r = gl_WorkGroupID.x * ROWS + row_l;
     uint t0 = gl_WorkGroupID.y * TOKENS;

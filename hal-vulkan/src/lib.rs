@@ -365,6 +365,9 @@ pub struct Vulkan {
     /// Prefill attention in blocks of rows (`attention_blk.comp`); `PUREHW_VK_ATTN_BLK=0` keeps
     /// one row per workgroup.
     attn_blk: bool,
+    /// One-token matmuls on compressed-tensors weights take `mm_int.comp`'s chunked path where
+    /// the shapes allow (`PUREHW_VK_INT_CHUNKS=0`: the element-wise one, for comparing).
+    int_chunks: bool,
     /// Rows per block-attention workgroup (see [`VulkanOptions::attention_rows`]).
     attn_qb: Option<usize>,
     /// Decode matmuls' tails (see [`VulkanOptions::tails`]).
@@ -501,6 +504,7 @@ impl Vulkan {
                 Err(_) => Some(None),
             },
             attn_blk: std::env::var("PUREHW_VK_ATTN_BLK").map_or(true, |v| v != "0"),
+            int_chunks: std::env::var("PUREHW_VK_INT_CHUNKS").map_or(true, |v| v != "0"),
             attn_qb: opts.attention_rows,
             import: opts.import.unwrap_or(true),
             ring: None,
@@ -2734,6 +2738,10 @@ impl Vulkan {
             let tokens = n.clamp(1, 16).next_power_of_two() as u32;
             let wg: u32 = if wrows * n.min(16) < 32768 { 64 } else { 256 };
             let grid = [groups(wrows, wg as usize / 8), groups(n, tokens as usize), 1];
+            let at = (wa[0] as u64 | (wa[1] as u64) << 32) + wb as u64;
+            if let Some((bits, group)) = int_chunked(p, cols, at, row_bytes).filter(|_| n == 1 && self.int_chunks) {
+                return self.dispatch(cb, hz, "mm_int", &[1, wg, bits, group], &push, grid, acc);
+            }
             return self.dispatch(cb, hz, "mm_int", &[tokens, wg], &push, grid, acc);
         }
         if q8 && n <= 16 && self.split {
@@ -2810,6 +2818,20 @@ impl Vulkan {
 }
 
 /// A Qkv's epilogue flags (`QP_*`) and the word offset of its RoPE table in the step buffer.
+/// `mm_int.comp`'s chunked path for a one-token matmul, as its spec constants (bits, columns
+/// per scale or 0 per row): a chunk is 32 code words a row (256 4-bit or 128 8-bit columns), so
+/// the rows must be whole chunks starting 16-byte aligned, and a chunk whole groups of 8-column
+/// steps.
+fn int_chunked(p: purehw_kernels::quant::PackedInt, cols: usize, at: u64, row_bytes: usize) -> Option<(u32, u32)> {
+    let ce = if p.bits == 4 { 256 } else { 128 };
+    let group = match p.group {
+        None => 0,
+        Some(g) if g % 8 == 0 && ce % g == 0 => g,
+        Some(_) => return None,
+    };
+    (cols > 0 && cols % ce == 0 && at % 16 == 0 && row_bytes % 16 == 0).then_some((u32::from(p.bits), group as u32))
+}
+
 fn qkv_flags(op: &Op<BufId, WeightId>, l: &StepLayout) -> (u32, u32) {
     let Op::Qkv { head_dim, q_norm, k_norm, rope, k_cache, v_cache, .. } = *op else { return (0, 0) };
     let mut flags = 0;

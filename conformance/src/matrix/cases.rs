@@ -244,6 +244,20 @@ fn matmul(rng: &mut Rng, fmt: Format) -> Group {
             c.op(Op::MatMul { out, x, w, n, act });
             cases.push(c);
         }
+        // compressed-tensors decode shapes of whole 256-column chunks (Vulkan's chunked mm_int),
+        // a partial and several workgroups of rows.
+        if matches!(fmt, Format::Int(_)) && act == ActQuant::F32 {
+            for (rows, cols, at) in [(37, 1024, 3), (300, 2048, 0)] {
+                let mut c =
+                    Case::new(format!("MatMul {fmt:?} {act:?} n=1 rows={rows} cols={cols}"), StepData::one_seq(1, 0));
+                let w = c.weight(weight(rng, fmt, rows, cols));
+                let x = activations(rng, 1, cols);
+                let x = c.input_at(rng, &x, at);
+                let out = c.output_at(rng, rows, at, "out", Check::Float);
+                c.op(Op::MatMul { out, x, w, n: 1, act });
+                cases.push(c);
+            }
+        }
         // Two matmuls reading the same rows, the rows overwritten, a third reading them: a
         // backend reusing quantized activations must see the new rows.
         for n in [5, 33] {
