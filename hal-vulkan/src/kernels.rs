@@ -48,6 +48,17 @@ pub struct EmbedPush {
 }
 const _: () = assert!(core::mem::size_of::<EmbedPush>() == 52);
 
+/// `bandwidth.comp`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct BandwidthPush {
+    pub src: Addr,
+    /// 16-byte loads in the buffer.
+    pub quads: u32,
+    pub pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<BandwidthPush>() == 16);
+
 /// `mm_int.comp`: [`MmPush`]'s fields, then the integer weight's parts.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Pod, Zeroable)]

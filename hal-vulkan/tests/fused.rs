@@ -453,3 +453,16 @@ fn fused_ops_equal_reference() {
         });
     }
 }
+
+/// The bandwidth probe's kernel (what `bench` measures a discrete GPU with) runs, validation
+/// layer silent, and gives a rate.
+#[test]
+fn read_bandwidth_probe() {
+    let mut vk = vulkan();
+    let rate = vk.read_bandwidth(16 << 20, 1).unwrap_or_else(|e| panic!("{e}"));
+    if vk.info().timestamps {
+        assert!(rate.is_some_and(|r| r > 1e6), "{rate:?}");
+    }
+    let msgs = purehw_hal_vulkan::validation_messages();
+    assert!(msgs.is_empty(), "{msgs:?}");
+}

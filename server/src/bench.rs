@@ -419,7 +419,7 @@ fn bench_on<B: Registered>(
     out::print_all(&format!(
         "{device}\npeak RSS: {rss}; read from disk during tg: {disk} (the disk reads {disk_rate}){stream}\n{}: {:.1} GB/s; decode reads {:.1} MB/token -> tg roofline {roof:.1} t/s{}\n",
         match device_bw {
-            Some(_) => "device memory bandwidth (a copy between its buffers, bytes read + written)".to_string(),
+            Some(_) => "device memory read bandwidth (a kernel reading 1 GiB)".to_string(),
             None => format!("memory read bandwidth ({probe_threads} threads)"),
         },
         bw / 1e9,
