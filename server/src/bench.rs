@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
-use purehw_core::model::{Model, ModelOptions};
+use purehw_core::model::{Model, ModelOptions, SeqInput, Want};
 use purehw_core::source::ModelSource;
 use purehw_hal::ActQuant;
 use serde::Serialize;
@@ -46,6 +46,8 @@ struct BenchJson<'a> {
     repetitions: usize,
     /// Tokens in the context before each test (`-d`).
     depth: usize,
+    /// Sequences decoded together in the tg test (`-b`); `tg.n` counts all their tokens.
+    batch: usize,
     model_bytes: usize,
     params: usize,
     pp: Rate,
@@ -75,12 +77,12 @@ struct BenchJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     streaming: Option<Streaming>,
     /// Measured bandwidth of the memory the weights are read from (GB/s = 1e9 bytes/s): the
-    /// host's, read with the same thread count, or a discrete device's own (a copy, counting
-    /// bytes read and written).
+    /// host's, read with the same thread count, or a discrete device's own (a kernel reading
+    /// device memory).
     mem_read_gbps: f64,
     /// Weight bytes one decode step streams (every matmul weight, the LM head included).
     decode_bytes_per_token: usize,
-    /// `mem_read_gbps / decode_bytes_per_token`: the memory-bound ceiling of tg.
+    /// `batch · mem_read_gbps / decode_bytes_per_token`: the memory-bound ceiling of tg.
     tg_roofline_tps: f64,
     /// `tg.tps_mean / tg_roofline_tps`.
     tg_roofline_fraction: f64,
@@ -111,13 +113,16 @@ pub fn bench(a: &BenchArgs) -> CliResult {
             return err(format!("{flag} {n}{at} exceeds the model's context of {max_ctx} tokens"));
         }
     }
+    if a.batch == 0 {
+        return err("-b/--batch must be at least 1");
+    }
     let opts = ModelOptions {
         ctx: a.depth + a.n_prompt.max(a.n_gen).max(1),
-        slots: 1,
+        slots: a.batch,
         // The whole prompt in one step, as llama-bench's default batch does; the depth's tokens
         // in steps of up to 512 (with `-p 0` too).
-        max_batch: a.n_prompt.max(a.depth.min(512)).max(1),
-        logit_rows: 1,
+        max_batch: a.n_prompt.max(a.depth.min(512)).max(a.batch),
+        logit_rows: a.batch,
         act: ActQuant::default(),
     };
     if a.threads_sweep.is_empty() {
@@ -260,11 +265,16 @@ fn bench_on<B: Registered>(
         if let (Some(b), true) = (bos, add_bos) {
             history[0] = b;
         }
-        for (i, chunk) in history.chunks(opts.max_batch).enumerate() {
-            model.forward(0, i * opts.max_batch, chunk).context(|| format!("prefilling -d {depth}"))?;
+        for slot in 0..a.batch {
+            for (i, chunk) in history.chunks(opts.max_batch).enumerate() {
+                model.forward(slot, i * opts.max_batch, chunk).context(|| format!("prefilling -d {depth}"))?;
+            }
         }
     }
-    let (pp_name, tg_name) = (test_name("pp", a.n_prompt, depth), test_name("tg", a.n_gen, depth));
+    let (pp_name, mut tg_name) = (test_name("pp", a.n_prompt, depth), test_name("tg", a.n_gen, depth));
+    if a.batch > 1 {
+        tg_name = format!("{tg_name} ×{}", a.batch);
+    }
     let mut pp = Rate::default();
     if a.n_prompt > 0 {
         // llama-bench: BOS first where the model adds one, then random tokens.
@@ -298,13 +308,26 @@ fn bench_on<B: Registered>(
         let mut runs = 0;
         let read_before = disk_read_bytes();
         let copied_before = model.backend().stats().streamed;
-        tg = measure(a.n_gen, a.repetitions, || {
+        // With a batch, sequence s decodes the same tokens shifted by s (its own stream).
+        let want = vec![Want::Argmax; a.batch];
+        tg = measure(a.n_gen * a.batch, a.repetitions, || {
             let t = Instant::now();
             let warm = runs > 0;
             runs += 1;
             for (pos, id) in steps.iter().enumerate() {
                 // As llama-bench's tg: the step's logits are not read back, only the argmax.
-                model.forward_argmax(0, depth + pos, core::slice::from_ref(id))?;
+                if a.batch == 1 {
+                    model.forward_argmax(0, depth + pos, core::slice::from_ref(id))?;
+                } else {
+                    let seqs: Vec<SeqInput<'_>> = (0..a.batch)
+                        .map(|s| SeqInput {
+                            slot: s,
+                            pos: depth + pos,
+                            tokens: core::slice::from_ref(&steps[(pos + s) % steps.len()]),
+                        })
+                        .collect();
+                    model.forward_select(&seqs, &want)?;
+                }
                 if warm && let Some(s) = model.backend().stats().last_step_seconds {
                     device_time.0 += s;
                     device_time.1 += 1;
@@ -313,7 +336,7 @@ fn bench_on<B: Registered>(
             Ok(t.elapsed().as_secs_f64())
         })
         .context(|| tg_name.clone())?;
-        let tokens = (a.n_gen * (a.repetitions + 1)) as f64;
+        let tokens = (a.n_gen * a.batch * (a.repetitions + 1)) as f64;
         disk_per_token = read_before.zip(disk_read_bytes()).map(|(b, e)| e.saturating_sub(b) as f64 / tokens);
         if let (Some(b), Some(e)) = (copied_before, model.backend().stats().streamed) {
             let (bytes, secs) = (e.0.saturating_sub(b.0) as f64, e.1 - b.1);
@@ -336,7 +359,8 @@ fn bench_on<B: Registered>(
     };
     let bw = device_bw.unwrap_or_else(|| read_bandwidth(probe_threads, 1 << 30, 5));
     let disk_gbps = disk_read_rate(path, 256 << 20).map(|r| r / 1e9);
-    let roof = bw / decode_bytes.max(1) as f64;
+    // A batched step serves `batch` tokens with one read of the weights.
+    let roof = a.batch as f64 * bw / decode_bytes.max(1) as f64;
     let frac = tg.tps_mean / roof;
     let summary = Summary {
         threads: hw.threads,
@@ -360,6 +384,7 @@ fn bench_on<B: Registered>(
             act,
             repetitions: a.repetitions,
             depth: a.depth,
+            batch: a.batch,
             model_bytes,
             params,
             pp,

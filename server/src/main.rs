@@ -225,6 +225,10 @@ pub struct BenchArgs {
     /// tokens/s, speed-up over the first count and the share of the memory roofline reached.
     #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
     pub threads_sweep: Vec<usize>,
+    /// Sequences the tg test decodes together (continuous batching as `serve` runs it: one step,
+    /// one token each, greedy rows reading back their argmax); its t/s is all of them together.
+    #[arg(short = 'b', long, value_name = "N", default_value_t = 1)]
+    pub batch: usize,
 }
 
 /// The last panic's message. `main` prints it only if the panic reaches `main`: one the engine

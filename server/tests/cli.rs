@@ -314,6 +314,21 @@ fn bench_depth() {
     assert!(!e.status.success() && stderr(&e).contains("after -d 100000"), "{}", stderr(&e));
 }
 
+/// `-b N`: the tg test decodes N sequences together (`tg2 ×3`, `tg.n` all their tokens); 0 is
+/// a clear error.
+#[test]
+fn bench_batch() {
+    let m = model_file(SMOL.0, SMOL.1);
+    let v =
+        json(ok(&purehw(&["bench", "-m", path_str(&m), "-p", "0", "-n", "2", "-b", "3", "-r", "1", "--json"])).trim());
+    assert_eq!(v["batch"], 3, "{v}");
+    assert_eq!(v["tg"]["n"], 6, "{v}");
+    assert!(v["tg"]["tps_mean"].as_f64().unwrap() > 0.0, "{v}");
+    let text = ok(&purehw(&["bench", "-m", path_str(&m), "-p", "0", "-n", "2", "-b", "3", "-r", "1"]));
+    assert!(text.contains(" tg2 ×3 "), "{text}");
+    user_error(&purehw(&["bench", "-m", path_str(&m), "-b", "0"]), "--batch");
+}
+
 /// `--threads-sweep`: one table row (or JSON entry) per thread count, the cpu backend only.
 #[test]
 fn bench_threads_sweep() {
