@@ -88,6 +88,15 @@ pub fn vulkan_gpu_prologues() -> Vulkan {
     Vulkan::new(&o).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The Vulkan backend with batched decode matmuls (2–16 tokens) on the tiled kernel
+/// (`PUREHW_VK_BATCH_TILE`) instead of the split one.
+pub fn vulkan_batch_tile() -> Vulkan {
+    let mut o = vulkan_options();
+    o.split_matvec = Some(true);
+    o.batch_tile = Some(2);
+    Vulkan::new(&o).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Vulkan's tolerance: [`Tolerance::Exact`], or [`Tolerance::ExactFlushed`] on a device that
 /// does not promise to keep f32 denormals.
 pub fn vulkan_tolerance() -> Tolerance {

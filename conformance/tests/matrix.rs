@@ -59,3 +59,16 @@ fn vulkan_gpu_prologues() {
     report.add_validation_messages();
     report.assert_ok();
 }
+
+/// Batched decode matmuls on the tiled kernel (`PUREHW_VK_BATCH_TILE`), and the fused ops
+/// that run them.
+#[test]
+fn vulkan_batch_tile() {
+    if !matrix::vulkan_present("vulkan_batch_tile") {
+        return;
+    }
+    let pick = |g: &str| ["MatMul", "Qkv", "GatedFfn"].iter().any(|p| g.starts_with(p));
+    let mut report = matrix::check_groups(matrix::vulkan_batch_tile, matrix::vulkan_tolerance(), pick);
+    report.add_validation_messages();
+    report.assert_ok();
+}

@@ -86,6 +86,10 @@ pub struct VulkanOptions {
     /// `Some(false)` copies them as on a discrete GPU (so lavapipe checks that path).
     /// `PUREHW_VK_IMPORT=0` sets it.
     pub import: Option<bool>,
+    /// Batched decode matmuls of at least this many tokens (2–16) take the tiled kernel with
+    /// one token tile (`mm_tile.comp`: a workgroup's rows share its staged activations) instead
+    /// of the split one; `None`: never. `PUREHW_VK_BATCH_TILE=N` sets it.
+    pub batch_tile: Option<usize>,
 }
 
 impl VulkanOptions {
@@ -106,6 +110,7 @@ impl VulkanOptions {
             attention_rows: std::env::var("PUREHW_VK_ATTN_QB").ok().and_then(|v| v.parse().ok()),
             tails: std::env::var("PUREHW_VK_TAIL").ok().map(|v| Tails::parse(&v)),
             import: std::env::var("PUREHW_VK_IMPORT").ok().map(|v| v != "0"),
+            batch_tile: std::env::var("PUREHW_VK_BATCH_TILE").ok().and_then(|v| v.parse().ok()),
         }
     }
 }
@@ -362,6 +367,8 @@ pub struct Vulkan {
     /// Prefill matmuls on block formats take `mm_tile.comp` (`PUREHW_VK_TILE=0` keeps
     /// `mm_q8.comp`; `PUREHW_VK_TILE=R,T,GR,KC,MAGIC` forces one tile, for measuring).
     tile: Option<Option<[u32; 5]>>,
+    /// See [`VulkanOptions::batch_tile`] (where the tiled kernel is on).
+    batch_tile: usize,
     /// Prefill attention in blocks of rows (`attention_blk.comp`); `PUREHW_VK_ATTN_BLK=0` keeps
     /// one row per workgroup.
     attn_blk: bool,
@@ -498,6 +505,7 @@ impl Vulkan {
             dot,
             prologues,
             split_wg: std::env::var("PUREHW_VK_SPLIT_WG").ok().and_then(|v| v.parse().ok()).unwrap_or(SPLIT_WG),
+            batch_tile: opts.batch_tile.unwrap_or(usize::MAX).max(2),
             tile: match std::env::var("PUREHW_VK_TILE").as_deref() {
                 Ok("0") => None,
                 Ok(v) => Some(parse_tile(v)),
@@ -2751,7 +2759,9 @@ impl Vulkan {
             }
             return self.dispatch(cb, hz, "mm_int", &[tokens, wg], &push, grid, acc);
         }
-        if q8 && n <= 16 && self.split {
+        let be = fmt.block_elems();
+        let batch_tile = q8 && (self.batch_tile..=16).contains(&n) && self.tile.is_some() && matches!(be, 32 | 256);
+        if q8 && n <= 16 && self.split && !batch_tile {
             // Decode: the split kernel loads a workgroup's weights in one wave (mm_split.comp).
             let t = n.next_power_of_two();
             let nb = cols / fmt.block_elems();
@@ -2762,9 +2772,14 @@ impl Vulkan {
             let spec = [t as u32, r as u32, nbc as u32];
             return self.dispatch(cb, hz, &name, &spec, &push, [groups(wrows, r), groups(n, t), 1], acc);
         }
-        let be = fmt.block_elems();
-        if let (true, Some(forced), 32 | 256) = (q8 && n > 16, self.tile, be) {
-            let [r, t, gr, mut kc, magic] = forced.unwrap_or_else(|| tile_for(wrows, n));
+        if let (true, Some(forced), 32 | 256) = (q8 && (n > 16 || batch_tile), self.tile, be) {
+            // A batched decode step: one tile of tokens, 32 lane groups along the rows.
+            let batch = [if wrows >= 16384 { 2 } else { 1 }, n.next_power_of_two() as u32, 32, 8, 1];
+            let [r, t, gr, mut kc, magic] = match forced {
+                Some(f) => f,
+                None if n <= 16 => batch,
+                None => tile_for(wrows, n),
+            };
             // The staged chunk must fit shared memory: fewer blocks per chunk where it would not.
             let bw = if be == 256 { 73 } else { 10 };
             while kc > 1 && (32 / gr) * t * kc * bw > TILE_SA_WORDS {
