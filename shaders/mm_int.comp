@@ -23,14 +23,10 @@ const uint CE = FBITS == 4u ? 256u : 128u;         // columns a chunk
 const uint STEPS = CE / 8u;                       // a lane's elements a chunk
 const uint GPC = FGROUP == 0u ? 1u : CE / FGROUP; // scale groups a chunk
 const uint XPT = (CE + WG - 1u) / WG;             // x values each thread copies
-// Shared memory in 16-byte words, read 4 codes words / 4 x values at a time: a row's codes at
-// stride 9 (the 4 rows of a subgroup on distinct banks), x transposed so that each lane's values
-// are contiguous, lane stride STEPS/4 + 1 (the 8 lanes on distinct banks).
-const uint WQ = 9u;
-const uint XQ = STEPS / 4u + 1u;
+const uint WSTRIDE = 34u;                         // words a row in shared memory: 32 + 2 (banks)
 layout(buffer_reference, std430, buffer_reference_align = 16) buffer Quads { uvec4 v[]; };
-shared uvec4 wsh[2][ROWS * WQ];
-shared vec4 xsh[2][8u * XQ];
+shared uint wsh[2][ROWS * WSTRIDE];
+shared float xsh[2][CE];
 
 // One element's step of every token's chain: acc[t] = acc[t] + wv·x[t] (x[t] at `xi` + t rows),
 // the product and the sum each rounded once.
@@ -75,11 +71,14 @@ void fast() {
     bool four = FBITS == 4u, i8 = (pc.iflags & INT_I8) != 0u;
     for (uint c = 0u; c < chunks; c++) {
         uint b = c & 1u;
-        wsh[b][row_l * WQ + lane] = wreg;
+        uint wo = row_l * WSTRIDE + 4u * lane;
+        wsh[b][wo] = wreg.x;
+        wsh[b][wo + 1u] = wreg.y;
+        wsh[b][wo + 2u] = wreg.z;
+        wsh[b][wo + 3u] = wreg.w;
         [[unroll]] for (uint j = 0u; j < XPT; j++) {
             uint e = tid + j * WG;
-            // Element e is step e / 8 of lane e % 8.
-            if (e < CE) xsh[b][(e & 7u) * XQ + (e >> 5)][(e >> 3) & 3u] = xreg[j];
+            if (e < CE) xsh[b][e] = xreg[j];
         }
         barrier();
         // The next chunk's loads go out before this chunk's arithmetic.
@@ -93,23 +92,18 @@ void fast() {
             }
             if (FGROUP != 0u) chunk_params(s, z, live ? r : 0u, c + 1u, nsc, nzp);
         }
-        uint rb = row_l * WQ, xb = lane * XQ;
-        uvec4 wq = uvec4(0u);
-        vec4 xv = vec4(0.0);
+        uint rb = row_l * WSTRIDE;
         [[unroll]] for (uint e = 0u; e < STEPS; e++) {
-            // 4-bit: word e of the row is step e; 8-bit: words 2e, 2e + 1.
-            if (e % (four ? 4u : 2u) == 0u) wq = wsh[b][rb + (four ? e / 4u : e / 2u)];
-            if (e % 4u == 0u) xv = xsh[b][xb + e / 4u];
             int q;
             if (four) {
-                q = int((wq[e & 3u] >> (4u * lane)) & 15u) - 8;
+                q = int((wsh[b][rb + e] >> (4u * lane)) & 15u) - 8;
             } else {
-                uint word = wq[2u * (e & 1u) + (lane >> 2)];
+                uint word = wsh[b][rb + 2u * e + (lane >> 2)];
                 q = i8 ? sbyte(word, lane & 3u) : int((word >> (8u * (lane & 3u))) & 255u) - 128;
             }
             uint g = FGROUP == 0u ? 0u : (8u * e) / FGROUP;
             precise float wv = float(q - zp[g]) * sc[g];
-            precise float a = acc + wv * xv[e & 3u];
+            precise float a = acc + wv * xsh[b][8u * e + lane];
             acc = a;
         }
         if (FGROUP != 0u && c + 1u < chunks) {
