@@ -88,12 +88,12 @@ pub fn vulkan_gpu_prologues() -> Vulkan {
     Vulkan::new(&o).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// The Vulkan backend with batched decode matmuls (2–16 tokens) on the tiled kernel
-/// (`PUREHW_VK_BATCH_TILE`) instead of the split one.
+/// The Vulkan backend with every batched decode matmul (2–16 tokens, any rows) on the tiled
+/// kernel (`PUREHW_VK_BATCH_TILE=2`) instead of the split one.
 pub fn vulkan_batch_tile() -> Vulkan {
     let mut o = vulkan_options();
     o.split_matvec = Some(true);
-    o.batch_tile = Some(2);
+    o.batch_tile = Some((2, 0));
     Vulkan::new(&o).unwrap_or_else(|e| panic!("{e}"))
 }
 
