@@ -1179,8 +1179,12 @@ def case_metrics(c):
     m = metrics_text(c)
     for name in ["purehw_requests_total", "purehw_time_to_first_token_seconds_bucket", "purehw_time_to_first_token_seconds_count",
                  "purehw_queue_depth", "purehw_running_sequences", "purehw_kv_cache_used_ratio",
-                 "purehw_generation_tokens_total", "purehw_prompt_tokens_total"]:
+                 "purehw_generation_tokens_total", "purehw_prompt_tokens_total", "purehw_steps_total",
+                 "purehw_step_sequences_total", "purehw_step_seconds_count"]:
         check(metric(m, name) is not None, f"/metrics has no {name}", short(m, 3000))
+    check(metric(m, "purehw_steps_total") >= 1, "steps_total < 1")
+    check(metric(m, "purehw_step_sequences_total") >= metric(m, "purehw_steps_total"), "fewer step sequences than steps")
+    check(metric(m, "purehw_step_seconds_count") == metric(m, "purehw_steps_total"), "step_seconds count != steps_total")
     check(re.search(r'purehw_requests_total\{route="/v1/chat/completions",status="200"\} [1-9]', m),
           "purehw_requests_total has no chat 200s", short(m, 3000))
     check(metric(m, "purehw_time_to_first_token_seconds_count") >= 2, "TTFT histogram count < 2")

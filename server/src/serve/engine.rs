@@ -670,6 +670,7 @@ fn run<B: Backend>(
             .collect();
         wants.clear();
         wants.extend(inputs_meta.iter().map(|&(slot, now)| want_of(slots[slot].as_ref().expect("active slot"), now)));
+        let started = Instant::now();
         let out = match model.forward_select(&inputs, &wants) {
             Ok(out) => out,
             Err(e) => {
@@ -694,6 +695,7 @@ fn run<B: Backend>(
                 continue;
             }
         };
+        let wall = started.elapsed();
         for &(slot, _) in &inputs_meta {
             held.tokens[slot].extend_from_slice(&feed[slot]);
         }
@@ -713,7 +715,7 @@ fn run<B: Backend>(
                 finish(s, fin, stats);
             }
         }
-        stats.observe_step(&model.backend().stats());
+        stats.observe_step(&model.backend().stats(), inputs_meta.len(), wall);
     }
 }
 

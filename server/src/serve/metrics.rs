@@ -99,6 +99,11 @@ pub struct Stats {
     pub e2e: Histogram,
     /// Device time per step, where the backend measures it (timestamp queries).
     pub step_device: Histogram,
+    /// Wall time of each step's forward pass (submission to results, the host's view).
+    pub step: Histogram,
+    /// Steps run, and the sequences they carried (the mean batch is their ratio).
+    pub steps: AtomicU64,
+    pub step_rows: AtomicU64,
 }
 
 impl Stats {
@@ -111,8 +116,12 @@ impl Stats {
         d.memory_budget = s.memory_budget;
     }
 
-    /// After a step: the device's memory and the step's device time.
-    pub fn observe_step(&self, s: &purehw_hal::Stats) {
+    /// After a step of `rows` sequences whose forward pass took `wall`: that, the device's
+    /// memory and the step's device time.
+    pub fn observe_step(&self, s: &purehw_hal::Stats, rows: usize, wall: Duration) {
+        self.step.observe(wall);
+        self.steps.fetch_add(1, Relaxed);
+        self.step_rows.fetch_add(rows as u64, Relaxed);
         if let Some(t) = s.last_step_seconds.and_then(|t| Duration::try_from_secs_f64(t).ok()) {
             self.step_device.observe(t);
         }
@@ -154,6 +163,9 @@ impl Default for Stats {
             itl: Histogram::new(ITL),
             e2e: Histogram::new(E2E),
             step_device: Histogram::new(STEP),
+            step: Histogram::new(STEP),
+            steps: AtomicU64::new(0),
+            step_rows: AtomicU64::new(0),
         }
     }
 }
@@ -225,6 +237,14 @@ pub fn render(requests: &Requests, models: &[(&str, &str, &Stats)]) -> String {
     gauge(&mut out, "purehw_kv_cache_used_tokens", "KV-cache positions in use.", "gauge", &|s| {
         s.kv_used.load(Relaxed) as f64
     });
+    gauge(&mut out, "purehw_steps_total", "Engine steps run.", "counter", &|s| s.steps.load(Relaxed) as f64);
+    gauge(
+        &mut out,
+        "purehw_step_sequences_total",
+        "Sequences the steps carried, summed (over purehw_steps_total: the mean batch).",
+        "counter",
+        &|s| s.step_rows.load(Relaxed) as f64,
+    );
     gauge(
         &mut out,
         "purehw_backend_memory_bytes",
@@ -244,6 +264,12 @@ pub fn render(requests: &Requests, models: &[(&str, &str, &Stats)]) -> String {
         s.ttft.render(&mut out, "purehw_time_to_first_token_seconds", "Time to first token.", &labels);
         s.itl.render(&mut out, "purehw_inter_token_latency_seconds", "Time between streamed tokens.", &labels);
         s.e2e.render(&mut out, "purehw_request_duration_seconds", "Time from accept to last token.", &labels);
+        s.step.render(
+            &mut out,
+            "purehw_step_seconds",
+            "Wall time of each engine step's forward pass (submission to results).",
+            &labels,
+        );
     }
     // Per device, where the backend tells (the CPU backends do not).
     let devices: Vec<(String, Device, &Stats)> = models
