@@ -408,6 +408,29 @@ impl<B: Backend> Model<B> {
         })
     }
 
+    /// Run, once, the step shapes a server meets first (one token in each of 1, 2, 4, … slots
+    /// up to all of them, and a prompt chunk of up to 64 tokens), so that a device backend
+    /// records their command buffers and compiles their kernel variants now rather than while
+    /// the first requests wait. It writes K/V at the first positions of those slots; callers
+    /// treat every slot as empty afterwards.
+    pub fn warm_up(&mut self) -> Result<()> {
+        let (slots, max_batch, ctx) = (self.opts.slots, self.opts.max_batch, self.opts.ctx);
+        let most = max_batch.min(self.opts.logit_rows);
+        let tokens = [self.config.bos.unwrap_or(0); 64];
+        let mut batches: Vec<usize> = (0..).map(|k| 1usize << k).take_while(|&b| b < slots).collect();
+        batches.push(slots);
+        for b in batches.into_iter().filter(|&b| b <= most) {
+            let seqs: Vec<SeqInput<'_>> = (0..b).map(|slot| SeqInput { slot, pos: 0, tokens: &tokens[..1] }).collect();
+            let want: Vec<Want> = seqs.iter().map(|_| Want::Argmax).collect();
+            self.forward_select(&seqs, &want)?;
+        }
+        let n = tokens.len().min(max_batch).min(ctx);
+        if n > 1 {
+            self.forward_select(&[SeqInput { slot: 0, pos: 0, tokens: &tokens[..n] }], &[Want::Argmax])?;
+        }
+        Ok(())
+    }
+
     /// Check a step's inputs and lay out its host arrays; returns the number of logit rows.
     fn prepare(&mut self, seqs: &[SeqInput<'_>], want: &[Want], all_rows: bool) -> Result<usize> {
         let (c, o, h) = (&self.config, &self.opts, &mut self.host);

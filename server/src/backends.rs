@@ -112,6 +112,12 @@ pub trait Registered: Backend + Sized + 'static {
     fn device_bandwidth(&mut self) -> CliResult<Option<f64>> {
         Ok(None)
     }
+
+    /// Whether a server should run the first step shapes before serving (`Model::warm_up`): a
+    /// GPU records command buffers and compiles kernel variants the first time it meets them.
+    fn warms_up(&self) -> bool {
+        false
+    }
 }
 
 impl Registered for Cpu {
@@ -162,6 +168,12 @@ impl Registered for Vulkan {
 
     fn device_bandwidth(&mut self) -> CliResult<Option<f64>> {
         self.memory_bandwidth(1 << 30, 5).context(|| "measuring the device's memory bandwidth".into())
+    }
+
+    /// GPUs only: on a CPU device (lavapipe) the warm-up's prompt chunk would take longer than
+    /// the compiling it saves.
+    fn warms_up(&self) -> bool {
+        self.info().is_gpu()
     }
 }
 
