@@ -2851,13 +2851,14 @@ impl Vulkan {
 /// the rows must be whole chunks starting 16-byte aligned, and a chunk whole groups of 8-column
 /// steps.
 fn int_chunked(p: purehw_kernels::quant::PackedInt, cols: usize, at: u64, row_bytes: usize) -> Option<(u32, u32)> {
-    let ce = if p.bits == 4 { 256 } else { 128 };
+    let ce: usize = if p.bits == 4 { 256 } else { 128 };
     let group = match p.group {
         None => 0,
-        Some(g) if g % 8 == 0 && ce % g == 0 => g,
+        Some(g) if g.is_multiple_of(8) && ce.is_multiple_of(g) => g,
         Some(_) => return None,
     };
-    (cols > 0 && cols % ce == 0 && at % 16 == 0 && row_bytes % 16 == 0).then_some((u32::from(p.bits), group as u32))
+    let whole = cols > 0 && cols.is_multiple_of(ce) && at.is_multiple_of(16) && row_bytes.is_multiple_of(16);
+    whole.then_some((u32::from(p.bits), group as u32))
 }
 
 fn qkv_flags(op: &Op<BufId, WeightId>, l: &StepLayout) -> (u32, u32) {
