@@ -539,6 +539,11 @@ impl Vulkan {
         self.fault = Some(fault);
     }
 
+    /// Whether a fault is set to strike (`PUREHW_VK_FAULT`, or [`inject_fault`](Self::inject_fault)).
+    pub fn fault_armed(&self) -> bool {
+        self.fault.is_some() || self.fault_after.is_some()
+    }
+
     /// Dispatches and barriers of the last step recorded.
     pub fn last_step_counts(&self) -> (usize, usize) {
         self.last_counts

@@ -171,9 +171,10 @@ impl Registered for Vulkan {
     }
 
     /// GPUs only: on a CPU device (lavapipe) the warm-up's prompt chunk would take longer than
-    /// the compiling it saves.
+    /// the compiling it saves. Not with a fault set to strike at the N-th step
+    /// (`PUREHW_VK_FAULT`): the warm-up's steps would take it.
     fn warms_up(&self) -> bool {
-        self.info().is_gpu()
+        self.info().is_gpu() && !self.fault_armed()
     }
 }
 
