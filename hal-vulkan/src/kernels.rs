@@ -13,6 +13,11 @@ pub fn addr(a: u64) -> Addr {
     [a as u32, (a >> 32) as u32]
 }
 
+/// The address an [`Addr`] holds.
+pub fn addr_u64(a: Addr) -> u64 {
+    u64::from(a[0]) | u64::from(a[1]) << 32
+}
+
 /// `common/mm.glsl`'s `Push`.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Pod, Zeroable)]

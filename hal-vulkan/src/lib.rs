@@ -2479,7 +2479,7 @@ impl Vulkan {
             let (fmt, cols) = (wt.format, wt.cols);
             let (wa, wb) = self.weight_at(w);
             let push = TailQkvPush {
-                w: addr((wa[0] as u64 | (wa[1] as u64) << 32) + wb as u64),
+                w: addr(addr_u64(wa) + wb as u64),
                 x: self.addr_at(xq),
                 out: self.addr_at(out),
                 q: self.addr_at(q),
@@ -2760,7 +2760,7 @@ impl Vulkan {
             let tokens = n.clamp(1, 16).next_power_of_two() as u32;
             let wg: u32 = if wrows * n.min(16) < 32768 { 64 } else { 256 };
             let grid = [groups(wrows, wg as usize / 8), groups(n, tokens as usize), 1];
-            let at = (wa[0] as u64 | (wa[1] as u64) << 32) + wb as u64;
+            let at = addr_u64(wa) + wb as u64;
             if let Some((bits, group)) = int_chunked(p, cols, at, row_bytes).filter(|_| n == 1 && self.int_chunks) {
                 return self.dispatch(cb, hz, "mm_int", &[1, wg, bits, group], &push, grid, acc);
             }
@@ -2850,7 +2850,6 @@ impl Vulkan {
     }
 }
 
-/// A Qkv's epilogue flags (`QP_*`) and the word offset of its RoPE table in the step buffer.
 /// `mm_int.comp`'s chunked path for a one-token matmul, as its spec constants (bits, columns
 /// per scale or 0 per row): a chunk is 32 code words a row (256 4-bit or 128 8-bit columns), so
 /// the rows must be whole chunks starting 16-byte aligned, and a chunk whole groups of 8-column
@@ -2866,6 +2865,7 @@ fn int_chunked(p: purehw_kernels::quant::PackedInt, cols: usize, at: u64, row_by
     whole.then_some((u32::from(p.bits), group as u32))
 }
 
+/// A Qkv's epilogue flags (`QP_*`) and the word offset of its RoPE table in the step buffer.
 fn qkv_flags(op: &Op<BufId, WeightId>, l: &StepLayout) -> (u32, u32) {
     let Op::Qkv { head_dim, q_norm, k_norm, rope, k_cache, v_cache, .. } = *op else { return (0, 0) };
     let mut flags = 0;
@@ -2885,9 +2885,6 @@ fn qkv_flags(op: &Op<BufId, WeightId>, l: &StepLayout) -> (u32, u32) {
 /// Words of shared memory `mm_tile.comp` stages activations in (its `SA_WORDS`).
 const TILE_SA_WORDS: u32 = 5120;
 
-/// `R,T,GR,KC,MAGIC` for `mm_tile.comp`, or the default choice when it does not parse or is out
-/// of range (R, T ≤ 16; GR a power of two dividing 32; KC is lowered where the chunk would not
-/// fit shared memory).
 /// Where batched decode matmuls take the tiled kernel by default: 8–16 tokens, 16384 rows or
 /// more. H100, Gemma 3 270M, a step of 16 sequences: the LM head (262144 rows) 0.91 ms split,
 /// 0.38 ms tiled; the layers' matmuls (640–2048 rows: 64 workgroups or fewer) slower tiled.
@@ -2905,6 +2902,9 @@ fn parse_batch_tile(v: &str) -> Option<(usize, usize)> {
     Some((n, rows))
 }
 
+/// `R,T,GR,KC,MAGIC` for `mm_tile.comp`, or the default choice when it does not parse or is out
+/// of range (R, T ≤ 16; GR a power of two dividing 32; KC is lowered where the chunk would not
+/// fit shared memory).
 fn parse_tile(v: &str) -> Option<[u32; 5]> {
     let p: Vec<u32> = v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
     let t: [u32; 5] = p.try_into().ok()?;

@@ -310,6 +310,7 @@ fn bench_on<B: Registered>(
         let copied_before = model.backend().stats().streamed;
         // With a batch, sequence s decodes the same tokens shifted by s (its own stream).
         let want = vec![Want::Argmax; a.batch];
+        let mut seqs: Vec<SeqInput<'_>> = Vec::with_capacity(a.batch);
         tg = measure(a.n_gen * a.batch, a.repetitions, || {
             let t = Instant::now();
             let warm = runs > 0;
@@ -319,13 +320,12 @@ fn bench_on<B: Registered>(
                 if a.batch == 1 {
                     model.forward_argmax(0, depth + pos, core::slice::from_ref(id))?;
                 } else {
-                    let seqs: Vec<SeqInput<'_>> = (0..a.batch)
-                        .map(|s| SeqInput {
-                            slot: s,
-                            pos: depth + pos,
-                            tokens: core::slice::from_ref(&steps[(pos + s) % steps.len()]),
-                        })
-                        .collect();
+                    seqs.clear();
+                    seqs.extend((0..a.batch).map(|s| SeqInput {
+                        slot: s,
+                        pos: depth + pos,
+                        tokens: core::slice::from_ref(&steps[(pos + s) % steps.len()]),
+                    }));
                     model.forward_select(&seqs, &want)?;
                 }
                 if warm && let Some(s) = model.backend().stats().last_step_seconds {
