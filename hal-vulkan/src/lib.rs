@@ -92,6 +92,10 @@ pub struct VulkanOptions {
     /// step of 8–16 sequences); `Some((17, 0))`: never. `PUREHW_VK_BATCH_TILE=N[,ROWS]` sets it
     /// (ROWS 0 when left out), `off` turns it off.
     pub batch_tile: Option<(usize, usize)>,
+    /// One-token matmuls on compressed-tensors weights (`mm_int.comp`'s chunked path): lanes a
+    /// thread (1, 2 or 4), chunks loaded ahead (1–4) and threads a workgroup (64, 128 or 256),
+    /// for every such matmul; `None`: chosen per matrix. `PUREHW_VK_INT_FAST=L,P,W` sets it.
+    pub int_fast: Option<[u32; 3]>,
 }
 
 impl VulkanOptions {
@@ -113,6 +117,7 @@ impl VulkanOptions {
             tails: std::env::var("PUREHW_VK_TAIL").ok().map(|v| Tails::parse(&v)),
             import: std::env::var("PUREHW_VK_IMPORT").ok().map(|v| v != "0"),
             batch_tile: std::env::var("PUREHW_VK_BATCH_TILE").ok().and_then(|v| parse_batch_tile(&v)),
+            int_fast: std::env::var("PUREHW_VK_INT_FAST").ok().and_then(|v| parse_int_fast(&v)),
         }
     }
 }
@@ -377,6 +382,8 @@ pub struct Vulkan {
     /// One-token matmuls on compressed-tensors weights take `mm_int.comp`'s chunked path where
     /// the shapes allow (`PUREHW_VK_INT_CHUNKS=0`: the element-wise one, for comparing).
     int_chunks: bool,
+    /// See [`VulkanOptions::int_fast`].
+    int_fast: Option<[u32; 3]>,
     /// Rows per block-attention workgroup (see [`VulkanOptions::attention_rows`]).
     attn_qb: Option<usize>,
     /// Decode matmuls' tails (see [`VulkanOptions::tails`]).
@@ -390,6 +397,8 @@ pub struct Vulkan {
     /// `PUREHW_VK_PROFILE=1`: device time per kernel (every dispatch then ends with a barrier and
     /// a timestamp), printed on drop.
     profile: Option<HashMap<String, (f64, usize)>>,
+    /// `PUREHW_VK_PROFILE=2`: the profile keys name each dispatch's spec constants and grid.
+    profile_shapes: bool,
     prof_names: Vec<String>,
     /// Rows of the step being recorded (profile keys).
     rec_rows: usize,
@@ -515,6 +524,14 @@ impl Vulkan {
             },
             attn_blk: std::env::var("PUREHW_VK_ATTN_BLK").map_or(true, |v| v != "0"),
             int_chunks: std::env::var("PUREHW_VK_INT_CHUNKS").map_or(true, |v| v != "0"),
+            int_fast: match opts.int_fast {
+                Some(c) if !int_fast_ok(c) => {
+                    return Err(VulkanError::Unsupported(format!(
+                        "mm_int shape {c:?} (lanes 1|2|4, ahead 1-4, threads 64|128|256, ≤ 64 rows)"
+                    )));
+                }
+                c => c,
+            },
             attn_qb: opts.attention_rows,
             import: opts.import.unwrap_or(true),
             ring: None,
@@ -523,7 +540,8 @@ impl Vulkan {
             counters: None,
             rec_tails: 0,
             trace: std::env::var("PUREHW_VK_TRACE").is_ok_and(|v| v == "1"),
-            profile: std::env::var("PUREHW_VK_PROFILE").is_ok_and(|v| v == "1").then(HashMap::new),
+            profile: std::env::var("PUREHW_VK_PROFILE").is_ok_and(|v| v == "1" || v == "2").then(HashMap::new),
+            profile_shapes: std::env::var("PUREHW_VK_PROFILE").is_ok_and(|v| v == "2"),
             prof_names: Vec::new(),
             rec_rows: 0,
         })
@@ -1659,7 +1677,12 @@ impl Vulkan {
         if self.profile.is_some() && self.prof_names.len() + 2 < vk::QUERIES as usize {
             self.gpu.barrier(cb);
             self.gpu.timestamp(cb, 2 + self.prof_names.len() as u32);
-            self.prof_names.push(format!("{name} n={}", self.rec_rows));
+            let key = if self.profile_shapes {
+                format!("{name} n={} {spec:?} {groups:?}", self.rec_rows)
+            } else {
+                format!("{name} n={}", self.rec_rows)
+            };
+            self.prof_names.push(key);
             hz.written.clear();
             hz.read.clear();
         }
@@ -2762,7 +2785,10 @@ impl Vulkan {
             let grid = [groups(wrows, wg as usize / 8), groups(n, tokens as usize), 1];
             let at = addr_u64(wa) + wb as u64;
             if let Some((bits, group)) = int_chunked(p, cols, at, row_bytes).filter(|_| n == 1 && self.int_chunks) {
-                return self.dispatch(cb, hz, "mm_int", &[1, wg, bits, group], &push, grid, acc);
+                let [lpt, pf, wg] = self.int_fast.unwrap_or_else(|| int_fast_for(wrows));
+                let s16 = u32::from(p.scale != purehw_kernels::quant::ScaleType::F32);
+                let grid = [groups(wrows, (wg * lpt / 8) as usize), 1, 1];
+                return self.dispatch(cb, hz, "mm_int", &[1, wg, bits, group, lpt, pf, s16], &push, grid, acc);
             }
             return self.dispatch(cb, hz, "mm_int", &[tokens, wg], &push, grid, acc);
         }
@@ -2865,6 +2891,26 @@ fn int_chunked(p: purehw_kernels::quant::PackedInt, cols: usize, at: u64, row_by
     whole.then_some((u32::from(p.bits), group as u32))
 }
 
+/// The chunked `mm_int` path's (lanes a thread, chunks ahead, threads a workgroup) for a matrix
+/// of `rows` rows: enough workgroups to fill a large GPU where the rows are few.
+fn int_fast_for(rows: usize) -> [u32; 3] {
+    if rows >= 16384 { [2, 2, 256] } else { [2, 2, 128] }
+}
+
+/// `PUREHW_VK_INT_FAST=L,P,W`: lanes a thread (1, 2, 4), chunks ahead (1–4), threads a
+/// workgroup (64, 128, 256).
+fn parse_int_fast(v: &str) -> Option<[u32; 3]> {
+    let p: Vec<u32> = v.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
+    let cfg: [u32; 3] = p.try_into().ok()?;
+    int_fast_ok(cfg).then_some(cfg)
+}
+
+/// Whether (lanes, chunks ahead, threads) is a shape `mm_int.comp` has: at most 64 rows a
+/// workgroup, so that two chunks of their codes fit 32 KiB of shared memory.
+fn int_fast_ok([l, f, w]: [u32; 3]) -> bool {
+    matches!(l, 1 | 2 | 4) && (1..=4).contains(&f) && matches!(w, 64 | 128 | 256) && w * l <= 512
+}
+
 /// A Qkv's epilogue flags (`QP_*`) and the word offset of its RoPE table in the step buffer.
 fn qkv_flags(op: &Op<BufId, WeightId>, l: &StepLayout) -> (u32, u32) {
     let Op::Qkv { head_dim, q_norm, k_norm, rope, k_cache, v_cache, .. } = *op else { return (0, 0) };
@@ -2930,7 +2976,7 @@ fn groups(n: usize, per: usize) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_batch_tile;
+    use super::{int_fast_for, int_fast_ok, parse_batch_tile, parse_int_fast};
 
     #[test]
     fn batch_tile_settings() {
@@ -2939,5 +2985,20 @@ mod tests {
         assert_eq!(parse_batch_tile("off"), Some((17, 0)));
         assert_eq!(parse_batch_tile("x"), None);
         assert_eq!(parse_batch_tile("8,y"), None);
+    }
+
+    #[test]
+    fn int_fast_settings() {
+        assert_eq!(parse_int_fast("2,2,128"), Some([2, 2, 128]));
+        assert_eq!(parse_int_fast("4, 4, 128"), Some([4, 4, 128]));
+        // 128 rows a workgroup would not fit shared memory.
+        assert_eq!(parse_int_fast("4,2,256"), None);
+        assert_eq!(parse_int_fast("3,2,128"), None);
+        assert_eq!(parse_int_fast("2,5,128"), None);
+        assert_eq!(parse_int_fast("2,2"), None);
+        assert_eq!(parse_int_fast("2,2,96"), None);
+        for rows in [1, 5376, 21504, 262208] {
+            assert!(int_fast_ok(int_fast_for(rows)));
+        }
     }
 }
