@@ -16,21 +16,20 @@
 // by the host: FBITS 4 or 8 (0: the element-wise path below), FGROUP the columns per scale (0:
 // one per row). The workgroup copies each chunk of its rows' codes (32 words a row) and of x
 // into shared memory with coalesced loads, PF chunks' loads in flight ahead of the arithmetic.
-// A thread runs LPT of a row's 8 lanes, each in the reference's order.
+// A thread runs LPT of a row's 8 lanes, each in the reference's order, and reads each code word
+// once for all of them.
 //
-// A code becomes a float without a conversion instruction: its m bits (m = FBITS) go to the top
-// of the mantissa of 1.0, f = 1 + u·2^-m, with u the stored unsigned code (two's-complement
-// bytes get their sign bit flipped, +128). With c0 the offset to the signed value minus the zero
-// point (u − c0 = q − zp):
-//   f32 scales: w = (f − (1 + c0·2^-m))·(sc·2^m) — the difference exact, the product rounded
-//     once, as float(q − zp)·sc is;
-//   16-bit scales (S16): w = fma(f, sc·2^m, −(2^m + c0)·sc), every value exact (at most
-//     9 + 11 significant bits), so the one op gives float(q − zp)·sc, which is exact too.
+// CONV=1 makes a code a float without a conversion instruction: the code shifted to the bottom
+// of the mantissa of 1.0, f = 1 + u·2^-23 with u the stored unsigned code (two's-complement
+// bytes get their sign bit flipped, +128); with c0 the offset from u to the signed value minus
+// the zero point (u − c0 = q − zp), w = (f − (1 + c0·2^-23))·(sc·2^23): the difference is
+// exact, the product rounded once, as float(q − zp)·sc is (scales below 2^104). CONV=0 converts
+// q − zp as the element-wise path does.
 layout(constant_id = 2) const uint FBITS = 0;
 layout(constant_id = 3) const uint FGROUP = 0;
 layout(constant_id = 4) const uint LPT = 1;       // lanes a thread: 1, 2 or 4
 layout(constant_id = 5) const uint PF = 1;        // chunks loaded ahead: 1 to 4
-layout(constant_id = 6) const uint S16 = 0;       // 1: f16/bf16 scales
+layout(constant_id = 6) const uint CONV = 1;
 const uint TPR = 8u / LPT;                        // threads a row
 const uint FROWS = WG / TPR;                      // rows a workgroup
 const uint CE = FBITS == 4u ? 256u : 128u;        // columns a chunk
@@ -38,31 +37,26 @@ const uint STEPS = CE / 8u;                       // a lane's elements a chunk
 const uint GPC = FGROUP == 0u ? 1u : CE / FGROUP; // scale groups a chunk
 const uint XPT = (CE + WG - 1u) / WG;             // x values each thread copies
 const uint WSTRIDE = 34u;                         // words a row in shared memory: 32 + 2 (banks)
-const float TWO_M = FBITS == 4u ? 16.0 : 256.0;
-const uint MMASK = FBITS == 4u ? 0x00780000u : 0x007F8000u;  // the code's place in the mantissa
-const uint MTOP = 22u;                            // its top bit
+const float TWO23 = 8388608.0;
 layout(buffer_reference, std430, buffer_reference_align = 16) buffer Quads { uvec4 v[]; };
 shared uint wsh[2][FROWS * WSTRIDE];
-shared vec4 xsh[2][CE / 4u];
+shared float xsh[2][CE];
 
-uint rotl(uint v, uint s) {
-    return (v << s) | (v >> ((32u - s) & 31u));
-}
-
-// The factor and addend of chunk c's groups (see above): a = sc·2^m, and −(2^m + c0)·sc (S16)
-// or 1 + c0·2^-m.
+// Chunk c's groups: (scale, zero point as an int) for CONV=0; (sc·2^23, 1 + c0·2^-23) for
+// CONV=1.
 void fparams(Words s, Words z, uint r, uint c, out float fa[GPC], out float fb[GPC]) {
     [[unroll]] for (uint j = 0u; j < GPC; j++) {
         uint g = FGROUP == 0u ? 0u : c * GPC + j;
         float sc = int_scale(s, r * pc.groups + g, pc.iflags);
-        int c0 = int(FBITS == 4u ? 8u : 128u) + int_zero(z, r, g, pc.groups, pc.iflags);
-        precise float a = sc * TWO_M;
-        fa[j] = a;
-        if (S16 != 0u) {
-            precise float b = -(float(int(TWO_M) + c0) * sc);
-            fb[j] = b;
+        int zp = int_zero(z, r, g, pc.groups, pc.iflags);
+        if (CONV == 0u) {
+            fa[j] = sc;
+            fb[j] = intBitsToFloat(zp);
         } else {
-            precise float b = 1.0 + float(c0) * (1.0 / TWO_M);
+            int c0 = int(FBITS == 4u ? 8u : 128u) + zp;
+            precise float a = sc * TWO23;
+            precise float b = 1.0 + float(c0) * (1.0 / TWO23);
+            fa[j] = a;
             fb[j] = b;
         }
     }
@@ -78,6 +72,7 @@ void fast() {
     Words s = Words(pc.scales), z = Words(pc.zeros);
     Floats x = Floats(pc.x);
     uint chunks = pc.cols / CE;
+    bool i8 = (pc.iflags & INT_I8) != 0u;
     // This thread's LPT quads of the 8 in a row's chunk.
     uint q0 = (pc.w_byte + rs * pc.row_bytes) / 16u + l0;
     uvec4 wreg[PF][LPT];
@@ -91,14 +86,10 @@ void fast() {
     }
     float fa[GPC], fb[GPC];
     fparams(s, z, rs, 0u, fa, fb);
-    // Where each lane's code sits in its word, rotated to the top of the mantissa.
-    uint rot[LPT];
-    [[unroll]] for (uint i = 0u; i < LPT; i++) {
-        uint l = l0 + i;
-        uint at = FBITS == 4u ? 4u * l + 3u : 8u * (l & 3u) + 7u;   // the code's top bit
-        rot[i] = (MTOP + 32u - at) & 31u;
-    }
-    uint fx = 0x3F800000u ^ (FBITS == 8u && (pc.iflags & INT_I8) != 0u ? 0x00400000u : 0u);
+    // Each lane's code: shifted down by sh, then (CONV=1) masked into the mantissa of 1.0.
+    uint sh[LPT];
+    [[unroll]] for (uint i = 0u; i < LPT; i++) sh[i] = FBITS == 4u ? 4u * (l0 + i) : 8u * ((l0 + i) & 3u);
+    uint fx = 0x3F800000u ^ (FBITS == 8u && i8 ? 0x80u : 0u);
     float acc[LPT];
     [[unroll]] for (uint i = 0u; i < LPT; i++) acc[i] = 0.0;
     uint rb = row_l * WSTRIDE;
@@ -116,7 +107,7 @@ void fast() {
                 }
                 [[unroll]] for (uint k = 0u; k < XPT; k++) {
                     uint e = tid + k * WG;
-                    if (e < CE) xsh[b][e >> 2][e & 3u] = xreg[j][k];
+                    if (e < CE) xsh[b][e] = xreg[j][k];
                 }
                 barrier();
                 // Chunk c + PF's loads go out before this chunk's arithmetic.
@@ -134,16 +125,21 @@ void fast() {
                 if (FGROUP != 0u && c + 1u < chunks) fparams(s, z, rs, c + 1u, na, nb);
                 [[unroll]] for (uint e = 0u; e < STEPS; e++) {
                     uint g = FGROUP == 0u ? 0u : (8u * e) / FGROUP;
-                    vec4 x4 = xsh[b][(8u * e + l0) >> 2];
                     uint word = FBITS == 4u ? wsh[b][rb + e] : wsh[b][rb + 2u * e + (l0 >> 2)];
                     [[unroll]] for (uint i = 0u; i < LPT; i++) {
-                        float xv = LPT == 4u ? x4[i] : LPT == 2u ? x4[(l0 & 2u) + i] : x4[l0 & 3u];
-                        float f = uintBitsToFloat((rotl(word, rot[i]) & MMASK) ^ fx);
+                        float xv = xsh[b][8u * e + l0 + i];
                         float wv;
-                        if (S16 != 0u) {
-                            precise float v = fma(f, fa[g], fb[g]);
+                        if (CONV == 0u) {
+                            int q;
+                            if (FBITS == 4u) {
+                                q = int((word >> sh[i]) & 15u) - 8;
+                            } else {
+                                q = i8 ? int(word << (24u - sh[i])) >> 24 : int((word >> sh[i]) & 255u) - 128;
+                            }
+                            precise float v = float(q - floatBitsToInt(fb[g])) * fa[g];
                             wv = v;
                         } else {
+                            float f = uintBitsToFloat(((word >> sh[i]) & (FBITS == 4u ? 15u : 255u)) ^ fx);
                             precise float d = f - fb[g];
                             precise float v = d * fa[g];
                             wv = v;

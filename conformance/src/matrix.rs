@@ -98,9 +98,9 @@ pub fn vulkan_batch_tile() -> Vulkan {
 }
 
 /// The Vulkan backend with every one-token compressed-tensors matmul on `mm_int`'s chunked
-/// path in one shape (lanes a thread, chunks ahead, threads a workgroup), so each variant the
+/// path in one shape (lanes a thread, chunks ahead, threads a workgroup, conversion), so each variant the
 /// GPU may take is checked.
-pub fn vulkan_int_fast(cfg: [u32; 3]) -> Vulkan {
+pub fn vulkan_int_fast(cfg: [u32; 4]) -> Vulkan {
     let mut o = vulkan_options();
     o.int_fast = Some(cfg);
     Vulkan::new(&o).unwrap_or_else(|e| panic!("{e}"))

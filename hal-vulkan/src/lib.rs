@@ -93,9 +93,10 @@ pub struct VulkanOptions {
     /// (ROWS 0 when left out), `off` turns it off.
     pub batch_tile: Option<(usize, usize)>,
     /// One-token matmuls on compressed-tensors weights (`mm_int.comp`'s chunked path): lanes a
-    /// thread (1, 2 or 4), chunks loaded ahead (1–4) and threads a workgroup (64, 128 or 256),
-    /// for every such matmul; `None`: chosen per matrix. `PUREHW_VK_INT_FAST=L,P,W` sets it.
-    pub int_fast: Option<[u32; 3]>,
+    /// thread (1, 2 or 4), chunks loaded ahead (1–4), threads a workgroup (64, 128 or 256) and
+    /// how codes become floats (0: conversions, 1: placed in a mantissa), for every such matmul;
+    /// `None`: chosen per matrix. `PUREHW_VK_INT_FAST=L,P,W[,C]` sets it.
+    pub int_fast: Option<[u32; 4]>,
 }
 
 impl VulkanOptions {
@@ -383,7 +384,7 @@ pub struct Vulkan {
     /// the shapes allow (`PUREHW_VK_INT_CHUNKS=0`: the element-wise one, for comparing).
     int_chunks: bool,
     /// See [`VulkanOptions::int_fast`].
-    int_fast: Option<[u32; 3]>,
+    int_fast: Option<[u32; 4]>,
     /// Rows per block-attention workgroup (see [`VulkanOptions::attention_rows`]).
     attn_qb: Option<usize>,
     /// Decode matmuls' tails (see [`VulkanOptions::tails`]).
@@ -2785,10 +2786,9 @@ impl Vulkan {
             let grid = [groups(wrows, wg as usize / 8), groups(n, tokens as usize), 1];
             let at = addr_u64(wa) + wb as u64;
             if let Some((bits, group)) = int_chunked(p, cols, at, row_bytes).filter(|_| n == 1 && self.int_chunks) {
-                let [lpt, pf, wg] = self.int_fast.unwrap_or_else(|| int_fast_for(wrows));
-                let s16 = u32::from(p.scale != purehw_kernels::quant::ScaleType::F32);
+                let [lpt, pf, wg, conv] = self.int_fast.unwrap_or_else(|| int_fast_for(wrows));
                 let grid = [groups(wrows, (wg * lpt / 8) as usize), 1, 1];
-                return self.dispatch(cb, hz, "mm_int", &[1, wg, bits, group, lpt, pf, s16], &push, grid, acc);
+                return self.dispatch(cb, hz, "mm_int", &[1, wg, bits, group, lpt, pf, conv], &push, grid, acc);
             }
             return self.dispatch(cb, hz, "mm_int", &[tokens, wg], &push, grid, acc);
         }
@@ -2891,24 +2891,27 @@ fn int_chunked(p: purehw_kernels::quant::PackedInt, cols: usize, at: u64, row_by
     whole.then_some((u32::from(p.bits), group as u32))
 }
 
-/// The chunked `mm_int` path's (lanes a thread, chunks ahead, threads a workgroup) for a matrix
-/// of `rows` rows: enough workgroups to fill a large GPU where the rows are few.
-fn int_fast_for(rows: usize) -> [u32; 3] {
-    if rows >= 16384 { [2, 2, 256] } else { [2, 2, 128] }
+/// The chunked `mm_int` path's (lanes a thread, chunks ahead, threads a workgroup, conversion)
+/// for a matrix of `rows` rows.
+fn int_fast_for(_rows: usize) -> [u32; 4] {
+    [1, 1, 256, 1]
 }
 
-/// `PUREHW_VK_INT_FAST=L,P,W`: lanes a thread (1, 2, 4), chunks ahead (1–4), threads a
-/// workgroup (64, 128, 256).
-fn parse_int_fast(v: &str) -> Option<[u32; 3]> {
-    let p: Vec<u32> = v.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
-    let cfg: [u32; 3] = p.try_into().ok()?;
+/// `PUREHW_VK_INT_FAST=L,P,W[,C]`: lanes a thread (1, 2, 4), chunks ahead (1–4), threads a
+/// workgroup (64, 128, 256), and C 0 for int-to-float conversions (default 1: the mantissa).
+fn parse_int_fast(v: &str) -> Option<[u32; 4]> {
+    let mut p: Vec<u32> = v.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
+    if p.len() == 3 {
+        p.push(1);
+    }
+    let cfg: [u32; 4] = p.try_into().ok()?;
     int_fast_ok(cfg).then_some(cfg)
 }
 
-/// Whether (lanes, chunks ahead, threads) is a shape `mm_int.comp` has: at most 64 rows a
-/// workgroup, so that two chunks of their codes fit 32 KiB of shared memory.
-fn int_fast_ok([l, f, w]: [u32; 3]) -> bool {
-    matches!(l, 1 | 2 | 4) && (1..=4).contains(&f) && matches!(w, 64 | 128 | 256) && w * l <= 512
+/// Whether (lanes, chunks ahead, threads, conversion) is a shape `mm_int.comp` has: at most 64
+/// rows a workgroup, so that two chunks of their codes fit 32 KiB of shared memory.
+fn int_fast_ok([l, f, w, c]: [u32; 4]) -> bool {
+    matches!(l, 1 | 2 | 4) && (1..=4).contains(&f) && matches!(w, 64 | 128 | 256) && w * l <= 512 && c <= 1
 }
 
 /// A Qkv's epilogue flags (`QP_*`) and the word offset of its RoPE table in the step buffer.
@@ -2989,8 +2992,9 @@ mod tests {
 
     #[test]
     fn int_fast_settings() {
-        assert_eq!(parse_int_fast("2,2,128"), Some([2, 2, 128]));
-        assert_eq!(parse_int_fast("4, 4, 128"), Some([4, 4, 128]));
+        assert_eq!(parse_int_fast("2,2,128"), Some([2, 2, 128, 1]));
+        assert_eq!(parse_int_fast("4, 4, 128, 0"), Some([4, 4, 128, 0]));
+        assert_eq!(parse_int_fast("4,4,128,2"), None);
         // 128 rows a workgroup would not fit shared memory.
         assert_eq!(parse_int_fast("4,2,256"), None);
         assert_eq!(parse_int_fast("3,2,128"), None);
