@@ -30,6 +30,7 @@ layout(constant_id = 3) const uint FGROUP = 0;
 layout(constant_id = 4) const uint LPT = 1;       // lanes a thread: 1, 2 or 4
 layout(constant_id = 5) const uint PF = 1;        // chunks loaded ahead: 1 to 4
 layout(constant_id = 6) const uint CONV = 1;
+layout(constant_id = 7) const uint VEC = 0;      // 1: fast_vec (one lane a thread, 16-byte shared reads)
 const uint TPR = 8u / LPT;                        // threads a row
 const uint FROWS = WG / TPR;                      // rows a workgroup
 const uint CE = FBITS == 4u ? 256u : 128u;        // columns a chunk
@@ -39,8 +40,8 @@ const uint XPT = (CE + WG - 1u) / WG;             // x values each thread copies
 const uint WSTRIDE = 34u;                         // words a row in shared memory: 32 + 2 (banks)
 const float TWO23 = 8388608.0;
 layout(buffer_reference, std430, buffer_reference_align = 16) buffer Quads { uvec4 v[]; };
-shared uint wsh[2][FROWS * WSTRIDE];
-shared float xsh[2][CE];
+shared uint wsh[2][VEC == 0u ? FROWS * WSTRIDE : 1u];
+shared float xsh[2][VEC == 0u ? CE : 1u];
 
 // Chunk c's groups: (scale, zero point as an int) for CONV=0; (sc·2^23, 1 + c0·2^-23) for
 // CONV=1.
@@ -170,6 +171,118 @@ void fast() {
     }
 }
 
+// VEC=1 (one lane a thread): both shared arrays are laid out so that a thread reads four
+// steps' codes and four steps' x values with one 16-byte load each. A row's chunk is 36 words
+// (9 quads; rows 4 banks apart): 4-bit codes in order (word e is step e), 8-bit codes split by
+// half-word (lanes 0–3 read words 0..15 = the chunk's even words, lanes 4–7 words 16..31 = its
+// odd ones). x is stored lane-major, x[8e + l] at l·XSTR + e (lanes 4 banks apart).
+const uint XSTR = STEPS + 4u;
+shared uvec4 wq[2][VEC != 0u ? ROWS * 9u : 1u];
+shared vec4 xq[2][VEC != 0u ? 2u * XSTR : 1u];
+
+void fast_vec() {
+    uint tid = gl_LocalInvocationID.x, lane = tid & 7u, row_l = tid >> 3;
+    uint r = gl_WorkGroupID.x * ROWS + row_l;
+    bool live = r < pc.rows;
+    uint rs = live ? r : 0u;
+    Quads w = Quads(pc.w);
+    Words s = Words(pc.scales), z = Words(pc.zeros);
+    Floats x = Floats(pc.x);
+    uint chunks = pc.cols / CE;
+    bool i8 = (pc.iflags & INT_I8) != 0u;
+    uint q0 = (pc.w_byte + rs * pc.row_bytes) / 16u + lane;
+    uvec4 wreg[PF];
+    float xreg[PF][XPT];
+    [[unroll]] for (uint j = 0u; j < PF; j++) {
+        wreg[j] = live && j < chunks ? w.v[q0 + 8u * j] : uvec4(0u);
+        [[unroll]] for (uint k = 0u; k < XPT; k++) {
+            uint e = tid + k * WG;
+            xreg[j][k] = e < CE && j < chunks ? x.v[pc.x_off + j * CE + e] : 0.0;
+        }
+    }
+    float fa[GPC], fb[GPC];
+    fparams(s, z, rs, 0u, fa, fb);
+    uint sh = FBITS == 4u ? 4u * lane : 8u * (lane & 3u);
+    uint fx = 0x3F800000u ^ (FBITS == 8u && i8 ? 0x80u : 0u);
+    uint wbase = row_l * 9u + (FBITS == 8u ? 4u * (lane >> 2) : 0u);   // this lane's quads
+    float acc = 0.0;
+    for (uint c0 = 0u; c0 < chunks; c0 += PF) {
+        [[unroll]] for (uint j = 0u; j < PF; j++) {
+            uint c = c0 + j;
+            if (c < chunks) {
+                uint b = c & 1u;
+                if (FBITS == 4u) {
+                    wq[b][row_l * 9u + lane] = wreg[j];
+                } else {
+                    // Quad `lane` is words 4·lane..4·lane+3: the even ones are steps 2·lane and
+                    // 2·lane + 1 of the low half, the odd ones of the high half.
+                    uint base = row_l * 36u + 2u * lane;
+                    wq[b][(base) >> 2][(base) & 3u] = wreg[j].x;
+                    wq[b][(base + 1u) >> 2][(base + 1u) & 3u] = wreg[j].z;
+                    wq[b][(base + 16u) >> 2][(base + 16u) & 3u] = wreg[j].y;
+                    wq[b][(base + 17u) >> 2][(base + 17u) & 3u] = wreg[j].w;
+                }
+                [[unroll]] for (uint k = 0u; k < XPT; k++) {
+                    uint e = tid + k * WG;
+                    if (e < CE) {
+                        uint at = (e & 7u) * XSTR + (e >> 3);
+                        xq[b][at >> 2][at & 3u] = xreg[j][k];
+                    }
+                }
+                barrier();
+                uint cn = c + PF;
+                if (cn < chunks) {
+                    if (live) wreg[j] = w.v[q0 + 8u * cn];
+                    [[unroll]] for (uint k = 0u; k < XPT; k++) {
+                        uint e = tid + k * WG;
+                        if (e < CE) xreg[j][k] = x.v[pc.x_off + cn * CE + e];
+                    }
+                }
+                float na[GPC], nb[GPC];
+                if (FGROUP != 0u && c + 1u < chunks) fparams(s, z, rs, c + 1u, na, nb);
+                [[unroll]] for (uint e4 = 0u; e4 < STEPS / 4u; e4++) {
+                    uvec4 wv4 = wq[b][wbase + e4];
+                    vec4 xv4 = xq[b][(lane * XSTR) / 4u + e4];
+                    [[unroll]] for (uint k = 0u; k < 4u; k++) {
+                        uint e = 4u * e4 + k;
+                        uint g = FGROUP == 0u ? 0u : (8u * e) / FGROUP;
+                        float wv;
+                        if (CONV == 0u) {
+                            int q;
+                            if (FBITS == 4u) {
+                                q = int((wv4[k] >> sh) & 15u) - 8;
+                            } else {
+                                q = i8 ? int(wv4[k] << (24u - sh)) >> 24 : int((wv4[k] >> sh) & 255u) - 128;
+                            }
+                            precise float v = float(q - floatBitsToInt(fb[g])) * fa[g];
+                            wv = v;
+                        } else {
+                            float f = uintBitsToFloat(((wv4[k] >> sh) & (FBITS == 4u ? 15u : 255u)) ^ fx);
+                            precise float d = f - fb[g];
+                            precise float v = d * fa[g];
+                            wv = v;
+                        }
+                        precise float a = acc + wv * xv4[k];
+                        acc = a;
+                    }
+                }
+                if (FGROUP != 0u && c + 1u < chunks) {
+                    [[unroll]] for (uint k = 0u; k < GPC; k++) {
+                        fa[k] = na[k];
+                        fb[k] = nb[k];
+                    }
+                }
+            }
+        }
+    }
+    float accs[TOKENS], off[TOKENS];
+    [[unroll]] for (uint t = 0u; t < TOKENS; t++) {
+        accs[t] = t == 0u ? acc : 0.0;
+        off[t] = 0.0;
+    }
+    finish(r, lane, 0u, 1u, accs, off);
+}
+
 // One element's step of every token's chain: acc[t] = acc[t] + wv·x[t] (x[t] at `xi` + t rows),
 // the product and the sum each rounded once.
 void accumulate(inout float acc[TOKENS], float wv, Floats x, uint xi, uint nt) {
@@ -182,6 +295,10 @@ void accumulate(inout float acc[TOKENS], float wv, Floats x, uint xi, uint nt) {
 }
 
 void main() {
+    if (FBITS != 0u && VEC != 0u) {
+        fast_vec();
+        return;
+    }
     if (FBITS != 0u) {
         fast();
         return;

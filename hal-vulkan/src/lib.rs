@@ -2787,8 +2787,11 @@ impl Vulkan {
             let at = addr_u64(wa) + wb as u64;
             if let Some((bits, group)) = int_chunked(p, cols, at, row_bytes).filter(|_| n == 1 && self.int_chunks) {
                 let [lpt, pf, wg, conv] = self.int_fast.unwrap_or_else(|| int_fast_for(wrows));
+                // Lanes 0: the vectorized one-lane kernel.
+                let (vec, lpt) = (u32::from(lpt == 0), lpt.max(1));
                 let grid = [groups(wrows, (wg * lpt / 8) as usize), 1, 1];
-                return self.dispatch(cb, hz, "mm_int", &[1, wg, bits, group, lpt, pf, conv], &push, grid, acc);
+                let spec = [1, wg, bits, group, lpt, pf, conv, vec];
+                return self.dispatch(cb, hz, "mm_int", &spec, &push, grid, acc);
             }
             return self.dispatch(cb, hz, "mm_int", &[tokens, wg], &push, grid, acc);
         }
@@ -2897,7 +2900,8 @@ fn int_fast_for(_rows: usize) -> [u32; 4] {
     [1, 1, 256, 1]
 }
 
-/// `PUREHW_VK_INT_FAST=L,P,W[,C]`: lanes a thread (1, 2, 4), chunks ahead (1–4), threads a
+/// `PUREHW_VK_INT_FAST=L,P,W[,C]`: lanes a thread (1, 2, 4; 0: one, with 16-byte shared
+/// reads), chunks ahead (1–4), threads a
 /// workgroup (64, 128, 256), and C 0 for int-to-float conversions (default 1: the mantissa).
 fn parse_int_fast(v: &str) -> Option<[u32; 4]> {
     let mut p: Vec<u32> = v.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
@@ -2911,7 +2915,7 @@ fn parse_int_fast(v: &str) -> Option<[u32; 4]> {
 /// Whether (lanes, chunks ahead, threads, conversion) is a shape `mm_int.comp` has: at most 64
 /// rows a workgroup, so that two chunks of their codes fit 32 KiB of shared memory.
 fn int_fast_ok([l, f, w, c]: [u32; 4]) -> bool {
-    matches!(l, 1 | 2 | 4) && (1..=4).contains(&f) && matches!(w, 64 | 128 | 256) && w * l <= 512 && c <= 1
+    matches!(l, 0 | 1 | 2 | 4) && (1..=4).contains(&f) && matches!(w, 64 | 128 | 256) && w * l <= 512 && c <= 1
 }
 
 /// A Qkv's epilogue flags (`QP_*`) and the word offset of its RoPE table in the step buffer.
