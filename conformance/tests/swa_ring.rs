@@ -7,7 +7,7 @@
 use purehw_conformance::{fixture, golden, matrix, model_file};
 use purehw_core::model::{Model, ModelOptions, SeqInput};
 use purehw_core::source::ModelSource;
-use purehw_hal::{ActQuant, Backend};
+use purehw_hal::{ActQuant, Backend, Op, SeqSpan, Step, View};
 use purehw_hal_cpu_ref::CpuRef;
 
 /// The tiny random Gemma 3 (6 layers, window 16).
@@ -175,5 +175,50 @@ fn gemma3_270m_kv_bytes() {
         assert_eq!(o.kv_ring(&c), Some(639));
         assert_eq!(ModelOptions { swa_ring: false, ..o }.kv_bytes(&c), 18 * ctx * row);
         assert_eq!(o.kv_bytes(&c), (3 * ctx + 15 * 639) * row);
+    }
+}
+
+/// A ring too short for what a step's queries see, or one without a window, is the op
+/// contract's error on every backend (`hal::check`), never a panic or wrong numbers.
+fn short_ring_errors<B: Backend>(mut b: B) {
+    let name = b.name().to_string();
+    let buf = b.alloc(4096).unwrap();
+    let seqs = [SeqSpan { row: 0, len: 4, cache_row: 0, pos0: 30, ring_row: 0 }];
+    let (tokens, positions) = ([0u32; 4], [30u32, 31, 32, 33]);
+    let step = Step { tokens: &tokens, positions: &positions, seqs: &seqs };
+    let attn = |window, ring| Op::Attention {
+        out: View::new(buf, 0),
+        q: View::new(buf, 100),
+        k: View::new(buf, 200),
+        v: View::new(buf, 400),
+        heads: 1,
+        kv_heads: 1,
+        head_dim: 8,
+        scale: 1.0,
+        window,
+        softcap: 0.0,
+        ring,
+    };
+    for (op, want) in [
+        (attn(5, 7), "ring too short"),
+        (attn(0, 16), "needs a sliding window"),
+        (
+            Op::StoreKv { cache: View::new(buf, 0), src: View::new(buf, 100), width: 8, ring: 3 },
+            "more rows in one step",
+        ),
+    ] {
+        let e = b.submit(&step, &[op]).expect_err("a bad ring must be refused").to_string();
+        assert!(e.contains(want), "{name}: {e}");
+    }
+    b.submit(&step, &[attn(5, 8)]).unwrap();
+    b.finish().unwrap();
+}
+
+#[test]
+fn a_short_ring_is_an_error_on_every_backend() {
+    short_ring_errors(CpuRef::new());
+    short_ring_errors(matrix::cpu(2));
+    if matrix::vulkan_present("a_short_ring_is_an_error_on_every_backend") {
+        short_ring_errors(matrix::vulkan());
     }
 }
