@@ -45,16 +45,17 @@ void main() {
     float q0 = q.v[qb + min(tid, hd - 1u)], q1 = q.v[qb + min(tid + 256u, hd - 1u)];
     uint s = st.v[pc.row_seq_off + t];
     if (s == 0xFFFFFFFFu) return;
-    uint srow = st.v[pc.seqs_off + 4u * s], cache_row = st.v[pc.seqs_off + 4u * s + 2u];
-    uint p = st.v[pc.seqs_off + 4u * s + 3u] + (t - srow);
+    uint srow = st.v[pc.seqs_off + 5u * s];
+    uint p = st.v[pc.seqs_off + 5u * s + 3u] + (t - srow);
     uint first = (pc.window > 0u && p + 1u > pc.window) ? p + 1u - pc.window : 0u;
+    kv_rows(st, pc.seqs_off + 5u * s, first);
     uint nk = p + 1u - first;
     Floats k = Floats(pc.k), v = Floats(pc.v);
     if (tid < hd) sq[tid] = q0;
     if (tid + 256u < hd) sq[tid + 256u] = q1;
     barrier();
     uint kvw = pc.kv_heads * hd, g = h / (pc.heads / pc.kv_heads);
-    uint kb0 = (cache_row + first) * kvw + g * hd;
+    uint kb0 = g * hd;   // key j of the range: row kv_row(j), this head's part
 
     // Pass 1: the largest score (NaN scores are skipped, as f32::max does). Groups of 8
     // invocations take one key each, 32 keys a round.
@@ -63,7 +64,7 @@ void main() {
     for (uint j0 = 0u; j0 < nk; j0 += 32u) {
         uint j = j0 + grp;
         // Past the end a group scores the last key again (unconditional loads) and keeps nothing.
-        float acc = score_lane(k, pc.k_off + kb0 + min(j, nk - 1u) * kvw, lane);
+        float acc = score_lane(k, pc.k_off + kv_row(min(j, nk - 1u)) * kvw + kb0, lane);
         float sc = score_of(acc);
         if (lane == 0u && j < nk) {
             m = sc > m ? sc : m;
@@ -89,7 +90,7 @@ void main() {
         } else {
             for (uint j0 = 0u; j0 < cn; j0 += 32u) {
                 uint j = j0 + grp;
-                float acc = score_lane(k, pc.k_off + kb0 + (c0 + min(j, cn - 1u)) * kvw, lane);
+                float acc = score_lane(k, pc.k_off + kv_row(c0 + min(j, cn - 1u)) * kvw + kb0, lane);
                 float sc = score_of(acc);
                 if (lane == 0u && j < cn) se[j] = exp_ref(sc - mx);
             }
@@ -107,7 +108,7 @@ void main() {
             for (; j < cn; j++) sum = sum + se[j];
             ssum = sum;
         }
-        uint vb = pc.v_off + kb0 + c0 * kvw;
+        uint vb = pc.v_off + kb0;
         [[unroll]] for (uint half_ = 0u; half_ < 2u; half_++) {
             uint d = tid + 256u * half_;
             if (d >= HD) continue;
@@ -116,15 +117,15 @@ void main() {
             // 32 keys' values in flight at once: the chain waits on memory once per 32 keys.
             for (; j + 32u <= cn; j += 32u) {
                 float vv[32];
-                [[unroll]] for (uint u = 0u; u < 32u; u++) vv[u] = v.v[vb + (j + u) * kvw + d];
+                [[unroll]] for (uint u = 0u; u < 32u; u++) vv[u] = v.v[vb + kv_row(c0 + j + u) * kvw + d];
                 [[unroll]] for (uint u = 0u; u < 32u; u++) acc = acc + se[j + u] * vv[u];
             }
             for (; j + 8u <= cn; j += 8u) {
                 float vv[8];
-                [[unroll]] for (uint u = 0u; u < 8u; u++) vv[u] = v.v[vb + (j + u) * kvw + d];
+                [[unroll]] for (uint u = 0u; u < 8u; u++) vv[u] = v.v[vb + kv_row(c0 + j + u) * kvw + d];
                 [[unroll]] for (uint u = 0u; u < 8u; u++) acc = acc + se[j + u] * vv[u];
             }
-            for (; j < cn; j++) acc = acc + se[j] * v.v[vb + j * kvw + d];
+            for (; j < cn; j++) acc = acc + se[j] * v.v[vb + kv_row(c0 + j) * kvw + d];
             if (half_ == 0u) acc0 = acc; else acc1 = acc;
         }
         barrier();

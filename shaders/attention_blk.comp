@@ -51,13 +51,14 @@ void main() {
             seg = end;
             continue;
         }
-        uint srow = st.v[pc.seqs_off + 4u * s], cache_row = st.v[pc.seqs_off + 4u * s + 2u];
-        uint plo = st.v[pc.seqs_off + 4u * s + 3u] + (t0 + seg - srow);   // query seg's position
+        uint srow = st.v[pc.seqs_off + 5u * s];
+        uint plo = st.v[pc.seqs_off + 5u * s + 3u] + (t0 + seg - srow);   // query seg's position
         uint phi = plo + (end - 1u - seg);
         uint flo = first_of(plo);
         uint nk = phi + 1u - flo;   // the segment's keys, from position flo
-        uint kb0 = pc.k_off + (cache_row + flo) * kvw + g * HD;
-        uint vb0 = pc.v_off + (cache_row + flo) * kvw + g * HD;
+        kv_rows(st, pc.seqs_off + 5u * s, flo);   // key j (position flo + j) at row kv_row(j)
+        uint kb0 = pc.k_off + g * HD;
+        uint vb0 = pc.v_off + g * HD;
         for (uint i = tid; i < QB * HD; i += 256u) {
             uint qi = i / HD;
             bool live = qi >= seg && qi < end;
@@ -70,7 +71,7 @@ void main() {
         [[unroll]] for (uint qi = 0u; qi < QB; qi++) m[qi] = uintBitsToFloat(0xFF800000u);
         for (uint j0 = 0u; j0 < nk; j0 += 32u) {
             uint j = j0 + grp;
-            uint kb = kb0 + min(j, nk - 1u) * kvw;
+            uint kb = kb0 + kv_row(min(j, nk - 1u)) * kvw;
             float kr[HD / 8u];
             [[unroll]] for (uint i = 0u; i < HD / 8u; i++) kr[i] = k.v[kb + 8u * i + lane];
             [[unroll]] for (uint qi = 0u; qi < QB; qi++) {
@@ -112,7 +113,7 @@ void main() {
             } else {
                 for (uint j0 = 0u; j0 < cn; j0 += 32u) {
                     uint j = j0 + grp;
-                    uint kb = kb0 + (c0 + min(j, cn - 1u)) * kvw;
+                    uint kb = kb0 + kv_row(c0 + min(j, cn - 1u)) * kvw;
                     float kr[HD / 8u];
                     [[unroll]] for (uint i = 0u; i < HD / 8u; i++) kr[i] = k.v[kb + 8u * i + lane];
                     [[unroll]] for (uint qi = 0u; qi < QB; qi++) {
@@ -149,10 +150,10 @@ void main() {
                 }
             }
             all_hi = max(all_hi, all_lo);
-            uint vb = vb0 + c0 * kvw + d;
+            uint vb = vb0 + d;
             // Keys some of the invocation's queries see: checked per query.
             for (uint j = any_lo; j < min(all_lo, any_hi); j++) {
-                float vv = v.v[vb + j * kvw];
+                float vv = v.v[vb + kv_row(c0 + j) * kvw];
                 [[unroll]] for (uint u = 0u; u < QPT; u++) {
                     uint qi = qs * QPT + u;
                     if (j >= lo[u] && j < hi[u]) {
@@ -167,7 +168,7 @@ void main() {
             if (any_hi > any_lo) {
                 for (; j + 8u <= all_hi; j += 8u) {
                     float vv[8];
-                    [[unroll]] for (uint e = 0u; e < 8u; e++) vv[e] = v.v[vb + (j + e) * kvw];
+                    [[unroll]] for (uint e = 0u; e < 8u; e++) vv[e] = v.v[vb + kv_row(c0 + j + e) * kvw];
                     [[unroll]] for (uint u = 0u; u < QPT; u++) {
                         uint qi = qs * QPT + u;
                         [[unroll]] for (uint e = 0u; e < 8u; e++) {
@@ -177,7 +178,7 @@ void main() {
                     }
                 }
                 for (; j < all_hi; j++) {
-                    float vv = v.v[vb + j * kvw];
+                    float vv = v.v[vb + kv_row(c0 + j) * kvw];
                     [[unroll]] for (uint u = 0u; u < QPT; u++) {
                         uint qi = qs * QPT + u;
                         precise float a = acc[u] + se[qi * CHUNK + j] * vv;
@@ -186,7 +187,7 @@ void main() {
                 }
             }
             for (j = max(all_hi, any_lo); j < any_hi; j++) {
-                float vv = v.v[vb + j * kvw];
+                float vv = v.v[vb + kv_row(c0 + j) * kvw];
                 [[unroll]] for (uint u = 0u; u < QPT; u++) {
                     uint qi = qs * QPT + u;
                     if (j >= lo[u] && j < hi[u]) {

@@ -179,6 +179,7 @@ layout(push_constant) uniform Push {
     uint shape;       // heads | kv_heads << 8 | head_dim << 16
     uint flags_table; // qkv_post's flags | kind (0 q, 1 k, 2 v) << 6 | the RoPE table's word offset << 8
     float eps;
+    uint ring;        // rows a slot of ring caches (position p at ring_row + p % ring); 0: linear
 } pc;
 #define W_BYTE 0u
 #elif PRO == 6
@@ -294,7 +295,8 @@ void tail(uint head) {
     uint ti = table + min(tid, half_ - 1u) * 2u;
     float rc = rope ? uintBitsToFloat(st.v[ti]) : 0.0, rs = rope ? uintBitsToFloat(st.v[ti + 1u]) : 0.0;
     uint s = st.v[2u], sc = s == 0xFFFFFFFFu ? 0u : s;
-    uint srow = st.v[3u + 4u * sc], cache_row = st.v[3u + 4u * sc + 2u], pos0 = st.v[3u + 4u * sc + 3u];
+    uint srow = st.v[3u + 5u * sc], cache_row = st.v[3u + 5u * sc + 2u], pos0 = st.v[3u + 5u * sc + 3u];
+    uint ring_row = st.v[3u + 5u * sc + 4u];
     if (tid < hd) h[tid] = x0;
     if (tid + 256u < hd) h[tid + 256u] = x1;
     barrier();
@@ -337,7 +339,8 @@ void tail(uint head) {
     bool store = (kind == 1u && (flags & 16u) != 0u) || (kind == 2u && (flags & 32u) != 0u);
     if (!store || s == 0xFFFFFFFFu) return;
     Floats c = Floats(kind == 1u ? pc.kc : pc.vc);
-    uint co = (cache_row + pos0 - srow) * width + head * hd;
+    uint p = pos0 - srow;
+    uint co = (pc.ring == 0u ? cache_row + p : ring_row + p % pc.ring) * width + head * hd;
     for (uint i = tid; i < hd; i += 256u) c.v[co + i] = h[i];
 }
 #elif PRO == 6

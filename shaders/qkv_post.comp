@@ -37,6 +37,7 @@ layout(push_constant) uniform Push {
     uint flags;
     uint table_off;
     float eps;
+    uint ring;        // rows a slot of ring caches (position p at ring_row + p % ring); 0: linear
 } pc;
 
 shared float h[MAX_HD];
@@ -64,7 +65,8 @@ void main() {
     uint ti = pc.table_off + (t * half_ + min(tid, half_ - 1u)) * 2u;
     float rc = rope ? uintBitsToFloat(st.v[ti]) : 0.0, rs = rope ? uintBitsToFloat(st.v[ti + 1u]) : 0.0;
     uint s = st.v[row_seq_off + t], sc = s == 0xFFFFFFFFu ? 0u : s;
-    uint srow = st.v[seqs_off + 4u * sc], cache_row = st.v[seqs_off + 4u * sc + 2u], pos0 = st.v[seqs_off + 4u * sc + 3u];
+    uint srow = st.v[seqs_off + 5u * sc], cache_row = st.v[seqs_off + 5u * sc + 2u], pos0 = st.v[seqs_off + 5u * sc + 3u];
+    uint ring_row = st.v[seqs_off + 5u * sc + 4u];
     barrier();
     if (kind < 2u) {
         if (norm) {
@@ -107,7 +109,8 @@ void main() {
     bool store = (kind == 1u && (pc.flags & F_KCACHE) != 0u) || (kind == 2u && (pc.flags & F_VCACHE) != 0u);
     if (!store) return;
     if (s == 0xFFFFFFFFu) return;
-    uint dst = cache_row + pos0 + (t - srow);
+    uint p = pos0 + (t - srow);
+    uint dst = pc.ring == 0u ? cache_row + p : ring_row + p % pc.ring;
     Floats c = Floats(kind == 1u ? pc.kc : pc.vc);
     uint co = (kind == 1u ? kc_off : vc_off) + dst * width + head * hd;
     for (uint i = tid; i < hd; i += 256u) c.v[co + i] = h[i];

@@ -1,5 +1,6 @@
 #version 460
-// StoreKv: each sequence's new rows of src into its cache slot at row cache_row + pos0 + i.
+// StoreKv: each sequence's new rows of src into its cache slot: position p = pos0 + i at row
+// cache_row + p, or ring_row + p % ring in a ring cache (ring > 0).
 #include "common/base.glsl"
 
 layout(local_size_x = 256) in;
@@ -12,7 +13,8 @@ layout(push_constant) uniform Push {
     uint width;
     uint rows;
     uint row_seq_off;   // step words: the sequence of each row (~0u: none)
-    uint seqs_off;      // step words: (row, len, cache_row, pos0) per sequence
+    uint seqs_off;      // step words: (row, len, cache_row, pos0, ring_row) per sequence
+    uint ring;          // rows a slot of a ring cache; 0: linear
 } pc;
 
 void main() {
@@ -21,8 +23,9 @@ void main() {
     Words st = Words(pc.step);
     uint s = st.v[pc.row_seq_off + t];
     if (s == 0xFFFFFFFFu) return;
-    uint srow = st.v[pc.seqs_off + 4u * s], cache_row = st.v[pc.seqs_off + 4u * s + 2u];
-    uint pos0 = st.v[pc.seqs_off + 4u * s + 3u];
-    uint dst = cache_row + pos0 + (t - srow);
+    uint srow = st.v[pc.seqs_off + 5u * s], cache_row = st.v[pc.seqs_off + 5u * s + 2u];
+    uint pos0 = st.v[pc.seqs_off + 5u * s + 3u], ring_row = st.v[pc.seqs_off + 5u * s + 4u];
+    uint p = pos0 + (t - srow);
+    uint dst = pc.ring == 0u ? cache_row + p : ring_row + p % pc.ring;
     Floats(pc.cache).v[pc.cache_off + dst * pc.width + e] = Floats(pc.src).v[pc.src_off + t * pc.width + e];
 }

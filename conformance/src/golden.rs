@@ -143,7 +143,7 @@ static REFERENCE_RUNS: Mutex<BTreeMap<RunKey, Arc<RunCell>>> = Mutex::new(BTreeM
 type RunCell = OnceLock<Arc<Vec<ReferenceRun>>>;
 
 const TWIN_OPTIONS: ModelOptions =
-    ModelOptions { ctx: 2048, slots: 1, max_batch: 128, logit_rows: 1, act: ActQuant::F32 };
+    ModelOptions { ctx: 2048, slots: 1, max_batch: 128, logit_rows: 1, act: ActQuant::F32, swa_ring: true };
 
 /// Greedy `n` tokens (never stopping at EOS) on every prompt of a fixture's `cases.json`, on the
 /// reference (`CpuRef`), with the logits after the last one; computed once per binary.

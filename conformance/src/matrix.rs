@@ -182,7 +182,7 @@ pub struct StepData {
 impl StepData {
     /// `n` rows of one sequence at positions `pos0..`, its cache from row 0.
     pub fn one_seq(n: usize, pos0: u32) -> Self {
-        Self::of_seqs(&[SeqSpan { row: 0, len: n as u32, cache_row: 0, pos0 }])
+        Self::of_seqs(&[SeqSpan { row: 0, len: n as u32, cache_row: 0, pos0, ring_row: 0 }])
     }
 
     /// The rows of `seqs` (token 0 each), at their positions.
@@ -513,10 +513,20 @@ fn map_op<B2: Copy, W2: Copy>(op: &Op<Buf, Wt>, fb: &impl Fn(Buf) -> B2, fw: &im
         Op::Rope { x, rows, heads, head_dim, theta, scale, mode } => {
             Op::Rope { x: v(x), rows, heads, head_dim, theta, scale, mode }
         }
-        Op::StoreKv { cache, src, width } => Op::StoreKv { cache: v(cache), src: v(src), width },
-        Op::Attention { out, q, k, v: vv, heads, kv_heads, head_dim, scale, window, softcap } => {
-            Op::Attention { out: v(out), q: v(q), k: v(k), v: v(vv), heads, kv_heads, head_dim, scale, window, softcap }
-        }
+        Op::StoreKv { cache, src, width, ring } => Op::StoreKv { cache: v(cache), src: v(src), width, ring },
+        Op::Attention { out, q, k, v: vv, heads, kv_heads, head_dim, scale, window, softcap, ring } => Op::Attention {
+            out: v(out),
+            q: v(q),
+            k: v(k),
+            v: v(vv),
+            heads,
+            kv_heads,
+            head_dim,
+            scale,
+            window,
+            softcap,
+            ring,
+        },
         Op::Add { out, a, b, len } => Op::Add { out: v(out), a: v(a), b: v(b), len },
         Op::GeluTanhMul { out, gate, up, len } => Op::GeluTanhMul { out: v(out), gate: v(gate), up: v(up), len },
         Op::SiluMul { out, gate, up, len } => Op::SiluMul { out: v(out), gate: v(gate), up: v(up), len },
@@ -553,6 +563,7 @@ fn map_op<B2: Copy, W2: Copy>(op: &Op<Buf, Wt>, fb: &impl Fn(Buf) -> B2, fw: &im
             rope,
             k_cache,
             v_cache,
+            ring,
         } => Op::Qkv {
             x: mat_in(x),
             wq: fw(wq),
@@ -571,6 +582,7 @@ fn map_op<B2: Copy, W2: Copy>(op: &Op<Buf, Wt>, fb: &impl Fn(Buf) -> B2, fw: &im
             rope,
             k_cache: k_cache.map(v),
             v_cache: v_cache.map(v),
+            ring,
         },
         Op::GatedFfn { x, w_gate, w_up, gate, up, out, n, ffn, kind, quant: q } => Op::GatedFfn {
             x: mat_in(x),

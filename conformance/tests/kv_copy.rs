@@ -31,7 +31,7 @@ fn prompt(n: usize, vocab: usize, seed: usize) -> Vec<u32> {
 /// prefix is copied from slot 1 and `rest` computed: its logits must equal slot 0's. The copy
 /// reads slot 1 while slot 1 goes on (its later positions are written after the copy).
 fn check<B: Backend>(src: &ModelSource, act: ActQuant, backend: B, prefix_len: usize, rest_len: usize) {
-    let opts = ModelOptions { ctx: 64, slots: 3, max_batch: 16, logit_rows: rest_len, act };
+    let opts = ModelOptions { ctx: 64, slots: 3, max_batch: 16, logit_rows: rest_len, act, swa_ring: true };
     let mut m: Model<B> = golden::load(backend, src, opts);
     assert!(m.can_copy_kv(), "{} does not run Op::Copy", m.backend().name());
     let vocab = m.config().vocab;

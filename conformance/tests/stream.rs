@@ -24,7 +24,7 @@ fn open(path: &std::path::Path) -> ModelSource {
 }
 
 fn opts(act: ActQuant) -> ModelOptions {
-    ModelOptions { ctx: 64, slots: 1, max_batch: 16, logit_rows: 1, act }
+    ModelOptions { ctx: 64, slots: 1, max_batch: 16, logit_rows: 1, act, swa_ring: true }
 }
 
 /// What a budget must hold for `src` (from the error a budget of 0 gives).

@@ -26,7 +26,8 @@ pub fn generate<B: Backend>(
 /// [`generate`] continuing a sequence: slot 0's KV cache already holds `prompt[..cached]` (an
 /// earlier call's prompt and reply that this prompt extends), so only `prompt[cached..]` is
 /// computed. At least the last prompt token is always computed (its logits pick the first new
-/// token), so `cached` is capped at `prompt.len() - 1`; `cached = 0` is [`generate`].
+/// token), so `cached` is capped at `prompt.len() - 1`, and at what the cache can still go on
+/// from ([`Model::kv_resumable`]); `cached = 0` is [`generate`].
 ///
 /// After a call that returns `n > 0` ids, the slot holds `prompt` followed by the first `n - 1`
 /// of them (the last id chosen is never fed): that is the `cached` prefix a next call can pass.
@@ -51,7 +52,8 @@ pub fn generate_from<B: Backend>(
             prompt.len()
         )));
     }
-    let cached = cached.min(prompt.len() - 1);
+    // Less where a sliding-window layer's ring no longer holds the window before it.
+    let cached = model.kv_resumable(0, cached.min(prompt.len() - 1));
     // Never run past the context.
     let max_new = max_new.min(ctx - prompt.len() + 1);
     let eos = model.config().eos.clone();

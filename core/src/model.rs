@@ -36,11 +36,43 @@ pub struct ModelOptions {
     pub logit_rows: usize,
     /// How every matmul treats its activations (`Int8`: quantized per block, integer dots).
     pub act: ActQuant,
+    /// A sliding-window layer's cache holds only what its queries can still see: a ring of
+    /// `min(ctx, window + max_batch - 1)` rows per slot instead of `ctx` ([`Model::kv_ring`]).
+    /// Off: every layer keeps all `ctx` positions (the same numbers, more memory; for A/B checks).
+    pub swa_ring: bool,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        ModelOptions { ctx: 4096, slots: 1, max_batch: 128, logit_rows: 1, act: ActQuant::F32 }
+        ModelOptions { ctx: 4096, slots: 1, max_batch: 128, logit_rows: 1, act: ActQuant::F32, swa_ring: true }
+    }
+}
+
+impl ModelOptions {
+    /// Rows per slot of a sliding-window layer's ring cache under these options, `None` where
+    /// every layer keeps all `ctx` positions (no sliding layers, the ring off, or a window so
+    /// long the ring would not be shorter). A step feeds a sequence at most `max_batch` rows,
+    /// so `window + max_batch - 1` rows hold every key each of them sees (`hal::check` holds
+    /// the rule). `ctx` as the model clamps it.
+    pub fn kv_ring(&self, c: &ModelConfig) -> Option<usize> {
+        let sliding = c.layer_kinds.contains(&LayerKind::Sliding) && c.sliding_window > 0;
+        let ring = c.sliding_window.saturating_add(self.max_batch).saturating_sub(1);
+        (self.swa_ring && sliding && ring < self.ctx).then_some(ring)
+    }
+
+    /// Bytes of every layer's K and V caches (f32) for `c` under these options: `ctx` rows per
+    /// slot for a global layer, the ring's for a sliding one ([`kv_ring`](Self::kv_ring)).
+    pub fn kv_bytes(&self, c: &ModelConfig) -> usize {
+        let row = 2 * 4 * c.kv_heads * c.head_dim;
+        (0..c.layers).map(|l| self.slots.saturating_mul(self.layer_rows(c, l)).saturating_mul(row)).sum()
+    }
+
+    /// Cache rows per slot of layer `l`.
+    fn layer_rows(&self, c: &ModelConfig, l: usize) -> usize {
+        match (c.layer_kinds.get(l), self.kv_ring(c)) {
+            (Some(LayerKind::Sliding), Some(ring)) => ring,
+            _ => self.ctx,
+        }
     }
 }
 
@@ -93,8 +125,8 @@ pub struct RunState<Buf> {
     act: Buf,          // (max_batch, ffn) act(gate)·up
     logits: Buf,       // (logit_rows, vocab)
     ids: Buf,          // (logit_rows) argmax of each logit row (an index held exactly in f32)
-    k_cache: Vec<Buf>, // per layer: (slots·ctx, kv_heads·head_dim)
-    v_cache: Vec<Buf>, // per layer: (slots·ctx, kv_heads·head_dim)
+    k_cache: Vec<Buf>, // per layer: (slots·ctx, kv_heads·head_dim); a sliding layer's with a ring: (slots·ring, …)
+    v_cache: Vec<Buf>, // per layer: as k_cache
 }
 
 /// What a sequence wants back from a step.
@@ -180,6 +212,11 @@ pub struct Model<B: Backend> {
     fused: Fusions,
     /// With a weight budget too small for every layer: moves layers in and out per step.
     stream: Option<Streamer>,
+    /// Rows per slot of the sliding layers' ring caches; 0: every cache is linear (`ctx` rows).
+    ring: usize,
+    /// With a ring: the position each ring row of each slot holds (`u32::MAX`: none), as the
+    /// steps and copies wrote them; what prefix reuse asks of [`Model::kv_holds`].
+    ring_pos: Vec<u32>, // (slots, ring)
 }
 
 impl<B: Backend> Model<B> {
@@ -279,7 +316,9 @@ impl<B: Backend> Model<B> {
             ffn: backend.supports(OpKind::GatedFfn),
         };
         let backend_name = String::from(backend.name());
-        Ok(Model { config: c, opts, backend, backend_name, weights, state, host, fused, stream })
+        let ring = opts.kv_ring(&c).unwrap_or(0);
+        let ring_pos = alloc::vec![u32::MAX; opts.slots * ring];
+        Ok(Model { config: c, opts, backend, backend_name, weights, state, host, fused, stream, ring, ring_pos })
     }
 
     /// With a weight budget that does not hold every layer: `(pinned, ahead)`, the layers kept
@@ -310,14 +349,61 @@ impl<B: Backend> Model<B> {
         self.backend.supports(OpKind::Copy)
     }
 
+    /// Rows per slot of the sliding-window layers' ring caches (`None`: every layer's cache
+    /// holds all `ctx` positions). See [`ModelOptions::kv_ring`].
+    pub fn kv_ring(&self) -> Option<usize> {
+        (self.ring > 0).then_some(self.ring)
+    }
+
+    /// Bytes of the KV caches (every layer's K and V, every slot).
+    pub fn kv_bytes(&self) -> usize {
+        self.opts.kv_bytes(&self.config)
+    }
+
+    /// Whether slot `slot`'s caches still hold `positions` as its steps (or copies) wrote them:
+    /// always for a linear cache (the caller knows what it fed); with a ring, each position's
+    /// row must not have been overwritten by a later position since.
+    pub fn kv_holds(&self, slot: usize, positions: core::ops::Range<usize>) -> bool {
+        if self.ring == 0 || positions.is_empty() {
+            return true;
+        }
+        let Some(rows) = self.ring_pos.get(slot * self.ring..(slot + 1) * self.ring) else { return false };
+        positions.len() <= self.ring && positions.clone().all(|p| rows[p % self.ring] as usize == p)
+    }
+
+    /// The longest prefix `m <= n` of what slot `slot` caches that a sequence can go on from (feed
+    /// position `m` next): every key position `m` and later queries see from before `m` is still
+    /// in the sliding layers' rings (the last `window` positions before `m`). `n` without a ring.
+    pub fn kv_resumable(&self, slot: usize, n: usize) -> usize {
+        if self.ring == 0 {
+            return n;
+        }
+        let w = self.config.sliding_window;
+        let mut m = n;
+        // Each position is looked at once: past a position the ring lost, only a prefix that
+        // ends at or before it can hold its last `w` positions.
+        loop {
+            match (m.saturating_sub(w)..m).rev().find(|&p| !self.kv_holds(slot, p..p + 1)) {
+                None => return m,
+                Some(lost) => m = lost,
+            }
+        }
+    }
+
     /// Copy what slot `src` caches at `positions` into slot `dst` at the same positions: every
-    /// layer's K and V rows (sliding-window layers included: each layer keeps all `ctx`
-    /// positions of a slot, so a later reuse of a shorter prefix finds its window intact), as
-    /// one step of copies on the device. A prompt prefix another slot holds is moved this way
-    /// instead of computed again; since the kernels are row-independent, the copy holds exactly
-    /// what computing those positions in `dst` would have written. An empty range does nothing.
+    /// layer's K and V rows, as one step of copies on the device. A prompt prefix another slot
+    /// holds is moved this way instead of computed again; since the kernels are row-independent,
+    /// the copy holds exactly what computing those positions in `dst` would have written. An
+    /// empty range does nothing.
+    ///
+    /// A sliding layer's ring (see [`ModelOptions::swa_ring`]) holds only `src`'s latest
+    /// positions: its rows holding positions `max(a, b - ring)..b` are copied (where `src` still
+    /// holds them), and the copy is an error, copying nothing, unless `src` still holds the last
+    /// `window` positions before `b` (those `dst`'s next queries see; ask
+    /// [`kv_resumable`](Self::kv_resumable) first), and `dst` its own before `a`. `dst` then goes
+    /// on from `b`.
     pub fn copy_kv(&mut self, src: usize, dst: usize, positions: core::ops::Range<usize>) -> Result<()> {
-        let (o, s, h) = (&self.opts, &self.state, &mut self.host);
+        let o = self.opts;
         if src >= o.slots || dst >= o.slots {
             return Err(Error::Invalid(format!("copy_kv: slot {} out of range (have {})", src.max(dst), o.slots)));
         }
@@ -330,17 +416,71 @@ impl<B: Backend> Model<B> {
         if positions.is_empty() {
             return Ok(());
         }
+        let (a, b, ring) = (positions.start, positions.end, self.ring);
+        // With a ring: the positions src still holds, going back from b (at most ring of them).
+        let mut lo = b;
+        if ring > 0 {
+            let rows = &self.ring_pos[src * ring..(src + 1) * ring];
+            while lo > a.max(b.saturating_sub(ring)) && rows[(lo - 1) % ring] as usize == lo - 1 {
+                lo -= 1;
+            }
+            let need = a.max(b.saturating_sub(self.config.sliding_window));
+            if lo > need {
+                return Err(Error::Invalid(format!(
+                    "copy_kv: slot {src} no longer holds positions {need}..{lo} in its sliding-window ring of {ring} \
+                     rows (later positions overwrote them)"
+                )));
+            }
+            // What dst's next queries see from before a is dst's own.
+            let own = b.saturating_sub(self.config.sliding_window)..a;
+            if !self.kv_holds(dst, own.clone()) {
+                return Err(Error::Invalid(format!(
+                    "copy_kv: slot {dst} no longer holds its own positions {own:?} in its sliding-window ring"
+                )));
+            }
+        }
         let kvd = self.config.kv_heads * self.config.head_dim;
-        // Slot `i`'s position `p` is row `i·ctx + p` of each layer's cache: (slots·ctx, kvd).
-        let row = |slot: usize| (slot * o.ctx + positions.start) * kvd;
-        let len = positions.len() * kvd;
+        let (s, h) = (&self.state, &mut self.host);
         h.ops.clear();
-        for cache in s.k_cache.iter().chain(&s.v_cache) {
-            h.ops.push(Op::Copy { out: View::new(*cache, row(dst)), src: View::new(*cache, row(src)), len });
+        for (l, (kc, vc)) in s.k_cache.iter().zip(&s.v_cache).enumerate() {
+            let sliding = self.weights.layers[l].kind == LayerKind::Sliding;
+            let mut copy = |rows_per_slot: usize, row: usize, n: usize| {
+                let at = |slot: usize| (slot * rows_per_slot + row) * kvd;
+                for c in [*kc, *vc] {
+                    h.ops.push(Op::Copy { out: View::new(c, at(dst)), src: View::new(c, at(src)), len: n * kvd });
+                }
+            };
+            if ring > 0 && sliding {
+                // Positions lo..b at rows p % ring: one piece, or two where they wrap.
+                let (r0, n) = (lo % ring, b - lo);
+                let first = n.min(ring - r0);
+                if first > 0 {
+                    copy(ring, r0, first);
+                }
+                if n > first {
+                    copy(ring, 0, n - first);
+                }
+            } else {
+                // Slot `i`'s position `p` is row `i·ctx + p` of the cache: (slots·ctx, kvd).
+                copy(o.ctx, a, b - a);
+            }
         }
         let step = Step { tokens: &[], positions: &[], seqs: &[] };
         let name = &self.backend_name;
-        self.backend.submit(&step, &h.ops).map_err(|e| Error::backend(name, e))
+        self.backend.submit(&step, &h.ops).map_err(|e| Error::backend(name, e))?;
+        if ring > 0 {
+            // dst's ring now holds lo..b; its rows for a..lo hold none of the copied positions.
+            let rows = &mut self.ring_pos[dst * ring..(dst + 1) * ring];
+            for p in a..lo {
+                if rows[p % ring] as usize == p {
+                    rows[p % ring] = u32::MAX;
+                }
+            }
+            for p in lo..b {
+                rows[p % ring] = p as u32;
+            }
+        }
+        Ok(())
     }
 
     /// Feed `tokens` of sequence `slot` starting at position `pos` (earlier positions must
@@ -468,6 +608,7 @@ impl<B: Backend> Model<B> {
                 len: s.tokens.len() as u32,
                 cache_row: (s.slot * o.ctx) as u32,
                 pos0: s.pos as u32,
+                ring_row: (s.slot * self.ring) as u32,
             });
             h.tokens.extend_from_slice(s.tokens);
             h.positions.extend((s.pos..s.pos + s.tokens.len()).map(|p| p as u32));
@@ -495,6 +636,7 @@ impl<B: Backend> Model<B> {
         let read_logits = logit_rows > 0 && (all_rows || wants(Want::Logits));
         let read_ids = logit_rows > 0 && !all_rows && wants(Want::Argmax);
         let (c, w, s, h, fused) = (&self.config, &self.weights, &self.state, &mut self.host, self.fused);
+        let ring = self.ring;
         let n = h.tokens.len();
         let (hd, heads, kvh) = (c.head_dim, c.heads, c.kv_heads);
         let act = self.opts.act;
@@ -547,9 +689,9 @@ impl<B: Backend> Model<B> {
         });
 
         for (l, lw) in w.layers.iter().enumerate() {
-            let (rope, window) = match lw.kind {
-                LayerKind::Full => (c.rope_full, 0),
-                LayerKind::Sliding => (c.rope_local, c.sliding_window),
+            let (rope, window, ring) = match lw.kind {
+                LayerKind::Full => (c.rope_full, 0, 0),
+                LayerKind::Sliding => (c.rope_local, c.sliding_window, ring),
             };
             // q, k, v = xn·Wᵀ; QK-norm (Gemma); RoPE; this step's keys and values into the cache
             push(Op::Qkv {
@@ -570,6 +712,7 @@ impl<B: Backend> Model<B> {
                 rope: Some(RopeSpec { theta: rope.theta, scale: rope.scale, mode: c.rope_mode }),
                 k_cache: Some(v(s.k_cache[l])),
                 v_cache: Some(v(s.v_cache[l])),
+                ring,
             });
             // Causal attention over the cache (sliding window on local layers)
             push(Op::Attention {
@@ -583,6 +726,7 @@ impl<B: Backend> Model<B> {
                 scale: c.attn_scale,
                 window,
                 softcap: c.attn_softcap,
+                ring,
             });
             // Output projection: xb = att·Woᵀ
             match lw.wo_q8 {
@@ -706,6 +850,14 @@ impl<B: Backend> Model<B> {
                     self.backend.finish().map_err(|e| Error::backend(name, e))?;
                     st.after(l);
                     start = end;
+                }
+            }
+        }
+        // The ring rows this step wrote now hold its positions.
+        if ring > 0 {
+            for sq in seqs {
+                for p in sq.pos..sq.pos + sq.tokens.len() {
+                    self.ring_pos[sq.slot * ring + p % ring] = p as u32;
                 }
             }
         }
@@ -948,13 +1100,67 @@ fn alloc_state<B: Backend>(b: &mut B, c: &ModelConfig, o: &ModelOptions) -> Resu
     let act = a(&[mb, c.ffn])?;
     let logits = a(&[o.logit_rows, c.vocab])?;
     let ids = a(&[o.logit_rows])?;
+    // Per layer: ctx rows a slot, or a sliding layer's ring.
     let mut k_cache = Vec::with_capacity(c.layers);
     let mut v_cache = Vec::with_capacity(c.layers);
-    for _ in 0..c.layers {
-        k_cache.push(a(&[o.slots, o.ctx, kvd])?);
-        v_cache.push(a(&[o.slots, o.ctx, kvd])?);
+    let mut kv = 0usize;
+    for l in 0..c.layers {
+        let rows = o.layer_rows(c, l);
+        k_cache.push(a(&[o.slots, rows, kvd])?);
+        v_cache.push(a(&[o.slots, rows, kvd])?);
+        kv = kv.saturating_add(mul(&[2, o.slots, rows, kvd])?);
     }
-    let kv = mul(&[2, c.layers, o.slots, o.ctx, kvd])?;
     let sizes = StateSizes { kv_cache: kv.saturating_mul(4), buffers: elems.saturating_sub(kv).saturating_mul(4) };
     Ok((RunState { x, xb, xn, xq, xq_wide, q, k, v, att, gate, up, act, logits, ids, k_cache, v_cache }, sizes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Gemma 3 text config of the given shape (every 6th layer global).
+    fn gemma3(layers: usize, kv_heads: usize, head_dim: usize, window: usize, max_ctx: usize) -> ModelConfig {
+        let heads = 2 * kv_heads;
+        let json = format!(
+            r#"{{"model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640, "intermediate_size": 2048,
+            "num_hidden_layers": {layers}, "num_attention_heads": {heads}, "num_key_value_heads": {kv_heads},
+            "head_dim": {head_dim}, "max_position_embeddings": {max_ctx}, "sliding_window": {window},
+            "sliding_window_pattern": 6}}"#
+        );
+        ModelConfig::from_hf_json("test", &json).unwrap()
+    }
+
+    #[test]
+    fn sliding_layers_keep_only_their_window() {
+        // Gemma 3 27B's attention: 62 layers (10 global), 16 kv heads of 128, window 1024.
+        let c = gemma3(62, 16, 128, 1024, 131_072);
+        let row = 2 * 4 * 16 * 128; // K and V, f32, one position of one layer
+        assert_eq!(c.layer_kinds.iter().filter(|&&k| k == LayerKind::Full).count(), 10);
+        let o = ModelOptions { ctx: 32_768, ..ModelOptions::default() };
+        assert_eq!(o.kv_ring(&c), Some(1024 + 128 - 1));
+        let full = ModelOptions { swa_ring: false, ..o };
+        assert_eq!(full.kv_ring(&c), None);
+        assert_eq!(full.kv_bytes(&c), 62 * 32_768 * row);
+        assert_eq!(o.kv_bytes(&c), (10 * 32_768 + 52 * 1151) * row);
+        // 31 GiB → under 6 GiB at 32k positions.
+        assert!(full.kv_bytes(&c) == 31 << 30 && o.kv_bytes(&c) < 6 << 30);
+        // Slots multiply both.
+        let four = ModelOptions { slots: 4, ..o };
+        assert_eq!(four.kv_bytes(&c), 4 * o.kv_bytes(&c));
+
+        // Gemma 3 270M: 18 layers (3 global), one kv head of 256, window 512.
+        let c = gemma3(18, 1, 256, 512, 32_768);
+        let row = 2 * 4 * 256;
+        let o = ModelOptions::default(); // ctx 4096, max_batch 128
+        assert_eq!(o.kv_bytes(&c), (3 * 4096 + 15 * 639) * row);
+        assert_eq!(ModelOptions { swa_ring: false, ..o }.kv_bytes(&c), 18 * 4096 * row);
+
+        // A ring no shorter than ctx is no ring; neither is a model without sliding layers.
+        let short = ModelOptions { ctx: 600, ..o };
+        assert_eq!(short.kv_ring(&c), None);
+        assert_eq!(short.kv_bytes(&c), 18 * 600 * row);
+        let mut global = c.clone();
+        global.layer_kinds.fill(LayerKind::Full);
+        assert_eq!(o.kv_ring(&global), None);
+    }
 }

@@ -184,28 +184,30 @@ impl CpuRef {
                 })?;
             }
 
-            Op::StoreKv { cache, src, width } => {
-                let rows = purehw_hal::check::cache_rows_needed(step, "StoreKv")?;
+            Op::StoreKv { cache, src, width, ring } => {
+                let rows = purehw_hal::check::cache_rows_needed(step, ring, "StoreKv")?;
                 host.with_out(cache, rows * width, |o, inputs, _| {
                     let s = inputs.slice(src, step.rows() * width);
                     for seq in step.seqs {
-                        let (row, dst) = (seq.row as usize, seq.cache_row as usize + seq.pos0 as usize);
-                        let n = seq.len as usize * width;
-                        o[dst * width..dst * width + n].copy_from_slice(&s[row * width..row * width + n]);
+                        for i in 0..seq.len as usize {
+                            let (row, dst) = (seq.row as usize + i, seq.row_of(seq.pos0 as usize + i, ring));
+                            o[dst * width..(dst + 1) * width].copy_from_slice(&s[row * width..(row + 1) * width]);
+                        }
                     }
                 })?;
             }
 
-            Op::Attention { out, q, k: kc, v: vc, heads, kv_heads, head_dim, scale, window, softcap } => {
+            Op::Attention { out, q, k: kc, v: vc, heads, kv_heads, head_dim, scale, window, softcap, ring } => {
                 let group = heads / kv_heads;
                 let (qw, kvw) = (heads * head_dim, kv_heads * head_dim);
-                let kv_len = purehw_hal::check::cache_rows_needed(step, "Attention")? * kvw;
+                let kv_len = purehw_hal::check::cache_rows_needed(step, ring, "Attention")? * kvw;
                 host.with_out(out, step.rows() * qw, |o, inputs, _| {
                     let qs = inputs.slice(q, step.rows() * qw);
                     let ks = inputs.slice(kc, kv_len);
                     let vs = inputs.slice(vc, kv_len);
                     for seq in step.seqs {
-                        let cache_base = seq.cache_row as usize * kvw;
+                        // The slot's first row: key position j is its row `j` (or `j % ring`).
+                        let cache_base = seq.row_of(0, ring) * kvw;
                         for i in 0..seq.len as usize {
                             let t = seq.row as usize + i;
                             let p = seq.pos0 as usize + i;
@@ -220,6 +222,7 @@ impl CpuRef {
                                     &vs[base..],
                                     kvw,
                                     first..p + 1,
+                                    ring,
                                     scale,
                                     softcap,
                                 );

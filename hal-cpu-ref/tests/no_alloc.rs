@@ -58,8 +58,8 @@ fn second_submit_allocates_nothing() {
                 scale: 1.0,
                 mode: RopeMode::Interleaved,
             },
-            Op::StoreKv { cache: view(kc), src: view(k), width: kvw },
-            Op::StoreKv { cache: view(vc), src: view(v), width: kvw },
+            Op::StoreKv { cache: view(kc), src: view(k), width: kvw, ring: 0 },
+            Op::StoreKv { cache: view(vc), src: view(v), width: kvw, ring: 0 },
             Op::Attention {
                 out: view(att),
                 q: view(q),
@@ -71,6 +71,7 @@ fn second_submit_allocates_nothing() {
                 scale: 0.125,
                 window: 3,
                 softcap: 50.0,
+                ring: 0,
             },
             Op::MatMul { out: view(xb), x: view(att), w: wo, n, act: ActQuant::F32 },
             Op::RmsNorm { out: view(xb), x: view(xb), w: norm, rows: n, dim: hidden, eps: 1e-6 },
@@ -86,8 +87,10 @@ fn second_submit_allocates_nothing() {
     };
 
     // Prefill: two sequences of 2 rows each.
-    let seqs =
-        [SeqSpan { row: 0, len: 2, cache_row: 0, pos0: 0 }, SeqSpan { row: 2, len: 2, cache_row: ctx as u32, pos0: 0 }];
+    let seqs = [
+        SeqSpan { row: 0, len: 2, cache_row: 0, pos0: 0, ring_row: 0 },
+        SeqSpan { row: 2, len: 2, cache_row: ctx as u32, pos0: 0, ring_row: 0 },
+    ];
     let prefill = Step { tokens: &[1, 2, 3, 4], positions: &[0, 1, 0, 1], seqs: &seqs };
     let ops = ops_for(4);
     b.submit(&prefill, &ops).unwrap();
@@ -95,7 +98,10 @@ fn second_submit_allocates_nothing() {
     // Decode: one row per sequence; the same op list submitted twice, measuring the second.
     let ops = ops_for(2);
     let dec = |p: u32| {
-        [SeqSpan { row: 0, len: 1, cache_row: 0, pos0: p }, SeqSpan { row: 1, len: 1, cache_row: ctx as u32, pos0: p }]
+        [
+            SeqSpan { row: 0, len: 1, cache_row: 0, pos0: p, ring_row: 0 },
+            SeqSpan { row: 1, len: 1, cache_row: ctx as u32, pos0: p, ring_row: 0 },
+        ]
     };
     let seqs = dec(2);
     b.submit(&Step { tokens: &[5, 6], positions: &[2, 2], seqs: &seqs }, &ops).unwrap();
@@ -106,7 +112,7 @@ fn second_submit_allocates_nothing() {
 
     // A prefill-shaped submit after warm-up allocates nothing either.
     let ops = ops_for(4);
-    let seqs = [SeqSpan { row: 0, len: 4, cache_row: 0, pos0: 4 }];
+    let seqs = [SeqSpan { row: 0, len: 4, cache_row: 0, pos0: 4, ring_row: 0 }];
     let step = Step { tokens: &[1, 2, 3, 4], positions: &[4, 5, 6, 7], seqs: &seqs };
     let info = allocation_counter::measure(|| b.submit(&step, &ops).unwrap());
     assert_eq!(info.count_total, 0, "prefill submit allocated: {info:?}");

@@ -348,8 +348,10 @@ fn store_kv_and_attention_gqa_window_softcap_two_seqs() {
     let ctx = 16;
     // Seq A: a 3-token prefill in slot 0. Seq B: 2 tokens at positions 6, 7 in slot 1, whose
     // positions 0..6 are already cached.
-    let seqs =
-        [SeqSpan { row: 0, len: 3, cache_row: 0, pos0: 0 }, SeqSpan { row: 3, len: 2, cache_row: ctx as u32, pos0: 6 }];
+    let seqs = [
+        SeqSpan { row: 0, len: 3, cache_row: 0, pos0: 0, ring_row: 0 },
+        SeqSpan { row: 3, len: 2, cache_row: ctx as u32, pos0: 6, ring_row: 0 },
+    ];
     let tokens = [0u32; 5];
     let positions = [0u32, 1, 2, 6, 7];
     let step = Step { tokens: &tokens, positions: &positions, seqs: &seqs };
@@ -372,7 +374,10 @@ fn store_kv_and_attention_gqa_window_softcap_two_seqs() {
     let out = b.alloc(rows * qw).unwrap();
     b.submit(
         &step,
-        &[Op::StoreKv { cache: v(kcb), src: v(kb), width: kvw }, Op::StoreKv { cache: v(vcb), src: v(vb), width: kvw }],
+        &[
+            Op::StoreKv { cache: v(kcb), src: v(kb), width: kvw, ring: 0 },
+            Op::StoreKv { cache: v(vcb), src: v(vb), width: kvw, ring: 0 },
+        ],
     )
     .unwrap();
     // The expected cache: each seq's new rows at cache_row + pos0 + i.
@@ -400,6 +405,7 @@ fn store_kv_and_attention_gqa_window_softcap_two_seqs() {
             scale: sc,
             window,
             softcap,
+            ring: 0,
         };
         b.submit(&step, &[op]).unwrap();
         let got = read_all(&mut b, out, rows * qw);
@@ -420,6 +426,7 @@ fn store_kv_and_attention_gqa_window_softcap_two_seqs() {
         scale,
         window: 0,
         softcap: 0.0,
+        ring: 0,
     };
     b.submit(&step, &[op]).unwrap();
     let got = read_all(&mut b, out, qw);
@@ -440,6 +447,7 @@ fn store_kv_and_attention_gqa_window_softcap_two_seqs() {
         scale,
         window: 0,
         softcap: 0.0,
+        ring: 0,
     };
     assert_eq!(b.submit(&step, &[bad]).unwrap_err().kind(), ErrorKind::Other);
 }
@@ -504,14 +512,14 @@ fn errors_for_bad_views_tokens_handles() {
     assert!(matches!(e, CpuRefError::Contract(CheckError::OutOfRange { .. })), "{e}");
 
     // StoreKv past the cache's end.
-    let seqs = [SeqSpan { row: 0, len: 1, cache_row: 4, pos0: 1 }];
+    let seqs = [SeqSpan { row: 0, len: 1, cache_row: 4, pos0: 1, ring_row: 0 }];
     let step = Step { tokens: &[0], positions: &[0], seqs: &seqs };
-    let e = b.submit(&step, &[Op::StoreKv { cache: v(a), src: v(c), width: 2 }]).unwrap_err();
+    let e = b.submit(&step, &[Op::StoreKv { cache: v(a), src: v(c), width: 2, ring: 0 }]).unwrap_err();
     assert!(matches!(e, CpuRefError::Contract(CheckError::OutOfRange { .. })), "{e}");
     // A sequence whose rows run past the step's rows.
-    let seqs = [SeqSpan { row: 0, len: 2, cache_row: 0, pos0: 0 }];
+    let seqs = [SeqSpan { row: 0, len: 2, cache_row: 0, pos0: 0, ring_row: 0 }];
     let step = Step { tokens: &[0], positions: &[0], seqs: &seqs };
-    let e = b.submit(&step, &[Op::StoreKv { cache: v(a), src: v(c), width: 2 }]).unwrap_err();
+    let e = b.submit(&step, &[Op::StoreKv { cache: v(a), src: v(c), width: 2, ring: 0 }]).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Other);
 
     // Rope with more rows than positions.
@@ -544,4 +552,117 @@ fn bad_weights_are_rejected() {
         parts: Default::default(),
     };
     assert!(matches!(b.load_weight(&hw).unwrap_err(), CpuRefError::BadWeight { .. }));
+}
+
+/// Two sequences fed in steps of several rows through a sliding window: ring caches of
+/// `window + most rows - 1` rows give bit for bit what linear caches give, every step, after
+/// the ring has wrapped several times.
+#[test]
+fn ring_caches_give_the_linear_caches_numbers() {
+    let mut rng = Rng(11);
+    let (heads, kv_heads, hd, window, ctx) = (4, 2, 16, 5, 40);
+    let (qw, kvw) = (heads * hd, kv_heads * hd);
+    let chunks: [&[usize]; 2] = [&[4, 1, 3, 4, 1, 1, 4, 2, 4, 1, 4], &[1, 4, 4, 2, 1, 3, 4, 4, 1, 1, 2]];
+    let most = 4;
+    let ring = window + most - 1;
+    let mut b = CpuRef::new();
+    let (lk, lv) = (b.alloc(2 * ctx * kvw).unwrap(), b.alloc(2 * ctx * kvw).unwrap());
+    let (rk, rv) = (b.alloc(2 * ring * kvw).unwrap(), b.alloc(2 * ring * kvw).unwrap());
+    let (qb, kb, vb) =
+        (b.alloc(2 * most * qw).unwrap(), b.alloc(2 * most * kvw).unwrap(), b.alloc(2 * most * kvw).unwrap());
+    let (lo, ro) = (b.alloc(2 * most * qw).unwrap(), b.alloc(2 * most * qw).unwrap());
+    let mut pos = [0usize; 2];
+    for (step_i, (&a, &b_len)) in chunks[0].iter().zip(chunks[1]).enumerate() {
+        let lens = [a, b_len];
+        let mut seqs = Vec::new();
+        let mut positions = Vec::new();
+        for (slot, &len) in lens.iter().enumerate() {
+            seqs.push(SeqSpan {
+                row: positions.len() as u32,
+                len: len as u32,
+                cache_row: (slot * ctx) as u32,
+                pos0: pos[slot] as u32,
+                ring_row: (slot * ring) as u32,
+            });
+            positions.extend((pos[slot]..pos[slot] + len).map(|p| p as u32));
+            pos[slot] += len;
+        }
+        let rows = positions.len();
+        let tokens = vec![0u32; rows];
+        let step = Step { tokens: &tokens, positions: &positions, seqs: &seqs };
+        b.write(v(qb), &rng.vec(rows * qw, 1.0)).unwrap();
+        b.write(v(kb), &rng.vec(rows * kvw, 1.0)).unwrap();
+        b.write(v(vb), &rng.vec(rows * kvw, 1.0)).unwrap();
+        let attn = |out, k, v_, ring| Op::Attention {
+            out: v(out),
+            q: v(qb),
+            k: v(k),
+            v: v(v_),
+            heads,
+            kv_heads,
+            head_dim: hd,
+            scale: 0.7,
+            window,
+            softcap: 20.0,
+            ring,
+        };
+        let ops = [
+            Op::StoreKv { cache: v(lk), src: v(kb), width: kvw, ring: 0 },
+            Op::StoreKv { cache: v(lv), src: v(vb), width: kvw, ring: 0 },
+            attn(lo, lk, lv, 0),
+            Op::StoreKv { cache: v(rk), src: v(kb), width: kvw, ring },
+            Op::StoreKv { cache: v(rv), src: v(vb), width: kvw, ring },
+            attn(ro, rk, rv, ring),
+        ];
+        b.submit(&step, &ops).unwrap();
+        let (want, got) = (read_all(&mut b, lo, rows * qw), read_all(&mut b, ro, rows * qw));
+        assert_eq!(bits(&got), bits(&want), "step {step_i} (positions {positions:?})");
+        assert!(want.iter().all(|x| x.is_finite()) && want.iter().any(|&x| x != 0.0));
+        // The ring holds each slot's last `ring` positions at rows p % ring.
+        let (lin, rng_) = (read_all(&mut b, lk, 2 * ctx * kvw), read_all(&mut b, rk, 2 * ring * kvw));
+        for (slot, &end) in pos.iter().enumerate() {
+            for p in end.saturating_sub(ring)..end {
+                let l = &lin[(slot * ctx + p) * kvw..][..kvw];
+                let r = &rng_[(slot * ring + p % ring) * kvw..][..kvw];
+                assert_eq!(bits(l), bits(r), "slot {slot} position {p}");
+            }
+        }
+    }
+    assert!(pos.iter().all(|&p| p > 3 * ring), "the rings wrapped several times: {pos:?}");
+}
+
+/// A ring that cannot hold what a step's queries see is a clear contract error, never a panic.
+#[test]
+fn a_short_ring_is_an_error() {
+    let mut b = CpuRef::new();
+    let (hd, window) = (8, 5);
+    let big = b.alloc(4096).unwrap();
+    let seqs = [SeqSpan { row: 0, len: 4, cache_row: 0, pos0: 30, ring_row: 0 }];
+    let (tokens, positions) = ([0u32; 4], [30u32, 31, 32, 33]);
+    let step = Step { tokens: &tokens, positions: &positions, seqs: &seqs };
+    let attn = |window, ring| Op::Attention {
+        out: View::new(big, 0),
+        q: View::new(big, 100),
+        k: View::new(big, 200),
+        v: View::new(big, 400),
+        heads: 1,
+        kv_heads: 1,
+        head_dim: hd,
+        scale: 1.0,
+        window,
+        softcap: 0.0,
+        ring,
+    };
+    let mut msg = |op| match b.submit(&step, &[op]) {
+        Err(CpuRefError::Contract(e @ CheckError::Invalid { .. })) => e.to_string(),
+        r => panic!("expected a contract error, got {r:?}"),
+    };
+    // window + rows - 1 = 8 rows are needed.
+    let m = msg(attn(window, 7));
+    assert!(m.contains("ring too short"), "{m}");
+    let m = msg(attn(0, 16));
+    assert!(m.contains("sliding window"), "{m}");
+    let m = msg(Op::StoreKv { cache: View::new(big, 0), src: View::new(big, 100), width: hd, ring: 3 });
+    assert!(m.contains("more rows in one step than its ring"), "{m}");
+    b.submit(&step, &[attn(window, 8)]).unwrap();
 }

@@ -104,8 +104,8 @@ fn ops(cpu: &mut Cpu, m: &Model, n: usize, act: ActQuant) -> Vec<Op<BufId, Weigh
             Op::RmsNorm { out: k, x: k, w: l.qk_norm, rows: n * KV_HEADS, dim: HEAD_DIM, eps },
             rope(q, HEADS),
             rope(k, KV_HEADS),
-            Op::StoreKv { cache: View::new(l.kc, 0), src: k, width: kvd },
-            Op::StoreKv { cache: View::new(l.vc, 0), src: v, width: kvd },
+            Op::StoreKv { cache: View::new(l.kc, 0), src: k, width: kvd, ring: 0 },
+            Op::StoreKv { cache: View::new(l.vc, 0), src: v, width: kvd, ring: 0 },
             Op::Attention {
                 out: att,
                 q,
@@ -117,6 +117,7 @@ fn ops(cpu: &mut Cpu, m: &Model, n: usize, act: ActQuant) -> Vec<Op<BufId, Weigh
                 scale: 1.0 / (HEAD_DIM as f32).sqrt(),
                 window: 0,
                 softcap: 0.0,
+                ring: 0,
             },
             Op::MatMul { out: o, x: att, w: l.wo, n, act },
             Op::RmsNorm { out: o, x: o, w: l.norm[1], rows: n, dim: DIM, eps },
@@ -160,10 +161,10 @@ fn main() {
     let m = model(&mut cpu);
     let tokens: Vec<u32> = (0..PREFILL as u32).map(|t| (t * 997) % VOCAB as u32).collect();
     let positions: Vec<u32> = (0..PREFILL as u32).collect();
-    let pre_seq = [SeqSpan { row: 0, len: PREFILL as u32, cache_row: 0, pos0: 0 }];
+    let pre_seq = [SeqSpan { row: 0, len: PREFILL as u32, cache_row: 0, pos0: 0, ring_row: 0 }];
     let pre = Step { tokens: &tokens, positions: &positions, seqs: &pre_seq };
     let pos = [PREFILL as u32];
-    let dec_seq = [SeqSpan { row: 0, len: 1, cache_row: 0, pos0: PREFILL as u32 }];
+    let dec_seq = [SeqSpan { row: 0, len: 1, cache_row: 0, pos0: PREFILL as u32, ring_row: 0 }];
     let dec = Step { tokens: &tokens[..1], positions: &pos, seqs: &dec_seq };
     for act in [ActQuant::Int8, ActQuant::F32] {
         let pre_ops = ops(&mut cpu, &m, PREFILL, act);

@@ -69,9 +69,9 @@ impl Cpu {
             Op::Rope { x, rows, heads, head_dim, theta, scale, mode } => {
                 self.rope(step, x, rows, heads, head_dim, theta, scale, mode)
             }
-            Op::StoreKv { cache, src, width } => self.store_kv(step, cache, src, width),
-            Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap } => {
-                self.attention(step, out, q, k, v, [heads, kv_heads, head_dim, window], scale, softcap)
+            Op::StoreKv { cache, src, width, ring } => self.store_kv(step, cache, src, width, ring),
+            Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap, ring } => {
+                self.attention(step, out, q, k, v, [heads, kv_heads, head_dim, window, ring], scale, softcap)
             }
             Op::Add { out, a, b, len } => self.add(out, a, b, len),
             Op::GeluTanhMul { out, gate, up, len } => {
@@ -153,15 +153,23 @@ impl Cpu {
         Ok(())
     }
 
-    /// Copy each sequence's new rows into its cache slot.
-    fn store_kv(&mut self, step: &Step<'_>, cache: View<BufId>, src: View<BufId>, width: usize) -> Result<()> {
-        let rows = cache_rows_needed(step, "StoreKv")?;
+    /// Copy each sequence's new rows into its cache slot (a ring's rows where `ring > 0`).
+    fn store_kv(
+        &mut self,
+        step: &Step<'_>,
+        cache: View<BufId>,
+        src: View<BufId>,
+        width: usize,
+        ring: usize,
+    ) -> Result<()> {
+        let rows = cache_rows_needed(step, ring, "StoreKv")?;
         self.host.with_out(cache, rows * width, |o, inputs, _| {
             let s = inputs.slice(src, step.rows() * width);
             for seq in step.seqs {
-                let (row, dst) = (seq.row as usize, seq.cache_row as usize + seq.pos0 as usize);
-                let n = seq.len as usize * width;
-                o[dst * width..dst * width + n].copy_from_slice(&s[row * width..row * width + n]);
+                for i in 0..seq.len as usize {
+                    let (row, dst) = (seq.row as usize + i, seq.row_of(seq.pos0 as usize + i, ring));
+                    o[dst * width..(dst + 1) * width].copy_from_slice(&s[row * width..(row + 1) * width]);
+                }
             }
         })?;
         Ok(())
@@ -431,7 +439,7 @@ impl Cpu {
         q: View<BufId>,
         kc: View<BufId>,
         vc: View<BufId>,
-        [heads, kv_heads, head_dim, window]: [usize; 4],
+        [heads, kv_heads, head_dim, window, ring]: [usize; 5],
         scale: f32,
         cap: f32,
     ) -> Result<()> {
@@ -441,7 +449,7 @@ impl Cpu {
         let (qw, kvw) = (heads * head_dim, kv_heads * head_dim);
         let cache_rows = host.buffer(kc.buf).map_or(0, <[f32]>::len) / kvw;
         let q_len = step.rows() * qw;
-        let kv_len = cache_rows_needed(step, "Attention")? * kvw;
+        let kv_len = cache_rows_needed(step, ring, "Attention")? * kvw;
         // Rows per task: consecutive rows of one sequence share every key and value read from the
         // cache (prefill); one row per task when there are few rows to spread (decode).
         let rows_total = step.seqs.iter().map(|s| s.len as usize).sum::<usize>();
@@ -485,7 +493,7 @@ impl Cpu {
                     };
                     let row0 = blk * per;
                     let m = per.min(seq.len as usize - row0);
-                    let base = seq.cache_row as usize * kvw + g * head_dim;
+                    let base = seq.row_of(0, ring) * kvw + g * head_dim;
                     let w = sub * head_dim;
                     let mut rows: [BlockRow<'_>; BLOCK_ROWS] = Default::default();
                     for (r, br) in rows.iter_mut().enumerate().take(m) {
@@ -499,7 +507,7 @@ impl Cpu {
                         br.q = &qs[qo..qo + w];
                         br.keys = first..p + 1;
                     }
-                    let kv = Keys { k: &ks[base..], v: &vs[base..], stride: kvw };
+                    let kv = Keys { k: &ks[base..], v: &vs[base..], stride: kvw, ring };
                     attend_block(&k, &mut rows[..m], head_dim, &kv, scale, cap, &mut sc.scores, ld);
                 }
             };
@@ -603,11 +611,21 @@ fn lanes_argmax(x: &[f32]) -> (f32, usize) {
     best
 }
 
-/// The keys a query sees: key `j` is `k[j·stride..][..d]`, its value `v[j·stride..][..d]`.
+/// The keys a query sees: key `j` is `k[r·stride..][..d]`, its value `v[r·stride..][..d]`, at
+/// row `r = j` (`ring == 0`) or `r = j % ring` (a ring cache).
 struct Keys<'a> {
     k: &'a [f32],
     v: &'a [f32],
     stride: usize,
+    ring: usize,
+}
+
+impl Keys<'_> {
+    /// The row of key `j`: a block of keys that does not cross a multiple of `ring` lies in
+    /// consecutive rows from there.
+    fn row(&self, j: usize) -> usize {
+        if self.ring == 0 { j } else { j % self.ring }
+    }
 }
 
 /// One row of an attention task: its query heads (a group sharing one kv head), where they go,
@@ -664,9 +682,9 @@ fn attend_block(
         row.out.fill(0.0);
     }
     // Scores.
-    each_key_block(ranges, |r, a, b| {
+    each_key_block(ranges, kv.ring, |r, a, b| {
         let at = r * group * ld + (a - ranges[r].start);
-        (k.dot_keys)(rows[r].q, d, &kv.k[a * stride..], stride, b - a, &mut scores[at..], ld);
+        (k.dot_keys)(rows[r].q, d, &kv.k[kv.row(a) * stride..], stride, b - a, &mut scores[at..], ld);
     });
     // Scale, softcap, max; exp(s − max) per head (elementwise, so vectorised exactly), summed in
     // key order.
@@ -685,9 +703,9 @@ fn attend_block(
         }
     }
     // Values (each output element's chain stays in key order).
-    each_key_block(ranges, |r, a, b| {
+    each_key_block(ranges, kv.ring, |r, a, b| {
         let at = r * group * ld + (a - ranges[r].start);
-        (k.axpy_keys)(rows[r].out, d, &scores[at..], ld, b - a, &kv.v[a * stride..], stride);
+        (k.axpy_keys)(rows[r].out, d, &scores[at..], ld, b - a, &kv.v[kv.row(a) * stride..], stride);
     });
     for (r, row) in rows.iter_mut().enumerate() {
         if row.keys.is_empty() {
@@ -702,13 +720,17 @@ fn attend_block(
 }
 
 /// `f(r, a, b)` for each block of `KEY_BLOCK` keys, in key order, and each row `r` whose keys
-/// (`ranges[r]`) meet the block: `a..b` is the part of the block that row sees.
-fn each_key_block(ranges: &[Range<usize>], mut f: impl FnMut(usize, usize, usize)) {
+/// (`ranges[r]`) meet the block: `a..b` is the part of the block that row sees. With a ring
+/// (`ring > 0`) a block also ends at each multiple of `ring`, so its keys lie in consecutive rows.
+fn each_key_block(ranges: &[Range<usize>], ring: usize, mut f: impl FnMut(usize, usize, usize)) {
     let lo = ranges.iter().map(|r| r.start).min().unwrap_or(0);
     let hi = ranges.iter().map(|r| r.end).max().unwrap_or(0);
     let mut jb = lo;
     while jb < hi {
-        let je = (jb + KEY_BLOCK).min(hi);
+        let mut je = (jb + KEY_BLOCK).min(hi);
+        if let Some(wrap) = jb.checked_div(ring) {
+            je = je.min((wrap + 1) * ring);
+        }
         for (r, keys) in ranges.iter().enumerate() {
             let (a, b) = (jb.max(keys.start), je.min(keys.end));
             if a < b {

@@ -53,7 +53,7 @@ impl OneSeq {
         OneSeq {
             tokens: tokens.to_vec(),
             positions: (pos0..pos0 + n).collect(),
-            seqs: [SeqSpan { row: 0, len: n, cache_row: 0, pos0 }],
+            seqs: [SeqSpan { row: 0, len: n, cache_row: 0, pos0, ring_row: 0 }],
         }
     }
     fn step(&self) -> Step<'_> {
@@ -389,6 +389,7 @@ impl Model {
                 rope: Some(rope),
                 k_cache: Some(at(kc)),
                 v_cache: Some(at(vc)),
+                ring: 0,
             },
             Op::Attention {
                 out: at(att),
@@ -401,6 +402,7 @@ impl Model {
                 scale: 0.125,
                 window: 6,
                 softcap: 20.0,
+                ring: 0,
             },
             Op::MatMul { out: at(o), x: at(att), w: wo, n, act: ActQuant::F32 },
             Op::AddRmsNorm {

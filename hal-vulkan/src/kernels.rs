@@ -267,8 +267,10 @@ pub struct TailQkvPush {
     /// `QP_*` flags | kind (0 q, 1 k, 2 v) << 6 | the RoPE table's word offset << 8.
     pub flags_table: u32,
     pub eps: f32,
+    /// Rows a slot of ring caches (`Op::Qkv`'s `ring`); 0: linear.
+    pub ring: u32,
 }
-const _: () = assert!(core::mem::size_of::<TailQkvPush>() == 124);
+const _: () = assert!(core::mem::size_of::<TailQkvPush>() == 128);
 
 /// `mm_split.comp` with PRO=6: the Argmax of the matmul's output as its tail.
 #[repr(C)]
@@ -355,8 +357,10 @@ pub struct QkvPostPush {
     pub flags: u32,
     pub table_off: u32,
     pub eps: f32,
+    /// Rows a slot of ring caches (`Op::Qkv`'s `ring`); 0: linear.
+    pub ring: u32,
 }
-const _: () = assert!(core::mem::size_of::<QkvPostPush>() == 116);
+const _: () = assert!(core::mem::size_of::<QkvPostPush>() == 120);
 
 pub const QP_QNORM: u32 = 1;
 pub const QP_KNORM: u32 = 2;
@@ -394,8 +398,10 @@ pub struct StoreKvPush {
     pub rows: u32,
     pub row_seq_off: u32,
     pub seqs_off: u32,
+    /// Rows a slot of a ring cache (`Op::StoreKv`'s `ring`); 0: linear.
+    pub ring: u32,
 }
-const _: () = assert!(core::mem::size_of::<StoreKvPush>() == 48);
+const _: () = assert!(core::mem::size_of::<StoreKvPush>() == 52);
 
 /// `attention.comp`.
 #[repr(C)]
@@ -423,7 +429,8 @@ pub struct AttnPush {
     pub qmode: u32,
     /// Rows of the step (`attention_blk.comp`'s last block may be partial).
     pub rows: u32,
-    pub pad: u32,
+    /// Rows a slot of a ring cache (`Op::Attention`'s `ring`); 0: linear.
+    pub ring: u32,
 }
 const _: () = assert!(core::mem::size_of::<AttnPush>() == 112);
 

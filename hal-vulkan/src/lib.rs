@@ -440,6 +440,8 @@ const SPLIT_WG: usize = 256;
 /// Recorded step shapes kept: enough for a streamed model's per-layer submissions (one shape per
 /// layer for decode, one for prefill) next to the whole-step ones.
 const SHAPES: usize = 160;
+/// Step words of one sequence's span: (row, len, cache_row, pos0, ring_row), as the shaders read them.
+const SPAN_WORDS: usize = 5;
 
 impl std::fmt::Debug for Vulkan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1405,7 +1407,7 @@ impl Vulkan {
     fn step_layout(&self, step: &Step<'_>, ops: &[Op<BufId, WeightId>]) -> StepLayout {
         let rows = step.rows() as u32;
         let mut l = StepLayout { tokens: 0, positions: rows, row_seq: 2 * rows, seqs: 3 * rows, ..Default::default() };
-        let mut at = 3 * rows + 4 * step.seqs.len() as u32;
+        let mut at = 3 * rows + SPAN_WORDS as u32 * step.seqs.len() as u32;
         let prows = step.positions.len();
         let mut add_rope = |theta: f32, scale: f32, head_dim: usize| {
             let key = (theta.to_bits(), scale.to_bits(), head_dim);
@@ -1498,8 +1500,8 @@ impl Vulkan {
             .copy_from_slice(&step.positions[..step.positions.len().min(rows)]);
         h[l.row_seq as usize..][..rows].fill(u32::MAX);
         for (i, s) in step.seqs.iter().enumerate() {
-            let at = l.seqs as usize + 4 * i;
-            h[at..at + 4].copy_from_slice(&[s.row, s.len, s.cache_row, s.pos0]);
+            let at = l.seqs as usize + SPAN_WORDS * i;
+            h[at..at + SPAN_WORDS].copy_from_slice(&[s.row, s.len, s.cache_row, s.pos0, s.ring_row]);
             for r in s.row..(s.row + s.len).min(rows as u32) {
                 h[l.row_seq as usize + r as usize] = i as u32;
             }
@@ -1954,7 +1956,7 @@ impl Vulkan {
                 let acc = Access::new().w(id(x.buf), x.offset, len);
                 self.dispatch(cb, hz, "rope", &[], &push, [groups(head_dim / 2, 128), heads as u32, nr as u32], acc)
             }
-            Op::StoreKv { cache, src, width } => {
+            Op::StoreKv { cache, src, width, ring } => {
                 let push = StoreKvPush {
                     cache: self.addr_of(cache.buf),
                     src: self.addr_of(src.buf),
@@ -1965,6 +1967,7 @@ impl Vulkan {
                     rows: rows as u32,
                     row_seq_off: l.row_seq,
                     seqs_off: l.seqs,
+                    ring: ring as u32,
                 };
                 let clen = self.buf(cache.buf).len - cache.offset;
                 let acc = Access::new().r(id(src.buf), src.offset, rows * width).w(id(cache.buf), cache.offset, clen);
@@ -2014,6 +2017,7 @@ impl Vulkan {
                 rope: _,
                 k_cache,
                 v_cache,
+                ring,
             } => {
                 // The three projections (independent: no barrier between them), then the epilogue.
                 let input = match x {
@@ -2063,6 +2067,7 @@ impl Vulkan {
                     flags,
                     table_off: table,
                     eps,
+                    ring: ring as u32,
                 };
                 let wgs = (heads + 2 * kv_heads) as u32;
                 self.dispatch(cb, hz, "qkv_post", &[], &push, [wgs, n as u32, 1], acc)
@@ -2126,7 +2131,7 @@ impl Vulkan {
         l: &StepLayout,
         hz: &mut Hazards,
     ) -> Result<()> {
-        let Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap } = *op else {
+        let Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap, ring } = *op else {
             return Err(VulkanError::Unsupported("not an attention op".into()));
         };
         let rows = step.rows();
@@ -2161,7 +2166,7 @@ impl Vulkan {
                 Some((_, ActLayout::Q8K)) => 2,
             },
             rows: rows as u32,
-            pad: 0,
+            ring: ring as u32,
         };
         let qlen = rows * heads * head_dim;
         let (kl, vl) = (self.buf(k.buf).len - k.offset, self.buf(v.buf).len - v.offset);
@@ -2476,6 +2481,7 @@ impl Vulkan {
             rope: _,
             k_cache,
             v_cache,
+            ring,
             ..
         } = op
         else {
@@ -2522,6 +2528,7 @@ impl Vulkan {
                 shape: heads as u32 | (kv_heads as u32) << 8 | (head_dim as u32) << 16,
                 flags_table: flags | (kind as u32) << 6 | table << 8,
                 eps,
+                ring: ring as u32,
             };
             let name = format!("mm_split.{}.{}.5", fmt_name(fmt), self.dot as u32);
             self.dispatch_raw(cb, hz, &name, &spec, &push, [groups, 1, 1])?;

@@ -151,6 +151,7 @@ fn map_op<B: Copy, W: Copy>(
             rope,
             k_cache,
             v_cache,
+            ring,
         } => Op::Qkv {
             x: mi(x),
             wq: w(wq),
@@ -169,6 +170,7 @@ fn map_op<B: Copy, W: Copy>(
             rope,
             k_cache: k_cache.map(v),
             v_cache: v_cache.map(v),
+            ring,
         },
         Op::GatedFfn { x, w_gate, w_up, gate, up, out, n, ffn, kind, quant } => Op::GatedFfn {
             x: mi(x),
@@ -185,8 +187,20 @@ fn map_op<B: Copy, W: Copy>(
         Op::QuantizeAct { out, x, rows, cols, layout } => Op::QuantizeAct { out: v(out), x: v(x), rows, cols, layout },
         Op::MatMulQ8 { out, xq, w: ww, n } => Op::MatMulQ8 { out: v(out), xq: v(xq), w: w(ww), n },
         Op::Argmax { out, x, rows, cols } => Op::Argmax { out: v(out), x: v(x), rows, cols },
-        Op::Attention { out, q, k, v: vv, heads, kv_heads, head_dim, scale, window, softcap } => {
-            Op::Attention { out: v(out), q: v(q), k: v(k), v: v(vv), heads, kv_heads, head_dim, scale, window, softcap }
+        Op::Attention { out, q, k, v: vv, heads, kv_heads, head_dim, scale, window, softcap, ring: 0 } => {
+            Op::Attention {
+                out: v(out),
+                q: v(q),
+                k: v(k),
+                v: v(vv),
+                heads,
+                kv_heads,
+                head_dim,
+                scale,
+                window,
+                softcap,
+                ring: 0,
+            }
         }
         _ => unimplemented!(),
     }
@@ -198,7 +212,10 @@ fn words(layout: ActLayout, rows: usize, cols: usize) -> usize {
 
 #[test]
 fn fused_ops_equal_reference() {
-    let seqs = [SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 5 }, SeqSpan { row: 1, len: 3, cache_row: 16, pos0: 0 }];
+    let seqs = [
+        SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 5, ring_row: 0 },
+        SeqSpan { row: 1, len: 3, cache_row: 16, pos0: 0, ring_row: 0 },
+    ];
     let positions = [5u32, 0, 1, 2];
     let tokens = [0u32; 4];
     let step = Step { tokens: &tokens, positions: &positions, seqs: &seqs };
@@ -304,6 +321,7 @@ fn fused_ops_equal_reference() {
                         rope: Some(RopeSpec { theta: 10000.0, scale: 1.0, mode: RopeMode::Neox }),
                         k_cache: Some(View::new(kc, 0)),
                         v_cache: Some(View::new(vc, 0)),
+                        ring: 0,
                     },
                 ];
                 (ops, vec![(q, n * qd), (k, n * kvd), (v, n * kvd), (kc, 32 * kvd), (vc, 32 * kvd)])
@@ -314,7 +332,7 @@ fn fused_ops_equal_reference() {
     // One-token steps whose ops run as prologues of the next matmuls on a GPU (PUREHW_VK_SPLIT=1
     // forces the split kernel elsewhere): a junction then the q/k/v projections, a junction
     // then the MLP then the down projection, a junction then an LM head.
-    let one = [SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 3 }];
+    let one = [SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 3, ring_row: 0 }];
     let step1 = Step { tokens: &[0], positions: &[3], seqs: &one };
     for (layout, fmt, dfmt, dim, ffn) in [
         (ActLayout::Q8A, Format::Q5_0, Format::Q6_K, 640usize, 512usize),
@@ -383,6 +401,7 @@ fn fused_ops_equal_reference() {
                     rope: Some(RopeSpec { theta: 10000.0, scale: 1.0, mode: RopeMode::Neox }),
                     k_cache: Some(View::new(kc, 0)),
                     v_cache: Some(View::new(vc, 0)),
+                    ring: 0,
                 },
                 junction(x2, x3),
                 Op::GatedFfn {
@@ -446,6 +465,7 @@ fn fused_ops_equal_reference() {
                     scale: 0.0625,
                     window: 0,
                     softcap: 0.0,
+                    ring: 0,
                 },
                 Op::QuantizeAct { out: View::new(xq, 0), x: View::new(att, 0), rows: n, cols: qd, layout },
             ];

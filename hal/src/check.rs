@@ -117,17 +117,54 @@ fn mul(a: usize, b: usize, op: &'static str) -> Result<usize> {
     a.checked_mul(b).ok_or(invalid(op, "size overflows usize"))
 }
 
-/// Rows of the KV cache the step's sequences reach (`max(cache_row + pos0 + len)`), after
-/// checking that every sequence's rows lie inside the step.
-pub fn cache_rows_needed(step: &Step<'_>, op: &'static str) -> Result<usize> {
+/// Rows of a KV cache the step's sequences reach, after checking that every sequence's rows lie
+/// inside the step: `max(cache_row + pos0 + len)` for a linear cache (`ring == 0`), and
+/// `max(ring_row + min(ring, pos0 + len))` for a ring of `ring` rows a slot (positions
+/// `0..pos0+len` fill the ring's rows from its first, then wrap).
+pub fn cache_rows_needed(step: &Step<'_>, ring: usize, op: &'static str) -> Result<usize> {
     let mut n = 0usize;
     for s in step.seqs {
         if s.row as usize + s.len as usize > step.rows() {
             return Err(invalid(op, "a sequence's rows run past the step's rows"));
         }
-        n = n.max(s.cache_row as usize + s.pos0 as usize + s.len as usize);
+        let end = s.pos0 as usize + s.len as usize;
+        n = n.max(match ring {
+            0 => s.cache_row as usize + end,
+            r => s.ring_row as usize + end.min(r),
+        });
     }
     Ok(n)
+}
+
+/// With a ring cache (`ring > 0`): every sequence's keys a query of the step sees are still in
+/// the ring once the step's own keys are stored (`window > 0` and `ring >= window + len - 1`:
+/// the step's last key overwrites the position `ring` before it, which the step's first query,
+/// `len - 1` earlier, must no longer see). A sequence never feeds more rows than the ring holds.
+fn ring_holds(step: &Step<'_>, ring: usize, window: Option<usize>, op: &'static str) -> Result {
+    if ring == 0 {
+        return Ok(());
+    }
+    if ring > u32::MAX as usize {
+        return Err(invalid(op, "ring longer than a u32 position"));
+    }
+    for s in step.seqs {
+        let len = s.len as usize;
+        if len > ring {
+            return Err(invalid(op, "a sequence feeds more rows in one step than its ring cache holds"));
+        }
+        if let Some(w) = window {
+            if w == 0 {
+                return Err(invalid(op, "a ring cache needs a sliding window (window > 0)"));
+            }
+            if len > 0 && ring < w + len - 1 {
+                return Err(invalid(
+                    op,
+                    "ring too short: a query would see keys the step has overwritten (need ring >= window + rows - 1)",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `v.offset .. v.offset + len` inside a buffer of `buf_len` elements.
@@ -263,18 +300,20 @@ fn primitive_regions<B: Copy, W: Copy>(
             }
             regs.push(x, mul(rows, mul(heads, head_dim, OP)?, OP)?, "Rope x", Use::Out);
         }
-        Op::StoreKv { cache, src, width } => {
+        Op::StoreKv { cache, src, width, ring } => {
             const OP: &str = "StoreKv";
-            regs.push(cache, mul(cache_rows_needed(step, OP)?, width, OP)?, "StoreKv cache", Use::Out);
+            ring_holds(step, ring, None, OP)?;
+            regs.push(cache, mul(cache_rows_needed(step, ring, OP)?, width, OP)?, "StoreKv cache", Use::Out);
             regs.push(src, mul(step.rows(), width, OP)?, "StoreKv src", Use::In);
         }
-        Op::Attention { out, q, k, v, heads, kv_heads, head_dim, .. } => {
+        Op::Attention { out, q, k, v, heads, kv_heads, head_dim, window, ring, .. } => {
             const OP: &str = "Attention";
             if heads == 0 || kv_heads == 0 || head_dim == 0 || !heads.is_multiple_of(kv_heads) {
                 return Err(invalid(OP, "need heads, kv_heads, head_dim > 0 and kv_heads dividing heads"));
             }
+            ring_holds(step, ring, Some(window), OP)?;
             let q_len = mul(step.rows(), mul(heads, head_dim, OP)?, OP)?;
-            let kv_len = mul(cache_rows_needed(step, OP)?, mul(kv_heads, head_dim, OP)?, OP)?;
+            let kv_len = mul(cache_rows_needed(step, ring, OP)?, mul(kv_heads, head_dim, OP)?, OP)?;
             regs.push(out, q_len, "Attention out", Use::Out);
             regs.push(q, q_len, "Attention q", Use::In);
             regs.push(k, kv_len, "Attention k", Use::In);
@@ -393,13 +432,13 @@ fn fused_regions<B: Copy + PartialEq, W: Copy>(
                 regs.push(q.out, act_len(rows, dim, q.layout, "AddRmsNorm")?, "AddRmsNorm quantized out", Use::Out);
             }
         }
-        Op::Qkv { x, wq, q, k, v, n, heads, kv_heads, head_dim, k_cache, v_cache, .. } => {
+        Op::Qkv { x, wq, q, k, v, n, heads, kv_heads, head_dim, k_cache, v_cache, ring, .. } => {
             let wi = weight(res, wq, "Qkv wq")?;
             mat_in(x, n, wi.cols, wi.format.act_layout(), regs)?;
             regs.push(q, n * heads * head_dim, "Qkv q", Use::Out);
             regs.push(k, n * kv_heads * head_dim, "Qkv k", Use::Out);
             regs.push(v, n * kv_heads * head_dim, "Qkv v", Use::Out);
-            let cache = cache_rows_needed(step, "Qkv")? * kv_heads * head_dim;
+            let cache = cache_rows_needed(step, ring, "Qkv")? * kv_heads * head_dim;
             if let Some(c) = k_cache {
                 regs.push(c, cache, "Qkv k cache", Use::Out);
             }

@@ -40,6 +40,18 @@ pub struct SeqSpan {
     pub cache_row: u32,
     /// Position of the sequence's first token in this step (tokens before it are already cached).
     pub pos0: u32,
+    /// First row of this sequence's slot in the ring caches (those an op reads or writes with
+    /// `ring > 0`: a sliding-window layer's, `ring` rows a slot); position `p` lives at
+    /// `ring_row + p % ring`. Unused by ops with `ring == 0`.
+    pub ring_row: u32,
+}
+
+impl SeqSpan {
+    /// The cache row of the sequence's position `p` in a cache of `ring` rows a slot (`ring == 0`:
+    /// a linear cache, row `cache_row + p`; otherwise row `ring_row + p % ring`).
+    pub const fn row_of(&self, p: usize, ring: usize) -> usize {
+        if ring == 0 { self.cache_row as usize + p } else { self.ring_row as usize + p % ring }
+    }
 }
 
 /// Host data shared by all ops of one step. Row `t` of the activations is token `tokens[t]` at
@@ -137,14 +149,22 @@ pub enum Op<B, W> {
     /// Frequency i is `(1 / theta^(2i/head_dim)) / scale` in f32, as HF computes it (`scale` = linear
     /// RoPE scaling factor).
     Rope { x: View<B>, rows: usize, heads: usize, head_dim: usize, theta: f32, scale: f32, mode: RopeMode },
-    /// Write each sequence's new rows of `src` into the cache at row `cache_row + pos0 + i`.
+    /// Write each sequence's new rows of `src` into the cache: its position `pos0 + i` at row
+    /// [`SeqSpan::row_of`]`(pos0 + i, ring)`, so `cache_row + pos0 + i` with `ring == 0`, and
+    /// `ring_row + (pos0 + i) % ring` in a ring of `ring` rows a slot (a sliding-window layer's
+    /// cache, which holds only the latest positions; a sequence feeds at most `ring` rows).
     /// src: (step rows, width); cache: (cache rows, width).
-    StoreKv { cache: View<B>, src: View<B>, width: usize },
-    /// Causal attention per sequence over its cache rows `0..pos0+len`.
+    StoreKv { cache: View<B>, src: View<B>, width: usize, ring: usize },
+    /// Causal attention per sequence over its key positions `0..pos0+len`, key position j read
+    /// from cache row [`SeqSpan::row_of`]`(j, ring)` (`ring == 0`: row `cache_row + j`).
     /// q, out: (step rows, heads·head_dim); k, v: cache (cache rows, kv_heads·head_dim).
     /// Query head h reads kv head `h / (heads / kv_heads)`. Scores are `q·k · scale`, then
     /// `softcap·tanh(s/softcap)` when `softcap > 0`; key position j is visible from query position
     /// i when `j <= i` and (`window == 0` or `i - j < window`).
+    /// With `ring > 0` the cache is a ring of `ring` rows a slot, holding the sequence's latest
+    /// positions: every key a query sees must still be there, so `window > 0` and
+    /// `ring >= window + len - 1` for each sequence's `len` rows of the step (its keys, stored
+    /// this step by [`Op::StoreKv`], overwrite only positions at least `ring` behind).
     Attention {
         out: View<B>,
         q: View<B>,
@@ -156,6 +176,7 @@ pub enum Op<B, W> {
         scale: f32,
         window: usize,
         softcap: f32,
+        ring: usize,
     },
     /// `out = a + b` over `len` elements. In place allowed (out == a or out == b).
     Add { out: View<B>, a: View<B>, b: View<B>, len: usize },
@@ -193,7 +214,7 @@ pub enum Op<B, W> {
     },
     /// Attention's input block for `n` rows: `q, k, v = x·Wqᵀ, x·Wkᵀ, x·Wvᵀ`; then (each when given)
     /// per-head RMSNorm of q and k (`eps`), RoPE of q and k, and the new k/v rows stored in the
-    /// caches. q: (n, heads·head_dim); k, v: (n, kv_heads·head_dim).
+    /// caches ([`Op::StoreKv`], with `ring`). q: (n, heads·head_dim); k, v: (n, kv_heads·head_dim).
     Qkv {
         x: MatIn<B>,
         wq: W,
@@ -212,6 +233,7 @@ pub enum Op<B, W> {
         rope: Option<RopeSpec>,
         k_cache: Option<View<B>>,
         v_cache: Option<View<B>>,
+        ring: usize,
     },
     /// The gated MLP's first half for `n` rows: `gate = x·Wgᵀ`, `up = x·Wuᵀ`, then
     /// `out = act(gate) · up` and optionally out's quantized copy. gate, up, out: (n, ffn); `ffn` =
@@ -346,6 +368,7 @@ impl<B: Copy, W: Copy> Op<B, W> {
                 rope,
                 k_cache,
                 v_cache,
+                ring,
             } => {
                 for (out, w) in [(q, wq), (k, wk), (v, wv)] {
                     f(matmul(out, x, w, n))?;
@@ -363,10 +386,10 @@ impl<B: Copy, W: Copy> Op<B, W> {
                 }
                 let width = kv_heads.saturating_mul(head_dim);
                 if let Some(c) = k_cache {
-                    f(Op::StoreKv { cache: c, src: k, width })?;
+                    f(Op::StoreKv { cache: c, src: k, width, ring })?;
                 }
                 if let Some(c) = v_cache {
-                    f(Op::StoreKv { cache: c, src: v, width })?;
+                    f(Op::StoreKv { cache: c, src: v, width, ring })?;
                 }
                 Ok(())
             }

@@ -274,9 +274,10 @@ pub fn attn_score(q: &[f32], k: &[f32], scale: f32, softcap_: f32) -> f32 {
 
 /// Attention of one query head over the keys `keys` (indices, not positions).
 ///
-/// Key `j` is `k[j*stride ..][..d]` and its value `v[j*stride ..][..d]`, `d = q.len() = out.len()`
-/// (so `k`, `v` start at the head's first element of key 0 and `stride` is the cache row width);
-/// both must reach key `keys.end - 1`.
+/// Key `j` is `k[r*stride ..][..d]` and its value `v[r*stride ..][..d]`, `d = q.len() = out.len()`,
+/// at row `r = j` (`ring == 0`) or `r = j % ring` (a ring cache of `ring` rows); so `k`, `v` start
+/// at the head's first element of row 0 and `stride` is the cache row width. Both must reach
+/// every key's row. Only the addressing depends on `ring`: the keys are taken in the same order.
 /// Plain two-pass softmax without scratch: pass 1 finds the max score; pass 2 recomputes each
 /// score (identically), accumulates `Σ exp(s − max)` and `Σ exp(s − max)·v` in f32 in key order,
 /// then divides. An empty `keys` gives zeros.
@@ -288,6 +289,7 @@ pub fn attend(
     v: &[f32],
     stride: usize,
     keys: Range<usize>,
+    ring: usize,
     scale: f32,
     softcap_: f32,
 ) {
@@ -297,8 +299,8 @@ pub fn attend(
     if keys.is_empty() {
         return;
     }
-    debug_assert!((keys.end - 1) * stride + d <= k.len().min(v.len()), "keys {keys:?} past the cache");
-    let key = |j: usize| &k[j * stride..j * stride + d];
+    let row = |j: usize| if ring == 0 { j } else { j % ring };
+    let key = |j: usize| &k[row(j) * stride..row(j) * stride + d];
 
     let mut max = f32::NEG_INFINITY;
     for j in keys.clone() {
@@ -309,7 +311,7 @@ pub fn attend(
     for j in keys {
         let e = exp(attn_score(q, key(j), scale, softcap_) - max);
         sum += e;
-        for (o, &vi) in out.iter_mut().zip(&v[j * stride..j * stride + d]) {
+        for (o, &vi) in out.iter_mut().zip(&v[row(j) * stride..row(j) * stride + d]) {
             *o += e * vi;
         }
     }
@@ -408,9 +410,27 @@ mod tests {
         let k = [0.5f32, 0.5, 9.0, 9.0];
         let v = [3.0f32, 4.0, 7.0, 7.0];
         let mut out = [0f32; 2];
-        attend(&mut out, &q, &k, &v, 2, 0..1, 0.7, 0.0);
+        attend(&mut out, &q, &k, &v, 2, 0..1, 0, 0.7, 0.0);
         assert_eq!(out, [3.0, 4.0]);
-        attend(&mut out, &q, &k, &v, 2, 1..1, 0.7, 0.0);
+        attend(&mut out, &q, &k, &v, 2, 1..1, 0, 0.7, 0.0);
         assert_eq!(out, [0.0, 0.0]);
+    }
+
+    #[test]
+    fn attend_ring_reads_the_same_keys_in_the_same_order() {
+        // Positions 0..7 linear; a ring of 4 rows holds positions 3..7 at rows p % 4.
+        let q = [0.3f32, -1.1];
+        let lin_k: [f32; 14] = core::array::from_fn(|i| (i as f32 * 0.37).sin());
+        let lin_v: [f32; 14] = core::array::from_fn(|i| (i as f32 * 0.91).cos());
+        let (mut ring_k, mut ring_v) = ([0f32; 8], [0f32; 8]);
+        for p in 3..7 {
+            ring_k[(p % 4) * 2..][..2].copy_from_slice(&lin_k[p * 2..][..2]);
+            ring_v[(p % 4) * 2..][..2].copy_from_slice(&lin_v[p * 2..][..2]);
+        }
+        let (mut a, mut b) = ([0f32; 2], [0f32; 2]);
+        attend(&mut a, &q, &lin_k, &lin_v, 2, 3..7, 0, 0.7, 30.0);
+        attend(&mut b, &q, &ring_k, &ring_v, 2, 3..7, 4, 0.7, 30.0);
+        assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits));
+        assert!(a.iter().all(|x| x.is_finite() && *x != 0.0));
     }
 }

@@ -124,6 +124,7 @@ pub fn bench(a: &BenchArgs) -> CliResult {
         max_batch: a.n_prompt.max(a.depth.min(512)).max(a.batch),
         logit_rows: a.batch,
         act: ActQuant::default(),
+        ..ModelOptions::default()
     };
     if a.threads_sweep.is_empty() {
         backends::dispatch(&a.backend, BenchOn { a, path: &r.path, src: &src, opts, quiet: false })?;

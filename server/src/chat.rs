@@ -476,7 +476,12 @@ impl<B: Backend> Chat<'_, B> {
         self.history.push(json!({"role": "user", "content": msg}));
         let Some(prompt) = self.prompt()? else { return Ok(true) };
         let ctx = self.model.options().ctx;
-        let reuse = if self.reuse_cache { common_prefix(&self.cached, &prompt).min(prompt.len() - 1) } else { 0 };
+        // (A sliding-window layer's ring may no longer hold the window before the common prefix.)
+        let reuse = if self.reuse_cache {
+            self.model.kv_resumable(0, common_prefix(&self.cached, &prompt).min(prompt.len() - 1))
+        } else {
+            0
+        };
         let max_new = if self.n_predict == 0 { ctx } else { self.n_predict };
 
         let tok = self.tok;

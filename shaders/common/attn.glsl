@@ -25,8 +25,26 @@ layout(push_constant) uniform Push {
     uint qout_off;
     uint qmode;       // 0 none, 1 BlockQ8A, 2 BlockQ8K; needs head_dim ≤ 256, whole blocks
     uint rows;        // rows of the step (attention_blk: its last block may be partial)
-    uint pad_;
+    uint ring;        // rows a slot of a ring cache (position p at ring_row + p % ring); 0: linear
 } pc;
+
+// The cache rows of a sequence's keys from position `first` on: key j (j < ring) of the range is
+// at row kv_base + kv_wrap(kv_r0 + j). A linear cache never wraps.
+uint kv_base, kv_r0, kv_len;
+
+// Set the key addressing for the sequence whose span starts at step word `span`.
+void kv_rows(Words st, uint span, uint first) {
+    bool ring = pc.ring != 0u;
+    kv_base = ring ? st.v[span + 4u] : st.v[span + 2u];
+    kv_r0 = ring ? first % pc.ring : first;
+    kv_len = ring ? pc.ring : 0xFFFFFFFFu;
+}
+
+// The cache row of key j of the range (relative to the cache's row 0).
+uint kv_row(uint j) {
+    uint r = kv_r0 + j;
+    return kv_base + (r >= kv_len ? r - kv_len : r);
+}
 
 // The whole score from the 8 lanes (gathered by shuffles from lane 0's point of view; moves
 // only): reduce_lanes, · scale, then the softcap. Valid in lane 0 of each group of 8.

@@ -38,6 +38,10 @@ pub(super) fn all() -> Vec<Group> {
     groups.extend(gated_ffn(&mut rng));
     groups.extend(prologues(&mut rng));
     groups.extend(tails(&mut rng));
+    // Ring caches (a sliding-window layer's): last, so the data of the groups above stays as it was.
+    groups.push(store_kv_ring(&mut rng));
+    groups.extend(attention_ring(&mut rng));
+    groups.push(qkv_ring(&mut rng));
     groups
 }
 
@@ -382,17 +386,17 @@ fn rope(rng: &mut Rng) -> Group {
 /// Steps of several sequences: decode rows and prefill rows together.
 fn mixed_seqs() -> Vec<SeqSpan> {
     vec![
-        SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 40 },
-        SeqSpan { row: 1, len: 9, cache_row: 64, pos0: 0 },
-        SeqSpan { row: 10, len: 30, cache_row: 128, pos0: 20 },
+        SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 40, ring_row: 0 },
+        SeqSpan { row: 1, len: 9, cache_row: 64, pos0: 0, ring_row: 0 },
+        SeqSpan { row: 10, len: 30, cache_row: 128, pos0: 20, ring_row: 0 },
     ]
 }
 
 fn store_kv(rng: &mut Rng) -> Group {
     let mut cases = Vec::new();
     let long = vec![
-        SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 700 },
-        SeqSpan { row: 1, len: 3, cache_row: 704, pos0: 253 },
+        SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 700, ring_row: 0 },
+        SeqSpan { row: 1, len: 3, cache_row: 704, pos0: 253, ring_row: 0 },
     ];
     for (name, seqs) in [("mixed", mixed_seqs()), ("long", long)] {
         for width in [64, 192, 256] {
@@ -402,11 +406,96 @@ fn store_kv(rng: &mut Rng) -> Group {
             let mut c = Case::new(format!("StoreKv {name} width={width}"), step);
             let src = c.random_at(rng, rows * width, 1.0, 1);
             let cache = c.output_at(rng, cache_rows * width, 3, "cache", Check::Exact);
-            c.op(Op::StoreKv { cache, src, width });
+            c.op(Op::StoreKv { cache, src, width, ring: 0 });
             cases.push(c);
         }
     }
     Group { name: "StoreKv".into(), cases }
+}
+
+/// Rows of ring caches of `ring` rows a slot that `seqs` reach.
+fn ring_rows(seqs: &[SeqSpan], ring: usize) -> usize {
+    seqs.iter().map(|s| s.ring_row as usize + ring.min((s.pos0 + s.len) as usize)).max().unwrap_or(0)
+}
+
+/// StoreKv into ring caches: a decode row, a prefill run that wraps the ring, a short sequence
+/// that has not filled it.
+fn store_kv_ring(rng: &mut Rng) -> Group {
+    let ring = 24;
+    let seqs = vec![
+        SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 700, ring_row: 0 },
+        SeqSpan { row: 1, len: 20, cache_row: 0, pos0: 15, ring_row: 24 },
+        SeqSpan { row: 21, len: 3, cache_row: 0, pos0: 2, ring_row: 48 },
+        SeqSpan { row: 24, len: 24, cache_row: 0, pos0: 253, ring_row: 72 },
+    ];
+    let mut cases = Vec::new();
+    for width in [64, 256] {
+        let step = StepData::of_seqs(&seqs);
+        let rows = step.positions.len();
+        let mut c = Case::new(format!("StoreKv ring={ring} width={width}"), step);
+        let src = c.random_at(rng, rows * width, 1.0, 1);
+        let cache = c.output_at(rng, ring_rows(&seqs, ring) * width, 3, "cache", Check::Exact);
+        c.op(Op::StoreKv { cache, src, width, ring });
+        cases.push(c);
+    }
+    Group { name: "StoreKv, ring caches".into(), cases }
+}
+
+/// Attention over ring caches: `ring = window + longest - 1` (the least the contract allows),
+/// sequences whose keys wrap the ring, in decode and in prefill blocks (rows ≥ 32 take
+/// attention_blk on Vulkan), and key ranges crossing 256-key chunks.
+fn attention_ring(rng: &mut Rng) -> Vec<Group> {
+    let steps = [
+        (
+            "decode and prefill rows wrapping the ring",
+            16,
+            31,
+            vec![
+                SeqSpan { row: 0, len: 16, cache_row: 0, pos0: 610, ring_row: 0 },
+                SeqSpan { row: 16, len: 1, cache_row: 0, pos0: 700, ring_row: 31 },
+                SeqSpan { row: 17, len: 5, cache_row: 0, pos0: 2, ring_row: 62 },
+                SeqSpan { row: 22, len: 1, cache_row: 0, pos0: 30, ring_row: 93 },
+            ],
+        ),
+        (
+            "prefill blocks, long window",
+            300,
+            336,
+            vec![
+                SeqSpan { row: 0, len: 37, cache_row: 0, pos0: 1000, ring_row: 0 },
+                SeqSpan { row: 37, len: 3, cache_row: 0, pos0: 334, ring_row: 336 },
+            ],
+        ),
+    ];
+    let mut groups = Vec::new();
+    for (what, window, ring, seqs) in &steps {
+        let (window, ring) = (*window, *ring);
+        let step = StepData::of_seqs(seqs);
+        let rows = step.positions.len();
+        let cache_rows = ring_rows(seqs, ring);
+        for (heads, kv_heads, head_dim) in [(4, 1, 256), (9, 3, 64)] {
+            let k = Arc::new(rng.vec(cache_rows * kv_heads * head_dim, 1.0));
+            let v = Arc::new(rng.vec(cache_rows * kv_heads * head_dim, 1.0));
+            let mut cases = Vec::new();
+            for softcap in [0.0f32, 50.0] {
+                let scale = if softcap > 0.0 { 1.0 } else { 1.0 / (head_dim as f32).sqrt() };
+                let mut c = Case::new(
+                    format!(
+                        "Attention {what}: {heads}/{kv_heads}x{head_dim} window={window} ring={ring} softcap={softcap}"
+                    ),
+                    step.clone(),
+                );
+                let q = c.random_at(rng, rows * heads * head_dim, 1.0, 1);
+                let (kb, vb) = (c.shared(k.clone()), c.shared(v.clone()));
+                let out = c.output_at(rng, rows * heads * head_dim, 3, "out", Check::Float);
+                c.op(Op::Attention { out, q, k: kb, v: vb, heads, kv_heads, head_dim, scale, window, softcap, ring });
+                cases.push(c);
+            }
+            groups
+                .push(Group { name: format!("Attention, ring caches, {what}, {heads}/{kv_heads}x{head_dim}"), cases });
+        }
+    }
+    groups
 }
 
 fn attention(rng: &mut Rng) -> Vec<Group> {
@@ -416,16 +505,16 @@ fn attention(rng: &mut Rng) -> Vec<Group> {
             // Long contexts crossing 256-key chunks, and exactly 256 and 512 keys.
             "batched decode, long contexts",
             vec![
-                SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 700 },
-                SeqSpan { row: 1, len: 1, cache_row: 704, pos0: 255 },
-                SeqSpan { row: 2, len: 1, cache_row: 960, pos0: 511 },
+                SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 700, ring_row: 0 },
+                SeqSpan { row: 1, len: 1, cache_row: 704, pos0: 255, ring_row: 0 },
+                SeqSpan { row: 2, len: 1, cache_row: 960, pos0: 511, ring_row: 0 },
             ],
         ),
         (
             "prefill chunk on a long context",
             vec![
-                SeqSpan { row: 0, len: 16, cache_row: 0, pos0: 600 },
-                SeqSpan { row: 16, len: 1, cache_row: 640, pos0: 612 },
+                SeqSpan { row: 0, len: 16, cache_row: 0, pos0: 600, ring_row: 0 },
+                SeqSpan { row: 16, len: 1, cache_row: 640, pos0: 612, ring_row: 0 },
             ],
         ),
         (
@@ -433,8 +522,8 @@ fn attention(rng: &mut Rng) -> Vec<Group> {
             // starts inside a block.
             "prefill blocks on a long context",
             vec![
-                SeqSpan { row: 0, len: 37, cache_row: 0, pos0: 490 },
-                SeqSpan { row: 37, len: 3, cache_row: 640, pos0: 100 },
+                SeqSpan { row: 0, len: 37, cache_row: 0, pos0: 490, ring_row: 0 },
+                SeqSpan { row: 37, len: 3, cache_row: 640, pos0: 100, ring_row: 0 },
             ],
         ),
     ];
@@ -458,7 +547,19 @@ fn attention(rng: &mut Rng) -> Vec<Group> {
                     let q = c.random_at(rng, rows * heads * head_dim, 1.0, 1);
                     let (kb, vb) = (c.shared(k.clone()), c.shared(v.clone()));
                     let out = c.output_at(rng, rows * heads * head_dim, 3, "out", Check::Float);
-                    c.op(Op::Attention { out, q, k: kb, v: vb, heads, kv_heads, head_dim, scale, window, softcap });
+                    c.op(Op::Attention {
+                        out,
+                        q,
+                        k: kb,
+                        v: vb,
+                        heads,
+                        kv_heads,
+                        head_dim,
+                        scale,
+                        window,
+                        softcap,
+                        ring: 0,
+                    });
                     cases.push(c);
                 }
             }
@@ -694,6 +795,69 @@ fn mat_in(
     }
 }
 
+/// Qkv storing into ring caches: one decode row (the matmuls' tail epilogue on Vulkan), and a
+/// step whose rows wrap the ring.
+fn qkv_ring(rng: &mut Rng) -> Group {
+    let (heads, kv_heads, head_dim, cols, ring) = (4, 2, 64, 256, 16);
+    let rope = Some(RopeSpec { theta: 1e4, scale: 1.0, mode: RopeMode::Neox });
+    let steps = [
+        vec![SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 37, ring_row: 16 }],
+        vec![
+            SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 40, ring_row: 0 },
+            SeqSpan { row: 1, len: 6, cache_row: 0, pos0: 13, ring_row: 16 },
+        ],
+    ];
+    let mut cases = Vec::new();
+    for fmt in [Format::Q8_0, Format::F16] {
+        let layout = fmt.act_layout();
+        for input in [Input::F32, Input::Q8] {
+            if input == Input::Q8 && layout.is_none() {
+                continue;
+            }
+            for seqs in &steps {
+                let step = StepData::of_seqs(seqs);
+                let n = step.positions.len();
+                let mut c = Case::new(format!("Qkv {fmt:?} {input:?} input, ring={ring}, n={n}"), step);
+                let wq = c.weight(weight(rng, fmt, heads * head_dim, cols));
+                let wk = c.weight(weight(rng, fmt, kv_heads * head_dim, cols));
+                let wv = c.weight(weight(rng, fmt, kv_heads * head_dim, cols));
+                let (q_norm, k_norm) =
+                    (Some(c.weight(norm_weight(rng, head_dim))), Some(c.weight(norm_weight(rng, head_dim))));
+                let x = activations(rng, n, cols);
+                let x = mat_in(&mut c, rng, &x, n, cols, input, layout);
+                let q = c.output_at(rng, n * heads * head_dim, 3, "q", Check::Float);
+                let k = c.output_at(rng, n * kv_heads * head_dim, 0, "k", Check::Float);
+                let v = c.output_at(rng, n * kv_heads * head_dim, 1, "v", Check::Float);
+                let cache = ring_rows(seqs, ring) * kv_heads * head_dim;
+                let k_cache = Some(c.output_at(rng, cache, 0, "k cache", Check::Float));
+                let v_cache = Some(c.output_at(rng, cache, 2, "v cache", Check::Float));
+                c.op(Op::Qkv {
+                    x,
+                    wq,
+                    wk,
+                    wv,
+                    q,
+                    k,
+                    v,
+                    n,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    q_norm,
+                    k_norm,
+                    eps: 1e-6,
+                    rope,
+                    k_cache,
+                    v_cache,
+                    ring,
+                });
+                cases.push(c);
+            }
+        }
+    }
+    Group { name: "Qkv, ring caches".into(), cases }
+}
+
 fn qkv(rng: &mut Rng) -> Vec<Group> {
     let (heads, kv_heads, head_dim, cols) = (4, 2, 64, 512);
     let formats = [
@@ -719,9 +883,12 @@ fn qkv(rng: &mut Rng) -> Vec<Group> {
         ("no norms, rope or caches", false, None, false),
     ];
     let steps = [
-        vec![SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 17 }],
-        vec![SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 300 }, SeqSpan { row: 1, len: 4, cache_row: 320, pos0: 0 }],
-        vec![SeqSpan { row: 0, len: 33, cache_row: 0, pos0: 5 }],
+        vec![SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 17, ring_row: 0 }],
+        vec![
+            SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 300, ring_row: 0 },
+            SeqSpan { row: 1, len: 4, cache_row: 320, pos0: 0, ring_row: 0 },
+        ],
+        vec![SeqSpan { row: 0, len: 33, cache_row: 0, pos0: 5, ring_row: 0 }],
     ];
     let mut groups = Vec::new();
     for fmts in formats {
@@ -778,6 +945,7 @@ fn qkv(rng: &mut Rng) -> Vec<Group> {
                         rope,
                         k_cache,
                         v_cache,
+                        ring: 0,
                     });
                     cases.push(c);
                 }
@@ -965,7 +1133,7 @@ fn tails(rng: &mut Rng) -> Vec<Group> {
         }
         // Gemma's attention shape: one token's Qkv (norms, Neox RoPE, caches), 256-wide heads.
         let (heads, kv_heads, hd) = (4, 1, 256);
-        let seqs = [SeqSpan { row: 0, len: 1, cache_row: 3, pos0: 37 }];
+        let seqs = [SeqSpan { row: 0, len: 1, cache_row: 3, pos0: 37, ring_row: 0 }];
         let mut c = Case::new(format!("Qkv {fa:?} one token, head_dim {hd}"), StepData::of_seqs(&seqs));
         let wq = c.weight(weight(rng, fa, heads * hd, dim));
         let wk = c.weight(weight(rng, fa, kv_heads * hd, dim));
@@ -997,6 +1165,7 @@ fn tails(rng: &mut Rng) -> Vec<Group> {
             rope,
             k_cache,
             v_cache,
+            ring: 0,
         });
         cases.push(c);
         groups.push(Group { name: format!("Tail {fa:?} {fb:?} {fc:?}"), cases });

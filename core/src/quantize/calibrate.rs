@@ -144,9 +144,9 @@ fn strip<Bf: Copy, W: Copy>(op: &Op<Bf, TapWeight<W>>) -> Option<Op<Bf, W>> {
         Op::Rope { x, rows, heads, head_dim, theta, scale, mode } => {
             Op::Rope { x, rows, heads, head_dim, theta, scale, mode }
         }
-        Op::StoreKv { cache, src, width } => Op::StoreKv { cache, src, width },
-        Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap } => {
-            Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap }
+        Op::StoreKv { cache, src, width, ring } => Op::StoreKv { cache, src, width, ring },
+        Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap, ring } => {
+            Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap, ring }
         }
         Op::Add { out, a, b, len } => Op::Add { out, a, b, len },
         Op::GeluTanhMul { out, gate, up, len } => Op::GeluTanhMul { out, gate, up, len },

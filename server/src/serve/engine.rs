@@ -449,22 +449,42 @@ impl Held {
     /// * the free slot with the prefix would lose tokens past it (a conversation's history, when
     ///   a title or tag request shares only its start) while another free slot loses fewer:
     ///   that one is taken and the prefix copied into it, so the history stays for its next turn.
+    #[cfg(test)]
     fn pick<T>(&self, slots: &[Option<T>], prompt: &[u32], reuse: bool, copy: bool) -> Place {
+        self.pick_within(slots, prompt, reuse, copy, |_, n| n)
+    }
+
+    /// [`pick`](Self::pick) where a slot's cache may no longer hold all of its prefix:
+    /// `fit(slot, n)` is the longest prefix up to `n` a sequence can go on from in that slot
+    /// ([`Model::kv_resumable`]: a sliding-window layer's ring keeps only its latest positions).
+    fn pick_within<T>(
+        &self,
+        slots: &[Option<T>],
+        prompt: &[u32],
+        reuse: bool,
+        copy: bool,
+        fit: impl Fn(usize, usize) -> usize,
+    ) -> Place {
         let limit = prompt.len() - 1;
         let prefix = |i: usize| if reuse { common_prefix(&self.tokens[i], prompt) } else { 0 };
+        // What a sequence can go on from in slot i (the prefix, short of the prompt's end).
+        let usable = |i: usize| if reuse { fit(i, prefix(i).min(limit)) } else { 0 };
         let free = || (0..slots.len()).filter(|&i| slots[i].is_none());
-        let (own, slot) = free()
-            .map(|i| (prefix(i), i))
-            .max_by_key(|&(n, i)| (n, std::cmp::Reverse(self.used[i])))
+        // (Between equally usable slots, the longer prefix first: all of it is usable where the
+        // cache holds everything.)
+        let (own, _, slot) = free()
+            .map(|i| (usable(i), prefix(i), i))
+            .max_by_key(|&(n, p, i)| (n, p, std::cmp::Reverse(self.used[i])))
             .expect("a free slot");
-        let place = Place { slot, keep: own.min(limit), copy: None };
+        let place = Place { slot, keep: own, copy: None };
         if !reuse || !copy {
             return place;
         }
         // A busy slot's computed positions count too.
-        let (best, holder) = (0..slots.len()).map(|i| (prefix(i), i)).max_by_key(|&(n, _)| n).expect("a slot");
-        if best.min(limit) > place.keep {
-            return Place { copy: Some((holder, best.min(limit))), ..place };
+        let (best, _, holder) =
+            (0..slots.len()).map(|i| (usable(i), prefix(i), i)).max_by_key(|&(n, p, _)| (n, p)).expect("a slot");
+        if best > place.keep {
+            return Place { copy: Some((holder, best)), ..place };
         }
         let loss = |i: usize| self.tokens[i].len() - prefix(i);
         if place.keep == 0 || loss(slot) == 0 {
@@ -475,7 +495,7 @@ impl Held {
             .min_by_key(|&i| (loss(i), std::cmp::Reverse(prefix(i)), self.used[i]));
         match other {
             Some(t) => {
-                let keep = prefix(t).min(limit);
+                let keep = usable(t);
                 Place { slot: t, keep, copy: (keep < place.keep).then_some((slot, place.keep)) }
             }
             None => place,
@@ -599,7 +619,9 @@ fn run<B: Backend>(
             let stops = StopMatcher { stops: job.params.stop.clone(), held: String::new() };
             // The slot keeps the longest prefix it shares with the prompt, a longer one another
             // slot holds is copied in; the rest is computed.
-            let place = held.pick(&slots, &job.prompt, cfg.prompt_cache, can_copy);
+            // (A sliding-window layer's ring may have lost positions of a slot's prefix.)
+            let fit = |slot: usize, n: usize| model.kv_resumable(slot, n);
+            let place = held.pick_within(&slots, &job.prompt, cfg.prompt_cache, can_copy, fit);
             let slot = place.slot;
             held.take(slot, place.keep);
             let mut cached = place.keep;
@@ -1012,6 +1034,7 @@ mod engine_tests {
             max_batch: CFG.prefill_chunk + CFG.parallel,
             logit_rows: CFG.parallel,
             act: ActQuant::Int8,
+            ..ModelOptions::default()
         };
         let model = Model::load(backend, &source, opts).map_err(|e| e.to_string())?;
         let stop_ids = tok.eos_ids().to_vec();
@@ -1210,6 +1233,39 @@ mod engine_tests {
         held.tokens[2] = vec![5; 9];
         held.used = vec![3, 4, 6];
         assert_eq!(held.pick(&free, &[1, 2, 7], true, true), Place { slot: 1, keep: 2, copy: None });
+    }
+
+    /// A slot whose sliding-window ring no longer holds the window before a prefix's end
+    /// (`fit`, as `Model::kv_resumable` answers) serves only the part it still can: less kept in
+    /// place, a shorter copy, or none, and the rest is computed; never a prefix it lost.
+    #[test]
+    fn a_prefix_the_ring_lost_is_not_reused() {
+        let mut held = Held::new(3);
+        held.tokens = vec![vec![1, 2, 3, 4, 5, 6], vec![1, 2, 3, 9], vec![]];
+        (held.used, held.clock) = (vec![5, 4, 6], 6);
+        let free = [None::<()>; 3];
+        let prompt = [1, 2, 3, 4, 5, 6, 7];
+        // Everything still held: slot 0 goes on from 6.
+        let all = |_: usize, n: usize| n;
+        assert_eq!(held.pick_within(&free, &prompt, true, true, all), Place { slot: 0, keep: 6, copy: None });
+        // Slot 0's ring lost what position 6 sees (it went on past it, say): it can go on only
+        // from 0. Slot 1's 3 are copied into it (slot 1 keeps its history, slot 0 loses none).
+        let lost0 = |slot: usize, n: usize| if slot == 0 { 0 } else { n };
+        let got = held.pick_within(&free, &prompt, true, true, lost0);
+        assert_eq!(got, Place { slot: 0, keep: 0, copy: Some((1, 3)) });
+        // Without Op::Copy: slot 1 goes on from its own 3.
+        let got = held.pick_within(&free, &prompt, true, false, lost0);
+        assert_eq!(got, Place { slot: 1, keep: 3, copy: None });
+        // Slot 0 still holds the window before 4, not before 5 or 6: 4 are copied from it.
+        let upto4 = |slot: usize, n: usize| if slot == 0 { n.min(4) } else { n.min(2) };
+        assert_eq!(
+            held.pick_within(&[Some(()), None, None], &prompt, true, true, upto4),
+            Place { slot: 1, keep: 2, copy: Some((0, 4)) }
+        );
+        // Nothing usable anywhere: computed from scratch, in the slot whose history the prompt
+        // extends (it loses nothing).
+        let none = |_: usize, _: usize| 0;
+        assert_eq!(held.pick_within(&free, &prompt, true, true, none), Place { slot: 0, keep: 0, copy: None });
     }
 
     /// A prompt sharing a long prefix with one still replying in the other slot: the prefix is

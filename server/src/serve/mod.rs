@@ -284,6 +284,7 @@ impl LoadJob {
             max_batch: self.cfg.prefill_chunk + self.cfg.parallel,
             logit_rows: self.cfg.parallel,
             act: self.act,
+            ..ModelOptions::default()
         };
         let mut model = Model::load_with_budget(backend, &src, opts, self.budget).map_err(|e| e.to_string())?;
         // A device records each step shape and compiles its kernels the first time it runs it:
