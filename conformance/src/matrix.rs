@@ -97,15 +97,6 @@ pub fn vulkan_batch_tile() -> Vulkan {
     Vulkan::new(&o).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// The Vulkan backend with every one-token compressed-tensors matmul on `mm_int`'s chunked
-/// path in one shape (lanes a thread, chunks ahead, threads a workgroup, conversion), so each variant the
-/// GPU may take is checked.
-pub fn vulkan_int_fast(cfg: [u32; 4]) -> Vulkan {
-    let mut o = vulkan_options();
-    o.int_fast = Some(cfg);
-    Vulkan::new(&o).unwrap_or_else(|e| panic!("{e}"))
-}
-
 /// Vulkan's tolerance: [`Tolerance::Exact`], or [`Tolerance::ExactFlushed`] on a device that
 /// does not promise to keep f32 denormals.
 pub fn vulkan_tolerance() -> Tolerance {

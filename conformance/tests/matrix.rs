@@ -72,18 +72,3 @@ fn vulkan_batch_tile() {
     report.add_validation_messages();
     report.assert_ok();
 }
-
-/// The chunked compressed-tensors matvec in each of its shapes (lanes a thread × chunks
-/// ahead × workgroup size), bit-exact like the default one.
-#[test]
-fn vulkan_int_fast() {
-    if !matrix::vulkan_present("vulkan_int_fast") {
-        return;
-    }
-    let pick = |g: &str| g.starts_with("MatMul Int");
-    for cfg in [[1, 1, 64, 0], [4, 3, 128, 1], [2, 4, 64, 1], [0, 2, 256, 1], [0, 1, 64, 0]] {
-        let mut report = matrix::check_groups(|| matrix::vulkan_int_fast(cfg), matrix::vulkan_tolerance(), pick);
-        report.add_validation_messages();
-        report.assert_ok();
-    }
-}

@@ -92,11 +92,6 @@ pub struct VulkanOptions {
     /// step of 8–16 sequences); `Some((17, 0))`: never. `PUREHW_VK_BATCH_TILE=N[,ROWS]` sets it
     /// (ROWS 0 when left out), `off` turns it off.
     pub batch_tile: Option<(usize, usize)>,
-    /// One-token matmuls on compressed-tensors weights (`mm_int.comp`'s chunked path): lanes a
-    /// thread (1, 2 or 4), chunks loaded ahead (1–4), threads a workgroup (64, 128 or 256) and
-    /// how codes become floats (0: conversions, 1: placed in a mantissa), for every such matmul;
-    /// `None`: chosen per matrix. `PUREHW_VK_INT_FAST=L,P,W[,C]` sets it.
-    pub int_fast: Option<[u32; 4]>,
 }
 
 impl VulkanOptions {
@@ -118,7 +113,6 @@ impl VulkanOptions {
             tails: std::env::var("PUREHW_VK_TAIL").ok().map(|v| Tails::parse(&v)),
             import: std::env::var("PUREHW_VK_IMPORT").ok().map(|v| v != "0"),
             batch_tile: std::env::var("PUREHW_VK_BATCH_TILE").ok().and_then(|v| parse_batch_tile(&v)),
-            int_fast: std::env::var("PUREHW_VK_INT_FAST").ok().and_then(|v| parse_int_fast(&v)),
         }
     }
 }
@@ -383,8 +377,6 @@ pub struct Vulkan {
     /// One-token matmuls on compressed-tensors weights take `mm_int.comp`'s chunked path where
     /// the shapes allow (`PUREHW_VK_INT_CHUNKS=0`: the element-wise one, for comparing).
     int_chunks: bool,
-    /// See [`VulkanOptions::int_fast`].
-    int_fast: Option<[u32; 4]>,
     /// Rows per block-attention workgroup (see [`VulkanOptions::attention_rows`]).
     attn_qb: Option<usize>,
     /// Decode matmuls' tails (see [`VulkanOptions::tails`]).
@@ -527,14 +519,6 @@ impl Vulkan {
             },
             attn_blk: std::env::var("PUREHW_VK_ATTN_BLK").map_or(true, |v| v != "0"),
             int_chunks: std::env::var("PUREHW_VK_INT_CHUNKS").map_or(true, |v| v != "0"),
-            int_fast: match opts.int_fast {
-                Some(c) if !int_fast_ok(c) => {
-                    return Err(VulkanError::Unsupported(format!(
-                        "mm_int shape {c:?} (lanes 1|2|4, ahead 1-4, threads 64|128|256, ≤ 64 rows)"
-                    )));
-                }
-                c => c,
-            },
             attn_qb: opts.attention_rows,
             import: opts.import.unwrap_or(true),
             ring: None,
@@ -2793,12 +2777,7 @@ impl Vulkan {
             let grid = [groups(wrows, wg as usize / 8), groups(n, tokens as usize), 1];
             let at = addr_u64(wa) + wb as u64;
             if let Some((bits, group)) = int_chunked(p, cols, at, row_bytes).filter(|_| n == 1 && self.int_chunks) {
-                let [lpt, pf, wg, conv] = self.int_fast.unwrap_or_else(|| int_fast_for(wrows));
-                // Lanes 0: the vectorized one-lane kernel.
-                let (vec, lpt) = (u32::from(lpt == 0), lpt.max(1));
-                let grid = [groups(wrows, (wg * lpt / 8) as usize), 1, 1];
-                let spec = [1, wg, bits, group, lpt, pf, conv, vec];
-                return self.dispatch(cb, hz, "mm_int", &spec, &push, grid, acc);
+                return self.dispatch(cb, hz, "mm_int", &[1, wg, bits, group], &push, grid, acc);
             }
             return self.dispatch(cb, hz, "mm_int", &[tokens, wg], &push, grid, acc);
         }
@@ -2901,30 +2880,6 @@ fn int_chunked(p: purehw_kernels::quant::PackedInt, cols: usize, at: u64, row_by
     whole.then_some((u32::from(p.bits), group as u32))
 }
 
-/// The chunked `mm_int` path's (lanes a thread, chunks ahead, threads a workgroup, conversion)
-/// for a matrix of `rows` rows.
-fn int_fast_for(_rows: usize) -> [u32; 4] {
-    [1, 1, 256, 1]
-}
-
-/// `PUREHW_VK_INT_FAST=L,P,W[,C]`: lanes a thread (1, 2, 4; 0: one, with 16-byte shared
-/// reads), chunks ahead (1–4), threads a
-/// workgroup (64, 128, 256), and C 0 for int-to-float conversions (default 1: the mantissa).
-fn parse_int_fast(v: &str) -> Option<[u32; 4]> {
-    let mut p: Vec<u32> = v.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
-    if p.len() == 3 {
-        p.push(1);
-    }
-    let cfg: [u32; 4] = p.try_into().ok()?;
-    int_fast_ok(cfg).then_some(cfg)
-}
-
-/// Whether (lanes, chunks ahead, threads, conversion) is a shape `mm_int.comp` has: at most 64
-/// rows a workgroup, so that two chunks of their codes fit 32 KiB of shared memory.
-fn int_fast_ok([l, f, w, c]: [u32; 4]) -> bool {
-    matches!(l, 0 | 1 | 2 | 4) && (1..=4).contains(&f) && matches!(w, 64 | 128 | 256) && w * l <= 512 && c <= 1
-}
-
 /// A Qkv's epilogue flags (`QP_*`) and the word offset of its RoPE table in the step buffer.
 fn qkv_flags(op: &Op<BufId, WeightId>, l: &StepLayout) -> (u32, u32) {
     let Op::Qkv { head_dim, q_norm, k_norm, rope, k_cache, v_cache, .. } = *op else { return (0, 0) };
@@ -2990,7 +2945,7 @@ fn groups(n: usize, per: usize) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{int_fast_for, int_fast_ok, parse_batch_tile, parse_int_fast};
+    use super::parse_batch_tile;
 
     #[test]
     fn batch_tile_settings() {
@@ -2999,21 +2954,5 @@ mod tests {
         assert_eq!(parse_batch_tile("off"), Some((17, 0)));
         assert_eq!(parse_batch_tile("x"), None);
         assert_eq!(parse_batch_tile("8,y"), None);
-    }
-
-    #[test]
-    fn int_fast_settings() {
-        assert_eq!(parse_int_fast("2,2,128"), Some([2, 2, 128, 1]));
-        assert_eq!(parse_int_fast("4, 4, 128, 0"), Some([4, 4, 128, 0]));
-        assert_eq!(parse_int_fast("4,4,128,2"), None);
-        // 128 rows a workgroup would not fit shared memory.
-        assert_eq!(parse_int_fast("4,2,256"), None);
-        assert_eq!(parse_int_fast("3,2,128"), None);
-        assert_eq!(parse_int_fast("2,5,128"), None);
-        assert_eq!(parse_int_fast("2,2"), None);
-        assert_eq!(parse_int_fast("2,2,96"), None);
-        for rows in [1, 5376, 21504, 262208] {
-            assert!(int_fast_ok(int_fast_for(rows)));
-        }
     }
 }
