@@ -420,8 +420,7 @@ impl<B: Backend> Model<B> {
         // With a ring: the positions src still holds, going back from b (at most ring of them).
         let mut lo = b;
         if ring > 0 {
-            let rows = &self.ring_pos[src * ring..(src + 1) * ring];
-            while lo > a.max(b.saturating_sub(ring)) && rows[(lo - 1) % ring] as usize == lo - 1 {
+            while lo > a.max(b.saturating_sub(ring)) && self.kv_holds(src, lo - 1..lo) {
                 lo -= 1;
             }
             let need = a.max(b.saturating_sub(self.config.sliding_window));

@@ -300,6 +300,7 @@ pub fn attend(
         return;
     }
     let row = |j: usize| if ring == 0 { j } else { j % ring };
+    debug_assert!(keys.clone().all(|j| row(j) * stride + d <= k.len().min(v.len())), "keys {keys:?} past the cache");
     let key = |j: usize| &k[row(j) * stride..row(j) * stride + d];
 
     let mut max = f32::NEG_INFINITY;
