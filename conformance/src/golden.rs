@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use purehw_core::model::{Model, ModelOptions};
+use purehw_core::model::{Model, ModelOptions, SeqInput};
 use purehw_core::source::ModelSource;
-use purehw_hal::{ActQuant, Backend};
+use purehw_hal::{ActQuant, Backend, KvType};
 use purehw_hal_cpu_ref::CpuRef;
 
 use crate::{argmax, fixture, nmse, read_f32, read_json, top2_gap};
@@ -142,8 +142,15 @@ static REFERENCE_RUNS: Mutex<BTreeMap<RunKey, Arc<RunCell>>> = Mutex::new(BTreeM
 /// One key's runs, once computed.
 type RunCell = OnceLock<Arc<Vec<ReferenceRun>>>;
 
-const TWIN_OPTIONS: ModelOptions =
-    ModelOptions { ctx: 2048, slots: 1, max_batch: 128, logit_rows: 1, act: ActQuant::F32, swa_ring: true };
+const TWIN_OPTIONS: ModelOptions = ModelOptions {
+    ctx: 2048,
+    slots: 1,
+    max_batch: 128,
+    logit_rows: 1,
+    act: ActQuant::F32,
+    swa_ring: true,
+    kv: KvType::F32,
+};
 
 /// Greedy `n` tokens (never stopping at EOS) on every prompt of a fixture's `cases.json`, on the
 /// reference (`CpuRef`), with the logits after the last one; computed once per binary.
@@ -214,4 +221,31 @@ pub fn check_greedy_twins<B: Backend>(
             );
         }
     }
+}
+
+/// Token ids spread over the vocabulary, fixed.
+pub fn prompt(n: usize, vocab: usize, seed: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + seed * 104_729 + 13) % (vocab - 200) + 100) as u32).collect()
+}
+
+/// Every logit row of a run: slot 0 reads a long prompt (every position's logits), slot 1 a short
+/// one; then `decode` batched steps over both slots, each feeding its previous argmax.
+pub fn run<B: Backend>(m: &mut Model<B>, prompt_len: usize, decode: usize) -> Vec<f32> {
+    let vocab = m.config().vocab;
+    let mut out = Vec::new();
+    m.forward_all(0, 0, &prompt(prompt_len, vocab, 1), &mut out).unwrap();
+    let short = prompt(5, vocab, 2);
+    out.extend_from_slice(m.forward(1, 0, &short).unwrap());
+    let argmax = |l: &[f32]| argmax(l) as u32;
+    let mut next = [argmax(&out[(prompt_len - 1) * vocab..prompt_len * vocab]), argmax(&out[prompt_len * vocab..])];
+    let mut pos = [prompt_len, short.len()];
+    for _ in 0..decode {
+        let (a, b) = ([next[0]], [next[1]]);
+        let seqs = [SeqInput { slot: 0, pos: pos[0], tokens: &a }, SeqInput { slot: 1, pos: pos[1], tokens: &b }];
+        let l = m.forward_batch(&seqs).unwrap();
+        next = [argmax(&l[..vocab]), argmax(&l[vocab..])];
+        out.extend_from_slice(l);
+        pos = [pos[0] + 1, pos[1] + 1];
+    }
+    out
 }

@@ -23,8 +23,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use purehw_hal::{
-    ActLayout, Backend, Format, HostBytes, HostWeight, MatIn, Op, OpKind, QuantOut, SeqSpan, Step, View, act_block,
-    act_words,
+    ActLayout, Backend, Format, HostBytes, HostWeight, Op, OpKind, SeqSpan, Step, View, act_block, act_words,
 };
 use purehw_hal_cpu::Cpu;
 use purehw_hal_cpu_ref::CpuRef;
@@ -247,6 +246,10 @@ impl Case {
         let mut kinds = Vec::new();
         for op in &self.ops {
             kinds.push(op.kind(format_of));
+            // The cache ops also ask for their caches' element type.
+            if let Op::StoreKv { kv, .. } | Op::Attention { kv, .. } | Op::Qkv { kv, .. } = *op {
+                kinds.push(OpKind::KvCache(kv));
+            }
             let _ = op.expand(|o| {
                 kinds.push(o.kind(format_of));
                 Ok::<(), ()>(())
@@ -428,7 +431,7 @@ fn run<B: Backend>(b: &mut B, case: &Case, weights: &[HostWeight], one_trip: boo
     }
     let weights = weights.iter().map(|w| b.load_weight(w)).collect::<Result<Vec<_>, _>>().map_err(err)?;
     let ops: Vec<Op<B::Buffer, B::Weight>> =
-        case.ops.iter().map(|o| map_op(o, &|i: Buf| bufs[i], &|i: Wt| weights[i])).collect();
+        case.ops.iter().map(|o| o.map(|i: Buf| bufs[i], |i: Wt| weights[i])).collect();
     let mut outs: Vec<Vec<f32>> = case.outs.iter().map(|o| vec![0f32; case.bufs[o.0.buf].len()]).collect();
     let step = case.step.step();
     if one_trip {
@@ -485,110 +488,6 @@ fn mapped_weights(ws: &[HostWeight]) -> Vec<HostWeight> {
             HostWeight::with_parts(w.format, w.rows, w.cols, data, w.parts.clone()).expect("consistent weight")
         })
         .collect()
-}
-
-/// The same op on other handles.
-fn map_op<B2: Copy, W2: Copy>(op: &Op<Buf, Wt>, fb: &impl Fn(Buf) -> B2, fw: &impl Fn(Wt) -> W2) -> Op<B2, W2> {
-    let v = |x: View<Buf>| View::new(fb(x.buf), x.offset);
-    let mat_in = |x: MatIn<Buf>| match x {
-        MatIn::F32 { x, act } => MatIn::F32 { x: v(x), act },
-        MatIn::Q8(x) => MatIn::Q8(v(x)),
-    };
-    let quant = |q: Option<QuantOut<Buf>>| q.map(|q| QuantOut { out: v(q.out), layout: q.layout });
-    match *op {
-        Op::Embed { out, table, scale } => Op::Embed { out: v(out), table: fw(table), scale },
-        Op::RmsNorm { out, x, w, rows, dim, eps } => Op::RmsNorm { out: v(out), x: v(x), w: fw(w), rows, dim, eps },
-        Op::MatMul { out, x, w, n, act } => Op::MatMul { out: v(out), x: v(x), w: fw(w), n, act },
-        Op::QuantizeAct { out, x, rows, cols, layout } => Op::QuantizeAct { out: v(out), x: v(x), rows, cols, layout },
-        Op::MatMulQ8 { out, xq, w, n } => Op::MatMulQ8 { out: v(out), xq: v(xq), w: fw(w), n },
-        Op::Rope { x, rows, heads, head_dim, theta, scale, mode } => {
-            Op::Rope { x: v(x), rows, heads, head_dim, theta, scale, mode }
-        }
-        Op::StoreKv { cache, src, width, ring } => Op::StoreKv { cache: v(cache), src: v(src), width, ring },
-        Op::Attention { out, q, k, v: vv, heads, kv_heads, head_dim, scale, window, softcap, ring } => Op::Attention {
-            out: v(out),
-            q: v(q),
-            k: v(k),
-            v: v(vv),
-            heads,
-            kv_heads,
-            head_dim,
-            scale,
-            window,
-            softcap,
-            ring,
-        },
-        Op::Add { out, a, b, len } => Op::Add { out: v(out), a: v(a), b: v(b), len },
-        Op::GeluTanhMul { out, gate, up, len } => Op::GeluTanhMul { out: v(out), gate: v(gate), up: v(up), len },
-        Op::SiluMul { out, gate, up, len } => Op::SiluMul { out: v(out), gate: v(gate), up: v(up), len },
-        Op::Softcap { x, len, cap } => Op::Softcap { x: v(x), len, cap },
-        Op::Argmax { out, x, rows, cols } => Op::Argmax { out: v(out), x: v(x), rows, cols },
-        Op::Copy { out, src, len } => Op::Copy { out: v(out), src: v(src), len },
-        Op::AddRmsNorm { x, x_out, branch, post, out, w, quant: q, rows, dim, eps } => Op::AddRmsNorm {
-            x: v(x),
-            x_out: v(x_out),
-            branch: branch.map(v),
-            post: post.map(fw),
-            out: v(out),
-            w: fw(w),
-            quant: quant(q),
-            rows,
-            dim,
-            eps,
-        },
-        Op::Qkv {
-            x,
-            wq,
-            wk,
-            wv,
-            q,
-            k,
-            v: vv,
-            n,
-            heads,
-            kv_heads,
-            head_dim,
-            q_norm,
-            k_norm,
-            eps,
-            rope,
-            k_cache,
-            v_cache,
-            ring,
-        } => Op::Qkv {
-            x: mat_in(x),
-            wq: fw(wq),
-            wk: fw(wk),
-            wv: fw(wv),
-            q: v(q),
-            k: v(k),
-            v: v(vv),
-            n,
-            heads,
-            kv_heads,
-            head_dim,
-            q_norm: q_norm.map(fw),
-            k_norm: k_norm.map(fw),
-            eps,
-            rope,
-            k_cache: k_cache.map(v),
-            v_cache: v_cache.map(v),
-            ring,
-        },
-        Op::GatedFfn { x, w_gate, w_up, gate, up, out, n, ffn, kind, quant: q } => Op::GatedFfn {
-            x: mat_in(x),
-            w_gate: fw(w_gate),
-            w_up: fw(w_up),
-            gate: v(gate),
-            up: v(up),
-            out: v(out),
-            n,
-            ffn,
-            kind,
-            quant: quant(q),
-        },
-        ref other => panic!("the matrix does not know op {other:?} yet"),
-    }
 }
 
 // ---- comparing ----

@@ -3,6 +3,7 @@
 
 use purehw_conformance::{fixture, golden, model_file};
 use purehw_core::model::ModelOptions;
+use purehw_hal::KvType;
 use purehw_hal::{ActQuant, Backend};
 use purehw_hal_cpu_ref::CpuRef;
 
@@ -35,7 +36,7 @@ fn vulkan_decode_step_allocates_nothing() {
 /// Load, warm up (prefill and one decode step), then count allocations over decode steps.
 fn check<B: Backend>(path: &std::path::Path, act: ActQuant, make: impl FnOnce() -> B) {
     let src = golden::open(path);
-    let opts = ModelOptions { ctx: 64, slots: 2, max_batch: 8, logit_rows: 2, act, swa_ring: true };
+    let opts = ModelOptions { ctx: 64, slots: 2, max_batch: 8, logit_rows: 2, act, swa_ring: true, kv: KvType::F32 };
     let mut m = golden::load(make(), &src, opts);
     m.forward(0, 0, &[2, 10, 20, 30]).unwrap();
     m.forward(0, 4, &[40]).unwrap(); // warm-up: first decode-shaped step

@@ -6,6 +6,7 @@
 use purehw_conformance::{golden, matrix, model_file};
 use purehw_core::model::{Model, ModelOptions};
 use purehw_core::source::ModelSource;
+use purehw_hal::KvType;
 use purehw_hal::{ActQuant, Backend};
 use purehw_hal_cpu_ref::CpuRef;
 
@@ -31,7 +32,8 @@ fn prompt(n: usize, vocab: usize, seed: usize) -> Vec<u32> {
 /// prefix is copied from slot 1 and `rest` computed: its logits must equal slot 0's. The copy
 /// reads slot 1 while slot 1 goes on (its later positions are written after the copy).
 fn check<B: Backend>(src: &ModelSource, act: ActQuant, backend: B, prefix_len: usize, rest_len: usize) {
-    let opts = ModelOptions { ctx: 64, slots: 3, max_batch: 16, logit_rows: rest_len, act, swa_ring: true };
+    let opts =
+        ModelOptions { ctx: 64, slots: 3, max_batch: 16, logit_rows: rest_len, act, swa_ring: true, kv: KvType::F32 };
     let mut m: Model<B> = golden::load(backend, src, opts);
     assert!(m.can_copy_kv(), "{} does not run Op::Copy", m.backend().name());
     let vocab = m.config().vocab;

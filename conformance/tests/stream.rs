@@ -8,6 +8,7 @@ use purehw_core::Error;
 use purehw_core::model::{Model, ModelOptions};
 use purehw_core::source::{ModelSource, Role};
 use purehw_core::stream::Needs;
+use purehw_hal::KvType;
 use purehw_hal::{ActQuant, Backend, Stats};
 use purehw_hal_cpu_ref::CpuRef;
 
@@ -24,7 +25,7 @@ fn open(path: &std::path::Path) -> ModelSource {
 }
 
 fn opts(act: ActQuant) -> ModelOptions {
-    ModelOptions { ctx: 64, slots: 1, max_batch: 16, logit_rows: 1, act, swa_ring: true }
+    ModelOptions { ctx: 64, slots: 1, max_batch: 16, logit_rows: 1, act, swa_ring: true, kv: KvType::F32 }
 }
 
 /// What a budget must hold for `src` (from the error a budget of 0 gives).

@@ -4,9 +4,11 @@
 //! every layer's cache `ctx` long, on every backend. And prefix reuse asks whether the ring
 //! still holds what the next query sees.
 
+use purehw_conformance::golden::{prompt, run};
 use purehw_conformance::{fixture, golden, matrix, model_file};
-use purehw_core::model::{Model, ModelOptions, SeqInput};
+use purehw_core::model::ModelOptions;
 use purehw_core::source::ModelSource;
+use purehw_hal::KvType;
 use purehw_hal::{ActQuant, Backend, Op, SeqSpan, Step, View};
 use purehw_hal_cpu_ref::CpuRef;
 
@@ -22,36 +24,9 @@ fn gemma3_270m() -> ModelSource {
     src
 }
 
-/// Token ids spread over the vocabulary, fixed.
-fn prompt(n: usize, vocab: usize, seed: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i * 7919 + seed * 104_729 + 13) % (vocab - 200) + 100) as u32).collect()
-}
-
-/// Every logit row of a run: slot 0 reads a long prompt (every position's logits), slot 1 a short
-/// one; then `decode` batched steps over both slots, each feeding its previous argmax.
-fn run<B: Backend>(m: &mut Model<B>, prompt_len: usize, decode: usize) -> Vec<f32> {
-    let vocab = m.config().vocab;
-    let mut out = Vec::new();
-    m.forward_all(0, 0, &prompt(prompt_len, vocab, 1), &mut out).unwrap();
-    let short = prompt(5, vocab, 2);
-    out.extend_from_slice(m.forward(1, 0, &short).unwrap());
-    let argmax = |l: &[f32]| purehw_conformance::argmax(l) as u32;
-    let mut next = [argmax(&out[(prompt_len - 1) * vocab..prompt_len * vocab]), argmax(&out[prompt_len * vocab..])];
-    let mut pos = [prompt_len, short.len()];
-    for _ in 0..decode {
-        let (a, b) = ([next[0]], [next[1]]);
-        let seqs = [SeqInput { slot: 0, pos: pos[0], tokens: &a }, SeqInput { slot: 1, pos: pos[1], tokens: &b }];
-        let l = m.forward_batch(&seqs).unwrap();
-        next = [argmax(&l[..vocab]), argmax(&l[vocab..])];
-        out.extend_from_slice(l);
-        pos = [pos[0] + 1, pos[1] + 1];
-    }
-    out
-}
-
 /// The ring model against the full-cache one, on fresh backends from `make`.
 fn check<B: Backend>(src: &ModelSource, act: ActQuant, mut make: impl FnMut() -> B, prompt_len: usize, decode: usize) {
-    let opts = ModelOptions { ctx: 128, slots: 2, max_batch: 8, logit_rows: 8, act, swa_ring: true };
+    let opts = ModelOptions { ctx: 128, slots: 2, max_batch: 8, logit_rows: 8, act, swa_ring: true, kv: KvType::F32 };
     let mut ring = golden::load(make(), src, opts);
     let mut full = golden::load(make(), src, ModelOptions { swa_ring: false, ..opts });
     let window = src.config.sliding_window;
@@ -110,7 +85,15 @@ fn vulkan_tiny_gemma3_and_gemma3_270m() {
 #[test]
 fn prefix_reuse_needs_the_window_still_in_the_ring() {
     let src = tiny();
-    let opts = ModelOptions { ctx: 128, slots: 3, max_batch: 8, logit_rows: 8, act: ActQuant::F32, swa_ring: true };
+    let opts = ModelOptions {
+        ctx: 128,
+        slots: 3,
+        max_batch: 8,
+        logit_rows: 8,
+        act: ActQuant::F32,
+        swa_ring: true,
+        kv: KvType::F32,
+    };
     let mut m = golden::load(CpuRef::new(), &src, opts);
     let (vocab, window) = (m.config().vocab, src.config.sliding_window);
     let ring = m.kv_ring().unwrap();
@@ -198,12 +181,13 @@ fn short_ring_errors<B: Backend>(mut b: B) {
         window,
         softcap: 0.0,
         ring,
+        kv: KvType::F32,
     };
     for (op, want) in [
         (attn(5, 7), "ring too short"),
         (attn(0, 16), "needs a sliding window"),
         (
-            Op::StoreKv { cache: View::new(buf, 0), src: View::new(buf, 100), width: 8, ring: 3 },
+            Op::StoreKv { cache: View::new(buf, 0), src: View::new(buf, 100), width: 8, ring: 3, kv: KvType::F32 },
             "more rows in one step",
         ),
     ] {

@@ -5,6 +5,7 @@
 use purehw_conformance::{matrix, model_file};
 use purehw_core::model::{Model, ModelOptions};
 use purehw_core::source::ModelSource;
+use purehw_hal::KvType;
 use purehw_hal::{ActQuant, Backend};
 
 /// Prefill a prompt in `slot`, then decode a few tokens greedily; every step's logits.
@@ -24,7 +25,15 @@ fn warmed_up_slots_compute_as_fresh_ones() {
     let src = ModelSource::open(&model_file("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf"))
         .unwrap_or_else(|e| panic!("{e}"));
     // Five slots: batches of 1, 2, 4 and 5, and a prompt chunk of 64.
-    let o = ModelOptions { ctx: 128, slots: 5, max_batch: 80, logit_rows: 5, act: ActQuant::Int8, swa_ring: true };
+    let o = ModelOptions {
+        ctx: 128,
+        slots: 5,
+        max_batch: 80,
+        logit_rows: 5,
+        act: ActQuant::Int8,
+        swa_ring: true,
+        kv: KvType::F32,
+    };
     let mut fresh = Model::load(matrix::cpu(2), &src, o).unwrap_or_else(|e| panic!("{e}"));
     let mut warm = Model::load(matrix::cpu(2), &src, o).unwrap_or_else(|e| panic!("{e}"));
     warm.warm_up().unwrap_or_else(|e| panic!("{e}"));

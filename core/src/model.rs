@@ -13,8 +13,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use purehw_hal::{
-    ActLayout, ActQuant, Backend, Format, Gate, HostBytes, HostWeight, MatIn, Op, OpKind, QuantOut, RopeSpec, SeqSpan,
-    Step, View,
+    ActLayout, ActQuant, Backend, Format, Gate, HostBytes, HostWeight, KvType, MatIn, Op, OpKind, QuantOut, RopeSpec,
+    SeqSpan, Step, View,
 };
 
 use crate::config::{Arch, LayerKind, ModelConfig};
@@ -40,11 +40,22 @@ pub struct ModelOptions {
     /// `min(ctx, window + max_batch - 1)` rows per slot instead of `ctx` ([`Model::kv_ring`]).
     /// Off: every layer keeps all `ctx` positions (the same numbers, more memory; for A/B checks).
     pub swa_ring: bool,
+    /// What the KV caches store: `F32` (exact), or `F16` (each key and value rounded to f16 when
+    /// stored: half the memory, slightly different numbers).
+    pub kv: KvType,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        ModelOptions { ctx: 4096, slots: 1, max_batch: 128, logit_rows: 1, act: ActQuant::F32, swa_ring: true }
+        ModelOptions {
+            ctx: 4096,
+            slots: 1,
+            max_batch: 128,
+            logit_rows: 1,
+            act: ActQuant::F32,
+            swa_ring: true,
+            kv: KvType::F32,
+        }
     }
 }
 
@@ -60,10 +71,11 @@ impl ModelOptions {
         (self.swa_ring && sliding && ring < self.ctx).then_some(ring)
     }
 
-    /// Bytes of every layer's K and V caches (f32) for `c` under these options: `ctx` rows per
-    /// slot for a global layer, the ring's for a sliding one ([`kv_ring`](Self::kv_ring)).
+    /// Bytes of every layer's K and V caches for `c` under these options (`kv`'s element size):
+    /// `ctx` rows per slot for a global layer, the ring's for a sliding one
+    /// ([`kv_ring`](Self::kv_ring)).
     pub fn kv_bytes(&self, c: &ModelConfig) -> usize {
-        let row = 2 * 4 * c.kv_heads * c.head_dim;
+        let row = 2 * 4 * self.kv.row_words(c.kv_heads * c.head_dim);
         (0..c.layers).map(|l| self.slots.saturating_mul(self.layer_rows(c, l)).saturating_mul(row)).sum()
     }
 
@@ -250,6 +262,14 @@ impl<B: Backend> Model<B> {
         // Cache rows are addressed with u32 in `SeqSpan`.
         if opts.slots.checked_mul(opts.ctx).is_none_or(|rows| rows > u32::MAX as usize) {
             return Err(Error::Invalid(format!("{} slots of {} positions is too many", opts.slots, opts.ctx)));
+        }
+        if !backend.supports(OpKind::KvCache(opts.kv)) {
+            return Err(Error::Invalid(
+                format!("the {} backend has no {:?} KV cache", backend.name(), opts.kv).to_lowercase(),
+            ));
+        }
+        if opts.kv == KvType::F16 && !c.head_dim.is_multiple_of(2) {
+            return Err(Error::Invalid(format!("an f16 KV cache needs an even head_dim (have {})", c.head_dim)));
         }
         // A backend that copies weights streams through buffers of its own (`ring`: the first
         // streamed layer, and how many slots); one that computes on the file's pages streams them.
@@ -438,7 +458,8 @@ impl<B: Backend> Model<B> {
                 )));
             }
         }
-        let kvd = self.config.kv_heads * self.config.head_dim;
+        // Buffer words a cache row takes.
+        let kvd = o.kv.row_words(self.config.kv_heads * self.config.head_dim);
         let (s, h) = (&self.state, &mut self.host);
         h.ops.clear();
         for (l, (kc, vc)) in s.k_cache.iter().zip(&s.v_cache).enumerate() {
@@ -635,7 +656,7 @@ impl<B: Backend> Model<B> {
         let read_logits = logit_rows > 0 && (all_rows || wants(Want::Logits));
         let read_ids = logit_rows > 0 && !all_rows && wants(Want::Argmax);
         let (c, w, s, h, fused) = (&self.config, &self.weights, &self.state, &mut self.host, self.fused);
-        let ring = self.ring;
+        let (ring, kvt) = (self.ring, self.opts.kv);
         let n = h.tokens.len();
         let (hd, heads, kvh) = (c.head_dim, c.heads, c.kv_heads);
         let act = self.opts.act;
@@ -712,6 +733,7 @@ impl<B: Backend> Model<B> {
                 k_cache: Some(v(s.k_cache[l])),
                 v_cache: Some(v(s.v_cache[l])),
                 ring,
+                kv: kvt,
             });
             // Causal attention over the cache (sliding window on local layers)
             push(Op::Attention {
@@ -726,6 +748,7 @@ impl<B: Backend> Model<B> {
                 window,
                 softcap: c.attn_softcap,
                 ring,
+                kv: kvt,
             });
             // Output projection: xb = att·Woᵀ
             match lw.wo_q8 {
@@ -1099,15 +1122,16 @@ fn alloc_state<B: Backend>(b: &mut B, c: &ModelConfig, o: &ModelOptions) -> Resu
     let act = a(&[mb, c.ffn])?;
     let logits = a(&[o.logit_rows, c.vocab])?;
     let ids = a(&[o.logit_rows])?;
-    // Per layer: ctx rows a slot, or a sliding layer's ring.
+    // Per layer: ctx rows a slot, or a sliding layer's ring; rows of `kv`'s elements.
     let mut k_cache = Vec::with_capacity(c.layers);
     let mut v_cache = Vec::with_capacity(c.layers);
     let mut kv = 0usize;
+    let words = o.kv.row_words(kvd);
     for l in 0..c.layers {
         let rows = o.layer_rows(c, l);
-        k_cache.push(a(&[o.slots, rows, kvd])?);
-        v_cache.push(a(&[o.slots, rows, kvd])?);
-        kv = kv.saturating_add(mul(&[2, o.slots, rows, kvd])?);
+        k_cache.push(a(&[o.slots, rows, words])?);
+        v_cache.push(a(&[o.slots, rows, words])?);
+        kv = kv.saturating_add(mul(&[2, o.slots, rows, words])?);
     }
     let sizes = StateSizes { kv_cache: kv.saturating_mul(4), buffers: elems.saturating_sub(kv).saturating_mul(4) };
     Ok((RunState { x, xb, xn, xq, xq_wide, q, k, v, att, gate, up, act, logits, ids, k_cache, v_cache }, sizes))

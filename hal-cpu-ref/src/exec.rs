@@ -1,7 +1,8 @@
 //! Running one checked primitive op: borrow its output region beside its inputs, then call the
 //! kernel from `purehw_kernels`.
 
-use purehw_hal::{ActLayout, ActQuant, HostWeight, Op, Step, act_words};
+use half::f16;
+use purehw_hal::{ActLayout, ActQuant, HostWeight, KvType, Op, Step, act_words};
 use purehw_hal_host::{Src, q8a_blocks, q8a_blocks_mut, q8k_blocks, q8k_blocks_mut};
 use purehw_kernels::ops as k;
 use purehw_kernels::quant::{
@@ -184,49 +185,41 @@ impl CpuRef {
                 })?;
             }
 
-            Op::StoreKv { cache, src, width, ring } => {
+            Op::StoreKv { cache, src, width, ring, kv } => {
                 let rows = purehw_hal::check::cache_rows_needed(step, ring, "StoreKv")?;
-                host.with_out(cache, rows * width, |o, inputs, _| {
+                host.with_out(cache, rows * kv.row_words(width), |o, inputs, _| {
                     let s = inputs.slice(src, step.rows() * width);
                     for seq in step.seqs {
                         for i in 0..seq.len as usize {
                             let (row, dst) = (seq.row as usize + i, seq.row_of(seq.pos0 as usize + i, ring));
-                            o[dst * width..(dst + 1) * width].copy_from_slice(&s[row * width..(row + 1) * width]);
+                            let from = &s[row * width..(row + 1) * width];
+                            match kv {
+                                KvType::F32 => o[dst * width..(dst + 1) * width].copy_from_slice(from),
+                                KvType::F16 => {
+                                    let h: &mut [f16] = bytemuck::cast_slice_mut(o);
+                                    for (d, &x) in h[dst * width..(dst + 1) * width].iter_mut().zip(from) {
+                                        *d = f16::from_f32(x);
+                                    }
+                                }
+                            }
                         }
                     }
                 })?;
             }
 
-            Op::Attention { out, q, k: kc, v: vc, heads, kv_heads, head_dim, scale, window, softcap, ring } => {
-                let group = heads / kv_heads;
-                let (qw, kvw) = (heads * head_dim, kv_heads * head_dim);
-                let kv_len = purehw_hal::check::cache_rows_needed(step, ring, "Attention")? * kvw;
+            Op::Attention { out, q, k: kc, v: vc, heads, kv_heads, head_dim, scale, window, softcap, ring, kv } => {
+                let qw = heads * head_dim;
+                let kv_len =
+                    purehw_hal::check::cache_rows_needed(step, ring, "Attention")? * kv.row_words(kv_heads * head_dim);
+                let shape = [heads, kv_heads, head_dim, window, ring];
                 host.with_out(out, step.rows() * qw, |o, inputs, _| {
                     let qs = inputs.slice(q, step.rows() * qw);
-                    let ks = inputs.slice(kc, kv_len);
-                    let vs = inputs.slice(vc, kv_len);
-                    for seq in step.seqs {
-                        // The slot's first row: key position j is its row `j` (or `j % ring`).
-                        let cache_base = seq.row_of(0, ring) * kvw;
-                        for i in 0..seq.len as usize {
-                            let t = seq.row as usize + i;
-                            let p = seq.pos0 as usize + i;
-                            let first = if window > 0 { (p + 1).saturating_sub(window) } else { 0 };
-                            for h in 0..heads {
-                                let base = cache_base + (h / group) * head_dim;
-                                let qo = t * qw + h * head_dim;
-                                k::attend(
-                                    &mut o[qo..qo + head_dim],
-                                    &qs[qo..qo + head_dim],
-                                    &ks[base..],
-                                    &vs[base..],
-                                    kvw,
-                                    first..p + 1,
-                                    ring,
-                                    scale,
-                                    softcap,
-                                );
-                            }
+                    let (kw, vw) = (inputs.slice(kc, kv_len), inputs.slice(vc, kv_len));
+                    match kv {
+                        KvType::F32 => attention(step, o, qs, kw, vw, shape, scale, softcap),
+                        KvType::F16 => {
+                            let (kh, vh): (&[f16], &[f16]) = (bytemuck::cast_slice(kw), bytemuck::cast_slice(vw));
+                            attention(step, o, qs, kh, vh, shape, scale, softcap)
                         }
                     }
                 })?;
@@ -281,5 +274,45 @@ impl CpuRef {
             _ => return Err(CpuRefError::UnsupportedOp),
         }
         Ok(())
+    }
+}
+
+/// `Op::Attention` over caches of `T` elements: `kernels::ops::attend` per row and query head.
+#[allow(clippy::too_many_arguments)]
+fn attention<T: k::KvElem>(
+    step: &Step<'_>,
+    o: &mut [f32],
+    qs: &[f32],
+    ks: &[T],
+    vs: &[T],
+    [heads, kv_heads, head_dim, window, ring]: [usize; 5],
+    scale: f32,
+    softcap: f32,
+) {
+    let group = heads / kv_heads;
+    let (qw, kvw) = (heads * head_dim, kv_heads * head_dim);
+    for seq in step.seqs {
+        // The slot's first row: key position j is its row `j` (or `j % ring`).
+        let cache_base = seq.row_of(0, ring) * kvw;
+        for i in 0..seq.len as usize {
+            let t = seq.row as usize + i;
+            let p = seq.pos0 as usize + i;
+            let first = if window > 0 { (p + 1).saturating_sub(window) } else { 0 };
+            for h in 0..heads {
+                let base = cache_base + (h / group) * head_dim;
+                let qo = t * qw + h * head_dim;
+                k::attend(
+                    &mut o[qo..qo + head_dim],
+                    &qs[qo..qo + head_dim],
+                    &ks[base..],
+                    &vs[base..],
+                    kvw,
+                    first..p + 1,
+                    ring,
+                    scale,
+                    softcap,
+                );
+            }
+        }
     }
 }

@@ -101,6 +101,7 @@ impl Backend for CpuRef {
         match op {
             OpKind::Embed(f) | OpKind::MatMul(f) => format_supported(f),
             OpKind::MatMulQ8(f) => format_supported(f) && f.act_layout().is_some(),
+            OpKind::KvCache(_) => true,
             k => k.is_format_free(),
         }
     }

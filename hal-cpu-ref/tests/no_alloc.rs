@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use purehw_hal::KvType;
 use purehw_hal::{ActQuant, Backend, Format, Op, RopeMode, SeqSpan, Step, View};
 use purehw_hal_cpu_ref::{BufId, CpuRef};
 
@@ -58,8 +59,8 @@ fn second_submit_allocates_nothing() {
                 scale: 1.0,
                 mode: RopeMode::Interleaved,
             },
-            Op::StoreKv { cache: view(kc), src: view(k), width: kvw, ring: 0 },
-            Op::StoreKv { cache: view(vc), src: view(v), width: kvw, ring: 0 },
+            Op::StoreKv { cache: view(kc), src: view(k), width: kvw, ring: 0, kv: KvType::F32 },
+            Op::StoreKv { cache: view(vc), src: view(v), width: kvw, ring: 0, kv: KvType::F32 },
             Op::Attention {
                 out: view(att),
                 q: view(q),
@@ -72,6 +73,7 @@ fn second_submit_allocates_nothing() {
                 window: 3,
                 softcap: 50.0,
                 ring: 0,
+                kv: KvType::F32,
             },
             Op::MatMul { out: view(xb), x: view(att), w: wo, n, act: ActQuant::F32 },
             Op::RmsNorm { out: view(xb), x: view(xb), w: norm, rows: n, dim: hidden, eps: 1e-6 },

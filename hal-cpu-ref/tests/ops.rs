@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use purehw_hal::KvType;
 use purehw_hal::check::CheckError;
 use purehw_hal::{ActQuant, Backend, Error as _, ErrorKind, Format, Op, OpKind, RopeMode, SeqSpan, Step, View};
 use purehw_hal_cpu_ref::{BufId, CpuRef, CpuRefError, WeightId};
@@ -375,8 +376,8 @@ fn store_kv_and_attention_gqa_window_softcap_two_seqs() {
     b.submit(
         &step,
         &[
-            Op::StoreKv { cache: v(kcb), src: v(kb), width: kvw, ring: 0 },
-            Op::StoreKv { cache: v(vcb), src: v(vb), width: kvw, ring: 0 },
+            Op::StoreKv { cache: v(kcb), src: v(kb), width: kvw, ring: 0, kv: KvType::F32 },
+            Op::StoreKv { cache: v(vcb), src: v(vb), width: kvw, ring: 0, kv: KvType::F32 },
         ],
     )
     .unwrap();
@@ -406,6 +407,7 @@ fn store_kv_and_attention_gqa_window_softcap_two_seqs() {
             window,
             softcap,
             ring: 0,
+            kv: KvType::F32,
         };
         b.submit(&step, &[op]).unwrap();
         let got = read_all(&mut b, out, rows * qw);
@@ -427,6 +429,7 @@ fn store_kv_and_attention_gqa_window_softcap_two_seqs() {
         window: 0,
         softcap: 0.0,
         ring: 0,
+        kv: KvType::F32,
     };
     b.submit(&step, &[op]).unwrap();
     let got = read_all(&mut b, out, qw);
@@ -448,6 +451,7 @@ fn store_kv_and_attention_gqa_window_softcap_two_seqs() {
         window: 0,
         softcap: 0.0,
         ring: 0,
+        kv: KvType::F32,
     };
     assert_eq!(b.submit(&step, &[bad]).unwrap_err().kind(), ErrorKind::Other);
 }
@@ -514,12 +518,12 @@ fn errors_for_bad_views_tokens_handles() {
     // StoreKv past the cache's end.
     let seqs = [SeqSpan { row: 0, len: 1, cache_row: 4, pos0: 1, ring_row: 0 }];
     let step = Step { tokens: &[0], positions: &[0], seqs: &seqs };
-    let e = b.submit(&step, &[Op::StoreKv { cache: v(a), src: v(c), width: 2, ring: 0 }]).unwrap_err();
+    let e = b.submit(&step, &[Op::StoreKv { cache: v(a), src: v(c), width: 2, ring: 0, kv: KvType::F32 }]).unwrap_err();
     assert!(matches!(e, CpuRefError::Contract(CheckError::OutOfRange { .. })), "{e}");
     // A sequence whose rows run past the step's rows.
     let seqs = [SeqSpan { row: 0, len: 2, cache_row: 0, pos0: 0, ring_row: 0 }];
     let step = Step { tokens: &[0], positions: &[0], seqs: &seqs };
-    let e = b.submit(&step, &[Op::StoreKv { cache: v(a), src: v(c), width: 2, ring: 0 }]).unwrap_err();
+    let e = b.submit(&step, &[Op::StoreKv { cache: v(a), src: v(c), width: 2, ring: 0, kv: KvType::F32 }]).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Other);
 
     // Rope with more rows than positions.
@@ -605,13 +609,14 @@ fn ring_caches_give_the_linear_caches_numbers() {
             window,
             softcap: 20.0,
             ring,
+            kv: KvType::F32,
         };
         let ops = [
-            Op::StoreKv { cache: v(lk), src: v(kb), width: kvw, ring: 0 },
-            Op::StoreKv { cache: v(lv), src: v(vb), width: kvw, ring: 0 },
+            Op::StoreKv { cache: v(lk), src: v(kb), width: kvw, ring: 0, kv: KvType::F32 },
+            Op::StoreKv { cache: v(lv), src: v(vb), width: kvw, ring: 0, kv: KvType::F32 },
             attn(lo, lk, lv, 0),
-            Op::StoreKv { cache: v(rk), src: v(kb), width: kvw, ring },
-            Op::StoreKv { cache: v(rv), src: v(vb), width: kvw, ring },
+            Op::StoreKv { cache: v(rk), src: v(kb), width: kvw, ring, kv: KvType::F32 },
+            Op::StoreKv { cache: v(rv), src: v(vb), width: kvw, ring, kv: KvType::F32 },
             attn(ro, rk, rv, ring),
         ];
         b.submit(&step, &ops).unwrap();
@@ -652,6 +657,7 @@ fn a_short_ring_is_an_error() {
         window,
         softcap: 0.0,
         ring,
+        kv: KvType::F32,
     };
     let mut msg = |op| match b.submit(&step, &[op]) {
         Err(CpuRefError::Contract(e @ CheckError::Invalid { .. })) => e.to_string(),
@@ -662,7 +668,8 @@ fn a_short_ring_is_an_error() {
     assert!(m.contains("ring too short"), "{m}");
     let m = msg(attn(0, 16));
     assert!(m.contains("sliding window"), "{m}");
-    let m = msg(Op::StoreKv { cache: View::new(big, 0), src: View::new(big, 100), width: hd, ring: 3 });
+    let m =
+        msg(Op::StoreKv { cache: View::new(big, 0), src: View::new(big, 100), width: hd, ring: 3, kv: KvType::F32 });
     assert!(m.contains("more rows in one step than its ring"), "{m}");
     b.submit(&step, &[attn(window, 8)]).unwrap();
 }

@@ -244,6 +244,9 @@ fn main() {
         (Format::Q8_0, 2048, 640),
         (Format::Q5_0, 2048, 640),
         (Format::Q4_1, 2048, 640),
+        // SmolLM2-135M's MLP (gate/up, down).
+        (Format::Q4_1, 1536, 576),
+        (Format::Q4_1, 576, 1536),
         (Format::Q4_0, 2048, 640),
         (Format::Q5_1, 2048, 640),
         (Format::Q4_K, 2048, 2048),

@@ -5,6 +5,7 @@
 //! that any backend revision can run it. Reported: the best wall time per step.
 //! `BENCH_THREADS` sets the pool size (default: one per core).
 
+use purehw_hal::KvType;
 use std::time::{Duration, Instant};
 
 use purehw_hal::{ActQuant, Backend, Format, HostBytes, HostWeight, Op, RopeMode, SeqSpan, Step, View};
@@ -104,8 +105,8 @@ fn ops(cpu: &mut Cpu, m: &Model, n: usize, act: ActQuant) -> Vec<Op<BufId, Weigh
             Op::RmsNorm { out: k, x: k, w: l.qk_norm, rows: n * KV_HEADS, dim: HEAD_DIM, eps },
             rope(q, HEADS),
             rope(k, KV_HEADS),
-            Op::StoreKv { cache: View::new(l.kc, 0), src: k, width: kvd, ring: 0 },
-            Op::StoreKv { cache: View::new(l.vc, 0), src: v, width: kvd, ring: 0 },
+            Op::StoreKv { cache: View::new(l.kc, 0), src: k, width: kvd, ring: 0, kv: KvType::F32 },
+            Op::StoreKv { cache: View::new(l.vc, 0), src: v, width: kvd, ring: 0, kv: KvType::F32 },
             Op::Attention {
                 out: att,
                 q,
@@ -118,6 +119,7 @@ fn ops(cpu: &mut Cpu, m: &Model, n: usize, act: ActQuant) -> Vec<Op<BufId, Weigh
                 window: 0,
                 softcap: 0.0,
                 ring: 0,
+                kv: KvType::F32,
             },
             Op::MatMul { out: o, x: att, w: l.wo, n, act },
             Op::RmsNorm { out: o, x: o, w: l.norm[1], rows: n, dim: DIM, eps },

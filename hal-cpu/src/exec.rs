@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use purehw_hal::check::{CheckError, cache_rows_needed};
 use purehw_hal::{
-    ActLayout, ActQuant, Format, Gate, HostWeight, MatIn, Op, RopeMode, Step, View, act_block, act_words,
+    ActLayout, ActQuant, Format, Gate, HostWeight, KvType, MatIn, Op, RopeMode, Step, View, act_block, act_words,
 };
 use purehw_hal_host::{Src, q8a_blocks, q8a_blocks_mut, q8k_blocks, q8k_blocks_mut};
 use purehw_kernels::ops as k;
@@ -69,9 +69,9 @@ impl Cpu {
             Op::Rope { x, rows, heads, head_dim, theta, scale, mode } => {
                 self.rope(step, x, rows, heads, head_dim, theta, scale, mode)
             }
-            Op::StoreKv { cache, src, width, ring } => self.store_kv(step, cache, src, width, ring),
-            Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap, ring } => {
-                self.attention(step, out, q, k, v, [heads, kv_heads, head_dim, window, ring], scale, softcap)
+            Op::StoreKv { cache, src, width, ring, kv } => self.store_kv(step, cache, src, width, ring, kv),
+            Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap, ring, kv } => {
+                self.attention(step, out, q, k, v, [heads, kv_heads, head_dim, window, ring], scale, softcap, kv)
             }
             Op::Add { out, a, b, len } => self.add(out, a, b, len),
             Op::GeluTanhMul { out, gate, up, len } => {
@@ -161,14 +161,24 @@ impl Cpu {
         src: View<BufId>,
         width: usize,
         ring: usize,
+        kv: KvType,
     ) -> Result<()> {
         let rows = cache_rows_needed(step, ring, "StoreKv")?;
-        self.host.with_out(cache, rows * width, |o, inputs, _| {
+        self.host.with_out(cache, rows * kv.row_words(width), |o, inputs, _| {
             let s = inputs.slice(src, step.rows() * width);
             for seq in step.seqs {
                 for i in 0..seq.len as usize {
                     let (row, dst) = (seq.row as usize + i, seq.row_of(seq.pos0 as usize + i, ring));
-                    o[dst * width..(dst + 1) * width].copy_from_slice(&s[row * width..(row + 1) * width]);
+                    let from = &s[row * width..(row + 1) * width];
+                    match kv {
+                        KvType::F32 => o[dst * width..(dst + 1) * width].copy_from_slice(from),
+                        KvType::F16 => {
+                            let h: &mut [u16] = bytemuck::cast_slice_mut(o);
+                            for (d, &x) in h[dst * width..(dst + 1) * width].iter_mut().zip(from) {
+                                *d = half::f16::from_f32(x).to_bits();
+                            }
+                        }
+                    }
                 }
             }
         })?;
@@ -398,7 +408,7 @@ impl Cpu {
             let d = Disjoint::new(o);
             let work = |i: usize| {
                 let mut sc = lock(&scratch[i]);
-                let Scratch { tile, scores: wrow } = &mut *sc;
+                let Scratch { tile, scores: wrow, .. } = &mut *sc;
                 let wrow = &mut wrow[..cols];
                 for r in &chunks {
                     let len = r.len();
@@ -442,14 +452,15 @@ impl Cpu {
         [heads, kv_heads, head_dim, window, ring]: [usize; 5],
         scale: f32,
         cap: f32,
+        kvt: KvType,
     ) -> Result<()> {
         let Cpu { host, pool, k, scratch, .. } = self;
         let k = *k;
         let group = heads / kv_heads;
         let (qw, kvw) = (heads * head_dim, kv_heads * head_dim);
-        let cache_rows = host.buffer(kc.buf).map_or(0, <[f32]>::len) / kvw;
+        let cache_rows = host.buffer(kc.buf).map_or(0, <[f32]>::len) / kvt.row_words(kvw);
         let q_len = step.rows() * qw;
-        let kv_len = cache_rows_needed(step, ring, "Attention")? * kvw;
+        let kv_len = cache_rows_needed(step, ring, "Attention")? * kvt.row_words(kvw);
         // Rows per task: consecutive rows of one sequence share every key and value read from the
         // cache (prefill); one row per task when there are few rows to spread (decode).
         let rows_total = step.seqs.iter().map(|s| s.len as usize).sum::<usize>();
@@ -461,7 +472,12 @@ impl Cpu {
         let longest = if window > 0 { longest.min(window) } else { longest };
         let ld = longest.max(cache_rows);
         for s in scratch.iter() {
-            grow(&mut lock(s).scores, per * group * ld)?;
+            let mut s = lock(s);
+            grow(&mut s.scores, per * group * ld)?;
+            if kvt == KvType::F16 {
+                // A block of keys (or values), widened.
+                grow(&mut s.kv, KEY_BLOCK * head_dim)?;
+            }
         }
         host.with_out(out, q_len, |o, inputs, _| {
             let qs = inputs.slice(q, q_len);
@@ -507,8 +523,16 @@ impl Cpu {
                         br.q = &qs[qo..qo + w];
                         br.keys = first..p + 1;
                     }
-                    let kv = Keys { k: &ks[base..], v: &vs[base..], stride: kvw, ring };
-                    attend_block(&k, &mut rows[..m], head_dim, &kv, scale, cap, &mut sc.scores, ld);
+                    let (k_at, v_at) = match kvt {
+                        KvType::F32 => (Kv::F32(&ks[base..]), Kv::F32(&vs[base..])),
+                        KvType::F16 => {
+                            let (kh, vh): (&[u16], &[u16]) = (bytemuck::cast_slice(ks), bytemuck::cast_slice(vs));
+                            (Kv::F16(&kh[base..]), Kv::F16(&vh[base..]))
+                        }
+                    };
+                    let kv = Keys { k: k_at, v: v_at, stride: kvw, ring };
+                    let Scratch { scores, kv: wide, .. } = &mut *sc;
+                    attend_block(&k, &mut rows[..m], head_dim, &kv, scale, cap, scores, ld, wide);
                 }
             };
             if blocks * kv_heads * group * per * longest * head_dim < SERIAL_BYTES {
@@ -614,10 +638,41 @@ fn lanes_argmax(x: &[f32]) -> (f32, usize) {
 /// The keys a query sees: key `j` is `k[r·stride..][..d]`, its value `v[r·stride..][..d]`, at
 /// row `r = j` (`ring == 0`) or `r = j % ring` (a ring cache).
 struct Keys<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
+    k: Kv<'a>,
+    v: Kv<'a>,
     stride: usize,
     ring: usize,
+}
+
+/// A cache's elements from a head's first one: f32, or f16 bits (widened a block at a time).
+#[derive(Clone, Copy)]
+enum Kv<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+}
+
+impl Kv<'_> {
+    /// Rows `row..row + n` (of `d` elements, `stride` apart) as f32: in place, or widened into
+    /// `buf` (then `stride` apart becomes `d` apart). Returns the slice and its stride.
+    fn rows<'b>(
+        &'b self,
+        k: &Kernels,
+        row: usize,
+        n: usize,
+        d: usize,
+        stride: usize,
+        buf: &'b mut [f32],
+    ) -> (&'b [f32], usize) {
+        match *self {
+            Kv::F32(x) => (&x[row * stride..], stride),
+            Kv::F16(h) => {
+                for j in 0..n {
+                    (k.widen_f16)(&h[(row + j) * stride..][..d], &mut buf[j * d..(j + 1) * d]);
+                }
+                (&buf[..n * d], d)
+            }
+        }
+    }
 }
 
 impl Keys<'_> {
@@ -652,6 +707,7 @@ fn attend_block(
     cap: f32,
     scores: &mut [f32],
     ld: usize,
+    wide: &mut [f32],
 ) {
     let Some(group) = rows.first().map(|r| r.q.len() / d) else {
         return;
@@ -665,7 +721,7 @@ fn attend_block(
                     q: &r.q[h * d..(h + 1) * d],
                     keys: r.keys.clone(),
                 }];
-                attend_block(k, &mut one, d, kv, scale, cap, scores, ld);
+                attend_block(k, &mut one, d, kv, scale, cap, scores, ld, wide);
             }
         }
         return;
@@ -684,7 +740,8 @@ fn attend_block(
     // Scores.
     each_key_block(ranges, kv.ring, |r, a, b| {
         let at = r * group * ld + (a - ranges[r].start);
-        (k.dot_keys)(rows[r].q, d, &kv.k[kv.row(a) * stride..], stride, b - a, &mut scores[at..], ld);
+        let (keys, ks) = kv.k.rows(k, kv.row(a), b - a, d, stride, wide);
+        (k.dot_keys)(rows[r].q, d, keys, ks, b - a, &mut scores[at..], ld);
     });
     // Scale, softcap, max; exp(s − max) per head (elementwise, so vectorised exactly), summed in
     // key order.
@@ -705,7 +762,8 @@ fn attend_block(
     // Values (each output element's chain stays in key order).
     each_key_block(ranges, kv.ring, |r, a, b| {
         let at = r * group * ld + (a - ranges[r].start);
-        (k.axpy_keys)(rows[r].out, d, &scores[at..], ld, b - a, &kv.v[kv.row(a) * stride..], stride);
+        let (vals, vs) = kv.v.rows(k, kv.row(a), b - a, d, stride, wide);
+        (k.axpy_keys)(rows[r].out, d, &scores[at..], ld, b - a, vals, vs);
     });
     for (r, row) in rows.iter_mut().enumerate() {
         if row.keys.is_empty() {

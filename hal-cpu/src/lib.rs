@@ -46,6 +46,8 @@ pub(crate) struct ActKey {
 pub(crate) struct Scratch {
     pub tile: Vec<f32>,
     pub scores: Vec<f32>,
+    /// A block of an f16 cache's keys or values, widened.
+    pub kv: Vec<f32>,
 }
 
 /// `cos_sin[(t·half + i)·2 ..]` = `rope_cos_sin(i, positions[t], …)` for the step's rows.
@@ -218,6 +220,7 @@ impl Backend for Cpu {
         match op {
             OpKind::Embed(f) | OpKind::MatMul(f) => format_supported(f),
             OpKind::MatMulQ8(f) => format_supported(f) && f.act_layout().is_some(),
+            OpKind::KvCache(_) => true,
             k => k.is_format_free(),
         }
     }

@@ -3,6 +3,7 @@
 //! count nor the SIMD set changes a bit, and a repeated step allocates nothing. The comparison
 //! with `cpu-ref` over every op lives in `conformance`.
 
+use purehw_hal::KvType;
 use purehw_hal::check::CheckError;
 use purehw_hal::{
     ActLayout, ActQuant, Backend, ErrorKind, Format, Gate, HostBytes, HostWeight, MatIn, Op, QuantOut, RopeMode,
@@ -390,6 +391,7 @@ impl Model {
                 k_cache: Some(at(kc)),
                 v_cache: Some(at(vc)),
                 ring: 0,
+                kv: KvType::F32,
             },
             Op::Attention {
                 out: at(att),
@@ -403,6 +405,7 @@ impl Model {
                 window: 6,
                 softcap: 20.0,
                 ring: 0,
+                kv: KvType::F32,
             },
             Op::MatMul { out: at(o), x: at(att), w: wo, n, act: ActQuant::F32 },
             Op::AddRmsNorm {

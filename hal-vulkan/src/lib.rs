@@ -37,8 +37,8 @@ use ash::vk as raw;
 use bytemuck::Pod;
 use purehw_hal::check::{Resources, WeightInfo};
 use purehw_hal::{
-    ActLayout, ActQuant, Backend, ErrorType, Format, Gate, HostWeight, MatIn, Op, OpKind, RopeMode, Stats, Step, View,
-    act_block, act_words,
+    ActLayout, ActQuant, Backend, ErrorType, Format, Gate, HostWeight, KvType, MatIn, Op, OpKind, RopeMode, Stats,
+    Step, View, act_block, act_words,
 };
 
 pub use error::{VkError, VulkanError};
@@ -954,6 +954,8 @@ impl Backend for Vulkan {
             // compressed-tensors integer weights: f32 activations (mm_int, embed_int).
             OpKind::Embed(_) | OpKind::MatMul(_) => true,
             OpKind::MatMulQ8(f) => f.act_layout().is_some(),
+            // No f16 caches in the shaders yet.
+            OpKind::KvCache(kv) => kv == KvType::F32,
             k => k.is_format_free(),
         }
     }
@@ -1940,7 +1942,8 @@ impl Vulkan {
                 let acc = Access::new().w(id(x.buf), x.offset, len);
                 self.dispatch(cb, hz, "rope", &[], &push, [groups(head_dim / 2, 128), heads as u32, nr as u32], acc)
             }
-            Op::StoreKv { cache, src, width, ring } => {
+            Op::StoreKv { kv: KvType::F16, .. } => Err(no_f16_kv()),
+            Op::StoreKv { cache, src, width, ring, kv: _ } => {
                 let push = StoreKvPush {
                     cache: self.addr_of(cache.buf),
                     src: self.addr_of(src.buf),
@@ -2002,7 +2005,11 @@ impl Vulkan {
                 k_cache,
                 v_cache,
                 ring,
+                kv,
             } => {
+                if kv == KvType::F16 {
+                    return Err(no_f16_kv());
+                }
                 // The three projections (independent: no barrier between them), then the epilogue.
                 let input = match x {
                     MatIn::Q8(xq) => Some((self.addr_of(xq.buf), id(xq.buf), xq.offset)),
@@ -2115,9 +2122,12 @@ impl Vulkan {
         l: &StepLayout,
         hz: &mut Hazards,
     ) -> Result<()> {
-        let Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap, ring } = *op else {
+        let Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap, ring, kv } = *op else {
             return Err(VulkanError::Unsupported("not an attention op".into()));
         };
+        if kv == KvType::F16 {
+            return Err(no_f16_kv());
+        }
         let rows = step.rows();
         let id = |b: BufId| b.0;
 
@@ -2941,6 +2951,11 @@ fn tile_for(rows: usize, n: usize) -> [u32; 5] {
 /// Workgroups covering `n` items `per` group.
 fn groups(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32
+}
+
+/// The cache ops on an f16 cache, which the shaders do not have yet.
+fn no_f16_kv() -> VulkanError {
+    VulkanError::Unsupported("an f16 KV cache (the Vulkan backend keeps f32 caches: use --kv-type f32)".into())
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! matrix lives in `conformance`; this is the backend's own quick check).
 
 use half::f16;
+use purehw_hal::KvType;
 use purehw_hal::{
     ActLayout, ActQuant, Backend, Format, Gate, HostBytes, HostWeight, MatIn, Op, QuantOut, RopeMode, RopeSpec,
     SeqSpan, Step, View,
@@ -83,8 +84,7 @@ fn compare(name: &str, step: &Step<'_>, setup: Setup<'_>) {
             }
             r
         };
-        let map_v = |v: View<usize>| View::new(bufs[v.buf], v.offset);
-        let real: Vec<Op<B::Buffer, B::Weight>> = ops.iter().map(|op| map_op(op, &map_v, &|w| ws[w])).collect();
+        let real: Vec<Op<B::Buffer, B::Weight>> = ops.iter().map(|op| op.map(|i| bufs[i], |w| ws[w])).collect();
         b.submit(step, &real).unwrap_or_else(|e| panic!("{e}"));
         outs.iter()
             .map(|&(buf, len)| {
@@ -108,102 +108,6 @@ fn compare(name: &str, step: &Step<'_>, setup: Setup<'_>) {
         }
     }
     assert!(purehw_hal_vulkan::validation_messages().is_empty(), "{:?}", purehw_hal_vulkan::validation_messages());
-}
-
-fn map_op<B: Copy, W: Copy>(
-    op: &Op<usize, usize>,
-    v: &dyn Fn(View<usize>) -> View<B>,
-    w: &dyn Fn(usize) -> W,
-) -> Op<B, W> {
-    let q = |q: Option<QuantOut<usize>>| q.map(|q| QuantOut { out: v(q.out), layout: q.layout });
-    let mi = |x: MatIn<usize>| match x {
-        MatIn::F32 { x, act } => MatIn::F32 { x: v(x), act },
-        MatIn::Q8(x) => MatIn::Q8(v(x)),
-    };
-    match *op {
-        Op::AddRmsNorm { x, x_out, branch, post, out, w: nw, quant, rows, dim, eps } => Op::AddRmsNorm {
-            x: v(x),
-            x_out: v(x_out),
-            branch: branch.map(v),
-            post: post.map(w),
-            out: v(out),
-            w: w(nw),
-            quant: q(quant),
-            rows,
-            dim,
-            eps,
-        },
-        Op::Qkv {
-            x,
-            wq,
-            wk,
-            wv,
-            q: qq,
-            k,
-            v: vv,
-            n,
-            heads,
-            kv_heads,
-            head_dim,
-            q_norm,
-            k_norm,
-            eps,
-            rope,
-            k_cache,
-            v_cache,
-            ring,
-        } => Op::Qkv {
-            x: mi(x),
-            wq: w(wq),
-            wk: w(wk),
-            wv: w(wv),
-            q: v(qq),
-            k: v(k),
-            v: v(vv),
-            n,
-            heads,
-            kv_heads,
-            head_dim,
-            q_norm: q_norm.map(w),
-            k_norm: k_norm.map(w),
-            eps,
-            rope,
-            k_cache: k_cache.map(v),
-            v_cache: v_cache.map(v),
-            ring,
-        },
-        Op::GatedFfn { x, w_gate, w_up, gate, up, out, n, ffn, kind, quant } => Op::GatedFfn {
-            x: mi(x),
-            w_gate: w(w_gate),
-            w_up: w(w_up),
-            gate: v(gate),
-            up: v(up),
-            out: v(out),
-            n,
-            ffn,
-            kind,
-            quant: q(quant),
-        },
-        Op::QuantizeAct { out, x, rows, cols, layout } => Op::QuantizeAct { out: v(out), x: v(x), rows, cols, layout },
-        Op::MatMulQ8 { out, xq, w: ww, n } => Op::MatMulQ8 { out: v(out), xq: v(xq), w: w(ww), n },
-        Op::Argmax { out, x, rows, cols } => Op::Argmax { out: v(out), x: v(x), rows, cols },
-        Op::Attention { out, q, k, v: vv, heads, kv_heads, head_dim, scale, window, softcap, ring: 0 } => {
-            Op::Attention {
-                out: v(out),
-                q: v(q),
-                k: v(k),
-                v: v(vv),
-                heads,
-                kv_heads,
-                head_dim,
-                scale,
-                window,
-                softcap,
-                ring: 0,
-            }
-        }
-        _ => unimplemented!(),
-    }
 }
 
 fn words(layout: ActLayout, rows: usize, cols: usize) -> usize {
@@ -322,6 +226,7 @@ fn fused_ops_equal_reference() {
                         k_cache: Some(View::new(kc, 0)),
                         v_cache: Some(View::new(vc, 0)),
                         ring: 0,
+                        kv: KvType::F32,
                     },
                 ];
                 (ops, vec![(q, n * qd), (k, n * kvd), (v, n * kvd), (kc, 32 * kvd), (vc, 32 * kvd)])
@@ -402,6 +307,7 @@ fn fused_ops_equal_reference() {
                     k_cache: Some(View::new(kc, 0)),
                     v_cache: Some(View::new(vc, 0)),
                     ring: 0,
+                    kv: KvType::F32,
                 },
                 junction(x2, x3),
                 Op::GatedFfn {
@@ -466,6 +372,7 @@ fn fused_ops_equal_reference() {
                     window: 0,
                     softcap: 0.0,
                     ring: 0,
+                    kv: KvType::F32,
                 },
                 Op::QuantizeAct { out: View::new(xq, 0), x: View::new(att, 0), rows: n, cols: qd, layout },
             ];

@@ -6,7 +6,7 @@
 //!
 //! Nothing here allocates: errors carry only `Copy` data.
 
-use crate::{ActLayout, Format, MatIn, Op, Step, View, act_block, act_words};
+use crate::{ActLayout, Format, KvType, MatIn, Op, Step, View, act_block, act_words};
 
 /// What the checker needs to know about a backend's handles.
 pub trait Resources<B, W> {
@@ -134,6 +134,15 @@ pub fn cache_rows_needed(step: &Step<'_>, ring: usize, op: &'static str) -> Resu
         });
     }
     Ok(n)
+}
+
+/// An f16 cache packs two elements a word: its rows (and each head's part of them) have an even
+/// number of elements.
+fn kv_even(kv: KvType, n: usize, op: &'static str) -> Result {
+    if kv == KvType::F16 && !n.is_multiple_of(2) {
+        return Err(invalid(op, "an f16 KV cache needs an even row width and head_dim"));
+    }
+    Ok(())
 }
 
 /// With a ring cache (`ring > 0`): every sequence's keys a query of the step sees are still in
@@ -300,20 +309,27 @@ fn primitive_regions<B: Copy, W: Copy>(
             }
             regs.push(x, mul(rows, mul(heads, head_dim, OP)?, OP)?, "Rope x", Use::Out);
         }
-        Op::StoreKv { cache, src, width, ring } => {
+        Op::StoreKv { cache, src, width, ring, kv } => {
             const OP: &str = "StoreKv";
             ring_holds(step, ring, None, OP)?;
-            regs.push(cache, mul(cache_rows_needed(step, ring, OP)?, width, OP)?, "StoreKv cache", Use::Out);
+            kv_even(kv, width, OP)?;
+            let words = kv.row_words(width);
+            regs.push(cache, mul(cache_rows_needed(step, ring, OP)?, words, OP)?, "StoreKv cache", Use::Out);
             regs.push(src, mul(step.rows(), width, OP)?, "StoreKv src", Use::In);
         }
-        Op::Attention { out, q, k, v, heads, kv_heads, head_dim, window, ring, .. } => {
+        Op::Attention { out, q, k, v, heads, kv_heads, head_dim, window, ring, kv, .. } => {
             const OP: &str = "Attention";
             if heads == 0 || kv_heads == 0 || head_dim == 0 || !heads.is_multiple_of(kv_heads) {
                 return Err(invalid(OP, "need heads, kv_heads, head_dim > 0 and kv_heads dividing heads"));
             }
+            if head_dim > purehw_kernels::ops::MAX_HEAD_DIM {
+                return Err(invalid(OP, "head_dim above 512"));
+            }
+            kv_even(kv, head_dim, OP)?;
             ring_holds(step, ring, Some(window), OP)?;
             let q_len = mul(step.rows(), mul(heads, head_dim, OP)?, OP)?;
-            let kv_len = mul(cache_rows_needed(step, ring, OP)?, mul(kv_heads, head_dim, OP)?, OP)?;
+            let words = kv.row_words(mul(kv_heads, head_dim, OP)?);
+            let kv_len = mul(cache_rows_needed(step, ring, OP)?, words, OP)?;
             regs.push(out, q_len, "Attention out", Use::Out);
             regs.push(q, q_len, "Attention q", Use::In);
             regs.push(k, kv_len, "Attention k", Use::In);
@@ -432,13 +448,14 @@ fn fused_regions<B: Copy + PartialEq, W: Copy>(
                 regs.push(q.out, act_len(rows, dim, q.layout, "AddRmsNorm")?, "AddRmsNorm quantized out", Use::Out);
             }
         }
-        Op::Qkv { x, wq, q, k, v, n, heads, kv_heads, head_dim, k_cache, v_cache, ring, .. } => {
+        Op::Qkv { x, wq, q, k, v, n, heads, kv_heads, head_dim, k_cache, v_cache, ring, kv, .. } => {
             let wi = weight(res, wq, "Qkv wq")?;
             mat_in(x, n, wi.cols, wi.format.act_layout(), regs)?;
             regs.push(q, n * heads * head_dim, "Qkv q", Use::Out);
             regs.push(k, n * kv_heads * head_dim, "Qkv k", Use::Out);
             regs.push(v, n * kv_heads * head_dim, "Qkv v", Use::Out);
-            let cache = cache_rows_needed(step, ring, "Qkv")? * kv_heads * head_dim;
+            kv_even(kv, head_dim, "Qkv")?;
+            let cache = cache_rows_needed(step, ring, "Qkv")? * kv.row_words(kv_heads * head_dim);
             if let Some(c) = k_cache {
                 regs.push(c, cache, "Qkv k cache", Use::Out);
             }

@@ -5,6 +5,8 @@
 //! expansion and the conformance matrix compares a fused kernel with its composition.
 
 use crate::Format;
+/// What a KV cache stores (f32, or f16 two to a buffer word); the kernels' own type.
+pub use purehw_kernels::ops::KvType;
 /// How RoPE pairs the dimensions of a head; the kernels' own type, so backends pass it straight on.
 pub use purehw_kernels::ops::RopeMode;
 /// Which quantized-activation blocks a weight format's integer dot reads.
@@ -153,8 +155,9 @@ pub enum Op<B, W> {
     /// [`SeqSpan::row_of`]`(pos0 + i, ring)`, so `cache_row + pos0 + i` with `ring == 0`, and
     /// `ring_row + (pos0 + i) % ring` in a ring of `ring` rows a slot (a sliding-window layer's
     /// cache, which holds only the latest positions; a sequence feeds at most `ring` rows).
-    /// src: (step rows, width); cache: (cache rows, width).
-    StoreKv { cache: View<B>, src: View<B>, width: usize, ring: usize },
+    /// src: (step rows, width); cache: (cache rows, width) of `kv` elements (`F16`: each value
+    /// rounded to the nearest f16, two a buffer word, so a row is `width / 2` words; `width` even).
+    StoreKv { cache: View<B>, src: View<B>, width: usize, ring: usize, kv: KvType },
     /// Causal attention per sequence over its key positions `0..pos0+len`, key position j read
     /// from cache row [`SeqSpan::row_of`]`(j, ring)` (`ring == 0`: row `cache_row + j`).
     /// q, out: (step rows, heads·head_dim); k, v: cache (cache rows, kv_heads·head_dim).
@@ -165,6 +168,8 @@ pub enum Op<B, W> {
     /// positions: every key a query sees must still be there, so `window > 0` and
     /// `ring >= window + len - 1` for each sequence's `len` rows of the step (its keys, stored
     /// this step by [`Op::StoreKv`], overwrite only positions at least `ring` behind).
+    /// The caches hold `kv` elements ([`Op::StoreKv`]); `F16` keys and values are widened exactly
+    /// (`head_dim` even).
     Attention {
         out: View<B>,
         q: View<B>,
@@ -177,6 +182,7 @@ pub enum Op<B, W> {
         window: usize,
         softcap: f32,
         ring: usize,
+        kv: KvType,
     },
     /// `out = a + b` over `len` elements. In place allowed (out == a or out == b).
     Add { out: View<B>, a: View<B>, b: View<B>, len: usize },
@@ -214,7 +220,8 @@ pub enum Op<B, W> {
     },
     /// Attention's input block for `n` rows: `q, k, v = x·Wqᵀ, x·Wkᵀ, x·Wvᵀ`; then (each when given)
     /// per-head RMSNorm of q and k (`eps`), RoPE of q and k, and the new k/v rows stored in the
-    /// caches ([`Op::StoreKv`], with `ring`). q: (n, heads·head_dim); k, v: (n, kv_heads·head_dim).
+    /// caches ([`Op::StoreKv`], with `ring` and `kv`). q: (n, heads·head_dim); k, v: (n,
+    /// kv_heads·head_dim).
     Qkv {
         x: MatIn<B>,
         wq: W,
@@ -234,6 +241,7 @@ pub enum Op<B, W> {
         k_cache: Option<View<B>>,
         v_cache: Option<View<B>>,
         ring: usize,
+        kv: KvType,
     },
     /// The gated MLP's first half for `n` rows: `gate = x·Wgᵀ`, `up = x·Wuᵀ`, then
     /// `out = act(gate) · up` and optionally out's quantized copy. gate, up, out: (n, ffn); `ffn` =
@@ -273,11 +281,15 @@ pub enum OpKind {
     AddRmsNorm,
     Qkv,
     GatedFfn,
+    /// The cache ops ([`Op::StoreKv`], [`Op::Attention`], [`Op::Qkv`]) on caches of this
+    /// element type; asked once, when a model's caches are made. Every backend has `F32`.
+    KvCache(KvType),
 }
 
 impl OpKind {
     /// The kinds whose support does not depend on a weight format (all but `Embed`, `MatMul`
-    /// and `MatMulQ8`): every backend runs these, so `supports()` answers only for the others.
+    /// and `MatMulQ8`, and the cache element type `KvCache`): every backend runs these, so
+    /// `supports()` answers only for the others.
     pub fn is_format_free(self) -> bool {
         matches!(
             self,
@@ -369,6 +381,7 @@ impl<B: Copy, W: Copy> Op<B, W> {
                 k_cache,
                 v_cache,
                 ring,
+                kv,
             } => {
                 for (out, w) in [(q, wq), (k, wk), (v, wv)] {
                     f(matmul(out, x, w, n))?;
@@ -386,10 +399,10 @@ impl<B: Copy, W: Copy> Op<B, W> {
                 }
                 let width = kv_heads.saturating_mul(head_dim);
                 if let Some(c) = k_cache {
-                    f(Op::StoreKv { cache: c, src: k, width, ring })?;
+                    f(Op::StoreKv { cache: c, src: k, width, ring, kv })?;
                 }
                 if let Some(c) = v_cache {
-                    f(Op::StoreKv { cache: c, src: v, width, ring })?;
+                    f(Op::StoreKv { cache: c, src: v, width, ring, kv })?;
                 }
                 Ok(())
             }
@@ -407,6 +420,121 @@ impl<B: Copy, W: Copy> Op<B, W> {
                 Ok(())
             }
             op => f(op),
+        }
+    }
+}
+
+impl<B: Copy, W: Copy> Op<B, W> {
+    /// The same op on other handles: each buffer through `fb`, each weight through `fw` (a test
+    /// or a wrapping backend running an op list on another backend's objects).
+    pub fn map<B2: Copy, W2: Copy>(&self, fb: impl Fn(B) -> B2, fw: impl Fn(W) -> W2) -> Op<B2, W2> {
+        let v = |x: View<B>| View::new(fb(x.buf), x.offset);
+        let mat_in = |x: MatIn<B>| match x {
+            MatIn::F32 { x, act } => MatIn::F32 { x: v(x), act },
+            MatIn::Q8(x) => MatIn::Q8(v(x)),
+        };
+        let quant = |q: Option<QuantOut<B>>| q.map(|q| QuantOut { out: v(q.out), layout: q.layout });
+        match *self {
+            Op::Embed { out, table, scale } => Op::Embed { out: v(out), table: fw(table), scale },
+            Op::RmsNorm { out, x, w, rows, dim, eps } => Op::RmsNorm { out: v(out), x: v(x), w: fw(w), rows, dim, eps },
+            Op::MatMul { out, x, w, n, act } => Op::MatMul { out: v(out), x: v(x), w: fw(w), n, act },
+            Op::QuantizeAct { out, x, rows, cols, layout } => {
+                Op::QuantizeAct { out: v(out), x: v(x), rows, cols, layout }
+            }
+            Op::MatMulQ8 { out, xq, w, n } => Op::MatMulQ8 { out: v(out), xq: v(xq), w: fw(w), n },
+            Op::Rope { x, rows, heads, head_dim, theta, scale, mode } => {
+                Op::Rope { x: v(x), rows, heads, head_dim, theta, scale, mode }
+            }
+            Op::StoreKv { cache, src, width, ring, kv } => {
+                Op::StoreKv { cache: v(cache), src: v(src), width, ring, kv }
+            }
+            Op::Attention { out, q, k, v: vv, heads, kv_heads, head_dim, scale, window, softcap, ring, kv } => {
+                Op::Attention {
+                    out: v(out),
+                    q: v(q),
+                    k: v(k),
+                    v: v(vv),
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    scale,
+                    window,
+                    softcap,
+                    ring,
+                    kv,
+                }
+            }
+            Op::Add { out, a, b, len } => Op::Add { out: v(out), a: v(a), b: v(b), len },
+            Op::GeluTanhMul { out, gate, up, len } => Op::GeluTanhMul { out: v(out), gate: v(gate), up: v(up), len },
+            Op::SiluMul { out, gate, up, len } => Op::SiluMul { out: v(out), gate: v(gate), up: v(up), len },
+            Op::Softcap { x, len, cap } => Op::Softcap { x: v(x), len, cap },
+            Op::Argmax { out, x, rows, cols } => Op::Argmax { out: v(out), x: v(x), rows, cols },
+            Op::Copy { out, src, len } => Op::Copy { out: v(out), src: v(src), len },
+            Op::AddRmsNorm { x, x_out, branch, post, out, w, quant: q, rows, dim, eps } => Op::AddRmsNorm {
+                x: v(x),
+                x_out: v(x_out),
+                branch: branch.map(v),
+                post: post.map(&fw),
+                out: v(out),
+                w: fw(w),
+                quant: quant(q),
+                rows,
+                dim,
+                eps,
+            },
+            Op::Qkv {
+                x,
+                wq,
+                wk,
+                wv,
+                q,
+                k,
+                v: vv,
+                n,
+                heads,
+                kv_heads,
+                head_dim,
+                q_norm,
+                k_norm,
+                eps,
+                rope,
+                k_cache,
+                v_cache,
+                ring,
+                kv,
+            } => Op::Qkv {
+                x: mat_in(x),
+                wq: fw(wq),
+                wk: fw(wk),
+                wv: fw(wv),
+                q: v(q),
+                k: v(k),
+                v: v(vv),
+                n,
+                heads,
+                kv_heads,
+                head_dim,
+                q_norm: q_norm.map(&fw),
+                k_norm: k_norm.map(&fw),
+                eps,
+                rope,
+                k_cache: k_cache.map(v),
+                v_cache: v_cache.map(v),
+                ring,
+                kv,
+            },
+            Op::GatedFfn { x, w_gate, w_up, gate, up, out, n, ffn, kind, quant: q } => Op::GatedFfn {
+                x: mat_in(x),
+                w_gate: fw(w_gate),
+                w_up: fw(w_up),
+                gate: v(gate),
+                up: v(up),
+                out: v(out),
+                n,
+                ffn,
+                kind,
+                quant: quant(q),
+            },
         }
     }
 }

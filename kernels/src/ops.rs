@@ -18,6 +18,50 @@ pub enum RopeMode {
     Interleaved,
 }
 
+/// What a KV cache stores (hal re-exports it for the cache ops): `F32` keeps the computed keys and
+/// values exactly; `F16` rounds each to the nearest `f16` (ties to even, as `half` and the x86
+/// `vcvtps2ph` do) when it is stored, and attention widens it back exactly. Half the bytes.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub enum KvType {
+    #[default]
+    F32,
+    F16,
+}
+
+impl KvType {
+    /// Buffer words (f32-sized) a cache row of `width` elements takes: `F16` packs two elements
+    /// a word (element `2i` in the low half), so `width` must be even.
+    pub const fn row_words(self, width: usize) -> usize {
+        match self {
+            KvType::F32 => width,
+            KvType::F16 => width / 2,
+        }
+    }
+}
+
+/// A KV-cache element as [`attend`] reads it.
+pub trait KvElem: Copy {
+    fn load(self) -> f32;
+}
+
+impl KvElem for f32 {
+    #[inline]
+    fn load(self) -> f32 {
+        self
+    }
+}
+
+impl KvElem for half::f16 {
+    /// Exact: every f16 is an f32.
+    #[inline]
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// Most elements of a head [`attend`] takes (its key row is widened into a buffer this long).
+pub const MAX_HEAD_DIM: usize = 512;
+
 /// `sqrt(2/π)` rounded once to f32, as torch's `kBeta` (computed in double, stored as float).
 pub const SQRT_2_OVER_PI: f32 = (core::f64::consts::SQRT_2 * core::f64::consts::FRAC_2_SQRT_PI * 0.5) as f32;
 pub const GELU_COEF: f32 = 0.044715;
@@ -282,11 +326,11 @@ pub fn attn_score(q: &[f32], k: &[f32], scale: f32, softcap_: f32) -> f32 {
 /// score (identically), accumulates `Σ exp(s − max)` and `Σ exp(s − max)·v` in f32 in key order,
 /// then divides. An empty `keys` gives zeros.
 #[allow(clippy::too_many_arguments)] // mirrors the op's parameters; a struct would only rename them
-pub fn attend(
+pub fn attend<T: KvElem>(
     out: &mut [f32],
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[T],
+    v: &[T],
     stride: usize,
     keys: Range<usize>,
     ring: usize,
@@ -295,25 +339,33 @@ pub fn attend(
 ) {
     let d = q.len();
     debug_assert_eq!(out.len(), d);
+    assert!(d <= MAX_HEAD_DIM, "head_dim {d} > {MAX_HEAD_DIM}");
     out.fill(0.0);
     if keys.is_empty() {
         return;
     }
     let row = |j: usize| if ring == 0 { j } else { j % ring };
     debug_assert!(keys.clone().all(|j| row(j) * stride + d <= k.len().min(v.len())), "keys {keys:?} past the cache");
-    let key = |j: usize| &k[row(j) * stride..row(j) * stride + d];
+    // Key `j` widened to f32 (exactly), then scored as f32 keys are.
+    let mut kb = [0f32; MAX_HEAD_DIM];
+    let mut score = |j: usize| {
+        for (x, e) in kb.iter_mut().zip(&k[row(j) * stride..row(j) * stride + d]) {
+            *x = e.load();
+        }
+        attn_score(q, &kb[..d], scale, softcap_)
+    };
 
     let mut max = f32::NEG_INFINITY;
     for j in keys.clone() {
-        max = max.max(attn_score(q, key(j), scale, softcap_));
+        max = max.max(score(j));
     }
 
     let mut sum = 0.0f32;
     for j in keys {
-        let e = exp(attn_score(q, key(j), scale, softcap_) - max);
+        let e = exp(score(j) - max);
         sum += e;
-        for (o, &vi) in out.iter_mut().zip(&v[row(j) * stride..row(j) * stride + d]) {
-            *o += e * vi;
+        for (o, vi) in out.iter_mut().zip(&v[row(j) * stride..row(j) * stride + d]) {
+            *o += e * vi.load();
         }
     }
     for o in out {

@@ -15,7 +15,7 @@ use std::marker::PhantomData;
 use clap::{Args, ValueEnum};
 use purehw_core::model::{Model, ModelOptions};
 use purehw_core::source::ModelSource;
-use purehw_hal::{ActQuant, Backend};
+use purehw_hal::{ActQuant, Backend, KvType};
 use purehw_hal_cpu::{Cpu, CpuOptions};
 use purehw_hal_cpu_ref::CpuRef;
 use purehw_hal_vulkan::{DeviceInfo, Vulkan, VulkanOptions};
@@ -46,6 +46,15 @@ pub enum ActArg {
     Int8,
 }
 
+/// `--kv-type`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KvArg {
+    /// f32 keys and values: exact.
+    F32,
+    /// Each key and value rounded to f16 when stored: half the cache's memory.
+    F16,
+}
+
 /// Which backend computes, and how.
 #[derive(Args, Debug, Clone)]
 pub struct BackendArgs {
@@ -69,6 +78,9 @@ pub struct BackendArgs {
     /// several).
     #[arg(long, value_name = "SIZE", value_parser = parse_budget)]
     pub memory_budget: Option<usize>,
+    /// What the KV cache stores: f32 (exact) or f16 (half the memory; `cpu` and `cpu-ref`).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub kv_type: KvArg,
 }
 
 /// `--memory-budget SIZE`.
@@ -185,12 +197,14 @@ pub struct Maker<B: Registered> {
     pub act: ActQuant,
     /// `--memory-budget` in bytes (for `Model::load_with_budget`).
     pub budget: Option<usize>,
+    /// `--kv-type`: every model this maker loads gets it.
+    pub kv: KvType,
     _b: PhantomData<fn() -> B>,
 }
 
 impl<B: Registered> Clone for Maker<B> {
     fn clone(&self) -> Self {
-        Maker { cfg: self.cfg.clone(), act: self.act, budget: self.budget, _b: PhantomData }
+        Maker { cfg: self.cfg.clone(), act: self.act, budget: self.budget, kv: self.kv, _b: PhantomData }
     }
 }
 
@@ -201,7 +215,12 @@ impl<B: Registered> Maker<B> {
             Some(ActArg::Int8) => ActQuant::Int8,
             None => B::DEFAULT_ACT,
         };
-        Maker { cfg, act, budget: None, _b: PhantomData }
+        Maker { cfg, act, budget: None, kv: KvType::F32, _b: PhantomData }
+    }
+
+    /// With `--kv-type`.
+    fn with_kv(self, kv: KvType) -> Self {
+        Maker { kv, ..self }
     }
 
     /// With `--memory-budget` (a backend that copies its weights refuses it at load).
@@ -215,7 +234,7 @@ impl<B: Registered> Maker<B> {
 
     /// Load `src` on a new backend, within `--memory-budget` when given.
     pub fn load(&self, src: &ModelSource, opts: ModelOptions) -> CliResult<Model<B>> {
-        Ok(Model::load_with_budget(self.make()?, src, opts, self.budget)?)
+        Ok(Model::load_with_budget(self.make()?, src, ModelOptions { kv: self.kv, ..opts }, self.budget)?)
     }
 
     pub fn name(&self) -> &'static str {
@@ -232,15 +251,18 @@ pub trait WithBackend {
 /// Resolve `--backend` and run `v` with a maker for it.
 pub fn dispatch<V: WithBackend>(b: &BackendArgs, v: V) -> CliResult<V::Out> {
     let budget = b.memory_budget;
+    let kv = kv_type(b);
     match b.kind {
-        BackendKind::Cpu => v.run(Maker::<Cpu>::new(cpu_options(b), b.act).with_budget(budget)?),
-        BackendKind::CpuRef => v.run(Maker::<CpuRef>::new((), b.act).with_budget(budget)?),
-        BackendKind::Vulkan => v.run(Maker::<Vulkan>::new(VulkanOptions::from_env(), b.act).with_budget(budget)?),
+        BackendKind::Cpu => v.run(Maker::<Cpu>::new(cpu_options(b), b.act).with_budget(budget)?.with_kv(kv)),
+        BackendKind::CpuRef => v.run(Maker::<CpuRef>::new((), b.act).with_budget(budget)?.with_kv(kv)),
+        BackendKind::Vulkan => {
+            v.run(Maker::<Vulkan>::new(VulkanOptions::from_env(), b.act).with_budget(budget)?.with_kv(kv))
+        }
         BackendKind::Auto => match auto_gpu() {
-            Ok(opts) => v.run(Maker::<Vulkan>::new(opts, b.act).with_budget(budget)?),
+            Ok(opts) => v.run(Maker::<Vulkan>::new(opts, b.act).with_budget(budget)?.with_kv(kv)),
             Err(why) => {
                 eprintln!("purehw: --backend auto: {why}; using cpu");
-                v.run(Maker::<Cpu>::new(cpu_options(b), b.act).with_budget(budget)?)
+                v.run(Maker::<Cpu>::new(cpu_options(b), b.act).with_budget(budget)?.with_kv(kv))
             }
         },
     }
@@ -248,7 +270,16 @@ pub fn dispatch<V: WithBackend>(b: &BackendArgs, v: V) -> CliResult<V::Out> {
 
 /// The `cpu` backend the server falls back to when a lost device cannot be made again.
 pub fn cpu_fallback(b: &BackendArgs) -> Maker<Cpu> {
-    Maker { budget: b.memory_budget, ..Maker::new(cpu_options(b), b.act) }
+    let kv = kv_type(b);
+    Maker { budget: b.memory_budget, kv, ..Maker::new(cpu_options(b), b.act) }
+}
+
+/// `--kv-type` as the core takes it.
+fn kv_type(b: &BackendArgs) -> KvType {
+    match b.kv_type {
+        KvArg::F32 => KvType::F32,
+        KvArg::F16 => KvType::F16,
+    }
 }
 
 /// The `cpu` backend's options: `-t`, and `--pin` or `PUREHW_PIN=1`.

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use purehw_hal::{
-    ActLayout, ActQuant, Codes, Format, Gate, HostBytes, HostWeight, MatIn, Op, PackedInt, QuantOut, RopeMode,
+    ActLayout, ActQuant, Codes, Format, Gate, HostBytes, HostWeight, KvType, MatIn, Op, PackedInt, QuantOut, RopeMode,
     RopeSpec, ScaleType, SeqSpan, View, WeightParts, act_block, act_words,
 };
 use purehw_kernels::testing::{Rng, random_int_weight, random_row};
@@ -42,6 +42,8 @@ pub(super) fn all() -> Vec<Group> {
     groups.push(store_kv_ring(&mut rng));
     groups.extend(attention_ring(&mut rng));
     groups.push(qkv_ring(&mut rng));
+    // f16 caches: last too.
+    groups.extend(kv_f16(&mut rng));
     groups
 }
 
@@ -406,7 +408,7 @@ fn store_kv(rng: &mut Rng) -> Group {
             let mut c = Case::new(format!("StoreKv {name} width={width}"), step);
             let src = c.random_at(rng, rows * width, 1.0, 1);
             let cache = c.output_at(rng, cache_rows * width, 3, "cache", Check::Exact);
-            c.op(Op::StoreKv { cache, src, width, ring: 0 });
+            c.op(Op::StoreKv { cache, src, width, ring: 0, kv: KvType::F32 });
             cases.push(c);
         }
     }
@@ -435,7 +437,7 @@ fn store_kv_ring(rng: &mut Rng) -> Group {
         let mut c = Case::new(format!("StoreKv ring={ring} width={width}"), step);
         let src = c.random_at(rng, rows * width, 1.0, 1);
         let cache = c.output_at(rng, ring_rows(&seqs, ring) * width, 3, "cache", Check::Exact);
-        c.op(Op::StoreKv { cache, src, width, ring });
+        c.op(Op::StoreKv { cache, src, width, ring, kv: KvType::F32 });
         cases.push(c);
     }
     Group { name: "StoreKv, ring caches".into(), cases }
@@ -488,7 +490,20 @@ fn attention_ring(rng: &mut Rng) -> Vec<Group> {
                 let q = c.random_at(rng, rows * heads * head_dim, 1.0, 1);
                 let (kb, vb) = (c.shared(k.clone()), c.shared(v.clone()));
                 let out = c.output_at(rng, rows * heads * head_dim, 3, "out", Check::Float);
-                c.op(Op::Attention { out, q, k: kb, v: vb, heads, kv_heads, head_dim, scale, window, softcap, ring });
+                c.op(Op::Attention {
+                    out,
+                    q,
+                    k: kb,
+                    v: vb,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    scale,
+                    window,
+                    softcap,
+                    ring,
+                    kv: KvType::F32,
+                });
                 cases.push(c);
             }
             groups
@@ -559,6 +574,7 @@ fn attention(rng: &mut Rng) -> Vec<Group> {
                         window,
                         softcap,
                         ring: 0,
+                        kv: KvType::F32,
                     });
                     cases.push(c);
                 }
@@ -850,6 +866,7 @@ fn qkv_ring(rng: &mut Rng) -> Group {
                     k_cache,
                     v_cache,
                     ring,
+                    kv: KvType::F32,
                 });
                 cases.push(c);
             }
@@ -946,6 +963,7 @@ fn qkv(rng: &mut Rng) -> Vec<Group> {
                         k_cache,
                         v_cache,
                         ring: 0,
+                        kv: KvType::F32,
                     });
                     cases.push(c);
                 }
@@ -1166,9 +1184,183 @@ fn tails(rng: &mut Rng) -> Vec<Group> {
             k_cache,
             v_cache,
             ring: 0,
+            kv: KvType::F32,
         });
         cases.push(c);
         groups.push(Group { name: format!("Tail {fa:?} {fb:?} {fc:?}"), cases });
     }
     groups
+}
+
+// ---- f16 KV caches ----
+
+/// `vals` rounded to f16 and packed two to a buffer word (element `2i` in the low half), as an
+/// f16 cache holds them.
+fn pack_f16(vals: &[f32]) -> Vec<f32> {
+    vals.chunks(2)
+        .map(|p| {
+            let lo = half::f16::from_f32(p[0]).to_bits() as u32;
+            let hi = p.get(1).map_or(0, |&x| half::f16::from_f32(x).to_bits() as u32);
+            f32::from_bits(lo | hi << 16)
+        })
+        .collect()
+}
+
+/// The cache ops on f16 caches: stores (linear and ring), attention (decode, prefill blocks,
+/// ring, GQA, softcap) over caches of random f16 values, and Qkv storing through its epilogue
+/// (one token, several, a ring).
+fn kv_f16(rng: &mut Rng) -> Vec<Group> {
+    let kv = KvType::F16;
+    let mut stores = Vec::new();
+    for (name, seqs, ring) in [("mixed", mixed_seqs(), 0usize), ("ring", ring_seqs(), 24)] {
+        for width in [64, 256] {
+            let step = StepData::of_seqs(&seqs);
+            let rows = step.positions.len();
+            let cache_rows = if ring == 0 {
+                seqs.iter().map(|s| (s.cache_row + s.pos0 + s.len) as usize).max().unwrap_or(0)
+            } else {
+                ring_rows(&seqs, ring)
+            };
+            let mut c = Case::new(format!("StoreKv f16 {name} width={width}"), step);
+            let src = c.random_at(rng, rows * width, 1.0, 1);
+            let cache = c.output_at(rng, cache_rows * width / 2, 3, "cache", Check::Exact);
+            c.op(Op::StoreKv { cache, src, width, ring, kv });
+            stores.push(c);
+        }
+    }
+    let mut groups = vec![Group { name: "StoreKv, f16 caches".into(), cases: stores }];
+
+    let steps = [
+        ("decode and prefill rows", mixed_seqs(), 0usize, 0usize),
+        (
+            "prefill blocks on a long context",
+            vec![
+                SeqSpan { row: 0, len: 37, cache_row: 0, pos0: 490, ring_row: 0 },
+                SeqSpan { row: 37, len: 3, cache_row: 640, pos0: 100, ring_row: 0 },
+            ],
+            0,
+            0,
+        ),
+        (
+            "ring, decode and prefill rows wrapping it",
+            vec![
+                SeqSpan { row: 0, len: 16, cache_row: 0, pos0: 610, ring_row: 0 },
+                SeqSpan { row: 16, len: 1, cache_row: 0, pos0: 700, ring_row: 31 },
+                SeqSpan { row: 17, len: 5, cache_row: 0, pos0: 2, ring_row: 62 },
+            ],
+            16,
+            31,
+        ),
+    ];
+    let mut attn = Vec::new();
+    for (what, seqs, window, ring) in &steps {
+        let (window, ring) = (*window, *ring);
+        let step = StepData::of_seqs(seqs);
+        let rows = step.positions.len();
+        let cache_rows = if ring == 0 {
+            seqs.iter().map(|s| (s.cache_row + s.pos0 + s.len) as usize).max().unwrap_or(0)
+        } else {
+            ring_rows(seqs, ring)
+        };
+        for (heads, kv_heads, head_dim) in [(4, 1, 256), (9, 3, 64)] {
+            let k = Arc::new(pack_f16(&rng.vec(cache_rows * kv_heads * head_dim, 1.0)));
+            let v = Arc::new(pack_f16(&rng.vec(cache_rows * kv_heads * head_dim, 1.0)));
+            for softcap in [0.0f32, 50.0] {
+                let scale = if softcap > 0.0 { 1.0 } else { 1.0 / (head_dim as f32).sqrt() };
+                let name = format!("Attention f16 {what}: {heads}/{kv_heads}x{head_dim} softcap={softcap}");
+                let mut c = Case::new(name, step.clone());
+                let q = c.random_at(rng, rows * heads * head_dim, 1.0, 1);
+                let (kb, vb) = (c.shared(k.clone()), c.shared(v.clone()));
+                let out = c.output_at(rng, rows * heads * head_dim, 3, "out", Check::Float);
+                c.op(Op::Attention {
+                    out,
+                    q,
+                    k: kb,
+                    v: vb,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    scale,
+                    window,
+                    softcap,
+                    ring,
+                    kv,
+                });
+                attn.push(c);
+            }
+        }
+    }
+    groups.push(Group { name: "Attention, f16 caches".into(), cases: attn });
+
+    let (heads, kv_heads, head_dim, cols) = (4, 2, 64, 256);
+    let rope = Some(RopeSpec { theta: 1e4, scale: 1.0, mode: RopeMode::Neox });
+    let qkv_steps = [
+        (vec![SeqSpan { row: 0, len: 1, cache_row: 64, pos0: 37, ring_row: 16 }], 0usize),
+        (
+            vec![
+                SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 40, ring_row: 0 },
+                SeqSpan { row: 1, len: 6, cache_row: 64, pos0: 13, ring_row: 16 },
+            ],
+            0,
+        ),
+        (vec![SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 37, ring_row: 16 }], 16),
+    ];
+    let mut qkvs = Vec::new();
+    for input in [Input::F32, Input::Q8] {
+        for (seqs, ring) in &qkv_steps {
+            let ring = *ring;
+            let step = StepData::of_seqs(seqs);
+            let n = step.positions.len();
+            let fmt = Format::Q8_0;
+            let mut c = Case::new(format!("Qkv f16 caches {input:?} input, ring={ring}, n={n}"), step);
+            let wq = c.weight(weight(rng, fmt, heads * head_dim, cols));
+            let wk = c.weight(weight(rng, fmt, kv_heads * head_dim, cols));
+            let wv = c.weight(weight(rng, fmt, kv_heads * head_dim, cols));
+            let (q_norm, k_norm) =
+                (Some(c.weight(norm_weight(rng, head_dim))), Some(c.weight(norm_weight(rng, head_dim))));
+            let x = activations(rng, n, cols);
+            let x = mat_in(&mut c, rng, &x, n, cols, input, fmt.act_layout());
+            let q = c.output_at(rng, n * heads * head_dim, 3, "q", Check::Float);
+            let k = c.output_at(rng, n * kv_heads * head_dim, 0, "k", Check::Float);
+            let v = c.output_at(rng, n * kv_heads * head_dim, 1, "v", Check::Float);
+            let rows = if ring == 0 { 128 } else { ring_rows(seqs, ring) };
+            let cache = rows * kv_heads * head_dim / 2;
+            let k_cache = Some(c.output_at(rng, cache, 0, "k cache", Check::Exact));
+            let v_cache = Some(c.output_at(rng, cache, 2, "v cache", Check::Exact));
+            c.op(Op::Qkv {
+                x,
+                wq,
+                wk,
+                wv,
+                q,
+                k,
+                v,
+                n,
+                heads,
+                kv_heads,
+                head_dim,
+                q_norm,
+                k_norm,
+                eps: 1e-6,
+                rope,
+                k_cache,
+                v_cache,
+                ring,
+                kv,
+            });
+            qkvs.push(c);
+        }
+    }
+    groups.push(Group { name: "Qkv, f16 caches".into(), cases: qkvs });
+    groups
+}
+
+/// The sequences of [`store_kv_ring`]'s step.
+fn ring_seqs() -> Vec<SeqSpan> {
+    vec![
+        SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 700, ring_row: 0 },
+        SeqSpan { row: 1, len: 20, cache_row: 0, pos0: 15, ring_row: 24 },
+        SeqSpan { row: 21, len: 3, cache_row: 0, pos0: 2, ring_row: 48 },
+        SeqSpan { row: 24, len: 24, cache_row: 0, pos0: 253, ring_row: 72 },
+    ]
 }

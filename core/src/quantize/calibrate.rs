@@ -135,25 +135,5 @@ impl<B: Backend> Backend for Tap<B> {
 
 /// `op` with the inner weight handles; `None` for the fused ops (declined in `supports`).
 fn strip<Bf: Copy, W: Copy>(op: &Op<Bf, TapWeight<W>>) -> Option<Op<Bf, W>> {
-    Some(match *op {
-        Op::Embed { out, table, scale } => Op::Embed { out, table: table.w, scale },
-        Op::RmsNorm { out, x, w, rows, dim, eps } => Op::RmsNorm { out, x, w: w.w, rows, dim, eps },
-        Op::MatMul { out, x, w, n, act } => Op::MatMul { out, x, w: w.w, n, act },
-        Op::QuantizeAct { out, x, rows, cols, layout } => Op::QuantizeAct { out, x, rows, cols, layout },
-        Op::MatMulQ8 { out, xq, w, n } => Op::MatMulQ8 { out, xq, w: w.w, n },
-        Op::Rope { x, rows, heads, head_dim, theta, scale, mode } => {
-            Op::Rope { x, rows, heads, head_dim, theta, scale, mode }
-        }
-        Op::StoreKv { cache, src, width, ring } => Op::StoreKv { cache, src, width, ring },
-        Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap, ring } => {
-            Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap, ring }
-        }
-        Op::Add { out, a, b, len } => Op::Add { out, a, b, len },
-        Op::GeluTanhMul { out, gate, up, len } => Op::GeluTanhMul { out, gate, up, len },
-        Op::SiluMul { out, gate, up, len } => Op::SiluMul { out, gate, up, len },
-        Op::Softcap { x, len, cap } => Op::Softcap { x, len, cap },
-        Op::Argmax { out, x, rows, cols } => Op::Argmax { out, x, rows, cols },
-        Op::Copy { out, src, len } => Op::Copy { out, src, len },
-        _ => return None,
-    })
+    (!op.is_fused()).then(|| op.map(|b| b, |w| w.w))
 }

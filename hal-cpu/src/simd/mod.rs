@@ -70,6 +70,9 @@ pub struct Kernels {
     pub silu_mul: Gated,
     /// `x[i] = exp(x[i] − m)` (`purehw_kernels::ops::exp`).
     pub exp_sub: fn(x: &mut [f32], m: f32),
+    /// `out[i] = f16::from_bits(h[i]).to_f32()` (exact) for `i < h.len()`: an f16 KV cache's
+    /// keys and values widened for the float kernels.
+    pub widen_f16: fn(h: &[u16], out: &mut [f32]),
 }
 
 /// `(q, d, k, stride, n, out, ld)`; see [`Kernels::dot_keys`].

@@ -68,6 +68,7 @@ pub(super) fn kernels() -> Option<Kernels> {
         gelu_mul: super::scalar::gelu_mul,
         silu_mul: super::scalar::silu_mul,
         exp_sub: super::scalar::exp_sub,
+        widen_f16: super::scalar::widen_f16,
     })
 }
 

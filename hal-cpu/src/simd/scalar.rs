@@ -21,7 +21,14 @@ pub(crate) const KERNELS: Kernels = Kernels {
     gelu_mul,
     silu_mul,
     exp_sub,
+    widen_f16,
 };
+
+pub(crate) fn widen_f16(h: &[u16], out: &mut [f32]) {
+    for (o, &b) in out.iter_mut().zip(h) {
+        *o = half::f16::from_bits(b).to_f32();
+    }
+}
 
 pub(crate) fn dot_int(p: q::PackedInt, rows: &[q::IntRow<'_>], x: &[f32], out: &mut [f32]) {
     for (o, r) in out.iter_mut().zip(rows) {

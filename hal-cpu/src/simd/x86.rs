@@ -45,6 +45,7 @@ pub(super) fn kernels() -> Option<Kernels> {
             gelu_mul: super::x86_act::gelu_mul,
             silu_mul: super::x86_act::silu_mul,
             exp_sub: super::x86_act::exp_sub,
+            widen_f16: super::x86_f32::widen_f16,
         })
     } else {
         None

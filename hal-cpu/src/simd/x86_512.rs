@@ -1098,6 +1098,23 @@ mod tests {
         }
     }
 
+    /// The token-pair path over many tiles and wide rows: an odd last token, leftover rows.
+    #[test]
+    fn gemm_pair_tiles_are_bit_exact() {
+        let Some(k) = have("gemm_pair_tiles_are_bit_exact") else { return };
+        let mut rng = Rng(0x5EED_0513);
+        for fmt in Format::ALL {
+            if fmt.act_layout() != Some(q::ActLayout::Q8A) {
+                continue;
+            }
+            for (nb, n) in [(40, 53), (100, 17), (128, 9), (20, 64), (7, 150)] {
+                for rows in [9, 18] {
+                    check(&k, fmt, rows, n, nb * fmt.block_elems(), &mut rng);
+                }
+            }
+        }
+    }
+
     /// Extreme codes: every weight at its most negative / most positive code, activations at ±127,
     /// so the offset trick's and `pmaddubsw`'s ranges are hit at their ends.
     #[test]

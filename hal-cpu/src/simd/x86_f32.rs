@@ -648,6 +648,26 @@ unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// `scalar::widen_f16`, 8 at a time with `vcvtph2ps` (exact, as `half` converts).
+pub(super) fn widen_f16(h: &[u16], out: &mut [f32]) {
+    assert!(out.len() >= h.len(), "widen_f16: output too short");
+    // SAFETY: only reachable through `x86::kernels()`, which checked avx2+fma+f16c; lengths above.
+    unsafe { widen_f16_avx(h, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen_f16_avx(h: &[u16], out: &mut [f32]) {
+    let whole = h.len() / 8 * 8;
+    for i in (0..whole).step_by(8) {
+        // SAFETY: `i + 8 <= h.len() <= out.len()`; unaligned loads and stores.
+        unsafe {
+            let v = _mm_loadu_si128(h.as_ptr().add(i).cast());
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(v));
+        }
+    }
+    super::scalar::widen_f16(&h[whole..], &mut out[whole..]);
+}
+
 #[cfg(test)]
 mod tests {
     use purehw_kernels::Format;
