@@ -16,7 +16,10 @@
 layout(local_size_x = 256) in;
 // The head size, fixed per pipeline so the loops over it unroll.
 layout(constant_id = 0) const uint HD = 256;
+// The caches' elements: 0 f32, 1 f16 (common/kv.glsl).
+layout(constant_id = 1) const uint KV16 = 0;
 #include "common/attn.glsl"
+#include "common/kv.glsl"
 
 shared float sq[MAX_HD];
 shared float se[CHUNK];
@@ -25,10 +28,10 @@ shared float ssum;
 
 // Lane `lane` (0..8) of key `kbase`'s score chain: q·k over elements lane, lane + 8, … (the
 // reference's dot_f32 lanes), one lane per invocation of 8 neighbouring invocations.
-float score_lane(Floats k, uint kbase, uint lane) {
+float score_lane(Floats k, Words kw, uint kbase, uint lane) {
     precise float acc = 0.0;
     [[unroll]] for (uint i = 0u; i < HD; i += 8u) {
-        if (i + lane < HD) acc = acc + sq[i + lane] * k.v[kbase + i + lane];
+        if (i + lane < HD) acc = acc + sq[i + lane] * kv_ld(k, kw, pc.k_off, kbase + i + lane);
     }
     return acc;
 }
@@ -51,6 +54,7 @@ void main() {
     kv_rows(st, pc.seqs_off + 5u * s, first);
     uint nk = p + 1u - first;
     Floats k = Floats(pc.k), v = Floats(pc.v);
+    Words kw = Words(pc.k), vw = Words(pc.v);
     if (tid < hd) sq[tid] = q0;
     if (tid + 256u < hd) sq[tid + 256u] = q1;
     barrier();
@@ -64,7 +68,7 @@ void main() {
     for (uint j0 = 0u; j0 < nk; j0 += 32u) {
         uint j = j0 + grp;
         // Past the end a group scores the last key again (unconditional loads) and keeps nothing.
-        float acc = score_lane(k, pc.k_off + kv_row(min(j, nk - 1u)) * kvw + kb0, lane);
+        float acc = score_lane(k, kw, pc.k_off + kv_row(min(j, nk - 1u)) * kvw + kb0, lane);
         float sc = score_of(acc);
         if (lane == 0u && j < nk) {
             m = sc > m ? sc : m;
@@ -90,7 +94,7 @@ void main() {
         } else {
             for (uint j0 = 0u; j0 < cn; j0 += 32u) {
                 uint j = j0 + grp;
-                float acc = score_lane(k, pc.k_off + kv_row(c0 + min(j, cn - 1u)) * kvw + kb0, lane);
+                float acc = score_lane(k, kw, pc.k_off + kv_row(c0 + min(j, cn - 1u)) * kvw + kb0, lane);
                 float sc = score_of(acc);
                 if (lane == 0u && j < cn) se[j] = exp_ref(sc - mx);
             }
@@ -117,15 +121,15 @@ void main() {
             // 32 keys' values in flight at once: the chain waits on memory once per 32 keys.
             for (; j + 32u <= cn; j += 32u) {
                 float vv[32];
-                [[unroll]] for (uint u = 0u; u < 32u; u++) vv[u] = v.v[vb + kv_row(c0 + j + u) * kvw + d];
+                [[unroll]] for (uint u = 0u; u < 32u; u++) vv[u] = kv_ld(v, vw, pc.v_off, vb + kv_row(c0 + j + u) * kvw + d);
                 [[unroll]] for (uint u = 0u; u < 32u; u++) acc = acc + se[j + u] * vv[u];
             }
             for (; j + 8u <= cn; j += 8u) {
                 float vv[8];
-                [[unroll]] for (uint u = 0u; u < 8u; u++) vv[u] = v.v[vb + kv_row(c0 + j + u) * kvw + d];
+                [[unroll]] for (uint u = 0u; u < 8u; u++) vv[u] = kv_ld(v, vw, pc.v_off, vb + kv_row(c0 + j + u) * kvw + d);
                 [[unroll]] for (uint u = 0u; u < 8u; u++) acc = acc + se[j + u] * vv[u];
             }
-            for (; j < cn; j++) acc = acc + se[j] * v.v[vb + kv_row(c0 + j) * kvw + d];
+            for (; j < cn; j++) acc = acc + se[j] * kv_ld(v, vw, pc.v_off, vb + kv_row(c0 + j) * kvw + d);
             if (half_ == 0u) acc0 = acc; else acc1 = acc;
         }
         barrier();

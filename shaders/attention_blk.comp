@@ -19,7 +19,10 @@ layout(local_size_x = 256) in;
 layout(constant_id = 0) const uint HD = 256;
 // Rows per workgroup: ≤ 8, and QB·HD ≥ 256 (the host picks).
 layout(constant_id = 1) const uint QB = 8;
+// The caches' elements: 0 f32, 1 f16 (common/kv.glsl).
+layout(constant_id = 2) const uint KV16 = 0;
 #include "common/attn.glsl"
+#include "common/kv.glsl"
 
 const uint QPT = QB * HD / 256u;   // queries per invocation in the value chains
 
@@ -40,6 +43,7 @@ void main() {
     uint nq = min(QB, pc.rows - t0);
     Words st = Words(pc.step);
     Floats q = Floats(pc.q), k = Floats(pc.k), v = Floats(pc.v), o = Floats(pc.out_);
+    Words kw = Words(pc.k), vw = Words(pc.v);
     uint kvw = pc.kv_heads * HD, g = h / (pc.heads / pc.kv_heads);
     uint d = tid % HD, qs = tid / HD;
     uint seg = 0u;
@@ -73,7 +77,7 @@ void main() {
             uint j = j0 + grp;
             uint kb = kb0 + kv_row(min(j, nk - 1u)) * kvw;
             float kr[HD / 8u];
-            [[unroll]] for (uint i = 0u; i < HD / 8u; i++) kr[i] = k.v[kb + 8u * i + lane];
+            [[unroll]] for (uint i = 0u; i < HD / 8u; i++) kr[i] = kv_ld(k, kw, pc.k_off, kb + 8u * i + lane);
             [[unroll]] for (uint qi = 0u; qi < QB; qi++) {
                 if (qi >= seg && qi < end) {
                     precise float acc = 0.0;
@@ -115,7 +119,7 @@ void main() {
                     uint j = j0 + grp;
                     uint kb = kb0 + kv_row(c0 + min(j, cn - 1u)) * kvw;
                     float kr[HD / 8u];
-                    [[unroll]] for (uint i = 0u; i < HD / 8u; i++) kr[i] = k.v[kb + 8u * i + lane];
+                    [[unroll]] for (uint i = 0u; i < HD / 8u; i++) kr[i] = kv_ld(k, kw, pc.k_off, kb + 8u * i + lane);
                     [[unroll]] for (uint qi = 0u; qi < QB; qi++) {
                         if (qi >= seg && qi < end) {
                             precise float a = 0.0;
@@ -153,7 +157,7 @@ void main() {
             uint vb = vb0 + d;
             // Keys some of the invocation's queries see: checked per query.
             for (uint j = any_lo; j < min(all_lo, any_hi); j++) {
-                float vv = v.v[vb + kv_row(c0 + j) * kvw];
+                float vv = kv_ld(v, vw, pc.v_off, vb + kv_row(c0 + j) * kvw);
                 [[unroll]] for (uint u = 0u; u < QPT; u++) {
                     uint qi = qs * QPT + u;
                     if (j >= lo[u] && j < hi[u]) {
@@ -168,7 +172,7 @@ void main() {
             if (any_hi > any_lo) {
                 for (; j + 8u <= all_hi; j += 8u) {
                     float vv[8];
-                    [[unroll]] for (uint e = 0u; e < 8u; e++) vv[e] = v.v[vb + kv_row(c0 + j + e) * kvw];
+                    [[unroll]] for (uint e = 0u; e < 8u; e++) vv[e] = kv_ld(v, vw, pc.v_off, vb + kv_row(c0 + j + e) * kvw);
                     [[unroll]] for (uint u = 0u; u < QPT; u++) {
                         uint qi = qs * QPT + u;
                         [[unroll]] for (uint e = 0u; e < 8u; e++) {
@@ -178,7 +182,7 @@ void main() {
                     }
                 }
                 for (; j < all_hi; j++) {
-                    float vv = v.v[vb + kv_row(c0 + j) * kvw];
+                    float vv = kv_ld(v, vw, pc.v_off, vb + kv_row(c0 + j) * kvw);
                     [[unroll]] for (uint u = 0u; u < QPT; u++) {
                         uint qi = qs * QPT + u;
                         precise float a = acc[u] + se[qi * CHUNK + j] * vv;
@@ -187,7 +191,7 @@ void main() {
                 }
             }
             for (j = max(all_hi, any_lo); j < any_hi; j++) {
-                float vv = v.v[vb + kv_row(c0 + j) * kvw];
+                float vv = kv_ld(v, vw, pc.v_off, vb + kv_row(c0 + j) * kvw);
                 [[unroll]] for (uint u = 0u; u < QPT; u++) {
                     uint qi = qs * QPT + u;
                     if (j >= lo[u] && j < hi[u]) {

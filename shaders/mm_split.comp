@@ -75,6 +75,8 @@ layout(local_size_x = 256) in;
 layout(constant_id = 0) const uint TOKENS = 1;   // 1, 2, 4, 8 or 16
 layout(constant_id = 1) const uint R = 16;       // rows per workgroup (R·TOKENS ≤ 32)
 layout(constant_id = 2) const uint NBC = 20;     // blocks per chunk (R·TOKENS·NBC ≤ 512)
+// PRO=5: the caches' elements, 0 f32, 1 f16 (common/kv.glsl).
+layout(constant_id = 3) const uint KV16 = 0;
 
 #if PRO == 1
 layout(push_constant) uniform Push {
@@ -181,6 +183,7 @@ layout(push_constant) uniform Push {
     float eps;
     uint ring;        // rows a slot of ring caches (position p at ring_row + p % ring); 0: linear
 } pc;
+#include "common/kv.glsl"
 #define W_BYTE 0u
 #elif PRO == 6
 layout(push_constant) uniform Push {
@@ -338,10 +341,10 @@ void tail(uint head) {
     }
     bool store = (kind == 1u && (flags & 16u) != 0u) || (kind == 2u && (flags & 32u) != 0u);
     if (!store || s == 0xFFFFFFFFu) return;
-    Floats c = Floats(kind == 1u ? pc.kc : pc.vc);
+    uvec2 c = kind == 1u ? pc.kc : pc.vc;
     uint p = pos0 - srow;
-    uint co = (pc.ring == 0u ? cache_row + p : ring_row + p % pc.ring) * width + head * hd;
-    for (uint i = tid; i < hd; i += 256u) c.v[co + i] = h[i];
+    uint e0 = (pc.ring == 0u ? cache_row + p : ring_row + p % pc.ring) * width + head * hd;
+    KV_STORE_ROW(c, 0u, e0, h, hd, tid)
 }
 #elif PRO == 6
 // Keep the better of the current pair and (k, i): the largest key, the first index on ties.

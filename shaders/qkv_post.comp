@@ -15,6 +15,8 @@
 #define F_VCACHE 32u
 
 layout(local_size_x = 256) in;
+// The caches' elements: 0 f32, 1 f16 (common/kv.glsl).
+layout(constant_id = 0) const uint KV16 = 0;
 layout(push_constant) uniform Push {
     uvec2 q;
     uvec2 k;
@@ -39,6 +41,8 @@ layout(push_constant) uniform Push {
     float eps;
     uint ring;        // rows a slot of ring caches (position p at ring_row + p % ring); 0: linear
 } pc;
+
+#include "common/kv.glsl"
 
 shared float h[MAX_HD];
 shared float lanes[8];
@@ -111,7 +115,7 @@ void main() {
     if (s == 0xFFFFFFFFu) return;
     uint p = pos0 + (t - srow);
     uint dst = pc.ring == 0u ? cache_row + p : ring_row + p % pc.ring;
-    Floats c = Floats(kind == 1u ? pc.kc : pc.vc);
-    uint co = (kind == 1u ? kc_off : vc_off) + dst * width + head * hd;
-    for (uint i = tid; i < hd; i += 256u) c.v[co + i] = h[i];
+    uvec2 c = kind == 1u ? pc.kc : pc.vc;
+    uint co = kind == 1u ? kc_off : vc_off, e0 = dst * width + head * hd;
+    KV_STORE_ROW(c, co, e0, h, hd, tid)
 }

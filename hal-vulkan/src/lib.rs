@@ -954,8 +954,7 @@ impl Backend for Vulkan {
             // compressed-tensors integer weights: f32 activations (mm_int, embed_int).
             OpKind::Embed(_) | OpKind::MatMul(_) => true,
             OpKind::MatMulQ8(f) => f.act_layout().is_some(),
-            // No f16 caches in the shaders yet.
-            OpKind::KvCache(kv) => kv == KvType::F32,
+            OpKind::KvCache(_) => true,
             k => k.is_format_free(),
         }
     }
@@ -1942,8 +1941,7 @@ impl Vulkan {
                 let acc = Access::new().w(id(x.buf), x.offset, len);
                 self.dispatch(cb, hz, "rope", &[], &push, [groups(head_dim / 2, 128), heads as u32, nr as u32], acc)
             }
-            Op::StoreKv { kv: KvType::F16, .. } => Err(no_f16_kv()),
-            Op::StoreKv { cache, src, width, ring, kv: _ } => {
+            Op::StoreKv { cache, src, width, ring, kv } => {
                 let push = StoreKvPush {
                     cache: self.addr_of(cache.buf),
                     src: self.addr_of(src.buf),
@@ -1958,7 +1956,8 @@ impl Vulkan {
                 };
                 let clen = self.buf(cache.buf).len - cache.offset;
                 let acc = Access::new().r(id(src.buf), src.offset, rows * width).w(id(cache.buf), cache.offset, clen);
-                self.dispatch(cb, hz, "store_kv", &[], &push, [groups(width, 256), rows as u32, 1], acc)
+                let kv16 = (kv == KvType::F16) as u32;
+                self.dispatch(cb, hz, "store_kv", &[kv16], &push, [groups(width, 256), rows as u32, 1], acc)
             }
             Op::Attention { .. } => self.attention(cb, step, op, None, l, hz),
             Op::Add { out, a, b, len } => self.eltwise(cb, hz, ELT_ADD, out, a, Some(b), len, 0.0),
@@ -2007,9 +2006,6 @@ impl Vulkan {
                 ring,
                 kv,
             } => {
-                if kv == KvType::F16 {
-                    return Err(no_f16_kv());
-                }
                 // The three projections (independent: no barrier between them), then the epilogue.
                 let input = match x {
                     MatIn::Q8(xq) => Some((self.addr_of(xq.buf), id(xq.buf), xq.offset)),
@@ -2061,7 +2057,7 @@ impl Vulkan {
                     ring: ring as u32,
                 };
                 let wgs = (heads + 2 * kv_heads) as u32;
-                self.dispatch(cb, hz, "qkv_post", &[], &push, [wgs, n as u32, 1], acc)
+                self.dispatch(cb, hz, "qkv_post", &[(kv == KvType::F16) as u32], &push, [wgs, n as u32, 1], acc)
             }
             Op::GatedFfn { x, w_gate, w_up, gate, up, out: act_out, n, ffn, kind, quant } => {
                 for (j, (out, w)) in [(gate, w_gate), (up, w_up)].into_iter().enumerate() {
@@ -2125,9 +2121,7 @@ impl Vulkan {
         let Op::Attention { out, q, k, v, heads, kv_heads, head_dim, scale, window, softcap, ring, kv } = *op else {
             return Err(VulkanError::Unsupported("not an attention op".into()));
         };
-        if kv == KvType::F16 {
-            return Err(no_f16_kv());
-        }
+        let kv16 = (kv == KvType::F16) as u32;
         let rows = step.rows();
         let id = |b: BufId| b.0;
 
@@ -2187,9 +2181,9 @@ impl Vulkan {
             }
             let qb = qb.clamp((256 / head_dim).max(1), ATTN_BLK_ROWS);
             let grid = [groups(rows, qb), heads as u32, 1];
-            return self.dispatch(cb, hz, "attention_blk", &[head_dim as u32, qb as u32], &push, grid, acc);
+            return self.dispatch(cb, hz, "attention_blk", &[head_dim as u32, qb as u32, kv16], &push, grid, acc);
         }
-        self.dispatch(cb, hz, "attention", &[head_dim as u32], &push, [rows as u32, heads as u32, 1], acc)
+        self.dispatch(cb, hz, "attention", &[head_dim as u32, kv16], &push, [rows as u32, heads as u32, 1], acc)
     }
 
     /// `x` (address, resource id, word offset) quantized into `q` for `n` rows of `cols`.
@@ -2476,6 +2470,7 @@ impl Vulkan {
             k_cache,
             v_cache,
             ring,
+            kv,
             ..
         } = op
         else {
@@ -2525,6 +2520,7 @@ impl Vulkan {
                 ring: ring as u32,
             };
             let name = format!("mm_split.{}.{}.5", fmt_name(fmt), self.dot as u32);
+            let spec = [spec[0], spec[1], spec[2], (kv == KvType::F16) as u32];
             self.dispatch_raw(cb, hz, &name, &spec, &push, [groups, 1, 1])?;
         }
         Ok(())
@@ -2951,11 +2947,6 @@ fn tile_for(rows: usize, n: usize) -> [u32; 5] {
 /// Workgroups covering `n` items `per` group.
 fn groups(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32
-}
-
-/// The cache ops on an f16 cache, which the shaders do not have yet.
-fn no_f16_kv() -> VulkanError {
-    VulkanError::Unsupported("an f16 KV cache (the Vulkan backend keeps f32 caches: use --kv-type f32)".into())
 }
 
 #[cfg(test)]

@@ -78,7 +78,7 @@ pub struct BackendArgs {
     /// several).
     #[arg(long, value_name = "SIZE", value_parser = parse_budget)]
     pub memory_budget: Option<usize>,
-    /// What the KV cache stores: f32 (exact) or f16 (half the memory; `cpu` and `cpu-ref`).
+    /// What the KV cache stores: f32 (exact) or f16 (half the memory).
     #[arg(long, value_enum, default_value = "f32")]
     pub kv_type: KvArg,
 }

@@ -1228,6 +1228,36 @@ fn kv_f16(rng: &mut Rng) -> Vec<Group> {
             stores.push(c);
         }
     }
+    // Rounding's edges: ties (to even), the largest half and overflow, subnormal halves and
+    // underflow (a tie at half the smallest), signed zeros and infinities.
+    let edges: Vec<f32> = [
+        1.0 + 1.0 / 2048.0,
+        1.0 + 3.0 / 2048.0,
+        -(1.0 + 1.0 / 2048.0),
+        65504.0,
+        65519.0,
+        65520.0,
+        -1e9,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        6.103_515_6e-5,
+        6.0e-5,
+        2f32.powi(-24),
+        2f32.powi(-25),
+        3.0 * 2f32.powi(-26),
+        1e-30,
+        -0.0,
+    ]
+    .into_iter()
+    .cycle()
+    .take(64)
+    .collect();
+    let seqs = [SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 3, ring_row: 0 }];
+    let mut c = Case::new("StoreKv f16 edge values", StepData::of_seqs(&seqs));
+    let src = c.input_at(rng, &edges, 1);
+    let cache = c.output_at(rng, 4 * 64 / 2, 3, "cache", Check::Exact);
+    c.op(Op::StoreKv { cache, src, width: 64, ring: 0, kv });
+    stores.push(c);
     let mut groups = vec![Group { name: "StoreKv, f16 caches".into(), cases: stores }];
 
     let steps = [
