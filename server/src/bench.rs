@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use purehw_core::model::{Model, ModelOptions, SeqInput, Want};
 use purehw_core::source::ModelSource;
-use purehw_hal::ActQuant;
+use purehw_hal::{ActQuant, KvType};
 use serde::Serialize;
 
 use crate::backends::{self, Hw, Maker, Registered, WithBackend};
@@ -43,6 +43,8 @@ struct BenchJson<'a> {
     device: Option<&'a str>,
     threads: usize,
     act: &'static str,
+    /// `--kv-type`: "f32" or "f16".
+    kv_type: &'static str,
     repetitions: usize,
     /// Tokens in the context before each test (`-d`).
     depth: usize,
@@ -213,7 +215,7 @@ impl WithBackend for BenchOn<'_> {
     fn run<B: Registered>(self, make: Maker<B>) -> CliResult<Summary> {
         let backend = make.make()?;
         let hw = backend.hw();
-        let opts = ModelOptions { act: make.act, ..self.opts };
+        let opts = ModelOptions { act: make.act, kv: make.kv, ..self.opts };
         bench_on(backend, make.budget, B::NAME, &hw, self.a, self.path, self.src, opts, self.quiet)
     }
 }
@@ -239,7 +241,11 @@ fn bench_on<B: Registered>(
         ActQuant::Int8 => "int8",
     };
     let file = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
-    let table = Table { file, size: fmt_size(model_bytes), params: fmt_params(params), name, hw, act };
+    let kv = match opts.kv {
+        KvType::F32 => "f32",
+        KvType::F16 => "f16",
+    };
+    let table = Table { file, size: fmt_size(model_bytes), params: fmt_params(params), name, hw, act, kv };
     // Before the model takes the device's memory: the probe needs two buffers of 1 GiB.
     let device_bw = if quiet { None } else { backend.device_bandwidth()? };
     // Loaded before the header is printed: a budget too small is then the only output.
@@ -383,6 +389,7 @@ fn bench_on<B: Registered>(
             device: hw.device.as_deref(),
             threads: hw.threads,
             act,
+            kv_type: kv,
             repetitions: a.repetitions,
             depth: a.depth,
             batch: a.batch,
@@ -641,6 +648,8 @@ struct Table<'a> {
     name: &'static str,
     hw: &'a Hw,
     act: &'static str,
+    /// The KV cache's elements.
+    kv: &'static str,
 }
 
 impl Table<'_> {
@@ -661,12 +670,12 @@ impl Table<'_> {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "| {:w$} | {:>10} | {:>10} | {:12} | {:>7} | {:4} | {:>8} | {:>20} |",
-            "model", "size", "params", "backend", "threads", "act", "test", "t/s"
+            "| {:w$} | {:>10} | {:>10} | {:12} | {:>7} | {:4} | {:3} | {:>8} | {:>20} |",
+            "model", "size", "params", "backend", "threads", "act", "kv", "test", "t/s"
         );
         let _ = writeln!(
             s,
-            "| {} | ---------: | ---------: | ------------ | ------: | ---- | -------: | -------------------: |",
+            "| {} | ---------: | ---------: | ------------ | ------: | ---- | --- | -------: | -------------------: |",
             "-".repeat(w)
         );
         s
@@ -676,13 +685,14 @@ impl Table<'_> {
         let w = self.model_width();
         let tps = format!("{:.2} ± {:.2}", r.tps_mean, r.tps_std);
         format!(
-            "| {:w$} | {:>10} | {:>10} | {:12} | {:>7} | {:4} | {:>8} | {:>20} |\n",
+            "| {:w$} | {:>10} | {:>10} | {:12} | {:>7} | {:4} | {:3} | {:>8} | {:>20} |\n",
             self.file,
             self.size,
             self.params,
             self.backend(),
             self.hw.threads,
             self.act,
+            self.kv,
             test,
             tps
         )

@@ -23,7 +23,7 @@ use clap::{Args, ValueEnum};
 use purehw_core::model::{Model, ModelOptions};
 use purehw_core::source::ModelSource;
 use purehw_core::tokenizer::Tokenizer;
-use purehw_hal::{ActQuant, Backend};
+use purehw_hal::{ActQuant, Backend, KvType};
 
 use crate::backends::{self, BackendArgs, Maker, Registered, WithBackend};
 use crate::error::{CliResult, Context, err};
@@ -193,6 +193,7 @@ impl WithBackend for ServeOn<'_> {
                 template: self.template.clone(),
                 cfg: cfg.clone(),
                 act: make.act,
+                kv: make.kv,
                 budget: make.budget,
                 meta: Arc::new(OnceLock::new()),
             };
@@ -251,6 +252,8 @@ struct LoadJob {
     template: Option<String>,
     cfg: EngineConfig,
     act: ActQuant,
+    /// `--kv-type`.
+    kv: KvType,
     /// `--memory-budget` in bytes.
     budget: Option<usize>,
     meta: Arc<OnceLock<Meta>>,
@@ -284,6 +287,7 @@ impl LoadJob {
             max_batch: self.cfg.prefill_chunk + self.cfg.parallel,
             logit_rows: self.cfg.parallel,
             act: self.act,
+            kv: self.kv,
             ..ModelOptions::default()
         };
         let mut model = Model::load_with_budget(backend, &src, opts, self.budget).map_err(|e| e.to_string())?;
