@@ -277,11 +277,24 @@ fn check_bench(args: &[&str], backend: &str, pp: u64, tg: u64) -> serde_json::Va
     v
 }
 
+/// `--kv-type f16` reaches the model bench loads (and the table says so).
+#[test]
+fn bench_kv_type_f16() {
+    let m = model_file(SMOL.0, SMOL.1);
+    let args = ["bench", "-m", path_str(&m), "-p", "8", "-n", "2", "-r", "1", "--kv-type", "f16"];
+    let v = check_bench(&[&args[..], &["--json"]].concat(), "cpu", 8, 2);
+    assert_eq!(v["kv_type"], "f16");
+    let out = purehw(&args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("| int8 | f16 |"), "{text}");
+}
+
 #[test]
 fn bench_json_cpu() {
     let m = model_file(SMOL.0, SMOL.1);
     let v = check_bench(&["bench", "-m", path_str(&m), "-p", "16", "-n", "4", "-r", "2", "--json"], "cpu", 16, 4);
     assert_eq!(v["act"], "int8");
+    assert_eq!(v["kv_type"], "f32");
     assert!(v["simd"].is_string(), "{v}");
     // Device-only numbers are left out.
     for key in ["device", "dispatches_per_token", "barriers_per_token", "tg_device_seconds"] {
