@@ -10,7 +10,8 @@ use std::sync::Mutex;
 
 use purehw_hal::check::{CheckError, cache_rows_needed};
 use purehw_hal::{
-    ActLayout, ActQuant, Format, Gate, HostWeight, KvType, MatIn, Op, RopeMode, Step, View, act_block, act_words,
+    ActLayout, ActQuant, Format, Gate, HostWeight, KvType, MatIn, Op, QuantOut, RopeMode, Step, View, act_block,
+    act_words,
 };
 use purehw_hal_host::{Src, q8a_blocks, q8a_blocks_mut, q8k_blocks, q8k_blocks_mut};
 use purehw_kernels::ops as k;
@@ -922,20 +923,29 @@ struct Epilogue<'a> {
 }
 
 impl Cpu {
-    /// A fused op's own decode path where there is one: q/k/v, or gate/up and the activation, as
-    /// one pool job; the rest of its expansion then runs op by op. `Ok(false)`: none here, the
-    /// caller runs the whole expansion.
+    /// A fused op's own decode path where there is one (one token, or a batched decode step of
+    /// up to [`FUSED_MAX_N`]): q/k/v, or gate/up and the activation, as one pool job; the rest of
+    /// its expansion then runs op by op. `Ok(false)`: none here, the caller runs the whole
+    /// expansion.
     pub(crate) fn fused(&mut self, step: &Step<'_>, op: &Op<BufId, WeightId>) -> Result<bool> {
         let done = match *op {
-            Op::Qkv { x: MatIn::Q8(xq), wq, wk, wv, q, k, v, n: 1, .. } => {
-                self.fused_q8(xq, &[(q, wq), (k, wk), (v, wv)], None)?
+            Op::Qkv { x: MatIn::Q8(xq), wq, wk, wv, q, k, v, n: n @ 1..=FUSED_MAX_N, .. } => {
+                self.fused_q8(xq, n, &[(q, wq), (k, wk), (v, wv)], None)?
             }
-            Op::GatedFfn { x: MatIn::Q8(xq), w_gate, w_up, gate, up, out, n: 1, kind, .. } => {
+            Op::GatedFfn { x: MatIn::Q8(xq), w_gate, w_up, gate, up, out, n: n @ 1..=FUSED_MAX_N, kind, .. } => {
                 let f = match kind {
                     Gate::GeluTanh => self.k.gelu_mul,
                     Gate::Silu => self.k.silu_mul,
                 };
-                self.fused_q8(xq, &[(gate, w_gate), (up, w_up)], Some((out, f)))?
+                self.fused_q8(xq, n, &[(gate, w_gate), (up, w_up)], Some((out, f)))?
+            }
+            Op::AddRmsNorm { x, x_out, branch, post, out, w, quant, rows: rows @ 2.., dim, eps } => {
+                // The whole junction done here: nothing of the expansion is left to run.
+                let done = self.fused_norm(x, x_out, branch, post, out, w, quant, rows, dim, eps)?;
+                if done {
+                    self.held = None;
+                }
+                return Ok(done);
             }
             _ => false,
         };
@@ -949,6 +959,97 @@ impl Cpu {
         Ok(done)
     }
 
+    /// The residual junction (`Op::AddRmsNorm`) of a step of several rows as one pool job, a row
+    /// per task: each row's branch norm, add, norm and quantization, the expansion's own kernels
+    /// on that row, so the results are identical. `Ok(false)`: buffers shared in a way this
+    /// does not cover; the caller expands the op.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_norm(
+        &mut self,
+        x: View<BufId>,
+        x_out: View<BufId>,
+        branch: Option<View<BufId>>,
+        post: Option<WeightId>,
+        out: View<BufId>,
+        w: WeightId,
+        quant: Option<QuantOut<BufId>>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<bool> {
+        let Cpu { host, pool, k, row, .. } = self;
+        let k = *k;
+        // Outputs in buffers of their own; x in place or elsewhere; the branch apart from all.
+        let outs = [Some(x_out.buf), Some(out.buf), quant.map(|q| q.out.buf)];
+        let distinct = x_out.buf != out.buf && quant.is_none_or(|q| q.out.buf != x_out.buf && q.out.buf != out.buf);
+        let reads_out = |v: View<BufId>| outs.contains(&Some(v.buf));
+        if !distinct || branch.is_some_and(reads_out) || (x.buf != x_out.buf && reads_out(x)) {
+            return Ok(false);
+        }
+        if x.buf == x_out.buf && x.offset != x_out.offset || (branch.is_none() && x != x_out) {
+            return Ok(false);
+        }
+        let (bufs, weights) = host.parts_mut();
+        // The norm weights side by side in `row` (sized for two at load).
+        let (wv, pv) = row.split_at_mut(dim);
+        weight(weights, w).dequantize_row(0, wv);
+        if let Some(p) = post {
+            weight(weights, p).dequantize_row(0, &mut pv[..dim]);
+        }
+        let (wv, pv) = (&*wv, &pv[..dim]);
+        let per = quant.map_or(0, |q| dim / act_block(q.layout) * act_words(q.layout));
+        let mut xo_buf = std::mem::take(&mut bufs[x_out.buf.0 as usize]);
+        let mut out_buf = std::mem::take(&mut bufs[out.buf.0 as usize]);
+        let mut q_buf = quant.map(|q| std::mem::take(&mut bufs[q.out.buf.0 as usize])).unwrap_or_default();
+        {
+            let xs = (x.buf != x_out.buf).then(|| &bufs[x.buf.0 as usize][x.offset..x.offset + rows * dim]);
+            let br = branch.map(|b| &bufs[b.buf.0 as usize][b.offset..b.offset + rows * dim]);
+            let xo = Disjoint::new(&mut xo_buf[x_out.offset..x_out.offset + rows * dim]);
+            let o = Disjoint::new(&mut out_buf[out.offset..out.offset + rows * dim]);
+            let qo = quant.map(|q| Disjoint::new(&mut q_buf[q.out.offset..q.out.offset + rows * per]));
+            let chunks = Chunks::new(rows, 1);
+            let job = |_| {
+                for r in &chunks {
+                    for t in r {
+                        // SAFETY: row t of each output belongs to this task alone.
+                        let (xr, orow) = unsafe { (xo.part(t * dim, dim), o.part(t * dim, dim)) };
+                        if let Some(b) = br {
+                            let b = &b[t * dim..(t + 1) * dim];
+                            // The normed branch passes through `out`, as the expansion does.
+                            let add: &[f32] = match post {
+                                Some(_) => {
+                                    k::rmsnorm(orow, b, pv, eps);
+                                    orow
+                                }
+                                None => b,
+                            };
+                            match xs {
+                                Some(xs) => k::add(xr, &xs[t * dim..(t + 1) * dim], add),
+                                None => k::add_inplace(xr, add),
+                            }
+                        }
+                        k::rmsnorm(orow, xr, wv, eps);
+                        if let (Some(qo), Some(q)) = (&qo, quant) {
+                            // SAFETY: as above.
+                            let dst = unsafe { qo.part(t * per, per) };
+                            match q.layout {
+                                ActLayout::Q8A => (k.quantize_q8a)(orow, q8a_blocks_mut(dst)),
+                                ActLayout::Q8K => (k.quantize_q8k)(orow, q8k_blocks_mut(dst)),
+                            }
+                        }
+                    }
+                }
+            };
+            if pool.threads() == 1 || rows * dim < PAR_ELEMS { job(0) } else { pool.run(&job) }
+        }
+        bufs[x_out.buf.0 as usize] = xo_buf;
+        bufs[out.buf.0 as usize] = out_buf;
+        if let Some(q) = quant {
+            bufs[q.out.buf.0 as usize] = q_buf;
+        }
+        Ok(true)
+    }
+
     /// Decode (one token): the matmuls of `mats` all read the quantized activations in `xq`, and
     /// run as one pool job whose chunks cover every weight's rows, so a small k or v projection
     /// costs no dispatch and barrier of its own. With `gate` (`mats` = gate, up), each chunk
@@ -959,11 +1060,12 @@ impl Cpu {
     pub(crate) fn fused_q8(
         &mut self,
         xq: View<BufId>,
+        n: usize,
         mats: &[(View<BufId>, WeightId)],
         gate: Option<(View<BufId>, crate::simd::Gated)>,
     ) -> Result<bool> {
         const MAX: usize = 3;
-        let Cpu { host, pool, k, .. } = self;
+        let Cpu { host, pool, k, scratch, .. } = self;
         let (k, threads) = (*k, pool.threads());
         let Some(&(_, w0)) = mats.first() else { return Ok(true) };
         let cols = host.weight(w0).map_or(0, |w| w.cols);
@@ -976,7 +1078,7 @@ impl Cpu {
             if mats.len() > MAX || wt.format.act_layout() != Some(layout) || wt.cols != cols {
                 return Ok(false);
             }
-            bytes += wt.rows * wt.row_bytes();
+            bytes += wt.rows * wt.row_bytes() * n;
             let _ = bufs_out.push(out.buf.0);
         }
         // The activation goes to its own buffer, or in place over the gate's rows.
@@ -992,8 +1094,14 @@ impl Cpu {
         if !distinct || bufs_out.contains(&xq.buf.0) || gate.is_some() && mats.len() != 2 {
             return Ok(false);
         }
-        let words = cols / act_block(layout) * act_words(layout);
+        let words = n * cols / act_block(layout) * act_words(layout);
         let serial = threads == 1 || bytes < SERIAL_BYTES;
+        // Several tokens: each chunk's rows × tokens go through a thread's tile (gate and up:
+        // two), then to their places.
+        let max_chunk = if n == 1 { 0 } else { BATCH_CHUNK_MAX };
+        for s in scratch.iter() {
+            grow(&mut lock(s).tile, 2 * max_chunk * n)?;
+        }
 
         // Lend each output buffer out of the arena for the job (`mem::take`: no allocation).
         let (bufs, weights) = host.parts_mut();
@@ -1009,14 +1117,14 @@ impl Cpu {
                 let wt = weight(weights, w);
                 let (rows, rb) = (wt.rows, wt.row_bytes());
                 let o = outs.next().expect("one buffer per output");
-                let chunk = decode_chunk(rows, rb, threads);
-                let out = Disjoint::new(&mut o[out.offset..out.offset + rows]);
+                let chunk = if n == 1 { decode_chunk(rows, rb, threads) } else { batch_chunk(rows, threads) };
+                let out = Disjoint::new(&mut o[out.offset..out.offset + n * rows]);
                 let _ = list.push(Mat { fmt: wt.format, w: wt.data.as_slice(), rows, row_bytes: rb, out, chunk });
             }
             let epi = gate.map(|(_, f)| Epilogue {
                 out: act_out.map(|v| {
                     let o = outs.next().expect("the activation's buffer");
-                    Disjoint::new(&mut o[v.offset..v.offset + list[0].rows])
+                    Disjoint::new(&mut o[v.offset..v.offset + n * list[0].rows])
                 }),
                 f,
             });
@@ -1025,9 +1133,10 @@ impl Cpu {
                 let c = list.iter().map(|m| m.chunk).max().unwrap_or(1);
                 list.iter_mut().for_each(|m| m.chunk = c);
             }
+            let job = Job { pool, scratch, serial, mats: &list, epi: epi.as_ref(), cols, n };
             match layout {
-                ActLayout::Q8A => fused_job(pool, serial, &list, epi.as_ref(), cols, q8a_blocks(xs), k.gemm_q8a),
-                ActLayout::Q8K => fused_job(pool, serial, &list, epi.as_ref(), cols, q8k_blocks(xs), k.gemm_q8k),
+                ActLayout::Q8A => fused_job(&job, q8a_blocks(xs), k.gemm_q8a),
+                ActLayout::Q8K => fused_job(&job, q8k_blocks(xs), k.gemm_q8k),
             }
         }
         for (t, &b) in taken.iter_mut().zip(bufs_out.iter()) {
@@ -1037,55 +1146,103 @@ impl Cpu {
     }
 }
 
-/// The chunks of every matmul in `mats` (with `epi`: of the gate/up pair, each chunk both and
-/// then the activation) as one pool job, or on this thread when `serial`.
-fn fused_job<A: Sync>(
-    pool: &Pool,
+/// Most tokens a fused q/k/v or gate/up job takes (batched decode); longer steps (prefill) take
+/// the matmuls one by one.
+const FUSED_MAX_N: usize = 16;
+/// Most rows of a batched fused job's chunk (its tile is rows × tokens).
+const BATCH_CHUNK_MAX: usize = 64;
+
+/// Rows per chunk of a matmul over several tokens (`par_gemm`'s): about four chunks a thread,
+/// 8–64 rows, whole 4-row tiles.
+fn batch_chunk(rows: usize, threads: usize) -> usize {
+    rows.div_ceil(threads * 4).clamp(8, BATCH_CHUNK_MAX).next_multiple_of(4).min(BATCH_CHUNK_MAX)
+}
+
+/// A fused group's job: its matmuls, the epilogue, the activations' shape, where it runs.
+struct Job<'a> {
+    pool: &'a Pool,
+    scratch: &'a [Mutex<Scratch>],
     serial: bool,
-    mats: &[Mat<'_>],
-    epi: Option<&Epilogue<'_>>,
+    mats: &'a [Mat<'a>],
+    epi: Option<&'a Epilogue<'a>>,
     cols: usize,
-    act: &[A],
-    gemm: Gemm<A>,
-) {
+    /// Tokens: each matmul's output is (n, rows).
+    n: usize,
+}
+
+/// The chunks of every matmul in `j.mats` (with `j.epi`: of the gate/up pair, each chunk both
+/// and then the activation) as one pool job, or on this thread when `serial`. One token: each
+/// chunk straight into its output; several: through the thread's tile, then each token's row
+/// segment to its place (as `par_gemm` does).
+fn fused_job<A: Sync>(j: &Job<'_>, act: &[A], gemm: Gemm<A>) {
+    let (mats, cols, n) = (j.mats, j.cols, j.n);
     let rows = |m: &Mat<'_>, c: usize| c * m.chunk..((c + 1) * m.chunk).min(m.rows);
-    /// Rows `r` of `m` into their output, which is returned.
+    /// Rows `r` of `m` for every token into `tile` (token `t`'s at `t·r.len()`), or straight into
+    /// the output (one token), which is then returned.
     #[allow(clippy::mut_from_ref)] // a `Disjoint` part, handed to one thread
-    fn part<'m, A>(m: &'m Mat<'_>, r: Range<usize>, cols: usize, act: &[A], gemm: Gemm<A>) -> &'m mut [f32] {
-        // SAFETY: each chunk of each matmul is handed to exactly one thread (`fused_job`).
-        let dst = unsafe { m.out.part(r.start, r.len()) };
-        gemm(m.fmt, &m.w[r.start * m.row_bytes..r.end * m.row_bytes], r.len(), cols, act, 1, dst);
-        dst
+    fn part<'m, A>(
+        m: &'m Mat<'_>,
+        r: Range<usize>,
+        cols: usize,
+        act: &[A],
+        gemm: Gemm<A>,
+        n: usize,
+        tile: &'m mut [f32],
+    ) -> &'m mut [f32] {
+        let w = &m.w[r.start * m.row_bytes..r.end * m.row_bytes];
+        if n == 1 {
+            // SAFETY: each chunk of each matmul is handed to exactly one thread (`fused_job`).
+            let dst = unsafe { m.out.part(r.start, r.len()) };
+            gemm(m.fmt, w, r.len(), cols, act, 1, dst);
+            return dst;
+        }
+        let tile = &mut tile[..n * r.len()];
+        gemm(m.fmt, w, r.len(), cols, act, n, tile);
+        for t in 0..n {
+            // SAFETY: rows `r` of every token's output row belong to this chunk alone.
+            let dst = unsafe { m.out.part(t * m.rows + r.start, r.len()) };
+            dst.copy_from_slice(&tile[t * r.len()..(t + 1) * r.len()]);
+        }
+        tile
     }
-    let part = |m, r| part(m, r, cols, act, gemm);
-    let total: usize = match epi {
+    let total: usize = match j.epi {
         Some(_) => mats[0].rows.div_ceil(mats[0].chunk),
         None => mats.iter().map(|m| m.rows.div_ceil(m.chunk)).sum(),
     };
     let chunks = Chunks::new(total, 1);
-    let job = |_| {
+    let job = |i: usize| {
+        let mut sc = (n > 1).then(|| lock(&j.scratch[i]));
+        let (t0, t1) = match sc.as_mut() {
+            Some(s) => s.tile.split_at_mut(BATCH_CHUNK_MAX * n),
+            None => (&mut [][..], &mut [][..]),
+        };
         for i in &chunks {
             let mut c = i.start;
-            if let Some(e) = epi {
+            if let Some(e) = j.epi {
                 let r = rows(&mats[0], c);
-                let g = part(&mats[0], r.clone());
-                let u = part(&mats[1], r.clone());
-                match &e.out {
-                    // SAFETY: as the gate's rows: this chunk's alone.
-                    Some(o) => (e.f)(unsafe { o.part(r.start, r.len()) }, Some(&*g), u),
-                    None => (e.f)(g, None, u),
+                let len = r.len();
+                let g = part(&mats[0], r.clone(), cols, act, gemm, n, t0);
+                let u = part(&mats[1], r.clone(), cols, act, gemm, n, t1);
+                for t in 0..n {
+                    let (gt, ut) = (&g[t * len..(t + 1) * len], &u[t * len..(t + 1) * len]);
+                    // SAFETY: as the gate's rows: this chunk's alone, for every token.
+                    match &e.out {
+                        Some(o) => (e.f)(unsafe { o.part(t * mats[0].rows + r.start, len) }, Some(gt), ut),
+                        None if n == 1 => (e.f)(&mut g[..len], None, &u[..len]),
+                        None => (e.f)(unsafe { mats[0].out.part(t * mats[0].rows + r.start, len) }, None, ut),
+                    }
                 }
                 continue;
             }
             for m in mats {
-                let n = m.rows.div_ceil(m.chunk);
-                if c < n {
-                    part(m, rows(m, c));
+                let nc = m.rows.div_ceil(m.chunk);
+                if c < nc {
+                    part(m, rows(m, c), cols, act, gemm, n, t0);
                     break;
                 }
-                c -= n;
+                c -= nc;
             }
         }
     };
-    if serial { job(0) } else { pool.run(&job) }
+    if j.serial { job(0) } else { j.pool.run(&job) }
 }

@@ -242,8 +242,9 @@ impl Backend for Cpu {
                 return Err(CpuError::BadWeight { format: w.format, rows: w.rows, cols: w.cols, bytes: w.data.len() });
             }
         }
-        // Size the norm-weight row now so that submit never has to grow it.
-        exec::grow(&mut self.row, w.cols)?;
+        // Size the norm-weight row now so that submit never has to grow it (two side by side: a
+        // junction's norms).
+        exec::grow(&mut self.row, 2 * w.cols)?;
         Ok(self.host.add_weight(w)?)
     }
 

@@ -26,13 +26,24 @@ uint f32_to_f16(float f) {
     return s | hm;
 }
 
+// An f16's value, exactly, without branches (so a kernel can issue many cache loads before
+// their uses): a normal half is its bits rebiased, a subnormal one m·2^-24 (a normal float).
+float kv_f16(uint h) {
+    uint a = h & 0x7FFFu;
+    uint nb = (a << 13) + 0x38000000u;              // exponent + (127 - 15)
+    nb = a >= 0x7C00u ? nb + 0x38000000u : nb;      // infinities and NaNs: exponent 255
+    float sub = float(a) * 5.9604644775390625e-8;   // 2^-24, exact
+    float mag = a < 0x400u ? sub : uintBitsToFloat(nb);
+    return uintBitsToFloat(floatBitsToUint(mag) | ((h & 0x8000u) << 16));
+}
+
 // The cache element at `idx`, an index in f32 words from the cache's word offset `off`
 // (`off + element`, as an f32 cache is addressed): read through `f` or, with KV16, widened
 // exactly from its half of word `off + element / 2` of `w` (the same buffer).
 float kv_ld(Floats f, Words w, uint off, uint idx) {
     if (KV16 == 0u) return f.v[idx];
     uint e = idx - off, x = w.v[off + (e >> 1)];
-    return f16_to_f32((e & 1u) != 0u ? x >> 16 : x & 0xFFFFu);
+    return kv_f16((x >> ((e & 1u) << 4)) & 0xFFFFu);
 }
 
 // Store `hd` values of `h` (elements `e0 ..`, e0 even for KV16) from word offset `off` of a cache,

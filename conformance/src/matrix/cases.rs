@@ -1293,8 +1293,19 @@ fn kv_f16(rng: &mut Rng) -> Vec<Group> {
             ring_rows(seqs, ring)
         };
         for (heads, kv_heads, head_dim) in [(4, 1, 256), (9, 3, 64)] {
-            let k = Arc::new(pack_f16(&rng.vec(cache_rows * kv_heads * head_dim, 1.0)));
-            let v = Arc::new(pack_f16(&rng.vec(cache_rows * kv_heads * head_dim, 1.0)));
+            // Some subnormal halves and signed zeros among them (widened exactly too).
+            let odd = |x: Vec<f32>| -> Vec<f32> {
+                x.iter()
+                    .enumerate()
+                    .map(|(i, &v)| match i % 13 {
+                        3 => v * 1e-6,
+                        7 => -0.0,
+                        _ => v,
+                    })
+                    .collect()
+            };
+            let k = Arc::new(pack_f16(&odd(rng.vec(cache_rows * kv_heads * head_dim, 1.0))));
+            let v = Arc::new(pack_f16(&odd(rng.vec(cache_rows * kv_heads * head_dim, 1.0))));
             for softcap in [0.0f32, 50.0] {
                 let scale = if softcap > 0.0 { 1.0 } else { 1.0 / (head_dim as f32).sqrt() };
                 let name = format!("Attention f16 {what}: {heads}/{kv_heads}x{head_dim} softcap={softcap}");
