@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use purehw_core::model::{Model, ModelOptions, SeqInput};
 use purehw_core::source::ModelSource;
-use purehw_hal::{ActQuant, Backend, KvType};
+use purehw_hal::{ActQuant, Backend};
 use purehw_hal_cpu_ref::CpuRef;
 
 use crate::{argmax, fixture, nmse, read_f32, read_json, top2_gap};
@@ -142,15 +142,7 @@ static REFERENCE_RUNS: Mutex<BTreeMap<RunKey, Arc<RunCell>>> = Mutex::new(BTreeM
 /// One key's runs, once computed.
 type RunCell = OnceLock<Arc<Vec<ReferenceRun>>>;
 
-const TWIN_OPTIONS: ModelOptions = ModelOptions {
-    ctx: 2048,
-    slots: 1,
-    max_batch: 128,
-    logit_rows: 1,
-    act: ActQuant::F32,
-    swa_ring: true,
-    kv: KvType::F32,
-};
+const TWIN_OPTIONS: ModelOptions = ModelOptions { ctx: 2048, ..ModelOptions::DEFAULT };
 
 /// Greedy `n` tokens (never stopping at EOS) on every prompt of a fixture's `cases.json`, on the
 /// reference (`CpuRef`), with the logits after the last one; computed once per binary.

@@ -47,16 +47,21 @@ pub struct ModelOptions {
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        ModelOptions {
-            ctx: 4096,
-            slots: 1,
-            max_batch: 128,
-            logit_rows: 1,
-            act: ActQuant::F32,
-            swa_ring: true,
-            kv: KvType::F32,
-        }
+        ModelOptions::DEFAULT
     }
+}
+
+impl ModelOptions {
+    /// [`Default::default`], usable in constants.
+    pub const DEFAULT: ModelOptions = ModelOptions {
+        ctx: 4096,
+        slots: 1,
+        max_batch: 128,
+        logit_rows: 1,
+        act: ActQuant::F32,
+        swa_ring: true,
+        kv: KvType::F32,
+    };
 }
 
 impl ModelOptions {

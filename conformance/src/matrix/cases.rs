@@ -39,11 +39,34 @@ pub(super) fn all() -> Vec<Group> {
     groups.extend(prologues(&mut rng));
     groups.extend(tails(&mut rng));
     // Ring caches (a sliding-window layer's): last, so the data of the groups above stays as it was.
-    groups.push(store_kv_ring(&mut rng));
-    groups.extend(attention_ring(&mut rng));
-    groups.push(qkv_ring(&mut rng));
-    // f16 caches: last too.
-    groups.extend(kv_f16(&mut rng));
+    groups.push(store_kv_caches(&mut rng, KvType::F32));
+    groups.extend(attention_caches(&mut rng, KvType::F32, &ring_attention_steps()));
+    groups.push(qkv_caches(&mut rng, KvType::F32, &ring_qkv_steps()));
+    // f16 caches, linear and ring: last too.
+    groups.push(store_kv_caches(&mut rng, KvType::F16));
+    let mut f16_steps = vec![
+        ("decode and prefill rows", 0, 0, mixed_seqs()),
+        (
+            "prefill blocks on a long context",
+            0,
+            0,
+            vec![
+                SeqSpan { row: 0, len: 37, cache_row: 0, pos0: 490, ring_row: 0 },
+                SeqSpan { row: 37, len: 3, cache_row: 640, pos0: 100, ring_row: 0 },
+            ],
+        ),
+    ];
+    f16_steps.push(ring_attention_steps().swap_remove(0));
+    groups.extend(attention_caches(&mut rng, KvType::F16, &f16_steps));
+    let mut qkv_steps = vec![(
+        vec![
+            SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 40, ring_row: 0 },
+            SeqSpan { row: 1, len: 6, cache_row: 64, pos0: 13, ring_row: 16 },
+        ],
+        0,
+    )];
+    qkv_steps.extend(ring_qkv_steps());
+    groups.push(qkv_caches(&mut rng, KvType::F16, &qkv_steps));
     groups
 }
 
@@ -420,34 +443,80 @@ fn ring_rows(seqs: &[SeqSpan], ring: usize) -> usize {
     seqs.iter().map(|s| s.ring_row as usize + ring.min((s.pos0 + s.len) as usize)).max().unwrap_or(0)
 }
 
-/// StoreKv into ring caches: a decode row, a prefill run that wraps the ring, a short sequence
-/// that has not filled it.
-fn store_kv_ring(rng: &mut Rng) -> Group {
-    let ring = 24;
-    let seqs = vec![
-        SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 700, ring_row: 0 },
-        SeqSpan { row: 1, len: 20, cache_row: 0, pos0: 15, ring_row: 24 },
-        SeqSpan { row: 21, len: 3, cache_row: 0, pos0: 2, ring_row: 48 },
-        SeqSpan { row: 24, len: 24, cache_row: 0, pos0: 253, ring_row: 72 },
-    ];
-    let mut cases = Vec::new();
-    for width in [64, 256] {
-        let step = StepData::of_seqs(&seqs);
-        let rows = step.positions.len();
-        let mut c = Case::new(format!("StoreKv ring={ring} width={width}"), step);
-        let src = c.random_at(rng, rows * width, 1.0, 1);
-        let cache = c.output_at(rng, ring_rows(&seqs, ring) * width, 3, "cache", Check::Exact);
-        c.op(Op::StoreKv { cache, src, width, ring, kv: KvType::F32 });
-        cases.push(c);
+/// Rows of the caches `seqs` reach: linear (`ring == 0`, from each sequence's `cache_row`) or
+/// rings of `ring` rows a slot.
+fn cache_rows(seqs: &[SeqSpan], ring: usize) -> usize {
+    match ring {
+        0 => seqs.iter().map(|s| (s.cache_row + s.pos0 + s.len) as usize).max().unwrap_or(0),
+        r => ring_rows(seqs, r),
     }
-    Group { name: "StoreKv, ring caches".into(), cases }
 }
 
-/// Attention over ring caches: `ring = window + longest - 1` (the least the contract allows),
-/// sequences whose keys wrap the ring, in decode and in prefill blocks (rows ≥ 32 take
-/// attention_blk on Vulkan), and key ranges crossing 256-key chunks.
-fn attention_ring(rng: &mut Rng) -> Vec<Group> {
-    let steps = [
+/// StoreKv into caches of `kv` elements: ring caches (a decode row, a prefill run wrapping the
+/// ring, a short sequence that has not filled it); for f16 also linear ones and rounding's edges.
+fn store_kv_caches(rng: &mut Rng, kv: KvType) -> Group {
+    let f16 = kv == KvType::F16;
+    let mut steps = vec![("ring", ring_seqs(), 24)];
+    if f16 {
+        steps.insert(0, ("mixed", mixed_seqs(), 0));
+    }
+    let mut cases = Vec::new();
+    for (name, seqs, ring) in steps {
+        for width in [64, 256] {
+            let step = StepData::of_seqs(&seqs);
+            let rows = step.positions.len();
+            let tag = if f16 { format!("f16 {name}") } else { format!("ring={ring}") };
+            let mut c = Case::new(format!("StoreKv {tag} width={width}"), step);
+            let src = c.random_at(rng, rows * width, 1.0, 1);
+            let cache = c.output_at(rng, cache_rows(&seqs, ring) * kv.row_words(width), 3, "cache", Check::Exact);
+            c.op(Op::StoreKv { cache, src, width, ring, kv });
+            cases.push(c);
+        }
+    }
+    if f16 {
+        // Rounding's edges: ties (to even), the largest half and overflow, subnormal halves and
+        // underflow (a tie at half the smallest), signed zeros and infinities.
+        let edges: Vec<f32> = [
+            1.0 + 1.0 / 2048.0,
+            1.0 + 3.0 / 2048.0,
+            -(1.0 + 1.0 / 2048.0),
+            65504.0,
+            65519.0,
+            65520.0,
+            -1e9,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            6.103_515_6e-5,
+            6.0e-5,
+            2f32.powi(-24),
+            2f32.powi(-25),
+            3.0 * 2f32.powi(-26),
+            1e-30,
+            -0.0,
+        ]
+        .into_iter()
+        .cycle()
+        .take(64)
+        .collect();
+        let seqs = [SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 3, ring_row: 0 }];
+        let mut c = Case::new("StoreKv f16 edge values", StepData::of_seqs(&seqs));
+        let src = c.input_at(rng, &edges, 1);
+        let cache = c.output_at(rng, 4 * 64 / 2, 3, "cache", Check::Exact);
+        c.op(Op::StoreKv { cache, src, width: 64, ring: 0, kv });
+        cases.push(c);
+    }
+    let name = if f16 { "StoreKv, f16 caches" } else { "StoreKv, ring caches" };
+    Group { name: name.into(), cases }
+}
+
+/// A step of attention over caches: what it is, window, ring (0: linear), its sequences.
+type AttnStep = (&'static str, usize, usize, Vec<SeqSpan>);
+
+/// Ring caches: `ring = window + longest - 1` (the least the contract allows), sequences whose
+/// keys wrap the ring, in decode and in prefill blocks (rows ≥ 32 take attention_blk on
+/// Vulkan), and key ranges crossing 256-key chunks.
+fn ring_attention_steps() -> Vec<AttnStep> {
+    vec![
         (
             "decode and prefill rows wrapping the ring",
             16,
@@ -468,25 +537,45 @@ fn attention_ring(rng: &mut Rng) -> Vec<Group> {
                 SeqSpan { row: 37, len: 3, cache_row: 0, pos0: 334, ring_row: 336 },
             ],
         ),
-    ];
+    ]
+}
+
+/// Attention over caches of `kv` elements for each step, GQA and plain, with and without a
+/// softcap. f16 caches hold random halves, with subnormal ones and signed zeros among them.
+fn attention_caches(rng: &mut Rng, kv: KvType, steps: &[AttnStep]) -> Vec<Group> {
+    let f16 = kv == KvType::F16;
+    // Some subnormal halves and signed zeros (widened exactly too), packed two a word.
+    let cache = |x: Vec<f32>| -> Vec<f32> {
+        if !f16 {
+            return x;
+        }
+        let odd: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| match i % 13 {
+                3 => v * 1e-6,
+                7 => -0.0,
+                _ => v,
+            })
+            .collect();
+        pack_f16(&odd)
+    };
     let mut groups = Vec::new();
-    for (what, window, ring, seqs) in &steps {
+    for (what, window, ring, seqs) in steps {
         let (window, ring) = (*window, *ring);
         let step = StepData::of_seqs(seqs);
         let rows = step.positions.len();
-        let cache_rows = ring_rows(seqs, ring);
+        let n = cache_rows(seqs, ring);
         for (heads, kv_heads, head_dim) in [(4, 1, 256), (9, 3, 64)] {
-            let k = Arc::new(rng.vec(cache_rows * kv_heads * head_dim, 1.0));
-            let v = Arc::new(rng.vec(cache_rows * kv_heads * head_dim, 1.0));
+            let k = Arc::new(cache(rng.vec(n * kv_heads * head_dim, 1.0)));
+            let v = Arc::new(cache(rng.vec(n * kv_heads * head_dim, 1.0)));
             let mut cases = Vec::new();
             for softcap in [0.0f32, 50.0] {
                 let scale = if softcap > 0.0 { 1.0 } else { 1.0 / (head_dim as f32).sqrt() };
-                let mut c = Case::new(
-                    format!(
-                        "Attention {what}: {heads}/{kv_heads}x{head_dim} window={window} ring={ring} softcap={softcap}"
-                    ),
-                    step.clone(),
-                );
+                let shape = format!("{heads}/{kv_heads}x{head_dim} window={window} ring={ring} softcap={softcap}");
+                let name =
+                    if f16 { format!("Attention f16 {what}: {shape}") } else { format!("Attention {what}: {shape}") };
+                let mut c = Case::new(name, step.clone());
                 let q = c.random_at(rng, rows * heads * head_dim, 1.0, 1);
                 let (kb, vb) = (c.shared(k.clone()), c.shared(v.clone()));
                 let out = c.output_at(rng, rows * heads * head_dim, 3, "out", Check::Float);
@@ -502,15 +591,92 @@ fn attention_ring(rng: &mut Rng) -> Vec<Group> {
                     window,
                     softcap,
                     ring,
-                    kv: KvType::F32,
+                    kv,
                 });
                 cases.push(c);
             }
-            groups
-                .push(Group { name: format!("Attention, ring caches, {what}, {heads}/{kv_heads}x{head_dim}"), cases });
+            let caches = if f16 { "f16 caches" } else { "ring caches" };
+            groups.push(Group { name: format!("Attention, {caches}, {what}, {heads}/{kv_heads}x{head_dim}"), cases });
         }
     }
     groups
+}
+
+/// Qkv's steps over ring caches of 16 rows a slot: one token, and a batch of two sequences.
+fn ring_qkv_steps() -> Vec<(Vec<SeqSpan>, usize)> {
+    vec![
+        (vec![SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 37, ring_row: 16 }], 16),
+        (
+            vec![
+                SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 40, ring_row: 0 },
+                SeqSpan { row: 1, len: 6, cache_row: 0, pos0: 13, ring_row: 16 },
+            ],
+            16,
+        ),
+    ]
+}
+
+/// Qkv storing into caches of `kv` elements through its epilogue, for each (step, ring): a
+/// quantized format and a float one, f32 and quantized input.
+fn qkv_caches(rng: &mut Rng, kv: KvType, steps: &[(Vec<SeqSpan>, usize)]) -> Group {
+    let (heads, kv_heads, head_dim, cols) = (4, 2, 64, 256);
+    let rope = Some(RopeSpec { theta: 1e4, scale: 1.0, mode: RopeMode::Neox });
+    let f16 = kv == KvType::F16;
+    let mut cases = Vec::new();
+    for fmt in [Format::Q8_0, Format::F16] {
+        let layout = fmt.act_layout();
+        for input in [Input::F32, Input::Q8] {
+            if input == Input::Q8 && layout.is_none() {
+                continue;
+            }
+            for (seqs, ring) in steps {
+                let ring = *ring;
+                let step = StepData::of_seqs(seqs);
+                let n = step.positions.len();
+                let tag = if f16 { "f16 caches, " } else { "" };
+                let mut c = Case::new(format!("Qkv {fmt:?} {input:?} input, {tag}ring={ring}, n={n}"), step);
+                let wq = c.weight(weight(rng, fmt, heads * head_dim, cols));
+                let wk = c.weight(weight(rng, fmt, kv_heads * head_dim, cols));
+                let wv = c.weight(weight(rng, fmt, kv_heads * head_dim, cols));
+                let (q_norm, k_norm) =
+                    (Some(c.weight(norm_weight(rng, head_dim))), Some(c.weight(norm_weight(rng, head_dim))));
+                let x = activations(rng, n, cols);
+                let x = mat_in(&mut c, rng, &x, n, cols, input, layout);
+                let q = c.output_at(rng, n * heads * head_dim, 3, "q", Check::Float);
+                let k = c.output_at(rng, n * kv_heads * head_dim, 0, "k", Check::Float);
+                let v = c.output_at(rng, n * kv_heads * head_dim, 1, "v", Check::Float);
+                // f16 caches are pairs of halves in a word: compared bit for bit.
+                let check = if f16 { Check::Exact } else { Check::Float };
+                let cache = cache_rows(seqs, ring) * kv.row_words(kv_heads * head_dim);
+                let k_cache = Some(c.output_at(rng, cache, 0, "k cache", check));
+                let v_cache = Some(c.output_at(rng, cache, 2, "v cache", check));
+                c.op(Op::Qkv {
+                    x,
+                    wq,
+                    wk,
+                    wv,
+                    q,
+                    k,
+                    v,
+                    n,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    q_norm,
+                    k_norm,
+                    eps: 1e-6,
+                    rope,
+                    k_cache,
+                    v_cache,
+                    ring,
+                    kv,
+                });
+                cases.push(c);
+            }
+        }
+    }
+    let name = if f16 { "Qkv, f16 caches" } else { "Qkv, ring caches" };
+    Group { name: name.into(), cases }
 }
 
 fn attention(rng: &mut Rng) -> Vec<Group> {
@@ -809,70 +975,6 @@ fn mat_in(
         Input::Int8 => MatIn::F32 { x: c.input_at(rng, x, 1), act: ActQuant::Int8 },
         Input::Q8 => MatIn::Q8(c.buf(quantize_rows(x, n, cols, layout.expect("block formats")))),
     }
-}
-
-/// Qkv storing into ring caches: one decode row (the matmuls' tail epilogue on Vulkan), and a
-/// step whose rows wrap the ring.
-fn qkv_ring(rng: &mut Rng) -> Group {
-    let (heads, kv_heads, head_dim, cols, ring) = (4, 2, 64, 256, 16);
-    let rope = Some(RopeSpec { theta: 1e4, scale: 1.0, mode: RopeMode::Neox });
-    let steps = [
-        vec![SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 37, ring_row: 16 }],
-        vec![
-            SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 40, ring_row: 0 },
-            SeqSpan { row: 1, len: 6, cache_row: 0, pos0: 13, ring_row: 16 },
-        ],
-    ];
-    let mut cases = Vec::new();
-    for fmt in [Format::Q8_0, Format::F16] {
-        let layout = fmt.act_layout();
-        for input in [Input::F32, Input::Q8] {
-            if input == Input::Q8 && layout.is_none() {
-                continue;
-            }
-            for seqs in &steps {
-                let step = StepData::of_seqs(seqs);
-                let n = step.positions.len();
-                let mut c = Case::new(format!("Qkv {fmt:?} {input:?} input, ring={ring}, n={n}"), step);
-                let wq = c.weight(weight(rng, fmt, heads * head_dim, cols));
-                let wk = c.weight(weight(rng, fmt, kv_heads * head_dim, cols));
-                let wv = c.weight(weight(rng, fmt, kv_heads * head_dim, cols));
-                let (q_norm, k_norm) =
-                    (Some(c.weight(norm_weight(rng, head_dim))), Some(c.weight(norm_weight(rng, head_dim))));
-                let x = activations(rng, n, cols);
-                let x = mat_in(&mut c, rng, &x, n, cols, input, layout);
-                let q = c.output_at(rng, n * heads * head_dim, 3, "q", Check::Float);
-                let k = c.output_at(rng, n * kv_heads * head_dim, 0, "k", Check::Float);
-                let v = c.output_at(rng, n * kv_heads * head_dim, 1, "v", Check::Float);
-                let cache = ring_rows(seqs, ring) * kv_heads * head_dim;
-                let k_cache = Some(c.output_at(rng, cache, 0, "k cache", Check::Float));
-                let v_cache = Some(c.output_at(rng, cache, 2, "v cache", Check::Float));
-                c.op(Op::Qkv {
-                    x,
-                    wq,
-                    wk,
-                    wv,
-                    q,
-                    k,
-                    v,
-                    n,
-                    heads,
-                    kv_heads,
-                    head_dim,
-                    q_norm,
-                    k_norm,
-                    eps: 1e-6,
-                    rope,
-                    k_cache,
-                    v_cache,
-                    ring,
-                    kv: KvType::F32,
-                });
-                cases.push(c);
-            }
-        }
-    }
-    Group { name: "Qkv, ring caches".into(), cases }
 }
 
 fn qkv(rng: &mut Rng) -> Vec<Group> {
@@ -1206,197 +1308,8 @@ fn pack_f16(vals: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// The cache ops on f16 caches: stores (linear and ring), attention (decode, prefill blocks,
-/// ring, GQA, softcap) over caches of random f16 values, and Qkv storing through its epilogue
-/// (one token, several, a ring).
-fn kv_f16(rng: &mut Rng) -> Vec<Group> {
-    let kv = KvType::F16;
-    let mut stores = Vec::new();
-    for (name, seqs, ring) in [("mixed", mixed_seqs(), 0usize), ("ring", ring_seqs(), 24)] {
-        for width in [64, 256] {
-            let step = StepData::of_seqs(&seqs);
-            let rows = step.positions.len();
-            let cache_rows = if ring == 0 {
-                seqs.iter().map(|s| (s.cache_row + s.pos0 + s.len) as usize).max().unwrap_or(0)
-            } else {
-                ring_rows(&seqs, ring)
-            };
-            let mut c = Case::new(format!("StoreKv f16 {name} width={width}"), step);
-            let src = c.random_at(rng, rows * width, 1.0, 1);
-            let cache = c.output_at(rng, cache_rows * width / 2, 3, "cache", Check::Exact);
-            c.op(Op::StoreKv { cache, src, width, ring, kv });
-            stores.push(c);
-        }
-    }
-    // Rounding's edges: ties (to even), the largest half and overflow, subnormal halves and
-    // underflow (a tie at half the smallest), signed zeros and infinities.
-    let edges: Vec<f32> = [
-        1.0 + 1.0 / 2048.0,
-        1.0 + 3.0 / 2048.0,
-        -(1.0 + 1.0 / 2048.0),
-        65504.0,
-        65519.0,
-        65520.0,
-        -1e9,
-        f32::INFINITY,
-        f32::NEG_INFINITY,
-        6.103_515_6e-5,
-        6.0e-5,
-        2f32.powi(-24),
-        2f32.powi(-25),
-        3.0 * 2f32.powi(-26),
-        1e-30,
-        -0.0,
-    ]
-    .into_iter()
-    .cycle()
-    .take(64)
-    .collect();
-    let seqs = [SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 3, ring_row: 0 }];
-    let mut c = Case::new("StoreKv f16 edge values", StepData::of_seqs(&seqs));
-    let src = c.input_at(rng, &edges, 1);
-    let cache = c.output_at(rng, 4 * 64 / 2, 3, "cache", Check::Exact);
-    c.op(Op::StoreKv { cache, src, width: 64, ring: 0, kv });
-    stores.push(c);
-    let mut groups = vec![Group { name: "StoreKv, f16 caches".into(), cases: stores }];
-
-    let steps = [
-        ("decode and prefill rows", mixed_seqs(), 0usize, 0usize),
-        (
-            "prefill blocks on a long context",
-            vec![
-                SeqSpan { row: 0, len: 37, cache_row: 0, pos0: 490, ring_row: 0 },
-                SeqSpan { row: 37, len: 3, cache_row: 640, pos0: 100, ring_row: 0 },
-            ],
-            0,
-            0,
-        ),
-        (
-            "ring, decode and prefill rows wrapping it",
-            vec![
-                SeqSpan { row: 0, len: 16, cache_row: 0, pos0: 610, ring_row: 0 },
-                SeqSpan { row: 16, len: 1, cache_row: 0, pos0: 700, ring_row: 31 },
-                SeqSpan { row: 17, len: 5, cache_row: 0, pos0: 2, ring_row: 62 },
-            ],
-            16,
-            31,
-        ),
-    ];
-    let mut attn = Vec::new();
-    for (what, seqs, window, ring) in &steps {
-        let (window, ring) = (*window, *ring);
-        let step = StepData::of_seqs(seqs);
-        let rows = step.positions.len();
-        let cache_rows = if ring == 0 {
-            seqs.iter().map(|s| (s.cache_row + s.pos0 + s.len) as usize).max().unwrap_or(0)
-        } else {
-            ring_rows(seqs, ring)
-        };
-        for (heads, kv_heads, head_dim) in [(4, 1, 256), (9, 3, 64)] {
-            // Some subnormal halves and signed zeros among them (widened exactly too).
-            let odd = |x: Vec<f32>| -> Vec<f32> {
-                x.iter()
-                    .enumerate()
-                    .map(|(i, &v)| match i % 13 {
-                        3 => v * 1e-6,
-                        7 => -0.0,
-                        _ => v,
-                    })
-                    .collect()
-            };
-            let k = Arc::new(pack_f16(&odd(rng.vec(cache_rows * kv_heads * head_dim, 1.0))));
-            let v = Arc::new(pack_f16(&odd(rng.vec(cache_rows * kv_heads * head_dim, 1.0))));
-            for softcap in [0.0f32, 50.0] {
-                let scale = if softcap > 0.0 { 1.0 } else { 1.0 / (head_dim as f32).sqrt() };
-                let name = format!("Attention f16 {what}: {heads}/{kv_heads}x{head_dim} softcap={softcap}");
-                let mut c = Case::new(name, step.clone());
-                let q = c.random_at(rng, rows * heads * head_dim, 1.0, 1);
-                let (kb, vb) = (c.shared(k.clone()), c.shared(v.clone()));
-                let out = c.output_at(rng, rows * heads * head_dim, 3, "out", Check::Float);
-                c.op(Op::Attention {
-                    out,
-                    q,
-                    k: kb,
-                    v: vb,
-                    heads,
-                    kv_heads,
-                    head_dim,
-                    scale,
-                    window,
-                    softcap,
-                    ring,
-                    kv,
-                });
-                attn.push(c);
-            }
-        }
-    }
-    groups.push(Group { name: "Attention, f16 caches".into(), cases: attn });
-
-    let (heads, kv_heads, head_dim, cols) = (4, 2, 64, 256);
-    let rope = Some(RopeSpec { theta: 1e4, scale: 1.0, mode: RopeMode::Neox });
-    let qkv_steps = [
-        (vec![SeqSpan { row: 0, len: 1, cache_row: 64, pos0: 37, ring_row: 16 }], 0usize),
-        (
-            vec![
-                SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 40, ring_row: 0 },
-                SeqSpan { row: 1, len: 6, cache_row: 64, pos0: 13, ring_row: 16 },
-            ],
-            0,
-        ),
-        (vec![SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 37, ring_row: 16 }], 16),
-    ];
-    let mut qkvs = Vec::new();
-    for input in [Input::F32, Input::Q8] {
-        for (seqs, ring) in &qkv_steps {
-            let ring = *ring;
-            let step = StepData::of_seqs(seqs);
-            let n = step.positions.len();
-            let fmt = Format::Q8_0;
-            let mut c = Case::new(format!("Qkv f16 caches {input:?} input, ring={ring}, n={n}"), step);
-            let wq = c.weight(weight(rng, fmt, heads * head_dim, cols));
-            let wk = c.weight(weight(rng, fmt, kv_heads * head_dim, cols));
-            let wv = c.weight(weight(rng, fmt, kv_heads * head_dim, cols));
-            let (q_norm, k_norm) =
-                (Some(c.weight(norm_weight(rng, head_dim))), Some(c.weight(norm_weight(rng, head_dim))));
-            let x = activations(rng, n, cols);
-            let x = mat_in(&mut c, rng, &x, n, cols, input, fmt.act_layout());
-            let q = c.output_at(rng, n * heads * head_dim, 3, "q", Check::Float);
-            let k = c.output_at(rng, n * kv_heads * head_dim, 0, "k", Check::Float);
-            let v = c.output_at(rng, n * kv_heads * head_dim, 1, "v", Check::Float);
-            let rows = if ring == 0 { 128 } else { ring_rows(seqs, ring) };
-            let cache = rows * kv_heads * head_dim / 2;
-            let k_cache = Some(c.output_at(rng, cache, 0, "k cache", Check::Exact));
-            let v_cache = Some(c.output_at(rng, cache, 2, "v cache", Check::Exact));
-            c.op(Op::Qkv {
-                x,
-                wq,
-                wk,
-                wv,
-                q,
-                k,
-                v,
-                n,
-                heads,
-                kv_heads,
-                head_dim,
-                q_norm,
-                k_norm,
-                eps: 1e-6,
-                rope,
-                k_cache,
-                v_cache,
-                ring,
-                kv,
-            });
-            qkvs.push(c);
-        }
-    }
-    groups.push(Group { name: "Qkv, f16 caches".into(), cases: qkvs });
-    groups
-}
-
-/// The sequences of [`store_kv_ring`]'s step.
+/// The sequences of the ring caches' StoreKv step: a decode row, a prefill run that wraps the
+/// ring, a short sequence that has not filled it.
 fn ring_seqs() -> Vec<SeqSpan> {
     vec![
         SeqSpan { row: 0, len: 1, cache_row: 0, pos0: 700, ring_row: 0 },
