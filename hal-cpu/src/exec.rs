@@ -170,16 +170,7 @@ impl Cpu {
             for seq in step.seqs {
                 for i in 0..seq.len as usize {
                     let (row, dst) = (seq.row as usize + i, seq.row_of(seq.pos0 as usize + i, ring));
-                    let from = &s[row * width..(row + 1) * width];
-                    match kv {
-                        KvType::F32 => o[dst * width..(dst + 1) * width].copy_from_slice(from),
-                        KvType::F16 => {
-                            let h: &mut [u16] = bytemuck::cast_slice_mut(o);
-                            for (d, &x) in h[dst * width..(dst + 1) * width].iter_mut().zip(from) {
-                                *d = half::f16::from_f32(x).to_bits();
-                            }
-                        }
-                    }
+                    k::store_kv_row(o, dst, &s[row * width..(row + 1) * width], kv);
                 }
             }
         })?;

@@ -39,6 +39,21 @@ impl KvType {
     }
 }
 
+/// Store one cache row: `src` (a row of `src.len()` elements) into row `row` of a cache of `kv`
+/// elements held in f32 words, rounding to f16 (ties to even) for `F16`.
+pub fn store_kv_row(cache: &mut [f32], row: usize, src: &[f32], kv: KvType) {
+    let w = src.len();
+    match kv {
+        KvType::F32 => cache[row * w..(row + 1) * w].copy_from_slice(src),
+        KvType::F16 => {
+            let h: &mut [half::f16] = bytemuck::cast_slice_mut(cache);
+            for (d, &x) in h[row * w..(row + 1) * w].iter_mut().zip(src) {
+                *d = half::f16::from_f32(x);
+            }
+        }
+    }
+}
+
 /// A KV-cache element as [`attend`] reads it.
 pub trait KvElem: Copy {
     fn load(self) -> f32;
