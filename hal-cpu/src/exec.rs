@@ -92,8 +92,10 @@ impl Cpu {
                 let Cpu { host, pool, .. } = self;
                 host.with_out(out, rows, |o, inputs, _| {
                     let xs = inputs.slice(x, rows * cols);
-                    for (r, o) in o.iter_mut().enumerate() {
-                        *o = par_argmax(pool, &xs[r * cols..(r + 1) * cols]) as f32;
+                    if !par_argmax_rows(pool, xs, cols, o) {
+                        for (r, o) in o.iter_mut().enumerate() {
+                            *o = par_argmax(pool, &xs[r * cols..(r + 1) * cols]) as f32;
+                        }
                     }
                 })?;
                 Ok(())
@@ -233,8 +235,25 @@ impl Cpu {
             return Ok(());
         }
         let half = head_dim / 2;
-        let key = (theta.to_bits(), scale.to_bits(), head_dim);
+        let ti = self.rope_table(step, theta, scale, head_dim)?;
         let Cpu { host, pool, rope, .. } = self;
+        let cs = &rope[ti].cos_sin;
+        host.with_out(x, len, |o, _, _| {
+            par_rows(pool, o, width, rows, len, |t, row| {
+                for head in row.chunks_exact_mut(head_dim) {
+                    rope_head(head, &cs[t * half * 2..(t + 1) * half * 2], mode);
+                }
+            })
+        })?;
+        Ok(())
+    }
+
+    /// The index in `self.rope` of the step's cos/sin table for these frequencies (the
+    /// reference's `rope_cos_sin`, `(t·half + i)·2 ..` for row `t`), computed once per step.
+    fn rope_table(&mut self, step: &Step<'_>, theta: f32, scale: f32, head_dim: usize) -> Result<usize> {
+        let half = head_dim / 2;
+        let key = (theta.to_bits(), scale.to_bits(), head_dim);
+        let rope = &mut self.rope;
         let ti = match rope.iter().position(|t| t.key == key) {
             Some(i) => i,
             None => {
@@ -255,25 +274,7 @@ impl Cpu {
             }
             table.valid = true;
         }
-        let cs = &table.cos_sin;
-        host.with_out(x, len, |o, _, _| {
-            par_rows(pool, o, width, rows, len, |t, row| {
-                for i in 0..half {
-                    let (c, s) = (cs[(t * half + i) * 2], cs[(t * half + i) * 2 + 1]);
-                    let (ia, ib) = match mode {
-                        RopeMode::Neox => (i, i + half),
-                        RopeMode::Interleaved => (2 * i, 2 * i + 1),
-                    };
-                    for head in row.chunks_exact_mut(head_dim) {
-                        // rotate(a, b): (a·cos − b·sin, b·cos + a·sin), as the reference.
-                        let (a, b) = (head[ia], head[ib]);
-                        head[ia] = a * c - b * s;
-                        head[ib] = b * c + a * s;
-                    }
-                }
-            })
-        })?;
-        Ok(())
+        Ok(ti)
     }
 
     /// `rows` rows of `cols` quantized into the output's words as blocks, rows split across the
@@ -551,6 +552,22 @@ const MAX_QUERIES: usize = 64;
 /// values stay in the core's caches meanwhile.
 const KEY_BLOCK: usize = 64;
 
+/// RoPE of one head in place from its row's table (`cs[2i]`, `cs[2i + 1]` = cos, sin of pair
+/// `i`): `rotate(a, b) = (a·cos − b·sin, b·cos + a·sin)`, as the reference.
+fn rope_head(head: &mut [f32], cs: &[f32], mode: RopeMode) {
+    let half = head.len() / 2;
+    for i in 0..half {
+        let (c, s) = (cs[2 * i], cs[2 * i + 1]);
+        let (ia, ib) = match mode {
+            RopeMode::Neox => (i, i + half),
+            RopeMode::Interleaved => (2 * i, 2 * i + 1),
+        };
+        let (a, b) = (head[ia], head[ib]);
+        head[ia] = a * c - b * s;
+        head[ib] = b * c + a * s;
+    }
+}
+
 /// `f(range, out[range])` over `out` in parts, split across the pool when it is long: for
 /// elementwise ops, whose parts compute exactly what the whole would.
 fn par_elems(pool: &Pool, out: &mut [f32], f: impl Fn(Range<usize>, &mut [f32]) + Sync) {
@@ -593,6 +610,38 @@ fn par_argmax(pool: &Pool, x: &[f32]) -> u32 {
     let (key, i) = *lock(&best);
     // All keys −∞ (or NaN): the reference's 0.
     if key == f32::NEG_INFINITY { 0 } else { i as u32 }
+}
+
+/// The argmax of each of several rows (a batched step's logits) as one pool job over every
+/// row's parts, `out[r]` = row `r`'s (as [`par_argmax`]: the pairs combine in any order).
+/// `false`: one row, or more than this handles at once; the caller takes them one by one.
+fn par_argmax_rows(pool: &Pool, x: &[f32], cols: usize, out: &mut [f32]) -> bool {
+    const PART: usize = 16 << 10;
+    const MAX_ROWS: usize = 64;
+    let rows = out.len();
+    if !(2..=MAX_ROWS).contains(&rows) || pool.threads() == 1 || cols == 0 {
+        return false;
+    }
+    let per = cols.div_ceil(PART);
+    let best = Mutex::new([(f32::NEG_INFINITY, usize::MAX); MAX_ROWS]);
+    let chunks = Chunks::new(rows * per, 1);
+    pool.run(&|_| {
+        for c in &chunks {
+            for t in c {
+                let (r, p) = (t / per, t % per);
+                let part = p * PART..((p + 1) * PART).min(cols);
+                let (key, i) = lanes_argmax(&x[r * cols + part.start..r * cols + part.end]);
+                let mut b = lock(&best);
+                b[r] = first_max(b[r], (key, part.start + i));
+            }
+        }
+    });
+    let b = lock(&best);
+    for (o, &(key, i)) in out.iter_mut().zip(b.iter()) {
+        // All keys −∞ (or NaN): the reference's 0.
+        *o = if key == f32::NEG_INFINITY { 0.0 } else { i as f32 };
+    }
+    true
 }
 
 /// The larger key of two (key, index) pairs, the smaller index on ties.
@@ -921,7 +970,13 @@ impl Cpu {
     pub(crate) fn fused(&mut self, step: &Step<'_>, op: &Op<BufId, WeightId>) -> Result<bool> {
         let done = match *op {
             Op::Qkv { x: MatIn::Q8(xq), wq, wk, wv, q, k, v, n: n @ 1..=FUSED_MAX_N, .. } => {
-                self.fused_q8(xq, n, &[(q, wq), (k, wk), (v, wv)], None)?
+                let done = self.fused_q8(xq, n, &[(q, wq), (k, wk), (v, wv)], None)?;
+                // Several rows: the epilogue (norms, RoPE, the caches) as one job too.
+                if done && n >= 2 && self.fused_qkv_epilogue(step, op)? {
+                    self.held = None;
+                    return Ok(true);
+                }
+                done
             }
             Op::GatedFfn { x: MatIn::Q8(xq), w_gate, w_up, gate, up, out, n: n @ 1..=FUSED_MAX_N, kind, .. } => {
                 let f = match kind {
@@ -948,6 +1003,121 @@ impl Cpu {
             })?;
         }
         Ok(done)
+    }
+
+    /// Qkv's epilogue after its matmuls, for a step of several rows, as one pool job of a (row,
+    /// head) a task: a q or k head's norm and RoPE in place, a k or v head's part of the row
+    /// stored in its cache (`kernels::ops::store_kv_row` on that part). Each head is the
+    /// expansion's RmsNorm / Rope / StoreKv on those elements, so the results are identical.
+    /// `Ok(false)`: buffers shared in a way this does not cover; the caller expands the rest.
+    fn fused_qkv_epilogue(&mut self, step: &Step<'_>, op: &Op<BufId, WeightId>) -> Result<bool> {
+        let Op::Qkv {
+            q,
+            k: kb,
+            v,
+            n,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            q_norm,
+            k_norm,
+            eps,
+            rope,
+            k_cache,
+            v_cache,
+            ring,
+            kv,
+            ..
+        } = *op
+        else {
+            return Ok(false);
+        };
+        let mut ids = heapless::Vec::<u32, 5>::new();
+        for b in [Some(q), Some(kb), Some(v), k_cache, v_cache].into_iter().flatten() {
+            let _ = ids.push(b.buf.0);
+        }
+        if !ids.iter().enumerate().all(|(i, b)| !ids[..i].contains(b)) || n > step.positions.len() {
+            return Ok(false);
+        }
+        let table = match rope {
+            Some(r) => Some((self.rope_table(step, r.theta, r.scale, hd)?, r.mode)),
+            None => None,
+        };
+        let cache_rows = cache_rows_needed(step, ring, "Qkv")?;
+        let Cpu { host, pool, row, rope: tables, .. } = self;
+        let (bufs, weights) = host.parts_mut();
+        let (qn, kn) = row.split_at_mut(hd);
+        if let Some(w) = q_norm {
+            weight(weights, w).dequantize_row(0, qn);
+        }
+        if let Some(w) = k_norm {
+            weight(weights, w).dequantize_row(0, &mut kn[..hd]);
+        }
+        let (qn, kn) = (&*qn, &kn[..hd]);
+        let cs = table.map(|(ti, mode)| (&tables[ti].cos_sin[..], mode));
+        let (qw, kvw) = (heads * hd, kv_heads * hd);
+        let mut taken: [Vec<f32>; 5] = Default::default();
+        for (t, &b) in taken.iter_mut().zip(ids.iter()) {
+            *t = std::mem::take(&mut bufs[b as usize]);
+        }
+        {
+            let [tq, tk, tv, rest @ ..] = &mut taken;
+            let qd = Disjoint::new(&mut tq[q.offset..q.offset + n * qw]);
+            let kd = Disjoint::new(&mut tk[kb.offset..kb.offset + n * kvw]);
+            let vd = Disjoint::new(&mut tv[v.offset..v.offset + n * kvw]);
+            let words = cache_rows * kv.row_words(kvw);
+            let mut caches = rest.iter_mut();
+            let kc = k_cache.map(|c| Disjoint::new(&mut caches.next().expect("k cache")[c.offset..c.offset + words]));
+            let vc = v_cache.map(|c| Disjoint::new(&mut caches.next().expect("v cache")[c.offset..c.offset + words]));
+            let half = hd / 2;
+            // A row's sequence and its cache row.
+            let place = |t: usize| {
+                step.seqs
+                    .iter()
+                    .find(|s| (s.row as usize..(s.row + s.len) as usize).contains(&t))
+                    .map(|s| s.row_of(s.pos0 as usize + (t - s.row as usize), ring))
+            };
+            let per_row = heads + 2 * kv_heads;
+            let chunks = Chunks::new(n * per_row, 1);
+            let job = |_| {
+                for c in &chunks {
+                    for task in c {
+                        let (t, h) = (task / per_row, task % per_row);
+                        // SAFETY: each (row, head) part of q, k, v and of the caches belongs to
+                        // this task alone.
+                        let (x, norm, cache, g) = unsafe {
+                            if h < heads {
+                                (qd.part(t * qw + h * hd, hd), q_norm.map(|_| qn), None, 0)
+                            } else if h < heads + kv_heads {
+                                let g = h - heads;
+                                (kd.part(t * kvw + g * hd, hd), k_norm.map(|_| kn), kc.as_ref(), g)
+                            } else {
+                                let g = h - heads - kv_heads;
+                                (vd.part(t * kvw + g * hd, hd), None, vc.as_ref(), g)
+                            }
+                        };
+                        let rotates = h < heads + kv_heads;
+                        if let Some(w) = norm {
+                            k::rmsnorm_inplace(x, w, eps);
+                        }
+                        if let (Some((cs, mode)), true) = (cs, rotates) {
+                            rope_head(x, &cs[t * half * 2..(t + 1) * half * 2], mode);
+                        }
+                        if let (Some(cache), Some(r)) = (cache, place(t)) {
+                            let at = kv.row_words(r * kvw + g * hd);
+                            // SAFETY: as above: this head's part of row r.
+                            let dst = unsafe { cache.part(at, kv.row_words(hd)) };
+                            k::store_kv_row(dst, 0, x, kv);
+                        }
+                    }
+                }
+            };
+            if pool.threads() == 1 || n * (qw + 2 * kvw) < PAR_ELEMS { job(0) } else { pool.run(&job) }
+        }
+        for (t, &b) in taken.iter_mut().zip(ids.iter()) {
+            bufs[b as usize] = std::mem::take(t);
+        }
+        Ok(true)
     }
 
     /// The residual junction (`Op::AddRmsNorm`) of a step of several rows as one pool job, a row

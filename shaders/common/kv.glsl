@@ -27,14 +27,12 @@ uint f32_to_f16(float f) {
 }
 
 // An f16's value, exactly, without branches (so a kernel can issue many cache loads before
-// their uses): a normal half is its bits rebiased, a subnormal one m·2^-24 (a normal float).
+// their uses): a normal half, infinity or NaN through the device's conversion (exact for
+// those), a subnormal one as m·2^-24 (a normal float: no flush to zero can touch it).
 float kv_f16(uint h) {
     uint a = h & 0x7FFFu;
-    uint nb = (a << 13) + 0x38000000u;              // exponent + (127 - 15)
-    nb = a >= 0x7C00u ? nb + 0x38000000u : nb;      // infinities and NaNs: exponent 255
-    float sub = float(a) * 5.9604644775390625e-8;   // 2^-24, exact
-    float mag = a < 0x400u ? sub : uintBitsToFloat(nb);
-    return uintBitsToFloat(floatBitsToUint(mag) | ((h & 0x8000u) << 16));
+    float sub = uintBitsToFloat(floatBitsToUint(float(a) * 5.9604644775390625e-8) | ((h & 0x8000u) << 16));
+    return a < 0x400u ? sub : unpackHalf2x16(h).x;
 }
 
 // The cache element at `idx`, an index in f32 words from the cache's word offset `off`
