@@ -1032,9 +1032,9 @@ impl Cpu {
         else {
             return Ok(false);
         };
-        let mut ids = heapless::Vec::<u32, 5>::new();
+        let mut ids = heapless::Vec::<BufId, 5>::new();
         for b in [Some(q), Some(kb), Some(v), k_cache, v_cache].into_iter().flatten() {
-            let _ = ids.push(b.buf.0);
+            let _ = ids.push(b.buf);
         }
         if !ids.iter().enumerate().all(|(i, b)| !ids[..i].contains(b)) || n > step.positions.len() {
             return Ok(false);
@@ -1045,78 +1045,74 @@ impl Cpu {
         };
         let cache_rows = cache_rows_needed(step, ring, "Qkv")?;
         let Cpu { host, pool, row, rope: tables, .. } = self;
-        let (bufs, weights) = host.parts_mut();
-        let (qn, kn) = row.split_at_mut(hd);
-        if let Some(w) = q_norm {
-            weight(weights, w).dequantize_row(0, qn);
-        }
-        if let Some(w) = k_norm {
-            weight(weights, w).dequantize_row(0, &mut kn[..hd]);
-        }
-        let (qn, kn) = (&*qn, &kn[..hd]);
-        let cs = table.map(|(ti, mode)| (&tables[ti].cos_sin[..], mode));
-        let (qw, kvw) = (heads * hd, kv_heads * hd);
-        let mut taken: [Vec<f32>; 5] = Default::default();
-        for (t, &b) in taken.iter_mut().zip(ids.iter()) {
-            *t = std::mem::take(&mut bufs[b as usize]);
-        }
-        {
-            let [tq, tk, tv, rest @ ..] = &mut taken;
-            let qd = Disjoint::new(&mut tq[q.offset..q.offset + n * qw]);
-            let kd = Disjoint::new(&mut tk[kb.offset..kb.offset + n * kvw]);
-            let vd = Disjoint::new(&mut tv[v.offset..v.offset + n * kvw]);
-            let words = cache_rows * kv.row_words(kvw);
-            let mut caches = rest.iter_mut();
-            let kc = k_cache.map(|c| Disjoint::new(&mut caches.next().expect("k cache")[c.offset..c.offset + words]));
-            let vc = v_cache.map(|c| Disjoint::new(&mut caches.next().expect("v cache")[c.offset..c.offset + words]));
-            let half = hd / 2;
-            // A row's sequence and its cache row.
-            let place = |t: usize| {
-                step.seqs
-                    .iter()
-                    .find(|s| (s.row as usize..(s.row + s.len) as usize).contains(&t))
-                    .map(|s| s.row_of(s.pos0 as usize + (t - s.row as usize), ring))
-            };
-            let per_row = heads + 2 * kv_heads;
-            let chunks = Chunks::new(n * per_row, 1);
-            let job = |_| {
-                for c in &chunks {
-                    for task in c {
-                        let (t, h) = (task / per_row, task % per_row);
-                        // SAFETY: each (row, head) part of q, k, v and of the caches belongs to
-                        // this task alone.
-                        let (x, norm, cache, g) = unsafe {
-                            if h < heads {
-                                (qd.part(t * qw + h * hd, hd), q_norm.map(|_| qn), None, 0)
-                            } else if h < heads + kv_heads {
-                                let g = h - heads;
-                                (kd.part(t * kvw + g * hd, hd), k_norm.map(|_| kn), kc.as_ref(), g)
-                            } else {
-                                let g = h - heads - kv_heads;
-                                (vd.part(t * kvw + g * hd, hd), None, vc.as_ref(), g)
+        host.with_lent(&ids, |taken, _, weights| {
+            let (qn, kn) = row.split_at_mut(hd);
+            if let Some(w) = q_norm {
+                weight(weights, w).dequantize_row(0, qn);
+            }
+            if let Some(w) = k_norm {
+                weight(weights, w).dequantize_row(0, &mut kn[..hd]);
+            }
+            let (qn, kn) = (&*qn, &kn[..hd]);
+            let cs = table.map(|(ti, mode)| (&tables[ti].cos_sin[..], mode));
+            let (qw, kvw) = (heads * hd, kv_heads * hd);
+            {
+                let [tq, tk, tv, rest @ ..] = taken else { unreachable!("q, k and v are lent") };
+                let qd = Disjoint::new(&mut tq[q.offset..q.offset + n * qw]);
+                let kd = Disjoint::new(&mut tk[kb.offset..kb.offset + n * kvw]);
+                let vd = Disjoint::new(&mut tv[v.offset..v.offset + n * kvw]);
+                let words = cache_rows * kv.row_words(kvw);
+                let mut caches = rest.iter_mut();
+                let kc =
+                    k_cache.map(|c| Disjoint::new(&mut caches.next().expect("k cache")[c.offset..c.offset + words]));
+                let vc =
+                    v_cache.map(|c| Disjoint::new(&mut caches.next().expect("v cache")[c.offset..c.offset + words]));
+                let half = hd / 2;
+                // A row's sequence and its cache row.
+                let place = |t: usize| {
+                    step.seqs
+                        .iter()
+                        .find(|s| (s.row as usize..(s.row + s.len) as usize).contains(&t))
+                        .map(|s| s.row_of(s.pos0 as usize + (t - s.row as usize), ring))
+                };
+                let per_row = heads + 2 * kv_heads;
+                let chunks = Chunks::new(n * per_row, 1);
+                let job = |_| {
+                    for c in &chunks {
+                        for task in c {
+                            let (t, h) = (task / per_row, task % per_row);
+                            // SAFETY: each (row, head) part of q, k, v and of the caches belongs to
+                            // this task alone.
+                            let (x, norm, cache, g) = unsafe {
+                                if h < heads {
+                                    (qd.part(t * qw + h * hd, hd), q_norm.map(|_| qn), None, 0)
+                                } else if h < heads + kv_heads {
+                                    let g = h - heads;
+                                    (kd.part(t * kvw + g * hd, hd), k_norm.map(|_| kn), kc.as_ref(), g)
+                                } else {
+                                    let g = h - heads - kv_heads;
+                                    (vd.part(t * kvw + g * hd, hd), None, vc.as_ref(), g)
+                                }
+                            };
+                            let rotates = h < heads + kv_heads;
+                            if let Some(w) = norm {
+                                k::rmsnorm_inplace(x, w, eps);
                             }
-                        };
-                        let rotates = h < heads + kv_heads;
-                        if let Some(w) = norm {
-                            k::rmsnorm_inplace(x, w, eps);
-                        }
-                        if let (Some((cs, mode)), true) = (cs, rotates) {
-                            rope_head(x, &cs[t * half * 2..(t + 1) * half * 2], mode);
-                        }
-                        if let (Some(cache), Some(r)) = (cache, place(t)) {
-                            let at = kv.row_words(r * kvw + g * hd);
-                            // SAFETY: as above: this head's part of row r.
-                            let dst = unsafe { cache.part(at, kv.row_words(hd)) };
-                            k::store_kv_row(dst, 0, x, kv);
+                            if let (Some((cs, mode)), true) = (cs, rotates) {
+                                rope_head(x, &cs[t * half * 2..(t + 1) * half * 2], mode);
+                            }
+                            if let (Some(cache), Some(r)) = (cache, place(t)) {
+                                let at = kv.row_words(r * kvw + g * hd);
+                                // SAFETY: as above: this head's part of row r.
+                                let dst = unsafe { cache.part(at, kv.row_words(hd)) };
+                                k::store_kv_row(dst, 0, x, kv);
+                            }
                         }
                     }
-                }
-            };
-            if pool.threads() == 1 || n * (qw + 2 * kvw) < PAR_ELEMS { job(0) } else { pool.run(&job) }
-        }
-        for (t, &b) in taken.iter_mut().zip(ids.iter()) {
-            bufs[b as usize] = std::mem::take(t);
-        }
+                };
+                if pool.threads() == 1 || n * (qw + 2 * kvw) < PAR_ELEMS { job(0) } else { pool.run(&job) }
+            }
+        });
         Ok(true)
     }
 
@@ -1150,64 +1146,60 @@ impl Cpu {
         if x.buf == x_out.buf && x.offset != x_out.offset || (branch.is_none() && x != x_out) {
             return Ok(false);
         }
-        let (bufs, weights) = host.parts_mut();
-        // The norm weights side by side in `row` (sized for two at load).
-        let (wv, pv) = row.split_at_mut(dim);
-        weight(weights, w).dequantize_row(0, wv);
-        if let Some(p) = post {
-            weight(weights, p).dequantize_row(0, &mut pv[..dim]);
-        }
-        let (wv, pv) = (&*wv, &pv[..dim]);
-        let per = quant.map_or(0, |q| dim / act_block(q.layout) * act_words(q.layout));
-        let mut xo_buf = std::mem::take(&mut bufs[x_out.buf.0 as usize]);
-        let mut out_buf = std::mem::take(&mut bufs[out.buf.0 as usize]);
-        let mut q_buf = quant.map(|q| std::mem::take(&mut bufs[q.out.buf.0 as usize])).unwrap_or_default();
-        {
-            let xs = (x.buf != x_out.buf).then(|| &bufs[x.buf.0 as usize][x.offset..x.offset + rows * dim]);
-            let br = branch.map(|b| &bufs[b.buf.0 as usize][b.offset..b.offset + rows * dim]);
-            let xo = Disjoint::new(&mut xo_buf[x_out.offset..x_out.offset + rows * dim]);
-            let o = Disjoint::new(&mut out_buf[out.offset..out.offset + rows * dim]);
-            let qo = quant.map(|q| Disjoint::new(&mut q_buf[q.out.offset..q.out.offset + rows * per]));
-            let chunks = Chunks::new(rows, 1);
-            let job = |_| {
-                for r in &chunks {
-                    for t in r {
-                        // SAFETY: row t of each output belongs to this task alone.
-                        let (xr, orow) = unsafe { (xo.part(t * dim, dim), o.part(t * dim, dim)) };
-                        if let Some(b) = br {
-                            let b = &b[t * dim..(t + 1) * dim];
-                            // The normed branch passes through `out`, as the expansion does.
-                            let add: &[f32] = match post {
-                                Some(_) => {
-                                    k::rmsnorm(orow, b, pv, eps);
-                                    orow
+        let lent = [Some(x_out.buf), Some(out.buf), quant.map(|q| q.out.buf)];
+        let ids: heapless::Vec<BufId, 3> = lent.into_iter().flatten().collect();
+        host.with_lent(&ids, |taken, bufs, weights| {
+            // The norm weights side by side in `row` (sized for two at load).
+            let (wv, pv) = row.split_at_mut(dim);
+            weight(weights, w).dequantize_row(0, wv);
+            if let Some(p) = post {
+                weight(weights, p).dequantize_row(0, &mut pv[..dim]);
+            }
+            let (wv, pv) = (&*wv, &pv[..dim]);
+            let per = quant.map_or(0, |q| dim / act_block(q.layout) * act_words(q.layout));
+            let [xo_buf, out_buf, q_buf @ ..] = taken else { unreachable!("x_out and out are lent") };
+            {
+                let xs = (x.buf != x_out.buf).then(|| &bufs[x.buf.0 as usize][x.offset..x.offset + rows * dim]);
+                let br = branch.map(|b| &bufs[b.buf.0 as usize][b.offset..b.offset + rows * dim]);
+                let xo = Disjoint::new(&mut xo_buf[x_out.offset..x_out.offset + rows * dim]);
+                let o = Disjoint::new(&mut out_buf[out.offset..out.offset + rows * dim]);
+                let qo = quant.map(|q| Disjoint::new(&mut q_buf[0][q.out.offset..q.out.offset + rows * per]));
+                let chunks = Chunks::new(rows, 1);
+                let job = |_| {
+                    for r in &chunks {
+                        for t in r {
+                            // SAFETY: row t of each output belongs to this task alone.
+                            let (xr, orow) = unsafe { (xo.part(t * dim, dim), o.part(t * dim, dim)) };
+                            if let Some(b) = br {
+                                let b = &b[t * dim..(t + 1) * dim];
+                                // The normed branch passes through `out`, as the expansion does.
+                                let add: &[f32] = match post {
+                                    Some(_) => {
+                                        k::rmsnorm(orow, b, pv, eps);
+                                        orow
+                                    }
+                                    None => b,
+                                };
+                                match xs {
+                                    Some(xs) => k::add(xr, &xs[t * dim..(t + 1) * dim], add),
+                                    None => k::add_inplace(xr, add),
                                 }
-                                None => b,
-                            };
-                            match xs {
-                                Some(xs) => k::add(xr, &xs[t * dim..(t + 1) * dim], add),
-                                None => k::add_inplace(xr, add),
                             }
-                        }
-                        k::rmsnorm(orow, xr, wv, eps);
-                        if let (Some(qo), Some(q)) = (&qo, quant) {
-                            // SAFETY: as above.
-                            let dst = unsafe { qo.part(t * per, per) };
-                            match q.layout {
-                                ActLayout::Q8A => (k.quantize_q8a)(orow, q8a_blocks_mut(dst)),
-                                ActLayout::Q8K => (k.quantize_q8k)(orow, q8k_blocks_mut(dst)),
+                            k::rmsnorm(orow, xr, wv, eps);
+                            if let (Some(qo), Some(q)) = (&qo, quant) {
+                                // SAFETY: as above.
+                                let dst = unsafe { qo.part(t * per, per) };
+                                match q.layout {
+                                    ActLayout::Q8A => (k.quantize_q8a)(orow, q8a_blocks_mut(dst)),
+                                    ActLayout::Q8K => (k.quantize_q8k)(orow, q8k_blocks_mut(dst)),
+                                }
                             }
                         }
                     }
-                }
-            };
-            if pool.threads() == 1 || rows * dim < PAR_ELEMS { job(0) } else { pool.run(&job) }
-        }
-        bufs[x_out.buf.0 as usize] = xo_buf;
-        bufs[out.buf.0 as usize] = out_buf;
-        if let Some(q) = quant {
-            bufs[q.out.buf.0 as usize] = q_buf;
-        }
+                };
+                if pool.threads() == 1 || rows * dim < PAR_ELEMS { job(0) } else { pool.run(&job) }
+            }
+        });
         Ok(true)
     }
 
@@ -1232,7 +1224,7 @@ impl Cpu {
         let cols = host.weight(w0).map_or(0, |w| w.cols);
         let layout = host.weight(w0).and_then(|w| w.format.act_layout());
         let Some(layout) = layout else { return Ok(false) };
-        let mut bufs_out = heapless::Vec::<u32, { MAX + 1 }>::new();
+        let mut bufs_out = heapless::Vec::<BufId, { MAX + 1 }>::new();
         let mut bytes = 0;
         for &(out, w) in mats {
             let Some(wt) = host.weight(w) else { return Ok(false) };
@@ -1240,19 +1232,19 @@ impl Cpu {
                 return Ok(false);
             }
             bytes += wt.rows * wt.row_bytes() * n;
-            let _ = bufs_out.push(out.buf.0);
+            let _ = bufs_out.push(out.buf);
         }
         // The activation goes to its own buffer, or in place over the gate's rows.
         let act_out = match gate {
             Some((out, _)) if out == mats[0].0 => None,
             Some((out, _)) => {
-                let _ = bufs_out.push(out.buf.0);
+                let _ = bufs_out.push(out.buf);
                 Some(out)
             }
             None => None,
         };
         let distinct = bufs_out.iter().enumerate().all(|(i, b)| !bufs_out[..i].contains(b));
-        if !distinct || bufs_out.contains(&xq.buf.0) || gate.is_some() && mats.len() != 2 {
+        if !distinct || bufs_out.contains(&xq.buf) || gate.is_some() && mats.len() != 2 {
             return Ok(false);
         }
         let words = n * cols / act_block(layout) * act_words(layout);
@@ -1264,13 +1256,8 @@ impl Cpu {
             grow(&mut lock(s).tile, 2 * max_chunk * n)?;
         }
 
-        // Lend each output buffer out of the arena for the job (`mem::take`: no allocation).
-        let (bufs, weights) = host.parts_mut();
-        let mut taken: [Vec<f32>; MAX + 1] = Default::default();
-        for (t, &b) in taken.iter_mut().zip(bufs_out.iter()) {
-            *t = std::mem::take(&mut bufs[b as usize]);
-        }
-        {
+        // Each output buffer lent out of the arena for the job.
+        host.with_lent(&bufs_out, |taken, bufs, weights| {
             let xs = &bufs[xq.buf.0 as usize][xq.offset..xq.offset + words];
             let mut outs = taken.iter_mut();
             let mut list = heapless::Vec::<Mat<'_>, MAX>::new();
@@ -1299,10 +1286,7 @@ impl Cpu {
                 ActLayout::Q8A => fused_job(&job, q8a_blocks(xs), k.gemm_q8a),
                 ActLayout::Q8K => fused_job(&job, q8k_blocks(xs), k.gemm_q8k),
             }
-        }
-        for (t, &b) in taken.iter_mut().zip(bufs_out.iter()) {
-            bufs[b as usize] = std::mem::take(t);
-        }
+        });
         Ok(true)
     }
 }

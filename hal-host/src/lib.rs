@@ -12,6 +12,9 @@ use purehw_hal::check::{CheckError, Resources, WeightInfo};
 use purehw_hal::{HostWeight, View};
 use purehw_kernels::quant::{BlockQ8A, BlockQ8K};
 
+/// Most buffers [`Host::with_lent`] lends at once.
+pub const MAX_LENT: usize = 5;
+
 /// Handle of a buffer in a [`Host`].
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct BufId(pub u32);
@@ -131,6 +134,28 @@ impl Host {
         };
         self.bufs[idx] = ob;
         Ok(result)
+    }
+
+    /// Lend whole buffers `ids` (distinct, at most [`MAX_LENT`]) mutably to `f`, in that order,
+    /// beside the rest of the arena (where the lent ones read as empty) and the weights; they go
+    /// back when `f` returns. For a fused job that writes several outputs at once.
+    /// `mem::take` leaves an empty `Vec` while a buffer is out: no allocation.
+    pub fn with_lent<R>(
+        &mut self,
+        ids: &[BufId],
+        f: impl FnOnce(&mut [Vec<f32>], &[Vec<f32>], &[HostWeight]) -> R,
+    ) -> R {
+        assert!(ids.len() <= MAX_LENT, "at most {MAX_LENT} buffers lent at once");
+        debug_assert!(ids.iter().enumerate().all(|(i, b)| !ids[..i].contains(b)), "lent buffers repeat");
+        let mut lent: [Vec<f32>; MAX_LENT] = Default::default();
+        for (t, b) in lent.iter_mut().zip(ids) {
+            *t = std::mem::take(&mut self.bufs[b.0 as usize]);
+        }
+        let result = f(&mut lent[..ids.len()], &self.bufs, &self.weights);
+        for (t, b) in lent.iter_mut().zip(ids) {
+            self.bufs[b.0 as usize] = std::mem::take(t);
+        }
+        result
     }
 
     /// Both the buffers (mutably) and the weights, for a backend that schedules its own borrows.
