@@ -121,7 +121,108 @@ void fast() {
     finish(r, lane, 0u, 1u, accs, off);
 }
 
+// The split decode path (SPLIT=1, with FBITS/FGROUP as the fast path): a workgroup of 256
+// threads takes SR rows. Each chunk's products (w·x, each rounded as the reference rounds it)
+// are made by every thread, one code word a thread, into shared memory; then thread (row, lane)
+// of the first SR·8 adds its lane's products in element order — the reference's chain — while
+// the next chunk is being made. So eight chains a row no longer bound how many conversions are
+// in flight. The code words and scales of DEPTH chunks are loaded at once, the next DEPTH's
+// going out while these are computed, so more of the stream is in flight than one chunk's.
+layout(constant_id = 4) const uint SPLIT = 0;
+layout(constant_id = 5) const uint DEPTH = 4;
+const uint SR = 8u;                               // rows a workgroup (256 threads: 32 words a row)
+const uint SPC = FBITS == 4u ? 8u : 4u;           // columns a code word
+const uint PSTR = CE + 8u;                        // a row's products in shared memory (banks)
+shared float prod[SPLIT != 0u ? 2u * SR * PSTR : 1u];
+
+// Chunk c's code word, scale and zero point for this producer (nothing past the last chunk).
+void split_load(uint c, uint chunks, uint q0, uint rp, uint wi, out uint word, out float sc, out int zp) {
+    word = 0u;
+    sc = 0.0;
+    zp = 0;
+    if (c < chunks) {
+        word = Words(pc.w).v[q0 + 32u * c];
+        uint g = FGROUP == 0u ? 0u : (c * CE + SPC * wi) / FGROUP;
+        sc = int_scale(Words(pc.scales), rp * pc.groups + g, pc.iflags);
+        zp = int_zero(Words(pc.zeros), rp, g, pc.groups, pc.iflags);
+    }
+}
+
+void split() {
+    uint tid = gl_LocalInvocationID.x;
+    uint r0 = gl_WorkGroupID.x * SR;
+    // Producer: word `wi` of row `pr`'s chunk.
+    uint pr = tid >> 5, wi = tid & 31u;
+    uint rp = min(r0 + pr, pc.rows - 1u);
+    Floats x = Floats(pc.x);
+    uint q0 = (pc.w_byte + rp * pc.row_bytes) / 4u + wi;
+    uint chunks = pc.cols / CE;
+    bool i8 = (pc.iflags & INT_I8) != 0u;
+    // Adder: (row, lane) of the first SR·8 threads.
+    uint ar = tid >> 3, lane = tid & 7u;
+    bool adder = ar < SR;
+    uint wq[DEPTH];
+    float sq[DEPTH];
+    int zq[DEPTH];
+    [[unroll]] for (uint k = 0u; k < DEPTH; k++) split_load(k, chunks, q0, rp, wi, wq[k], sq[k], zq[k]);
+    float xv[SPC];
+    [[unroll]] for (uint j = 0u; j < SPC; j++) xv[j] = x.v[pc.x_off + SPC * wi + j];
+    precise float acc = 0.0;
+    for (uint c0 = 0u; c0 < chunks; c0 += DEPTH) {
+        uint nwq[DEPTH];
+        float nsq[DEPTH];
+        int nzq[DEPTH];
+        [[unroll]] for (uint k = 0u; k < DEPTH; k++) split_load(c0 + DEPTH + k, chunks, q0, rp, wi, nwq[k], nsq[k], nzq[k]);
+        [[unroll]] for (uint k = 0u; k < DEPTH; k++) {
+            uint c = c0 + k;
+            if (c < chunks) {
+                uint b = c & 1u;
+                // The next chunk's x (shared by every row: from the cache).
+                float nx[SPC];
+                uint xn = min(c + 1u, chunks - 1u) * CE + SPC * wi;
+                [[unroll]] for (uint j = 0u; j < SPC; j++) nx[j] = x.v[pc.x_off + xn + j];
+                uint po = (b * SR + pr) * PSTR + SPC * wi;
+                [[unroll]] for (uint j = 0u; j < SPC; j++) {
+                    int q;
+                    if (FBITS == 4u) {
+                        q = int((wq[k] >> (4u * j)) & 15u) - 8;
+                    } else {
+                        q = i8 ? sbyte(wq[k], j) : int((wq[k] >> (8u * j)) & 255u) - 128;
+                    }
+                    precise float wv = float(q - zq[k]) * sq[k];
+                    precise float p = wv * xv[j];
+                    prod[po + j] = p;
+                }
+                barrier();
+                if (adder) {
+                    uint ao = (b * SR + ar) * PSTR + lane;
+                    [[unroll]] for (uint e = 0u; e < CE / 8u; e++) {
+                        precise float a = acc + prod[ao + 8u * e];
+                        acc = a;
+                    }
+                }
+                [[unroll]] for (uint j = 0u; j < SPC; j++) xv[j] = nx[j];
+            }
+        }
+        [[unroll]] for (uint k = 0u; k < DEPTH; k++) {
+            wq[k] = nwq[k];
+            sq[k] = nsq[k];
+            zq[k] = nzq[k];
+        }
+    }
+    float accs[TOKENS], off[TOKENS];
+    [[unroll]] for (uint t = 0u; t < TOKENS; t++) {
+        accs[t] = t == 0u ? acc : 0.0;
+        off[t] = 0.0;
+    }
+    finish(adder ? r0 + ar : 0xFFFFFFFFu, lane, 0u, 1u, accs, off);
+}
+
 void main() {
+    if (SPLIT != 0u) {
+        split();
+        return;
+    }
     if (FBITS != 0u) {
         fast();
         return;

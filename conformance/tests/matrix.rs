@@ -42,7 +42,8 @@ fn vulkan_gpu_kernels() {
     if !matrix::vulkan_present("vulkan_gpu_kernels") {
         return;
     }
-    let pick = |g: &str| ["MatMulQ8", "Prologue", "Tail", "Attention", "Qkv"].iter().any(|p| g.starts_with(p));
+    let pick =
+        |g: &str| ["MatMulQ8", "MatMul Int", "Prologue", "Tail", "Attention", "Qkv"].iter().any(|p| g.starts_with(p));
     let mut report = matrix::check_groups(matrix::vulkan_gpu_kernels, matrix::vulkan_tolerance(), pick);
     report.add_validation_messages();
     report.assert_ok();
