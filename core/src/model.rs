@@ -124,6 +124,7 @@ pub struct Weights<W> {
     out_norm: W, // (hidden)
     output: W,   // (vocab, hidden); the embedding table when tied
     output_q8: Option<ActLayout>,
+    output_fmt: Format,
 }
 
 /// Activations and caches, allocated once per model.
@@ -215,6 +216,8 @@ struct Fusions {
     add_norm: bool,
     qkv: bool,
     ffn: bool,
+    /// The LM head and its argmax as one op where only the ids are read (`Op::HeadArgmax`).
+    head_argmax: bool,
 }
 
 /// A loaded model on a backend.
@@ -339,6 +342,7 @@ impl<B: Backend> Model<B> {
             add_norm: backend.supports(OpKind::AddRmsNorm),
             qkv: backend.supports(OpKind::Qkv),
             ffn: backend.supports(OpKind::GatedFfn),
+            head_argmax: weights.output_q8.is_some() && backend.supports(OpKind::HeadArgmax(weights.output_fmt)),
         };
         let backend_name = String::from(backend.name());
         let ring = opts.kv_ring(&c).unwrap_or(0);
@@ -826,11 +830,19 @@ impl<B: Backend> Model<B> {
         // per run of consecutive rows
         if logit_rows > 0 {
             let words = w.output_q8.map_or(0, |l| c.hidden / purehw_hal::act_block(l) * purehw_hal::act_words(l));
+            // Only the ids read (greedy decoding): the LM head and its argmax as one op, which
+            // leaves the logits unspecified.
+            let fuse_ids = read_ids && !read_logits && c.final_softcap <= 0.0 && fused.head_argmax;
             let mut run: Option<(usize, usize, usize)> = None; // (first row, logit row, rows)
             let mut head = |first: usize, lrow: usize, rows: usize| {
                 let out = View::new(s.logits, lrow * c.vocab);
+                let xq = View::new(s.xq, first * words);
                 push(match w.output_q8 {
-                    Some(_) => Op::MatMulQ8 { out, xq: View::new(s.xq, first * words), w: w.output, n: rows },
+                    Some(_) if fuse_ids => {
+                        let ids = View::new(s.ids, lrow);
+                        Op::HeadArgmax { out: ids, xq, w: w.output, n: rows, vocab: c.vocab, logits: out }
+                    }
+                    Some(_) => Op::MatMulQ8 { out, xq, w: w.output, n: rows },
                     None => Op::MatMul { out, x: View::new(s.xn, first * c.hidden), w: w.output, n: rows, act },
                 });
             };
@@ -853,7 +865,7 @@ impl<B: Backend> Model<B> {
             if c.final_softcap > 0.0 {
                 push(Op::Softcap { x: v(s.logits), len: logit_rows * c.vocab, cap: c.final_softcap });
             }
-            if read_ids {
+            if read_ids && !fuse_ids {
                 push(Op::Argmax { out: v(s.ids), x: v(s.logits), rows: logit_rows, cols: c.vocab });
             }
         }
@@ -997,7 +1009,7 @@ fn load_weights<B: Backend>(
             down_q8: shared_q8(act, &[fd]),
         });
     }
-    Ok(Weights { embed, layers, out_norm, output, output_q8: shared_q8(act, &[output_fmt]) })
+    Ok(Weights { embed, layers, out_norm, output, output_q8: shared_q8(act, &[output_fmt]), output_fmt })
 }
 
 /// What a weight budget plans with, from the source alone (for a backend that copies weights,

@@ -16,7 +16,7 @@ use purehw_hal::{
 use purehw_hal_host::{Src, q8a_blocks, q8a_blocks_mut, q8k_blocks, q8k_blocks_mut};
 use purehw_kernels::ops as k;
 use purehw_kernels::ops::softcap;
-use purehw_kernels::quant::PackedInt;
+use purehw_kernels::quant::{BlockQ8A, PackedInt};
 
 use crate::pool::{Chunks, Disjoint, Pool, lock};
 use crate::simd::Kernels;
@@ -985,6 +985,7 @@ impl Cpu {
                 };
                 self.fused_q8(xq, n, &[(gate, w_gate), (up, w_up)], Some((out, f)))?
             }
+            Op::HeadArgmax { out, xq, w, n: n @ 2..=16, vocab, .. } => return self.head_argmax(out, xq, w, n, vocab),
             Op::AddRmsNorm { x, x_out, branch, post, out, w, quant, rows: rows @ 2.., dim, eps } => {
                 // The whole junction done here: nothing of the expansion is left to run.
                 let done = self.fused_norm(x, x_out, branch, post, out, w, quant, rows, dim, eps)?;
@@ -1203,6 +1204,114 @@ impl Cpu {
         Ok(true)
     }
 
+    /// Greedy decoding's LM head over a Q8_0 weight for a step of 2–16 rows, exactly as
+    /// `Op::HeadArgmax`'s expansion (the reference's logits, then their argmax) answers, without
+    /// most of the logits: an estimate of every logit (`Kernels::head_est_q8_0`: whole block sums,
+    /// a few operations per row instead of the 8-lane float chains) with a proven bound `E` on
+    /// its distance from the reference's logit; then only the rows whose estimate could still be
+    /// the largest (`est + E ≥ max(est − E)`) get their exact logit, and the first largest of
+    /// those is the answer. The bound: the reference and the estimate both sum the products
+    /// `fl(d_w·d_a)·l` of the same integers `l`, the reference with at most `ab + 4` roundings a
+    /// term and the estimate with `ab`, so each is within `γ·Σ|fl(d_w·d_a)·l|` of the exact sum,
+    /// and `Σ|l| ≤ 128·Σ|a|` a block (|w| ≤ 128). `Ok(false)`: not this case (another format, no
+    /// kernel, a non-finite estimate or bound); the caller runs the expansion.
+    fn head_argmax(&mut self, out: View<BufId>, xq: View<BufId>, w: WeightId, n: usize, vocab: usize) -> Result<bool> {
+        const CHUNK: usize = 512;
+        let Cpu { host, pool, k, scratch, head, head_est, .. } = self;
+        let (Some(est), Some(wt), true) = (k.head_est_q8_0, host.weight(w), *head_est) else { return Ok(false) };
+        if wt.format != Format::Q8_0 || wt.rows != vocab || vocab == 0 {
+            return Ok(false);
+        }
+        let (rows, ab, rb, gemm) = (wt.rows, wt.cols / 32, wt.row_bytes(), k.gemm_q8a);
+        let chunks = rows.div_ceil(CHUNK);
+        grow(head, chunks * 16 * 2)?;
+        for s in scratch.iter() {
+            grow(&mut lock(s).tile, 17 * CHUNK)?;
+        }
+        let xs = host.buffer(xq.buf).ok_or(CheckError::UnknownBuffer { what: "HeadArgmax xq" })?;
+        let act = q8a_blocks(&xs[xq.offset..xq.offset + n * ab * act_words(ActLayout::Q8A)]);
+        let mut tk = [0f32; 16];
+        for (t, tk) in tk.iter_mut().enumerate().take(n) {
+            *tk = head_tk(&act[t * ab..(t + 1) * ab]);
+        }
+        let w = wt.data.as_slice();
+        let bounds = head_bounds;
+        // Pass 1: every chunk's estimates; per token, the largest lower and upper bounds.
+        let stats = Disjoint::new(&mut head[..chunks * n * 2]);
+        let ok = std::sync::atomic::AtomicBool::new(true);
+        let cks = Chunks::new(chunks, 1);
+        let job = |i: usize| {
+            let mut sc = lock(&scratch[i]);
+            let (ev, dv) = sc.tile.split_at_mut(16 * CHUNK);
+            for c in &cks {
+                for c in c {
+                    let r0 = c * CHUNK;
+                    let len = CHUNK.min(rows - r0);
+                    est(&w[r0 * rb..(r0 + len) * rb], len, act, n, &mut ev[..n * len], &mut dv[..len]);
+                    // SAFETY: chunk c's stats belong to this task alone.
+                    let st = unsafe { stats.part(c * n * 2, n * 2) };
+                    for t in 0..n {
+                        // Sixteen running maxima (vectorizes); non-finite values flagged apart.
+                        let (mut lo, mut hi, mut bad) = ([f32::NEG_INFINITY; 16], [f32::NEG_INFINITY; 16], false);
+                        for (e, dw) in ev[t * len..(t + 1) * len].chunks(16).zip(dv[..len].chunks(16)) {
+                            for (i, (&e, &dw)) in e.iter().zip(dw).enumerate() {
+                                let (l, h) = bounds(e, dw, tk[t]);
+                                bad |= !(l - h).is_finite();
+                                lo[i] = if l > lo[i] { l } else { lo[i] };
+                                hi[i] = if h > hi[i] { h } else { hi[i] };
+                            }
+                        }
+                        if bad {
+                            ok.store(false, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        st[2 * t] = lo.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                        st[2 * t + 1] = hi.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    }
+                }
+            }
+        };
+        if pool.threads() == 1 {
+            job(0)
+        } else {
+            pool.run(&job)
+        }
+        if !ok.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(false);
+        }
+        // Pass 2: each token's threshold, then the exact logits of the chunks' rows above it.
+        let st = &head[..chunks * n * 2];
+        let mut ids = [0f32; 16];
+        let mut sc = lock(&scratch[0]);
+        let (ev, dv) = sc.tile.split_at_mut(16 * CHUNK);
+        for (t, id) in ids.iter_mut().enumerate().take(n) {
+            let m = (0..chunks).map(|c| st[c * n * 2 + 2 * t]).fold(f32::NEG_INFINITY, f32::max);
+            let a = &act[t * ab..(t + 1) * ab];
+            let mut best = (f32::NEG_INFINITY, usize::MAX);
+            for c in (0..chunks).filter(|&c| st[c * n * 2 + 2 * t + 1] >= m) {
+                let r0 = c * CHUNK;
+                let len = CHUNK.min(rows - r0);
+                est(&w[r0 * rb..(r0 + len) * rb], len, &a[..ab], 1, &mut ev[..len], &mut dv[..len]);
+                for r in 0..len {
+                    if bounds(ev[r], dv[r], tk[t]).1 >= m {
+                        let mut l = [0f32];
+                        gemm(Format::Q8_0, &w[(r0 + r) * rb..(r0 + r + 1) * rb], 1, wt.cols, a, 1, &mut l);
+                        let key = k::argmax_key(l[0]);
+                        if key > best.0 || best.1 == usize::MAX {
+                            best = (key, r0 + r);
+                        }
+                    }
+                }
+            }
+            if best.1 == usize::MAX {
+                return Ok(false);
+            }
+            *id = best.1 as f32;
+        }
+        drop(sc);
+        host.write(out, &ids[..n])?;
+        Ok(true)
+    }
+
     /// Decode (one token): the matmuls of `mats` all read the quantized activations in `xq`, and
     /// run as one pool job whose chunks cover every weight's rows, so a small k or v projection
     /// costs no dispatch and barrier of its own. With `gate` (`mats` = gate, up), each chunk
@@ -1289,6 +1398,24 @@ impl Cpu {
         });
         Ok(true)
     }
+}
+
+/// `Op::HeadArgmax`'s bound factor for one token's blocks `a`: `E = tk·max_b |d_w|` bounds the
+/// distance between a row's estimate and its reference logit (see `Cpu::head_argmax`):
+/// `tk = γ_{2ab+4}·128·Σ_b |d_a|·Σ|a|`, summed in f64 and rounded up with slack.
+pub(crate) fn head_tk(a: &[BlockQ8A]) -> f32 {
+    let gamma = (2 * a.len() + 4) as f64 * f64::from(f32::EPSILON) / 2.0 * 1.01;
+    let s: f64 =
+        a.iter().map(|a| f64::from(a.d.abs()) * a.qs.iter().map(|&q| f64::from(q.unsigned_abs())).sum::<f64>()).sum();
+    (s * 128.0 * gamma * (1.0 + 1e-6)) as f32
+}
+
+/// A row's estimate `e` widened to `(lo, hi)` with `lo ≤ reference logit ≤ hi`: `e ∓ E'`,
+/// `E' = E·1.01 + |e|·2^-22 + 1e-36` so that the rounded sums stay outside `e ∓ E`
+/// (`E = tk·dw`, `dw` the row's largest |d_w|).
+pub(crate) fn head_bounds(e: f32, dw: f32, tk: f32) -> (f32, f32) {
+    let ep = tk * dw * 1.01 + e.abs() * (1.0 / 4194304.0) + 1e-36;
+    (e - ep, e + ep)
 }
 
 /// Most tokens a fused q/k/v or gate/up job takes (batched decode); longer steps (prefill) take

@@ -71,6 +71,11 @@ pub struct Cpu {
     pub(crate) held: Option<ActKey>,
     /// One per pool thread.
     pub(crate) scratch: Vec<Mutex<Scratch>>,
+    /// `Op::HeadArgmax`'s bounds per chunk of rows and token (see `Cpu::head_argmax`).
+    pub(crate) head: Vec<f32>,
+    /// `Op::HeadArgmax` through estimates where it can (`PUREHW_CPU_HEAD_EST=0`: always the
+    /// expansion, to measure what the estimates save).
+    pub(crate) head_est: bool,
     /// RoPE `(cos, sin)` tables of the current step, one per `(theta, scale, head_dim)`: every
     /// layer of a step rotates the same positions, so each table is computed once per step.
     pub(crate) rope: Vec<RopeTable>,
@@ -136,6 +141,8 @@ impl Cpu {
             qk: Vec::new(),
             held: None,
             scratch,
+            head: Vec::new(),
+            head_est: std::env::var("PUREHW_CPU_HEAD_EST").map_or(true, |v| v != "0"),
             profile,
             rope: Vec::new(),
             fused: std::env::var("PUREHW_CPU_FUSED").map_or(true, |v| v != "0"),
@@ -219,7 +226,7 @@ impl Backend for Cpu {
     fn supports(&self, op: OpKind) -> bool {
         match op {
             OpKind::Embed(f) | OpKind::MatMul(f) => format_supported(f),
-            OpKind::MatMulQ8(f) => format_supported(f) && f.act_layout().is_some(),
+            OpKind::MatMulQ8(f) | OpKind::HeadArgmax(f) => format_supported(f) && f.act_layout().is_some(),
             OpKind::KvCache(_) => true,
             k => k.is_format_free(),
         }

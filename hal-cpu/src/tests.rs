@@ -494,3 +494,67 @@ fn a_repeated_step_allocates_nothing() {
     let info = allocation_counter::measure(|| assert!(cpu.submit(&steps[0].step(), &bad).is_err()));
     assert_eq!(info.count_total, 0, "a failing step allocated: {info:?}");
 }
+
+/// `Op::HeadArgmax`'s estimate bound holds: for random rows, rows built to cancel (codes ±127 and
+/// −128 whose products nearly sum to zero, with large and tiny scales) and activations with
+/// huge, tiny and zero blocks, every reference logit (`dot_row_q8a`) lies within the bounds of
+/// its row's estimate; on the random rows the bounds are narrow enough to prune (0.1% of the
+/// logits' largest magnitude).
+#[test]
+fn head_estimate_bounds_hold() {
+    let k = crate::simd::Kernels::detect();
+    let Some(est) = k.head_est_q8_0 else {
+        eprintln!("head_estimate_bounds_hold: no estimate kernel on this CPU, skipped");
+        return;
+    };
+    let mut rng = Rng(0x5EED_4EAD);
+    let f16 = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
+    for (rows, cols, n) in [(37, 640, 8), (512, 256, 16), (100, 2048, 3), (16, 32, 1)] {
+        let ab = cols / 32;
+        let rb = ab * 34;
+        let mut w: Vec<u8> = (0..rows).flat_map(|_| random_row(&mut rng, Format::Q8_0, cols)).collect();
+        for r in (0..rows).step_by(3) {
+            // Cancelling codes: +127 and −128 alternating, one scale large, one tiny.
+            for (b, blk) in w[r * rb..(r + 1) * rb].chunks_exact_mut(34).enumerate() {
+                for (i, c) in blk[2..].iter_mut().enumerate() {
+                    *c = if i % 2 == 0 { 127 } else { 0x80 };
+                }
+                let s = match (r + b) % 3 {
+                    0 => 60000.0,
+                    1 => 1e-7,
+                    _ => 0.01,
+                };
+                blk[..2].copy_from_slice(&f16(s));
+            }
+        }
+        let mut x: Vec<f32> = (0..n * cols).map(|_| rng.unit() * 2.0).collect();
+        for (t, row) in x.chunks_exact_mut(cols).enumerate() {
+            match t % 4 {
+                0 => row.iter_mut().for_each(|v| *v = 1.0 + *v * 1e-3), // nearly equal codes
+                1 => row.iter_mut().for_each(|v| *v *= 1e15),
+                2 => row[..32].fill(0.0),
+                _ => row.iter_mut().for_each(|v| *v *= 1e-20),
+            }
+        }
+        let mut a = vec![q::BlockQ8A::default(); n * ab];
+        for (x, a) in x.chunks_exact(cols).zip(a.chunks_exact_mut(ab)) {
+            q::quantize_q8a(x, a);
+        }
+        let (mut e, mut dw) = (vec![0f32; n * rows], vec![0f32; rows]);
+        est(&w, rows, &a, n, &mut e, &mut dw);
+        for t in 0..n {
+            let at = &a[t * ab..(t + 1) * ab];
+            let tk = crate::exec::head_tk(at);
+            let logits: Vec<f32> = (0..rows).map(|r| q::dot_row_q8a(Format::Q8_0, &w[r * rb..][..rb], at)).collect();
+            let spread = logits.iter().fold(0f32, |m, l| m.max(l.abs()));
+            for r in 0..rows {
+                let (lo, hi) = crate::exec::head_bounds(e[t * rows + r], dw[r], tk);
+                let l = logits[r];
+                assert!(lo <= l && l <= hi, "rows {rows} cols {cols} t {t} r {r}: {l} outside [{lo}, {hi}]");
+                if r % 3 != 0 && spread > 0.0 && spread.is_finite() {
+                    assert!(hi - lo <= spread * 1e-3, "t {t} r {r}: bounds [{lo}, {hi}] too loose (spread {spread})");
+                }
+            }
+        }
+    }
+}

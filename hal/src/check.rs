@@ -408,6 +408,9 @@ fn fused_shapes<B: Copy + PartialEq, W: Copy>(res: &impl Resources<B, W>, op: &O
             }
             mul(n, ffn, OP)?;
         }
+        Op::HeadArgmax { w, vocab, .. } if weight(res, w, "HeadArgmax weight")?.rows != vocab => {
+            return Err(invalid("HeadArgmax", "vocab must be the weight's rows"));
+        }
         _ => {}
     }
     Ok(())
@@ -474,6 +477,12 @@ fn fused_regions<B: Copy + PartialEq, W: Copy>(
             if let Some(qo) = quant {
                 regs.push(qo.out, act_len(n, ffn, qo.layout, "GatedFfn")?, "GatedFfn quantized gate", Use::Out);
             }
+        }
+        Op::HeadArgmax { out, xq, w, n, vocab, logits } => {
+            let wt = weight(res, w, "HeadArgmax weight")?;
+            mat_in(MatIn::Q8(xq), n, wt.cols, wt.format.act_layout(), regs)?;
+            regs.push(logits, n * vocab, "HeadArgmax logits", Use::Out);
+            regs.push(out, n, "HeadArgmax out", Use::Out);
         }
         _ => {}
     }

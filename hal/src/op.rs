@@ -195,6 +195,11 @@ pub enum Op<B, W> {
     /// `out[r] = argmax(x[r, :])` for `rows` rows of `cols` (`kernels::ops::argmax`: NaN counts as
     /// −∞, first index on ties), stored as an f32 holding the index exactly (`cols ≤ 2^24`).
     Argmax { out: View<B>, x: View<B>, rows: usize, cols: usize },
+    /// Greedy decoding's LM head, fused: `logits = MatMulQ8(xq, w)` over `n` rows, then
+    /// `out = Argmax(logits)` over the weight's `vocab` rows. `logits` (n, vocab) is scratch: after
+    /// the op its values are unspecified, so a backend may find each row's argmax without every
+    /// logit (only `out` is the op's result).
+    HeadArgmax { out: View<B>, xq: View<B>, w: W, n: usize, vocab: usize, logits: View<B> },
     /// `out[i] = src[i]` for `i < len`, bit for bit: `out` and `src` may lie in one buffer but
     /// must not overlap. Moves KV-cache rows between slots (a prompt prefix held by one slot,
     /// copied into another instead of computed again).
@@ -279,6 +284,7 @@ pub enum OpKind {
     Argmax,
     Copy,
     AddRmsNorm,
+    HeadArgmax(Format),
     Qkv,
     GatedFfn,
     /// The cache ops ([`Op::StoreKv`], [`Op::Attention`], [`Op::Qkv`]) on caches of this
@@ -329,6 +335,7 @@ impl<B: Copy, W: Copy> Op<B, W> {
             Op::SiluMul { .. } => OpKind::SiluMul,
             Op::Softcap { .. } => OpKind::Softcap,
             Op::Argmax { .. } => OpKind::Argmax,
+            Op::HeadArgmax { w, .. } => OpKind::HeadArgmax(format_of(w)),
             Op::Copy { .. } => OpKind::Copy,
             Op::AddRmsNorm { .. } => OpKind::AddRmsNorm,
             Op::Qkv { .. } => OpKind::Qkv,
@@ -338,7 +345,7 @@ impl<B: Copy, W: Copy> Op<B, W> {
 
     /// Whether this is a fused op (one that [`expand`](Op::expand)s into others).
     pub fn is_fused(&self) -> bool {
-        matches!(self, Op::AddRmsNorm { .. } | Op::Qkv { .. } | Op::GatedFfn { .. })
+        matches!(self, Op::AddRmsNorm { .. } | Op::Qkv { .. } | Op::GatedFfn { .. } | Op::HeadArgmax { .. })
     }
 
     /// The primitive ops a fused op stands for, in order, passed to `f` (a primitive op passes
@@ -419,6 +426,10 @@ impl<B: Copy, W: Copy> Op<B, W> {
                 }
                 Ok(())
             }
+            Op::HeadArgmax { out, xq, w, n, vocab, logits } => {
+                f(Op::MatMulQ8 { out: logits, xq, w, n })?;
+                f(Op::Argmax { out, x: logits, rows: n, cols: vocab })
+            }
             op => f(op),
         }
     }
@@ -469,6 +480,9 @@ impl<B: Copy, W: Copy> Op<B, W> {
             Op::SiluMul { out, gate, up, len } => Op::SiluMul { out: v(out), gate: v(gate), up: v(up), len },
             Op::Softcap { x, len, cap } => Op::Softcap { x: v(x), len, cap },
             Op::Argmax { out, x, rows, cols } => Op::Argmax { out: v(out), x: v(x), rows, cols },
+            Op::HeadArgmax { out, xq, w, n, vocab, logits } => {
+                Op::HeadArgmax { out: v(out), xq: v(xq), w: fw(w), n, vocab, logits: v(logits) }
+            }
             Op::Copy { out, src, len } => Op::Copy { out: v(out), src: v(src), len },
             Op::AddRmsNorm { x, x_out, branch, post, out, w, quant: q, rows, dim, eps } => Op::AddRmsNorm {
                 x: v(x),

@@ -32,6 +32,7 @@ pub(super) fn all() -> Vec<Group> {
     groups.extend(attention(&mut rng));
     groups.push(elementwise(&mut rng));
     groups.push(argmax(&mut rng));
+    groups.push(head_argmax(&mut rng));
     groups.push(copy(&mut rng));
     groups.push(add_rms_norm(&mut rng));
     groups.extend(qkv(&mut rng));
@@ -858,6 +859,64 @@ fn argmax(rng: &mut Rng) -> Group {
         cases.push(c);
     }
     Group { name: "Argmax".into(), cases }
+}
+
+/// HeadArgmax (greedy decoding's LM head and its argmax as one op; only the ids are checked,
+/// the logits are scratch): Q8_0 heads of 1–16 tokens, rows not a whole number of the CPU's
+/// chunks, a dominant row repeated further down (a tie the first index wins), a near copy of it
+/// one code apart (exact logits decide), an infinite scale (no estimate: the expansion), and a
+/// Q4_0 head (no estimate kernel).
+fn head_argmax(rng: &mut Rng) -> Group {
+    let mut cases = Vec::new();
+    let f16 = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
+    for (fmt, n, rows, cols, kind) in [
+        (Format::Q8_0, 1, 1000, 640, 0),
+        (Format::Q8_0, 2, 1000, 640, 0),
+        (Format::Q8_0, 3, 4099, 256, 1),
+        (Format::Q8_0, 8, 20_000, 640, 1),
+        (Format::Q8_0, 16, 1537, 640, 2),
+        (Format::Q8_0, 5, 700, 96, 3),
+        (Format::Q4_0, 4, 1000, 256, 0),
+    ] {
+        let name = format!("HeadArgmax {fmt:?} n={n} rows={rows} cols={cols} case {kind}");
+        let mut c = Case::new(name, StepData::one_seq(n, 0));
+        let mut w = weight(rng, fmt, rows, cols);
+        let rb = fmt.bytes_for(cols).expect("a block format");
+        let mut b = w.data.as_slice().to_vec();
+        let (s, s2) = (rows / 3, rows - 2);
+        match kind {
+            // Row s dominates (large scales), a copy of it at s2 ties.
+            1 | 2 => {
+                for blk in b[s * rb..(s + 1) * rb].chunks_exact_mut(34) {
+                    blk[..2].copy_from_slice(&f16(0.5));
+                }
+                b.copy_within(s * rb..(s + 1) * rb, s2 * rb);
+                if kind == 2 {
+                    // ... and a near copy just before it: one code one step apart.
+                    b.copy_within(s * rb..(s + 1) * rb, (s - 1) * rb);
+                    let at = (s - 1) * rb + 2 + 7;
+                    b[at] = b[at].wrapping_add(1).min(126);
+                }
+            }
+            // An infinite scale: a non-finite logit somewhere.
+            3 => b[5 * rb..5 * rb + 2].copy_from_slice(&0x7C00u16.to_le_bytes()),
+            _ => {}
+        }
+        w = HostWeight::new(fmt, rows, cols, HostBytes::from_vec(b)).expect("consistent weight");
+        let wi = c.weight(w);
+        let layout = fmt.act_layout().expect("a block format");
+        let mut x = activations(rng, n, cols);
+        if kind == 1 || kind == 2 {
+            // Positive activations, so the large-scale row's logit is the largest... mostly.
+            x.iter_mut().for_each(|v| *v = v.abs());
+        }
+        let xq = c.buf(quantize_rows(&x, n, cols, layout));
+        let logits = c.buf(vec![0.0; n * rows]);
+        let out = c.output_at(rng, n, 2, "indices", Check::Exact);
+        c.op(Op::HeadArgmax { out, xq, w: wi, n, vocab: rows, logits });
+        cases.push(c);
+    }
+    Group { name: "HeadArgmax".into(), cases }
 }
 
 /// Copy: between buffers and within one (a KV cache's slots, either way round), lengths around

@@ -73,7 +73,16 @@ pub struct Kernels {
     /// `out[i] = f16::from_bits(h[i]).to_f32()` (exact) for `i < h.len()`: an f16 KV cache's
     /// keys and values widened for the float kernels.
     pub widen_f16: fn(h: &[u16], out: &mut [f32]),
+    /// Greedy decoding's LM head estimate over a Q8_0 weight (see [`HeadEst`]); `None` where no
+    /// kernel makes it cheaper than the exact matmul.
+    pub head_est_q8_0: Option<HeadEst>,
 }
+
+/// `(w, rows, act, n, est, maxdw)` over a Q8_0 weight of `rows` rows and `ab = act.len() / n`
+/// blocks a row: `est[t·rows + r] = Σ_b fl(d_w·d_a)·S_b`, each block's integer sum `S_b` whole
+/// and the sum over blocks fused multiply-adds (not the reference's rounding: an estimate, its
+/// error bounded by the caller), and `maxdw[r] = max_b |d_w|` of row `r`.
+pub type HeadEst = fn(&[u8], usize, &[BlockQ8A], usize, &mut [f32], &mut [f32]);
 
 /// `(q, d, k, stride, n, out, ld)`; see [`Kernels::dot_keys`].
 pub type DotKeys = fn(&[f32], usize, &[f32], usize, usize, &mut [f32], usize);

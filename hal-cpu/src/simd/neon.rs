@@ -69,6 +69,7 @@ pub(super) fn kernels() -> Option<Kernels> {
         silu_mul: super::scalar::silu_mul,
         exp_sub: super::scalar::exp_sub,
         widen_f16: super::scalar::widen_f16,
+        head_est_q8_0: None,
     })
 }
 

@@ -22,6 +22,7 @@ pub(crate) const KERNELS: Kernels = Kernels {
     silu_mul,
     exp_sub,
     widen_f16,
+    head_est_q8_0: None,
 };
 
 pub(crate) fn widen_f16(h: &[u16], out: &mut [f32]) {

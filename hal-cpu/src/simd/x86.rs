@@ -46,6 +46,7 @@ pub(super) fn kernels() -> Option<Kernels> {
             silu_mul: super::x86_act::silu_mul,
             exp_sub: super::x86_act::exp_sub,
             widen_f16: super::x86_f32::widen_f16,
+            head_est_q8_0: None,
         })
     } else {
         None

@@ -65,7 +65,146 @@ pub(super) fn kernels() -> Option<Kernels> {
         gemm_q8k,
         dot_keys: if dq { dot_keys } else { base.dot_keys },
         axpy_keys,
+        head_est_q8_0: Some(head_est_q8_0),
         ..base
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Greedy decoding's LM head estimate (`Kernels::head_est_q8_0`): 16 rows a register, lane = row.
+// Each row's block codes are gathered four bytes (one VNNI group) at a time, so one `vpdpbusd`
+// per group adds that group of all 16 rows for a token, and a block's integer sum is whole
+// before its one fused multiply-add: a few operations per row, block and token instead of the
+// exact matmul's 8-lane float chains.
+
+/// `Kernels::head_est_q8_0`.
+fn head_est_q8_0(w: &[u8], rows: usize, act: &[BlockQ8A], n: usize, est: &mut [f32], maxdw: &mut [f32]) {
+    assert!(n <= 16, "head_est: at most 16 tokens");
+    let ab = act.len().checked_div(n).unwrap_or(0);
+    assert!(w.len() >= rows * ab * 34, "head_est: weights too short");
+    assert!(act.len() >= n * ab && est.len() >= n * rows && maxdw.len() >= rows, "head_est: buffers too short");
+    assert!(ab * 34 * 16 <= i32::MAX as usize, "head_est: rows too long");
+    // SAFETY: only reachable through `kernels()`, which checked avx512f/bw/vl/vnni+avx2+fma+f16c;
+    // the lengths the kernel relies on were asserted above.
+    unsafe { head_est_avx512(w.as_ptr(), rows, ab, act.as_ptr(), n, est.as_mut_ptr(), maxdw.as_mut_ptr()) }
+}
+
+/// Safety: features as [`gemm_a`]; `w` holds `rows·ab` Q8_0 blocks, `act` `n·ab` blocks, `est`
+/// `n·rows` floats, `maxdw` `rows`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn head_est_avx512(
+    w: *const u8,
+    rows: usize,
+    ab: usize,
+    act: *const BlockQ8A,
+    n: usize,
+    est: *mut f32,
+    maxdw: *mut f32,
+) {
+    let rb = ab * 34;
+    // Lane l holds row PERM[l] of a group of 16 (the order the transposition below leaves).
+    let perm = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15);
+    let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let flip = _mm512_set1_epi8(0x80u8 as i8);
+    let mut acc = [_mm512_setzero_ps(); 16];
+    for r0 in (0..rows).step_by(16) {
+        let whole = rows - r0 >= 16;
+        let m: __mmask16 = if whole { 0xFFFF } else { (1u16 << (rows - r0)) - 1 };
+        // A whole group in transposition order; the last, partial one row by row (gathers).
+        let order = if whole { perm } else { lanes };
+        let rowoff = _mm512_mullo_epi32(order, _mm512_set1_epi32(rb as i32));
+        // SAFETY: row `r0 < rows`.
+        let base = unsafe { w.add(r0 * rb) };
+        acc[..n].iter_mut().for_each(|a| *a = _mm512_setzero_ps());
+        let mut mx = _mm512_setzero_ps();
+        // The next group's bytes, a share of them each block (a hint: it never faults).
+        let (next, lines) = (base.wrapping_add(16 * rb), (16 * rb).div_ceil(64 * ab.max(1)));
+        for b in 0..ab {
+            for l in 0..lines {
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * (b * lines + l)).cast());
+            }
+            // SAFETY: block `b < ab` of each of the group's rows (masked to `rows`): its d (a
+            // dword's low half, the high half the block's first codes) and its 32 codes.
+            let (dw, wq) = unsafe {
+                let bp = base.add(b * 34);
+                let d = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), m, rowoff, bp.cast());
+                let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d));
+                let wq = if whole { codes_t(bp.add(2), rb) } else { codes_g(bp.add(2), rowoff, m) };
+                (dw, wq.map(|q| _mm512_xor_si512(q, flip)))
+            };
+            mx = _mm512_max_ps(mx, _mm512_abs_ps(dw));
+            for (t, acc) in acc.iter_mut().enumerate().take(n) {
+                // SAFETY: token `t < n`, block `b < ab`.
+                let a = unsafe { &*act.add(t * ab + b) };
+                let qs = a.qs.as_ptr().cast::<i32>();
+                // `w + 128` dotted; `−128·Σa` takes the offset back.
+                let mut s = _mm512_set1_epi32(-128 * a.sum);
+                for (k, wq) in wq.iter().enumerate() {
+                    // SAFETY: `qs` is 32 bytes: group `k < 8`.
+                    s = _mm512_dpbusd_epi32(s, *wq, _mm512_set1_epi32(unsafe { qs.add(k).read_unaligned() }));
+                }
+                let d = _mm512_mul_ps(dw, _mm512_set1_ps(a.d));
+                *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), *acc);
+            }
+        }
+        // Lanes back to row order (the permutation is its own inverse).
+        for (t, acc) in acc.iter().enumerate().take(n) {
+            // SAFETY: rows `r0..` of token `t`, masked to `rows`.
+            unsafe { _mm512_mask_storeu_ps(est.add(t * rows + r0), m, _mm512_permutexvar_ps(order, *acc)) };
+        }
+        // SAFETY: as above.
+        unsafe { _mm512_mask_storeu_ps(maxdw.add(r0), m, _mm512_permutexvar_ps(order, mx)) };
+    }
+}
+
+/// The 32 codes at `p + i·rb` of 16 rows as 8 registers, register k holding 4-byte group k of
+/// every row, row PERM[l] in lane l: each pair of rows (i, i + 8) loaded into one register, then
+/// an 8×8 transposition of dwords in each 256-bit half (unpacks within 128-bit lanes, then
+/// 128-bit lanes gathered by `vshufi32x4`).
+///
+/// Safety: features as [`gemm_a`]; 32 readable bytes at each `p + i·rb`, `i < 16`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn codes_t(p: *const u8, rb: usize) -> [__m512i; 8] {
+    // SAFETY: rows `j` and `j + 8` of the caller's 16.
+    let z: [__m512i; 8] = core::array::from_fn(|j| unsafe { join(load32(p.add(j * rb)), load32(p.add((j + 8) * rb))) });
+    let lo = |a, b| _mm512_unpacklo_epi32(a, b);
+    let hi = |a, b| _mm512_unpackhi_epi32(a, b);
+    let (a01l, a01h, a23l, a23h) = (lo(z[0], z[1]), hi(z[0], z[1]), lo(z[2], z[3]), hi(z[2], z[3]));
+    let (a45l, a45h, a67l, a67h) = (lo(z[4], z[5]), hi(z[4], z[5]), lo(z[6], z[7]), hi(z[6], z[7]));
+    // b[c] (rows 0–3 and 8–11), e[c] (rows 4–7 and 12–15): group c in 128-bit lanes 0 and 2,
+    // group c + 4 in lanes 1 and 3.
+    let b = [
+        _mm512_unpacklo_epi64(a01l, a23l),
+        _mm512_unpackhi_epi64(a01l, a23l),
+        _mm512_unpacklo_epi64(a01h, a23h),
+        _mm512_unpackhi_epi64(a01h, a23h),
+    ];
+    let e = [
+        _mm512_unpacklo_epi64(a45l, a67l),
+        _mm512_unpackhi_epi64(a45l, a67l),
+        _mm512_unpacklo_epi64(a45h, a67h),
+        _mm512_unpackhi_epi64(a45h, a67h),
+    ];
+    core::array::from_fn(|k| {
+        let c = k % 4;
+        if k < 4 {
+            _mm512_shuffle_i32x4::<0b10_00_10_00>(b[c], e[c])
+        } else {
+            _mm512_shuffle_i32x4::<0b11_01_11_01>(b[c], e[c])
+        }
+    })
+}
+
+/// [`codes_t`] for the rows `m` selects, by gathers (row l in lane l; the others zero).
+///
+/// Safety: features as [`gemm_a`]; 32 readable bytes at `p + rowoff[l]` for each lane in `m`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn codes_g(p: *const u8, rowoff: __m512i, m: __mmask16) -> [__m512i; 8] {
+    // SAFETY: as this function's contract.
+    core::array::from_fn(|k| unsafe {
+        _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), m, rowoff, p.add(4 * k).cast())
     })
 }
 
