@@ -100,7 +100,8 @@ impl Backend for CpuRef {
     fn supports(&self, op: OpKind) -> bool {
         match op {
             OpKind::Embed(f) | OpKind::MatMul(f) => format_supported(f),
-            OpKind::MatMulQ8(f) => format_supported(f) && f.act_layout().is_some(),
+            // HeadArgmax: its expansion, like every fused op here.
+            OpKind::MatMulQ8(f) | OpKind::HeadArgmax(f) => format_supported(f) && f.act_layout().is_some(),
             OpKind::KvCache(_) => true,
             k => k.is_format_free(),
         }
