@@ -94,7 +94,8 @@ pub struct VulkanOptions {
     pub batch_tile: Option<(usize, usize)>,
     /// One-token matmuls on compressed-tensors weights split each chunk's products (every
     /// thread of a workgroup) from the lanes' chains (`mm_int.comp`'s SPLIT=1) rather than eight
-    /// threads a row doing both. `None`: on GPUs only. `PUREHW_VK_INT_SPLIT=0|1` sets it.
+    /// threads a row doing both. `None`: off (not yet measured on a GPU against the unsplit
+    /// path). `PUREHW_VK_INT_SPLIT=0|1` sets it.
     pub int_split: Option<bool>,
 }
 
@@ -484,7 +485,7 @@ impl Vulkan {
         let name = info.name.clone();
         let gpu = Gpu::new(inst, pd, info, &cache_data).map_err(|e| VulkanError::Vk { device: name, source: e })?;
         let split = opts.split_matvec.unwrap_or(gpu.info.is_gpu());
-        let int_split = opts.int_split.unwrap_or(gpu.info.is_gpu());
+        let int_split = opts.int_split.unwrap_or(false);
         let dot = gpu.info.int8_dot && std::env::var("PUREHW_VK_DOT").map_or(true, |v| v != "0");
         let prologues = opts.prologues.unwrap_or(PROLOGUES);
         let budget = gpu.info.heaps.iter().filter(|h| h.1).map(|h| h.0).max().unwrap_or(0);
