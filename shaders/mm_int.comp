@@ -94,13 +94,8 @@ void fast() {
         }
         uint rb = row_l * WSTRIDE;
         [[unroll]] for (uint e = 0u; e < STEPS; e++) {
-            int q;
-            if (four) {
-                q = int((wsh[b][rb + e] >> (4u * lane)) & 15u) - 8;
-            } else {
-                uint word = wsh[b][rb + 2u * e + (lane >> 2)];
-                q = i8 ? sbyte(word, lane & 3u) : int((word >> (8u * (lane & 3u))) & 255u) - 128;
-            }
+            int q = four ? word_code(wsh[b][rb + e], lane, true, i8)
+                         : word_code(wsh[b][rb + 2u * e + (lane >> 2)], lane & 3u, false, i8);
             uint g = FGROUP == 0u ? 0u : (8u * e) / FGROUP;
             precise float wv = float(q - zp[g]) * sc[g];
             precise float a = acc + wv * xsh[b][8u * e + lane];
@@ -183,12 +178,7 @@ void split() {
                 [[unroll]] for (uint j = 0u; j < SPC; j++) nx[j] = x.v[pc.x_off + xn + j];
                 uint po = (b * SR + pr) * PSTR + SPC * wi;
                 [[unroll]] for (uint j = 0u; j < SPC; j++) {
-                    int q;
-                    if (FBITS == 4u) {
-                        q = int((wq[k] >> (4u * j)) & 15u) - 8;
-                    } else {
-                        q = i8 ? sbyte(wq[k], j) : int((wq[k] >> (8u * j)) & 255u) - 128;
-                    }
+                    int q = word_code(wq[k], j, FBITS == 4u, i8);
                     precise float wv = float(q - zq[k]) * sq[k];
                     precise float p = wv * xv[j];
                     prod[po + j] = p;
@@ -252,13 +242,8 @@ void main() {
                 float sc = int_scale(s, r * pc.groups + g, pc.iflags);
                 int zp = int_zero(z, r, g, pc.groups, pc.iflags);
                 for (uint e = 0u; e < steps; e++, k++) {
-                    int q;
-                    if (four) {
-                        q = int((w.v[base + k] >> (4u * lane)) & 15u) - 8;
-                    } else {
-                        uint word = w.v[base + 2u * k + (lane >> 2)];
-                        q = i8 ? sbyte(word, lane & 3u) : int((word >> (8u * (lane & 3u))) & 255u) - 128;
-                    }
+                    int q = four ? word_code(w.v[base + k], lane, true, i8)
+                                 : word_code(w.v[base + 2u * k + (lane >> 2)], lane & 3u, false, i8);
                     precise float wv = float(q - zp) * sc;
                     uint i = 8u * k + lane;
                     accumulate(acc, wv, x, xa + i, nt);

@@ -985,7 +985,7 @@ impl Cpu {
                 };
                 self.fused_q8(xq, n, &[(gate, w_gate), (up, w_up)], Some((out, f)))?
             }
-            Op::HeadArgmax { out, xq, w, n: n @ 2..=16, vocab, .. } => return self.head_argmax(out, xq, w, n, vocab),
+            Op::HeadArgmax { out, xq, w, n: n @ 2..=16, .. } => return self.head_argmax(out, xq, w, n),
             Op::AddRmsNorm { x, x_out, branch, post, out, w, quant, rows: rows @ 2.., dim, eps } => {
                 // The whole junction done here: nothing of the expansion is left to run.
                 let done = self.fused_norm(x, x_out, branch, post, out, w, quant, rows, dim, eps)?;
@@ -1215,11 +1215,13 @@ impl Cpu {
     /// term and the estimate with `ab`, so each is within `γ·Σ|fl(d_w·d_a)·l|` of the exact sum,
     /// and `Σ|l| ≤ 128·Σ|a|` a block (|w| ≤ 128). `Ok(false)`: not this case (another format, no
     /// kernel, a non-finite estimate or bound); the caller runs the expansion.
-    fn head_argmax(&mut self, out: View<BufId>, xq: View<BufId>, w: WeightId, n: usize, vocab: usize) -> Result<bool> {
+    fn head_argmax(&mut self, out: View<BufId>, xq: View<BufId>, w: WeightId, n: usize) -> Result<bool> {
+        use std::sync::atomic::{AtomicBool, Ordering};
         const CHUNK: usize = 512;
         let Cpu { host, pool, k, scratch, head, head_est, .. } = self;
         let (Some(est), Some(wt), true) = (k.head_est_q8_0, host.weight(w), *head_est) else { return Ok(false) };
-        if wt.format != Format::Q8_0 || wt.rows != vocab || vocab == 0 {
+        // (`hal::check` holds `vocab` to the weight's rows, above zero.)
+        if wt.format != Format::Q8_0 {
             return Ok(false);
         }
         let (rows, ab, rb, gemm) = (wt.rows, wt.cols / 32, wt.row_bytes(), k.gemm_q8a);
@@ -1235,10 +1237,9 @@ impl Cpu {
             *tk = head_tk(&act[t * ab..(t + 1) * ab]);
         }
         let w = wt.data.as_slice();
-        let bounds = head_bounds;
         // Pass 1: every chunk's estimates; per token, the largest lower and upper bounds.
         let stats = Disjoint::new(&mut head[..chunks * n * 2]);
-        let ok = std::sync::atomic::AtomicBool::new(true);
+        let ok = AtomicBool::new(true);
         let cks = Chunks::new(chunks, 1);
         let job = |i: usize| {
             let mut sc = lock(&scratch[i]);
@@ -1255,14 +1256,14 @@ impl Cpu {
                         let (mut lo, mut hi, mut bad) = ([f32::NEG_INFINITY; 16], [f32::NEG_INFINITY; 16], false);
                         for (e, dw) in ev[t * len..(t + 1) * len].chunks(16).zip(dv[..len].chunks(16)) {
                             for (i, (&e, &dw)) in e.iter().zip(dw).enumerate() {
-                                let (l, h) = bounds(e, dw, tk[t]);
+                                let (l, h) = head_bounds(e, dw, tk[t]);
                                 bad |= !(l - h).is_finite();
                                 lo[i] = if l > lo[i] { l } else { lo[i] };
                                 hi[i] = if h > hi[i] { h } else { hi[i] };
                             }
                         }
                         if bad {
-                            ok.store(false, std::sync::atomic::Ordering::Relaxed);
+                            ok.store(false, Ordering::Relaxed);
                         }
                         st[2 * t] = lo.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                         st[2 * t + 1] = hi.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -1275,10 +1276,11 @@ impl Cpu {
         } else {
             pool.run(&job)
         }
-        if !ok.load(std::sync::atomic::Ordering::Relaxed) {
+        if !ok.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        // Pass 2: each token's threshold, then the exact logits of the chunks' rows above it.
+        // Pass 2: each token's threshold, then the exact logits of the chunks' rows above it
+        // (their estimates made again: pass 1 keeps only each chunk's bounds).
         let st = &head[..chunks * n * 2];
         let mut ids = [0f32; 16];
         let mut sc = lock(&scratch[0]);
@@ -1292,7 +1294,7 @@ impl Cpu {
                 let len = CHUNK.min(rows - r0);
                 est(&w[r0 * rb..(r0 + len) * rb], len, &a[..ab], 1, &mut ev[..len], &mut dv[..len]);
                 for r in 0..len {
-                    if bounds(ev[r], dv[r], tk[t]).1 >= m {
+                    if head_bounds(ev[r], dv[r], tk[t]).1 >= m {
                         let mut l = [0f32];
                         gemm(Format::Q8_0, &w[(r0 + r) * rb..(r0 + r + 1) * rb], 1, wt.cols, a, 1, &mut l);
                         let key = k::argmax_key(l[0]);

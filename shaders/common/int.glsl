@@ -15,6 +15,12 @@ int int_code(Words w, uint row_byte, uint j, uint flags) {
     return (flags & INT_I8) != 0u ? sbyte(b, 0u) : int(b) - 128;
 }
 
+// Code j of a whole code word: the j-th nibble (4-bit, j < 8) or byte (8-bit, j < 4).
+int word_code(uint word, uint j, bool four, bool i8) {
+    if (four) return int((word >> (4u * j)) & 15u) - 8;
+    return i8 ? sbyte(word, j) : int((word >> (8u * j)) & 255u) - 128;
+}
+
 float int_scale(Words s, uint i, uint flags) {
     if ((flags & INT_SCALE_F16) != 0u) return f16_to_f32(ld_u16(s, 2u * i));
     if ((flags & INT_SCALE_BF16) != 0u) return bf16_to_f32(ld_u16(s, 2u * i));

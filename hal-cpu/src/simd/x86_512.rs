@@ -72,10 +72,10 @@ pub(super) fn kernels() -> Option<Kernels> {
 
 // ---------------------------------------------------------------------------------------------
 // Greedy decoding's LM head estimate (`Kernels::head_est_q8_0`): 16 rows a register, lane = row.
-// Each row's block codes are gathered four bytes (one VNNI group) at a time, so one `vpdpbusd`
-// per group adds that group of all 16 rows for a token, and a block's integer sum is whole
-// before its one fused multiply-add: a few operations per row, block and token instead of the
-// exact matmul's 8-lane float chains.
+// The 16 rows' block codes are transposed in registers into one register per four-byte (VNNI)
+// group, so one `vpdpbusd` per group adds that group of all 16 rows for a token, and a block's
+// integer sum is whole before its one fused multiply-add: a few operations per row, block and
+// token instead of the exact matmul's 8-lane float chains.
 
 /// `Kernels::head_est_q8_0`.
 fn head_est_q8_0(w: &[u8], rows: usize, act: &[BlockQ8A], n: usize, est: &mut [f32], maxdw: &mut [f32]) {
