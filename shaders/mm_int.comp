@@ -19,14 +19,17 @@
 // while this one is computed; every lane still walks its own elements in the reference's order.
 layout(constant_id = 2) const uint FBITS = 0;
 layout(constant_id = 3) const uint FGROUP = 0;
+// The wide variant of the fast path (below), and the chunks it keeps in flight.
+layout(constant_id = 4) const uint WIDE = 0;
+layout(constant_id = 5) const uint DEPTH = 4;
 const uint CE = FBITS == 4u ? 256u : 128u;         // columns a chunk
 const uint STEPS = CE / 8u;                       // a lane's elements a chunk
 const uint GPC = FGROUP == 0u ? 1u : CE / FGROUP; // scale groups a chunk
 const uint XPT = (CE + WG - 1u) / WG;             // x values each thread copies
 const uint WSTRIDE = 34u;                         // words a row in shared memory: 32 + 2 (banks)
 layout(buffer_reference, std430, buffer_reference_align = 16) buffer Quads { uvec4 v[]; };
-shared uint wsh[2][ROWS * WSTRIDE];
-shared float xsh[2][CE];
+shared uint wsh[2][WIDE == 0u ? ROWS * WSTRIDE : 1u];
+shared float xsh[2][WIDE == 0u ? CE : 1u];
 
 // One element's step of every token's chain: acc[t] = acc[t] + wv·x[t] (x[t] at `xi` + t rows),
 // the product and the sum each rounded once.
@@ -116,88 +119,90 @@ void fast() {
     finish(r, lane, 0u, 1u, accs, off);
 }
 
-// The split decode path (SPLIT=1, with FBITS/FGROUP as the fast path): a workgroup of 256
-// threads takes SR rows. Each chunk's products (w·x, each rounded as the reference rounds it)
-// are made by every thread, one code word a thread, into shared memory; then thread (row, lane)
-// of the first SR·8 adds its lane's products in element order — the reference's chain — while
-// the next chunk is being made. So eight chains a row no longer bound how many conversions are
-// in flight. The code words and scales of DEPTH chunks are loaded at once, the next DEPTH's
-// going out while these are computed, so more of the stream is in flight than one chunk's.
-layout(constant_id = 4) const uint SPLIT = 0;
-layout(constant_id = 5) const uint DEPTH = 4;
-const uint SR = 8u;                               // rows a workgroup (256 threads: 32 words a row)
-const uint SPC = FBITS == 4u ? 8u : 4u;           // columns a code word
-const uint PSTR = CE + 8u;                        // a row's products in shared memory (banks)
-shared float prod[SPLIT != 0u ? 2u * SR * PSTR : 1u];
+// The wide decode path (WIDE=1, with FBITS/FGROUP as the fast path): the fast path's threads
+// and chains, with fewer instructions an element. A row's code words sit in shared memory as
+// uvec4s and x by lane, so one shared load gives a thread four words (four of its 4-bit codes,
+// two 8-bit) and another four of its x values. A code's float is made from its bits rather than
+// by a conversion: (2^23 + u) − (2^23 + offset + zero point) is q − zp exactly (both operands
+// and the difference are integers below 2^24). DEPTH chunks of codes, x and scales are in flight.
+const uint QROW = 9u;                 // uvec4s a row in shared memory: 8 + 1 (banks)
+const uint XQ = STEPS / 4u;           // vec4s of a lane's x a chunk
+const uint XS = XQ + 1u;              // ... in shared memory (+1: banks)
+shared uvec4 wq4[WIDE != 0u ? 2u * ROWS * QROW : 1u];
+shared vec4 xq4[WIDE != 0u ? 2u * 8u * XS : 1u];
 
-// Chunk c's code word, scale and zero point for this producer (nothing past the last chunk).
-void split_load(uint c, uint chunks, uint q0, uint rp, uint wi, out uint word, out float sc, out int zp) {
-    word = 0u;
-    sc = 0.0;
-    zp = 0;
-    if (c < chunks) {
-        word = Words(pc.w).v[q0 + 32u * c];
-        uint g = FGROUP == 0u ? 0u : (c * CE + SPC * wi) / FGROUP;
-        sc = int_scale(Words(pc.scales), rp * pc.groups + g, pc.iflags);
-        zp = int_zero(Words(pc.zeros), rp, g, pc.groups, pc.iflags);
+// Chunk c's code quad, x quad (thread tid < 8·XQ: lane tid % 8, quad tid / 8) and scales with
+// their magic constants (2^23 + offset + zp); zeros past the last chunk.
+void wide_load(uint c, uint chunks, uint q0, uint rr, uint tid, out uvec4 wd, out vec4 xd, out float sc[GPC],
+               out float mg[GPC]) {
+    wd = uvec4(0u);
+    xd = vec4(0.0);
+    [[unroll]] for (uint j = 0u; j < GPC; j++) {
+        sc[j] = 0.0;
+        mg[j] = 0.0;
     }
+    if (c >= chunks) return;
+    wd = Quads(pc.w).v[q0 + 8u * c];
+    uint xl = tid & 7u, xq = tid >> 3;
+    if (xq < XQ) {
+        Floats x = Floats(pc.x);
+        uint xb = pc.x_off + c * CE + 32u * xq + xl;
+        xd = vec4(x.v[xb], x.v[xb + 8u], x.v[xb + 16u], x.v[xb + 24u]);
+    }
+    int zp[GPC];
+    chunk_params(Words(pc.scales), Words(pc.zeros), rr, c, sc, zp);
+    int off = FBITS == 4u ? 8 : 128;
+    [[unroll]] for (uint j = 0u; j < GPC; j++) mg[j] = float(8388608 + off + zp[j]);
 }
 
-void split() {
-    uint tid = gl_LocalInvocationID.x;
-    uint r0 = gl_WorkGroupID.x * SR;
-    // Producer: word `wi` of row `pr`'s chunk.
-    uint pr = tid >> 5, wi = tid & 31u;
-    uint rp = min(r0 + pr, pc.rows - 1u);
-    Floats x = Floats(pc.x);
-    uint q0 = (pc.w_byte + rp * pc.row_bytes) / 4u + wi;
+void wide() {
+    uint tid = gl_LocalInvocationID.x, lane = tid & 7u, row_l = tid >> 3;
+    uint r = gl_WorkGroupID.x * ROWS + row_l;
+    uint rr = r < pc.rows ? r : 0u;
     uint chunks = pc.cols / CE;
-    bool i8 = (pc.iflags & INT_I8) != 0u;
-    // Adder: (row, lane) of the first SR·8 threads.
-    uint ar = tid >> 3, lane = tid & 7u;
-    bool adder = ar < SR;
-    uint wq[DEPTH];
-    float sq[DEPTH];
-    int zq[DEPTH];
-    [[unroll]] for (uint k = 0u; k < DEPTH; k++) split_load(k, chunks, q0, rp, wi, wq[k], sq[k], zq[k]);
-    float xv[SPC];
-    [[unroll]] for (uint j = 0u; j < SPC; j++) xv[j] = x.v[pc.x_off + SPC * wi + j];
+    uint q0 = (pc.w_byte + rr * pc.row_bytes) / 16u + lane;
+    // int-quantized bytes are two's complement: flipping the sign bit offsets them by 128.
+    uint flip = (pc.iflags & INT_I8) != 0u ? 0x80u : 0u;
+    uint sh = FBITS == 4u ? 4u * lane : 8u * (lane & 3u);
+    bool hi = lane >= 4u;
+    uvec4 wd[DEPTH];
+    vec4 xd[DEPTH];
+    float scd[DEPTH][GPC], mgd[DEPTH][GPC];
+    [[unroll]] for (uint k = 0u; k < DEPTH; k++) wide_load(k, chunks, q0, rr, tid, wd[k], xd[k], scd[k], mgd[k]);
     precise float acc = 0.0;
     for (uint c0 = 0u; c0 < chunks; c0 += DEPTH) {
-        uint nwq[DEPTH];
-        float nsq[DEPTH];
-        int nzq[DEPTH];
-        [[unroll]] for (uint k = 0u; k < DEPTH; k++) split_load(c0 + DEPTH + k, chunks, q0, rp, wi, nwq[k], nsq[k], nzq[k]);
         [[unroll]] for (uint k = 0u; k < DEPTH; k++) {
             uint c = c0 + k;
             if (c < chunks) {
                 uint b = c & 1u;
-                // The next chunk's x (shared by every row: from the cache).
-                float nx[SPC];
-                uint xn = min(c + 1u, chunks - 1u) * CE + SPC * wi;
-                [[unroll]] for (uint j = 0u; j < SPC; j++) nx[j] = x.v[pc.x_off + xn + j];
-                uint po = (b * SR + pr) * PSTR + SPC * wi;
-                [[unroll]] for (uint j = 0u; j < SPC; j++) {
-                    int q = word_code(wq[k], j, FBITS == 4u, i8);
-                    precise float wv = float(q - zq[k]) * sq[k];
-                    precise float p = wv * xv[j];
-                    prod[po + j] = p;
+                uint rb = (b * ROWS + row_l) * QROW, xb = (b * 8u + lane) * XS;
+                wq4[rb + lane] = wd[k];
+                if (tid < 8u * XQ) xq4[(b * 8u + (tid & 7u)) * XS + (tid >> 3)] = xd[k];
+                float sc[GPC], mg[GPC];
+                [[unroll]] for (uint j = 0u; j < GPC; j++) {
+                    sc[j] = scd[k][j];
+                    mg[j] = mgd[k][j];
                 }
                 barrier();
-                if (adder) {
-                    uint ao = (b * SR + ar) * PSTR + lane;
-                    [[unroll]] for (uint e = 0u; e < CE / 8u; e++) {
-                        precise float a = acc + prod[ao + 8u * e];
+                // The loads DEPTH chunks ahead go out before this chunk's arithmetic.
+                wide_load(c + DEPTH, chunks, q0, rr, tid, wd[k], xd[k], scd[k], mgd[k]);
+                [[unroll]] for (uint qd = 0u; qd < 8u; qd++) {
+                    uvec4 w4 = wq4[rb + qd];
+                    vec4 x4 = xq4[xb + (FBITS == 4u ? qd : qd / 2u)];
+                    [[unroll]] for (uint i = 0u; i < (FBITS == 4u ? 4u : 2u); i++) {
+                        // 4-bit: word 4qd + i holds this lane's element 4qd + i; 8-bit: words
+                        // 2e and 2e + 1 hold element e's byte (lanes 0–3, 4–7).
+                        uint e = FBITS == 4u ? 4u * qd + i : 2u * qd + i;
+                        uint word = FBITS == 4u ? w4[i] : (i == 0u ? (hi ? w4.y : w4.x) : (hi ? w4.w : w4.z));
+                        uint u = ((word >> sh) & (FBITS == 4u ? 15u : 255u)) ^ flip;
+                        uint g = FGROUP == 0u ? 0u : (8u * e) / FGROUP;
+                        precise float f = uintBitsToFloat(0x4B000000u | u) - mg[g];
+                        precise float wv = f * sc[g];
+                        precise float a = acc + wv * x4[FBITS == 4u ? i : 2u * (qd & 1u) + i];
                         acc = a;
                     }
                 }
-                [[unroll]] for (uint j = 0u; j < SPC; j++) xv[j] = nx[j];
             }
-        }
-        [[unroll]] for (uint k = 0u; k < DEPTH; k++) {
-            wq[k] = nwq[k];
-            sq[k] = nsq[k];
-            zq[k] = nzq[k];
         }
     }
     float accs[TOKENS], off[TOKENS];
@@ -205,12 +210,12 @@ void split() {
         accs[t] = t == 0u ? acc : 0.0;
         off[t] = 0.0;
     }
-    finish(adder ? r0 + ar : 0xFFFFFFFFu, lane, 0u, 1u, accs, off);
+    finish(r, lane, 0u, 1u, accs, off);
 }
 
 void main() {
-    if (SPLIT != 0u) {
-        split();
+    if (WIDE != 0u) {
+        wide();
         return;
     }
     if (FBITS != 0u) {

@@ -66,7 +66,7 @@ pub fn vulkan_copying() -> Vulkan {
 }
 
 /// The Vulkan backend with the GPUs' decode kernels forced on (split matmuls and their tails,
-/// the integer matmul's split path), so that a CPU device such as lavapipe checks them too.
+/// the integer matmul's wide variant), so that a CPU device such as lavapipe checks them too.
 pub fn vulkan_gpu_kernels() -> Vulkan {
     let mut o = vulkan_options();
     o.split_matvec = Some(true);
@@ -74,7 +74,7 @@ pub fn vulkan_gpu_kernels() -> Vulkan {
     o.prologues = Some((false, false));
     // Block attention's smaller blocks (chosen per step), which the default does not take.
     o.attention_rows = Some(0);
-    o.int_split = Some(true);
+    o.int_wide = Some(true);
     Vulkan::new(&o).unwrap_or_else(|e| panic!("{e}"))
 }
 

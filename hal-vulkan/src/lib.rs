@@ -92,11 +92,11 @@ pub struct VulkanOptions {
     /// step of 8–16 sequences); `Some((17, 0))`: never. `PUREHW_VK_BATCH_TILE=N[,ROWS]` sets it
     /// (ROWS 0 when left out), `off` turns it off.
     pub batch_tile: Option<(usize, usize)>,
-    /// One-token matmuls on compressed-tensors weights split each chunk's products (every
-    /// thread of a workgroup) from the lanes' chains (`mm_int.comp`'s SPLIT=1) rather than eight
-    /// threads a row doing both. `None`: off (not yet measured on a GPU against the unsplit
-    /// path). `PUREHW_VK_INT_SPLIT=0|1` sets it.
-    pub int_split: Option<bool>,
+    /// One-token matmuls on compressed-tensors weights take the chunked path's wide variant
+    /// (`mm_int.comp`'s WIDE=1: four code words and four x values a shared load, codes made
+    /// floats by their bits, [`INT_DEPTH`] chunks in flight). `None`: off (not yet measured on a
+    /// GPU against the plain chunked path). `PUREHW_VK_INT_WIDE=0|1` sets it.
+    pub int_wide: Option<bool>,
 }
 
 impl VulkanOptions {
@@ -118,7 +118,7 @@ impl VulkanOptions {
             tails: std::env::var("PUREHW_VK_TAIL").ok().map(|v| Tails::parse(&v)),
             import: std::env::var("PUREHW_VK_IMPORT").ok().map(|v| v != "0"),
             batch_tile: std::env::var("PUREHW_VK_BATCH_TILE").ok().and_then(|v| parse_batch_tile(&v)),
-            int_split: std::env::var("PUREHW_VK_INT_SPLIT").ok().map(|v| v != "0"),
+            int_wide: std::env::var("PUREHW_VK_INT_WIDE").ok().map(|v| v != "0"),
         }
     }
 }
@@ -383,9 +383,9 @@ pub struct Vulkan {
     /// One-token matmuls on compressed-tensors weights take `mm_int.comp`'s chunked path where
     /// the shapes allow (`PUREHW_VK_INT_CHUNKS=0`: the element-wise one, for comparing).
     int_chunks: bool,
-    /// The chunked path splits products from chains (see [`VulkanOptions::int_split`]).
-    int_split: bool,
-    /// Chunks whose codes the split path loads at once ([`INT_DEPTH`]; `PUREHW_VK_INT_DEPTH`
+    /// The chunked path's wide variant (see [`VulkanOptions::int_wide`]).
+    int_wide: bool,
+    /// Chunks whose codes the wide variant loads at once ([`INT_DEPTH`]; `PUREHW_VK_INT_DEPTH`
     /// sets 1–8, for measuring).
     int_depth: u32,
     /// Rows per block-attention workgroup (see [`VulkanOptions::attention_rows`]).
@@ -485,7 +485,7 @@ impl Vulkan {
         let name = info.name.clone();
         let gpu = Gpu::new(inst, pd, info, &cache_data).map_err(|e| VulkanError::Vk { device: name, source: e })?;
         let split = opts.split_matvec.unwrap_or(gpu.info.is_gpu());
-        let int_split = opts.int_split.unwrap_or(false);
+        let int_wide = opts.int_wide.unwrap_or(false);
         let dot = gpu.info.int8_dot && std::env::var("PUREHW_VK_DOT").map_or(true, |v| v != "0");
         let prologues = opts.prologues.unwrap_or(PROLOGUES);
         let budget = gpu.info.heaps.iter().filter(|h| h.1).map(|h| h.0).max().unwrap_or(0);
@@ -531,7 +531,7 @@ impl Vulkan {
             },
             attn_blk: std::env::var("PUREHW_VK_ATTN_BLK").map_or(true, |v| v != "0"),
             int_chunks: std::env::var("PUREHW_VK_INT_CHUNKS").map_or(true, |v| v != "0"),
-            int_split,
+            int_wide,
             int_depth: std::env::var("PUREHW_VK_INT_DEPTH")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -2801,13 +2801,8 @@ impl Vulkan {
             let grid = [groups(wrows, wg as usize / 8), groups(n, tokens as usize), 1];
             let at = addr_u64(wa) + wb as u64;
             if let Some((bits, group)) = int_chunked(p, cols, at, row_bytes).filter(|_| n == 1 && self.int_chunks) {
-                if self.int_split {
-                    // 256 threads take 8 rows: all of them make products, 64 add the chains.
-                    let grid = [groups(wrows, 8), 1, 1];
-                    let spec = [1, 256, bits, group, 1, self.int_depth];
-                    return self.dispatch(cb, hz, "mm_int", &spec, &push, grid, acc);
-                }
-                return self.dispatch(cb, hz, "mm_int", &[1, wg, bits, group], &push, grid, acc);
+                let spec = [1, wg, bits, group, u32::from(self.int_wide), self.int_depth];
+                return self.dispatch(cb, hz, "mm_int", &spec, &push, grid, acc);
             }
             return self.dispatch(cb, hz, "mm_int", &[tokens, wg], &push, grid, acc);
         }
@@ -2895,7 +2890,7 @@ impl Vulkan {
     }
 }
 
-/// Chunks of codes `mm_int.comp`'s split path loads at once (its DEPTH).
+/// Chunks of codes `mm_int.comp`'s wide variant loads at once (its DEPTH).
 const INT_DEPTH: u32 = 4;
 
 /// `mm_int.comp`'s chunked path for a one-token matmul, as its spec constants (bits, columns

@@ -275,9 +275,10 @@ fn matmul(rng: &mut Rng, fmt: Format) -> Group {
             cases.push(c);
         }
         // compressed-tensors decode shapes of whole 256-column chunks (Vulkan's chunked mm_int),
-        // a partial and several workgroups of rows.
+        // a partial and several workgroups of rows, chunks not a whole number of its wide
+        // variant's depth, and rows enough for its 256-thread workgroups.
         if matches!(fmt, Format::Int(_)) && act == ActQuant::F32 {
-            for (rows, cols, at) in [(37, 1024, 3), (300, 2048, 0)] {
+            for (rows, cols, at) in [(37, 1024, 3), (300, 2048, 0), (37, 1280, 0), (32770, 256, 3)] {
                 let mut c =
                     Case::new(format!("MatMul {fmt:?} {act:?} n=1 rows={rows} cols={cols}"), StepData::one_seq(1, 0));
                 let w = c.weight(weight(rng, fmt, rows, cols));
