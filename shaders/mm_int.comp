@@ -161,8 +161,9 @@ void wide() {
     uint rr = r < pc.rows ? r : 0u;
     uint chunks = pc.cols / CE;
     uint q0 = (pc.w_byte + rr * pc.row_bytes) / 16u + lane;
-    // int-quantized bytes are two's complement: flipping the sign bit offsets them by 128.
-    uint flip = (pc.iflags & INT_I8) != 0u ? 0x80u : 0u;
+    // The float's bits: 2^23's exponent, and int-quantized bytes (two's complement) offset by
+    // 128 by flipping their sign bit; one xor does both (the code has no bits of either).
+    uint fm = 0x4B000000u | ((pc.iflags & INT_I8) != 0u ? 0x80u : 0u);
     uint sh = FBITS == 4u ? 4u * lane : 8u * (lane & 3u);
     bool hi = lane >= 4u;
     uvec4 wd[DEPTH];
@@ -194,9 +195,9 @@ void wide() {
                         // 2e and 2e + 1 hold element e's byte (lanes 0–3, 4–7).
                         uint e = FBITS == 4u ? 4u * qd + i : 2u * qd + i;
                         uint word = FBITS == 4u ? w4[i] : (i == 0u ? (hi ? w4.y : w4.x) : (hi ? w4.w : w4.z));
-                        uint u = ((word >> sh) & (FBITS == 4u ? 15u : 255u)) ^ flip;
+                        uint bits = ((word >> sh) & (FBITS == 4u ? 15u : 255u)) ^ fm;
                         uint g = FGROUP == 0u ? 0u : (8u * e) / FGROUP;
-                        precise float f = uintBitsToFloat(0x4B000000u | u) - mg[g];
+                        precise float f = uintBitsToFloat(bits) - mg[g];
                         precise float wv = f * sc[g];
                         precise float a = acc + wv * x4[FBITS == 4u ? i : 2u * (qd & 1u) + i];
                         acc = a;
