@@ -10,6 +10,13 @@ float row_rms_inv(uint dim, float eps) {
     if (tid < 8u) {
         precise float acc = 0.0;
         uint i = tid;
+        // Runs of 32 of the lane's values loaded before their additions: the chain waits on
+        // shared memory once a run (wide rows: the 27B's 5376 are 672 a lane).
+        for (; i + 248u < dim; i += 256u) {
+            float v[32];
+            [[unroll]] for (uint u = 0u; u < 32u; u++) v[u] = row[i + 8u * u];
+            [[unroll]] for (uint u = 0u; u < 32u; u++) acc = acc + v[u] * v[u];
+        }
         for (; i + 56u < dim; i += 64u) {
             float v[8];
             [[unroll]] for (uint u = 0u; u < 8u; u++) v[u] = row[i + 8u * u];
