@@ -122,25 +122,25 @@ void fast() {
 // The wide decode path (WIDE=1, with FBITS/FGROUP as the fast path): the fast path's threads
 // and chains, with fewer instructions an element. A row's code words sit in shared memory as
 // uvec4s and x by lane, so one shared load gives a thread four words (four of its 4-bit codes,
-// two 8-bit) and another four of its x values. A code's float is made from its bits rather than
-// by a conversion: (2^23 + u) − (2^23 + offset + zero point) is q − zp exactly (both operands
-// and the difference are integers below 2^24). DEPTH chunks of codes, x and scales are in flight.
+// two 8-bit) and another four of its x values; each group's scale is loaded once a row (by one
+// of its 8 threads) and shared with its magic constant. A code's float is made from its bits
+// rather than by a conversion: (2^23 + u) − (2^23 + offset + zero point) is q − zp exactly
+// (both operands and the difference are integers below 2^24). DEPTH chunks are in flight.
 const uint QROW = 9u;                 // uvec4s a row in shared memory: 8 + 1 (banks)
 const uint XQ = STEPS / 4u;           // vec4s of a lane's x a chunk
 const uint XS = XQ + 1u;              // ... in shared memory (+1: banks)
+const uint SPT = (GPC + 7u) / 8u;     // groups whose scale a thread loads a chunk
+const uint SROW = GPC + 1u;           // (scale, magic) pairs a row in shared memory (+1: banks)
 shared uvec4 wq4[WIDE != 0u ? 2u * ROWS * QROW : 1u];
 shared vec4 xq4[WIDE != 0u ? 2u * 8u * XS : 1u];
+shared vec2 sm2[WIDE != 0u ? 2u * ROWS * SROW : 1u];
 
-// Chunk c's code quad, x quad (thread tid < 8·XQ: lane tid % 8, quad tid / 8) and scales with
-// their magic constants (2^23 + offset + zp); zeros past the last chunk.
-void wide_load(uint c, uint chunks, uint q0, uint rr, uint tid, out uvec4 wd, out vec4 xd, out float sc[GPC],
-               out float mg[GPC]) {
+// Chunk c's code quad, x quad (thread tid < 8·XQ: lane tid % 8, quad tid / 8) and the scales
+// of groups lane, lane + 8, … with their magic constants; zeros past the last chunk.
+void wide_load(uint c, uint chunks, uint q0, uint rr, uint tid, out uvec4 wd, out vec4 xd, out vec2 sd[SPT]) {
     wd = uvec4(0u);
     xd = vec4(0.0);
-    [[unroll]] for (uint j = 0u; j < GPC; j++) {
-        sc[j] = 0.0;
-        mg[j] = 0.0;
-    }
+    [[unroll]] for (uint j = 0u; j < SPT; j++) sd[j] = vec2(0.0);
     if (c >= chunks) return;
     wd = Quads(pc.w).v[q0 + 8u * c];
     uint xl = tid & 7u, xq = tid >> 3;
@@ -149,10 +149,16 @@ void wide_load(uint c, uint chunks, uint q0, uint rr, uint tid, out uvec4 wd, ou
         uint xb = pc.x_off + c * CE + 32u * xq + xl;
         xd = vec4(x.v[xb], x.v[xb + 8u], x.v[xb + 16u], x.v[xb + 24u]);
     }
-    int zp[GPC];
-    chunk_params(Words(pc.scales), Words(pc.zeros), rr, c, sc, zp);
     int off = FBITS == 4u ? 8 : 128;
-    [[unroll]] for (uint j = 0u; j < GPC; j++) mg[j] = float(8388608 + off + zp[j]);
+    [[unroll]] for (uint j = 0u; j < SPT; j++) {
+        uint gl = (tid & 7u) + 8u * j;
+        if (gl < GPC) {
+            uint g = FGROUP == 0u ? 0u : c * GPC + gl;
+            float sc = int_scale(Words(pc.scales), rr * pc.groups + g, pc.iflags);
+            int zp = int_zero(Words(pc.zeros), rr, g, pc.groups, pc.iflags);
+            sd[j] = vec2(sc, float(8388608 + off + zp));
+        }
+    }
 }
 
 void wide() {
@@ -168,25 +174,23 @@ void wide() {
     bool hi = lane >= 4u;
     uvec4 wd[DEPTH];
     vec4 xd[DEPTH];
-    float scd[DEPTH][GPC], mgd[DEPTH][GPC];
-    [[unroll]] for (uint k = 0u; k < DEPTH; k++) wide_load(k, chunks, q0, rr, tid, wd[k], xd[k], scd[k], mgd[k]);
+    vec2 sd[DEPTH][SPT];
+    [[unroll]] for (uint k = 0u; k < DEPTH; k++) wide_load(k, chunks, q0, rr, tid, wd[k], xd[k], sd[k]);
     precise float acc = 0.0;
     for (uint c0 = 0u; c0 < chunks; c0 += DEPTH) {
         [[unroll]] for (uint k = 0u; k < DEPTH; k++) {
             uint c = c0 + k;
             if (c < chunks) {
                 uint b = c & 1u;
-                uint rb = (b * ROWS + row_l) * QROW, xb = (b * 8u + lane) * XS;
+                uint rb = (b * ROWS + row_l) * QROW, xb = (b * 8u + lane) * XS, sb = (b * ROWS + row_l) * SROW;
                 wq4[rb + lane] = wd[k];
                 if (tid < 8u * XQ) xq4[(b * 8u + (tid & 7u)) * XS + (tid >> 3)] = xd[k];
-                float sc[GPC], mg[GPC];
-                [[unroll]] for (uint j = 0u; j < GPC; j++) {
-                    sc[j] = scd[k][j];
-                    mg[j] = mgd[k][j];
+                [[unroll]] for (uint j = 0u; j < SPT; j++) {
+                    if (lane + 8u * j < GPC) sm2[sb + lane + 8u * j] = sd[k][j];
                 }
                 barrier();
                 // The loads DEPTH chunks ahead go out before this chunk's arithmetic.
-                wide_load(c + DEPTH, chunks, q0, rr, tid, wd[k], xd[k], scd[k], mgd[k]);
+                wide_load(c + DEPTH, chunks, q0, rr, tid, wd[k], xd[k], sd[k]);
                 [[unroll]] for (uint qd = 0u; qd < 8u; qd++) {
                     uvec4 w4 = wq4[rb + qd];
                     vec4 x4 = xq4[xb + (FBITS == 4u ? qd : qd / 2u)];
@@ -196,9 +200,9 @@ void wide() {
                         uint e = FBITS == 4u ? 4u * qd + i : 2u * qd + i;
                         uint word = FBITS == 4u ? w4[i] : (i == 0u ? (hi ? w4.y : w4.x) : (hi ? w4.w : w4.z));
                         uint bits = ((word >> sh) & (FBITS == 4u ? 15u : 255u)) ^ fm;
-                        uint g = FGROUP == 0u ? 0u : (8u * e) / FGROUP;
-                        precise float f = uintBitsToFloat(bits) - mg[g];
-                        precise float wv = f * sc[g];
+                        vec2 sm = sm2[sb + (FGROUP == 0u ? 0u : (8u * e) / FGROUP)];
+                        precise float f = uintBitsToFloat(bits) - sm.y;
+                        precise float wv = f * sm.x;
                         precise float a = acc + wv * x4[FBITS == 4u ? i : 2u * (qd & 1u) + i];
                         acc = a;
                     }
