@@ -385,6 +385,9 @@ pub struct Vulkan {
     int_chunks: bool,
     /// The chunked path's wide variant (see [`VulkanOptions::int_wide`]).
     int_wide: bool,
+    /// Threads a workgroup of one-token `mm_int` matmuls (`PUREHW_VK_INT_WG=64|256`, for
+    /// measuring; default: 64 below 32768 rows, else 256).
+    int_wg: Option<u32>,
     /// Chunks whose codes the wide variant loads at once ([`INT_DEPTH`]; `PUREHW_VK_INT_DEPTH`
     /// sets 1–8, for measuring).
     int_depth: u32,
@@ -532,6 +535,7 @@ impl Vulkan {
             attn_blk: std::env::var("PUREHW_VK_ATTN_BLK").map_or(true, |v| v != "0"),
             int_chunks: std::env::var("PUREHW_VK_INT_CHUNKS").map_or(true, |v| v != "0"),
             int_wide,
+            int_wg: std::env::var("PUREHW_VK_INT_WG").ok().and_then(|v| v.parse().ok()).filter(|w| [64, 256].contains(w)),
             int_depth: std::env::var("PUREHW_VK_INT_DEPTH")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -2798,6 +2802,7 @@ impl Vulkan {
             };
             let tokens = n.clamp(1, 16).next_power_of_two() as u32;
             let wg: u32 = if wrows * n.min(16) < 32768 { 64 } else { 256 };
+            let wg = if n == 1 { self.int_wg.unwrap_or(wg) } else { wg };
             let grid = [groups(wrows, wg as usize / 8), groups(n, tokens as usize), 1];
             let at = addr_u64(wa) + wb as u64;
             if let Some((bits, group)) = int_chunked(p, cols, at, row_bytes).filter(|_| n == 1 && self.int_chunks) {
