@@ -280,7 +280,8 @@ impl Backend for Cpu {
                     op.expand(|o| self.run(step, &o))?;
                 }
                 let n = if step.rows() > 1 { " n>1" } else { "" };
-                self.record(format!("{:?}{n}", op.kind(|_| Format::F32)), t.elapsed().as_secs_f64());
+                let kind = op.kind(|w| self.host.weight(w).map_or(Format::F32, |w| w.format));
+                self.record(format!("{kind:?}{n}"), t.elapsed().as_secs_f64());
             } else {
                 op.expand(|o| self.run_profiled(step, &o))?;
             }
