@@ -535,7 +535,10 @@ impl Vulkan {
             attn_blk: std::env::var("PUREHW_VK_ATTN_BLK").map_or(true, |v| v != "0"),
             int_chunks: std::env::var("PUREHW_VK_INT_CHUNKS").map_or(true, |v| v != "0"),
             int_wide,
-            int_wg: std::env::var("PUREHW_VK_INT_WG").ok().and_then(|v| v.parse().ok()).filter(|w| [64, 256].contains(w)),
+            int_wg: std::env::var("PUREHW_VK_INT_WG")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|w| [64, 256].contains(w)),
             int_depth: std::env::var("PUREHW_VK_INT_DEPTH")
                 .ok()
                 .and_then(|v| v.parse().ok())
