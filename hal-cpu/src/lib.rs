@@ -280,8 +280,7 @@ impl Backend for Cpu {
                     op.expand(|o| self.run(step, &o))?;
                 }
                 let n = if step.rows() > 1 { " n>1" } else { "" };
-                let kind = op.kind(|w| self.host.weight(w).map_or(Format::F32, |w| w.format));
-                self.record(format!("{kind:?}{n}"), t.elapsed().as_secs_f64());
+                self.record(format!("{:?}{n}", self.kind_of(op)), t.elapsed().as_secs_f64());
             } else {
                 op.expand(|o| self.run_profiled(step, &o))?;
             }
@@ -296,13 +295,18 @@ impl Cpu {
         let t = std::time::Instant::now();
         self.run(step, op)?;
         let dt = t.elapsed().as_secs_f64();
-        let key = match op.kind(|w| self.host.weight(w).map_or(Format::F32, |w| w.format)) {
+        let key = match self.kind_of(op) {
             OpKind::MatMul(f) if step.rows() > 1 => format!("MatMul {f:?} n>1"),
             OpKind::MatMulQ8(f) if step.rows() > 1 => format!("MatMulQ8 {f:?} n>1"),
             k => format!("{k:?}"),
         };
         self.record(key, dt);
         Ok(())
+    }
+
+    /// The op's kind with its weight's format, for the profile's keys.
+    fn kind_of(&self, op: &Op<BufId, WeightId>) -> OpKind {
+        op.kind(|w| self.host.weight(w).map_or(Format::F32, |w| w.format))
     }
 
     /// Add `dt` seconds and a call to the profile's entry `key`.

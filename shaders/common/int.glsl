@@ -9,16 +9,17 @@
 #define INT_SCALE_F16 8u
 #define INT_SCALE_BF16 16u   // (neither: f32 scales)
 
-int int_code(Words w, uint row_byte, uint j, uint flags) {
-    if ((flags & INT_4BIT) != 0u) return int((ld_u8(w, row_byte + j / 2u) >> (4u * (j & 1u))) & 15u) - 8;
-    uint b = ld_u8(w, row_byte + j);
-    return (flags & INT_I8) != 0u ? sbyte(b, 0u) : int(b) - 128;
-}
-
 // Code j of a whole code word: the j-th nibble (4-bit, j < 8) or byte (8-bit, j < 4).
 int word_code(uint word, uint j, bool four, bool i8) {
     if (four) return int((word >> (4u * j)) & 15u) - 8;
     return i8 ? sbyte(word, j) : int((word >> (8u * j)) & 255u) - 128;
+}
+
+// Code j of a row: its byte read alone, decoded as a one-byte word.
+int int_code(Words w, uint row_byte, uint j, uint flags) {
+    bool four = (flags & INT_4BIT) != 0u;
+    uint b = ld_u8(w, row_byte + (four ? j / 2u : j));
+    return word_code(b, four ? j & 1u : 0u, four, (flags & INT_I8) != 0u);
 }
 
 float int_scale(Words s, uint i, uint flags) {
