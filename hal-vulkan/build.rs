@@ -27,18 +27,44 @@ fn main() {
         let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
         let text = std::fs::read_to_string(&path).unwrap();
         let source = resolve_includes(&root, &text, &path, 0);
+        // A shader using the exact division or square root also gets an `.x64` twin of each
+        // variant that settles their rounding in f64 (`exact.glsl`), for devices with
+        // shaderFloat64.
+        let x64 = EXACT_USERS.iter().any(|f| text.contains(f));
         for (suffix, defines) in variants(&text) {
             let name = if suffix.is_empty() { stem.clone() } else { format!("{stem}.{suffix}") };
-            let words = compile(compiler, &name, &source, &defines);
-            let file = out.join(format!("{name}.spv"));
-            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-            std::fs::write(&file, bytes).unwrap();
-            writeln!(table, "    ({name:?}, include_bytes!({:?})),", file.display().to_string()).unwrap();
+            let mut builds = vec![(name.clone(), defines.clone())];
+            if x64 {
+                let mut d = defines;
+                d.push(("EXACT_F64".to_string(), "1".to_string()));
+                builds.push((format!("{name}.x64"), d));
+            }
+            for (name, defines) in builds {
+                let words = compile(compiler, &name, &source, &defines);
+                let file = out.join(format!("{name}.spv"));
+                let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                std::fs::write(&file, bytes).unwrap();
+                writeln!(table, "    ({name:?}, include_bytes!({:?})),", file.display().to_string()).unwrap();
+            }
         }
     }
     table.push_str("];\n");
     std::fs::write(out.join("shaders.rs"), table).unwrap();
 }
+
+/// What a shader calls that `exact.glsl` makes exact: its division and square root, directly or
+/// through the functions and row routines built on them.
+const EXACT_USERS: &[&str] = &[
+    "div_rn",
+    "sqrt_rn",
+    "tanh_ref",
+    "silu_ref",
+    "gelu_ref",
+    "softcap_ref",
+    "quantize_seg",
+    "quantize_row",
+    "row_rms_inv",
+];
 
 /// The variants a shader's `// variants: KEY=A|B` line asks for: (name suffix, defines).
 fn variants(text: &str) -> Vec<(String, Vec<(String, String)>)> {

@@ -6,6 +6,9 @@
 #include "common/quant.glsl"
 
 layout(local_size_x = 256) in;
+// 1: EmbedIds, the ids are f32 indices in a buffer (a last step's argmax), as
+// purehw_kernels::ops::token_of takes them: truncated, NaN and negatives to 0, clamped.
+layout(constant_id = 0) const uint IDS = 0;
 layout(push_constant) uniform Push {
     uvec2 table;
     uvec2 out_;
@@ -15,14 +18,21 @@ layout(push_constant) uniform Push {
     uint cols;
     uint rows;        // step rows
     uint out_off;
-    uint tokens_off;  // word offset of the token ids in the step buffer
+    uint tokens_off;  // word offset of the token ids in the step buffer (IDS: in `step`, the ids buffer)
     float scale;
+    uint vocab;       // table rows (IDS clamps to them)
 } pc;
 
 void main() {
     uint j = gl_GlobalInvocationID.x, t = gl_WorkGroupID.y;
     if (j >= pc.cols || t >= pc.rows) return;
-    uint token = Words(pc.step).v[pc.tokens_off + t];
+    uint token;
+    if (IDS == 1u) {
+        float f = Floats(pc.step).v[pc.tokens_off + t];
+        token = f >= 0.0 ? min(uint(min(f, 4294967040.0)), pc.vocab - 1u) : 0u;
+    } else {
+        token = Words(pc.step).v[pc.tokens_off + t];
+    }
     uint b = j / BLOCK_ELEMS;
     float v = deq(Words(pc.table), pc.t_byte + token * pc.row_bytes + b * BLOCK_BYTES, j - b * BLOCK_ELEMS);
     precise float r = v * pc.scale;

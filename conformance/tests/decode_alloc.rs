@@ -62,4 +62,17 @@ fn check<B: Backend>(path: &std::path::Path, act: ActQuant, make: impl FnOnce() 
     });
     assert_eq!(info.count_total, 0, "batched decode allocated: {info:?}");
     assert_eq!(m.backend().stats().memory_used, device_before, "device memory grew over decode steps");
+
+    // Greedy decoding, a step ahead where the backend can: two warm-up runs record both
+    // parities of the first step and of the steps fed on the device.
+    for p in [20, 24] {
+        m.decode_greedy(0, p, 5, 3, |_| true).unwrap();
+    }
+    let device_before = m.backend().stats().memory_used;
+    let info = allocation_counter::measure(|| {
+        let n = m.decode_greedy(0, 28, 6, 8, |_| true).unwrap();
+        assert_eq!(n, 8);
+    });
+    assert_eq!(info.count_total, 0, "greedy decoding allocated: {info:?}");
+    assert_eq!(m.backend().stats().memory_used, device_before, "device memory grew over greedy decoding");
 }

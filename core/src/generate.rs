@@ -30,7 +30,8 @@ pub fn generate<B: Backend>(
 /// from ([`Model::kv_resumable`]); `cached = 0` is [`generate`].
 ///
 /// After a call that returns `n > 0` ids, the slot holds `prompt` followed by the first `n - 1`
-/// of them (the last id chosen is never fed): that is the `cached` prefix a next call can pass.
+/// of them: that is the `cached` prefix a next call can pass. (Greedy decoding that ran a step
+/// ahead has also fed the last id; a next call computes that position again.)
 /// Positions computed from the cache give the same logits as a fresh prefill (every kernel
 /// computes each row on its own), so the tokens are the same as [`generate`]'s.
 pub fn generate_from<B: Backend>(
@@ -63,8 +64,21 @@ pub fn generate_from<B: Backend>(
     if max_new == 0 {
         return Ok(out);
     }
-    // Plain greedy decoding reads back only the device's argmax, not the logits.
+    // Plain greedy decoding reads back only the device's argmax, not the logits, and after the
+    // prompt lets the device feed each token to the next step (a step ahead where it can).
     let greedy = sampler.is_plain_greedy();
+    if greedy {
+        let id = model.forward_argmax(0, cached, &prompt[cached..])?;
+        out.push(id);
+        if !on_token(id) || (stop_at_eos && eos.contains(&id)) || out.len() == max_new {
+            return Ok(out);
+        }
+        model.decode_greedy(0, prompt.len(), id, max_new - 1, |t| {
+            out.push(t);
+            on_token(t) && !(stop_at_eos && eos.contains(&t))
+        })?;
+        return Ok(out);
+    }
     let mut next = |model: &mut Model<B>, pos: usize, tokens: &[u32], history: &[u32]| -> Result<u32> {
         if greedy {
             model.forward_argmax(0, pos, tokens)

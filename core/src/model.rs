@@ -125,6 +125,7 @@ pub struct Weights<W> {
     output: W,   // (vocab, hidden); the embedding table when tied
     output_q8: Option<ActLayout>,
     output_fmt: Format,
+    embed_fmt: Format,
 }
 
 /// Activations and caches, allocated once per model.
@@ -218,6 +219,9 @@ struct Fusions {
     ffn: bool,
     /// The LM head and its argmax as one op where only the ids are read (`Op::HeadArgmax`).
     head_argmax: bool,
+    /// The embedding can take its token ids from the device (`Op::EmbedIds`), so greedy
+    /// decoding may run ahead (`Backend::submit_ahead`).
+    embed_ids: bool,
 }
 
 /// A loaded model on a backend.
@@ -232,6 +236,11 @@ pub struct Model<B: Backend> {
     fused: Fusions,
     /// With a weight budget too small for every layer: moves layers in and out per step.
     stream: Option<Streamer>,
+    /// While a step is built for [`Model::decode_greedy`]: submit it ahead, its token from the
+    /// device (`Some(true)`) or the host (`Some(false)`).
+    ahead: Option<bool>,
+    /// Whether the last step built with `ahead` went ahead.
+    went_ahead: bool,
     /// Rows per slot of the sliding layers' ring caches; 0: every cache is linear (`ctx` rows).
     ring: usize,
     /// With a ring: the position each ring row of each slot holds (`u32::MAX`: none), as the
@@ -343,11 +352,26 @@ impl<B: Backend> Model<B> {
             qkv: backend.supports(OpKind::Qkv),
             ffn: backend.supports(OpKind::GatedFfn),
             head_argmax: weights.output_q8.is_some() && backend.supports(OpKind::HeadArgmax(weights.output_fmt)),
+            embed_ids: backend.supports(OpKind::EmbedIds(weights.embed_fmt)),
         };
         let backend_name = String::from(backend.name());
         let ring = opts.kv_ring(&c).unwrap_or(0);
         let ring_pos = alloc::vec![u32::MAX; opts.slots * ring];
-        Ok(Model { config: c, opts, backend, backend_name, weights, state, host, fused, stream, ring, ring_pos })
+        Ok(Model {
+            config: c,
+            opts,
+            backend,
+            backend_name,
+            weights,
+            state,
+            host,
+            fused,
+            stream,
+            ahead: None,
+            went_ahead: false,
+            ring,
+            ring_pos,
+        })
     }
 
     /// With a weight budget that does not hold every layer: `(pinned, ahead)`, the layers kept
@@ -527,6 +551,78 @@ impl<B: Backend> Model<B> {
         Ok(self.host.ids[0])
     }
 
+    /// Greedy decoding of sequence `slot`: feed `first` at `pos`, then each step's argmax to
+    /// the next step, until `on_token` (handed each new token) returns `false` or `max` tokens
+    /// are out. The tokens are [`forward_argmax`](Model::forward_argmax)'s in a loop. Where the
+    /// backend runs ahead ([`Backend::submit_ahead`]) the device feeds each argmax to the next
+    /// step's embedding itself ([`Op::EmbedIds`]) and step k+1 is submitted before step k's
+    /// token is read, so the host's work between steps overlaps the device's. A stop then
+    /// leaves one more step run: it writes K/V at the position after the last token fed, which
+    /// nothing reads before a later step there writes it again. Returns the tokens produced.
+    pub fn decode_greedy(
+        &mut self,
+        slot: usize,
+        pos: usize,
+        first: u32,
+        max: usize,
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<usize> {
+        if max == 0 {
+            return Ok(0);
+        }
+        let ahead = self.fused.embed_ids && self.stream.is_none();
+        let mut n = 0;
+        if !ahead || !self.step_ahead(slot, pos, Some(first))? {
+            // The backend runs each step to the end (or the first step already did, above).
+            let mut t = if ahead { self.host.ids[0] } else { self.forward_argmax(slot, pos, &[first])? };
+            loop {
+                n += 1;
+                if !on_token(t) || n == max {
+                    return Ok(n);
+                }
+                t = self.forward_argmax(slot, pos + n, &[t])?;
+            }
+        }
+        let mut in_flight = 1;
+        loop {
+            let next = pos + n + 1;
+            if n + 1 < max && next < self.opts.ctx {
+                self.step_ahead(slot, next, None)?;
+                in_flight += 1;
+            }
+            let t = self.wait_ahead()?;
+            in_flight -= 1;
+            n += 1;
+            if !on_token(t) || n == max || in_flight == 0 {
+                while in_flight > 0 {
+                    self.wait_ahead()?;
+                    in_flight -= 1;
+                }
+                return Ok(n);
+            }
+        }
+    }
+
+    /// One greedy decode step submitted ahead: `token` fed at `pos`, or (`None`) the last
+    /// step's argmax, on the device. `Ok(false)`: the backend ran it to the end instead (only
+    /// with a token), its argmax in `host.ids[0]`.
+    fn step_ahead(&mut self, slot: usize, pos: usize, token: Option<u32>) -> Result<bool> {
+        let t = [token.unwrap_or(0)];
+        self.ahead = Some(token.is_none());
+        let r = self.run_step(&[SeqInput { slot, pos, tokens: &t }], &[Want::Argmax], false);
+        self.ahead = None;
+        r?;
+        Ok(core::mem::take(&mut self.went_ahead))
+    }
+
+    /// The token of the oldest step submitted ahead.
+    fn wait_ahead(&mut self) -> Result<u32> {
+        let name = &self.backend_name;
+        let out = &mut self.host.ids_f[..1];
+        self.backend.wait_ahead(&mut [out]).map_err(|e| Error::backend(name, e))?;
+        Ok(self.host.ids_f[0] as u32)
+    }
+
     fn forward_chunks(&mut self, slot: usize, pos: usize, tokens: &[u32], want: Want) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::Invalid("forward: no tokens".into()));
@@ -702,7 +798,10 @@ impl<B: Backend> Model<B> {
         // residual stream alternates between two buffers: each junction reads one, writes the other.
         let mut xi = 0; // which of s.x holds the residual stream now
         let x = s.x[0];
-        push(Op::Embed { out: v(x), table: w.embed, scale: c.embed_scale });
+        match self.ahead {
+            Some(true) => push(Op::EmbedIds { out: v(x), table: w.embed, scale: c.embed_scale, ids: v(s.ids) }),
+            _ => push(Op::Embed { out: v(x), table: w.embed, scale: c.embed_scale }),
+        }
         let first = &w.layers[0];
         push(Op::AddRmsNorm {
             x: v(x),
@@ -873,7 +972,30 @@ impl<B: Backend> Model<B> {
         let step = Step { tokens: &h.tokens, positions: &h.positions, seqs: &h.seqs };
         let name = &self.backend_name;
         match &self.stream {
-            None => self.backend.submit(&step, ops).map_err(|e| Error::backend(name, e))?,
+            // One round trip: the step and the reads of what it computed (a GPU: one command
+            // buffer, one wait, not a second submission for the 4 bytes of an argmax).
+            None if self.ahead.is_some() => {
+                let ids = View::new(s.ids, 0);
+                let went = self.backend.submit_ahead(&step, ops, &[(ids, 1)]).map_err(|e| Error::backend(name, e))?;
+                if !went {
+                    self.backend
+                        .submit_read(&step, ops, &mut [(ids, &mut h.ids_f[..1])])
+                        .map_err(|e| Error::backend(name, e))?;
+                }
+                self.went_ahead = went;
+            }
+            None => {
+                let ids = View::new(s.ids, 0);
+                let logits = View::new(s.logits, 0);
+                let (ids_f, logits_f) = (&mut h.ids_f[..logit_rows], &mut h.logits[..logit_rows * c.vocab]);
+                let r = match (read_ids, read_logits) {
+                    (true, true) => self.backend.submit_read(&step, ops, &mut [(ids, ids_f), (logits, logits_f)]),
+                    (true, false) => self.backend.submit_read(&step, ops, &mut [(ids, ids_f)]),
+                    (false, true) => self.backend.submit_read(&step, ops, &mut [(logits, logits_f)]),
+                    (false, false) => self.backend.submit(&step, ops),
+                };
+                r.map_err(|e| Error::backend(name, e))?;
+            }
             // One submission per layer (the embedding with the first, the LM head with the last),
             // each layer read ahead before and released after.
             Some(st) => {
@@ -900,16 +1022,21 @@ impl<B: Backend> Model<B> {
                 }
             }
         }
-        if read_ids {
-            let out = &mut h.ids_f[..logit_rows];
-            self.backend.read(View::new(s.ids, 0), out).map_err(|e| Error::backend(name, e))?;
-            for (d, &f) in h.ids.iter_mut().zip(out.iter()) {
-                *d = f as u32;
+        // A streamed step reads back after its last layer's submission.
+        if self.stream.is_some() {
+            if read_ids {
+                let out = &mut h.ids_f[..logit_rows];
+                self.backend.read(View::new(s.ids, 0), out).map_err(|e| Error::backend(name, e))?;
+            }
+            if read_logits {
+                let out = &mut h.logits[..logit_rows * c.vocab];
+                self.backend.read(View::new(s.logits, 0), out).map_err(|e| Error::backend(name, e))?;
             }
         }
-        if read_logits {
-            let out = &mut h.logits[..logit_rows * c.vocab];
-            self.backend.read(View::new(s.logits, 0), out).map_err(|e| Error::backend(name, e))?;
+        if read_ids && !self.went_ahead {
+            for (d, &f) in h.ids.iter_mut().zip(h.ids_f[..logit_rows].iter()) {
+                *d = f as u32;
+            }
         }
         Ok((read_logits, read_ids))
     }
@@ -1009,7 +1136,7 @@ fn load_weights<B: Backend>(
             down_q8: shared_q8(act, &[fd]),
         });
     }
-    Ok(Weights { embed, layers, out_norm, output, output_q8: shared_q8(act, &[output_fmt]), output_fmt })
+    Ok(Weights { embed, layers, out_norm, output, output_q8: shared_q8(act, &[output_fmt]), output_fmt, embed_fmt })
 }
 
 /// What a weight budget plans with, from the source alone (for a backend that copies weights,

@@ -94,6 +94,18 @@ impl CpuRef {
                 })?;
             }
 
+            Op::EmbedIds { out, table, scale, ids } => {
+                let (cols, vocab) = host.weight(table).map_or((0, 0), |t| (t.cols, t.rows));
+                host.with_out(out, step.rows() * cols, |o, inputs, weights| {
+                    let t = weight(weights, table);
+                    for (row, &id) in inputs.slice(ids, step.rows()).iter().enumerate() {
+                        let dst = &mut o[row * cols..(row + 1) * cols];
+                        t.dequantize_row(k::token_of(id, vocab), dst);
+                        k::scale_inplace(dst, scale);
+                    }
+                })?;
+            }
+
             Op::RmsNorm { out, x, w, rows, dim, eps } => {
                 let len = rows * dim;
                 host.with_out(out, len, |o, inputs, weights| {

@@ -99,7 +99,7 @@ impl Backend for CpuRef {
 
     fn supports(&self, op: OpKind) -> bool {
         match op {
-            OpKind::Embed(f) | OpKind::MatMul(f) => format_supported(f),
+            OpKind::Embed(f) | OpKind::EmbedIds(f) | OpKind::MatMul(f) => format_supported(f),
             // HeadArgmax: its expansion, like every fused op here.
             OpKind::MatMulQ8(f) | OpKind::HeadArgmax(f) => format_supported(f) && f.act_layout().is_some(),
             OpKind::KvCache(_) => true,

@@ -56,7 +56,8 @@ impl Cpu {
             self.held = None;
         }
         match *op {
-            Op::Embed { out, table, scale } => self.embed(step, out, table, scale),
+            Op::Embed { out, table, scale } => self.embed(step, out, table, scale, None),
+            Op::EmbedIds { out, table, scale, ids } => self.embed(step, out, table, scale, Some(ids)),
             Op::RmsNorm { out, x, w, rows, dim, eps } => self.rmsnorm(out, x, w, rows, dim, eps),
             Op::MatMul { out, x, w, n, act } => {
                 let r = self.matmul(out, x, w, n, act);
@@ -114,14 +115,24 @@ impl Cpu {
 
     /// Each step row's table row, dequantized straight into the output and scaled; rows split
     /// across the pool.
-    fn embed(&mut self, step: &Step<'_>, out: View<BufId>, table: WeightId, scale: f32) -> Result<()> {
+    /// `Embed`, or `EmbedIds` with the token ids from `ids`.
+    fn embed(
+        &mut self,
+        step: &Step<'_>,
+        out: View<BufId>,
+        table: WeightId,
+        scale: f32,
+        ids: Option<View<BufId>>,
+    ) -> Result<()> {
         let Cpu { host, pool, .. } = self;
-        let cols = host.weight(table).map_or(0, |t| t.cols);
+        let (cols, vocab) = host.weight(table).map_or((0, 0), |t| (t.cols, t.rows));
         let rows = step.rows();
-        host.with_out(out, rows * cols, |o, _, weights| {
+        host.with_out(out, rows * cols, |o, inputs, weights| {
             let t = weight(weights, table);
+            let ids = ids.map(|v| inputs.slice(v, rows));
             par_rows(pool, o, cols, rows, rows * cols, |r, dst| {
-                t.dequantize_row(step.tokens[r] as usize, dst);
+                let token = ids.map_or(step.tokens[r] as usize, |ids| k::token_of(ids[r], vocab));
+                t.dequantize_row(token, dst);
                 k::scale_inplace(dst, scale);
             });
         })?;

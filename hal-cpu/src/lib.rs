@@ -225,7 +225,7 @@ impl Backend for Cpu {
 
     fn supports(&self, op: OpKind) -> bool {
         match op {
-            OpKind::Embed(f) | OpKind::MatMul(f) => format_supported(f),
+            OpKind::Embed(f) | OpKind::EmbedIds(f) | OpKind::MatMul(f) => format_supported(f),
             OpKind::MatMulQ8(f) | OpKind::HeadArgmax(f) => format_supported(f) && f.act_layout().is_some(),
             OpKind::KvCache(_) => true,
             k => k.is_format_free(),

@@ -50,8 +50,9 @@ pub struct EmbedPush {
     pub out_off: u32,
     pub tokens_off: u32,
     pub scale: f32,
+    pub vocab: u32,
 }
-const _: () = assert!(core::mem::size_of::<EmbedPush>() == 52);
+const _: () = assert!(core::mem::size_of::<EmbedPush>() == 56);
 
 /// `bandwidth.comp`.
 #[repr(C)]
@@ -63,6 +64,20 @@ pub struct BandwidthPush {
     pub pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<BandwidthPush>() == 16);
+
+/// `exact_probe.comp`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Pod, Zeroable)]
+pub struct ExactPush {
+    pub a: Addr,
+    pub b: Addr,
+    pub q: Addr,
+    pub r: Addr,
+    pub n: u32,
+    /// A timed dependent chain of this many division + root steps in one invocation (0: none).
+    pub chain: u32,
+}
+const _: () = assert!(core::mem::size_of::<ExactPush>() == 40);
 
 /// `mm_int.comp`: [`MmPush`]'s fields, then the integer weight's parts.
 #[repr(C)]
@@ -97,8 +112,9 @@ pub struct EmbedIntPush {
     pub group: u32,
     pub groups: u32,
     pub iflags: u32,
+    pub vocab: u32,
 }
-const _: () = assert!(core::mem::size_of::<EmbedIntPush>() == 80);
+const _: () = assert!(core::mem::size_of::<EmbedIntPush>() == 84);
 
 /// `common/int.glsl`'s flags for a compressed-tensors format.
 pub fn int_flags(p: purehw_kernels::quant::PackedInt) -> u32 {

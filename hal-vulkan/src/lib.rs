@@ -97,6 +97,10 @@ pub struct VulkanOptions {
     /// floats by their bits, [`INT_DEPTH`] chunks in flight). `None`: off (not yet measured on a
     /// GPU against the plain chunked path). `PUREHW_VK_INT_WIDE=0|1` sets it.
     pub int_wide: Option<bool>,
+    /// Settle the exact division and square root in f64 (`exact.glsl`'s `.x64` shader variants)
+    /// where the device has shaderFloat64; else in 32-bit integers. Both give the reference's
+    /// correctly rounded results. `None`: f64 where available. `PUREHW_VK_F64=0|1` sets it.
+    pub exact_f64: Option<bool>,
 }
 
 impl VulkanOptions {
@@ -119,6 +123,7 @@ impl VulkanOptions {
             import: std::env::var("PUREHW_VK_IMPORT").ok().map(|v| v != "0"),
             batch_tile: std::env::var("PUREHW_VK_BATCH_TILE").ok().and_then(|v| parse_batch_tile(&v)),
             int_wide: std::env::var("PUREHW_VK_INT_WIDE").ok().map(|v| v != "0"),
+            exact_f64: std::env::var("PUREHW_VK_F64").ok().map(|v| v != "0"),
         }
     }
 }
@@ -250,11 +255,62 @@ struct Shape {
     ops: Vec<Op<BufId, WeightId>>,
     reads: Vec<(View<BufId>, usize)>,
     cb: raw::CommandBuffer,
+    /// Recorded for a step submitted ahead through this parity's step and readback buffers.
+    parity: Option<usize>,
     layout: StepLayout,
     /// Bytes of readback space each read takes, in order.
     read_at: Vec<u64>,
     /// With `PUREHW_VK_PROFILE=1`: the kernel behind each timestamp after the first two.
     prof: Vec<String>,
+}
+
+/// A read a step is recorded with: where, and how many f32s.
+trait ReadSpec {
+    fn view(&self) -> View<BufId>;
+    fn len(&self) -> usize;
+}
+
+impl ReadSpec for (View<BufId>, &mut [f32]) {
+    fn view(&self) -> View<BufId> {
+        self.0
+    }
+    fn len(&self) -> usize {
+        self.1.len()
+    }
+}
+
+impl ReadSpec for (View<BufId>, usize) {
+    fn view(&self) -> View<BufId> {
+        self.0
+    }
+    fn len(&self) -> usize {
+        self.1
+    }
+}
+
+/// One parity of the steps submitted ahead.
+struct Ahead {
+    up: Option<RawBuffer>,
+    readback: Option<RawBuffer>,
+    fence: raw::Fence,
+    pending: bool,
+    /// (readback offset, f32s) of each read, at most [`AHEAD_READS`].
+    reads: [(u64, usize); AHEAD_READS],
+    nreads: usize,
+}
+
+/// Reads a step submitted ahead may have (greedy decoding has one: the argmax).
+const AHEAD_READS: usize = 4;
+/// Readback room of a step submitted ahead.
+const AHEAD_READ_BYTES: u64 = 1 << 16;
+/// Timestamps of the steps ahead: two per parity, at the end of the query pool (the profile
+/// uses its start).
+const AHEAD_QUERY: u32 = vk::QUERIES - 4;
+
+impl Ahead {
+    fn new(fence: raw::Fence) -> Self {
+        Ahead { up: None, readback: None, fence, pending: false, reads: [(0, 0); AHEAD_READS], nreads: 0 }
+    }
 }
 
 /// Where a step's host data lies in the step buffer (u32 words).
@@ -347,6 +403,14 @@ pub struct Vulkan {
     /// Least recently used shape last; evicted when the cache is full.
     fence: raw::Fence,
     pending: bool,
+    /// Steps submitted ahead (`Backend::submit_ahead`): per parity, the step and readback
+    /// buffers, the fence, whether it is still to be waited for, and the step's read offsets
+    /// and lengths; `ahead_n` in flight or uncollected, the next taking parity `ahead_next`.
+    ahead: [Ahead; 2],
+    ahead_n: usize,
+    ahead_next: usize,
+    /// `PUREHW_VK_AHEAD=0` turns steps ahead off (each step then waits for the last).
+    ahead_on: bool,
     once: raw::CommandBuffer,
     host_step: Vec<u32>,
     /// Each RoPE table's frequencies, by (theta, scale, head_dim) bits: computed once, not per
@@ -359,6 +423,8 @@ pub struct Vulkan {
     /// `PUREHW_VK_FAULT=lost:N` / `oom:N`: the fault strikes at the N-th submit / allocation.
     fault_after: Option<(Fault, usize)>,
     last_step_ns: Option<f64>,
+    /// Device seconds of every timed step so far, and their count.
+    steps_time: (f64, u64),
     /// Dispatches and barriers of the last recorded step (for `purehw bench`).
     last_counts: (usize, usize),
     /// Decode matmuls on `mm_split.comp` (see [`VulkanOptions::split_matvec`]).
@@ -385,6 +451,8 @@ pub struct Vulkan {
     int_chunks: bool,
     /// The chunked path's wide variant (see [`VulkanOptions::int_wide`]).
     int_wide: bool,
+    /// Shaders using exact division take their `.x64` variants (see [`VulkanOptions::exact_f64`]).
+    exact_f64: bool,
     /// Threads a workgroup of one-token `mm_int` matmuls (`PUREHW_VK_INT_WG=64|256`, for
     /// measuring; default: 64 below 32768 rows, else 256).
     int_wg: Option<u32>,
@@ -489,11 +557,13 @@ impl Vulkan {
         let gpu = Gpu::new(inst, pd, info, &cache_data).map_err(|e| VulkanError::Vk { device: name, source: e })?;
         let split = opts.split_matvec.unwrap_or(gpu.info.is_gpu());
         let int_wide = opts.int_wide.unwrap_or(false);
+        let exact_f64 = opts.exact_f64.unwrap_or(true) && gpu.info.float64;
         let dot = gpu.info.int8_dot && std::env::var("PUREHW_VK_DOT").map_or(true, |v| v != "0");
         let prologues = opts.prologues.unwrap_or(PROLOGUES);
         let budget = gpu.info.heaps.iter().filter(|h| h.1).map(|h| h.0).max().unwrap_or(0);
         let dev = |e: VkError| VulkanError::Vk { device: gpu.info.name.clone(), source: e };
         let fence = gpu.fence().map_err(dev)?;
+        let ahead_fences = [gpu.fence().map_err(dev)?, gpu.fence().map_err(dev)?];
         let once = gpu.command_buffer().map_err(dev)?;
         Ok(Vulkan {
             gpu,
@@ -512,6 +582,10 @@ impl Vulkan {
             shapes: Vec::new(),
             fence,
             pending: false,
+            ahead: [Ahead::new(ahead_fences[0]), Ahead::new(ahead_fences[1])],
+            ahead_n: 0,
+            ahead_next: 0,
+            ahead_on: std::env::var("PUREHW_VK_AHEAD").map_or(true, |v| v != "0"),
             once,
             host_step: Vec::new(),
             rope_freqs: Vec::new(),
@@ -521,6 +595,7 @@ impl Vulkan {
             fault: None,
             fault_after: fault_from_env(),
             last_step_ns: None,
+            steps_time: (0.0, 0),
             last_counts: (0, 0),
             split,
             dot,
@@ -535,6 +610,7 @@ impl Vulkan {
             attn_blk: std::env::var("PUREHW_VK_ATTN_BLK").map_or(true, |v| v != "0"),
             int_chunks: std::env::var("PUREHW_VK_INT_CHUNKS").map_or(true, |v| v != "0"),
             int_wide,
+            exact_f64,
             int_wg: std::env::var("PUREHW_VK_INT_WG")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -633,6 +709,71 @@ impl Vulkan {
         r.map(|_| best)
     }
 
+    /// `exact.glsl`'s division and square root on the device, for tests: (a[i] / b[i],
+    /// sqrt(a[i])) as the shaders compute them (on the f64 or the integer path, as
+    /// [`VulkanOptions::exact_f64`] chose).
+    pub fn probe_exact(&mut self, a: &[f32], b: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let n = a.len().min(b.len());
+        let mut q = vec![0.0; n];
+        let mut r = vec![0.0; n];
+        if n == 0 {
+            return Ok((q, r));
+        }
+        let bufs = [self.alloc(n)?, self.alloc(n)?, self.alloc(n)?, self.alloc(n)?];
+        self.write(View::new(bufs[0], 0), &a[..n])?;
+        self.write(View::new(bufs[1], 0), &b[..n])?;
+        let pipeline = self.pipeline("exact_probe", &[])?;
+        let push = ExactPush {
+            a: self.addr_of(bufs[0]),
+            b: self.addr_of(bufs[1]),
+            q: self.addr_of(bufs[2]),
+            r: self.addr_of(bufs[3]),
+            n: n as u32,
+            chain: 0,
+        };
+        self.one_shot(|g, cb| {
+            g.dispatch(cb, pipeline, push_bytes(&push), [(n as u32).div_ceil(64), 1, 1]);
+            g.host_barrier(cb);
+        })?;
+        self.read(View::new(bufs[2], 0), &mut q)?;
+        self.read(View::new(bufs[3], 0), &mut r)?;
+        Ok((q, r))
+    }
+
+    /// Device time in ns of one invocation's dependent chain of `chain` exact division + square
+    /// root steps (`exact_probe.comp`), the best of `reps`; `None` without timestamps. For
+    /// `benches/exact.rs`.
+    pub fn exact_chain_ns(&mut self, chain: u32, reps: usize) -> Result<Option<f64>> {
+        if !self.gpu.info.timestamps {
+            return Ok(None);
+        }
+        let bufs = [self.alloc(1)?, self.alloc(1)?];
+        self.write(View::new(bufs[0], 0), &[1.75])?;
+        self.write(View::new(bufs[1], 0), &[1.3])?;
+        let pipeline = self.pipeline("exact_probe", &[])?;
+        let push = ExactPush {
+            a: self.addr_of(bufs[0]),
+            b: self.addr_of(bufs[1]),
+            q: self.addr_of(bufs[0]),
+            r: self.addr_of(bufs[1]),
+            n: 1,
+            chain,
+        };
+        let mut best: Option<f64> = None;
+        for i in 0..=reps {
+            self.one_shot(|g, cb| {
+                g.reset_queries(cb);
+                g.timestamp(cb, 0);
+                g.dispatch(cb, pipeline, push_bytes(&push), [1, 1, 1]);
+                g.timestamp(cb, 1);
+            })?;
+            if let Some(ns) = self.gpu.step_ns().filter(|_| i > 0) {
+                best = Some(best.map_or(ns, |b: f64| b.min(ns)));
+            }
+        }
+        Ok(best)
+    }
+
     fn err(&self, e: VkError) -> VulkanError {
         match e {
             VkError::DeviceLost => VulkanError::DeviceLost { device: self.gpu.info.name.clone() },
@@ -696,13 +837,24 @@ impl Vulkan {
 
     /// Wait for the last submission, if any.
     fn settle(&mut self) -> Result<()> {
+        // Steps submitted ahead finish first; their reads stay for `wait_ahead`.
+        for p in 0..2 {
+            if self.ahead[p].pending {
+                self.ahead[p].pending = false;
+                if let Err(e) = self.gpu.wait(self.ahead[p].fence) {
+                    self.lost |= e == VkError::DeviceLost;
+                    return Err(self.err(e));
+                }
+                self.note_step(self.gpu.step_ns_at(AHEAD_QUERY + 2 * p as u32));
+            }
+        }
         if self.pending {
             self.pending = false;
             if let Err(e) = self.gpu.wait(self.fence) {
                 self.lost |= e == VkError::DeviceLost;
                 return Err(self.err(e));
             }
-            self.last_step_ns = self.gpu.step_ns();
+            self.note_step(self.gpu.step_ns());
         }
         Ok(())
     }
@@ -715,8 +867,12 @@ impl Vulkan {
         f(&self.gpu, cb);
         self.gpu.end(cb).map_err(|e| self.err(e))?;
         self.gpu.submit(cb, self.fence).map_err(|e| self.err(e))?;
-        self.pending = true;
-        self.settle()
+        // Not a step: its timestamps (if any) are the caller's, not a step's device time.
+        if let Err(e) = self.gpu.wait(self.fence) {
+            self.lost |= e == VkError::DeviceLost;
+            return Err(self.err(e));
+        }
+        Ok(())
     }
 
     /// An upload-side staging buffer of at least `bytes`.
@@ -825,7 +981,9 @@ impl Vulkan {
         if let Some(&p) = self.pipelines.get(&key) {
             return Ok(p);
         }
-        let bytes = spirv(name).ok_or_else(|| VulkanError::Unsupported(format!("no shader {name}")))?;
+        let twin = self.exact_f64.then(|| spirv(&format!("{name}.x64"))).flatten();
+        let bytes =
+            twin.or_else(|| spirv(name)).ok_or_else(|| VulkanError::Unsupported(format!("no shader {name}")))?;
         let words: Vec<u32> = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         let p = self.gpu.create_pipeline(&words, spec).map_err(|e| self.err(e))?;
         self.pipelines.insert(key, p);
@@ -935,6 +1093,12 @@ impl Drop for Vulkan {
         for b in bufs {
             self.gpu.destroy_buffer(b);
         }
+        for a in &mut self.ahead {
+            for b in [a.up.take(), a.readback.take()].into_iter().flatten() {
+                self.gpu.destroy_buffer(b);
+            }
+            self.gpu.destroy_fence(a.fence);
+        }
         self.gpu.free_command_buffer(self.once);
         self.gpu.destroy_fence(self.fence);
         if let Some((cbs, fences)) = self.copy_sync.take() {
@@ -977,7 +1141,7 @@ impl Backend for Vulkan {
     fn supports(&self, op: OpKind) -> bool {
         match op {
             // compressed-tensors integer weights: f32 activations (mm_int, embed_int).
-            OpKind::Embed(_) | OpKind::MatMul(_) => true,
+            OpKind::Embed(_) | OpKind::EmbedIds(_) | OpKind::MatMul(_) => true,
             OpKind::MatMulQ8(f) => f.act_layout().is_some(),
             OpKind::KvCache(_) => true,
             k => k.is_format_free(),
@@ -1051,6 +1215,87 @@ impl Backend for Vulkan {
         reads: &mut [(View<BufId>, &mut [f32])],
     ) -> Result<()> {
         self.run_step(step, ops, reads, true)
+    }
+
+    fn submit_ahead(
+        &mut self,
+        step: &Step<'_>,
+        ops: &[Op<BufId, WeightId>],
+        reads: &[(View<BufId>, usize)],
+    ) -> Result<bool> {
+        let read_bytes: u64 = reads.iter().map(|r| 4 * r.1 as u64).sum();
+        // Profiling times each step alone; a copy-only step takes another path.
+        if !self.ahead_on
+            || self.profile.is_some()
+            || reads.len() > AHEAD_READS
+            || read_bytes > AHEAD_READ_BYTES
+            || ops.is_empty()
+            || ops.iter().all(|o| matches!(o, Op::Copy { .. }))
+        {
+            return Ok(false);
+        }
+        self.check_alive()?;
+        if self.ahead_n >= 2 {
+            return Err(VulkanError::Unsupported("two steps are ahead already (wait_ahead first)".into()));
+        }
+        purehw_hal::check::ops(self, step, ops)?;
+        for &(v, n) in reads {
+            let len = self.buffer_len(v.buf).ok_or(purehw_hal::check::CheckError::UnknownBuffer { what: "read" })?;
+            purehw_hal::check::in_range(v, n, len, "read")?;
+        }
+        self.settle_main()?;
+        let p = self.ahead_next;
+        let si = self.shape_for(step, ops, reads, Some(p))?;
+        let layout = std::mem::take(&mut self.shapes[si].layout);
+        self.fill_step(step, &layout);
+        self.shapes[si].layout = layout;
+        let up = self.ahead[p].up.as_ref().expect("step buffer");
+        self.gpu.write_mapped(up, 0, bytemuck::cast_slice(&self.host_step)).map_err(|e| self.err(e))?;
+        self.tick_fault(Fault::DeviceLost);
+        if self.fault == Some(Fault::DeviceLost) {
+            self.fault = None;
+            self.lost = true;
+            return Err(VulkanError::DeviceLost { device: self.gpu.info.name.clone() });
+        }
+        let cb = self.shapes[si].cb;
+        if let Err(e) = self.gpu.submit(cb, self.ahead[p].fence) {
+            self.lost |= e == VkError::DeviceLost;
+            return Err(self.err(e));
+        }
+        let a = &mut self.ahead[p];
+        a.pending = true;
+        a.nreads = reads.len();
+        for (i, (&at, r)) in self.shapes[si].read_at.iter().zip(reads).enumerate() {
+            a.reads[i] = (at, r.1);
+        }
+        self.ahead_n += 1;
+        self.ahead_next = 1 - p;
+        let s = self.shapes.remove(si);
+        self.shapes.push(s);
+        Ok(true)
+    }
+
+    fn wait_ahead(&mut self, dst: &mut [&mut [f32]]) -> Result<()> {
+        if self.ahead_n == 0 {
+            return Err(VulkanError::Unsupported("wait_ahead with no step ahead".into()));
+        }
+        let p = (self.ahead_next + 2 - self.ahead_n) % 2;
+        self.ahead_n -= 1;
+        if self.ahead[p].pending {
+            self.ahead[p].pending = false;
+            if let Err(e) = self.gpu.wait(self.ahead[p].fence) {
+                self.lost |= e == VkError::DeviceLost;
+                return Err(self.err(e));
+            }
+            self.note_step(self.gpu.step_ns_at(AHEAD_QUERY + 2 * p as u32));
+        }
+        let a = &self.ahead[p];
+        let rb = a.readback.as_ref().expect("readback");
+        for (d, &(at, n)) in dst.iter_mut().zip(&a.reads[..a.nreads]) {
+            let n = n.min(d.len());
+            self.gpu.read_mapped(rb, at, bytemuck::cast_slice_mut(&mut d[..n])).map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     /// On a device that shares memory with the host and imports mapped files (lavapipe, an
@@ -1144,6 +1389,7 @@ impl Backend for Vulkan {
             memory_used: Some(self.mem_used),
             memory_budget: Some(self.budget),
             last_step_seconds: self.last_step_ns.map(|ns| ns * 1e-9),
+            steps_seconds: Some(self.steps_time),
             streamed: self.ring.as_ref().map(|r| r.copied),
         }
     }
@@ -1304,7 +1550,7 @@ impl Vulkan {
         if reads.is_empty() && !ops.is_empty() && ops.iter().all(|o| matches!(o, Op::Copy { .. })) {
             return self.copy_step(ops);
         }
-        let si = self.shape_for(step, ops, reads)?;
+        let si = self.shape_for(step, ops, reads, None)?;
         // Per-step data into the step buffer, then replay.
         // Lent out of the shape (no copy: a decode step allocates nothing).
         let layout = std::mem::take(&mut self.shapes[si].layout);
@@ -1360,19 +1606,21 @@ impl Vulkan {
     }
 
     /// Index of the recorded shape for this step, recording it if new.
-    fn shape_for(
+    fn shape_for<R: ReadSpec>(
         &mut self,
         step: &Step<'_>,
         ops: &[Op<BufId, WeightId>],
-        reads: &[(View<BufId>, &mut [f32])],
+        reads: &[R],
+        parity: Option<usize>,
     ) -> Result<usize> {
         let same_reads = |s: &Shape| {
-            s.reads.len() == reads.len() && s.reads.iter().zip(reads).all(|(a, b)| a.0 == b.0 && a.1 == b.1.len())
+            s.reads.len() == reads.len() && s.reads.iter().zip(reads).all(|(a, b)| a.0 == b.view() && a.1 == b.len())
         };
         if let Some(i) = self.shapes.iter().position(|s| {
             s.rows == step.rows()
                 && s.positions == step.positions.len()
                 && s.nseq == step.seqs.len()
+                && s.parity == parity
                 && same_reads(s)
                 && s.ops.as_slice() == ops
         }) {
@@ -1384,15 +1632,17 @@ impl Vulkan {
         }
         let layout = self.step_layout(step, ops);
         self.ensure_step_buffers(layout.words)?;
-        let read_bytes: u64 = reads.iter().map(|r| 4 * r.1.len() as u64).sum();
-        if read_bytes > 0 {
-            self.readback(read_bytes)?;
+        let read_bytes: u64 = reads.iter().map(|r| 4 * r.len() as u64).sum();
+        match parity {
+            Some(p) => self.ensure_ahead(p, layout.words, read_bytes)?,
+            None if read_bytes > 0 => self.readback(read_bytes)?,
+            None => {}
         }
         self.ensure_scratch(step, ops)?;
         self.ensure_counters()?;
         let cb = self.gpu.command_buffer().map_err(|e| self.err(e))?;
         let mut read_at = Vec::with_capacity(reads.len());
-        let r = self.record(cb, step, ops, reads, &layout, &mut read_at);
+        let r = self.record(cb, step, ops, reads, &layout, &mut read_at, parity);
         if let Err(e) = r {
             self.gpu.free_command_buffer(cb);
             return Err(e);
@@ -1405,8 +1655,9 @@ impl Vulkan {
             positions: step.positions.len(),
             nseq: step.seqs.len(),
             ops: ops.to_vec(),
-            reads: reads.iter().map(|r| (r.0, r.1.len())).collect(),
+            reads: reads.iter().map(|r| (r.view(), r.len())).collect(),
             cb,
+            parity,
             layout,
             read_at,
         });
@@ -1436,6 +1687,58 @@ impl Vulkan {
         }
         l.words = at as usize;
         l
+    }
+
+    /// Parity `p`'s step buffer (room for `words`) and readback buffer, for a step ahead. The
+    /// parity is free (its last step collected); shapes recorded with a buffer it outgrew go.
+    fn ensure_ahead(&mut self, p: usize, words: usize, read_bytes: u64) -> Result<()> {
+        if read_bytes > AHEAD_READ_BYTES {
+            return Err(VulkanError::Unsupported(format!("{read_bytes} bytes of reads for a step ahead")));
+        }
+        let bytes = (4 * words as u64).max(256).next_power_of_two();
+        if self.ahead[p].up.as_ref().is_none_or(|b| b.size < bytes) {
+            self.settle()?;
+            let mut i = 0;
+            while i < self.shapes.len() {
+                if self.shapes[i].parity == Some(p) {
+                    let s = self.shapes.remove(i);
+                    self.gpu.free_command_buffer(s.cb);
+                } else {
+                    i += 1;
+                }
+            }
+            if let Some(old) = self.ahead[p].up.take() {
+                self.free(old, false);
+            }
+            self.ahead[p].up = Some(self.raw_buffer(bytes, Mem::Upload, || "a step buffer of steps ahead".into())?);
+        }
+        if self.ahead[p].readback.is_none() {
+            let rb = self.raw_buffer(AHEAD_READ_BYTES, Mem::Readback, || "the readback of steps ahead".into())?;
+            self.ahead[p].readback = Some(rb);
+        }
+        Ok(())
+    }
+
+    /// A finished step's device time (from its timestamps).
+    fn note_step(&mut self, ns: Option<f64>) {
+        self.last_step_ns = ns;
+        if let Some(ns) = ns {
+            self.steps_time.0 += ns * 1e-9;
+            self.steps_time.1 += 1;
+        }
+    }
+
+    /// Wait for the one step not submitted ahead, if it is still running.
+    fn settle_main(&mut self) -> Result<()> {
+        if self.pending {
+            self.pending = false;
+            if let Err(e) = self.gpu.wait(self.fence) {
+                self.lost |= e == VkError::DeviceLost;
+                return Err(self.err(e));
+            }
+            self.note_step(self.gpu.step_ns());
+        }
+        Ok(())
     }
 
     fn ensure_step_buffers(&mut self, words: usize) -> Result<()> {
@@ -1541,20 +1844,40 @@ impl Vulkan {
     }
 
     /// Record a whole step into `cb`.
-    fn record(
+    #[allow(clippy::too_many_arguments)]
+    fn record<R: ReadSpec>(
         &mut self,
         cb: raw::CommandBuffer,
         step: &Step<'_>,
         ops: &[Op<BufId, WeightId>],
-        reads: &[(View<BufId>, &mut [f32])],
+        reads: &[R],
         layout: &StepLayout,
         read_at: &mut Vec<u64>,
+        parity: Option<usize>,
     ) -> Result<()> {
         self.gpu.begin(cb).map_err(|e| self.err(e))?;
-        self.gpu.reset_queries(cb);
-        self.gpu.timestamp(cb, 0);
+        // A step ahead may be submitted while the last one runs: it starts with a barrier on
+        // everything submitted before it (its step data, the argmax it embeds, every buffer it
+        // shares), and keeps its timestamps apart from the other parity's.
+        let q0 = match parity {
+            Some(p) => {
+                self.gpu.barrier(cb);
+                let q0 = AHEAD_QUERY + 2 * p as u32;
+                self.gpu.reset_queries_range(cb, q0, 2);
+                q0
+            }
+            None => {
+                self.gpu.reset_queries(cb);
+                0
+            }
+        };
+        self.gpu.timestamp(cb, q0);
         {
-            let (up, dev) = (self.step_up.as_ref().expect("step"), self.step_dev.as_ref().expect("step"));
+            let up = match parity {
+                Some(p) => self.ahead[p].up.as_ref(),
+                None => self.step_up.as_ref(),
+            };
+            let (up, dev) = (up.expect("step"), self.step_dev.as_ref().expect("step"));
             let region = [raw::BufferCopy { src_offset: 0, dst_offset: 0, size: (4 * layout.words as u64).max(4) }];
             self.gpu.copy(cb, up, dev, &region);
             self.gpu.barrier(cb);
@@ -1635,10 +1958,14 @@ impl Vulkan {
         if !reads.is_empty() {
             self.gpu.barrier(cb);
             hz.barriers += 1;
-            let rb = self.readback.as_ref().expect("readback");
+            let rb = match parity {
+                Some(p) => self.ahead[p].readback.as_ref(),
+                None => self.readback.as_ref(),
+            };
+            let rb = rb.expect("readback");
             let mut at = 0u64;
-            for (v, dst) in reads {
-                let size = 4 * dst.len() as u64;
+            for r in reads {
+                let (v, size) = (r.view(), 4 * r.len() as u64);
                 let region = [raw::BufferCopy { src_offset: 4 * v.offset as u64, dst_offset: at, size }];
                 self.gpu.copy(cb, &self.bufs[v.buf.0 as usize].raw, rb, &region);
                 read_at.push(at);
@@ -1646,7 +1973,7 @@ impl Vulkan {
             }
             self.gpu.host_barrier(cb);
         }
-        self.gpu.timestamp(cb, 1);
+        self.gpu.timestamp(cb, q0 + 1);
         self.gpu.end(cb).map_err(|e| self.err(e))?;
         self.last_counts = (hz.dispatches, hz.barriers);
         Ok(())
@@ -1797,15 +2124,30 @@ impl Vulkan {
         let rows = step.rows();
         let id = |b: BufId| b.0;
         match *op {
-            Op::Embed { out, table, scale } => {
+            Op::Embed { out, table, scale } | Op::EmbedIds { out, table, scale, .. } => {
                 let wt = self.weight_ref(table);
-                let (cols, fmt, row_bytes) = (wt.cols, wt.format, wt.format.bytes_for(wt.cols).unwrap_or(0));
+                let (cols, vocab, fmt, row_bytes) =
+                    (wt.cols, wt.rows, wt.format, wt.format.bytes_for(wt.cols).unwrap_or(0));
+                // EmbedIds: the tokens are f32 ids in a buffer, read in place of the step's.
+                let ids = match *op {
+                    Op::EmbedIds { ids, .. } => Some(ids),
+                    _ => None,
+                };
+                let (src, src_off) = match ids {
+                    Some(v) => (self.addr_of(v.buf), v.offset as u32),
+                    None => (self.step_addr(), l.tokens),
+                };
+                let spec = [u32::from(ids.is_some())];
+                let reads = |a: Access| match ids {
+                    Some(v) => a.r(id(v.buf), v.offset, rows),
+                    None => a,
+                };
                 let (ta, tb) = self.weight_at(table);
                 if let Some((p, scales, zeros)) = self.int_parts(table) {
                     let push = EmbedIntPush {
                         table: ta,
                         out: self.addr_of(out.buf),
-                        step: self.step_addr(),
+                        step: src,
                         scales,
                         zeros,
                         t_byte: tb,
@@ -1813,33 +2155,35 @@ impl Vulkan {
                         cols: cols as u32,
                         rows: rows as u32,
                         out_off: out.offset as u32,
-                        tokens_off: l.tokens,
+                        tokens_off: src_off,
                         scale,
                         group: p.group.unwrap_or(cols) as u32,
                         groups: p.groups(cols).unwrap_or(1) as u32,
                         iflags: int_flags(p),
+                        vocab: vocab as u32,
                     };
-                    let acc = Access::new().w(id(out.buf), out.offset, rows * cols);
-                    return self.dispatch(cb, hz, "embed_int", &[], &push, [groups(cols, 256), rows as u32, 1], acc);
+                    let acc = reads(Access::new()).w(id(out.buf), out.offset, rows * cols);
+                    return self.dispatch(cb, hz, "embed_int", &spec, &push, [groups(cols, 256), rows as u32, 1], acc);
                 }
                 let push = EmbedPush {
                     table: ta,
                     out: self.addr_of(out.buf),
-                    step: self.step_addr(),
+                    step: src,
                     t_byte: tb,
                     row_bytes: row_bytes as u32,
                     cols: cols as u32,
                     rows: rows as u32,
                     out_off: out.offset as u32,
-                    tokens_off: l.tokens,
+                    tokens_off: src_off,
                     scale,
+                    vocab: vocab as u32,
                 };
-                let acc = Access::new().w(id(out.buf), out.offset, rows * cols);
+                let acc = reads(Access::new()).w(id(out.buf), out.offset, rows * cols);
                 self.dispatch(
                     cb,
                     hz,
                     &format!("embed.{}", fmt_name(fmt)),
-                    &[],
+                    &spec,
                     &push,
                     [groups(cols, 256), rows as u32, 1],
                     acc,

@@ -70,6 +70,9 @@ pub struct DeviceInfo {
     /// Subgroup shuffles in compute shaders (the matmuls gather lanes with them).
     pub subgroup_shuffle: bool,
     pub float16: bool,
+    /// f64 arithmetic in shaders (`shaderFloat64`): the exact division and square root settle
+    /// their rounding with it (see `exact.glsl`).
+    pub float64: bool,
     pub int8_dot: bool,
     pub coopmat: bool,
     pub coopmat2: bool,
@@ -220,6 +223,7 @@ impl Instance {
         }
         // SAFETY: as above.
         unsafe { i.get_physical_device_features2(pd, &mut feats) };
+        let float64 = feats.features.shader_float64 != 0;
         // SAFETY: as above.
         let mem = unsafe { i.get_physical_device_memory_properties(pd) };
         let heaps = mem.memory_heaps[..mem.memory_heap_count as usize]
@@ -245,6 +249,7 @@ impl Instance {
             subgroup_shuffle: sub.supported_operations.contains(vk::SubgroupFeatureFlags::SHUFFLE)
                 && sub.supported_stages.contains(vk::ShaderStageFlags::COMPUTE),
             float16: f12.shader_float16 != 0,
+            float64,
             int8_dot: v13 && f13.shader_integer_dot_product != 0,
             coopmat: has_ext(&exts, c"VK_KHR_cooperative_matrix"),
             coopmat2: has_ext(&exts, c"VK_NV_cooperative_matrix2"),
@@ -374,7 +379,7 @@ impl Gpu {
         }
         let mut f12 = vk::PhysicalDeviceVulkan12Features::default().buffer_device_address(true);
         let mut f13 = vk::PhysicalDeviceVulkan13Features::default().shader_integer_dot_product(true);
-        let base = vk::PhysicalDeviceFeatures::default();
+        let base = vk::PhysicalDeviceFeatures::default().shader_float64(info.float64);
         let mut f2 = vk::PhysicalDeviceFeatures2::default().features(base).push_next(&mut f12);
         if info.int8_dot {
             f2 = f2.push_next(&mut f13);
@@ -751,6 +756,14 @@ impl Gpu {
         }
     }
 
+    /// Reset queries `first..first + n` only (a step ahead, while another may be writing others).
+    pub fn reset_queries_range(&self, cb: vk::CommandBuffer, first: u32, n: u32) {
+        if self.query_pool != vk::QueryPool::null() {
+            // SAFETY: `cb` is recording; the queries exist (callers keep first + n <= QUERIES).
+            unsafe { self.device.cmd_reset_query_pool(cb, self.query_pool, first, n) };
+        }
+    }
+
     pub fn timestamp(&self, cb: vk::CommandBuffer, query: u32) {
         if self.query_pool != vk::QueryPool::null() {
             // SAFETY: `cb` is recording; the query was reset earlier in the same command buffer.
@@ -762,12 +775,17 @@ impl Gpu {
 
     /// Nanoseconds between the two timestamps of the last finished step, if the device has them.
     pub fn step_ns(&self) -> Option<f64> {
+        self.step_ns_at(0)
+    }
+
+    /// Nanoseconds between the timestamps at queries `first` and `first + 1`.
+    pub fn step_ns_at(&self, first: u32) -> Option<f64> {
         if self.query_pool == vk::QueryPool::null() {
             return None;
         }
         let mut t = [0u64; 2]; // on the stack: a decode step allocates nothing
         // SAFETY: the step that wrote these queries finished (fence waited).
-        unsafe { self.device.get_query_pool_results(self.query_pool, 0, &mut t, vk::QueryResultFlags::TYPE_64) }
+        unsafe { self.device.get_query_pool_results(self.query_pool, first, &mut t, vk::QueryResultFlags::TYPE_64) }
             .ok()?;
         Some(t[1].wrapping_sub(t[0]) as f64 * self.info.timestamp_period as f64)
     }

@@ -266,6 +266,15 @@ fn primitive_regions<B: Copy, W: Copy>(
             }
             regs.push(out, mul(step.rows(), t.cols, OP)?, "Embed out", Use::Out);
         }
+        Op::EmbedIds { out, table, ids, .. } => {
+            const OP: &str = "EmbedIds";
+            let t = weight(res, table, "EmbedIds table")?;
+            if t.rows == 0 {
+                return Err(invalid(OP, "the table has no rows"));
+            }
+            regs.push(ids, step.rows(), "EmbedIds ids", Use::In);
+            regs.push(out, mul(step.rows(), t.cols, OP)?, "EmbedIds out", Use::Out);
+        }
         Op::RmsNorm { out, x, w, rows, dim, .. } => {
             const OP: &str = "RmsNorm";
             let wt = weight(res, w, "RmsNorm weight")?;

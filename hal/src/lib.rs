@@ -96,6 +96,29 @@ pub trait Backend: ErrorType {
         Ok(())
     }
 
+    /// Submit a step to run after everything submitted so far and return without waiting, so
+    /// the host prepares the next step while this one runs (greedy decoding, whose next token
+    /// the device feeds itself through [`Op::EmbedIds`]). `reads` (a view and a length each) are
+    /// copied out when the step finishes and handed over by [`wait_ahead`](Backend::wait_ahead),
+    /// oldest first. At most two steps are ahead at once; every other call waits for them first.
+    /// `Ok(false)`: the backend does not run ahead (nothing was submitted; use
+    /// [`submit_read`](Backend::submit_read)), the default.
+    fn submit_ahead(
+        &mut self,
+        _step: &Step<'_>,
+        _ops: &[Op<Self::Buffer, Self::Weight>],
+        _reads: &[(View<Self::Buffer>, usize)],
+    ) -> Result<bool, Self::Error> {
+        Ok(false)
+    }
+
+    /// Wait for the oldest step of [`submit_ahead`](Backend::submit_ahead) and copy its reads
+    /// into `dst` (in order, each as long as asked). Only called after a `submit_ahead` that
+    /// returned `true`.
+    fn wait_ahead(&mut self, _dst: &mut [&mut [f32]]) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
     /// Whether `submit` reads weights from their host bytes in place (the CPU backends; a device
     /// that shares memory with the host and imports the mapped file), so that releasing and
     /// prefetching those bytes bounds what the backend holds. A backend that copies weights into
@@ -148,6 +171,9 @@ pub struct Stats {
     pub memory_budget: Option<u64>,
     /// Device time of the last step, in seconds (timestamp queries).
     pub last_step_seconds: Option<f64>,
+    /// Device seconds of all steps timed so far, and how many (a run of steps ahead, whose
+    /// times come back after the last is submitted, is timed by the difference).
+    pub steps_seconds: Option<(f64, u64)>,
     /// Bytes copied into streaming slots so far ([`Backend::fill_slot`]), and the seconds
     /// those copies took (host→device through staging).
     pub streamed: Option<(u64, f64)>,

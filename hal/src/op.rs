@@ -131,6 +131,11 @@ pub enum Op<B, W> {
     /// `out[t, :] = table[step.tokens[t], :] * scale` for every row of the step.
     /// table: (vocab, cols); out: (step rows, cols).
     Embed { out: View<B>, table: W, scale: f32 },
+    /// [`Op::Embed`] with each row's token id read from a buffer the step does not know on the
+    /// host: `ids[t]` (f32, as [`Op::Argmax`] writes an index), so a step can take the last
+    /// step's argmax without a round trip. An id is taken as `(ids[t] as usize).min(vocab - 1)`
+    /// (NaN and negatives give 0). ids: (step rows).
+    EmbedIds { out: View<B>, table: W, scale: f32, ids: View<B> },
     /// `out[r, :] = x[r, :] / sqrt(mean(x[r, :]²) + eps) * w` — x, out: (rows, dim); w: (1, dim).
     /// In place allowed.
     RmsNorm { out: View<B>, x: View<B>, w: W, rows: usize, dim: usize, eps: f32 },
@@ -270,6 +275,7 @@ pub enum Op<B, W> {
 #[non_exhaustive]
 pub enum OpKind {
     Embed(Format),
+    EmbedIds(Format),
     RmsNorm,
     MatMul(Format),
     QuantizeAct(ActLayout),
@@ -323,6 +329,7 @@ impl<B: Copy, W: Copy> Op<B, W> {
     pub fn kind(&self, format_of: impl Fn(W) -> Format) -> OpKind {
         match *self {
             Op::Embed { table, .. } => OpKind::Embed(format_of(table)),
+            Op::EmbedIds { table, .. } => OpKind::EmbedIds(format_of(table)),
             Op::RmsNorm { .. } => OpKind::RmsNorm,
             Op::MatMul { w, .. } => OpKind::MatMul(format_of(w)),
             Op::QuantizeAct { layout, .. } => OpKind::QuantizeAct(layout),
@@ -447,6 +454,9 @@ impl<B: Copy, W: Copy> Op<B, W> {
         let quant = |q: Option<QuantOut<B>>| q.map(|q| QuantOut { out: v(q.out), layout: q.layout });
         match *self {
             Op::Embed { out, table, scale } => Op::Embed { out: v(out), table: fw(table), scale },
+            Op::EmbedIds { out, table, scale, ids } => {
+                Op::EmbedIds { out: v(out), table: fw(table), scale, ids: v(ids) }
+            }
             Op::RmsNorm { out, x, w, rows, dim, eps } => Op::RmsNorm { out: v(out), x: v(x), w: fw(w), rows, dim, eps },
             Op::MatMul { out, x, w, n, act } => Op::MatMul { out: v(out), x: v(x), w: fw(w), n, act },
             Op::QuantizeAct { out, x, rows, cols, layout } => {

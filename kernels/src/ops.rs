@@ -299,6 +299,13 @@ pub fn scale_inplace(x: &mut [f32], s: f32) {
 // ---------------------------------------------------------------------------------------------
 // Argmax
 
+/// The table row an `EmbedIds` id (an index held in f32, as argmax writes it) selects:
+/// truncated, NaN and negatives to 0, clamped to the last of `rows` (at least 1).
+#[inline]
+pub fn token_of(id: f32, rows: usize) -> usize {
+    (id as usize).min(rows.saturating_sub(1))
+}
+
 /// A value as argmax ranks it: NaN counts as `-inf` and `+inf` as `f32::MAX` (the sampler's rule,
 /// so a device argmax picks the token greedy sampling would).
 #[inline]

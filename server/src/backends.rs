@@ -340,6 +340,7 @@ fn device_json(d: &DeviceInfo) -> serde_json::Value {
         "subgroup_size": d.subgroup_size,
         "subgroup_shuffle": d.subgroup_shuffle,
         "float16": d.float16,
+        "float64": d.float64,
         "int8_dot": d.int8_dot,
         "coopmat": d.coopmat,
         "coopmat2": d.coopmat2,
@@ -360,10 +361,11 @@ fn device_text(s: &mut String, d: &DeviceInfo) {
     let _ = writeln!(s, "     driver {}, Vulkan {}", d.driver, vk_version(d.api_version));
     let _ = writeln!(
         s,
-        "     subgroup size {} (shuffle {}), fp16 {}, int8 dot product {}, cooperative matrix {} (NV coopmat2 {})",
+        "     subgroup size {} (shuffle {}), fp16 {}, fp64 {}, int8 dot product {}, cooperative matrix {} (NV coopmat2 {})",
         d.subgroup_size,
         yes(d.subgroup_shuffle),
         yes(d.float16),
+        yes(d.float64),
         yes(d.int8_dot),
         yes(d.coopmat),
         yes(d.coopmat2)

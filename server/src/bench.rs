@@ -4,10 +4,11 @@
 //! - `ppN`: one step over an N-token prompt from position 0 (logits of the last position only);
 //!   tokens/s = N / seconds.
 //! - `tgN`: N single-token steps from position 0, starting at BOS; tokens/s = N / seconds. Each
-//!   step reads back only its argmax (`Model::forward_argmax`), not the logits.
+//!   step reads back only its argmax, not the logits, and (one sequence) feeds it to the next
+//!   step, as greedy generation does (`Model::decode_greedy`, which runs a step ahead on a GPU).
 //!
-//! Token ids are pseudo-random but fixed (llama-bench uses random tokens too); special tokens are
-//! left out. Each test runs once untimed to warm up, then `-r` times; the result is the mean and
+//! Prompt token ids are pseudo-random but fixed (llama-bench uses random tokens too); special
+//! tokens are left out. Each test runs once untimed to warm up, then `-r` times; the result is the mean and
 //! sample standard deviation of tokens/s over those runs. Every run starts again at position 0,
 //! which is all a reset takes: a step reads only the cache rows before its own positions.
 
@@ -307,7 +308,8 @@ fn bench_on<B: Registered>(
     let mut copy: Option<(f64, Option<f64>)> = None;
     if a.n_gen > 0 {
         // llama-bench: from an empty context (or after the depth's tokens), BOS first where the
-        // context is empty, then random tokens.
+        // context is empty, then random tokens (a batch's streams; one sequence decodes greedily
+        // from the first).
         let mut steps: Vec<u32> = (0..a.n_gen).map(|_| ids.next()).collect();
         if let (Some(b), 0) = (bos, depth) {
             steps[0] = b;
@@ -322,11 +324,22 @@ fn bench_on<B: Registered>(
             let t = Instant::now();
             let warm = runs > 0;
             runs += 1;
-            for (pos, id) in steps.iter().enumerate() {
-                // As llama-bench's tg: the step's logits are not read back, only the argmax.
-                if a.batch == 1 {
-                    model.forward_argmax(0, depth + pos, core::slice::from_ref(id))?;
-                } else {
+            if a.batch == 1 {
+                // Greedy decoding as `run` does it (Model::decode_greedy): from the first token,
+                // each step's argmax is the next step's token, 4 bytes read back a step; on a
+                // GPU the device feeds it on while the host prepares the step after.
+                let before = model.backend().stats().steps_seconds;
+                let n = model.decode_greedy(0, depth, steps[0], steps.len(), |_| true)?;
+                if n != steps.len() {
+                    return Err(purehw_core::Error::Invalid(format!("decoded {n} of {} tokens", steps.len())));
+                }
+                let after = model.backend().stats().steps_seconds;
+                if warm && let (Some(b), Some(e)) = (before, after) {
+                    device_time.0 += e.0 - b.0;
+                    device_time.1 += (e.1 - b.1) as usize;
+                }
+            } else {
+                for pos in 0..steps.len() {
                     seqs.clear();
                     seqs.extend((0..a.batch).map(|s| SeqInput {
                         slot: s,
@@ -334,10 +347,10 @@ fn bench_on<B: Registered>(
                         tokens: core::slice::from_ref(&steps[(pos + s) % steps.len()]),
                     }));
                     model.forward_select(&seqs, &want)?;
-                }
-                if warm && let Some(s) = model.backend().stats().last_step_seconds {
-                    device_time.0 += s;
-                    device_time.1 += 1;
+                    if warm && let Some(s) = model.backend().stats().last_step_seconds {
+                        device_time.0 += s;
+                        device_time.1 += 1;
+                    }
                 }
             }
             Ok(t.elapsed().as_secs_f64())

@@ -44,8 +44,8 @@ void unpack_norm(uint u, out uint m, out int e) {
     }
 }
 
-// a / b, correctly rounded (IEEE 754 binary32, round to nearest even).
-float div_rn(float a, float b) {
+// a / b, correctly rounded (IEEE 754 binary32, round to nearest even), in 32-bit integers.
+float div_rn_int(float a, float b) {
     uint ua = floatBitsToUint(a), ub = floatBitsToUint(b);
     uint sign = (ua ^ ub) & 0x80000000u;
     ua &= 0x7FFFFFFFu;
@@ -86,8 +86,8 @@ float div_rn(float a, float b) {
     return round_pack(sign, e, q, 2u, rlo != 0u);
 }
 
-// sqrt(x), correctly rounded; NaN for x < 0.
-float sqrt_rn(float x) {
+// sqrt(x), correctly rounded; NaN for x < 0; in 32-bit integers.
+float sqrt_rn_int(float x) {
     uint u = floatBitsToUint(x);
     if (u == 0u || u == 0x80000000u) return x;
     if ((u & 0x80000000u) != 0u || u > 0x7F800000u) return uintBitsToFloat(0x7FC00000u);
@@ -122,6 +122,64 @@ float sqrt_rn(float x) {
     }
     return round_pack(0u, ue / 2 + 127, root, 2u, rlo != 0u);
 }
+
+#ifdef EXACT_F64
+// The same results settled in f64, where the device has it (a `.x64` variant). The device's f64
+// quotient or root, rounded to f32, is only an estimate; the candidate's neighbouring midpoints
+// then decide it exactly: a midpoint has at most 25 significant bits, so its product with a
+// divisor (24 bits) or itself is exact in f64, as is the difference with the dividend or
+// radicand (both are that close). No quotient or root of floats lies on a midpoint, so strict
+// comparisons settle every case. Anything unusual (zero, subnormal, infinite or NaN operands,
+// a result near the ends of the range, an estimate off by more than 4 ulp) takes the integer path.
+float div_rn(float a, float b) {
+    uint ua = floatBitsToUint(a), ub = floatBitsToUint(b);
+    uint ma = ua & 0x7FFFFFFFu, mb = ub & 0x7FFFFFFFu;
+    if ((ma >> 23) - 1u < 254u && (mb >> 23) - 1u < 254u) {
+        double A = double(uintBitsToFloat(ma)), B = double(uintBitsToFloat(mb));
+        uint c = floatBitsToUint(float(A / B));
+        if ((c >> 23) - 2u < 252u) {
+            for (int i = 0; i < 4; i++) {
+                precise double C = double(uintBitsToFloat(c));
+                precise double hi = (C + double(uintBitsToFloat(c + 1u))) * 0.5;
+                precise double lo = (C + double(uintBitsToFloat(c - 1u))) * 0.5;
+                precise double rh = A - hi * B;
+                precise double rl = A - lo * B;
+                if (rh > 0.0) c += 1u;
+                else if (rl < 0.0) c -= 1u;
+                else return uintBitsToFloat(c | ((ua ^ ub) & 0x80000000u));
+            }
+        }
+    }
+    return div_rn_int(a, b);
+}
+
+float sqrt_rn(float x) {
+    uint u = floatBitsToUint(x);
+    if ((u >> 23) - 1u < 254u) {
+        double X = double(x);
+        uint s = floatBitsToUint(float(sqrt(X)));
+        for (int i = 0; i < 4; i++) {
+            precise double S = double(uintBitsToFloat(s));
+            precise double hi = (S + double(uintBitsToFloat(s + 1u))) * 0.5;
+            precise double lo = (S + double(uintBitsToFloat(s - 1u))) * 0.5;
+            precise double h2 = hi * hi;
+            precise double l2 = lo * lo;
+            if (h2 < X) s += 1u;
+            else if (l2 > X) s -= 1u;
+            else return uintBitsToFloat(s);
+        }
+    }
+    return sqrt_rn_int(x);
+}
+#else
+float div_rn(float a, float b) {
+    return div_rn_int(a, b);
+}
+
+float sqrt_rn(float x) {
+    return sqrt_rn_int(x);
+}
+#endif
 
 // purehw_kernels::ops::exp: Cephes expf as a fixed sequence of f32 operations.
 float exp_ref(float x0) {

@@ -18,7 +18,7 @@ use super::{Buf, Case, Check, Group, StepData, Wt, quantize_rows};
 /// Every group of the matrix.
 pub(super) fn all() -> Vec<Group> {
     let mut rng = Rng(0x5EED_CAFE);
-    let mut groups = vec![embed(&mut rng)];
+    let mut groups = vec![embed(&mut rng), embed_ids(&mut rng)];
     for fmt in Format::ALL.into_iter().chain(INT_FORMATS) {
         groups.push(matmul(&mut rng, fmt));
     }
@@ -256,6 +256,28 @@ fn embed(rng: &mut Rng) -> Group {
         }
     }
     Group { name: "Embed, every format".into(), cases }
+}
+
+/// EmbedIds: the ids from a buffer, as an argmax leaves them, and ids no argmax gives (past the
+/// table, negative, NaN, fractional), which every backend takes the same way.
+fn embed_ids(rng: &mut Rng) -> Group {
+    let mut cases = Vec::new();
+    let vocab = 50;
+    for fmt in Format::ALL.into_iter().chain(INT_FORMATS[..2].iter().copied()) {
+        for (k, n, at) in [(0, 1, 0), (1, 7, 3)] {
+            let cols = cols_for(fmt, k);
+            let ids: Vec<f32> = (0..n)
+                .map(|t| [(rng.next_u64() % vocab as u64) as f32, 49.0, 1e9, -1.0, f32::NAN, 3.7, 0.0][t % 7])
+                .collect();
+            let mut c = Case::new(format!("EmbedIds {fmt:?} cols={cols} n={n}"), StepData::one_seq(n, 0));
+            let table = c.weight(weight(rng, fmt, vocab, cols));
+            let ids = c.input_at(rng, &ids, at);
+            let out = c.output_at(rng, n * cols, at, "out", Check::Float);
+            c.op(Op::EmbedIds { out, table, scale: 2.5, ids });
+            cases.push(c);
+        }
+    }
+    Group { name: "EmbedIds, every format".into(), cases }
 }
 
 fn matmul(rng: &mut Rng, fmt: Format) -> Group {
