@@ -584,23 +584,31 @@ impl<B: Backend> Model<B> {
             }
         }
         let mut in_flight = 1;
-        loop {
+        let done = loop {
             let next = pos + n + 1;
             if n + 1 < max && next < self.opts.ctx {
-                self.step_ahead(slot, next, None)?;
+                if let Err(e) = self.step_ahead(slot, next, None) {
+                    break Err(e);
+                }
                 in_flight += 1;
             }
-            let t = self.wait_ahead()?;
             in_flight -= 1;
+            let t = match self.wait_ahead() {
+                Ok(t) => t,
+                Err(e) => break Err(e),
+            };
             n += 1;
             if !on_token(t) || n == max || in_flight == 0 {
-                while in_flight > 0 {
-                    self.wait_ahead()?;
-                    in_flight -= 1;
-                }
-                return Ok(n);
+                break Ok(n);
             }
+        };
+        // Nothing is left ahead for a later call to mistake for its own, error or not.
+        let mut drained = Ok(());
+        for _ in 0..in_flight {
+            drained = drained.and(self.wait_ahead().map(|_| ()));
         }
+        let n = done?;
+        drained.map(|_| n)
     }
 
     /// One greedy decode step submitted ahead: `token` fed at `pos`, or (`None`) the last
