@@ -835,25 +835,39 @@ impl Vulkan {
         self.gpu.destroy_buffer(b);
     }
 
-    /// Wait for the last submission, if any.
+    /// Wait for the last submission, if any. Steps submitted ahead finish first; their reads
+    /// stay for `wait_ahead`.
     fn settle(&mut self) -> Result<()> {
-        // Steps submitted ahead finish first; their reads stay for `wait_ahead`.
-        for p in 0..2 {
-            if self.ahead[p].pending {
-                self.ahead[p].pending = false;
-                if let Err(e) = self.gpu.wait(self.ahead[p].fence) {
-                    self.lost |= e == VkError::DeviceLost;
-                    return Err(self.err(e));
-                }
-                self.note_step(self.gpu.step_ns_at(AHEAD_QUERY + 2 * p as u32));
-            }
+        self.settle_ahead(0)?;
+        self.settle_ahead(1)?;
+        self.settle_main()
+    }
+
+    /// Wait for `fence`; a lost device is remembered.
+    fn wait_fence(&mut self, fence: raw::Fence) -> Result<()> {
+        let r = self.gpu.wait(fence);
+        if let Err(e) = r {
+            self.lost |= e == VkError::DeviceLost;
+            return Err(self.err(e));
         }
+        Ok(())
+    }
+
+    /// Wait for the step ahead of parity `p`, if it is still running.
+    fn settle_ahead(&mut self, p: usize) -> Result<()> {
+        if self.ahead[p].pending {
+            self.ahead[p].pending = false;
+            self.wait_fence(self.ahead[p].fence)?;
+            self.note_step(self.gpu.step_ns_at(AHEAD_QUERY + 2 * p as u32));
+        }
+        Ok(())
+    }
+
+    /// Wait for the one step not submitted ahead, if it is still running.
+    fn settle_main(&mut self) -> Result<()> {
         if self.pending {
             self.pending = false;
-            if let Err(e) = self.gpu.wait(self.fence) {
-                self.lost |= e == VkError::DeviceLost;
-                return Err(self.err(e));
-            }
+            self.wait_fence(self.fence)?;
             self.note_step(self.gpu.step_ns());
         }
         Ok(())
@@ -868,11 +882,7 @@ impl Vulkan {
         self.gpu.end(cb).map_err(|e| self.err(e))?;
         self.gpu.submit(cb, self.fence).map_err(|e| self.err(e))?;
         // Not a step: its timestamps (if any) are the caller's, not a step's device time.
-        if let Err(e) = self.gpu.wait(self.fence) {
-            self.lost |= e == VkError::DeviceLost;
-            return Err(self.err(e));
-        }
-        Ok(())
+        self.wait_fence(self.fence)
     }
 
     /// An upload-side staging buffer of at least `bytes`.
@@ -1246,24 +1256,8 @@ impl Backend for Vulkan {
         self.settle_main()?;
         let p = self.ahead_next;
         let si = self.shape_for(step, ops, reads, Some(p))?;
-        let layout = std::mem::take(&mut self.shapes[si].layout);
-        self.fill_step(step, &layout);
-        self.shapes[si].layout = layout;
-        let up = self.ahead[p].up.as_ref().expect("step buffer");
-        self.gpu.write_mapped(up, 0, bytemuck::cast_slice(&self.host_step)).map_err(|e| self.err(e))?;
-        self.tick_fault(Fault::DeviceLost);
-        if self.fault == Some(Fault::DeviceLost) {
-            self.fault = None;
-            self.lost = true;
-            return Err(VulkanError::DeviceLost { device: self.gpu.info.name.clone() });
-        }
-        let cb = self.shapes[si].cb;
-        if let Err(e) = self.gpu.submit(cb, self.ahead[p].fence) {
-            self.lost |= e == VkError::DeviceLost;
-            return Err(self.err(e));
-        }
+        self.replay(step, si, Some(p))?;
         let a = &mut self.ahead[p];
-        a.pending = true;
         a.nreads = reads.len();
         for (i, (&at, r)) in self.shapes[si].read_at.iter().zip(reads).enumerate() {
             a.reads[i] = (at, r.1);
@@ -1281,14 +1275,7 @@ impl Backend for Vulkan {
         }
         let p = (self.ahead_next + 2 - self.ahead_n) % 2;
         self.ahead_n -= 1;
-        if self.ahead[p].pending {
-            self.ahead[p].pending = false;
-            if let Err(e) = self.gpu.wait(self.ahead[p].fence) {
-                self.lost |= e == VkError::DeviceLost;
-                return Err(self.err(e));
-            }
-            self.note_step(self.gpu.step_ns_at(AHEAD_QUERY + 2 * p as u32));
-        }
+        self.settle_ahead(p)?;
         let a = &self.ahead[p];
         let rb = a.readback.as_ref().expect("readback");
         for (d, &(at, n)) in dst.iter_mut().zip(&a.reads[..a.nreads]) {
@@ -1551,25 +1538,7 @@ impl Vulkan {
             return self.copy_step(ops);
         }
         let si = self.shape_for(step, ops, reads, None)?;
-        // Per-step data into the step buffer, then replay.
-        // Lent out of the shape (no copy: a decode step allocates nothing).
-        let layout = std::mem::take(&mut self.shapes[si].layout);
-        self.fill_step(step, &layout);
-        self.shapes[si].layout = layout;
-        let up = self.step_up.as_ref().expect("step buffer");
-        self.gpu.write_mapped(up, 0, bytemuck::cast_slice(&self.host_step)).map_err(|e| self.err(e))?;
-        self.tick_fault(Fault::DeviceLost);
-        if self.fault == Some(Fault::DeviceLost) {
-            self.fault = None;
-            self.lost = true;
-            return Err(VulkanError::DeviceLost { device: self.gpu.info.name.clone() });
-        }
-        let cb = self.shapes[si].cb;
-        if let Err(e) = self.gpu.submit(cb, self.fence) {
-            self.lost |= e == VkError::DeviceLost;
-            return Err(self.err(e));
-        }
-        self.pending = true;
+        self.replay(step, si, None)?;
         // Most recently used last.
         let s = self.shapes.remove(si);
         self.shapes.push(s);
@@ -1585,6 +1554,37 @@ impl Vulkan {
         let at = &self.shapes.last().expect("shape").read_at;
         for ((_, dst), &off) in reads.iter_mut().zip(at) {
             self.gpu.read_mapped(rb, off, bytemuck::cast_slice_mut(dst)).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Submit recorded shape `si` for `step`: the step's data into its step buffer (the
+    /// parity's for a step ahead), then the command buffer, signalling the matching fence.
+    fn replay(&mut self, step: &Step<'_>, si: usize, parity: Option<usize>) -> Result<()> {
+        // Lent out of the shape (no copy: a decode step allocates nothing).
+        let layout = std::mem::take(&mut self.shapes[si].layout);
+        self.fill_step(step, &layout);
+        self.shapes[si].layout = layout;
+        let up = match parity {
+            Some(p) => self.ahead[p].up.as_ref(),
+            None => self.step_up.as_ref(),
+        };
+        let up = up.expect("step buffer");
+        self.gpu.write_mapped(up, 0, bytemuck::cast_slice(&self.host_step)).map_err(|e| self.err(e))?;
+        self.tick_fault(Fault::DeviceLost);
+        if self.fault == Some(Fault::DeviceLost) {
+            self.fault = None;
+            self.lost = true;
+            return Err(VulkanError::DeviceLost { device: self.gpu.info.name.clone() });
+        }
+        let (cb, fence) = (self.shapes[si].cb, parity.map_or(self.fence, |p| self.ahead[p].fence));
+        if let Err(e) = self.gpu.submit(cb, fence) {
+            self.lost |= e == VkError::DeviceLost;
+            return Err(self.err(e));
+        }
+        match parity {
+            Some(p) => self.ahead[p].pending = true,
+            None => self.pending = true,
         }
         Ok(())
     }
@@ -1726,19 +1726,6 @@ impl Vulkan {
             self.steps_time.0 += ns * 1e-9;
             self.steps_time.1 += 1;
         }
-    }
-
-    /// Wait for the one step not submitted ahead, if it is still running.
-    fn settle_main(&mut self) -> Result<()> {
-        if self.pending {
-            self.pending = false;
-            if let Err(e) = self.gpu.wait(self.fence) {
-                self.lost |= e == VkError::DeviceLost;
-                return Err(self.err(e));
-            }
-            self.note_step(self.gpu.step_ns());
-        }
-        Ok(())
     }
 
     fn ensure_step_buffers(&mut self, words: usize) -> Result<()> {
