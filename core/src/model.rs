@@ -619,8 +619,8 @@ impl<B: Backend> Model<B> {
         self.ahead = Some(token.is_none());
         let r = self.run_step(&[SeqInput { slot, pos, tokens: &t }], &[Want::Argmax], false);
         self.ahead = None;
-        r?;
-        Ok(core::mem::take(&mut self.went_ahead))
+        let went = core::mem::take(&mut self.went_ahead);
+        r.map(|_| went)
     }
 
     /// The token of the oldest step submitted ahead.

@@ -733,7 +733,8 @@ impl Vulkan {
         };
         self.one_shot(|g, cb| {
             g.dispatch(cb, pipeline, push_bytes(&push), [(n as u32).div_ceil(64), 1, 1]);
-            g.host_barrier(cb);
+            // Before the copies `read` makes.
+            g.barrier(cb);
         })?;
         self.read(View::new(bufs[2], 0), &mut q)?;
         self.read(View::new(bufs[3], 0), &mut r)?;
