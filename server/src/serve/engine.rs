@@ -665,6 +665,44 @@ fn run<B: Backend>(
             continue;
         }
 
+        // One plain greedy sequence alone, past its prompt: a run of steps through
+        // `Model::decode_greedy` (on a GPU a step ahead, the device feeding each token on),
+        // until it ends, its client goes away or a job arrives to be batched with it.
+        if active == 1 && waiting.is_empty() && stats.queue_depth.load(Relaxed) == 0 {
+            let slot = slots.iter().position(Option::is_some).expect("one active slot");
+            let seq = slots[slot].as_mut().expect("active slot");
+            if let (Some(first), Want::Argmax) = (seq.next, want_of(seq, true)) {
+                let pos = seq.pos();
+                let (mut fed, mut fin) = (first, None);
+                let mut last = Instant::now();
+                let tokens = &mut held.tokens[slot];
+                let r = model.decode_greedy(slot, pos, first, ctx - pos, |t| {
+                    // As a step of the loop below: the fed token is held, the new one sampled.
+                    tokens.push(fed);
+                    seq.next = None;
+                    seq.picked = Some(t);
+                    fin = step_token(seq, None, loaded, ctx, stats);
+                    fed = t;
+                    stats.observe_step(&purehw_hal::Stats::default(), 1, last.elapsed());
+                    last = Instant::now();
+                    fin.is_none() && !seq.job.events.is_closed() && stats.queue_depth.load(Relaxed) == 0
+                });
+                if let Err(e) = r {
+                    match fail_step(e, &mut slots, &mut held, stats) {
+                        Some(exit) => return exit,
+                        None => continue,
+                    }
+                }
+                if let Some(fin) = fin {
+                    let s = slots[slot].take().expect("active slot");
+                    held.free(slot);
+                    finish(s, fin, stats);
+                }
+                stats.observe_device(&model.backend().stats());
+                continue;
+            }
+        }
+
         // One step: every generating sequence decodes its next token; sequences still reading
         // their prompt share a budget of `prefill_chunk` prompt tokens, in slot order.
         inputs_meta.clear();
@@ -695,27 +733,10 @@ fn run<B: Backend>(
         let started = Instant::now();
         let out = match model.forward_select(&inputs, &wants) {
             Ok(out) => out,
-            Err(e) => {
-                // A backend failure ends every running sequence with an error. A lost device
-                // is a 503 (a retry will be served) and ends this run, so the model is loaded
-                // again; after any other failure the engine goes on.
-                let lost = matches!(e, purehw_core::Error::Backend { kind: ErrorKind::DeviceLost, .. });
-                let msg = format!("inference failed: {e}");
-                tracing::error!("{msg}");
-                for s in slots.iter_mut() {
-                    if let Some(q) = s.take() {
-                        q.send(Event::Error { message: msg.clone(), unavailable: lost });
-                    }
-                }
-                // The failed step may have written part of its rows: trust no slot's cache.
-                held.forget_all();
-                stats.active.store(0, Relaxed);
-                stats.kv_used.store(0, Relaxed);
-                if lost {
-                    return Exit::Lost(msg);
-                }
-                continue;
-            }
+            Err(e) => match fail_step(e, &mut slots, &mut held, stats) {
+                Some(exit) => return exit,
+                None => continue,
+            },
         };
         let wall = started.elapsed();
         for &(slot, _) in &inputs_meta {
@@ -739,6 +760,25 @@ fn run<B: Backend>(
         }
         stats.observe_step(&model.backend().stats(), inputs_meta.len(), wall);
     }
+}
+
+/// A backend failure ends every running sequence with an error. A lost device is a 503 (a
+/// retry will be served) and ends this run (`Some`), so the model is loaded again; after any
+/// other failure the engine goes on (`None`).
+fn fail_step(e: purehw_core::Error, slots: &mut [Option<Seq<'_>>], held: &mut Held, stats: &Stats) -> Option<Exit> {
+    let lost = matches!(e, purehw_core::Error::Backend { kind: ErrorKind::DeviceLost, .. });
+    let msg = format!("inference failed: {e}");
+    tracing::error!("{msg}");
+    for s in slots.iter_mut() {
+        if let Some(q) = s.take() {
+            q.send(Event::Error { message: msg.clone(), unavailable: lost });
+        }
+    }
+    // The failed step may have written part of its rows: trust no slot's cache.
+    held.forget_all();
+    stats.active.store(0, Relaxed);
+    stats.kv_used.store(0, Relaxed);
+    lost.then_some(Exit::Lost(msg))
 }
 
 /// A sampler with the logits and history it draws from, and where its token goes.

@@ -122,6 +122,12 @@ impl Stats {
         self.step.observe(wall);
         self.steps.fetch_add(1, Relaxed);
         self.step_rows.fetch_add(rows as u64, Relaxed);
+        self.observe_device(s);
+    }
+
+    /// The device's memory and its last step's time (after a run of steps whose device times
+    /// came back together).
+    pub fn observe_device(&self, s: &purehw_hal::Stats) {
         if let Some(t) = s.last_step_seconds.and_then(|t| Duration::try_from_secs_f64(t).ok()) {
             self.step_device.observe(t);
         }
