@@ -6,8 +6,7 @@
 #include "common/quant.glsl"
 
 layout(local_size_x = 256) in;
-// 1: EmbedIds, the ids are f32 indices in a buffer (a last step's argmax), as
-// purehw_kernels::ops::token_of takes them: truncated, NaN and negatives to 0, clamped.
+// 1: EmbedIds, the ids are f32 indices in a buffer (see embed_token).
 layout(constant_id = 0) const uint IDS = 0;
 layout(push_constant) uniform Push {
     uvec2 table;
@@ -26,13 +25,7 @@ layout(push_constant) uniform Push {
 void main() {
     uint j = gl_GlobalInvocationID.x, t = gl_WorkGroupID.y;
     if (j >= pc.cols || t >= pc.rows) return;
-    uint token;
-    if (IDS == 1u) {
-        float f = Floats(pc.step).v[pc.tokens_off + t];
-        token = f >= 0.0 ? min(uint(min(f, 4294967040.0)), pc.vocab - 1u) : 0u;
-    } else {
-        token = Words(pc.step).v[pc.tokens_off + t];
-    }
+    uint token = embed_token(pc.step, pc.tokens_off + t, IDS == 1u, pc.vocab);
     uint b = j / BLOCK_ELEMS;
     float v = deq(Words(pc.table), pc.t_byte + token * pc.row_bytes + b * BLOCK_BYTES, j - b * BLOCK_ELEMS);
     precise float r = v * pc.scale;

@@ -80,11 +80,7 @@ pub fn generate_from<B: Backend>(
         return Ok(out);
     }
     let mut next = |model: &mut Model<B>, pos: usize, tokens: &[u32], history: &[u32]| -> Result<u32> {
-        if greedy {
-            model.forward_argmax(0, pos, tokens)
-        } else {
-            Ok(sampler.sample(model.forward(0, pos, tokens)?, history))
-        }
+        Ok(sampler.sample(model.forward(0, pos, tokens)?, history))
     };
     let mut pos = prompt.len();
     let mut id = next(model, cached, &prompt[cached..], &history)?;

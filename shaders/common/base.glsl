@@ -69,3 +69,12 @@ float bf16_to_f32(uint h) {
 int sbyte(uint w, uint i) {
     return int(w << (24u - 8u * i)) >> 24;
 }
+
+// The token id of an embedding row at word `at` of `src`: the step's u32 ids, or (`ids`,
+// EmbedIds) an f32 index a last step's argmax left, taken as purehw_kernels::ops::token_of takes
+// it: truncated, NaN and negatives to 0, clamped to the table's `rows`.
+uint embed_token(uvec2 src, uint at, bool ids, uint rows) {
+    if (!ids) return Words(src).v[at];
+    float f = Floats(src).v[at];
+    return f >= 0.0 ? min(uint(min(f, 4294967040.0)), rows - 1u) : 0u;
+}
